@@ -1,0 +1,39 @@
+//! mycel's wire protocol: the types nodes exchange, how they are encoded,
+//! and how they are signed. No runtime lives here (no tokio, no sockets), so
+//! every other crate, the offline `mycel verify` and the fuzzer can use it.
+//!
+//! - [`codec`]: the single bincode configuration, size caps checked before
+//!   decoding, trailing bytes rejected. Implemented per type with [`wire!`].
+//! - [`keys`]: ed25519 node keys, convertible to the libp2p `PeerId`.
+//! - [`signed`]: [`Signed<T>`] envelopes with a domain per message kind.
+//! - [`advert`], [`market`], [`task`]: the messages themselves.
+//! - [`merkle`]: the Merkle root that receipts commit to.
+//! - [`version`] and [`limits`]: protocol names and size caps.
+
+pub mod advert;
+mod bytes;
+pub mod codec;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod keys;
+pub mod limits;
+pub mod market;
+pub mod merkle;
+pub mod signed;
+pub mod task;
+pub mod version;
+
+pub use advert::{Advert, Gpu, Hardware, Load, ModelAdvert, ModelKind, Price, Quantization, Throughput};
+pub use bytes::Digest;
+pub use codec::{DecodeError, EncodeError, Wire};
+pub use keys::{KeyError, Keypair, PublicKey, Signature};
+pub use libp2p_identity::PeerId;
+pub use market::{
+    Award, AwardedShard, Bid, Cfp, FinishReason, Generation, RejectReason, ResultAck, ResultClaim, ShardOffer,
+    ShardOutput, ShardResult, Timings, Verdict,
+};
+pub use signed::{Signed, SignedKind, VerifyError};
+pub use task::{Aggregation, GenerateParams, ModelSelector, Receipt, Split, TaskId, TaskSpec, Work};
+
+#[cfg(test)]
+mod proptests;

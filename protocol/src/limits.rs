@@ -1,0 +1,46 @@
+//! Size caps. Every message a peer can send is checked against these before
+//! decoding. Gossiped kinds stay far below gossipsub's 64 KiB frame.
+
+/// Encoded [`crate::Advert`], gossiped.
+pub const ADVERT: usize = 16 * 1024;
+/// Encoded [`crate::Cfp`], direct or gossiped.
+pub const CFP: usize = 16 * 1024;
+/// Encoded [`crate::Bid`].
+pub const BID: usize = 2 * 1024;
+/// Encoded [`crate::Award`], which carries the shard inputs.
+pub const AWARD: usize = 8 * 1024 * 1024;
+/// Encoded [`crate::ResultClaim`].
+pub const RESULT_CLAIM: usize = 1024;
+/// Encoded [`crate::ShardResult`], claim plus output.
+pub const SHARD_RESULT: usize = 16 * 1024 * 1024;
+/// Encoded [`crate::ResultAck`].
+pub const RESULT_ACK: usize = 1024;
+/// Encoded [`crate::TaskSpec`]. Local only (CLI/API to the node, journal).
+pub const TASK_SPEC: usize = 64 * 1024 * 1024;
+/// Encoded [`crate::Receipt`].
+pub const RECEIPT: usize = 32 * 1024 * 1024;
+/// The largest of all of the above.
+pub const LARGEST_MESSAGE: usize = TASK_SPEC;
+
+/// Short human-readable strings (model ids, CPU names, SIMD flags...).
+pub const SHORT_STRING: usize = 256;
+/// Models one advert may list.
+pub const MODELS_PER_ADVERT: usize = 32;
+/// Listen addresses one advert may list.
+pub const ADDRS_PER_ADVERT: usize = 16;
+/// SIMD feature names one advert may list.
+pub const SIMD_FEATURES: usize = 64;
+/// GPUs one advert may list.
+pub const GPUS_PER_ADVERT: usize = 16;
+/// Shards one CFP, award or receipt batch may name.
+pub const SHARDS_PER_CFP: usize = 1024;
+/// Stop sequences in generation parameters.
+pub const STOP_SEQUENCES: usize = 8;
+/// Items (texts or prompts) in one shard.
+pub const ITEMS_PER_SHARD: usize = 65_536;
+/// Shards one task may have.
+pub const SHARDS_PER_TASK: usize = 50_000;
+/// Tokens one generation may ask for.
+pub const MAX_TOKENS: u32 = 32_768;
+/// Copies of one shard a task may ask for.
+pub const MAX_REDUNDANCY: u8 = 5;

@@ -1,0 +1,328 @@
+//! Contract-net messages between a requester and workers: call for
+//! proposals, bid, award, result claim and output, acknowledgement.
+//!
+//! The order of a shard's life: the requester sends a [`Cfp`]; workers
+//! answer with signed [`Bid`]s; the requester sends each winner an
+//! [`Award`] carrying the shard inputs; the worker computes and sends a
+//! [`ShardResult`] (a signed [`ResultClaim`] plus the output it commits to)
+//! as its own message; the requester answers with a signed [`ResultAck`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::advert::{ModelKind, Price};
+use crate::codec::rules::{at_most, non_negative};
+use crate::{Digest, Signed, TaskId, Work, limits};
+
+/// One shard on offer in a CFP: enough to estimate the work, not the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct ShardOffer {
+    /// Shard index within the task.
+    pub shard: u32,
+    /// Items (texts or prompts) in the shard.
+    pub items: u32,
+    /// Units of work: items for embeddings, max tokens for generation.
+    pub units: u64,
+}
+
+/// Call for proposals: "who will run these shards on these weights?"
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct Cfp {
+    /// The task the shards belong to.
+    pub task: TaskId,
+    /// Auction round; a re-auction of failed shards gets a new round.
+    pub round: u32,
+    /// Weights the shards must run on.
+    pub model: Digest,
+    /// The model's kind.
+    pub kind: ModelKind,
+    /// The shards offered.
+    pub shards: Vec<ShardOffer>,
+    /// Highest price the requester accepts; `None` for any.
+    pub max_price: Option<Price>,
+    /// Bids arriving after this (ms since the Unix epoch) are ignored.
+    pub bids_close_ms: u64,
+}
+
+impl Cfp {
+    fn check(&self) -> Result<(), String> {
+        at_most("shards", &self.shards, limits::SHARDS_PER_CFP)
+    }
+}
+
+crate::wire!(Cfp, limits::CFP, validate = Cfp::check);
+
+impl crate::SignedKind for Cfp {
+    const DOMAIN: &'static str = "mycel/cfp/1";
+}
+
+/// A worker's offer to run shards of a CFP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct Bid {
+    /// The task.
+    pub task: TaskId,
+    /// The CFP round answered.
+    pub round: u32,
+    /// Digest of the signed CFP answered, so a bid can't be moved to
+    /// another auction.
+    pub cfp: Digest,
+    /// Weights the worker will use.
+    pub model: Digest,
+    /// Asking price.
+    pub price: Price,
+    /// Milliseconds of work already queued ahead of a new shard.
+    pub queue_ms: u64,
+    /// Units of work per second the worker measured on this model.
+    pub units_per_s: f32,
+    /// Shards it will take at once.
+    pub capacity: u32,
+    /// The bid is void after this (ms since the Unix epoch).
+    pub expires_ms: u64,
+}
+
+impl Bid {
+    fn check(&self) -> Result<(), String> {
+        non_negative("units_per_s", self.units_per_s)
+    }
+}
+
+crate::wire!(Bid, limits::BID, validate = Bid::check);
+
+impl crate::SignedKind for Bid {
+    const DOMAIN: &'static str = "mycel/bid/1";
+}
+
+/// One shard given to a worker, with its data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct AwardedShard {
+    /// Shard index within the task.
+    pub shard: u32,
+    /// Index of the shard's first item in the task's input.
+    pub first_item: u64,
+    /// The shard's input.
+    pub work: Work,
+    /// The result is late after this (ms since the Unix epoch).
+    pub deadline_ms: u64,
+}
+
+/// The requester's acceptance of a bid, carrying the shards to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct Award {
+    /// The task.
+    pub task: TaskId,
+    /// The auction round.
+    pub round: u32,
+    /// Digest of the signed bid accepted.
+    pub bid: Digest,
+    /// Weights to run on.
+    pub model: Digest,
+    /// The shards given.
+    pub shards: Vec<AwardedShard>,
+}
+
+impl Award {
+    fn check(&self) -> Result<(), String> {
+        at_most("shards", &self.shards, limits::SHARDS_PER_CFP)?;
+        for s in &self.shards {
+            crate::Wire::validate(&s.work)?;
+            if s.work.items() > limits::ITEMS_PER_SHARD {
+                return Err(format!("shard {} has {} items", s.shard, s.work.items()));
+            }
+        }
+        Ok(())
+    }
+}
+
+crate::wire!(Award, limits::AWARD, validate = Award::check);
+
+impl crate::SignedKind for Award {
+    const DOMAIN: &'static str = "mycel/award/1";
+}
+
+/// Time spent on a shard, as reported by the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct Timings {
+    /// Waiting in the worker's queue.
+    pub queued_ms: u32,
+    /// Computing.
+    pub compute_ms: u32,
+}
+
+/// What a worker signs about a shard it ran: small, so receipts can carry
+/// one per shard and be checked without the outputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct ResultClaim {
+    /// The task.
+    pub task: TaskId,
+    /// Shard index.
+    pub shard: u32,
+    /// Index of the shard's first item in the task's input.
+    pub first_item: u64,
+    /// Items in the shard.
+    pub items: u32,
+    /// [`Work::digest`] of the input the worker ran.
+    pub input: Digest,
+    /// Weights it ran on.
+    pub model: Digest,
+    /// [`ShardOutput::digest`] of the output.
+    pub output: Digest,
+    /// Time taken.
+    pub timings: Timings,
+}
+
+crate::wire!(ResultClaim, limits::RESULT_CLAIM);
+
+impl crate::SignedKind for ResultClaim {
+    const DOMAIN: &'static str = "mycel/result/1";
+}
+
+/// Why a generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[non_exhaustive]
+pub enum FinishReason {
+    /// The model emitted its end-of-sequence token.
+    EndOfSequence,
+    /// `max_tokens` reached.
+    Length,
+    /// A stop sequence was produced.
+    Stop,
+}
+
+/// One generated completion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct Generation {
+    /// The text, stop sequence excluded.
+    pub text: String,
+    /// Tokens generated.
+    pub tokens: u32,
+    /// Why it stopped.
+    pub finish: FinishReason,
+}
+
+/// A shard's output, one entry per input item in input order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[non_exhaustive]
+pub enum ShardOutput {
+    /// Row-major vectors, `values.len() == items * dimensions`.
+    Embeddings {
+        /// Width of each vector.
+        dimensions: u32,
+        /// All vectors back to back.
+        values: Vec<f32>,
+    },
+    /// One completion per prompt.
+    Generations(Vec<Generation>),
+}
+
+impl ShardOutput {
+    /// Items in the output.
+    pub fn items(&self) -> usize {
+        match self {
+            ShardOutput::Embeddings { dimensions: 0, .. } => 0,
+            ShardOutput::Embeddings { dimensions, values } => values.len() / *dimensions as usize,
+            ShardOutput::Generations(g) => g.len(),
+        }
+    }
+
+    /// Content hash of the encoded output: what a claim commits to.
+    pub fn digest(&self) -> Result<Digest, crate::EncodeError> {
+        Ok(Digest::of(&crate::Wire::encode(self)?))
+    }
+
+    fn check(&self) -> Result<(), String> {
+        match self {
+            ShardOutput::Embeddings { dimensions, values } => {
+                if *dimensions == 0 && !values.is_empty() {
+                    return Err("vectors of zero dimensions".into());
+                }
+                if *dimensions != 0 && values.len() % *dimensions as usize != 0 {
+                    return Err(format!("{} values is not a whole number of {dimensions}-vectors", values.len()));
+                }
+                if values.iter().any(|v| !v.is_finite()) {
+                    return Err("non-finite value in an embedding".into());
+                }
+                Ok(())
+            }
+            ShardOutput::Generations(g) => at_most("generations", g, limits::ITEMS_PER_SHARD),
+        }
+    }
+}
+
+crate::wire!(ShardOutput, limits::SHARD_RESULT, validate = ShardOutput::check);
+
+/// A worker's result for one shard: the signed claim and the output it
+/// commits to. Sent as its own message once computed, never as the
+/// response to a long-held request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardResult {
+    /// The worker's signed claim.
+    pub claim: Signed<ResultClaim>,
+    /// The output; its digest must equal the claim's `output`.
+    pub output: ShardOutput,
+}
+
+crate::wire!(ShardResult, limits::SHARD_RESULT, validate = |r: &ShardResult| crate::Wire::validate(&r.output));
+
+/// Why a requester refused a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[non_exhaustive]
+pub enum RejectReason {
+    /// The claim's signature is invalid.
+    BadSignature,
+    /// Signed by a peer the shard was not awarded to.
+    NotAwarded,
+    /// Input digest differs from the shard's.
+    InputMismatch,
+    /// Model digest differs from the award's.
+    ModelMismatch,
+    /// The output does not hash to the claim's output digest, or has the
+    /// wrong number of items.
+    OutputMismatch,
+    /// Arrived after the shard was completed by someone else.
+    AlreadyComplete,
+    /// Arrived after the deadline.
+    Late,
+    /// Outvoted by other executions of the same shard.
+    Disagreement,
+}
+
+/// What the requester thought of a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[non_exhaustive]
+pub enum Verdict {
+    /// Counted.
+    Accepted,
+    /// Not counted, and why.
+    Rejected(RejectReason),
+}
+
+/// The requester's signed answer to a [`ShardResult`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct ResultAck {
+    /// The task.
+    pub task: TaskId,
+    /// Shard index.
+    pub shard: u32,
+    /// Digest of the signed claim this answers.
+    pub claim: Digest,
+    /// Accepted or not.
+    pub verdict: Verdict,
+}
+
+crate::wire!(ResultAck, limits::RESULT_ACK);
+
+impl crate::SignedKind for ResultAck {
+    const DOMAIN: &'static str = "mycel/ack/1";
+}

@@ -1,0 +1,246 @@
+//! What a user asks of the swarm ([`TaskSpec`]) and the proof of what the
+//! swarm did ([`Receipt`]).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::rules::{at_most, non_negative, short};
+use crate::market::ResultClaim;
+use crate::{Digest, Signed, limits};
+
+/// Names one task everywhere: journal, messages, receipts. Random, so two
+/// requesters never collide.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct TaskId(pub [u8; 16]);
+
+impl TaskId {
+    /// A fresh random id.
+    pub fn random() -> Result<Self, crate::KeyError> {
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id).map_err(|e| crate::KeyError::Random(e.to_string()))?;
+        Ok(Self(id))
+    }
+
+    /// Parses the 32 hex digits users see.
+    pub fn from_hex(s: &str) -> Result<Self, hex::FromHexError> {
+        let mut id = [0u8; 16];
+        hex::decode_to_slice(s.trim(), &mut id)?;
+        Ok(Self(id))
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TaskId({self})")
+    }
+}
+
+/// Knobs for text generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct GenerateParams {
+    /// Most tokens to generate per prompt.
+    pub max_tokens: u32,
+    /// Sampling temperature; 0 means greedy (argmax), which is what
+    /// redundant execution compares exactly.
+    pub temperature: f32,
+    /// Nucleus sampling mass in (0, 1]; 1 disables it.
+    pub top_p: f32,
+    /// Seed for sampling, so a shard run twice gives the same text.
+    pub seed: u64,
+    /// Generation stops before any of these strings.
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self { max_tokens: 256, temperature: 0.0, top_p: 1.0, seed: 0, stop: Vec::new() }
+    }
+}
+
+impl GenerateParams {
+    fn check(&self) -> Result<(), String> {
+        if self.max_tokens == 0 || self.max_tokens > limits::MAX_TOKENS {
+            return Err(format!("max_tokens {} not in 1..={}", self.max_tokens, limits::MAX_TOKENS));
+        }
+        non_negative("temperature", self.temperature)?;
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p {} not in (0, 1]", self.top_p));
+        }
+        at_most("stop", &self.stop, limits::STOP_SEQUENCES)?;
+        for s in &self.stop {
+            short("stop sequence", s, limits::SHORT_STRING)?;
+        }
+        Ok(())
+    }
+}
+
+/// The work itself: a whole task's input, or one shard's slice of it.
+/// Tasks split by item, so a shard's `Work` is the same kind with fewer
+/// items.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[non_exhaustive]
+pub enum Work {
+    /// One embedding vector per text.
+    Embed {
+        /// Texts to embed, in order.
+        texts: Vec<String>,
+    },
+    /// One completion per prompt.
+    Generate {
+        /// Prompts (user messages) in order.
+        prompts: Vec<String>,
+        /// Shared generation settings.
+        params: GenerateParams,
+    },
+}
+
+impl Work {
+    /// Number of items (texts or prompts).
+    pub fn items(&self) -> usize {
+        match self {
+            Work::Embed { texts } => texts.len(),
+            Work::Generate { prompts, .. } => prompts.len(),
+        }
+    }
+
+    /// Content hash of the encoded work: what results must name as input.
+    pub fn digest(&self) -> Result<Digest, crate::EncodeError> {
+        Ok(Digest::of(&crate::Wire::encode(self)?))
+    }
+
+    fn check(&self) -> Result<(), String> {
+        match self {
+            Work::Embed { .. } => Ok(()),
+            Work::Generate { params, .. } => params.check(),
+        }
+    }
+}
+
+// A shard's work is never larger than its task's.
+crate::wire!(Work, limits::TASK_SPEC, validate = Work::check);
+
+/// Which model a task wants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[non_exhaustive]
+pub enum ModelSelector {
+    /// Exactly these weights.
+    Digest(Digest),
+    /// Any advertised model with this name; the requester pins it to one
+    /// digest when planning, so all shards use the same weights.
+    Name(String),
+}
+
+/// How to cut a task into shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[non_exhaustive]
+pub enum Split {
+    /// Size shards from the candidates' advertised speed (a few seconds of
+    /// work each).
+    Auto,
+    /// Fixed number of items per shard.
+    ItemsPerShard(u32),
+}
+
+/// How shard outputs become the task's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[non_exhaustive]
+pub enum Aggregation {
+    /// Shard outputs in shard order (map tasks: one output per item).
+    Concat,
+}
+
+/// A task as submitted to a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct TaskSpec {
+    /// What to compute.
+    pub work: Work,
+    /// With which model.
+    pub model: ModelSelector,
+    /// How to cut it up.
+    pub split: Split,
+    /// Peers that run each shard independently (1 = no redundancy). With 2
+    /// or more, outputs are compared and a disagreement gets a tie-breaker.
+    pub redundancy: u8,
+    /// Of the shards run once, the share (per mille) also run on a second
+    /// peer to catch liars.
+    pub spot_check_permille: u16,
+    /// How to combine shard outputs.
+    pub aggregation: Aggregation,
+    /// Time the whole task may take, in milliseconds; 0 for the node's
+    /// default.
+    pub deadline_ms: u64,
+    /// Most micro-credits the task may spend; `None` for no limit.
+    pub budget_micros: Option<u64>,
+}
+
+impl TaskSpec {
+    fn check(&self) -> Result<(), String> {
+        crate::Wire::validate(&self.work)?;
+        if self.work.items() == 0 {
+            return Err("a task needs at least one item".into());
+        }
+        if let ModelSelector::Name(name) = &self.model {
+            short("model name", name, limits::SHORT_STRING)?;
+        }
+        if let Split::ItemsPerShard(0) = self.split {
+            return Err("items per shard must be at least 1".into());
+        }
+        if self.redundancy == 0 || self.redundancy > limits::MAX_REDUNDANCY {
+            return Err(format!("redundancy {} not in 1..={}", self.redundancy, limits::MAX_REDUNDANCY));
+        }
+        if self.spot_check_permille > 1000 {
+            return Err(format!("spot_check_permille {} over 1000", self.spot_check_permille));
+        }
+        Ok(())
+    }
+}
+
+crate::wire!(TaskSpec, limits::TASK_SPEC, validate = TaskSpec::check);
+
+/// Proof of how a task was done, signed by the requester. Anyone can check
+/// it offline: every shard claim is signed by its executor, the Merkle root
+/// covers the claims in shard order, and each claim's output hash covers
+/// that shard's slice of the result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The task.
+    pub task: TaskId,
+    /// Digest of the encoded [`TaskSpec`].
+    pub spec: Digest,
+    /// Weights every shard ran on.
+    pub model: Digest,
+    /// The accepted claim for each shard, in shard order.
+    pub shards: Vec<Signed<ResultClaim>>,
+    /// Merkle root over the claims' [`Signed::digest`]s.
+    pub root: Digest,
+    /// Digest of the aggregated output.
+    pub output: Digest,
+    /// When the task completed, milliseconds since the Unix epoch.
+    pub completed_ms: u64,
+}
+
+impl Receipt {
+    fn check(&self) -> Result<(), String> {
+        at_most("shards", &self.shards, limits::SHARDS_PER_TASK)
+    }
+}
+
+crate::wire!(Receipt, limits::RECEIPT, validate = Receipt::check);
+
+impl crate::SignedKind for Receipt {
+    const DOMAIN: &'static str = "mycel/receipt/1";
+}

@@ -1,0 +1,18 @@
+//! Protocol and topic names. A wire change is a new version: add a new
+//! constant and keep the old one while peers still speak it; when several are
+//! offered, the newest comes first.
+
+/// Request-response protocol for direct market messages (CFP, bid, award,
+/// shard result, ack).
+pub const MARKET_PROTOCOL: &str = "/mycel/market/1";
+/// Kademlia protocol name: mycel runs its own DHT, not the public IPFS one.
+pub const KAD_PROTOCOL: &str = "/mycel/kad/1";
+/// Identify protocol version string.
+pub const IDENTIFY_PROTOCOL: &str = "/mycel/id/1";
+/// Gossipsub topic carrying signed node adverts.
+pub const ADVERT_TOPIC: &str = "mycel/adverts/1";
+/// Gossipsub topic carrying calls for proposals when too few capable peers
+/// are known to ask directly.
+pub const CFP_TOPIC: &str = "mycel/cfp/1";
+/// This build's software version, advertised to peers.
+pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
