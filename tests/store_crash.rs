@@ -31,10 +31,9 @@ impl Rng {
 
 #[test]
 fn store_survives_kill_9_at_random_moments() -> Result<()> {
-    let seed = std::env::var("MYCEL_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1);
+    let seed = std::env::var("MYCEL_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
+    });
     eprintln!("crash test seed {seed} (rerun with MYCEL_CRASH_SEED={seed})");
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir()?;
@@ -86,7 +85,10 @@ fn store_survives_kill_9_at_random_moments() -> Result<()> {
         "crash test: {ROUNDS} rounds, {killed_mid_run} killed after journaling started, {total_durable} records \
          reported durable, 0 lost"
     );
-    ensure!(killed_mid_run >= ROUNDS / 2, "too few kills landed mid-journal ({killed_mid_run}); the test is not testing");
+    ensure!(
+        killed_mid_run >= ROUNDS / 2,
+        "too few kills landed mid-journal ({killed_mid_run}); the test is not testing"
+    );
     Ok(())
 }
 
@@ -109,8 +111,14 @@ fn check_run(store: &SledStore, run: u32, reported: u64) -> Result<()> {
         let key = child::record_key(run, i);
         let task = store.get(Tree::Tasks, &key)?;
         let shard = store.get(Tree::Shards, &key)?;
-        ensure!(task.as_deref() == Some(child::task_value(run, i).as_slice()), "run {run} record {i}: task entry lost or damaged");
-        ensure!(shard.as_deref() == Some(child::shard_value(run, i).as_slice()), "run {run} record {i}: shard entry lost or damaged");
+        ensure!(
+            task.as_deref() == Some(child::task_value(run, i).as_slice()),
+            "run {run} record {i}: task entry lost or damaged"
+        );
+        ensure!(
+            shard.as_deref() == Some(child::shard_value(run, i).as_slice()),
+            "run {run} record {i}: shard entry lost or damaged"
+        );
     }
     let past = child::record_key(run, n);
     ensure!(store.get(Tree::Tasks, &past)?.is_none(), "run {run}: task entry past the state counter (half a batch)");

@@ -92,10 +92,7 @@ mod tests {
 
     #[test]
     fn sha256_known_answer() {
-        assert_eq!(
-            Digest::of(b"abc").to_hex(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(Digest::of(b"abc").to_hex(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         assert_eq!(Digest::of_parts(&[b"a", b"bc"]), Digest::of(b"abc"));
     }
 

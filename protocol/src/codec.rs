@@ -125,8 +125,8 @@ pub fn decode_limited<T: DeserializeOwned, const MAX: usize>(
         return Err(DecodeError::TooLarge { kind, len: bytes.len(), max: MAX });
     }
     let config = bincode::config::standard().with_limit::<MAX>();
-    let (value, read) = bincode::serde::decode_from_slice(bytes, config)
-        .map_err(|source| DecodeError::Malformed { kind, source })?;
+    let (value, read) =
+        bincode::serde::decode_from_slice(bytes, config).map_err(|source| DecodeError::Malformed { kind, source })?;
     if read != bytes.len() {
         return Err(DecodeError::TrailingBytes { kind, extra: bytes.len() - read });
     }

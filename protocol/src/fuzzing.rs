@@ -2,8 +2,7 @@
 //! property tests: feed arbitrary bytes to every decoder.
 
 use crate::{
-    Advert, Award, Bid, Cfp, Receipt, ResultAck, ResultClaim, ShardOutput, ShardResult, Signed, TaskSpec, Wire,
-    Work,
+    Advert, Award, Bid, Cfp, Receipt, ResultAck, ResultClaim, ShardOutput, ShardResult, Signed, TaskSpec, Wire, Work,
 };
 
 /// Decodes `data` as every message kind, and verifies it where it decodes

@@ -102,9 +102,8 @@ fn receipts() -> impl Strategy<Value = Receipt> {
 }
 
 fn shard_results() -> impl Strategy<Value = ShardResult> {
-    (signed_claims(), prop_oneof![valid::shard_output(), any::<ShardOutput>()]).prop_filter_map("needs a claim", |(mut claims, output)| {
-        Some(ShardResult { claim: claims.pop()?, output })
-    })
+    (signed_claims(), prop_oneof![valid::shard_output(), any::<ShardOutput>()])
+        .prop_filter_map("needs a claim", |(mut claims, output)| Some(ShardResult { claim: claims.pop()?, output }))
 }
 
 /// Strategies for values that obey every protocol rule, so round trips are
@@ -147,15 +146,8 @@ mod valid {
             any::<(Load, Price)>(),
             prop::collection::vec(text(40), 0..4),
         )
-            .prop_map(|((seq, timestamp_ms), software, models, hardware, (load, price), listen_addrs)| Advert {
-                seq,
-                timestamp_ms,
-                software,
-                models,
-                hardware,
-                load,
-                price,
-                listen_addrs,
+            .prop_map(|((seq, timestamp_ms), software, models, hardware, (load, price), listen_addrs)| {
+                Advert { seq, timestamp_ms, software, models, hardware, load, price, listen_addrs }
             })
     }
 
@@ -180,7 +172,8 @@ mod valid {
     }
 
     pub fn task_spec() -> impl Strategy<Value = TaskSpec> {
-        let model = prop_oneof![any::<Digest>().prop_map(ModelSelector::Digest), text(32).prop_map(ModelSelector::Name)];
+        let model =
+            prop_oneof![any::<Digest>().prop_map(ModelSelector::Digest), text(32).prop_map(ModelSelector::Name)];
         let split = prop_oneof![Just(Split::Auto), (1u32..10_000).prop_map(Split::ItemsPerShard)];
         (work(), model, split, 1..=limits::MAX_REDUNDANCY, 0u16..=1000, any::<(u64, Option<u64>)>()).prop_map(
             |(work, model, split, redundancy, spot_check_permille, (deadline_ms, budget_micros))| TaskSpec {

@@ -33,7 +33,7 @@ pub enum VerifyError {
     BadSignature { kind: &'static str },
     /// Signed by someone other than the peer it had to come from.
     #[error("{kind} signed by {got}, expected {expected}")]
-    WrongSigner { kind: &'static str, expected: PublicKey, got: PublicKey },
+    WrongSigner { kind: &'static str, expected: Box<PublicKey>, got: Box<PublicKey> },
     /// The signature is fine but the payload is not a valid message.
     #[error(transparent)]
     Payload(#[from] DecodeError),
@@ -71,7 +71,11 @@ impl<T: SignedKind> Signed<T> {
     /// [`Signed::verify`], and the signer must be `expected`.
     pub fn verify_from(&self, expected: &PublicKey) -> Result<T, VerifyError> {
         if self.signer != *expected {
-            return Err(VerifyError::WrongSigner { kind: T::KIND, expected: *expected, got: self.signer });
+            return Err(VerifyError::WrongSigner {
+                kind: T::KIND,
+                expected: Box::new(*expected),
+                got: Box::new(self.signer),
+            });
         }
         self.verify()
     }

@@ -38,7 +38,7 @@ fn suite(store: &dyn Store) {
     let mut start = Batch::new();
     start.put(Tree::Tasks, b"t1".to_vec(), b"planned".to_vec());
     let absent = Expect { tree: Tree::Tasks, key: b"t1".to_vec(), value: None };
-    assert!(store.commit_if(&[absent.clone()], &start).unwrap());
+    assert!(store.commit_if(std::slice::from_ref(&absent), &start).unwrap());
     assert!(!store.commit_if(&[absent], &start).unwrap(), "created twice");
 
     let mut run = Batch::new();
@@ -99,12 +99,19 @@ fn store_from_another_schema_is_refused_untouched() {
     {
         let store = SledStore::open(dir.path()).unwrap();
         let mut b = Batch::new();
-        b.put(Tree::Meta, SCHEMA_KEY.to_vec(), 99u32.to_le_bytes().to_vec()).put(Tree::Tasks, b"t".to_vec(), b"v".to_vec());
+        b.put(Tree::Meta, SCHEMA_KEY.to_vec(), 99u32.to_le_bytes().to_vec()).put(
+            Tree::Tasks,
+            b"t".to_vec(),
+            b"v".to_vec(),
+        );
         store.commit(&b).unwrap();
     }
     let err = SledStore::open(dir.path()).unwrap_err();
     assert!(matches!(&err, StoreError::Schema { found, .. } if found == "99"), "{err}");
     // Refusing did not rewrite it.
     let raw = sled::open(dir.path()).unwrap();
-    assert_eq!(raw.get([&[Tree::Meta.tag()][..], SCHEMA_KEY].concat()).unwrap().unwrap().as_ref(), &99u32.to_le_bytes());
+    assert_eq!(
+        raw.get([&[Tree::Meta.tag()][..], SCHEMA_KEY].concat()).unwrap().unwrap().as_ref(),
+        &99u32.to_le_bytes()
+    );
 }

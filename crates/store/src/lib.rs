@@ -106,7 +106,12 @@ impl Batch {
     }
 
     /// Adds a put of a protocol value, encoded with the protocol codec.
-    pub fn put_wire<T: Wire>(&mut self, tree: Tree, key: impl Into<Vec<u8>>, value: &T) -> Result<&mut Self, StoreError> {
+    pub fn put_wire<T: Wire>(
+        &mut self,
+        tree: Tree,
+        key: impl Into<Vec<u8>>,
+        value: &T,
+    ) -> Result<&mut Self, StoreError> {
         let bytes = value.encode().map_err(|source| StoreError::Encode { tree, source })?;
         Ok(self.put(tree, key, bytes))
     }
@@ -170,6 +175,9 @@ pub enum StoreError {
     Backend(String),
 }
 
+/// A key and its value.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
 /// The journal: trees of byte keys to byte values.
 ///
 /// Implementations must make each `commit`/`commit_if` atomic (all of the
@@ -180,7 +188,7 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// All entries of `tree` whose key starts with `prefix`, in key order.
-    fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<Entry>, StoreError>;
 
     /// Applies `batch` atomically and durably.
     fn commit(&self, batch: &Batch) -> Result<(), StoreError>;
@@ -198,9 +206,9 @@ pub trait StoreExt: Store {
     fn get_wire<T: Wire>(&self, tree: Tree, key: &[u8]) -> Result<Option<T>, StoreError> {
         match self.get(tree, key)? {
             None => Ok(None),
-            Some(bytes) => T::decode(&bytes)
-                .map(Some)
-                .map_err(|source| StoreError::Corrupt { tree, key: printable(key), source }),
+            Some(bytes) => {
+                T::decode(&bytes).map(Some).map_err(|source| StoreError::Corrupt { tree, key: printable(key), source })
+            }
         }
     }
 }

@@ -6,11 +6,14 @@ use std::sync::Mutex;
 
 use crate::{Batch, Expect, Op, Store, StoreError, Tree};
 
+/// Every tree's entries, keyed by (tree, key).
+type Entries = BTreeMap<(Tree, Vec<u8>), Vec<u8>>;
+
 /// A [`Store`] held in memory. Atomic like the real one; "durable" for as
 /// long as the value lives.
 #[derive(Debug, Default)]
 pub struct MemStore {
-    trees: Mutex<BTreeMap<(Tree, Vec<u8>), Vec<u8>>>,
+    trees: Mutex<Entries>,
 }
 
 impl MemStore {
@@ -22,14 +25,14 @@ impl MemStore {
         store
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(Tree, Vec<u8>), Vec<u8>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
         // A panic while holding the lock can only come from a bug in this
         // file; the map itself is never left half-written (see `apply`).
         self.trees.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
-fn apply(map: &mut BTreeMap<(Tree, Vec<u8>), Vec<u8>>, batch: &Batch) {
+fn apply(map: &mut Entries, batch: &Batch) {
     for op in batch.ops() {
         match op {
             Op::Put { tree, key, value } => {
@@ -47,7 +50,7 @@ impl Store for MemStore {
         Ok(self.lock().get(&(tree, key.to_vec())).cloned())
     }
 
-    fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<crate::Entry>, StoreError> {
         Ok(self
             .lock()
             .range((tree, prefix.to_vec())..)

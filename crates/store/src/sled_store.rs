@@ -68,7 +68,7 @@ impl Store for SledStore {
         Ok(self.db.get(full_key(tree, key)).map_err(backend)?.map(|v| v.to_vec()))
     }
 
-    fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<crate::Entry>, StoreError> {
         self.db
             .scan_prefix(full_key(tree, prefix))
             .map(|entry| {

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone. Installs what it needs.
+#   bash scripts/test.sh [extra args for the test runner]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+need_rust
+# The end-to-end tests run the real `mycel` binary: build it with the same
+# profile as the tests.
+step "building mycel"
+cargo build --locked --workspace --bins
+step "running the test suite"
+if have cargo-nextest; then
+  cargo nextest run --locked --workspace --no-fail-fast "$@"
+else
+  echo "(cargo-nextest not found; using cargo test)"
+  cargo test --locked --workspace --no-fail-fast "$@"
+fi
