@@ -4,5 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cli;
+mod node;
 mod store_crash;
 mod support;
+mod testnet;

@@ -1,10 +1,14 @@
 //! Command-line definitions. Doc comments here are the `--help` text. Keep
 //! command and flag names stable once released: scripts depend on them.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use mycel_net::Multiaddr;
+
+use crate::config::DurationArg;
 
 /// mycel: a peer-to-peer swarm of cooperating AI nodes.
 #[derive(Debug, Parser)]
@@ -29,8 +33,117 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run a node: join the swarm, advertise this machine, serve the API.
+    Node(NodeArgs),
     /// Print this node's PeerId (creating its identity on first use).
     Id(IdArgs),
+    /// List the peers a node knows, from their adverts.
+    Peers(ClientArgs),
+    /// Show a node's own state.
+    Status(ClientArgs),
+    /// Run a local swarm of real node processes on this machine.
+    #[command(subcommand)]
+    Testnet(TestnetCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// TOML config file; flags and MYCEL_* variables override it.
+    #[arg(long, env = "MYCEL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub data_dir: DataDir,
+
+    /// Peer-to-peer listen address, repeatable
+    /// [default: /ip4/0.0.0.0/tcp/4001 and /ip4/0.0.0.0/udp/4001/quic-v1].
+    #[arg(long, env = "MYCEL_LISTEN", value_delimiter = ',', value_name = "MULTIADDR", value_parser = multiaddr)]
+    pub listen: Vec<Multiaddr>,
+
+    /// Peer to join through, repeatable (e.g. /ip4/1.2.3.4/tcp/4001/p2p/12D3KooW...).
+    #[arg(long, env = "MYCEL_BOOTSTRAP", value_delimiter = ',', value_name = "MULTIADDR", value_parser = multiaddr)]
+    pub bootstrap: Vec<Multiaddr>,
+
+    /// Local HTTP API address [default: 127.0.0.1:7700]. Off loopback, a
+    /// token is required.
+    #[arg(long, env = "MYCEL_API", value_name = "HOST:PORT")]
+    pub api: Option<SocketAddr>,
+
+    /// Bearer token the API requires.
+    #[arg(long, env = "MYCEL_API_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+
+    /// Do not discover peers on the local network.
+    #[arg(long, env = "MYCEL_NO_MDNS")]
+    pub no_mdns: bool,
+
+    /// How often to re-publish this node's advert, e.g. 500ms, 10s [default: 10s].
+    #[arg(long, env = "MYCEL_ADVERT_INTERVAL", value_name = "DURATION")]
+    pub advert_interval: Option<DurationArg>,
+}
+
+fn multiaddr(s: &str) -> Result<Multiaddr> {
+    crate::config::parse_multiaddr(s)
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The node's API URL [default: $MYCEL_NODE, else the local node's].
+    #[arg(long, value_name = "URL")]
+    pub node: Option<String>,
+
+    /// Machine-readable JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub data_dir: DataDir,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TestnetCommand {
+    /// Start N nodes on 127.0.0.1 and wait until each sees every other.
+    Up(TestnetUpArgs),
+    /// Show the testnet's nodes and whether they are running.
+    Status(TestnetDirArgs),
+    /// Stop the testnet's nodes and remove its files.
+    Down(TestnetDirArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TestnetUpArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=500))]
+    pub nodes: u32,
+
+    #[command(flatten)]
+    pub dir: TestnetDir,
+
+    /// Advert interval of every node (adverts expire after three).
+    #[arg(long, default_value = "1s", value_name = "DURATION")]
+    pub advert_interval: DurationArg,
+
+    /// Give up waiting for convergence after this long.
+    #[arg(long, default_value = "120s", value_name = "DURATION")]
+    pub timeout: DurationArg,
+}
+
+#[derive(Debug, Args)]
+pub struct TestnetDirArgs {
+    #[command(flatten)]
+    pub dir: TestnetDir,
+
+    /// Machine-readable JSON instead of a table (status).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Where a testnet keeps its nodes' data, logs and `testnet.json`.
+#[derive(Debug, Clone, Args)]
+pub struct TestnetDir {
+    /// Testnet directory [default: ./.testnet].
+    #[arg(long = "dir", env = "MYCEL_TESTNET_DIR", value_name = "DIR", default_value = ".testnet")]
+    pub path: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -76,8 +189,39 @@ mod tests {
     #[test]
     fn data_dir_flag_reaches_its_field() {
         let cli = Cli::try_parse_from(["mycel", "id", "--data-dir", "/tmp/x"]).unwrap();
-        let Command::Id(args) = cli.command;
+        let Command::Id(args) = cli.command else { panic!("not id") };
         assert_eq!(args.data_dir.resolve().unwrap(), PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn client_and_testnet_flags_reach_their_fields() {
+        let cli = Cli::try_parse_from(["mycel", "peers", "--node", "http://127.0.0.1:1", "--json"]).unwrap();
+        let Command::Peers(a) = cli.command else { panic!("not peers") };
+        assert_eq!(a.node.as_deref(), Some("http://127.0.0.1:1"));
+        assert!(a.json);
+
+        let cli = Cli::try_parse_from([
+            "mycel",
+            "testnet",
+            "up",
+            "--nodes",
+            "7",
+            "--dir",
+            "/tmp/t",
+            "--advert-interval",
+            "2s",
+        ])
+        .unwrap();
+        let Command::Testnet(TestnetCommand::Up(a)) = cli.command else { panic!("not testnet up") };
+        assert_eq!(
+            (a.nodes, a.dir.path, a.advert_interval.0),
+            (7, PathBuf::from("/tmp/t"), std::time::Duration::from_secs(2))
+        );
+        assert!(Cli::try_parse_from(["mycel", "testnet", "up", "--nodes", "0"]).is_err());
+
+        let cli = Cli::try_parse_from(["mycel", "testnet", "down", "--dir", "/tmp/t"]).unwrap();
+        let Command::Testnet(TestnetCommand::Down(a)) = cli.command else { panic!("not testnet down") };
+        assert_eq!(a.dir.path, PathBuf::from("/tmp/t"));
     }
 
     #[test]

@@ -1,18 +1,27 @@
 //! The `mycel` binary's library: command-line definitions, configuration,
-//! and the wiring of protocol, store (and later network, models, market
-//! and API) into the commands users run.
+//! and the wiring of protocol, store, network, models and API into the
+//! commands users run.
 
 pub mod cli;
+mod client;
+pub mod config;
 mod logging;
+mod node;
+mod testnet;
 
 use anyhow::{Context, Result};
 use cli::{Cli, Command};
 use mycel_store::identity::{self, Origin};
+use tokio_util::sync::CancellationToken;
 
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     logging::init(cli.log_format)?;
     match cli.command {
+        Command::Node(args) => {
+            let config = config::NodeConfig::load(&args)?;
+            run_node(config)
+        }
         Command::Id(args) => {
             let dir = args.data_dir.resolve()?;
             let (key, origin) = identity::load_or_create(&dir)
@@ -23,5 +32,36 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", key.peer_id());
             Ok(())
         }
+        Command::Peers(args) => client::peers(&args),
+        Command::Status(args) => client::status(&args),
+        Command::Testnet(cmd) => testnet::run(cmd),
     }
+}
+
+/// Runs a node on a fresh runtime until SIGINT or SIGTERM.
+fn run_node(config: config::NodeConfig) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signals = tokio::spawn(stop_on_signal(shutdown.clone()));
+        let result = node::run(config, shutdown).await;
+        signals.abort();
+        result
+    })
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        tracing::warn!("cannot listen for SIGTERM; stop the node with Ctrl-C");
+        let _ = tokio::signal::ctrl_c().await;
+        shutdown.cancel();
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stop requested");
+    shutdown.cancel();
 }

@@ -1,5 +1,5 @@
 //! Tracing setup: human-readable by default, JSON for machines, filtered by
-//! `RUST_LOG` (default `info` for mycel, `warn` for dependencies). Logs go
+//! `RUST_LOG` (default: [`DEFAULT_FILTER`]). Logs go
 //! to stderr so stdout stays clean for command output.
 
 use anyhow::{Result, anyhow};
@@ -7,8 +7,12 @@ use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;
 
+/// mycel at info; dependencies at warn, except Kademlia's routine
+/// "no known peers" warnings on a node that runs alone.
+const DEFAULT_FILTER: &str = "warn,libp2p_kad=error,mycel=info";
+
 pub fn init(format: LogFormat) -> Result<()> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,mycel=info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.try_init(),

@@ -21,12 +21,8 @@ pub enum DecodeError {
     TooLarge { kind: &'static str, len: usize, max: usize },
     /// The bytes are not a valid encoding (truncated, corrupt, wrong type,
     /// or a container larger than the limit allows).
-    #[error("malformed {kind}: {source}")]
-    Malformed {
-        kind: &'static str,
-        #[source]
-        source: bincode::error::DecodeError,
-    },
+    #[error("malformed {kind}: {error}")]
+    Malformed { kind: &'static str, error: bincode::error::DecodeError },
     /// A valid message was followed by extra bytes.
     #[error("{kind} has {extra} trailing bytes")]
     TrailingBytes { kind: &'static str, extra: usize },
@@ -45,12 +41,8 @@ pub enum EncodeError {
     #[error("{kind} would be {len} bytes, over the {max}-byte limit")]
     TooLarge { kind: &'static str, len: usize, max: usize },
     /// bincode refused the value.
-    #[error("cannot encode {kind}: {source}")]
-    Bincode {
-        kind: &'static str,
-        #[source]
-        source: bincode::error::EncodeError,
-    },
+    #[error("cannot encode {kind}: {error}")]
+    Bincode { kind: &'static str, error: bincode::error::EncodeError },
 }
 
 /// A type that travels on the wire or into the journal.
@@ -71,7 +63,7 @@ pub trait Wire: Serialize + DeserializeOwned {
     /// Encodes the message, refusing to produce more than `MAX_SIZE` bytes.
     fn encode(&self) -> Result<Vec<u8>, EncodeError> {
         let bytes = bincode::serde::encode_to_vec(self, bincode::config::standard())
-            .map_err(|source| EncodeError::Bincode { kind: Self::KIND, source })?;
+            .map_err(|error| EncodeError::Bincode { kind: Self::KIND, error })?;
         if bytes.len() > Self::MAX_SIZE {
             return Err(EncodeError::TooLarge { kind: Self::KIND, len: bytes.len(), max: Self::MAX_SIZE });
         }
@@ -126,7 +118,7 @@ pub fn decode_limited<T: DeserializeOwned, const MAX: usize>(
     }
     let config = bincode::config::standard().with_limit::<MAX>();
     let (value, read) =
-        bincode::serde::decode_from_slice(bytes, config).map_err(|source| DecodeError::Malformed { kind, source })?;
+        bincode::serde::decode_from_slice(bytes, config).map_err(|error| DecodeError::Malformed { kind, error })?;
     if read != bytes.len() {
         return Err(DecodeError::TrailingBytes { kind, extra: bytes.len() - read });
     }

@@ -27,6 +27,8 @@ pub fn decode_every_kind(data: &[u8]) -> usize {
         usize::from(TaskSpec::decode(data).is_ok()),
         usize::from(Work::decode(data).is_ok()),
         usize::from(Receipt::decode(data).is_ok()),
+        usize::from(crate::rpc::Request::decode(data).is_ok()),
+        usize::from(crate::rpc::Response::decode(data).is_ok()),
         signed::<Advert>(data),
         signed::<Cfp>(data),
         signed::<Bid>(data),

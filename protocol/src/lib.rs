@@ -7,6 +7,7 @@
 //! - [`keys`]: ed25519 node keys, convertible to the libp2p `PeerId`.
 //! - [`signed`]: [`Signed<T>`] envelopes with a domain per message kind.
 //! - [`advert`], [`market`], [`task`]: the messages themselves.
+//! - [`rpc`]: direct request-response messages between two nodes.
 //! - [`merkle`]: the Merkle root that receipts commit to.
 //! - [`version`] and [`limits`]: protocol names and size caps.
 
@@ -19,6 +20,7 @@ pub mod keys;
 pub mod limits;
 pub mod market;
 pub mod merkle;
+pub mod rpc;
 pub mod signed;
 pub mod task;
 pub mod version;

@@ -19,6 +19,13 @@ pub const RESULT_ACK: usize = 1024;
 pub const TASK_SPEC: usize = 64 * 1024 * 1024;
 /// Encoded [`crate::Receipt`].
 pub const RECEIPT: usize = 32 * 1024 * 1024;
+/// Encoded [`crate::rpc::Request`].
+pub const RPC_REQUEST: usize = SHARD_RESULT + 4096;
+/// Encoded [`crate::rpc::Response`].
+pub const RPC_RESPONSE: usize = 4 * 1024 * 1024;
+/// Adverts one sync response may carry (a node's view of the swarm; at
+/// internet scale, peers are found through the DHT instead).
+pub const ADVERTS_PER_SYNC: usize = 256;
 /// The largest of all of the above.
 pub const LARGEST_MESSAGE: usize = TASK_SPEC;
 

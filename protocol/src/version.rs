@@ -2,9 +2,10 @@
 //! constant and keep the old one while peers still speak it; when several are
 //! offered, the newest comes first.
 
-/// Request-response protocol for direct market messages (CFP, bid, award,
-/// shard result, ack).
-pub const MARKET_PROTOCOL: &str = "/mycel/market/1";
+/// Request-response protocol for direct messages between two nodes
+/// ([`crate::rpc`]): advert sync now, market messages (CFP, bid, award,
+/// shard result, ack) as the market lands.
+pub const RPC_PROTOCOL: &str = "/mycel/rpc/1";
 /// Kademlia protocol name: mycel runs its own DHT, not the public IPFS one.
 pub const KAD_PROTOCOL: &str = "/mycel/kad/1";
 /// Identify protocol version string.

@@ -1,7 +1,8 @@
 //! Local testnets of real mycel processes, and the process control they and
 //! the crash tests need.
 //!
-//! [`Proc`] wraps a child process: its stdout arrives as lines on a bounded
+//! [`net`] starts, inspects and stops a swarm of `mycel node` processes on
+//! 127.0.0.1 (`mycel testnet up|status|down`). [`Proc`] wraps a child process: its stdout arrives as lines on a bounded
 //! channel (read on a thread, so the child never blocks on a full pipe while
 //! the parent waits), it can be stopped gracefully (SIGTERM) or killed
 //! abruptly (SIGKILL, as a crash), and it is always reaped: dropping a
@@ -15,6 +16,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+pub mod net;
 
 /// Lines buffered between the reader thread and the test. When full, the
 /// reader waits, and so, through the pipe, does the child.
@@ -137,11 +140,9 @@ impl Drop for Proc {
     }
 }
 
-/// Sends `sig` to `pid`, ignoring a process that is already gone.
+/// Sends `sig` to `pid`; false when there is no such process.
 #[allow(unsafe_code)]
-fn signal(pid: libc::pid_t, sig: libc::c_int) {
+pub fn signal(pid: libc::pid_t, sig: libc::c_int) -> bool {
     // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid, sig);
-    }
+    unsafe { libc::kill(pid, sig) == 0 }
 }

@@ -29,12 +29,8 @@ const HEADER: &str = "mycel-node-key-v1";
 #[non_exhaustive]
 pub enum IdentityError {
     /// The file exists but could not be read (permissions, I/O).
-    #[error("cannot read node key {path}: {source}")]
-    Unreadable {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("cannot read node key {path}: {error}")]
+    Unreadable { path: PathBuf, error: io::Error },
     /// The file exists but is not a mycel key. It was left untouched.
     #[error(
         "node key {path} is corrupt ({reason}); it was left untouched. Restore it from a backup, or move it \
@@ -42,12 +38,8 @@ pub enum IdentityError {
     )]
     Corrupt { path: PathBuf, reason: &'static str },
     /// A new key could not be written.
-    #[error("cannot create node key {path}: {source}")]
-    Create {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("cannot create node key {path}: {error}")]
+    Create { path: PathBuf, error: io::Error },
     /// The OS gave no randomness for a new key.
     #[error("cannot generate a node key: {0}")]
     Random(#[from] mycel_protocol::KeyError),
@@ -68,14 +60,14 @@ pub fn load_or_create(data_dir: &Path) -> Result<(Keypair, Origin), IdentityErro
     let path = data_dir.join(KEY_FILE);
     match load(&path) {
         Ok(key) => return Ok((key, Origin::Loaded)),
-        Err(IdentityError::Unreadable { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+        Err(IdentityError::Unreadable { error, .. }) if error.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
     let key = Keypair::generate()?;
     match create(data_dir, &path, &key) {
         Ok(()) => Ok((key, Origin::Created)),
         // Another process created it first: use theirs.
-        Err(IdentityError::Create { source, .. }) if source.kind() == io::ErrorKind::AlreadyExists => {
+        Err(IdentityError::Create { error, .. }) if error.kind() == io::ErrorKind::AlreadyExists => {
             Ok((load(&path)?, Origin::Loaded))
         }
         Err(e) => Err(e),
@@ -84,7 +76,7 @@ pub fn load_or_create(data_dir: &Path) -> Result<(Keypair, Origin), IdentityErro
 
 /// Loads an existing key file.
 pub fn load(path: &Path) -> Result<Keypair, IdentityError> {
-    let unreadable = |source| IdentityError::Unreadable { path: path.to_path_buf(), source };
+    let unreadable = |error| IdentityError::Unreadable { path: path.to_path_buf(), error };
     let corrupt = |reason| IdentityError::Corrupt { path: path.to_path_buf(), reason };
 
     let mut file = fs::File::open(path).map_err(unreadable)?;
@@ -112,7 +104,7 @@ pub fn load(path: &Path) -> Result<Keypair, IdentityError> {
 /// written and synced under a temporary name, then hard-linked into place
 /// (which fails if the name exists), and the directory is synced.
 fn create(data_dir: &Path, path: &Path, key: &Keypair) -> Result<(), IdentityError> {
-    let create_err = |source| IdentityError::Create { path: path.to_path_buf(), source };
+    let create_err = |error| IdentityError::Create { path: path.to_path_buf(), error };
     fs::create_dir_all(data_dir).map_err(create_err)?;
     // Keep other users out of a directory we just made; leave existing ones.
     if let Ok(meta) = fs::metadata(data_dir)

@@ -112,7 +112,7 @@ impl Batch {
         key: impl Into<Vec<u8>>,
         value: &T,
     ) -> Result<&mut Self, StoreError> {
-        let bytes = value.encode().map_err(|source| StoreError::Encode { tree, source })?;
+        let bytes = value.encode().map_err(|error| StoreError::Encode { tree, error })?;
         Ok(self.put(tree, key, bytes))
     }
 
@@ -156,20 +156,11 @@ pub enum StoreError {
     #[error("the store at {path} has schema version {found}; this build reads version {expected}")]
     Schema { path: String, found: String, expected: u32 },
     /// A stored value does not decode: disk corruption or a bug.
-    #[error("corrupt value in {tree} at key {key}: {source}")]
-    Corrupt {
-        tree: Tree,
-        key: String,
-        #[source]
-        source: DecodeError,
-    },
+    #[error("corrupt value in {tree} at key {key}: {error}")]
+    Corrupt { tree: Tree, key: String, error: DecodeError },
     /// A value could not be encoded for storing.
-    #[error("cannot store value in {tree}: {source}")]
-    Encode {
-        tree: Tree,
-        #[source]
-        source: EncodeError,
-    },
+    #[error("cannot store value in {tree}: {error}")]
+    Encode { tree: Tree, error: EncodeError },
     /// The backend failed (I/O error, disk full...).
     #[error("storage backend failed: {0}")]
     Backend(String),
@@ -207,7 +198,7 @@ pub trait StoreExt: Store {
         match self.get(tree, key)? {
             None => Ok(None),
             Some(bytes) => {
-                T::decode(&bytes).map(Some).map_err(|source| StoreError::Corrupt { tree, key: printable(key), source })
+                T::decode(&bytes).map(Some).map_err(|error| StoreError::Corrupt { tree, key: printable(key), error })
             }
         }
     }

@@ -1,0 +1,122 @@
+//! JSON bodies of the native API. The CLI deserialises the same types, so
+//! a field renamed here is renamed for both.
+
+use serde::{Deserialize, Serialize};
+
+/// `GET /api/v1/status`: this node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatusView {
+    /// This node's PeerId.
+    pub peer_id: String,
+    /// mycel version.
+    pub version: String,
+    /// Addresses the node listens on for peers.
+    pub listen_addrs: Vec<String>,
+    /// Peers with an open connection.
+    pub connected_peers: usize,
+    /// Peers whose advert the node holds.
+    pub known_peers: usize,
+    /// Models this node serves.
+    pub models: Vec<ModelView>,
+    /// Seconds since the node started.
+    pub uptime_s: u64,
+}
+
+/// A model as adverts describe it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelView {
+    /// Human-readable name.
+    pub id: String,
+    /// `embedding` or `generation`.
+    pub kind: String,
+    /// SHA-256 of the weights, hex.
+    pub weights: String,
+    /// Embedding width (0 for generation models).
+    pub dimensions: u32,
+    /// Longest input in tokens.
+    pub context: u32,
+    /// Weight format.
+    pub quantization: String,
+    /// Measured embeddings per second (0 when not applicable).
+    pub embeddings_per_s: f32,
+    /// Measured decode tokens per second (0 when not applicable).
+    pub decode_tokens_per_s: f32,
+}
+
+/// `GET /api/v1/peers`: one peer from its advert.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerView {
+    /// The peer.
+    pub peer_id: String,
+    /// Its mycel version.
+    pub software: String,
+    /// Models it serves.
+    pub models: Vec<ModelView>,
+    /// CPU model.
+    pub cpu: String,
+    /// Cores.
+    pub cores: u32,
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+    /// GPU names.
+    pub gpus: Vec<String>,
+    /// Shards queued and running, and how many it runs at once.
+    pub queued_shards: u32,
+    /// Shards running.
+    pub active_shards: u32,
+    /// Shards it runs at once.
+    pub capacity: u32,
+    /// Its listen addresses.
+    pub listen_addrs: Vec<String>,
+    /// Sequence number of the advert held.
+    pub advert_seq: u64,
+    /// Milliseconds since its advert was received.
+    pub last_seen_ms: u64,
+}
+
+/// Error body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: String,
+}
+
+impl ErrorBody {
+    /// Wraps a message.
+    pub fn new(error: String) -> Self {
+        Self { error }
+    }
+}
+
+/// Written to `<data dir>/node.json` while a node runs, so local tools (the
+/// CLI, the testnet) find its API and addresses without guessing ports.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RuntimeInfo {
+    /// Process id.
+    pub pid: u32,
+    /// The node's PeerId.
+    pub peer_id: String,
+    /// API base URL.
+    pub api: String,
+    /// Peer-to-peer listen addresses, with `/p2p/<peer id>`.
+    pub listen_addrs: Vec<String>,
+}
+
+/// File name of [`RuntimeInfo`] in a node's data directory.
+pub const RUNTIME_FILE: &str = "node.json";
+
+impl RuntimeInfo {
+    /// Reads a running node's file from its data directory.
+    pub fn read(data_dir: &std::path::Path) -> std::io::Result<Self> {
+        let text = std::fs::read_to_string(data_dir.join(RUNTIME_FILE))?;
+        serde_json::from_str(&text).map_err(std::io::Error::other)
+    }
+
+    /// Writes the file atomically (temporary file, then rename), so a
+    /// reader never sees half of it.
+    pub fn write(&self, data_dir: &std::path::Path) -> std::io::Result<()> {
+        let tmp = data_dir.join(format!(".{RUNTIME_FILE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
+        std::fs::rename(&tmp, data_dir.join(RUNTIME_FILE))
+    }
+}

@@ -1,0 +1,612 @@
+//! The event loop that owns the swarm, and the handle that talks to it.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::core::transport::ListenerId;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{
+    Multiaddr, PeerId, Swarm, SwarmBuilder, TransportError, gossipsub, identify, kad, mdns, noise, tcp, yamux,
+};
+use mycel_protocol::rpc::{Request, Response};
+use mycel_protocol::{Advert, Digest, Keypair, Signed, Wire, limits, version};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::behaviour::{Behaviour, BehaviourConfig, BehaviourEvent};
+use crate::table::{CapabilityTable, PeerEntry, Refused, TableConfig};
+use crate::{Config, Event, NetError, RequestError, now_ms};
+
+/// Commands queued for the loop; beyond this, callers wait.
+const COMMAND_QUEUE: usize = 256;
+/// Events queued for the node; beyond this, events are dropped (the table
+/// stays the source of truth, so nothing is lost but a notification).
+const EVENT_QUEUE: usize = 1024;
+/// Delay before re-publishing our advert after a peer joins the advert
+/// topic, so a burst of joins costs one publish.
+const REPUBLISH_DEBOUNCE: Duration = Duration::from_millis(250);
+
+type Reply<T> = oneshot::Sender<T>;
+/// Providers found so far, and who waits for them.
+type ProviderQuery = (HashSet<PeerId>, Reply<Result<Vec<PeerId>, NetError>>);
+
+enum Command {
+    ListenAddrs(Reply<Vec<Multiaddr>>),
+    Peers(Reply<Vec<PeerEntry>>),
+    Connected(Reply<Vec<PeerId>>),
+    SetAdvert(Box<Advert>),
+    OwnAdvert(Reply<Option<Advert>>),
+    Dial(Multiaddr, Reply<Result<(), NetError>>),
+    Request(PeerId, Request, Reply<Result<Response, RequestError>>),
+    FindProviders(Digest, Reply<Result<Vec<PeerId>, NetError>>),
+    PublishRaw(&'static str, Vec<u8>),
+}
+
+/// Cheap to clone; every method is one command to the [`EventLoop`].
+#[derive(Debug, Clone)]
+pub struct Handle {
+    commands: mpsc::Sender<Command>,
+    local: PeerId,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Command")
+    }
+}
+
+impl Handle {
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, NetError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).await.map_err(|_| NetError::Stopped)?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+
+    /// This node's PeerId.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local
+    }
+
+    /// Addresses the node listens on (concrete, with real ports).
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
+        self.call(Command::ListenAddrs).await
+    }
+
+    /// Every peer in the capability table.
+    pub async fn peers(&self) -> Result<Vec<PeerEntry>, NetError> {
+        self.call(Command::Peers).await
+    }
+
+    /// Peers with an open connection.
+    pub async fn connected(&self) -> Result<Vec<PeerId>, NetError> {
+        self.call(Command::Connected).await
+    }
+
+    /// Sets what this node advertises and publishes it soon. Sequence
+    /// number, timestamp and listen addresses are filled in by the loop.
+    pub async fn set_advert(&self, advert: Advert) -> Result<(), NetError> {
+        self.commands.send(Command::SetAdvert(Box::new(advert))).await.map_err(|_| NetError::Stopped)
+    }
+
+    /// The advert as last published.
+    pub async fn own_advert(&self) -> Result<Option<Advert>, NetError> {
+        self.call(Command::OwnAdvert).await
+    }
+
+    /// Connects to an address.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
+        self.call(|r| Command::Dial(addr, r)).await?
+    }
+
+    /// Sends a direct request and waits for its response (bounded by the
+    /// request timeout).
+    pub async fn request(&self, peer: PeerId, request: Request) -> Result<Response, RequestError> {
+        self.call(|r| Command::Request(peer, request, r)).await.map_err(|_| RequestError::Stopped)?
+    }
+
+    /// Looks up in the DHT which peers provide a model by weight digest.
+    pub async fn find_providers(&self, model: Digest) -> Result<Vec<PeerId>, NetError> {
+        self.call(|r| Command::FindProviders(model, r)).await?
+    }
+
+    /// Publishes raw bytes on a gossip topic, bypassing every check. For
+    /// fault injection (misbehaving nodes in tests and the testnet) only.
+    #[doc(hidden)]
+    pub async fn publish_raw(&self, topic: &'static str, data: Vec<u8>) -> Result<(), NetError> {
+        self.commands.send(Command::PublishRaw(topic, data)).await.map_err(|_| NetError::Stopped)
+    }
+}
+
+/// Owns the swarm; run it with [`EventLoop::run`].
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    /// Signs our adverts (the same key as the swarm identity).
+    key: Keypair,
+    config: Config,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<Event>,
+    /// Newest verified advert per peer.
+    table: CapabilityTable,
+    /// What we advertise, as last set by the node; `None` until set.
+    advert: Option<Advert>,
+    /// The advert as last published (seq, timestamp, addresses filled in).
+    published: Option<Advert>,
+    /// Sequence number of the last advert; starts from the wall clock so a
+    /// restarted node's adverts supersede its old ones.
+    last_seq: u64,
+    /// Concrete listen addresses, from `NewListenAddr`.
+    listen_addrs: Vec<Multiaddr>,
+    /// When to re-publish early (a peer joined); `None` when not planned.
+    republish_at: Option<Instant>,
+    /// Model digests we announced as provider records.
+    providing: HashSet<Digest>,
+    /// Peers we asked for their adverts since they connected.
+    synced: HashSet<PeerId>,
+    /// Our own advert-sync requests in flight.
+    sync_requests: HashSet<OutboundRequestId>,
+    /// Callers waiting for direct responses.
+    pending_requests: HashMap<OutboundRequestId, (PeerId, Reply<Result<Response, RequestError>>)>,
+    /// Callers waiting for provider lookups, with what was found so far.
+    pending_providers: HashMap<kad::QueryId, ProviderQuery>,
+    /// Bootstrap addresses, to name them when they fail.
+    bootstrap_peers: HashSet<PeerId>,
+    /// Bootstrap peers we warned about and have not reached since.
+    bootstrap_warned: HashSet<PeerId>,
+    /// Events dropped because the node was not reading them.
+    dropped_events: u64,
+}
+
+impl std::fmt::Debug for EventLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLoop").field("peer", self.swarm.local_peer_id()).field("peers", &self.table.len()).finish()
+    }
+}
+
+/// Builds the swarm, starts listening and dials the bootstrap peers. The
+/// returned loop does nothing until [`EventLoop::run`] is awaited.
+pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Event>, EventLoop), NetError> {
+    let behaviour_config = BehaviourConfig {
+        mdns: config.mdns,
+        max_connections: config.max_connections,
+        request_timeout: config.request_timeout,
+        gossip_heartbeat: config.gossip_heartbeat,
+    };
+    let mut swarm = SwarmBuilder::with_existing_identity(key.to_libp2p())
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| NetError::Setup(format!("TCP transport: {e}")))?
+        .with_quic()
+        .with_behaviour(|k| Behaviour::new(k, &behaviour_config).map_err(Into::into))
+        .map_err(|e| NetError::Setup(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout))
+        .build();
+
+    for addr in &config.listen {
+        listen(&mut swarm, addr)?;
+    }
+    let topic = gossipsub::IdentTopic::new(version::ADVERT_TOPIC);
+    swarm.behaviour_mut().gossipsub.subscribe(&topic).map_err(|e| NetError::Setup(format!("subscribe: {e}")))?;
+
+    let mut bootstrap_peers = HashSet::new();
+    for addr in &config.bootstrap {
+        if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+            bootstrap_peers.insert(peer);
+            let mut bare = addr.clone();
+            bare.pop();
+            swarm.behaviour_mut().kad.add_address(&peer, bare);
+        }
+        if let Err(e) = swarm.dial(addr.clone()) {
+            warn!(%addr, error = %e, "cannot dial bootstrap peer");
+        }
+    }
+
+    let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
+    let local = *swarm.local_peer_id();
+    let table = CapabilityTable::new(
+        local,
+        TableConfig { ttl: config.advert_ttl, max_skew: Duration::from_secs(30), ..TableConfig::default() },
+    );
+    let event_loop = EventLoop {
+        swarm,
+        key: Keypair::from_secret_bytes(&key.secret_bytes()),
+        config,
+        commands: cmd_rx,
+        events: ev_tx,
+        table,
+        advert: None,
+        published: None,
+        last_seq: 0,
+        listen_addrs: Vec::new(),
+        republish_at: None,
+        providing: HashSet::new(),
+        synced: HashSet::new(),
+        sync_requests: HashSet::new(),
+        pending_requests: HashMap::new(),
+        pending_providers: HashMap::new(),
+        bootstrap_peers,
+        bootstrap_warned: HashSet::new(),
+        dropped_events: 0,
+    };
+    Ok((Handle { commands: cmd_tx, local }, ev_rx, event_loop))
+}
+
+fn listen(swarm: &mut Swarm<Behaviour>, addr: &Multiaddr) -> Result<ListenerId, NetError> {
+    preflight(addr)?;
+    swarm.listen_on(addr.clone()).map_err(|e| NetError::Listen {
+        addr: addr.clone(),
+        reason: match e {
+            TransportError::MultiaddrNotSupported(_) => {
+                "address not supported (use /ip4/HOST/tcp/PORT or /ip4/HOST/udp/PORT/quic-v1)".to_string()
+            }
+            TransportError::Other(io) if io.kind() == std::io::ErrorKind::AddrInUse => "port already in use".into(),
+            TransportError::Other(io) => io.to_string(),
+        },
+    })
+}
+
+/// libp2p's TCP listeners set SO_REUSEPORT, so a second process asking
+/// for a port already in use would silently share it (and half of the
+/// incoming connections). Binding the port once without that option first
+/// turns this into the clear error users expect.
+fn preflight(addr: &Multiaddr) -> Result<(), NetError> {
+    let mut ip = None;
+    let mut port = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
+            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::V6(a)),
+            Protocol::Tcp(n) => port = Some((n, true)),
+            Protocol::Udp(n) => port = Some((n, false)),
+            _ => {}
+        }
+    }
+    let (Some(ip), Some((port, tcp))) = (ip, port) else { return Ok(()) };
+    if port == 0 {
+        return Ok(());
+    }
+    let socket = std::net::SocketAddr::new(ip, port);
+    let result =
+        if tcp { std::net::TcpListener::bind(socket).map(drop) } else { std::net::UdpSocket::bind(socket).map(drop) };
+    result.map_err(|e| NetError::Listen {
+        addr: addr.clone(),
+        reason: if e.kind() == std::io::ErrorKind::AddrInUse {
+            "port already in use (is another mycel node running?)".into()
+        } else {
+            e.to_string()
+        },
+    })
+}
+
+impl EventLoop {
+    /// Runs until `shutdown` is cancelled or every [`Handle`] is dropped.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.config.advert_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let republish = self.republish_at;
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(c) => self.on_command(c),
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    self.publish_advert();
+                    self.expire();
+                }
+                _ = async { tokio::time::sleep_until(republish.unwrap_or_else(Instant::now)).await },
+                    if republish.is_some() => {
+                    self.republish_at = None;
+                    self.publish_advert();
+                }
+            }
+        }
+        info!(peer = %self.swarm.local_peer_id(), "network stopped");
+    }
+
+    fn emit(&mut self, event: Event) {
+        if self.events.try_send(event).is_err() {
+            self.dropped_events += 1;
+            if self.dropped_events.is_power_of_two() {
+                debug!(dropped = self.dropped_events, "network events dropped (nobody reading)");
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::ListenAddrs(r) => {
+                let _ = r.send(self.listen_addrs.clone());
+            }
+            Command::Peers(r) => {
+                let _ = r.send(self.table.entries().cloned().collect());
+            }
+            Command::Connected(r) => {
+                let _ = r.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::SetAdvert(advert) => {
+                self.provide_models(&advert);
+                self.advert = Some(*advert);
+                self.republish_at = Some(Instant::now());
+            }
+            Command::OwnAdvert(r) => {
+                let _ = r.send(self.published.clone());
+            }
+            Command::Dial(addr, r) => {
+                let result = self
+                    .swarm
+                    .dial(addr.clone())
+                    .map_err(|e| NetError::Dial { addr: addr.clone(), reason: e.to_string() });
+                let _ = r.send(result);
+            }
+            Command::Request(peer, request, r) => {
+                let id = self.swarm.behaviour_mut().rpc.send_request(&peer, request);
+                self.pending_requests.insert(id, (peer, r));
+            }
+            Command::FindProviders(model, r) => {
+                let id = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&model.0));
+                self.pending_providers.insert(id, (HashSet::new(), r));
+            }
+            Command::PublishRaw(topic, data) => {
+                if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(gossipsub::IdentTopic::new(topic), data) {
+                    debug!(error = %e, "raw publish failed");
+                }
+            }
+        }
+    }
+
+    /// Announces provider records for models we did not announce yet.
+    fn provide_models(&mut self, advert: &Advert) {
+        for model in &advert.models {
+            if self.providing.insert(model.weights)
+                && let Err(e) = self.swarm.behaviour_mut().kad.start_providing(kad::RecordKey::new(&model.weights.0))
+            {
+                warn!(model = %model.id, error = %e, "cannot announce model in the DHT");
+            }
+        }
+    }
+
+    fn publish_advert(&mut self) {
+        let Some(content) = &self.advert else { return };
+        let now = now_ms();
+        self.last_seq = (self.last_seq + 1).max(now);
+        let mut advert = content.clone();
+        advert.seq = self.last_seq;
+        advert.timestamp_ms = now;
+        advert.listen_addrs =
+            self.listen_addrs.iter().take(limits::ADDRS_PER_ADVERT).map(ToString::to_string).collect();
+        let bytes = match Signed::sign(&self.key, &advert).and_then(|s| s.encode()) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "cannot encode our advert; not published");
+                return;
+            }
+        };
+        self.published = Some(advert);
+        match self.swarm.behaviour_mut().gossipsub.publish(gossipsub::IdentTopic::new(version::ADVERT_TOPIC), bytes) {
+            Ok(_) => {}
+            // No peer on the topic yet: the next tick or join retries.
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic | gossipsub::PublishError::AllQueuesFull(_)) => {}
+            Err(e) => debug!(error = %e, "advert not published"),
+        }
+    }
+
+    fn expire(&mut self) {
+        for peer in self.table.expire(now_ms()) {
+            info!(%peer, "peer advert expired");
+            self.emit(Event::Expired(peer));
+        }
+    }
+
+    fn admit(&mut self, signed: Signed<Advert>, gossip_source: Option<Option<PeerId>>) -> Result<(), Refused> {
+        let peer = signed.signer().to_peer_id();
+        let admitted = self.table.offer(signed, gossip_source, now_ms())?;
+        let new = admitted == crate::table::Admitted::New;
+        if new {
+            debug!(%peer, peers = self.table.len(), "new peer advert");
+        }
+        self.emit(Event::Advert { peer, new });
+        Ok(())
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(%address, "listening");
+                self.listen_addrs.push(address.clone());
+                self.emit(Event::Listening(address));
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| a != &address);
+            }
+            SwarmEvent::ListenerClosed { addresses, reason: Err(e), .. } => {
+                warn!(?addresses, error = %e, "listener closed");
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, num_established, .. } if num_established.get() == 1 => {
+                if self.bootstrap_warned.remove(&peer_id) {
+                    info!(peer = %peer_id, "bootstrap peer reached");
+                }
+                self.emit(Event::Connected(peer_id));
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                self.synced.remove(&peer_id);
+                self.emit(Event::Disconnected(peer_id));
+            }
+            // Kademlia retries on its own; say it once until it works.
+            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. }
+                if self.bootstrap_peers.contains(&peer) && self.bootstrap_warned.insert(peer) =>
+            {
+                warn!(%peer, error = %first_line(&error.to_string()), "bootstrap peer unreachable; will keep trying");
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(?peer_id, error = %first_line(&error.to_string()), "dial failed");
+            }
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                let kad_protocol = libp2p::StreamProtocol::new(version::KAD_PROTOCOL);
+                if info.protocols.contains(&kad_protocol) {
+                    for addr in info.listen_addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    if !self.swarm.is_connected(&peer) {
+                        let _ = self.swarm.dial(addr);
+                    }
+                }
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message { propagation_source, message_id, message }) => {
+                let acceptance = self.on_gossip(&message);
+                let _ = self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                    &message_id,
+                    &propagation_source,
+                    acceptance,
+                );
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic })
+                if topic == gossipsub::IdentTopic::new(version::ADVERT_TOPIC).hash() =>
+            {
+                // A peer joined the advert topic: show it our advert soon,
+                // and ask it once for what it knows, so neither side waits
+                // for the next periodic advert.
+                if self.republish_at.is_none() {
+                    self.republish_at = Some(Instant::now() + REPUBLISH_DEBOUNCE);
+                }
+                if self.synced.insert(peer_id) {
+                    let id = self.swarm.behaviour_mut().rpc.send_request(&peer_id, Request::Adverts);
+                    self.sync_requests.insert(id);
+                }
+            }
+            BehaviourEvent::Rpc(event) => self.on_rpc(event),
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. }) => {
+                self.on_kad_query(id, result, step.last);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_gossip(&mut self, message: &gossipsub::Message) -> gossipsub::MessageAcceptance {
+        use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
+        if message.topic != gossipsub::IdentTopic::new(version::ADVERT_TOPIC).hash() {
+            return Ignore;
+        }
+        let signed = match Signed::<Advert>::decode(&message.data) {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(peer) = message.source {
+                    self.emit(Event::Misbehaviour { peer, reason: e.to_string() });
+                }
+                return Reject;
+            }
+        };
+        match self.admit(signed, Some(message.source)) {
+            Ok(()) => Accept,
+            Err(refused) if refused.is_misbehaviour() => {
+                debug!(source = ?message.source, reason = %refused, "advert rejected");
+                if let Some(peer) = message.source {
+                    self.emit(Event::Misbehaviour { peer, reason: refused.to_string() });
+                }
+                Reject
+            }
+            Err(_) => Ignore,
+        }
+    }
+
+    fn on_rpc(&mut self, event: request_response::Event<Request, Response>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => self.on_request(peer, request, channel),
+                request_response::Message::Response { request_id, response } => {
+                    if self.sync_requests.remove(&request_id) {
+                        self.on_sync_response(peer, response);
+                    } else if let Some((_, reply)) = self.pending_requests.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+                if self.sync_requests.remove(&request_id) {
+                    debug!(%peer, %error, "advert sync failed");
+                } else if let Some((_, reply)) = self.pending_requests.remove(&request_id) {
+                    let _ = reply.send(Err(RequestError::Failed { peer, reason: error.to_string() }));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "inbound request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_request(&mut self, peer: PeerId, request: Request, channel: ResponseChannel<Response>) {
+        let response = match request {
+            Request::Adverts => Response::Adverts(
+                self.table.entries().take(limits::ADVERTS_PER_SYNC).map(|e| e.signed.clone()).collect(),
+            ),
+            _ => Response::Refused("unsupported request".into()),
+        };
+        if self.swarm.behaviour_mut().rpc.send_response(channel, response).is_err() {
+            debug!(%peer, "response not sent: the peer went away");
+        }
+    }
+
+    fn on_sync_response(&mut self, peer: PeerId, response: Response) {
+        let Response::Adverts(adverts) = response else { return };
+        let mut admitted = 0;
+        for signed in adverts {
+            match self.admit(signed, None) {
+                Ok(()) => admitted += 1,
+                Err(refused) if refused.is_misbehaviour() => {
+                    self.emit(Event::Misbehaviour { peer, reason: refused.to_string() });
+                }
+                Err(_) => {}
+            }
+        }
+        debug!(%peer, admitted, "advert sync");
+    }
+
+    fn on_kad_query(&mut self, id: kad::QueryId, result: kad::QueryResult, last: bool) {
+        let kad::QueryResult::GetProviders(result) = result else { return };
+        let Some((found, _)) = self.pending_providers.get_mut(&id) else { return };
+        let error = match result {
+            Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+                found.extend(providers);
+                None
+            }
+            Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => None,
+            Err(e) => Some(e.to_string()),
+        };
+        if last || error.is_some() {
+            if let Some((found, reply)) = self.pending_providers.remove(&id) {
+                let result = match error {
+                    Some(e) if found.is_empty() => Err(NetError::Query(e)),
+                    _ => Ok(found.into_iter().collect()),
+                };
+                let _ = reply.send(result);
+            }
+            if !last && let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                q.finish();
+            }
+        }
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}

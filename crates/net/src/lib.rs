@@ -1,0 +1,155 @@
+//! mycel's network layer on rust-libp2p.
+//!
+//! - [`Behaviour`]: the protocols a node speaks (TCP and QUIC transports,
+//!   identify, ping, Kademlia, mDNS, gossipsub, request-response), one field
+//!   each.
+//! - [`EventLoop`]: the only owner of the `Swarm`. It turns swarm events
+//!   into domain [`Event`]s, runs the periodic advert, keeps the
+//!   [`CapabilityTable`], and executes [`Handle`] commands.
+//! - [`Handle`]: a cheap, cloneable front door. Every call is a command on
+//!   a bounded channel with a oneshot reply.
+//!
+//! ```text
+//!   node / api ──Handle──► [commands] ──► EventLoop ──► Swarm ──► peers
+//!                 ◄──────── [events] ◄──────┘
+//! ```
+
+mod behaviour;
+mod codec;
+mod event_loop;
+pub mod table;
+
+use std::time::Duration;
+
+pub use behaviour::Behaviour;
+pub use event_loop::{EventLoop, Handle, start};
+pub use libp2p::{Multiaddr, PeerId};
+pub use table::{CapabilityTable, PeerEntry, TableConfig};
+
+/// Network settings. `Default` gives a node listening on TCP and QUIC on
+/// all interfaces, random ports, mDNS on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to connect to at start (with or without `/p2p/<id>`).
+    pub bootstrap: Vec<Multiaddr>,
+    /// Discover peers on the local network.
+    pub mdns: bool,
+    /// How often the node re-publishes its advert.
+    pub advert_interval: Duration,
+    /// Adverts not refreshed within this are dropped. At least twice the
+    /// interval, so one lost advert does not drop a live peer.
+    pub advert_ttl: Duration,
+    /// Most connections held at once.
+    pub max_connections: u32,
+    /// How long an unused connection stays open.
+    pub idle_timeout: Duration,
+    /// How long a direct request may wait for its response.
+    pub request_timeout: Duration,
+    /// Gossipsub heartbeat (mesh maintenance).
+    pub gossip_heartbeat: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/0".parse().unwrap_or_else(|_| unreachable!("valid literal")),
+                "/ip4/0.0.0.0/udp/0/quic-v1".parse().unwrap_or_else(|_| unreachable!("valid literal")),
+            ],
+            bootstrap: Vec::new(),
+            mdns: true,
+            advert_interval: Duration::from_secs(10),
+            advert_ttl: Duration::from_secs(30),
+            max_connections: 256,
+            idle_timeout: Duration::from_secs(300),
+            request_timeout: Duration::from_secs(10),
+            gossip_heartbeat: Duration::from_millis(500),
+        }
+    }
+}
+
+impl Config {
+    /// Sets the listen addresses.
+    pub fn with_listen(mut self, listen: Vec<Multiaddr>) -> Self {
+        self.listen = listen;
+        self
+    }
+
+    /// Sets the bootstrap peers.
+    pub fn with_bootstrap(mut self, bootstrap: Vec<Multiaddr>) -> Self {
+        self.bootstrap = bootstrap;
+        self
+    }
+
+    /// Turns mDNS on or off.
+    pub fn with_mdns(mut self, on: bool) -> Self {
+        self.mdns = on;
+        self
+    }
+
+    /// Sets the advert interval and a TTL of three intervals.
+    pub fn with_advert_interval(mut self, interval: Duration) -> Self {
+        self.advert_interval = interval;
+        self.advert_ttl = interval * 3;
+        self
+    }
+}
+
+/// Why the network could not start or a command failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    /// A behaviour or transport could not be built.
+    #[error("network setup failed: {0}")]
+    Setup(String),
+    /// Could not listen on an address (port in use, unsupported address).
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+    /// Could not dial an address.
+    #[error("cannot dial {addr}: {reason}")]
+    Dial { addr: Multiaddr, reason: String },
+    /// A DHT query failed.
+    #[error("DHT query failed: {0}")]
+    Query(String),
+    /// The event loop has stopped (node shutting down).
+    #[error("the network has stopped")]
+    Stopped,
+}
+
+/// Why a direct request got no response.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// The peer could not be reached, closed the stream, timed out or
+    /// answered something undecodable.
+    #[error("request to {peer} failed: {reason}")]
+    Failed { peer: PeerId, reason: String },
+    /// The event loop has stopped.
+    #[error("the network has stopped")]
+    Stopped,
+}
+
+/// What the network tells the node.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Event {
+    /// Now listening on an address.
+    Listening(Multiaddr),
+    /// First connection to a peer opened.
+    Connected(PeerId),
+    /// Last connection to a peer closed.
+    Disconnected(PeerId),
+    /// A peer's advert was admitted to the table (`new`: first time seen).
+    Advert { peer: PeerId, new: bool },
+    /// A peer's advert expired.
+    Expired(PeerId),
+    /// An advert was refused because its sender misbehaved.
+    Misbehaviour { peer: PeerId, reason: String },
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}

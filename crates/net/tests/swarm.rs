@@ -1,0 +1,227 @@
+//! In-process swarms over real TCP sockets on 127.0.0.1.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use mycel_net::{Config, Handle, Multiaddr, PeerId};
+use mycel_protocol::{
+    Advert, Digest, Hardware, Keypair, Load, ModelAdvert, ModelKind, Price, Quantization, Signed, Throughput, Wire,
+    version,
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+struct Node {
+    handle: Handle,
+    key: Keypair,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+fn seeded_key(seed: u8) -> Keypair {
+    Keypair::from_secret_bytes(&[seed; 32])
+}
+
+/// An advert whose content names its node, so tests can check that what
+/// arrived is what was sent.
+fn advert_for(seed: u8) -> Advert {
+    Advert {
+        seq: 0,
+        timestamp_ms: 0,
+        software: version::SOFTWARE_VERSION.into(),
+        models: vec![ModelAdvert {
+            id: format!("model-{seed}"),
+            kind: ModelKind::Embedding,
+            weights: Digest::of(&[seed]),
+            dimensions: 384,
+            context: 256,
+            quantization: Quantization::F32,
+            throughput: Throughput { embeddings_per_s: f32::from(seed) * 10.0, ..Throughput::default() },
+        }],
+        hardware: Hardware { cpu_model: format!("cpu-{seed}"), cores: u32::from(seed), ..Hardware::default() },
+        load: Load { queued_shards: 0, active_shards: 0, capacity: 1 },
+        price: Price { micros_per_unit: u64::from(seed) },
+        listen_addrs: vec![],
+    }
+}
+
+fn config(bootstrap: Option<Multiaddr>, interval: Duration) -> Config {
+    Config::default()
+        .with_listen(vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()])
+        .with_bootstrap(bootstrap.into_iter().collect())
+        .with_mdns(false)
+        .with_advert_interval(interval)
+}
+
+async fn start(seed: u8, bootstrap: Option<Multiaddr>, interval: Duration) -> Node {
+    let key = seeded_key(seed);
+    let (handle, _events, event_loop) = mycel_net::start(&key, config(bootstrap, interval)).unwrap();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(event_loop.run(stop.clone()));
+    handle.set_advert(advert_for(seed)).await.unwrap();
+    Node { handle, key, stop, task }
+}
+
+/// The first listen address with `/p2p/<id>`, once the node has one.
+async fn dial_addr(node: &Node) -> Multiaddr {
+    for _ in 0..200 {
+        if let Some(a) = node.handle.listen_addrs().await.unwrap().first() {
+            return format!("{a}/p2p/{}", node.key.peer_id()).parse().unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("node never listened");
+}
+
+async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn knows(node: &Node, peer: PeerId) -> bool {
+    node.handle.peers().await.unwrap().iter().any(|e| e.peer == peer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_converge_with_correct_adverts() {
+    let interval = Duration::from_secs(5);
+    let first = start(1, None, interval).await;
+    let boot = dial_addr(&first).await;
+    let mut nodes = vec![first];
+    for seed in 2..=5 {
+        nodes.push(start(seed, Some(boot.clone()), interval).await);
+    }
+    // Well under one advert interval: convergence must not wait for the
+    // periodic re-publish.
+    wait_until("every node holds the 4 others", Duration::from_secs(4), || async {
+        for n in &nodes {
+            if n.handle.peers().await.unwrap().len() != 4 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+
+    for n in &nodes {
+        for entry in n.handle.peers().await.unwrap() {
+            let seed = (2..=5).chain([1]).find(|s| seeded_key(*s).peer_id() == entry.peer).expect("a known node");
+            let want = advert_for(seed);
+            assert_eq!(entry.advert.hardware.cpu_model, want.hardware.cpu_model);
+            assert_eq!(entry.advert.models, want.models);
+            assert_eq!(entry.advert.price, want.price);
+            assert!(!entry.advert.listen_addrs.is_empty(), "listen addresses are filled in");
+            assert_eq!(entry.signed.signer().to_peer_id(), entry.peer);
+            assert!(entry.advert.seq > 0 && entry.advert.timestamp_ms > 0);
+        }
+    }
+    for n in nodes {
+        n.stop.cancel();
+        n.task.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_tampered_adverts_are_dropped() {
+    let interval = Duration::from_secs(5);
+    let honest = start(1, None, interval).await;
+    let boot = dial_addr(&honest).await;
+    let mallory = start(2, Some(boot), interval).await;
+    wait_until("the honest node sees mallory's own advert", Duration::from_secs(4), || {
+        knows(&honest, mallory.key.peer_id())
+    })
+    .await;
+
+    // 1. An advert signed by someone else (victim), published by mallory:
+    //    the gossip source is mallory, the signer is not.
+    let victim = seeded_key(9);
+    let mut forged = advert_for(9);
+    forged.seq = u64::MAX / 2;
+    forged.timestamp_ms = now_ms();
+    let forged = Signed::sign(&victim, &forged).unwrap().encode().unwrap();
+    mallory.handle.publish_raw(version::ADVERT_TOPIC, forged).await.unwrap();
+
+    // 2. Mallory's own advert with the payload changed after signing.
+    let mut lie = advert_for(2);
+    lie.hardware.cpu_model = "a supercomputer".into();
+    lie.seq = u64::MAX / 2;
+    lie.timestamp_ms = now_ms();
+    let mut tampered = Signed::sign(&mallory.key, &advert_for(2)).unwrap().encode().unwrap();
+    let honest_payload = advert_for(2).encode().unwrap();
+    let lie_payload = lie.encode().unwrap();
+    // Same envelope, payload swapped: signature no longer matches.
+    let start_at = tampered.len() - honest_payload.len();
+    tampered.truncate(start_at - 1);
+    tampered.push(lie_payload.len() as u8);
+    tampered.extend_from_slice(&lie_payload);
+    assert!(Signed::<Advert>::decode(&tampered).unwrap().verify().is_err());
+    mallory.handle.publish_raw(version::ADVERT_TOPIC, tampered).await.unwrap();
+
+    // 3. Garbage.
+    mallory.handle.publish_raw(version::ADVERT_TOPIC, vec![0xff; 100]).await.unwrap();
+
+    // A valid advert after the bad ones proves they had time to arrive.
+    mallory.handle.set_advert(Advert { price: Price { micros_per_unit: 777 }, ..advert_for(2) }).await.unwrap();
+    wait_until("the honest node sees mallory's new advert", Duration::from_secs(4), || async {
+        honest.handle.peers().await.unwrap().iter().any(|e| e.advert.price.micros_per_unit == 777)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let peers = honest.handle.peers().await.unwrap();
+    assert!(!peers.iter().any(|e| e.peer == victim.peer_id()), "forged advert admitted");
+    let m = peers.iter().find(|e| e.peer == mallory.key.peer_id()).unwrap();
+    assert_eq!(m.advert.hardware.cpu_model, "cpu-2", "tampered advert admitted");
+    assert_eq!(peers.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_advert_that_stops_refreshing_expires() {
+    let interval = Duration::from_millis(200); // TTL 600 ms
+    let watcher = start(1, None, interval).await;
+    let boot = dial_addr(&watcher).await;
+    let leaver = start(2, Some(boot), interval).await;
+    let leaver_id = leaver.key.peer_id();
+    wait_until("the watcher sees the leaver", Duration::from_secs(4), || knows(&watcher, leaver_id)).await;
+    // Present for several TTLs while it keeps refreshing.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(knows(&watcher, leaver_id).await, "a live peer expired");
+
+    leaver.stop.cancel();
+    leaver.task.await.unwrap();
+    let stopped = tokio::time::Instant::now();
+    wait_until("the leaver expires", Duration::from_secs(3), || async { !knows(&watcher, leaver_id).await }).await;
+    // Within TTL plus one sweep interval (and scheduling slack).
+    assert!(stopped.elapsed() < Duration::from_millis(600 + 200 + 500), "expired after {:?}", stopped.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_providers_are_found_through_the_dht() {
+    let interval = Duration::from_secs(5);
+    let a = start(1, None, interval).await;
+    let boot = dial_addr(&a).await;
+    let b = start(2, Some(boot.clone()), interval).await;
+    let c = start(3, Some(boot), interval).await;
+    wait_until("c knows a and b", Duration::from_secs(4), || async { c.handle.peers().await.unwrap().len() == 2 })
+        .await;
+    // Model "1" is served by a only.
+    wait_until("c finds a as provider of model 1", Duration::from_secs(10), || async {
+        c.handle.find_providers(Digest::of(&[1])).await.unwrap_or_default().contains(&a.key.peer_id())
+    })
+    .await;
+    let found = c.handle.find_providers(Digest::of(&[1])).await.unwrap();
+    assert!(!found.contains(&b.key.peer_id()), "b does not serve model 1: {found:?}");
+    assert!(c.handle.find_providers(Digest::of(&[2])).await.unwrap().contains(&b.key.peer_id()));
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}

@@ -1,0 +1,131 @@
+//! Commands that talk to a running node over its HTTP API.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use mycel_api::{PeerView, StatusView};
+use serde::de::DeserializeOwned;
+
+use crate::cli::ClientArgs;
+use mycel_api::types::RuntimeInfo;
+
+/// The node's API base URL: `--node`, else `MYCEL_NODE`, else the running
+/// local node's (from its data dir), else the default address.
+pub fn node_url(args: &ClientArgs) -> Result<String> {
+    if let Some(url) = &args.node {
+        return Ok(url.trim_end_matches('/').to_string());
+    }
+    if let Some(url) = std::env::var("MYCEL_NODE").ok().filter(|u| !u.is_empty()) {
+        return Ok(url.trim_end_matches('/').to_string());
+    }
+    if let Ok(info) = RuntimeInfo::read(&args.data_dir.resolve()?) {
+        return Ok(info.api);
+    }
+    Ok(format!("http://{}", crate::config::DEFAULT_API))
+}
+
+/// GETs `path` from the node and decodes the JSON body.
+pub fn get_json<T: DeserializeOwned>(base: &str, path: &str) -> Result<T> {
+    let url = format!("{base}{path}");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut response = agent.get(&url).call().map_err(|e| match e {
+        ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
+            anyhow!("cannot reach a node at {base}: is `mycel node` running? (or pass --node URL / set MYCEL_NODE)")
+        }
+        other => anyhow!("request to {url} failed: {other}"),
+    })?;
+    let status = response.status();
+    if !status.is_success() {
+        let body: mycel_api::types::ErrorBody =
+            response.body_mut().read_json().unwrap_or_else(|_| mycel_api::types::ErrorBody::new(status.to_string()));
+        return Err(anyhow!("the node at {base} answered {status}: {}", body.error));
+    }
+    response.body_mut().read_json().with_context(|| format!("decoding the answer from {url}"))
+}
+
+/// `mycel status`.
+pub fn status(args: &ClientArgs) -> Result<()> {
+    let base = node_url(args)?;
+    let s: StatusView = get_json(&base, "/api/v1/status")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    println!("peer id        {}", s.peer_id);
+    println!("version        {}", s.version);
+    println!("api            {base}");
+    println!("uptime         {}s", s.uptime_s);
+    println!("connected      {} peers", s.connected_peers);
+    println!("known          {} peers (from adverts)", s.known_peers);
+    println!(
+        "models         {}",
+        if s.models.is_empty() {
+            "none".to_string()
+        } else {
+            s.models.iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(", ")
+        }
+    );
+    for a in &s.listen_addrs {
+        println!("listening      {a}");
+    }
+    Ok(())
+}
+
+/// `mycel peers`.
+pub fn peers(args: &ClientArgs) -> Result<()> {
+    let base = node_url(args)?;
+    let peers: Vec<PeerView> = get_json(&base, "/api/v1/peers")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&peers)?);
+        return Ok(());
+    }
+    if peers.is_empty() {
+        println!("no peers yet");
+        return Ok(());
+    }
+    let rows: Vec<[String; 5]> = peers
+        .iter()
+        .map(|p| {
+            [
+                p.peer_id.clone(),
+                if p.models.is_empty() {
+                    "-".into()
+                } else {
+                    p.models.iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(",")
+                },
+                format!(
+                    "{} cores, {:.1} GiB{}",
+                    p.cores,
+                    p.memory_bytes as f64 / (1u64 << 30) as f64,
+                    if p.gpus.is_empty() { String::new() } else { format!(", {}", p.gpus.join(",")) }
+                ),
+                format!("{}/{} (+{} queued)", p.active_shards, p.capacity, p.queued_shards),
+                format!("{:.1}s ago", p.last_seen_ms as f64 / 1000.0),
+            ]
+        })
+        .collect();
+    print_table(&["PEER", "MODELS", "HARDWARE", "LOAD", "LAST SEEN"], &rows);
+    Ok(())
+}
+
+/// Prints rows under headers, columns padded to their widest cell.
+pub fn print_table<const N: usize>(headers: &[&str; N], rows: &[[String; N]]) {
+    let mut widths = headers.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(headers.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}

@@ -1,0 +1,263 @@
+//! Node configuration: defaults, then the TOML file, then `MYCEL_*`
+//! variables and flags (flags win over variables; clap resolves those two).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use mycel_net::Multiaddr;
+use serde::Deserialize;
+
+use crate::cli::NodeArgs;
+
+/// Everything `mycel node` runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeConfig {
+    /// Key, journal and runtime files.
+    pub data_dir: PathBuf,
+    /// Peer-to-peer listen addresses.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to join through.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Local HTTP API address.
+    pub api: SocketAddr,
+    /// Bearer token for the API (required off loopback).
+    pub api_token: Option<String>,
+    /// Discover peers on the LAN.
+    pub mdns: bool,
+    /// How often to re-publish our advert.
+    pub advert_interval: Duration,
+}
+
+/// The default API address: loopback only.
+pub const DEFAULT_API: &str = "127.0.0.1:7700";
+
+impl NodeConfig {
+    fn defaults(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            listen: vec![parse_addr("/ip4/0.0.0.0/tcp/4001"), parse_addr("/ip4/0.0.0.0/udp/4001/quic-v1")],
+            bootstrap: Vec::new(),
+            api: DEFAULT_API.parse().unwrap_or_else(|_| unreachable!("valid literal")),
+            api_token: None,
+            mdns: true,
+            advert_interval: Duration::from_secs(10),
+        }
+    }
+
+    /// Builds the configuration from the command line (which carries the
+    /// environment) and the config file it names, if any.
+    pub fn load(args: &NodeArgs) -> Result<Self> {
+        let file = match &args.config {
+            Some(path) => Some(FileConfig::read(path)?),
+            None => None,
+        };
+        let data_dir = match (&args.data_dir.path, file.as_ref().and_then(|f| f.data_dir.clone())) {
+            (Some(flag), _) => flag.clone(),
+            (None, Some(from_file)) => from_file,
+            (None, None) => args.data_dir.resolve()?,
+        };
+        let mut c = Self::defaults(data_dir);
+        if let Some(f) = file {
+            f.apply(&mut c).with_context(|| {
+                format!("in config file {}", args.config.as_ref().map_or(Path::new(""), |p| p).display())
+            })?;
+        }
+        if !args.listen.is_empty() {
+            c.listen = args.listen.clone();
+        }
+        if !args.bootstrap.is_empty() {
+            c.bootstrap = args.bootstrap.clone();
+        }
+        if let Some(api) = args.api {
+            c.api = api;
+        }
+        if let Some(token) = &args.api_token {
+            c.api_token = Some(token.clone());
+        }
+        if args.no_mdns {
+            c.mdns = false;
+        }
+        if let Some(interval) = args.advert_interval {
+            c.advert_interval = interval.0;
+        }
+        if c.advert_interval < Duration::from_millis(100) {
+            bail!("advert interval {:?} is too short (at least 100ms)", c.advert_interval);
+        }
+        Ok(c)
+    }
+}
+
+fn parse_addr(s: &str) -> Multiaddr {
+    s.parse().unwrap_or_else(|_| unreachable!("valid literal {s}"))
+}
+
+/// The TOML file. Every field is optional; unknown fields are an error, so
+/// a typo does not silently fall back to a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    listen: Option<Vec<String>>,
+    bootstrap: Option<Vec<String>>,
+    api: Option<String>,
+    api_token: Option<String>,
+    mdns: Option<bool>,
+    advert_interval: Option<String>,
+}
+
+impl FileConfig {
+    fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+    }
+
+    fn apply(self, c: &mut NodeConfig) -> Result<()> {
+        if let Some(listen) = self.listen {
+            c.listen = listen.iter().map(|a| parse_multiaddr(a)).collect::<Result<_>>()?;
+        }
+        if let Some(bootstrap) = self.bootstrap {
+            c.bootstrap = bootstrap.iter().map(|a| parse_multiaddr(a)).collect::<Result<_>>()?;
+        }
+        if let Some(api) = self.api {
+            c.api = api.parse().with_context(|| format!("api = {api:?} is not HOST:PORT"))?;
+        }
+        if self.api_token.is_some() {
+            c.api_token = self.api_token;
+        }
+        if let Some(mdns) = self.mdns {
+            c.mdns = mdns;
+        }
+        if let Some(interval) = self.advert_interval {
+            c.advert_interval = parse_duration(&interval)?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses a multiaddr with an error that says what one looks like.
+pub fn parse_multiaddr(s: &str) -> Result<Multiaddr> {
+    s.parse().map_err(|e| anyhow::anyhow!("{s:?} is not a multiaddr ({e}); e.g. /ip4/127.0.0.1/tcp/4001"))
+}
+
+/// Parses `500ms`, `2s`, `1m`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let s = s.trim();
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((s, ""), |i| s.split_at(i));
+    let value: f64 = num.parse().map_err(|_| anyhow::anyhow!("{s:?} is not a duration (e.g. 500ms, 2s, 1m)"))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        _ => bail!("{s:?}: unknown unit {unit:?} (use ms, s or m)"),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| anyhow::anyhow!("{s:?} is not a valid duration"))
+}
+
+/// A duration flag value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DurationArg(pub Duration);
+
+impl std::str::FromStr for DurationArg {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        parse_duration(s).map(DurationArg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn node_args(args: &[&str]) -> NodeArgs {
+        let cli = Cli::try_parse_from([&["mycel", "node"], args].concat()).unwrap();
+        match cli.command {
+            Command::Node(a) => a,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_flag_reaches_its_field() {
+        let c = NodeConfig::load(&node_args(&[
+            "--data-dir",
+            "/tmp/d",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/5000",
+            "--listen",
+            "/ip4/127.0.0.1/udp/5000/quic-v1",
+            "--bootstrap",
+            "/ip4/127.0.0.1/tcp/6000",
+            "--api",
+            "127.0.0.1:9999",
+            "--api-token",
+            "tok",
+            "--no-mdns",
+            "--advert-interval",
+            "250ms",
+        ]))
+        .unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/d"));
+        assert_eq!(
+            c.listen,
+            vec![parse_addr("/ip4/127.0.0.1/tcp/5000"), parse_addr("/ip4/127.0.0.1/udp/5000/quic-v1")]
+        );
+        assert_eq!(c.bootstrap, vec![parse_addr("/ip4/127.0.0.1/tcp/6000")]);
+        assert_eq!(c.api, "127.0.0.1:9999".parse().unwrap());
+        assert_eq!(c.api_token.as_deref(), Some("tok"));
+        assert!(!c.mdns);
+        assert_eq!(c.advert_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn file_values_apply_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mycel.toml");
+        std::fs::write(
+            &file,
+            "data_dir = \"/tmp/from-file\"\nlisten = [\"/ip4/127.0.0.1/tcp/7001\"]\napi = \"127.0.0.1:8001\"\nmdns = false\nadvert_interval = \"3s\"\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let c = NodeConfig::load(&node_args(&["--config", path])).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/from-file"));
+        assert_eq!(c.listen, vec![parse_addr("/ip4/127.0.0.1/tcp/7001")]);
+        assert_eq!(c.api, "127.0.0.1:8001".parse().unwrap());
+        assert!(!c.mdns);
+        assert_eq!(c.advert_interval, Duration::from_secs(3));
+
+        let c = NodeConfig::load(&node_args(&["--config", path, "--api", "127.0.0.1:8002", "--data-dir", "/tmp/flag"]))
+            .unwrap();
+        assert_eq!(c.api, "127.0.0.1:8002".parse().unwrap());
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/flag"));
+    }
+
+    #[test]
+    fn bad_input_is_one_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "lisen = []\n").unwrap();
+        let err = NodeConfig::load(&node_args(&["--config", file.to_str().unwrap()])).unwrap_err();
+        assert!(format!("{err:#}").contains("unknown field `lisen`"), "{err:#}");
+
+        let err = Cli::try_parse_from(["mycel", "node", "--listen", "not-an-addr"]).unwrap_err();
+        assert!(err.to_string().contains("is not a multiaddr"), "{err}");
+        assert!(Cli::try_parse_from(["mycel", "node", "--advert-interval", "5 parsecs"]).is_err());
+        let err = NodeConfig::load(&node_args(&["--advert-interval", "10ms"])).unwrap_err();
+        assert!(err.to_string().contains("too short"));
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert!(parse_duration("1h").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

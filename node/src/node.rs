@@ -1,0 +1,195 @@
+//! `mycel node`: wires identity, store, network and API together and runs
+//! until told to stop.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use mycel_api::types::{RUNTIME_FILE, RuntimeInfo};
+use mycel_api::{ApiError, ModelView, NodeView, PeerView, StatusView};
+use mycel_net::Event;
+use mycel_protocol::{Advert, Load, ModelAdvert, ModelKind, Price, Quantization, version};
+use mycel_store::SledStore;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::NodeConfig;
+
+struct View {
+    net: mycel_net::Handle,
+    started: Instant,
+}
+
+fn model_view(m: &ModelAdvert) -> ModelView {
+    ModelView {
+        id: m.id.clone(),
+        kind: match m.kind {
+            ModelKind::Embedding => "embedding",
+            ModelKind::Generation => "generation",
+            _ => "other",
+        }
+        .into(),
+        weights: m.weights.to_hex(),
+        dimensions: m.dimensions,
+        context: m.context,
+        quantization: match &m.quantization {
+            Quantization::Other(name) => name.clone(),
+            q => format!("{q:?}").to_lowercase(),
+        },
+        embeddings_per_s: m.throughput.embeddings_per_s,
+        decode_tokens_per_s: m.throughput.decode_tokens_per_s,
+    }
+}
+
+fn unavailable(e: mycel_net::NetError) -> ApiError {
+    ApiError::Unavailable(e.to_string())
+}
+
+impl NodeView for View {
+    async fn status(&self) -> Result<StatusView, ApiError> {
+        let own = self.net.own_advert().await.map_err(unavailable)?;
+        Ok(StatusView {
+            peer_id: self.net.local_peer_id().to_string(),
+            version: version::SOFTWARE_VERSION.to_string(),
+            listen_addrs: self.net.listen_addrs().await.map_err(unavailable)?.iter().map(ToString::to_string).collect(),
+            connected_peers: self.net.connected().await.map_err(unavailable)?.len(),
+            known_peers: self.net.peers().await.map_err(unavailable)?.len(),
+            models: own.map(|a| a.models.iter().map(model_view).collect()).unwrap_or_default(),
+            uptime_s: self.started.elapsed().as_secs(),
+        })
+    }
+
+    async fn peers(&self) -> Result<Vec<PeerView>, ApiError> {
+        let now = mycel_now_ms();
+        let mut peers: Vec<PeerView> = self
+            .net
+            .peers()
+            .await
+            .map_err(unavailable)?
+            .into_iter()
+            .map(|e| PeerView {
+                peer_id: e.peer.to_string(),
+                software: e.advert.software.clone(),
+                models: e.advert.models.iter().map(model_view).collect(),
+                cpu: e.advert.hardware.cpu_model.clone(),
+                cores: e.advert.hardware.cores,
+                memory_bytes: e.advert.hardware.memory_bytes,
+                gpus: e.advert.hardware.gpus.iter().map(|g| g.name.clone()).collect(),
+                queued_shards: e.advert.load.queued_shards,
+                active_shards: e.advert.load.active_shards,
+                capacity: e.advert.load.capacity,
+                listen_addrs: e.advert.listen_addrs.clone(),
+                advert_seq: e.advert.seq,
+                last_seen_ms: now.saturating_sub(e.received_ms),
+            })
+            .collect();
+        peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        Ok(peers)
+    }
+}
+
+fn mycel_now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Runs a node until `shutdown` is cancelled.
+pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> {
+    let data_dir = config.data_dir.clone();
+    let (key, _) = mycel_store::identity::load_or_create(&data_dir)
+        .with_context(|| format!("loading the node identity from {}", data_dir.display()))?;
+    // Opening the store also locks the data dir against a second node.
+    let _store = SledStore::open(&data_dir.join("store")).context("opening the node's store")?;
+    let peer_id = key.peer_id();
+    info!(%peer_id, data_dir = %data_dir.display(), "starting node");
+
+    let auth = mycel_api::Auth::new(config.api_token.clone());
+    let listener = mycel_api::bind(config.api, &auth).await?;
+    let api_addr = listener.local_addr().context("reading the API address")?;
+
+    let net_config = mycel_net::Config::default()
+        .with_listen(config.listen.clone())
+        .with_bootstrap(config.bootstrap.clone())
+        .with_mdns(config.mdns)
+        .with_advert_interval(config.advert_interval);
+    let (net, mut events, event_loop) = mycel_net::start(&key, net_config)?;
+    let net_task = tokio::spawn(event_loop.run(shutdown.clone()));
+
+    let hardware = mycel_models::hardware::detect();
+    net.set_advert(Advert {
+        seq: 0,
+        timestamp_ms: 0,
+        software: version::SOFTWARE_VERSION.to_string(),
+        models: Vec::new(),
+        hardware,
+        load: Load::default(),
+        price: Price::default(),
+        listen_addrs: Vec::new(),
+    })
+    .await?;
+
+    let view = Arc::new(View { net: net.clone(), started: Instant::now() });
+    let router = mycel_api::router(view, auth);
+    let api_task = tokio::spawn(mycel_api::serve(listener, router, shutdown.clone()));
+    info!(api = %format!("http://{api_addr}"), "API listening");
+
+    // Listen addresses arrive as events; publish the runtime file once the
+    // first ones are known.
+    let runtime_file = RuntimeFileWriter {
+        data_dir: data_dir.clone(),
+        api: format!("http://{api_addr}"),
+        peer_id: peer_id.to_string(),
+    };
+    let mut written = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            event = events.recv() => {
+                let Some(event) = event else { break };
+                match event {
+                    Event::Listening(_) => {
+                        let addrs = net.listen_addrs().await.unwrap_or_default();
+                        runtime_file.write(&addrs)?;
+                        written = true;
+                    }
+                    Event::Advert { peer, new: true } => info!(%peer, "peer joined"),
+                    Event::Expired(peer) => info!(%peer, "peer expired"),
+                    Event::Misbehaviour { peer, reason } => warn!(%peer, %reason, "peer misbehaved"),
+                    _ => {}
+                }
+            }
+        }
+    }
+    info!("shutting down");
+    shutdown.cancel();
+    let _ = net_task.await;
+    match api_task.await {
+        Ok(Err(e)) => warn!(error = %e, "API server ended with an error"),
+        Err(e) => warn!(error = %e, "API task failed"),
+        Ok(Ok(())) => {}
+    }
+    if written {
+        let _ = std::fs::remove_file(data_dir.join(RUNTIME_FILE));
+    }
+    info!("stopped");
+    Ok(())
+}
+
+struct RuntimeFileWriter {
+    data_dir: PathBuf,
+    api: String,
+    peer_id: String,
+}
+
+impl RuntimeFileWriter {
+    fn write(&self, addrs: &[mycel_net::Multiaddr]) -> Result<()> {
+        RuntimeInfo {
+            pid: std::process::id(),
+            peer_id: self.peer_id.clone(),
+            api: self.api.clone(),
+            listen_addrs: addrs.iter().map(|a| format!("{a}/p2p/{}", self.peer_id)).collect(),
+        }
+        .write(&self.data_dir)
+        .with_context(|| format!("writing {}", self.data_dir.join(RUNTIME_FILE).display()))
+    }
+}

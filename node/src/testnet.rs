@@ -1,0 +1,85 @@
+//! `mycel testnet up|status|down`: the CLI face of `mycel_testnet::net`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use mycel_testnet::net::{self, Manifest, UpOptions};
+
+use crate::cli::TestnetCommand;
+use crate::client::print_table;
+
+pub fn run(cmd: TestnetCommand) -> Result<()> {
+    match cmd {
+        TestnetCommand::Up(args) => {
+            let opts = UpOptions {
+                bin: std::env::current_exe().context("locating the mycel binary")?,
+                nodes: args.nodes,
+                dir: args.dir.path.clone(),
+                advert_interval: args.advert_interval.0,
+                timeout: args.timeout.0,
+                node_args: |_| Vec::new(),
+            };
+            eprintln!("starting {} nodes in {} ...", opts.nodes, opts.dir.display());
+            let report = net::up(&opts)?;
+            let rows: Vec<[String; 4]> = report
+                .manifest
+                .nodes
+                .iter()
+                .map(|n| {
+                    let listen = n.listen_addrs.first().map(|a| a.split("/p2p/").next().unwrap_or(a).to_string());
+                    [n.name.clone(), n.peer_id.clone(), listen.unwrap_or_default(), n.api.clone()]
+                })
+                .collect();
+            print_table(&["NAME", "PEER ID", "LISTEN", "API"], &rows);
+            eprintln!(
+                "\n{} nodes converged {:.2}s after the last one started ({:.2}s in all).\nmanifest: {}\nstop with: mycel testnet down --dir {}",
+                report.manifest.nodes.len(),
+                report.converged_after_last_start.as_secs_f64(),
+                report.total.as_secs_f64(),
+                args.dir.path.join(net::MANIFEST).display(),
+                args.dir.path.display(),
+            );
+            Ok(())
+        }
+        TestnetCommand::Status(args) => {
+            let manifest = Manifest::read(&args.dir.path)?;
+            let agent: ureq::Agent =
+                ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(3))).build().into();
+            let rows: Vec<[String; 5]> = manifest
+                .nodes
+                .iter()
+                .map(|n| {
+                    let running = net::is_our_node(n);
+                    let peers = if running {
+                        net::known_peers(&agent, n).map_or("?".to_string(), |p| p.len().to_string())
+                    } else {
+                        "-".into()
+                    };
+                    [
+                        n.name.clone(),
+                        n.peer_id.clone(),
+                        n.pid.to_string(),
+                        if running { "running".into() } else { "stopped".into() },
+                        peers,
+                    ]
+                })
+                .collect();
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&manifest)?);
+            } else {
+                print_table(&["NAME", "PEER ID", "PID", "STATE", "PEERS KNOWN"], &rows);
+            }
+            Ok(())
+        }
+        TestnetCommand::Down(args) => {
+            let started = Instant::now();
+            let stopped = net::down(&args.dir.path, Duration::from_secs(10))?;
+            eprintln!(
+                "stopped {stopped} nodes in {:.1}s and removed {}",
+                started.elapsed().as_secs_f64(),
+                args.dir.path.display()
+            );
+            Ok(())
+        }
+    }
+}

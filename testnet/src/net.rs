@@ -1,0 +1,292 @@
+//! `mycel testnet`: a swarm of real `mycel node` processes on 127.0.0.1.
+//!
+//! Each node gets its own data directory under the testnet directory, free
+//! ports (it binds port 0 and reports the real ones in its `node.json`),
+//! mDNS off, and the first node as bootstrap. The processes run in their
+//! own process group, so they outlive the `up` command and a Ctrl-C in its
+//! terminal; `down` stops exactly the pids recorded in `testnet.json`.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use mycel_api::types::{PeerView, RuntimeInfo};
+use serde::{Deserialize, Serialize};
+
+/// The manifest of a running testnet, `DIR/testnet.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    /// One entry per node, in start order; the first is the bootstrap.
+    pub nodes: Vec<NodeEntry>,
+}
+
+/// One node of a testnet.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeEntry {
+    /// `node-00`, `node-01`, ...
+    pub name: String,
+    /// Its PeerId.
+    pub peer_id: String,
+    /// Its API base URL.
+    pub api: String,
+    /// Its process id.
+    pub pid: u32,
+    /// Its peer-to-peer listen addresses.
+    pub listen_addrs: Vec<String>,
+    /// Its data directory (log in `node.log` there).
+    pub data_dir: PathBuf,
+}
+
+/// File name of the manifest in the testnet directory.
+pub const MANIFEST: &str = "testnet.json";
+
+/// Options of `testnet up`.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// The `mycel` binary to run.
+    pub bin: PathBuf,
+    /// Number of nodes.
+    pub nodes: u32,
+    /// Testnet directory.
+    pub dir: PathBuf,
+    /// Advert interval of every node.
+    pub advert_interval: Duration,
+    /// Longest wait for convergence.
+    pub timeout: Duration,
+    /// Extra arguments for node `i` (e.g. which models it loads).
+    pub node_args: fn(u32) -> Vec<String>,
+}
+
+/// What `up` measured.
+#[derive(Debug, Clone)]
+pub struct UpReport {
+    /// The manifest written.
+    pub manifest: Manifest,
+    /// From the last node's start until every node held every other
+    /// node's advert.
+    pub converged_after_last_start: Duration,
+    /// From the first node's start until convergence.
+    pub total: Duration,
+}
+
+impl Manifest {
+    /// Reads `DIR/testnet.json`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST);
+        let text = fs::read_to_string(&path)
+            .with_context(|| format!("no testnet in {} (reading {})", dir.display(), path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    fn write(&self, dir: &Path) -> Result<()> {
+        let tmp = dir.join(format!(".{MANIFEST}.tmp"));
+        fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        fs::rename(&tmp, dir.join(MANIFEST)).with_context(|| format!("writing {}", dir.join(MANIFEST).display()))
+    }
+}
+
+/// A started node process, until it reports its runtime file.
+struct Starting {
+    name: String,
+    data_dir: PathBuf,
+    child: Child,
+}
+
+impl Starting {
+    fn spawn(opts: &UpOptions, index: u32, bootstrap: Option<&str>) -> Result<Self> {
+        let name = format!("node-{index:02}");
+        let data_dir = opts.dir.join(&name);
+        fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        // A stale runtime file would be mistaken for this start's.
+        let _ = fs::remove_file(data_dir.join(mycel_api::types::RUNTIME_FILE));
+        let log = fs::File::create(data_dir.join("node.log")).context("creating the node log")?;
+        let mut cmd = Command::new(&opts.bin);
+        cmd.arg("node")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0", "--no-mdns"])
+            .arg("--advert-interval")
+            .arg(format!("{}ms", opts.advert_interval.as_millis()))
+            .args((opts.node_args)(index));
+        if let Some(b) = bootstrap {
+            cmd.args(["--bootstrap", b]);
+        }
+        // Nodes read none of the user's node settings.
+        for var in ["MYCEL_CONFIG", "MYCEL_BOOTSTRAP", "MYCEL_LISTEN", "MYCEL_API", "MYCEL_DATA_DIR"] {
+            cmd.env_remove(var);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {name} ({})", opts.bin.display()))?;
+        Ok(Self { name, data_dir, child })
+    }
+
+    /// Waits for the node's runtime file; fails with the end of its log if
+    /// the process exits first.
+    fn wait_ready(&mut self, deadline: Instant) -> Result<NodeEntry> {
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("{} exited ({status}) during start:\n{}", self.name, log_tail(&self.data_dir, 10));
+            }
+            if let Ok(info) = RuntimeInfo::read(&self.data_dir)
+                && info.pid == self.child.id()
+                && !info.listen_addrs.is_empty()
+            {
+                return Ok(NodeEntry {
+                    name: self.name.clone(),
+                    peer_id: info.peer_id,
+                    api: info.api,
+                    pid: info.pid,
+                    listen_addrs: info.listen_addrs,
+                    data_dir: self.data_dir.clone(),
+                });
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not start in time:\n{}", self.name, log_tail(&self.data_dir, 10));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn log_tail(data_dir: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(data_dir.join("node.log")).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+}
+
+/// Starts the testnet and waits until every node holds every other node's
+/// advert. On failure, the nodes already started are stopped again.
+pub fn up(opts: &UpOptions) -> Result<UpReport> {
+    if let Ok(existing) = Manifest::read(&opts.dir)
+        && existing.nodes.iter().any(is_our_node)
+    {
+        bail!(
+            "a testnet is already running in {}: stop it with `mycel testnet down --dir {}`",
+            opts.dir.display(),
+            opts.dir.display()
+        );
+    }
+    fs::create_dir_all(&opts.dir).with_context(|| format!("creating {}", opts.dir.display()))?;
+    let started = Instant::now();
+    let deadline = started + opts.timeout;
+    let mut starting: Vec<Starting> = Vec::new();
+    let result = (|| {
+        starting.push(Starting::spawn(opts, 0, None)?);
+        let first = starting[0].wait_ready(deadline)?;
+        let bootstrap = first
+            .listen_addrs
+            .iter()
+            .find(|a| a.contains("/tcp/"))
+            .cloned()
+            .context("the first node reports no TCP address")?;
+        for i in 1..opts.nodes {
+            starting.push(Starting::spawn(opts, i, Some(&bootstrap))?);
+        }
+        let last_start = Instant::now();
+        let mut nodes = vec![first];
+        for s in starting.iter_mut().skip(1) {
+            nodes.push(s.wait_ready(deadline)?);
+        }
+        let manifest = Manifest { nodes };
+        manifest.write(&opts.dir)?;
+        wait_converged(&manifest, deadline)?;
+        Ok(UpReport { manifest, converged_after_last_start: last_start.elapsed(), total: started.elapsed() })
+    })();
+    if result.is_err() {
+        for s in &mut starting {
+            let _ = s.child.kill();
+            let _ = s.child.wait();
+        }
+        let _ = fs::remove_file(opts.dir.join(MANIFEST));
+    }
+    result
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(5))).build().into()
+}
+
+/// The PeerIds in a node's capability table.
+pub fn known_peers(agent: &ureq::Agent, node: &NodeEntry) -> Result<BTreeSet<String>> {
+    let peers: Vec<PeerView> = agent
+        .get(format!("{}/api/v1/peers", node.api))
+        .call()
+        .with_context(|| format!("asking {} for its peers", node.name))?
+        .body_mut()
+        .read_json()
+        .with_context(|| format!("decoding {}'s peers", node.name))?;
+    Ok(peers.into_iter().map(|p| p.peer_id).collect())
+}
+
+/// Polls every node until each holds all the others, or fails at
+/// `deadline` naming who misses whom.
+pub fn wait_converged(manifest: &Manifest, deadline: Instant) -> Result<()> {
+    let agent = agent();
+    let all: BTreeSet<String> = manifest.nodes.iter().map(|n| n.peer_id.clone()).collect();
+    let mut pending: Vec<&NodeEntry> = manifest.nodes.iter().collect();
+    loop {
+        let mut missing = Vec::new();
+        for node in pending {
+            let known = known_peers(&agent, node).unwrap_or_default();
+            let lacking: Vec<&String> = all.iter().filter(|p| **p != node.peer_id && !known.contains(*p)).collect();
+            if !lacking.is_empty() {
+                missing.push((node, lacking.len()));
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let report: Vec<String> =
+                missing.iter().map(|(n, k)| format!("{} is missing {k} of {} peers", n.name, all.len() - 1)).collect();
+            bail!("the testnet did not converge in time: {}", report.join("; "));
+        }
+        pending = missing.into_iter().map(|(n, _)| n).collect();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// True when `pid` runs a mycel node for this entry's data directory, so
+/// `down` never signals a recycled pid that now belongs to someone else.
+pub fn is_our_node(node: &NodeEntry) -> bool {
+    let Ok(cmdline) = fs::read(format!("/proc/{}/cmdline", node.pid)) else { return false };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let dir = node.data_dir.as_os_str().as_encoded_bytes();
+    args.contains(&b"node".as_slice()) && args.contains(&dir)
+}
+
+/// Stops every node of the testnet in `dir` (SIGTERM, then SIGKILL after
+/// `grace`), then removes the manifest and the nodes' directories.
+/// Returns how many processes were stopped.
+pub fn down(dir: &Path, grace: Duration) -> Result<usize> {
+    let manifest = Manifest::read(dir)?;
+    let ours: Vec<&NodeEntry> = manifest.nodes.iter().filter(|n| is_our_node(n)).collect();
+    for n in &ours {
+        crate::signal(n.pid as libc::pid_t, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && ours.iter().any(|n| is_our_node(n)) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for n in ours.iter().filter(|n| is_our_node(n)) {
+        crate::signal(n.pid as libc::pid_t, libc::SIGKILL);
+    }
+    for n in &manifest.nodes {
+        // Only directories this testnet created (node-NN under dir).
+        if n.data_dir.parent() == Some(dir) && n.name.starts_with("node-") {
+            let _ = fs::remove_dir_all(&n.data_dir);
+        }
+    }
+    fs::remove_file(dir.join(MANIFEST)).with_context(|| format!("removing {}", dir.join(MANIFEST).display()))?;
+    let _ = fs::remove_dir(dir); // only if now empty
+    Ok(ours.len())
+}

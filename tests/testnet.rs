@@ -1,0 +1,108 @@
+//! `mycel testnet` with real node processes.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use mycel_testnet::net::{Manifest, is_our_node, known_peers};
+
+use crate::support::mycel;
+
+fn up(dir: &Path, nodes: u32) -> Manifest {
+    let out = mycel()
+        .args(["testnet", "up", "--nodes", &nodes.to_string(), "--advert-interval", "1s", "--dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "testnet up failed: {}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(table.lines().count(), nodes as usize + 1, "one table row per node:\n{table}");
+    Manifest::read(dir).unwrap()
+}
+
+fn down(dir: &Path) {
+    let out = mycel().args(["testnet", "down", "--dir"]).arg(dir).output().unwrap();
+    assert!(out.status.success(), "testnet down failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Stops the testnet even when an assertion fails midway.
+struct Guard<'a>(&'a Path);
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        if self.0.join("testnet.json").exists() {
+            let _ = mycel().args(["testnet", "down", "--dir"]).arg(self.0).output();
+        }
+    }
+}
+
+#[test]
+fn five_processes_converge_expire_a_killed_node_and_go_down_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("net");
+    let manifest = up(&dir, 5);
+    let _guard = Guard(&dir);
+
+    assert_eq!(manifest.nodes.len(), 5);
+    let ids: BTreeSet<String> = manifest.nodes.iter().map(|n| n.peer_id.clone()).collect();
+    assert_eq!(ids.len(), 5, "distinct identities");
+    for n in &manifest.nodes {
+        assert!(n.peer_id.starts_with("12D3KooW") && n.api.starts_with("http://127.0.0.1:") && n.pid > 0, "{n:?}");
+        assert!(is_our_node(n), "{} not running", n.name);
+    }
+
+    // `up` returned, so it saw convergence; check it independently.
+    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(5))).build().into();
+    for n in &manifest.nodes {
+        let known = known_peers(&agent, n).unwrap();
+        let others: BTreeSet<String> = ids.iter().filter(|p| **p != n.peer_id).cloned().collect();
+        assert_eq!(known, others, "{} does not hold exactly the other four", n.name);
+    }
+
+    // Crash one node; the others drop it within the advert TTL (3 x 1s),
+    // allowing one more interval for the expiry sweep.
+    let victim = &manifest.nodes[3];
+    assert!(mycel_testnet::signal(victim.pid as i32, 9));
+    let killed = Instant::now();
+    let survivors: Vec<_> = manifest.nodes.iter().filter(|n| n.pid != victim.pid).collect();
+    loop {
+        let still: Vec<&str> = survivors
+            .iter()
+            .filter(|n| known_peers(&agent, n).unwrap().contains(&victim.peer_id))
+            .map(|n| n.name.as_str())
+            .collect();
+        if still.is_empty() {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "{still:?} still hold the killed node after {:?}",
+            killed.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let expired_after = killed.elapsed();
+    assert!(expired_after > Duration::from_secs(1), "expired too soon ({expired_after:?}): TTL is 3s");
+    // The others stay converged among themselves.
+    for n in &survivors {
+        assert_eq!(known_peers(&agent, n).unwrap().len(), 3, "{}", n.name);
+    }
+
+    down(&dir);
+    for n in &manifest.nodes {
+        assert!(!is_our_node(n), "{} still running after down", n.name);
+    }
+    assert!(!dir.join("testnet.json").exists());
+}
+
+#[test]
+fn up_refuses_a_directory_with_a_running_testnet() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("net");
+    up(&dir, 1);
+    let _guard = Guard(&dir);
+    let out = mycel().args(["testnet", "up", "--nodes", "1", "--dir"]).arg(&dir).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already running") && err.contains("testnet down"), "{err}");
+    down(&dir);
+}
