@@ -54,7 +54,7 @@ impl NodeView for View {
             version: version::SOFTWARE_VERSION.to_string(),
             listen_addrs: self.net.listen_addrs().await.map_err(unavailable)?.iter().map(ToString::to_string).collect(),
             connected_peers: self.net.connected().await.map_err(unavailable)?.len(),
-            known_peers: self.net.peers().await.map_err(unavailable)?.len(),
+            known_peers: self.net.peer_count().await.map_err(unavailable)?,
             models: own.map(|a| a.models.iter().map(model_view).collect()).unwrap_or_default(),
             uptime_s: self.started.elapsed().as_secs(),
         })

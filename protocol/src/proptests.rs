@@ -101,6 +101,24 @@ fn receipts() -> impl Strategy<Value = Receipt> {
     )
 }
 
+fn rpc_requests() -> impl Strategy<Value = rpc::Request> {
+    Just(rpc::Request::Adverts)
+}
+
+fn rpc_responses() -> impl Strategy<Value = rpc::Response> {
+    prop_oneof![
+        prop::collection::vec((any::<[u8; 32]>(), valid::advert()), 0..4).prop_map(|adverts| {
+            rpc::Response::Adverts(
+                adverts
+                    .into_iter()
+                    .map(|(seed, a)| Signed::sign(&Keypair::from_secret_bytes(&seed), &a).expect("small advert"))
+                    .collect(),
+            )
+        }),
+        ".{0,300}".prop_map(rpc::Response::Refused),
+    ]
+}
+
 fn shard_results() -> impl Strategy<Value = ShardResult> {
     (signed_claims(), prop_oneof![valid::shard_output(), any::<ShardOutput>()])
         .prop_filter_map("needs a claim", |(mut claims, output)| Some(ShardResult { claim: claims.pop()?, output }))
@@ -237,6 +255,8 @@ wire_props! {
     task_spec_wire: TaskSpec = prop_oneof![valid::task_spec(), any::<TaskSpec>()];
     work_wire: Work = prop_oneof![valid::work(), any::<Work>()];
     receipt_wire: Receipt = receipts();
+    rpc_request_wire: rpc::Request = rpc_requests();
+    rpc_response_wire: rpc::Response = rpc_responses();
 }
 
 macro_rules! signed_props {

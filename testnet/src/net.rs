@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use mycel_api::types::{PeerView, RuntimeInfo};
+use mycel_api::types::{PeerView, RuntimeInfo, StatusView};
 use serde::{Deserialize, Serialize};
 
 /// The manifest of a running testnet, `DIR/testnet.json`.
@@ -227,31 +227,54 @@ pub fn known_peers(agent: &ureq::Agent, node: &NodeEntry) -> Result<BTreeSet<Str
     Ok(peers.into_iter().map(|p| p.peer_id).collect())
 }
 
+/// How many peers a node's capability table holds.
+pub fn peer_count(agent: &ureq::Agent, node: &NodeEntry) -> Result<usize> {
+    let status: StatusView = agent
+        .get(format!("{}/api/v1/status", node.api))
+        .call()
+        .with_context(|| format!("asking {} for its status", node.name))?
+        .body_mut()
+        .read_json()
+        .with_context(|| format!("decoding {}'s status", node.name))?;
+    Ok(status.known_peers)
+}
+
 /// Polls every node until each holds all the others, or fails at
-/// `deadline` naming who misses whom.
+/// `deadline` naming who misses whom. Polls the cheap peer count while
+/// waiting (the poll competes with the swarm for CPU), then checks the
+/// actual peer ids once.
 pub fn wait_converged(manifest: &Manifest, deadline: Instant) -> Result<()> {
     let agent = agent();
     let all: BTreeSet<String> = manifest.nodes.iter().map(|n| n.peer_id.clone()).collect();
+    let want = all.len() - 1;
     let mut pending: Vec<&NodeEntry> = manifest.nodes.iter().collect();
     loop {
-        let mut missing = Vec::new();
-        for node in pending {
-            let known = known_peers(&agent, node).unwrap_or_default();
-            let lacking: Vec<&String> = all.iter().filter(|p| **p != node.peer_id && !known.contains(*p)).collect();
-            if !lacking.is_empty() {
-                missing.push((node, lacking.len()));
+        pending.retain(|n| peer_count(&agent, n).map_or(true, |c| c < want));
+        if pending.is_empty() {
+            let mut wrong = Vec::new();
+            for n in &manifest.nodes {
+                let known = known_peers(&agent, n)?;
+                let expected: BTreeSet<String> = all.iter().filter(|p| **p != n.peer_id).cloned().collect();
+                if known != expected {
+                    wrong.push(n.name.as_str());
+                }
             }
-        }
-        if missing.is_empty() {
-            return Ok(());
+            if wrong.is_empty() {
+                return Ok(());
+            }
+            bail!("nodes {wrong:?} hold peers that are not part of the testnet");
         }
         if Instant::now() > deadline {
-            let report: Vec<String> =
-                missing.iter().map(|(n, k)| format!("{} is missing {k} of {} peers", n.name, all.len() - 1)).collect();
+            let report: Vec<String> = pending
+                .iter()
+                .map(|n| {
+                    let have = peer_count(&agent, n).map_or("?".to_string(), |c| c.to_string());
+                    format!("{} holds {have} of {want} peers", n.name)
+                })
+                .collect();
             bail!("the testnet did not converge in time: {}", report.join("; "));
         }
-        pending = missing.into_iter().map(|(n, _)| n).collect();
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -84,8 +84,16 @@ impl Behaviour {
         let mut gossipsub =
             gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_config)
                 .map_err(|e| crate::NetError::Setup(format!("gossipsub: {e}")))?;
+        // Peer scoring penalises many peers behind one IP (sybils). Peers on
+        // loopback are a local testnet by definition: exempt them, or a
+        // swarm of more than ten local nodes graylists itself.
+        let mut score_params = gossipsub::PeerScoreParams::default();
+        score_params.ip_colocation_factor_whitelist.extend([
+            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        ]);
         gossipsub
-            .with_peer_score(gossipsub::PeerScoreParams::default(), gossipsub::PeerScoreThresholds::default())
+            .with_peer_score(score_params, gossipsub::PeerScoreThresholds::default())
             .map_err(|e| crate::NetError::Setup(format!("gossipsub scoring: {e}")))?;
 
         let rpc = request_response::Behaviour::with_codec(

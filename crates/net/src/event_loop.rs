@@ -30,6 +30,20 @@ const EVENT_QUEUE: usize = 1024;
 /// Delay before re-publishing our advert after a peer joins the advert
 /// topic, so a burst of joins costs one publish.
 const REPUBLISH_DEBOUNCE: Duration = Duration::from_millis(250);
+/// Peers a node asks for their capability table after it starts. One full
+/// table is enough to join; a few guard against a peer that lies by
+/// omission. After that, gossip keeps the table current.
+const SYNC_PEERS: usize = 3;
+/// A node that joins is in nobody's gossip mesh for its first heartbeat or
+/// two, so adverts published then by nodes it is not connected to pass it
+/// by, and its first sync may predate them. One more sync this long after
+/// the first closes that gap; it costs one response of adverts, almost all
+/// already held, which are decoded but not re-verified.
+const RESYNC_AFTER: Duration = Duration::from_secs(2);
+/// The same gap from the other side: a node's first advert can miss peers
+/// that joined together with it. One repeat this long after the first
+/// delivery, once every neighbour's mesh exists, reaches them.
+const JOIN_REPEAT_AFTER: Duration = Duration::from_secs(3);
 
 type Reply<T> = oneshot::Sender<T>;
 /// Providers found so far, and who waits for them.
@@ -38,6 +52,7 @@ type ProviderQuery = (HashSet<PeerId>, Reply<Result<Vec<PeerId>, NetError>>);
 enum Command {
     ListenAddrs(Reply<Vec<Multiaddr>>),
     Peers(Reply<Vec<PeerEntry>>),
+    PeerCount(Reply<usize>),
     Connected(Reply<Vec<PeerId>>),
     SetAdvert(Box<Advert>),
     OwnAdvert(Reply<Option<Advert>>),
@@ -80,6 +95,11 @@ impl Handle {
     /// Every peer in the capability table.
     pub async fn peers(&self) -> Result<Vec<PeerEntry>, NetError> {
         self.call(Command::Peers).await
+    }
+
+    /// How many peers the capability table holds (cheaper than `peers`).
+    pub async fn peer_count(&self) -> Result<usize, NetError> {
+        self.call(Command::PeerCount).await
     }
 
     /// Peers with an open connection.
@@ -145,8 +165,16 @@ pub struct EventLoop {
     republish_at: Option<Instant>,
     /// Model digests we announced as provider records.
     providing: HashSet<Digest>,
-    /// Peers we asked for their adverts since they connected.
+    /// Peers we asked for their adverts (at most [`SYNC_PEERS`]).
     synced: HashSet<PeerId>,
+    /// Whether an advert of ours has reached at least one peer; until
+    /// then, every peer joining the topic triggers a re-publish.
+    advert_delivered: bool,
+    /// When to ask one peer for its table again after joining; `None` once
+    /// done or before the first sync.
+    resync_at: Option<Instant>,
+    /// Whether the re-sync after joining was scheduled already.
+    resync_planned: bool,
     /// Our own advert-sync requests in flight.
     sync_requests: HashSet<OutboundRequestId>,
     /// Callers waiting for direct responses.
@@ -226,6 +254,9 @@ pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Ev
         republish_at: None,
         providing: HashSet::new(),
         synced: HashSet::new(),
+        advert_delivered: false,
+        resync_at: None,
+        resync_planned: false,
         sync_requests: HashSet::new(),
         pending_requests: HashMap::new(),
         pending_providers: HashMap::new(),
@@ -290,6 +321,7 @@ impl EventLoop {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let republish = self.republish_at;
+            let resync = self.resync_at;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
@@ -305,6 +337,11 @@ impl EventLoop {
                     if republish.is_some() => {
                     self.republish_at = None;
                     self.publish_advert();
+                }
+                _ = async { tokio::time::sleep_until(resync.unwrap_or_else(Instant::now)).await },
+                    if resync.is_some() => {
+                    self.resync_at = None;
+                    self.resync();
                 }
             }
         }
@@ -327,6 +364,9 @@ impl EventLoop {
             }
             Command::Peers(r) => {
                 let _ = r.send(self.table.entries().cloned().collect());
+            }
+            Command::PeerCount(r) => {
+                let _ = r.send(self.table.len());
             }
             Command::Connected(r) => {
                 let _ = r.send(self.swarm.connected_peers().copied().collect());
@@ -391,7 +431,12 @@ impl EventLoop {
         };
         self.published = Some(advert);
         match self.swarm.behaviour_mut().gossipsub.publish(gossipsub::IdentTopic::new(version::ADVERT_TOPIC), bytes) {
-            Ok(_) => {}
+            Ok(_) => {
+                if !self.advert_delivered {
+                    self.advert_delivered = true;
+                    self.republish_at = Some(Instant::now() + JOIN_REPEAT_AFTER);
+                }
+            }
             // No peer on the topic yet: the next tick or join retries.
             Err(gossipsub::PublishError::NoPeersSubscribedToTopic | gossipsub::PublishError::AllQueuesFull(_)) => {}
             Err(e) => debug!(error = %e, "advert not published"),
@@ -436,7 +481,6 @@ impl EventLoop {
                 self.emit(Event::Connected(peer_id));
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
-                self.synced.remove(&peer_id);
                 self.emit(Event::Disconnected(peer_id));
             }
             // Kademlia retries on its own; say it once until it works.
@@ -482,13 +526,15 @@ impl EventLoop {
             BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic })
                 if topic == gossipsub::IdentTopic::new(version::ADVERT_TOPIC).hash() =>
             {
-                // A peer joined the advert topic: show it our advert soon,
-                // and ask it once for what it knows, so neither side waits
-                // for the next periodic advert.
-                if self.republish_at.is_none() {
+                // Joining: publish our advert as soon as someone listens,
+                // and ask the first few peers for what they know, so a new
+                // node neither waits for nor waits to be heard by the
+                // periodic adverts. Once joined, gossip does the rest: a
+                // re-publish or sync per join would cost O(N^2) per join.
+                if !self.advert_delivered && self.republish_at.is_none() {
                     self.republish_at = Some(Instant::now() + REPUBLISH_DEBOUNCE);
                 }
-                if self.synced.insert(peer_id) {
+                if self.synced.len() < SYNC_PEERS && self.synced.insert(peer_id) {
                     let id = self.swarm.behaviour_mut().rpc.send_request(&peer_id, Request::Adverts);
                     self.sync_requests.insert(id);
                 }
@@ -566,7 +612,24 @@ impl EventLoop {
         }
     }
 
+    /// Asks one connected peer on the advert topic for its table.
+    fn resync(&mut self) {
+        let topic = gossipsub::IdentTopic::new(version::ADVERT_TOPIC).hash();
+        let peers: Vec<PeerId> = self.swarm.behaviour().gossipsub.mesh_peers(&topic).copied().collect();
+        // Prefer a peer we have not synced with: it may know other nodes.
+        let pick = peers.iter().find(|p| !self.synced.contains(p)).or(peers.first()).copied();
+        if let Some(peer) = pick {
+            self.synced.insert(peer);
+            let id = self.swarm.behaviour_mut().rpc.send_request(&peer, Request::Adverts);
+            self.sync_requests.insert(id);
+        }
+    }
+
     fn on_sync_response(&mut self, peer: PeerId, response: Response) {
+        if !self.resync_planned {
+            self.resync_planned = true;
+            self.resync_at = Some(Instant::now() + RESYNC_AFTER);
+        }
         let Response::Adverts(adverts) = response else { return };
         let mut admitted = 0;
         for signed in adverts {

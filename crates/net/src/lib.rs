@@ -65,7 +65,7 @@ impl Default for Config {
             max_connections: 256,
             idle_timeout: Duration::from_secs(300),
             request_timeout: Duration::from_secs(10),
-            gossip_heartbeat: Duration::from_millis(500),
+            gossip_heartbeat: Duration::from_secs(1),
         }
     }
 }

@@ -110,7 +110,6 @@ impl CapabilityTable {
         gossip_source: Option<Option<PeerId>>,
         now_ms: u64,
     ) -> Result<Admitted, Refused> {
-        let advert = signed.verify()?;
         let peer = signed.signer().to_peer_id();
         if let Some(source) = gossip_source
             && source != Some(peer)
@@ -120,23 +119,30 @@ impl CapabilityTable {
         if peer == self.local {
             return Err(Refused::Own);
         }
-        let ttl_ms = self.config.ttl.as_millis() as u64;
-        let skew_ms = self.config.max_skew.as_millis() as u64;
-        if advert.timestamp_ms > now_ms.saturating_add(skew_ms) {
-            return Err(Refused::Future { peer, ahead_ms: advert.timestamp_ms - now_ms });
-        }
-        let age_ms = now_ms.saturating_sub(advert.timestamp_ms);
-        if age_ms > ttl_ms {
-            return Err(Refused::Stale { peer, age_ms });
-        }
+        // Most adverts a node sees are copies of ones it holds (gossip
+        // duplicates, syncs). Decoding is cheap and safe on untrusted bytes;
+        // checking the signature is not cheap, so do it only for adverts
+        // that would change the table. Nothing is stored unless it verifies.
+        let claimed = <Advert as mycel_protocol::Wire>::decode(signed.payload())
+            .map_err(|e| Refused::Invalid(VerifyError::Payload(e)))?;
         let admitted = match self.entries.get(&peer) {
-            Some(held) if held.advert.seq >= advert.seq => {
-                return Err(Refused::Superseded { peer, seq: advert.seq, held: held.advert.seq });
+            Some(held) if held.advert.seq >= claimed.seq => {
+                return Err(Refused::Superseded { peer, seq: claimed.seq, held: held.advert.seq });
             }
             Some(_) => Admitted::Updated,
             None if self.entries.len() >= self.config.max_entries => return Err(Refused::Full),
             None => Admitted::New,
         };
+        let ttl_ms = self.config.ttl.as_millis() as u64;
+        let skew_ms = self.config.max_skew.as_millis() as u64;
+        if claimed.timestamp_ms > now_ms.saturating_add(skew_ms) {
+            return Err(Refused::Future { peer, ahead_ms: claimed.timestamp_ms - now_ms });
+        }
+        let age_ms = now_ms.saturating_sub(claimed.timestamp_ms);
+        if age_ms > ttl_ms {
+            return Err(Refused::Stale { peer, age_ms });
+        }
+        let advert = signed.verify()?;
         self.entries.insert(peer, PeerEntry { peer, advert, signed, received_ms: now_ms });
         Ok(admitted)
     }
@@ -226,6 +232,21 @@ mod tests {
         let err = t.offer(tampered, None, NOW).unwrap_err();
         assert!(matches!(err, Refused::Invalid(_)) && err.is_misbehaviour(), "{err}");
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_newer_seq_with_a_bad_signature_changes_nothing() {
+        let mut t = table();
+        let k = Keypair::from_secret_bytes(&[1; 32]);
+        t.offer(signed(&k, 1, NOW), None, NOW).unwrap();
+        // Re-sign seq 2 with another key, then put k's public key back in
+        // front: the envelope claims k but the signature is not k's.
+        let other = Keypair::from_secret_bytes(&[2; 32]);
+        let mut bytes = signed(&other, 2, NOW).encode().unwrap();
+        bytes[..32].copy_from_slice(&k.public().to_bytes());
+        let forged = Signed::<Advert>::decode(&bytes).unwrap();
+        assert!(matches!(t.offer(forged, None, NOW), Err(Refused::Invalid(_))));
+        assert_eq!(t.get(&k.peer_id()).unwrap().advert.seq, 1);
     }
 
     #[test]
