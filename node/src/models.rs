@@ -1,0 +1,61 @@
+//! `mycel models fetch|list`.
+
+use anyhow::{Context, Result};
+use mycel_models::{fetch, registry};
+use mycel_protocol::ModelKind;
+
+use crate::cli::ModelsCommand;
+use crate::client::print_table;
+
+pub fn run(cmd: ModelsCommand) -> Result<()> {
+    match cmd {
+        ModelsCommand::Fetch(args) => {
+            let dir = args.resolve()?;
+            for package in &fetch::PACKAGES {
+                eprintln!("{} ({}=={})", package.id, package.name, package.version);
+                let outcome = fetch::fetch(package, &dir, &mut |line| eprintln!("  {line}"))
+                    .with_context(|| format!("fetching {}", package.id))?;
+                match outcome {
+                    fetch::Outcome::Installed => eprintln!("  installed in {}", dir.join(package.id).display()),
+                    fetch::Outcome::Present => eprintln!("  already present"),
+                }
+            }
+            Ok(())
+        }
+        ModelsCommand::List(args) => {
+            let dir = args.dir.resolve()?;
+            let models = registry::scan(&dir).with_context(|| format!("reading models in {}", dir.display()))?;
+            if args.json {
+                let rows: Vec<serde_json::Value> = models
+                    .iter()
+                    .map(|m| {
+                        serde_json::json!({
+                            "id": m.id, "kind": kind(m.kind), "digest": m.digest.to_hex(),
+                            "size_bytes": m.size, "path": m.weights,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if models.is_empty() {
+                println!("no models in {} (get some with `mycel models fetch`)", dir.display());
+            } else {
+                let rows: Vec<[String; 4]> = models
+                    .iter()
+                    .map(|m| {
+                        [m.id.clone(), kind(m.kind).into(), m.digest.to_hex(), format!("{:.1} MB", m.size as f64 / 1e6)]
+                    })
+                    .collect();
+                print_table(&["MODEL", "KIND", "WEIGHTS SHA-256", "SIZE"], &rows);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn kind(k: ModelKind) -> &'static str {
+    match k {
+        ModelKind::Embedding => "embedding",
+        ModelKind::Generation => "generation",
+        _ => "other",
+    }
+}
