@@ -61,7 +61,7 @@ impl NodeView for View {
     }
 
     async fn peers(&self) -> Result<Vec<PeerView>, ApiError> {
-        let now = mycel_now_ms();
+        let now = mycel_net::now_ms();
         let mut peers: Vec<PeerView> = self
             .net
             .peers()
@@ -87,10 +87,6 @@ impl NodeView for View {
         peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
         Ok(peers)
     }
-}
-
-fn mycel_now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Runs a node until `shutdown` is cancelled.

@@ -149,7 +149,8 @@ pub enum Event {
     Misbehaviour { peer: PeerId, reason: String },
 }
 
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch: the clock adverts are stamped and
+/// judged by.
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
