@@ -187,6 +187,9 @@ pub struct EventLoop {
     bootstrap_warned: HashSet<PeerId>,
     /// Events dropped because the node was not reading them.
     dropped_events: u64,
+    /// Inbound request allowance per peer; entries of disconnected peers
+    /// are dropped, so this is bounded by the connection limit.
+    inbound_rate: HashMap<PeerId, crate::rate::TokenBucket>,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -263,6 +266,7 @@ pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Ev
         bootstrap_peers,
         bootstrap_warned: HashSet::new(),
         dropped_events: 0,
+        inbound_rate: HashMap::new(),
     };
     Ok((Handle { commands: cmd_tx, local }, ev_rx, event_loop))
 }
@@ -481,6 +485,7 @@ impl EventLoop {
                 self.emit(Event::Connected(peer_id));
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                self.inbound_rate.remove(&peer_id);
                 self.emit(Event::Disconnected(peer_id));
             }
             // Kademlia retries on its own; say it once until it works.
@@ -601,14 +606,25 @@ impl EventLoop {
     }
 
     fn on_request(&mut self, peer: PeerId, request: Request, channel: ResponseChannel<Response>) {
-        let response = match request {
+        let now = std::time::Instant::now();
+        let allowed = self.inbound_rate.entry(peer).or_insert_with(|| crate::rate::TokenBucket::new(now)).allow(now);
+        let response = if !allowed {
+            debug!(%peer, "request refused: rate limited");
+            Response::Refused("rate limited".into())
+        } else {
+            self.answer(request)
+        };
+        if self.swarm.behaviour_mut().rpc.send_response(channel, response).is_err() {
+            debug!(%peer, "response not sent: the peer went away");
+        }
+    }
+
+    fn answer(&mut self, request: Request) -> Response {
+        match request {
             Request::Adverts => Response::Adverts(
                 self.table.entries().take(limits::ADVERTS_PER_SYNC).map(|e| e.signed.clone()).collect(),
             ),
             _ => Response::Refused("unsupported request".into()),
-        };
-        if self.swarm.behaviour_mut().rpc.send_response(channel, response).is_err() {
-            debug!(%peer, "response not sent: the peer went away");
         }
     }
 

@@ -17,6 +17,7 @@
 mod behaviour;
 mod codec;
 mod event_loop;
+mod rate;
 pub mod table;
 
 use std::time::Duration;

@@ -230,3 +230,29 @@ async fn model_providers_are_found_through_the_dht() {
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_flooding_requests_is_rate_limited() {
+    use mycel_protocol::rpc::{Request, Response};
+    let interval = Duration::from_secs(5);
+    let server = start(1, None, interval).await;
+    let boot = dial_addr(&server).await;
+    let client = start(2, Some(boot), interval).await;
+    wait_until("connected", Duration::from_secs(4), || knows(&client, server.key.peer_id())).await;
+    let mut answered = 0;
+    let mut refused = 0;
+    for _ in 0..60 {
+        match client.handle.request(server.key.peer_id(), Request::Adverts).await.unwrap() {
+            Response::Adverts(_) => answered += 1,
+            Response::Refused(reason) => {
+                assert_eq!(reason, "rate limited");
+                refused += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // A burst of 20 (less what the client's own sync used) plus the refill
+    // during the run; far from all 60.
+    assert!(refused >= 20, "answered {answered}, refused {refused}");
+    assert!(answered >= 10, "answered {answered}, refused {refused}");
+}

@@ -1,0 +1,56 @@
+//! Per-peer token buckets for inbound requests: anything a peer can send is
+//! rate-limited, so one peer can't keep a node busy answering it.
+
+use std::time::Instant;
+
+/// Requests a peer may send in a burst.
+pub const BURST: f64 = 20.0;
+/// Requests per second a peer may sustain.
+pub const PER_SECOND: f64 = 10.0;
+
+/// One peer's allowance.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(now: Instant) -> Self {
+        Self { tokens: BURST, last: now }
+    }
+
+    /// Takes one token if there is one.
+    pub fn allow(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last);
+        self.last = now;
+        self.tokens = (self.tokens + elapsed.as_secs_f64() * PER_SECOND).min(BURST);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn bursts_then_refills_at_the_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(t0);
+        let burst = (0..100).filter(|_| b.allow(t0)).count();
+        assert_eq!(burst, BURST as usize);
+        assert!(!b.allow(t0));
+        // One second later: PER_SECOND more.
+        let t1 = t0 + Duration::from_secs(1);
+        let refilled = (0..100).filter(|_| b.allow(t1)).count();
+        assert_eq!(refilled, PER_SECOND as usize);
+    }
+}
