@@ -92,10 +92,18 @@ impl NodeView for View {
 /// Runs a node until `shutdown` is cancelled.
 pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> {
     let data_dir = config.data_dir.clone();
-    let (key, _) = mycel_store::identity::load_or_create(&data_dir)
-        .with_context(|| format!("loading the node identity from {}", data_dir.display()))?;
-    // Opening the store also locks the data dir against a second node.
-    let _store = SledStore::open(&data_dir.join("store")).context("opening the node's store")?;
+    // File I/O, sled recovery and hardware probing (which may run
+    // nvidia-smi) block: keep them off the async workers.
+    let dir = data_dir.clone();
+    let (key, _store, hardware) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let (key, _) = mycel_store::identity::load_or_create(&dir)
+            .with_context(|| format!("loading the node identity from {}", dir.display()))?;
+        // Opening the store also locks the data dir against a second node.
+        let store = SledStore::open(&dir.join("store")).context("opening the node's store")?;
+        Ok((key, store, mycel_models::hardware::detect()))
+    })
+    .await
+    .context("node start-up task failed")??;
     let peer_id = key.peer_id();
     info!(%peer_id, data_dir = %data_dir.display(), "starting node");
 
@@ -111,7 +119,6 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
     let (net, mut events, event_loop) = mycel_net::start(&key, net_config)?;
     let net_task = tokio::spawn(event_loop.run(shutdown.clone()));
 
-    let hardware = mycel_models::hardware::detect();
     net.set_advert(Advert {
         seq: 0,
         timestamp_ms: 0,

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::behaviour::{Behaviour, BehaviourConfig, BehaviourEvent};
-use crate::table::{CapabilityTable, PeerEntry, Refused, TableConfig};
+use crate::table::{CapabilityTable, PeerEntry, Refused, TableConfig, Via};
 use crate::{Config, Event, NetError, RequestError, now_ms};
 
 /// Commands queued for the loop; beyond this, callers wait.
@@ -454,9 +454,9 @@ impl EventLoop {
         }
     }
 
-    fn admit(&mut self, signed: Signed<Advert>, gossip_source: Option<Option<PeerId>>) -> Result<(), Refused> {
+    fn admit(&mut self, signed: Signed<Advert>, via: Via) -> Result<(), Refused> {
         let peer = signed.signer().to_peer_id();
-        let admitted = self.table.offer(signed, gossip_source, now_ms())?;
+        let admitted = self.table.offer(signed, via, now_ms())?;
         let new = admitted == crate::table::Admitted::New;
         if new {
             debug!(%peer, peers = self.table.len(), "new peer advert");
@@ -566,7 +566,7 @@ impl EventLoop {
                 return Reject;
             }
         };
-        match self.admit(signed, Some(message.source)) {
+        match self.admit(signed, Via::Gossip(message.source)) {
             Ok(()) => Accept,
             Err(refused) if refused.is_misbehaviour() => {
                 debug!(source = ?message.source, reason = %refused, "advert rejected");
@@ -649,7 +649,7 @@ impl EventLoop {
         let Response::Adverts(adverts) = response else { return };
         let mut admitted = 0;
         for signed in adverts {
-            match self.admit(signed, None) {
+            match self.admit(signed, Via::Sync) {
                 Ok(()) => admitted += 1,
                 Err(refused) if refused.is_misbehaviour() => {
                     self.emit(Event::Misbehaviour { peer, reason: refused.to_string() });

@@ -44,6 +44,16 @@ pub struct PeerEntry {
     pub received_ms: u64,
 }
 
+/// How an advert reached us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Gossiped; libp2p vouches for the original publisher (`None` for an
+    /// anonymous message), which must be the advert's signer.
+    Gossip(Option<PeerId>),
+    /// Forwarded in a table sync: only the signature speaks for it.
+    Sync,
+}
+
 /// Why an advert was admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admitted {
@@ -101,17 +111,10 @@ impl CapabilityTable {
         Self { local, config, entries: HashMap::new() }
     }
 
-    /// Considers an advert. `gossip_source` is the author libp2p vouches
-    /// for when the advert came by gossip; `None` when it came by sync,
-    /// where only the signature speaks for it.
-    pub fn offer(
-        &mut self,
-        signed: Signed<Advert>,
-        gossip_source: Option<Option<PeerId>>,
-        now_ms: u64,
-    ) -> Result<Admitted, Refused> {
+    /// Considers an advert that arrived `via` gossip or sync.
+    pub fn offer(&mut self, signed: Signed<Advert>, via: Via, now_ms: u64) -> Result<Admitted, Refused> {
         let peer = signed.signer().to_peer_id();
-        if let Some(source) = gossip_source
+        if let Via::Gossip(source) = via
             && source != Some(peer)
         {
             return Err(Refused::ForgedSource { signer: peer });
@@ -212,7 +215,7 @@ mod tests {
     fn keeps_the_newest_by_sequence() {
         let mut t = table();
         let k = Keypair::from_secret_bytes(&[1; 32]);
-        let src = Some(Some(k.peer_id()));
+        let src = Via::Gossip(Some(k.peer_id()));
         assert_eq!(t.offer(signed(&k, 5, NOW), src, NOW).unwrap(), Admitted::New);
         assert!(matches!(t.offer(signed(&k, 5, NOW), src, NOW), Err(Refused::Superseded { .. })));
         assert!(matches!(t.offer(signed(&k, 4, NOW), src, NOW), Err(Refused::Superseded { .. })));
@@ -229,7 +232,7 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 0x01;
         let tampered = Signed::<Advert>::decode(&bytes).unwrap();
-        let err = t.offer(tampered, None, NOW).unwrap_err();
+        let err = t.offer(tampered, Via::Sync, NOW).unwrap_err();
         assert!(matches!(err, Refused::Invalid(_)) && err.is_misbehaviour(), "{err}");
         assert!(t.is_empty());
     }
@@ -238,14 +241,14 @@ mod tests {
     fn a_newer_seq_with_a_bad_signature_changes_nothing() {
         let mut t = table();
         let k = Keypair::from_secret_bytes(&[1; 32]);
-        t.offer(signed(&k, 1, NOW), None, NOW).unwrap();
+        t.offer(signed(&k, 1, NOW), Via::Sync, NOW).unwrap();
         // Re-sign seq 2 with another key, then put k's public key back in
         // front: the envelope claims k but the signature is not k's.
         let other = Keypair::from_secret_bytes(&[2; 32]);
         let mut bytes = signed(&other, 2, NOW).encode().unwrap();
         bytes[..32].copy_from_slice(&k.public().to_bytes());
         let forged = Signed::<Advert>::decode(&bytes).unwrap();
-        assert!(matches!(t.offer(forged, None, NOW), Err(Refused::Invalid(_))));
+        assert!(matches!(t.offer(forged, Via::Sync, NOW), Err(Refused::Invalid(_))));
         assert_eq!(t.get(&k.peer_id()).unwrap().advert.seq, 1);
     }
 
@@ -254,12 +257,12 @@ mod tests {
         let mut t = table();
         let author = Keypair::from_secret_bytes(&[1; 32]);
         let relay = Keypair::from_secret_bytes(&[2; 32]);
-        let err = t.offer(signed(&author, 1, NOW), Some(Some(relay.peer_id())), NOW).unwrap_err();
+        let err = t.offer(signed(&author, 1, NOW), Via::Gossip(Some(relay.peer_id())), NOW).unwrap_err();
         assert!(matches!(err, Refused::ForgedSource { .. }) && err.is_misbehaviour(), "{err}");
         // Anonymous gossip (no source) is refused too.
-        assert!(matches!(t.offer(signed(&author, 1, NOW), Some(None), NOW), Err(Refused::ForgedSource { .. })));
+        assert!(matches!(t.offer(signed(&author, 1, NOW), Via::Gossip(None), NOW), Err(Refused::ForgedSource { .. })));
         // The same advert by sync (no gossip source) stands on its signature.
-        assert_eq!(t.offer(signed(&author, 1, NOW), None, NOW).unwrap(), Admitted::New);
+        assert_eq!(t.offer(signed(&author, 1, NOW), Via::Sync, NOW).unwrap(), Admitted::New);
     }
 
     #[test]
@@ -268,9 +271,9 @@ mod tests {
         let k = Keypair::from_secret_bytes(&[1; 32]);
         let ttl = TableConfig::default().ttl.as_millis() as u64;
         let skew = TableConfig::default().max_skew.as_millis() as u64;
-        assert!(matches!(t.offer(signed(&k, 1, NOW - ttl - 1), None, NOW), Err(Refused::Stale { .. })));
-        assert!(matches!(t.offer(signed(&k, 1, NOW + skew + 1), None, NOW), Err(Refused::Future { .. })));
-        assert!(t.offer(signed(&k, 1, NOW + skew), None, NOW).is_ok());
+        assert!(matches!(t.offer(signed(&k, 1, NOW - ttl - 1), Via::Sync, NOW), Err(Refused::Stale { .. })));
+        assert!(matches!(t.offer(signed(&k, 1, NOW + skew + 1), Via::Sync, NOW), Err(Refused::Future { .. })));
+        assert!(t.offer(signed(&k, 1, NOW + skew), Via::Sync, NOW).is_ok());
     }
 
     #[test]
@@ -279,10 +282,10 @@ mod tests {
         let a = Keypair::from_secret_bytes(&[1; 32]);
         let b = Keypair::from_secret_bytes(&[2; 32]);
         let ttl = TableConfig::default().ttl.as_millis() as u64;
-        t.offer(signed(&a, 1, NOW), None, NOW).unwrap();
-        t.offer(signed(&b, 1, NOW), None, NOW).unwrap();
+        t.offer(signed(&a, 1, NOW), Via::Sync, NOW).unwrap();
+        t.offer(signed(&b, 1, NOW), Via::Sync, NOW).unwrap();
         // b refreshes halfway; a does not.
-        t.offer(signed(&b, 2, NOW + ttl / 2), None, NOW + ttl / 2).unwrap();
+        t.offer(signed(&b, 2, NOW + ttl / 2), Via::Sync, NOW + ttl / 2).unwrap();
         assert!(t.expire(NOW + ttl).is_empty());
         assert_eq!(t.expire(NOW + ttl + 1), vec![a.peer_id()]);
         assert!(t.get(&b.peer_id()).is_some());
@@ -292,9 +295,9 @@ mod tests {
     fn own_advert_and_overflow_are_refused() {
         let local = Keypair::from_secret_bytes(&[0; 32]);
         let mut t = CapabilityTable::new(local.peer_id(), TableConfig { max_entries: 1, ..TableConfig::default() });
-        assert!(matches!(t.offer(signed(&local, 1, NOW), None, NOW), Err(Refused::Own)));
-        t.offer(signed(&Keypair::from_secret_bytes(&[1; 32]), 1, NOW), None, NOW).unwrap();
-        let err = t.offer(signed(&Keypair::from_secret_bytes(&[2; 32]), 1, NOW), None, NOW).unwrap_err();
+        assert!(matches!(t.offer(signed(&local, 1, NOW), Via::Sync, NOW), Err(Refused::Own)));
+        t.offer(signed(&Keypair::from_secret_bytes(&[1; 32]), 1, NOW), Via::Sync, NOW).unwrap();
+        let err = t.offer(signed(&Keypair::from_secret_bytes(&[2; 32]), 1, NOW), Via::Sync, NOW).unwrap_err();
         assert!(matches!(err, Refused::Full));
     }
 }

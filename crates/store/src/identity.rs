@@ -14,7 +14,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use mycel_protocol::Keypair;
@@ -105,14 +105,8 @@ pub fn load(path: &Path) -> Result<Keypair, IdentityError> {
 /// (which fails if the name exists), and the directory is synced.
 fn create(data_dir: &Path, path: &Path, key: &Keypair) -> Result<(), IdentityError> {
     let create_err = |error| IdentityError::Create { path: path.to_path_buf(), error };
-    fs::create_dir_all(data_dir).map_err(create_err)?;
-    // Keep other users out of a directory we just made; leave existing ones.
-    if let Ok(meta) = fs::metadata(data_dir)
-        && meta.permissions().mode() & 0o077 != 0
-        && fs::read_dir(data_dir).map(|mut d| d.next().is_none()).unwrap_or(false)
-    {
-        let _ = fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700));
-    }
+    // Directories we create are private; existing ones keep their mode.
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(data_dir).map_err(create_err)?;
 
     let tmp = data_dir.join(format!(".{KEY_FILE}.{}.tmp", std::process::id()));
     let _ = fs::remove_file(&tmp);
@@ -144,13 +138,17 @@ mod tests {
     }
 
     #[test]
-    fn key_file_is_private() {
-        let dir = tempfile::tempdir().unwrap();
-        load_or_create(dir.path()).unwrap();
-        let mode = fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
+    fn key_file_and_new_data_dir_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("a/b");
+        load_or_create(&dir).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.join(KEY_FILE)), 0o600);
+        assert_eq!(mode(&dir), 0o700);
+        let dir = dir.as_path();
         // No temporary file is left behind.
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        assert_eq!(fs::read_dir(dir).unwrap().count(), 1);
     }
 
     #[test]
