@@ -10,6 +10,11 @@ need_rust
 # profile as the tests.
 step "building mycel"
 cargo build --locked --workspace --bins
+# The model tests run the real models (checked against committed fixtures):
+# fetch them once into target/test-models; later runs find them present.
+export MYCEL_TEST_MODELS="${MYCEL_TEST_MODELS:-$PWD/target/test-models}"
+step "fetching test models into $MYCEL_TEST_MODELS"
+target/debug/mycel models fetch --dir "$MYCEL_TEST_MODELS"
 step "running the test suite"
 if have cargo-nextest; then
   cargo nextest run --locked --workspace --no-fail-fast "$@"

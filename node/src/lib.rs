@@ -5,6 +5,7 @@
 pub mod cli;
 mod client;
 pub mod config;
+mod infer;
 mod logging;
 mod models;
 mod node;
@@ -37,6 +38,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Status(args) => client::status(&args),
         Command::Testnet(cmd) => testnet::run(cmd),
         Command::Models(cmd) => models::run(cmd),
+        Command::Infer(cmd) => infer::run(cmd),
     }
 }
 

@@ -67,7 +67,9 @@ impl Default for GenerateParams {
 }
 
 impl GenerateParams {
-    fn check(&self) -> Result<(), String> {
+    /// Checks the parameters against the protocol's limits; the message
+    /// says which one is out of range.
+    pub fn check(&self) -> Result<(), String> {
         if self.max_tokens == 0 || self.max_tokens > limits::MAX_TOKENS {
             return Err(format!("max_tokens {} not in 1..={}", self.max_tokens, limits::MAX_TOKENS));
         }

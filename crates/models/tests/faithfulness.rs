@@ -1,0 +1,196 @@
+//! Our models against the reference implementations, on committed
+//! fixtures: embeddings against sentence-transformers, the GGUF tokenizer
+//! and greedy decoding against llama.cpp. The fixtures come from
+//! `scripts/reference/make-fixtures.sh` (see CONTRIBUTING.md to rerun it).
+//!
+//! The models themselves are fetched by `scripts/test.sh` into
+//! `target/test-models` (or `$MYCEL_TEST_MODELS`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+
+use mycel_models::generate::Session;
+use mycel_models::registry;
+use mycel_models::{ChatMessage, Device, Embedder, Generator, LoadOptions};
+use serde::Deserialize;
+
+fn models_dir() -> PathBuf {
+    let dir = std::env::var_os("MYCEL_TEST_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/test-models"));
+    assert!(
+        dir.join("all-minilm-l6-v2").is_dir() && dir.join("smollm2-135m-instruct").is_dir(),
+        "models missing in {}: run scripts/test.sh, or `mycel models fetch --dir {}`",
+        dir.display(),
+        dir.display()
+    );
+    dir
+}
+
+fn fixture<T: for<'de> Deserialize<'de>>(name: &str) -> T {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+#[derive(Deserialize)]
+struct EmbeddingFixture {
+    weights_sha256: String,
+    max_seq_length: usize,
+    texts: Vec<String>,
+    token_counts: Vec<usize>,
+    vectors: Vec<Vec<f32>>,
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+#[test]
+fn embeddings_match_sentence_transformers() {
+    let fx: EmbeddingFixture = fixture("embeddings.json");
+    let dir = models_dir().join("all-minilm-l6-v2");
+    assert_eq!(registry::open(&dir).unwrap().digest.to_hex(), fx.weights_sha256, "fixture is for other weights");
+    let embedder = Embedder::load(&dir, &Device::Cpu).unwrap();
+    assert_eq!(embedder.max_tokens(), fx.max_seq_length);
+    assert_eq!(embedder.dimensions(), 384);
+    assert!(fx.texts.len() >= 20 && fx.token_counts.contains(&fx.max_seq_length), "fixture too weak");
+
+    let texts: Vec<&str> = fx.texts.iter().map(String::as_str).collect();
+    let counts: Vec<usize> = embedder.encode(&texts).unwrap().iter().map(|e| e.len()).collect();
+    assert_eq!(counts, fx.token_counts, "truncation or padding differs from the reference");
+
+    // Batch sizes that mix lengths differently must all agree with it.
+    for batch in [1, 7, 32] {
+        let vectors = embedder.embed(&texts, batch).unwrap();
+        for ((text, ours), theirs) in fx.texts.iter().zip(&vectors).zip(&fx.vectors) {
+            let c = cosine(ours, theirs);
+            assert!(c >= 0.9999, "batch {batch}: cosine {c} for {text:?}");
+            let norm: f32 = ours.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-4, "not normalised: {norm}");
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenFixture {
+    weights_sha256: String,
+    cases: Vec<TokenCase>,
+}
+
+#[derive(Deserialize)]
+struct TokenCase {
+    text: String,
+    ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct GreedyFixture {
+    cases: Vec<GreedyCase>,
+}
+
+#[derive(Deserialize)]
+struct GreedyCase {
+    user: String,
+    prompt: String,
+    prompt_ids: Vec<u32>,
+    steps: Vec<Step>,
+}
+
+#[derive(Deserialize)]
+struct Step {
+    token: u32,
+    /// The reference's five most likely tokens, most likely first.
+    top: Vec<Candidate>,
+}
+
+#[derive(Deserialize)]
+struct Candidate {
+    token: u32,
+    logit: f64,
+}
+
+fn generator(options: &LoadOptions) -> Generator {
+    Generator::load(&models_dir().join("smollm2-135m-instruct"), options, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn gguf_tokenizer_matches_llama_cpp() {
+    let fx: TokenFixture = fixture("smollm2-tokens.json");
+    let model = registry::open(&models_dir().join("smollm2-135m-instruct")).unwrap();
+    assert_eq!(model.digest.to_hex(), fx.weights_sha256);
+    let generator = generator(&LoadOptions { requantize_q4_1: false });
+    for case in &fx.cases {
+        assert_eq!(generator.encode(&case.text).unwrap(), case.ids, "tokens of {:?}", case.text);
+        // Decoding gives the text back, control tokens left out.
+        let plain: Vec<u32> = case.ids.iter().copied().filter(|&id| id > 16).collect();
+        let expected = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+            .iter()
+            .fold(case.text.clone(), |t, special| t.replace(special, ""));
+        assert_eq!(generator.decode(&plain).unwrap(), expected);
+    }
+}
+
+/// Near-ties: where the reference's top two logits are closer than this,
+/// either choice is faithful.
+const NEAR_TIE: f64 = 0.5;
+
+/// Feeds each prompt, then the reference's tokens one at a time, and
+/// checks our argmax at every step.
+fn greedy_agrees(options: &LoadOptions) -> (usize, f64) {
+    let fx: GreedyFixture = fixture("smollm2-greedy.json");
+    let generator = generator(options);
+    let mut checked = 0;
+    let mut worst = 0f64;
+    for case in &fx.cases {
+        let prompt = generator.chat_prompt(&[ChatMessage::user(case.user.clone())]).unwrap();
+        assert_eq!(prompt, case.prompt, "chat template");
+        assert_eq!(generator.encode(&prompt).unwrap(), case.prompt_ids);
+        let mut session: Session = generator.session();
+        let mut logits = session.feed(&case.prompt_ids).unwrap();
+        for (i, step) in case.steps.iter().enumerate() {
+            let ours = argmax(&logits);
+            let best = step.top[0].logit;
+            for c in &step.top {
+                worst = worst.max((f64::from(logits[c.token as usize]) - c.logit).abs());
+            }
+            if best - step.top[1].logit >= NEAR_TIE {
+                assert_eq!(ours, step.token, "{:?} step {i}: ours {ours}, reference {}", case.user, step.token);
+                checked += 1;
+            } else {
+                // A near-tie: ours must be one of the reference's tied tokens.
+                let tied = step.top.iter().any(|c| c.token == ours && best - c.logit < NEAR_TIE);
+                assert!(tied, "{:?} step {i}: {ours} is not among the reference's near-tied tokens", case.user);
+            }
+            logits = session.feed(&[step.token]).unwrap();
+        }
+    }
+    (checked, worst)
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in logits.iter().enumerate() {
+        if *v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[test]
+fn greedy_decoding_matches_llama_cpp_on_q4_1() {
+    let (checked, worst) = greedy_agrees(&LoadOptions { requantize_q4_1: false });
+    eprintln!("Q4_1: {checked} steps checked, largest logit difference {worst:.3}");
+    assert!(checked >= 80, "only {checked} steps were clear enough to check");
+}
+
+#[test]
+fn greedy_decoding_stays_faithful_after_q8_0_conversion() {
+    let (checked, worst) = greedy_agrees(&LoadOptions { requantize_q4_1: true });
+    eprintln!("Q8_0: {checked} steps checked, largest logit difference {worst:.3}");
+    assert!(checked >= 80, "only {checked} steps were clear enough to check");
+}
