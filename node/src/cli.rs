@@ -60,6 +60,16 @@ pub enum InferCommand {
     Generate(InferGenerateArgs),
 }
 
+impl InferCommand {
+    /// The --threads flag.
+    pub fn threads(&self) -> Option<usize> {
+        match self {
+            InferCommand::Embed(a) => a.model.threads,
+            InferCommand::Generate(a) => a.model.threads,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ModelChoice {
     /// Model id (a folder in the models directory) or a path to a model
@@ -70,8 +80,8 @@ pub struct ModelChoice {
     #[command(flatten)]
     pub dir: ModelsDirArgs,
 
-    /// Compute threads [default: all cores].
-    #[arg(long, env = "MYCEL_THREADS", value_name = "N")]
+    /// Compute threads [default: all physical cores].
+    #[arg(long, env = "MYCEL_THREADS", value_name = "N", value_parser = clap::builder::TypedValueParser::try_map(clap::value_parser!(u64).range(1..=1024), usize::try_from))]
     pub threads: Option<usize>,
 }
 
@@ -205,6 +215,23 @@ pub struct NodeArgs {
     /// Do not discover peers on the local network.
     #[arg(long, env = "MYCEL_NO_MDNS")]
     pub no_mdns: bool,
+
+    /// Folder of model folders [default: DATA_DIR/models].
+    #[arg(long, env = "MYCEL_MODELS_DIR", value_name = "DIR")]
+    pub models_dir: Option<PathBuf>,
+
+    /// Model to serve: an id in the models folder or a path, repeatable;
+    /// `none` serves no model [default: every model in the models folder].
+    #[arg(long = "model", env = "MYCEL_MODELS", value_delimiter = ',', value_name = "ID|PATH")]
+    pub models: Vec<String>,
+
+    /// Model worker replicas [default: one per core].
+    #[arg(long, env = "MYCEL_REPLICAS", value_name = "N")]
+    pub replicas: Option<usize>,
+
+    /// Compute threads per replica [default: 1].
+    #[arg(long, env = "MYCEL_THREADS", value_name = "N")]
+    pub threads: Option<usize>,
 
     /// How often to re-publish this node's advert, e.g. 500ms, 10s [default: 10s].
     #[arg(long, env = "MYCEL_ADVERT_INTERVAL", value_name = "DURATION")]

@@ -28,6 +28,14 @@ pub struct NodeConfig {
     pub mdns: bool,
     /// How often to re-publish our advert.
     pub advert_interval: Duration,
+    /// Folder of model folders.
+    pub models_dir: PathBuf,
+    /// Models to serve (ids or paths); `None`: all in `models_dir`.
+    pub models: Option<Vec<String>>,
+    /// Model worker replicas.
+    pub replicas: usize,
+    /// Compute threads per replica.
+    pub threads: usize,
 }
 
 /// The default API address: loopback only.
@@ -36,13 +44,17 @@ pub const DEFAULT_API: &str = "127.0.0.1:7700";
 impl NodeConfig {
     fn defaults(data_dir: PathBuf) -> Self {
         Self {
-            data_dir,
             listen: vec![parse_addr("/ip4/0.0.0.0/tcp/4001"), parse_addr("/ip4/0.0.0.0/udp/4001/quic-v1")],
             bootstrap: Vec::new(),
             api: DEFAULT_API.parse().unwrap_or_else(|_| unreachable!("valid literal")),
             api_token: None,
             mdns: true,
             advert_interval: Duration::from_secs(10),
+            models_dir: data_dir.join("models"),
+            models: None,
+            replicas: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            threads: 1,
+            data_dir,
         }
     }
 
@@ -82,6 +94,24 @@ impl NodeConfig {
         if let Some(interval) = args.advert_interval {
             c.advert_interval = interval.0;
         }
+        if let Some(dir) = &args.models_dir {
+            c.models_dir = dir.clone();
+        }
+        if !args.models.is_empty() {
+            c.models = Some(args.models.clone());
+        }
+        if let Some(n) = args.replicas {
+            c.replicas = n;
+        }
+        if let Some(n) = args.threads {
+            c.threads = n;
+        }
+        if c.models.as_ref().is_some_and(|m| m.iter().any(|id| id == "none")) {
+            c.models = Some(Vec::new());
+        }
+        if c.replicas == 0 || c.threads == 0 {
+            bail!("replicas and threads must be at least 1");
+        }
         if c.advert_interval < Duration::from_millis(100) {
             bail!("advert interval {:?} is too short (at least 100ms)", c.advert_interval);
         }
@@ -105,6 +135,10 @@ struct FileConfig {
     api_token: Option<String>,
     mdns: Option<bool>,
     advert_interval: Option<String>,
+    models_dir: Option<PathBuf>,
+    models: Option<Vec<String>>,
+    replicas: Option<usize>,
+    threads: Option<usize>,
 }
 
 impl FileConfig {
@@ -131,6 +165,18 @@ impl FileConfig {
         }
         if let Some(interval) = self.advert_interval {
             c.advert_interval = parse_duration(&interval)?;
+        }
+        if let Some(dir) = self.models_dir {
+            c.models_dir = dir;
+        }
+        if self.models.is_some() {
+            c.models = self.models;
+        }
+        if let Some(n) = self.replicas {
+            c.replicas = n;
+        }
+        if let Some(n) = self.threads {
+            c.threads = n;
         }
         Ok(())
     }
@@ -199,8 +245,21 @@ mod tests {
             "--no-mdns",
             "--advert-interval",
             "250ms",
+            "--models-dir",
+            "/tmp/m",
+            "--model",
+            "a",
+            "--model",
+            "b",
+            "--replicas",
+            "3",
+            "--threads",
+            "2",
         ]))
         .unwrap();
+        assert_eq!(c.models_dir, PathBuf::from("/tmp/m"));
+        assert_eq!(c.models, Some(vec!["a".to_string(), "b".to_string()]));
+        assert_eq!((c.replicas, c.threads), (3, 2));
         assert_eq!(c.data_dir, PathBuf::from("/tmp/d"));
         assert_eq!(
             c.listen,
@@ -219,7 +278,7 @@ mod tests {
         let file = dir.path().join("mycel.toml");
         std::fs::write(
             &file,
-            "data_dir = \"/tmp/from-file\"\nlisten = [\"/ip4/127.0.0.1/tcp/7001\"]\napi = \"127.0.0.1:8001\"\nmdns = false\nadvert_interval = \"3s\"\n",
+            "data_dir = \"/tmp/from-file\"\nlisten = [\"/ip4/127.0.0.1/tcp/7001\"]\napi = \"127.0.0.1:8001\"\nmdns = false\nadvert_interval = \"3s\"\nmodels = [\"all-minilm-l6-v2\"]\nreplicas = 2\n",
         )
         .unwrap();
         let path = file.to_str().unwrap();
@@ -229,6 +288,9 @@ mod tests {
         assert_eq!(c.api, "127.0.0.1:8001".parse().unwrap());
         assert!(!c.mdns);
         assert_eq!(c.advert_interval, Duration::from_secs(3));
+        assert_eq!(c.models, Some(vec!["all-minilm-l6-v2".to_string()]));
+        assert_eq!(c.models_dir, PathBuf::from("/tmp/from-file/models"));
+        assert_eq!(c.replicas, 2);
 
         let c = NodeConfig::load(&node_args(&["--config", path, "--api", "127.0.0.1:8002", "--data-dir", "/tmp/flag"]))
             .unwrap();

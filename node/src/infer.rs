@@ -20,7 +20,6 @@ pub fn run(cmd: InferCommand) -> Result<()> {
 }
 
 fn embed(args: InferEmbedArgs) -> Result<()> {
-    set_threads(&args.model)?;
     let model = choose(&args.model, ModelKind::Embedding)?;
     let texts = match &args.input {
         Some(path) => read_lines(path)?,
@@ -47,7 +46,6 @@ fn embed(args: InferEmbedArgs) -> Result<()> {
 }
 
 fn generate(args: InferGenerateArgs) -> Result<()> {
-    set_threads(&args.model)?;
     let model = choose(&args.model, ModelKind::Generation)?;
     let options = LoadOptions { requantize_q4_1: !args.keep_q4_1 };
     let generator =
@@ -124,16 +122,6 @@ fn choose(choice: &ModelChoice, kind: ModelKind) -> Result<LocalModel> {
         bail!("{} is not {want} model", model.id);
     }
     Ok(model)
-}
-
-fn set_threads(choice: &ModelChoice) -> Result<()> {
-    if let Some(n) = choice.threads {
-        if n == 0 {
-            bail!("--threads must be at least 1");
-        }
-        mycel_models::init_threads(n)?;
-    }
-    Ok(())
 }
 
 fn read_lines(path: &PathBuf) -> Result<Vec<String>> {

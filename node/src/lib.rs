@@ -6,6 +6,7 @@ pub mod cli;
 mod client;
 pub mod config;
 mod infer;
+mod local;
 mod logging;
 mod models;
 mod node;
@@ -22,6 +23,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Node(args) => {
             let config = config::NodeConfig::load(&args)?;
+            set_compute_threads(config.threads);
             run_node(config)
         }
         Command::Id(args) => {
@@ -38,8 +40,26 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Status(args) => client::status(&args),
         Command::Testnet(cmd) => testnet::run(cmd),
         Command::Models(cmd) => models::run(cmd),
-        Command::Infer(cmd) => infer::run(cmd),
+        Command::Infer(cmd) => {
+            set_compute_threads(cmd.threads().unwrap_or(0));
+            infer::run(cmd)
+        }
     }
+}
+
+/// Fixes how many threads each of candle's CPU kernels uses: candle reads
+/// `CANDLE_NUM_THREADS` once, when its first kernel runs. 0 keeps candle's
+/// default (all physical cores); a value the user set in the environment
+/// wins.
+#[allow(unsafe_code)]
+fn set_compute_threads(threads: usize) {
+    if threads == 0 || std::env::var_os("CANDLE_NUM_THREADS").is_some() {
+        return;
+    }
+    // SAFETY: called from `run` on the main thread before any runtime,
+    // pool or model thread exists, so nothing reads the environment
+    // concurrently.
+    unsafe { std::env::set_var("CANDLE_NUM_THREADS", threads.to_string()) };
 }
 
 /// Runs a node on a fresh runtime until SIGINT or SIGTERM.

@@ -95,12 +95,15 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
     // File I/O, sled recovery and hardware probing (which may run
     // nvidia-smi) block: keep them off the async workers.
     let dir = data_dir.clone();
-    let (key, _store, hardware) = tokio::task::spawn_blocking(move || -> Result<_> {
+    let chosen_config = config.clone();
+    let (key, _store, hardware, chosen) = tokio::task::spawn_blocking(move || -> Result<_> {
         let (key, _) = mycel_store::identity::load_or_create(&dir)
             .with_context(|| format!("loading the node identity from {}", dir.display()))?;
         // Opening the store also locks the data dir against a second node.
         let store = SledStore::open(&dir.join("store")).context("opening the node's store")?;
-        Ok((key, store, mycel_models::hardware::detect()))
+        // Unknown model ids fail here, before the node joins anything.
+        let chosen = crate::local::choose(&chosen_config)?;
+        Ok((key, store, mycel_models::hardware::detect(), chosen))
     })
     .await
     .context("node start-up task failed")??;
@@ -119,17 +122,23 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
     let (net, mut events, event_loop) = mycel_net::start(&key, net_config)?;
     let net_task = tokio::spawn(event_loop.run(shutdown.clone()));
 
-    net.set_advert(Advert {
+    let mut advert = Advert {
         seq: 0,
         timestamp_ms: 0,
         software: version::SOFTWARE_VERSION.to_string(),
         models: Vec::new(),
-        hardware,
+        hardware: hardware.clone(),
         load: Load::default(),
         price: Price::default(),
         listen_addrs: Vec::new(),
-    })
-    .await?;
+    };
+    net.set_advert(advert.clone()).await?;
+
+    // Models load (and are measured, once per machine) in the background:
+    // the node is in the swarm meanwhile and advertises them when ready.
+    let load_config = config.clone();
+    let mut loading = Some(tokio::task::spawn_blocking(move || crate::local::load(&load_config, chosen, &hardware)));
+    let mut _models: Option<Arc<crate::local::LocalModels>> = None;
 
     let view = Arc::new(View { net: net.clone(), started: Instant::now() });
     let router = mycel_api::router(view, auth);
@@ -147,6 +156,20 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            loaded = async {
+                match loading.as_mut() {
+                    Some(task) => task.await,
+                    None => std::future::pending().await,
+                }
+            }, if loading.is_some() => {
+                loading = None;
+                let models = loaded.context("model loading task failed")??;
+                advert.models = models.adverts();
+                advert.load.capacity = models.pool.config().replicas as u32;
+                net.set_advert(advert.clone()).await?;
+                info!(models = advert.models.len(), "models ready");
+                _models = Some(Arc::new(models));
+            }
             event = events.recv() => {
                 let Some(event) = event else { break };
                 match event {

@@ -8,28 +8,25 @@
 //! - [`embed`]: sentence embeddings (BERT family), as sentence-transformers
 //!   computes them.
 //! - [`generate`]: text generation with llama-family GGUF models.
+//! - [`bench`]: the self-benchmark adverts carry, cached per machine.
+//! - [`pool`]: the worker pool (replicas x threads, bounded queue,
+//!   dynamic batching, cancellation).
 //! - [`tokenizer`]: tokenizer files, and tokenizers rebuilt from GGUF
 //!   metadata.
 
+pub mod bench;
 pub mod embed;
 pub mod error;
 pub mod fetch;
 pub mod generate;
 pub mod hardware;
+pub mod pool;
 pub mod registry;
 pub mod tokenizer;
 
 pub use embed::Embedder;
 pub use error::{ModelError, Result};
 pub use generate::{ChatMessage, Generator, LoadOptions};
+pub use pool::{Pool, PoolConfig, PoolError};
 
 pub use candle_core::Device;
-
-/// Sizes the compute thread pool candle's CPU kernels run on. Call it
-/// before any model runs; later calls fail.
-pub fn init_threads(threads: usize) -> Result<()> {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads.max(1))
-        .build_global()
-        .map_err(|e| ModelError::Invalid(format!("setting the thread count: {e}")))
-}

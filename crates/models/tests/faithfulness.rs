@@ -12,21 +12,10 @@ use std::path::PathBuf;
 
 use mycel_models::generate::Session;
 use mycel_models::registry;
+mod common;
+use common::models_dir;
 use mycel_models::{ChatMessage, Device, Embedder, Generator, LoadOptions};
 use serde::Deserialize;
-
-fn models_dir() -> PathBuf {
-    let dir = std::env::var_os("MYCEL_TEST_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/test-models"));
-    assert!(
-        dir.join("all-minilm-l6-v2").is_dir() && dir.join("smollm2-135m-instruct").is_dir(),
-        "models missing in {}: run scripts/test.sh, or `mycel models fetch --dir {}`",
-        dir.display(),
-        dir.display()
-    );
-    dir
-}
 
 fn fixture<T: for<'de> Deserialize<'de>>(name: &str) -> T {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);

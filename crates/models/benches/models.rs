@@ -1,0 +1,113 @@
+//! Model speed on this machine, for BENCHMARKS.md (scripts/bench-models.sh
+//! runs it beside ONNX Runtime and llama.cpp on the same models).
+//!
+//!     CANDLE_NUM_THREADS=2 cargo bench -p mycel-models --bench models -- MODELS_DIR
+//!
+//! Prints one JSON object: embeddings/s at batch 1 and 32 for short (~20
+//! token) and 128-token texts; prefill and decode tokens/s (with the Q4_1
+//! weights as shipped and after the Q8_0 conversion); peak RSS.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use mycel_models::bench::short_texts;
+use mycel_models::{ChatMessage, Device, Embedder, Generator, LoadOptions};
+
+/// Runs `f` repeatedly for at least `min` (after one warm-up), returns
+/// items per second.
+fn rate(items: usize, min: Duration, mut f: impl FnMut()) -> f64 {
+    f();
+    let started = Instant::now();
+    let mut runs = 0;
+    while started.elapsed() < min || runs < 2 {
+        f();
+        runs += 1;
+    }
+    (items * runs) as f64 / started.elapsed().as_secs_f64()
+}
+
+fn long_texts(n: usize) -> Vec<String> {
+    // About 128 tokens each.
+    (0..n).map(|i| format!("Document {i}. {}", short_texts(7)[i % 7..].join(" ").repeat(2))).collect()
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kib| kib.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn main() {
+    let dir = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/test-models"));
+    let min = Duration::from_secs(3);
+    let mut out = serde_json::Map::new();
+    let threads = std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "default".into());
+    out.insert("threads".into(), threads.into());
+
+    let embedder = Embedder::load(&dir.join("all-minilm-l6-v2"), &Device::Cpu).unwrap();
+    let short = short_texts(32);
+    let long = long_texts(32);
+    let tokens = |texts: &[String]| {
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        embedder.encode(&refs).unwrap().iter().map(|e| e.len()).sum::<usize>() as f64 / texts.len() as f64
+    };
+    out.insert("short_tokens".into(), tokens(&short).into());
+    out.insert("long_tokens".into(), tokens(&long).into());
+    for (name, texts) in [("short", &short), ("long", &long)] {
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let b1 = rate(8, min, || {
+            for t in &refs[..8] {
+                embedder.embed(&[t], 1).unwrap();
+            }
+        });
+        let b32 = rate(32, min, || {
+            embedder.embed(&refs, 32).unwrap();
+        });
+        out.insert(format!("embed_{name}_b1_per_s"), b1.into());
+        out.insert(format!("embed_{name}_b32_per_s"), b32.into());
+        eprintln!("embed {name}: batch 1 {b1:.1}/s, batch 32 {b32:.1}/s");
+    }
+    drop(embedder);
+    out.insert("embed_peak_rss_mib".into(), peak_rss_mib().into());
+
+    for (name, requantize) in [("q8_0", true), ("q4_1", false)] {
+        let generator = Generator::load(
+            &dir.join("smollm2-135m-instruct"),
+            &LoadOptions { requantize_q4_1: requantize },
+            &Device::Cpu,
+        )
+        .unwrap();
+        let prompt = generator.chat_prompt(&[ChatMessage::user(long_texts(1)[0].clone())]).unwrap();
+        let ids = generator.encode(&prompt).unwrap();
+        let ids = &ids[..ids.len().min(128)];
+        let prefill = rate(ids.len(), min, || {
+            generator.session().feed(ids).unwrap();
+        });
+        let steps = 64;
+        let decode = {
+            let mut session = generator.session();
+            session.feed(ids).unwrap();
+            let started = Instant::now();
+            for i in 0..steps {
+                session.feed(&[ids[i % ids.len()]]).unwrap();
+            }
+            steps as f64 / started.elapsed().as_secs_f64()
+        };
+        out.insert(format!("prefill_{name}_tokens_per_s"), prefill.into());
+        out.insert(format!("decode_{name}_tokens_per_s"), decode.into());
+        out.insert("prefill_prompt_tokens".into(), ids.len().into());
+        eprintln!("generate {name}: prefill {prefill:.1} tok/s ({} tokens), decode {decode:.1} tok/s", ids.len());
+    }
+    out.insert("peak_rss_mib".into(), peak_rss_mib().into());
+    println!("{}", serde_json::Value::Object(out));
+}

@@ -1,0 +1,126 @@
+//! The self-benchmark a node runs on its models at start, so its advert
+//! says what it can really do: embeddings per second through the worker
+//! pool (all replicas busy), and prefill and decode tokens per second for
+//! one sequence. Results are cached by (weights digest, hardware, pool
+//! shape, software version), so a node measures once per machine.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use mycel_protocol::{GenerateParams, Hardware, Throughput};
+
+use crate::error::{ModelError, Result};
+use crate::pool::Pool;
+use crate::{ChatMessage, Embedder, Generator};
+
+/// File in the node's data dir holding measured throughput.
+pub const CACHE_FILE: &str = "throughput.json";
+
+/// The cache key for a model on this machine and pool.
+pub fn cache_key(weights_hex: &str, hardware: &Hardware, pool: &Pool, threads: usize) -> String {
+    format!(
+        "{weights_hex}|{}|{} cores|{}|{}x{threads}|{}",
+        hardware.cpu_model,
+        hardware.cores,
+        hardware.simd.join(","),
+        pool.config().replicas,
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// Measured figures by cache key, kept in a small JSON file.
+#[derive(Debug, Default)]
+pub struct Cache {
+    entries: BTreeMap<String, [f32; 3]>,
+}
+
+impl Cache {
+    /// Reads the cache; a missing or unreadable file is an empty cache.
+    pub fn load(dir: &Path) -> Self {
+        let entries = std::fs::read_to_string(dir.join(CACHE_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        Self { entries }
+    }
+
+    /// The figures for a key, if measured.
+    pub fn get(&self, key: &str) -> Option<Throughput> {
+        self.entries.get(key).map(|[e, p, d]| Throughput {
+            embeddings_per_s: *e,
+            prefill_tokens_per_s: *p,
+            decode_tokens_per_s: *d,
+        })
+    }
+
+    /// Records figures and writes the file (atomically).
+    pub fn put(&mut self, dir: &Path, key: String, t: Throughput) -> Result<()> {
+        self.entries.insert(key, [t.embeddings_per_s, t.prefill_tokens_per_s, t.decode_tokens_per_s]);
+        let path = dir.join(CACHE_FILE);
+        let tmp = dir.join(format!(".{CACHE_FILE}.tmp"));
+        let text = serde_json::to_string_pretty(&self.entries).map_err(|e| ModelError::Invalid(e.to_string()))?;
+        std::fs::write(&tmp, text).map_err(ModelError::io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(ModelError::io(&path))
+    }
+}
+
+/// Short texts of about 20 tokens, like a typical search query or title.
+pub fn short_texts(n: usize) -> Vec<String> {
+    const WORDS: [&str; 12] =
+        ["swarm", "node", "model", "peer", "shard", "gossip", "auction", "vector", "token", "cache", "proof", "result"];
+    (0..n)
+        .map(|i| {
+            let words: Vec<&str> = (0..14).map(|j| WORDS[(i * 7 + j * 5) % WORDS.len()]).collect();
+            format!("Sentence {i}: {}.", words.join(" "))
+        })
+        .collect()
+}
+
+/// Embeddings per second with every replica busy on batches of 32 short
+/// texts.
+pub async fn embeddings_per_s(pool: &Pool, model: &Arc<Embedder>) -> Result<f32> {
+    let batch = short_texts(32);
+    let busy = pool.config().replicas;
+    // Warm-up: first runs allocate.
+    run_embeds(pool, model, &batch, busy).await?;
+    let rounds = 2;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        run_embeds(pool, model, &batch, busy).await?;
+    }
+    let texts = (rounds * busy * batch.len()) as f64;
+    Ok((texts / started.elapsed().as_secs_f64()) as f32)
+}
+
+async fn run_embeds(pool: &Pool, model: &Arc<Embedder>, batch: &[String], jobs: usize) -> Result<()> {
+    let receivers = (0..jobs)
+        .map(|_| pool.embed(model.clone(), batch.to_vec()).map_err(|e| ModelError::Invalid(e.to_string())))
+        .collect::<Result<Vec<_>>>()?;
+    for rx in receivers {
+        rx.await.map_err(|_| ModelError::Cancelled)??;
+    }
+    Ok(())
+}
+
+/// Prefill and decode tokens per second for one sequence: a prompt of
+/// about 128 tokens, then 32 generated tokens.
+pub fn generation_tokens_per_s(model: &Generator) -> Result<(f32, f32)> {
+    let prompt = model.chat_prompt(&[ChatMessage::user(short_texts(6).join(" "))])?;
+    let ids = model.encode(&prompt)?;
+    // Warm-up.
+    model.session().feed(&ids)?;
+    let started = Instant::now();
+    model.session().feed(&ids)?;
+    let prefill = ids.len() as f64 / started.elapsed().as_secs_f64();
+
+    let params = GenerateParams { max_tokens: 32, stop: Vec::new(), ..GenerateParams::default() };
+    let started = Instant::now();
+    let generation = model.generate(&ids, &params, &mut |_| std::ops::ControlFlow::Continue(()))?;
+    let total = started.elapsed().as_secs_f64();
+    // Time after the prompt: total minus one prefill at the measured rate.
+    let decode_secs = (total - ids.len() as f64 / prefill).max(1e-6);
+    let decode = f64::from(generation.tokens.saturating_sub(1).max(1)) / decode_secs;
+    Ok((prefill as f32, decode as f32))
+}

@@ -1,0 +1,89 @@
+//! The worker pool with the real models: results equal direct calls,
+//! concurrent embedding requests are batched, a full queue refuses work,
+//! callers that leave cancel their jobs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::models_dir;
+use mycel_models::{ChatMessage, Device, Embedder, Generator, LoadOptions, Pool, PoolConfig, PoolError};
+use mycel_protocol::{FinishReason, GenerateParams};
+
+fn embedder() -> Arc<Embedder> {
+    Arc::new(Embedder::load(&models_dir().join("all-minilm-l6-v2"), &Device::Cpu).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_embeddings_are_batched_and_match_direct_calls() {
+    let model = embedder();
+    let texts: Vec<String> =
+        (0..40).map(|i| format!("sentence number {i} about {}", "swarms ".repeat(i % 7))).collect();
+    let direct = model.embed(&texts.iter().map(String::as_str).collect::<Vec<_>>(), 8).unwrap();
+
+    let pool = Pool::new(PoolConfig { replicas: 1, queue: 64, max_batch: 64 }).unwrap();
+    // Occupy the single replica, so the next 40 requests queue up together.
+    let blocker = pool.embed(model.clone(), vec!["x ".repeat(200); 16]).unwrap();
+    let receivers: Vec<_> = texts.iter().map(|t| pool.embed(model.clone(), vec![t.clone()]).unwrap()).collect();
+    blocker.await.unwrap().unwrap();
+    for (rx, expected) in receivers.into_iter().zip(&direct) {
+        let got = rx.await.unwrap().unwrap();
+        let cos: f32 = got[0].iter().zip(expected).map(|(a, b)| a * b).sum();
+        assert!(cos > 0.99999, "cosine {cos}");
+    }
+    let load = pool.load();
+    assert!(load.batches <= 3, "40 queued requests ran in {} batches", load.batches);
+    assert_eq!((load.queued, load.active), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_refuses_and_abandoned_jobs_are_skipped() {
+    let model = embedder();
+    let pool = Pool::new(PoolConfig { replicas: 1, queue: 2, max_batch: 1 }).unwrap();
+    let blocker = pool.embed(model.clone(), vec!["y ".repeat(250); 32]).unwrap();
+    // Give the replica time to take the blocker off the queue.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let dropped = pool.embed(model.clone(), vec!["dropped".into()]).unwrap();
+    let kept = pool.embed(model.clone(), vec!["kept".into()]).unwrap();
+    assert_eq!(pool.embed(model.clone(), vec!["refused".into()]).unwrap_err(), PoolError::Busy(2));
+    drop(dropped);
+    blocker.await.unwrap().unwrap();
+    assert_eq!(kept.await.unwrap().unwrap().len(), 1);
+    assert_eq!(pool.load().cancelled, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_streams_and_stops_when_the_caller_leaves() {
+    let path = models_dir().join("smollm2-135m-instruct");
+    let model = Arc::new(Generator::load(&path, &LoadOptions::default(), &Device::Cpu).unwrap());
+    let prompt =
+        model.encode(&model.chat_prompt(&[ChatMessage::user("Write a long story about a ship.")]).unwrap()).unwrap();
+    let pool = Pool::new(PoolConfig { replicas: 2, queue: 4, max_batch: 8 }).unwrap();
+
+    let params = GenerateParams { max_tokens: 24, ..GenerateParams::default() };
+    let (mut stream, done) = pool.generate(model.clone(), prompt.clone(), params.clone()).unwrap();
+    let mut streamed = String::new();
+    while let Some(piece) = stream.recv().await {
+        streamed.push_str(&piece);
+    }
+    let generation = done.await.unwrap().unwrap();
+    assert_eq!(streamed, generation.text);
+    assert_eq!((generation.tokens, generation.finish), (24, FinishReason::Length));
+    // The same request run directly gives the same text (greedy).
+    let direct = model.generate(&prompt, &params, &mut |_| std::ops::ControlFlow::Continue(())).unwrap();
+    assert_eq!(direct, generation);
+
+    // A caller that reads one piece and leaves stops the work early.
+    let long = GenerateParams { max_tokens: 2000, ..GenerateParams::default() };
+    let (mut stream, done) = pool.generate(model, prompt, long).unwrap();
+    stream.recv().await.unwrap();
+    drop(stream);
+    drop(done);
+    let started = std::time::Instant::now();
+    while pool.load().cancelled == 0 {
+        assert!(started.elapsed().as_secs() < 30, "generation was not cancelled");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

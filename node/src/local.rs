@@ -1,0 +1,151 @@
+//! The models this node serves: which ones (from the config), loading them
+//! into the worker pool, and measuring them for the advert.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use mycel_models::bench;
+use mycel_models::registry::{self, LocalModel};
+use mycel_models::{Device, Embedder, Generator, LoadOptions, Pool, PoolConfig};
+use mycel_protocol::{Hardware, ModelAdvert, ModelKind, Quantization, Throughput};
+use tracing::info;
+
+use crate::config::NodeConfig;
+
+/// A loaded model and what the swarm is told about it.
+// The market (next) runs shards on `model`; until then only the advert is read.
+#[allow(dead_code)]
+#[derive(Debug)]
+pub struct Served<M> {
+    pub info: LocalModel,
+    pub model: Arc<M>,
+    pub advert: ModelAdvert,
+}
+
+/// Everything the node runs models with.
+#[derive(Debug)]
+pub struct LocalModels {
+    pub pool: Pool,
+    pub embedders: Vec<Served<Embedder>>,
+    pub generators: Vec<Served<Generator>>,
+}
+
+impl LocalModels {
+    /// What the advert lists.
+    pub fn adverts(&self) -> Vec<ModelAdvert> {
+        self.embedders
+            .iter()
+            .map(|s| s.advert.clone())
+            .chain(self.generators.iter().map(|s| s.advert.clone()))
+            .collect()
+    }
+}
+
+/// The model folders the config asks for. An id that is not there is an
+/// error naming what is.
+pub fn choose(config: &NodeConfig) -> Result<Vec<LocalModel>> {
+    let dir = &config.models_dir;
+    let Some(wanted) = &config.models else {
+        return registry::scan(dir).with_context(|| format!("reading models in {}", dir.display()));
+    };
+    wanted
+        .iter()
+        .map(|name| {
+            let path = PathBuf::from(name);
+            let folder = if path.is_absolute() || name.contains('/') {
+                if path.is_file() { path.parent().map(Path::to_path_buf).unwrap_or_default() } else { path }
+            } else {
+                dir.join(name)
+            };
+            if !folder.is_dir() {
+                let have: Vec<String> = registry::scan(dir).unwrap_or_default().into_iter().map(|m| m.id).collect();
+                bail!(
+                    "model {name:?} not found in {} (have: {}); get models with `mycel models fetch`",
+                    dir.display(),
+                    if have.is_empty() { "none".to_string() } else { have.join(", ") }
+                );
+            }
+            registry::open(&folder).with_context(|| format!("reading the model {name}"))
+        })
+        .collect()
+}
+
+/// Loads the chosen models, measures them (or reads the cached figures),
+/// and starts the worker pool. Blocking: run it off the async workers.
+pub fn load(config: &NodeConfig, chosen: Vec<LocalModel>, hardware: &Hardware) -> Result<LocalModels> {
+    let pool = Pool::new(PoolConfig { replicas: config.replicas, ..PoolConfig::for_cores(config.replicas) })
+        .context("starting the model worker pool")?;
+    let mut cache = bench::Cache::load(&config.data_dir);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let mut embedders = Vec::new();
+    let mut generators = Vec::new();
+    for info in chosen {
+        let key = bench::cache_key(&info.digest.to_hex(), hardware, &pool, config.threads);
+        match info.kind {
+            ModelKind::Embedding => {
+                let model =
+                    Arc::new(Embedder::load(&info.dir, &Device::Cpu).with_context(|| format!("loading {}", info.id))?);
+                let throughput = match cache.get(&key) {
+                    Some(t) => t,
+                    None => {
+                        info!(model = %info.id, "measuring embedding throughput");
+                        let per_s = runtime.block_on(bench::embeddings_per_s(&pool, &model))?;
+                        let t = Throughput { embeddings_per_s: per_s, ..Throughput::default() };
+                        cache.put(&config.data_dir, key, t)?;
+                        t
+                    }
+                };
+                let advert = ModelAdvert {
+                    id: info.id.clone(),
+                    kind: ModelKind::Embedding,
+                    weights: info.digest,
+                    dimensions: model.dimensions() as u32,
+                    context: model.max_tokens() as u32,
+                    quantization: Quantization::F32,
+                    throughput,
+                };
+                info!(model = %info.id, embeddings_per_s = throughput.embeddings_per_s, "serving");
+                embedders.push(Served { info, model, advert });
+            }
+            ModelKind::Generation => {
+                let model = Arc::new(
+                    Generator::load(&info.weights, &LoadOptions::default(), &Device::Cpu)
+                        .with_context(|| format!("loading {}", info.id))?,
+                );
+                let throughput = match cache.get(&key) {
+                    Some(t) => t,
+                    None => {
+                        info!(model = %info.id, "measuring generation speed");
+                        let (prefill, decode) = bench::generation_tokens_per_s(&model)?;
+                        let t = Throughput {
+                            prefill_tokens_per_s: prefill,
+                            decode_tokens_per_s: decode,
+                            ..Throughput::default()
+                        };
+                        cache.put(&config.data_dir, key, t)?;
+                        t
+                    }
+                };
+                let advert = ModelAdvert {
+                    id: info.id.clone(),
+                    kind: ModelKind::Generation,
+                    weights: info.digest,
+                    dimensions: 0,
+                    context: model.context() as u32,
+                    quantization: model.quantization().clone(),
+                    throughput,
+                };
+                info!(
+                    model = %info.id,
+                    prefill_tokens_per_s = throughput.prefill_tokens_per_s,
+                    decode_tokens_per_s = throughput.decode_tokens_per_s,
+                    "serving"
+                );
+                generators.push(Served { info, model, advert });
+            }
+            _ => bail!("{}: unsupported model kind", info.id),
+        }
+    }
+    Ok(LocalModels { pool, embedders, generators })
+}
