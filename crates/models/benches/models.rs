@@ -10,10 +10,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mycel_models::bench::short_texts;
-use mycel_models::{ChatMessage, Device, Embedder, Generator, LoadOptions};
+use mycel_models::{ChatMessage, Device, Embedder, Generator, LoadOptions, Pool, PoolConfig};
 
 /// Runs `f` repeatedly for at least `min` (after one warm-up), returns
 /// items per second.
@@ -77,7 +78,24 @@ fn main() {
         out.insert(format!("embed_{name}_b32_per_s"), b32.into());
         eprintln!("embed {name}: batch 1 {b1:.1}/s, batch 32 {b32:.1}/s");
     }
-    drop(embedder);
+    // The node's way: the worker pool with N replicas (run with
+    // CANDLE_NUM_THREADS=1 for single-threaded replicas), each job a batch of
+    // 32 short texts.
+    let replicas: usize = std::env::var("MYCEL_BENCH_REPLICAS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let pool = Pool::new(PoolConfig { replicas, queue: 64, max_batch: 32 }).unwrap();
+    let shared = Arc::new(embedder);
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let per_s = rate(32 * replicas, min, || {
+        let receivers: Vec<_> = (0..replicas).map(|_| pool.embed(shared.clone(), short.clone()).unwrap()).collect();
+        for rx in receivers {
+            runtime.block_on(rx).unwrap().unwrap();
+        }
+    });
+    out.insert("pool_replicas".into(), replicas.into());
+    out.insert("embed_short_b32_pool_per_s".into(), per_s.into());
+    eprintln!("embed short through the pool, {replicas} replicas: {per_s:.1}/s");
+    drop(pool);
+    drop(shared);
     out.insert("embed_peak_rss_mib".into(), peak_rss_mib().into());
 
     for (name, requantize) in [("q8_0", true), ("q4_1", false)] {
