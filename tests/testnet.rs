@@ -106,3 +106,63 @@ fn up_refuses_a_directory_with_a_running_testnet() {
     assert!(err.contains("already running") && err.contains("testnet down"), "{err}");
     down(&dir);
 }
+
+/// The test models (`scripts/test.sh` fetches them).
+fn test_models() -> std::path::PathBuf {
+    let dir = std::env::var_os("MYCEL_TEST_MODELS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-models"));
+    assert!(dir.join("all-minilm-l6-v2").is_dir(), "test models missing in {}: run scripts/test.sh", dir.display());
+    dir
+}
+
+#[test]
+fn testnet_nodes_serve_the_models_they_are_given() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("net");
+    // Copy-free: the nodes read the shared test models folder.
+    let models = test_models();
+    let out = mycel()
+        .args(["testnet", "up", "--nodes", "3", "--advert-interval", "1s", "--models-dir"])
+        .arg(&models)
+        .args(["--node-models", "all-minilm-l6-v2,smollm2-135m-instruct"])
+        .args(["--node-models", "all-minilm-l6-v2", "--node-models", "none", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "testnet up failed: {}", String::from_utf8_lossy(&out.stderr));
+    let _guard = Guard(&dir);
+    let manifest = Manifest::read(&dir).unwrap();
+
+    // Models load (and are measured) after the node joins: wait until the
+    // third node, which serves none, sees the others' models.
+    let expected: Vec<(String, Vec<&str>)> = vec![
+        (manifest.nodes[0].peer_id.clone(), vec!["all-minilm-l6-v2", "smollm2-135m-instruct"]),
+        (manifest.nodes[1].peer_id.clone(), vec!["all-minilm-l6-v2"]),
+    ];
+    let started = Instant::now();
+    loop {
+        let out = mycel().args(["peers", "--json", "--node"]).arg(&manifest.nodes[2].api).output().unwrap();
+        let peers: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let models_of = |peer: &str| -> Vec<String> {
+            peers
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["peer_id"] == peer)
+                .and_then(|p| p["models"].as_array())
+                .map(|ms| ms.iter().filter_map(|m| m["id"].as_str().map(String::from)).collect())
+                .unwrap_or_default()
+        };
+        if expected.iter().all(|(peer, want)| models_of(peer) == *want) {
+            // Measured speed travels with the advert.
+            let first = peers.as_array().unwrap().iter().find(|p| p["peer_id"] == expected[0].0).unwrap();
+            let embed = first["models"].as_array().unwrap().iter().find(|m| m["id"] == "all-minilm-l6-v2").unwrap();
+            assert!(embed["embeddings_per_s"].as_f64().unwrap() > 0.0, "{embed}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(180), "models not advertised in time: {peers:#}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    down(&dir);
+}

@@ -282,6 +282,22 @@ pub struct TestnetUpArgs {
     /// Give up waiting for convergence after this long.
     #[arg(long, default_value = "120s", value_name = "DURATION")]
     pub timeout: DurationArg,
+
+    /// Serve models from this folder (see `mycel models fetch`); without
+    /// it the nodes serve none.
+    #[arg(long, value_name = "DIR")]
+    pub models_dir: Option<PathBuf>,
+
+    /// Models per node, comma-separated ids or `none`, repeatable and used
+    /// round-robin: `--node-models all-minilm-l6-v2,smollm2-135m-instruct
+    /// --node-models all-minilm-l6-v2` alternates full and embedding-only
+    /// nodes [default: every model in --models-dir].
+    #[arg(long, value_name = "IDS", requires = "models_dir")]
+    pub node_models: Vec<String>,
+
+    /// Model worker replicas per node.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub replicas: u32,
 }
 
 #[derive(Debug, Args)]

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use mycel_models::registry::{self, LocalModel};
-use mycel_models::{ChatMessage, Device, Embedder, Generator, LoadOptions};
+use mycel_models::{ChatMessage, Embedder, Generator, LoadOptions};
 use mycel_protocol::{GenerateParams, ModelKind};
 
 use crate::cli::{InferCommand, InferEmbedArgs, InferGenerateArgs, ModelChoice};
@@ -26,7 +26,8 @@ fn embed(args: InferEmbedArgs) -> Result<()> {
         None => args.texts.clone(),
     };
     let started = Instant::now();
-    let embedder = Embedder::load(&model.dir, &Device::Cpu).with_context(|| format!("loading {}", model.id))?;
+    let embedder =
+        Embedder::load(&model.dir, &mycel_models::best_device()).with_context(|| format!("loading {}", model.id))?;
     tracing::debug!(model = %model.id, elapsed_ms = started.elapsed().as_millis() as u64, "model loaded");
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let started = Instant::now();
@@ -48,8 +49,8 @@ fn embed(args: InferEmbedArgs) -> Result<()> {
 fn generate(args: InferGenerateArgs) -> Result<()> {
     let model = choose(&args.model, ModelKind::Generation)?;
     let options = LoadOptions { requantize_q4_1: !args.keep_q4_1 };
-    let generator =
-        Generator::load(&model.weights, &options, &Device::Cpu).with_context(|| format!("loading {}", model.id))?;
+    let generator = Generator::load(&model.weights, &options, &mycel_models::best_device())
+        .with_context(|| format!("loading {}", model.id))?;
     let prompt = if args.raw {
         args.prompt.clone()
     } else {

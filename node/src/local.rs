@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use mycel_models::bench;
 use mycel_models::registry::{self, LocalModel};
-use mycel_models::{Device, Embedder, Generator, LoadOptions, Pool, PoolConfig};
+use mycel_models::{Embedder, Generator, LoadOptions, Pool, PoolConfig};
 use mycel_protocol::{Hardware, ModelAdvert, ModelKind, Quantization, Throughput};
 use tracing::info;
 
@@ -76,7 +76,7 @@ pub fn choose(config: &NodeConfig) -> Result<Vec<LocalModel>> {
 pub fn load(config: &NodeConfig, chosen: Vec<LocalModel>, hardware: &Hardware) -> Result<LocalModels> {
     let pool = Pool::new(PoolConfig { replicas: config.replicas, ..PoolConfig::for_cores(config.replicas) })
         .context("starting the model worker pool")?;
-    let mut cache = bench::Cache::load(&config.data_dir);
+    let mut cache = bench::Cache::load(&config.models_dir);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut embedders = Vec::new();
     let mut generators = Vec::new();
@@ -84,15 +84,17 @@ pub fn load(config: &NodeConfig, chosen: Vec<LocalModel>, hardware: &Hardware) -
         let key = bench::cache_key(&info.digest.to_hex(), hardware, &pool, config.threads);
         match info.kind {
             ModelKind::Embedding => {
-                let model =
-                    Arc::new(Embedder::load(&info.dir, &Device::Cpu).with_context(|| format!("loading {}", info.id))?);
+                let model = Arc::new(
+                    Embedder::load(&info.dir, &mycel_models::best_device())
+                        .with_context(|| format!("loading {}", info.id))?,
+                );
                 let throughput = match cache.get(&key) {
                     Some(t) => t,
                     None => {
                         info!(model = %info.id, "measuring embedding throughput");
                         let per_s = runtime.block_on(bench::embeddings_per_s(&pool, &model))?;
                         let t = Throughput { embeddings_per_s: per_s, ..Throughput::default() };
-                        cache.put(&config.data_dir, key, t)?;
+                        remember(&mut cache, &config.models_dir, key, t);
                         t
                     }
                 };
@@ -110,7 +112,7 @@ pub fn load(config: &NodeConfig, chosen: Vec<LocalModel>, hardware: &Hardware) -
             }
             ModelKind::Generation => {
                 let model = Arc::new(
-                    Generator::load(&info.weights, &LoadOptions::default(), &Device::Cpu)
+                    Generator::load(&info.weights, &LoadOptions::default(), &mycel_models::best_device())
                         .with_context(|| format!("loading {}", info.id))?,
                 );
                 let throughput = match cache.get(&key) {
@@ -123,7 +125,7 @@ pub fn load(config: &NodeConfig, chosen: Vec<LocalModel>, hardware: &Hardware) -
                             decode_tokens_per_s: decode,
                             ..Throughput::default()
                         };
-                        cache.put(&config.data_dir, key, t)?;
+                        remember(&mut cache, &config.models_dir, key, t);
                         t
                     }
                 };
@@ -148,4 +150,11 @@ pub fn load(config: &NodeConfig, chosen: Vec<LocalModel>, hardware: &Hardware) -
         }
     }
     Ok(LocalModels { pool, embedders, generators })
+}
+
+/// Caches figures; a read-only models folder only costs a re-measure.
+fn remember(cache: &mut bench::Cache, dir: &Path, key: String, t: Throughput) {
+    if let Err(e) = cache.put(dir, key, t) {
+        tracing::warn!(error = %e, "cannot cache the measured speed");
+    }
 }

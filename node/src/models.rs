@@ -25,13 +25,20 @@ pub fn run(cmd: ModelsCommand) -> Result<()> {
         ModelsCommand::List(args) => {
             let dir = args.dir.resolve()?;
             let models = registry::scan(&dir).with_context(|| format!("reading models in {}", dir.display()))?;
+            // Speeds nodes measured on this machine, if any.
+            let measured = mycel_models::bench::Cache::load(&dir);
+            let speed = |m: &registry::LocalModel| measured.for_weights(&m.digest.to_hex());
             if args.json {
                 let rows: Vec<serde_json::Value> = models
                     .iter()
                     .map(|m| {
+                        let t = speed(m);
                         serde_json::json!({
                             "id": m.id, "kind": kind(m.kind), "digest": m.digest.to_hex(),
                             "size_bytes": m.size, "path": m.weights,
+                            "embeddings_per_s": t.map(|t| t.embeddings_per_s),
+                            "prefill_tokens_per_s": t.map(|t| t.prefill_tokens_per_s),
+                            "decode_tokens_per_s": t.map(|t| t.decode_tokens_per_s),
                         })
                     })
                     .collect();
@@ -39,13 +46,27 @@ pub fn run(cmd: ModelsCommand) -> Result<()> {
             } else if models.is_empty() {
                 println!("no models in {} (get some with `mycel models fetch`)", dir.display());
             } else {
-                let rows: Vec<[String; 4]> = models
+                let rows: Vec<[String; 5]> = models
                     .iter()
                     .map(|m| {
-                        [m.id.clone(), kind(m.kind).into(), m.digest.to_hex(), format!("{:.1} MB", m.size as f64 / 1e6)]
+                        let speed = match (m.kind, speed(m)) {
+                            (_, None) => "not measured yet (a node measures at start)".to_string(),
+                            (ModelKind::Embedding, Some(t)) => format!("{:.0} embeddings/s", t.embeddings_per_s),
+                            (_, Some(t)) => format!(
+                                "prefill {:.0} tok/s, decode {:.0} tok/s",
+                                t.prefill_tokens_per_s, t.decode_tokens_per_s
+                            ),
+                        };
+                        [
+                            m.id.clone(),
+                            kind(m.kind).into(),
+                            m.digest.to_hex(),
+                            format!("{:.1} MB", m.size as f64 / 1e6),
+                            speed,
+                        ]
                     })
                     .collect();
-                print_table(&["MODEL", "KIND", "WEIGHTS SHA-256", "SIZE"], &rows);
+                print_table(&["MODEL", "KIND", "WEIGHTS SHA-256", "SIZE", "MEASURED SPEED"], &rows);
             }
             Ok(())
         }

@@ -17,7 +17,7 @@ pub fn run(cmd: TestnetCommand) -> Result<()> {
                 dir: args.dir.path.clone(),
                 advert_interval: args.advert_interval.0,
                 timeout: args.timeout.0,
-                node_args: |_| Vec::new(),
+                node_args: node_args(&args),
             };
             eprintln!("starting {} nodes in {} ...", opts.nodes, opts.dir.display());
             let report = net::up(&opts)?;
@@ -82,4 +82,30 @@ pub fn run(cmd: TestnetCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Each node's model flags, from `--models-dir` and `--node-models`.
+fn node_args(args: &crate::cli::TestnetUpArgs) -> Vec<Vec<String>> {
+    let Some(dir) = &args.models_dir else {
+        return vec![vec!["--model".into(), "none".into()]];
+    };
+    let base = vec![
+        "--models-dir".to_string(),
+        dir.display().to_string(),
+        "--replicas".to_string(),
+        args.replicas.to_string(),
+        "--threads".to_string(),
+        "1".to_string(),
+    ];
+    if args.node_models.is_empty() {
+        return vec![base];
+    }
+    args.node_models
+        .iter()
+        .map(|models| {
+            let mut a = base.clone();
+            a.extend(["--model".to_string(), models.clone()]);
+            a
+        })
+        .collect()
 }

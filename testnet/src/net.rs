@@ -57,8 +57,9 @@ pub struct UpOptions {
     pub advert_interval: Duration,
     /// Longest wait for convergence.
     pub timeout: Duration,
-    /// Extra arguments for node `i` (e.g. which models it loads).
-    pub node_args: fn(u32) -> Vec<String>,
+    /// Extra arguments per node, used round-robin: node `i` gets
+    /// `node_args[i % len]` (e.g. which models it loads). Empty: none.
+    pub node_args: Vec<Vec<String>>,
 }
 
 /// What `up` measured.
@@ -111,12 +112,21 @@ impl Starting {
             .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0", "--no-mdns"])
             .arg("--advert-interval")
             .arg(format!("{}ms", opts.advert_interval.as_millis()))
-            .args((opts.node_args)(index));
+            .args(opts.node_args.get(index as usize % opts.node_args.len().max(1)).into_iter().flatten());
         if let Some(b) = bootstrap {
             cmd.args(["--bootstrap", b]);
         }
         // Nodes read none of the user's node settings.
-        for var in ["MYCEL_CONFIG", "MYCEL_BOOTSTRAP", "MYCEL_LISTEN", "MYCEL_API", "MYCEL_DATA_DIR"] {
+        for var in [
+            "MYCEL_CONFIG",
+            "MYCEL_BOOTSTRAP",
+            "MYCEL_LISTEN",
+            "MYCEL_API",
+            "MYCEL_DATA_DIR",
+            "MYCEL_MODELS_DIR",
+            "MYCEL_MODELS",
+            "MYCEL_REPLICAS",
+        ] {
             cmd.env_remove(var);
         }
         let child = cmd

@@ -15,18 +15,21 @@ use crate::error::{ModelError, Result};
 use crate::pool::Pool;
 use crate::{ChatMessage, Embedder, Generator};
 
-/// File in the node's data dir holding measured throughput.
-pub const CACHE_FILE: &str = "throughput.json";
+/// File in the models folder holding measured throughput, shared by the
+/// nodes that serve from that folder.
+pub const CACHE_FILE: &str = ".mycel-throughput.json";
 
 /// The cache key for a model on this machine and pool.
 pub fn cache_key(weights_hex: &str, hardware: &Hardware, pool: &Pool, threads: usize) -> String {
     format!(
-        "{weights_hex}|{}|{} cores|{}|{}x{threads}|{}",
+        "{weights_hex}|{}|{} cores|{}|{}x{threads}|{}{}",
         hardware.cpu_model,
         hardware.cores,
         hardware.simd.join(","),
         pool.config().replicas,
-        env!("CARGO_PKG_VERSION")
+        env!("CARGO_PKG_VERSION"),
+        // A debug build is slower: never let its figures stand for a release's.
+        if cfg!(debug_assertions) { "|debug" } else { "" }
     )
 }
 
@@ -55,11 +58,18 @@ impl Cache {
         })
     }
 
+    /// Figures measured for these weights on any pool shape, if any (for
+    /// listings; adverts use [`Self::get`] with the exact key).
+    pub fn for_weights(&self, weights_hex: &str) -> Option<Throughput> {
+        let prefix = format!("{weights_hex}|");
+        self.entries.keys().find(|k| k.starts_with(&prefix)).and_then(|k| self.get(k))
+    }
+
     /// Records figures and writes the file (atomically).
     pub fn put(&mut self, dir: &Path, key: String, t: Throughput) -> Result<()> {
         self.entries.insert(key, [t.embeddings_per_s, t.prefill_tokens_per_s, t.decode_tokens_per_s]);
         let path = dir.join(CACHE_FILE);
-        let tmp = dir.join(format!(".{CACHE_FILE}.tmp"));
+        let tmp = dir.join(format!("{CACHE_FILE}.{}.tmp", std::process::id()));
         let text = serde_json::to_string_pretty(&self.entries).map_err(|e| ModelError::Invalid(e.to_string()))?;
         std::fs::write(&tmp, text).map_err(ModelError::io(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(ModelError::io(&path))

@@ -30,3 +30,14 @@ pub use generate::{ChatMessage, Generator, LoadOptions};
 pub use pool::{Pool, PoolConfig, PoolError};
 
 pub use candle_core::Device;
+
+/// The device models run on: the first CUDA GPU when built with the `cuda`
+/// feature and one is usable, else the CPU.
+pub fn best_device() -> Device {
+    #[cfg(feature = "cuda")]
+    match Device::new_cuda(0) {
+        Ok(device) => return device,
+        Err(e) => tracing::warn!(error = %e, "no usable CUDA GPU; running models on the CPU"),
+    }
+    Device::Cpu
+}
