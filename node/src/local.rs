@@ -74,27 +74,39 @@ pub fn choose(config: &NodeConfig) -> Result<Vec<LocalModel>> {
 /// Loads the chosen models, measures them (or reads the cached figures),
 /// and starts the worker pool. Blocking: run it off the async workers.
 pub fn load(config: &NodeConfig, chosen: Vec<LocalModel>, hardware: &Hardware) -> Result<LocalModels> {
-    let pool = Pool::new(PoolConfig { replicas: config.replicas, ..PoolConfig::for_cores(config.replicas) })
+    load_with(&config.models_dir, config.replicas, config.threads, chosen, hardware, false)
+}
+
+/// [`load`] without a node: `remeasure` ignores cached figures.
+pub fn load_with(
+    models_dir: &Path,
+    replicas: usize,
+    threads: usize,
+    chosen: Vec<LocalModel>,
+    hardware: &Hardware,
+    remeasure: bool,
+) -> Result<LocalModels> {
+    let pool = Pool::new(PoolConfig { replicas, ..PoolConfig::for_cores(replicas) })
         .context("starting the model worker pool")?;
-    let mut cache = bench::Cache::load(&config.models_dir);
+    let mut cache = bench::Cache::load(models_dir);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut embedders = Vec::new();
     let mut generators = Vec::new();
     for info in chosen {
-        let key = bench::cache_key(&info.digest.to_hex(), hardware, &pool, config.threads);
+        let key = bench::cache_key(&info.digest.to_hex(), hardware, &pool, threads);
         match info.kind {
             ModelKind::Embedding => {
                 let model = Arc::new(
                     Embedder::load(&info.dir, &mycel_models::best_device())
                         .with_context(|| format!("loading {}", info.id))?,
                 );
-                let throughput = match cache.get(&key) {
+                let throughput = match cache.get(&key).filter(|_| !remeasure) {
                     Some(t) => t,
                     None => {
                         info!(model = %info.id, "measuring embedding throughput");
                         let per_s = runtime.block_on(bench::embeddings_per_s(&pool, &model))?;
                         let t = Throughput { embeddings_per_s: per_s, ..Throughput::default() };
-                        remember(&mut cache, &config.models_dir, key, t);
+                        remember(&mut cache, models_dir, key, t);
                         t
                     }
                 };
@@ -115,7 +127,7 @@ pub fn load(config: &NodeConfig, chosen: Vec<LocalModel>, hardware: &Hardware) -
                     Generator::load(&info.weights, &LoadOptions::default(), &mycel_models::best_device())
                         .with_context(|| format!("loading {}", info.id))?,
                 );
-                let throughput = match cache.get(&key) {
+                let throughput = match cache.get(&key).filter(|_| !remeasure) {
                     Some(t) => t,
                     None => {
                         info!(model = %info.id, "measuring generation speed");
@@ -125,7 +137,7 @@ pub fn load(config: &NodeConfig, chosen: Vec<LocalModel>, hardware: &Hardware) -
                             decode_tokens_per_s: decode,
                             ..Throughput::default()
                         };
-                        remember(&mut cache, &config.models_dir, key, t);
+                        remember(&mut cache, models_dir, key, t);
                         t
                     }
                 };

@@ -22,6 +22,27 @@ pub fn run(cmd: ModelsCommand) -> Result<()> {
             }
             Ok(())
         }
+        ModelsCommand::Bench(args) => {
+            let dir = args.dir.resolve()?;
+            let models = registry::scan(&dir).with_context(|| format!("reading models in {}", dir.display()))?;
+            if models.is_empty() {
+                anyhow::bail!("no models in {} (get some with `mycel models fetch`)", dir.display());
+            }
+            let hardware = mycel_models::hardware::detect();
+            eprintln!("measuring {} models with {} replica(s) x 1 thread ...", models.len(), args.replicas);
+            let loaded = crate::local::load_with(&dir, args.replicas as usize, 1, models, &hardware, !args.keep)?;
+            for m in loaded.adverts() {
+                let t = m.throughput;
+                match m.kind {
+                    ModelKind::Embedding => println!("{:<24} {:.0} embeddings/s", m.id, t.embeddings_per_s),
+                    _ => println!(
+                        "{:<24} prefill {:.0} tok/s, decode {:.0} tok/s",
+                        m.id, t.prefill_tokens_per_s, t.decode_tokens_per_s
+                    ),
+                }
+            }
+            Ok(())
+        }
         ModelsCommand::List(args) => {
             let dir = args.dir.resolve()?;
             let models = registry::scan(&dir).with_context(|| format!("reading models in {}", dir.display()))?;

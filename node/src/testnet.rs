@@ -19,6 +19,19 @@ pub fn run(cmd: TestnetCommand) -> Result<()> {
                 timeout: args.timeout.0,
                 node_args: node_args(&args),
             };
+            if let Some(models) = &args.models_dir {
+                // Measure the models once, alone, before the nodes start:
+                // nodes measuring at the same moment would slow each other
+                // down and advertise (and cache) wrong figures.
+                eprintln!("measuring the models in {} (once per machine) ...", models.display());
+                let status = std::process::Command::new(&opts.bin)
+                    .args(["models", "bench", "--keep", "--replicas", &args.replicas.to_string(), "--dir"])
+                    .arg(models)
+                    .stdout(std::process::Stdio::null())
+                    .status()
+                    .context("running mycel models bench")?;
+                anyhow::ensure!(status.success(), "measuring the models failed");
+            }
             eprintln!("starting {} nodes in {} ...", opts.nodes, opts.dir.display());
             let report = net::up(&opts)?;
             let rows: Vec<[String; 4]> = report

@@ -1,0 +1,21 @@
+//! The task market, sans IO.
+//!
+//! State machines take events (a bid arrived, a result arrived, a peer was
+//! lost, a timer fired) and return actions (send this CFP, award these
+//! shards, acknowledge that result, set a timer, complete the task). No
+//! sockets, no clock, no threads: the node drives them with libp2p, a real
+//! clock and the store; tests drive them with virtual time.
+//!
+//! - [`plan`]: cutting a task into shards sized from the candidates' speed.
+//! - [`requester`]: one task's auction, awards, verification, re-auctions
+//!   and aggregation, ending in a receipt.
+//!
+//! Every event's actions start with [`requester::Action::Persist`] when the
+//! state changed: the driver stores the state before anything that depends
+//! on it leaves the node, so a restarted requester resumes where it was.
+
+pub mod plan;
+pub mod requester;
+
+pub use plan::{Plan, PlannedShard};
+pub use requester::{Action, Candidate, Config, Event, Requester, Timer};

@@ -1,0 +1,149 @@
+//! Cutting a task into shards.
+//!
+//! `embed` tasks split by text and multi-prompt `generate` tasks by prompt.
+//! With [`Split::Auto`], a shard is sized to take about
+//! [`TARGET_SHARD_MS`] on the median candidate (from advertised speed), so
+//! fast peers come back for more and a lost shard costs little.
+
+use mycel_protocol::{Digest, EncodeError, ShardOffer, Split, Work, limits};
+use serde::{Deserialize, Serialize};
+
+/// How long one shard should take on a typical candidate.
+pub const TARGET_SHARD_MS: u64 = 3_000;
+
+/// One shard of a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlannedShard {
+    /// Index within the task.
+    pub index: u32,
+    /// Position of its first item in the task.
+    pub first_item: u64,
+    /// Its items, as work of the task's kind.
+    pub work: Work,
+    /// Digest of `work`: what results must name as input.
+    pub input: Digest,
+    /// Units of work (items for embeddings, max tokens for generation).
+    pub units: u64,
+}
+
+impl PlannedShard {
+    /// Items in the shard.
+    pub fn items(&self) -> u32 {
+        self.work.items() as u32
+    }
+
+    /// What a CFP says about it.
+    pub fn offer(&self) -> ShardOffer {
+        ShardOffer { shard: self.index, items: self.items(), units: self.units }
+    }
+}
+
+/// A task's shards, in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The shards.
+    pub shards: Vec<PlannedShard>,
+}
+
+/// Items per shard for `split`, given the candidates' speeds in units per
+/// second (empty: unknown) and the units per item.
+pub fn items_per_shard(split: Split, speeds: &[f32], units_per_item: u64, items: usize) -> usize {
+    let n = match split {
+        Split::ItemsPerShard(n) => n as usize,
+        _ => {
+            let mut known: Vec<f32> = speeds.iter().copied().filter(|s| s.is_finite() && *s > 0.0).collect();
+            known.sort_by(f32::total_cmp);
+            match known.get(known.len() / 2) {
+                Some(median) => {
+                    let units = f64::from(*median) * TARGET_SHARD_MS as f64 / 1000.0;
+                    (units / units_per_item.max(1) as f64) as usize
+                }
+                // Nobody has said how fast they are: small shards.
+                None => 16,
+            }
+        }
+    };
+    // Never more shards than the protocol allows, never more items per
+    // shard than a CFP may describe.
+    let floor = items.div_ceil(limits::SHARDS_PER_TASK);
+    n.clamp(1, limits::ITEMS_PER_SHARD).max(floor)
+}
+
+/// Why a task could not be planned.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PlanError {
+    /// A shard's work could not be encoded (to hash it).
+    #[error("encoding a shard: {0}")]
+    Encode(#[from] EncodeError),
+    /// A kind of work this version cannot split.
+    #[error("this kind of work cannot be split into shards")]
+    Unsupported,
+}
+
+/// Cuts `work` into shards.
+pub fn plan(work: &Work, split: Split, speeds: &[f32]) -> Result<Plan, PlanError> {
+    let units_per_item = match work {
+        Work::Generate { params, .. } => u64::from(params.max_tokens),
+        _ => 1,
+    };
+    let total = work.items();
+    let per = items_per_shard(split, speeds, units_per_item, total);
+    let mut shards = Vec::with_capacity(total.div_ceil(per));
+    let mut first = 0usize;
+    while first < total {
+        let end = (first + per).min(total);
+        let part = match work {
+            Work::Embed { texts } => Work::Embed { texts: texts[first..end].to_vec() },
+            Work::Generate { prompts, params } => {
+                Work::Generate { prompts: prompts[first..end].to_vec(), params: params.clone() }
+            }
+            _ => return Err(PlanError::Unsupported),
+        };
+        let input = part.digest()?;
+        shards.push(PlannedShard {
+            index: shards.len() as u32,
+            first_item: first as u64,
+            units: (end - first) as u64 * units_per_item,
+            input,
+            work: part,
+        });
+        first = end;
+    }
+    Ok(Plan { shards })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn texts(n: usize) -> Work {
+        Work::Embed { texts: (0..n).map(|i| format!("text {i}")).collect() }
+    }
+
+    #[test]
+    fn shards_cover_every_item_once_in_order() {
+        let plan = plan(&texts(1000), Split::ItemsPerShard(64), &[]).unwrap();
+        assert_eq!(plan.shards.len(), 16);
+        let mut next = 0u64;
+        for (i, s) in plan.shards.iter().enumerate() {
+            assert_eq!((s.index as usize, s.first_item), (i, next));
+            assert_eq!(s.input, s.work.digest().unwrap());
+            next += u64::from(s.items());
+        }
+        assert_eq!(next, 1000);
+        assert_eq!(plan.shards.last().unwrap().items(), 1000 - 15 * 64);
+    }
+
+    #[test]
+    fn auto_sizes_from_the_median_speed() {
+        // Median 100 texts/s x 3 s = 300 per shard.
+        assert_eq!(items_per_shard(Split::Auto, &[50.0, 100.0, 400.0], 1, 10_000), 300);
+        // Generation: units are tokens; 60 tok/s x 3 s / 64 tokens per prompt = 2.
+        assert_eq!(items_per_shard(Split::Auto, &[60.0], 64, 10), 2);
+        // Unknown speeds: small shards; never zero.
+        assert_eq!(items_per_shard(Split::Auto, &[], 1, 100), 16);
+        assert_eq!(items_per_shard(Split::Auto, &[0.01], 1, 100), 1);
+        assert_eq!(items_per_shard(Split::ItemsPerShard(0), &[], 1, 100), 1);
+    }
+}

@@ -1,0 +1,742 @@
+//! One task, from the requester's side: call for proposals, collect signed
+//! bids, award shards, verify signed results, re-auction what fails, and
+//! put the outputs together with a receipt.
+//!
+//! The life of a shard:
+//!
+//! ```text
+//! Open --award--> Running { executors } --k agreeing results--> Done
+//!   ^                  |  timeout / peer lost / refused
+//!   +------------------+  (the executor is dropped; the shard is re-awarded)
+//! ```
+//!
+//! A shard is run by `redundancy` distinct peers; their outputs are compared
+//! (embeddings by cosine, generations exactly). When they disagree a
+//! tie-breaker peer runs it too and the majority wins; the peers outvoted
+//! are reported ([`Action::Penalise`]). The first valid result of a shard
+//! run once completes it; anything after that is answered
+//! `AlreadyComplete`, so every shard completes exactly once.
+//!
+//! Time is whatever the driver says it is (`now_ms` in every event).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use mycel_protocol::{
+    Award, AwardedShard, Bid, Cfp, Digest, ModelKind, PublicKey, Receipt, RejectReason, ResultAck, ResultClaim,
+    ShardOutput, ShardResult, Signed, TaskId, TaskSpec, Verdict, limits, merkle,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::plan::{self, Plan, PlanError, PlannedShard};
+
+/// Most executions of one shard (redundancy plus tie-breakers).
+const MAX_EXECUTIONS: usize = limits::MAX_REDUNDANCY as usize + 2;
+
+/// Tuning of the auction.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Config {
+    /// How long bids are collected.
+    pub bid_window_ms: u64,
+    /// Close the bid window early once this many bids are in.
+    pub enough_bids: usize,
+    /// CFPs go directly to at most this many candidates.
+    pub fanout: usize,
+    /// With fewer known candidates than this, the CFP is also gossiped.
+    pub min_direct: usize,
+    /// Rounds of CFPs without any usable bid before the task fails.
+    pub max_rounds: u32,
+    /// A shard's deadline: its expected time times this, plus `grace_ms`.
+    pub deadline_factor: f64,
+    /// Added to every shard deadline (transfer, queueing).
+    pub grace_ms: u64,
+    /// Cosine at or above which two embedding outputs agree.
+    pub min_cosine: f64,
+    /// Peers below this reputation get no work.
+    pub min_reputation: f64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            bid_window_ms: 500,
+            enough_bids: 8,
+            fanout: 16,
+            min_direct: 3,
+            max_rounds: 5,
+            deadline_factor: 4.0,
+            grace_ms: 5_000,
+            min_cosine: 0.999,
+            min_reputation: 0.2,
+        }
+    }
+}
+
+/// A peer the capability table says serves the task's model.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    /// Its key.
+    pub peer: PublicKey,
+    /// Advertised units per second on this model.
+    pub units_per_s: f32,
+    /// Queued shards over capacity, from its advert.
+    pub load: f32,
+    /// Its reputation, 0..=1.
+    pub reputation: f64,
+}
+
+/// Something that happened.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A signed bid arrived from `from` (the authenticated sender).
+    Bid { from: PublicKey, bid: Box<Signed<Bid>> },
+    /// A shard result arrived from `from`.
+    Result { from: PublicKey, result: Box<ShardResult> },
+    /// A worker turned an award down, or could not be reached.
+    Refused { from: PublicKey, shard: u32 },
+    /// A peer disconnected or its advert expired.
+    PeerLost(PublicKey),
+    /// A timer set by [`Action::SetTimer`] fired.
+    Timer(Timer),
+}
+
+/// Timers the requester asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Timer {
+    /// The bid window of a round closes.
+    BidsClose { round: u32 },
+    /// A shard's executor is late.
+    ShardDeadline { shard: u32, peer: PublicKey },
+}
+
+/// What the driver must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
+pub enum Action {
+    /// Store the requester's state (see [`Requester::snapshot`]) before
+    /// doing anything after this.
+    Persist,
+    /// Send this CFP (the driver signs it) to these peers directly.
+    SendCfp { to: Vec<PublicKey>, cfp: Cfp },
+    /// Also publish this CFP on the gossip topic.
+    GossipCfp { cfp: Cfp },
+    /// Send this award to its winner.
+    SendAward { to: PublicKey, award: Award },
+    /// Answer a result (the driver signs the ack).
+    Ack { to: PublicKey, ack: ResultAck },
+    /// Fire [`Event::Timer`] at this time.
+    SetTimer { at_ms: u64, timer: Timer },
+    /// A peer did something wrong: lower its reputation.
+    Penalise { peer: PublicKey, reason: RejectReason },
+    /// A peer delivered a valid result: raise its reputation.
+    Reward { peer: PublicKey },
+    /// The task is done: the output in item order and the receipt to sign.
+    Complete { output: ShardOutput, receipt: Receipt },
+    /// The task cannot be completed.
+    Fail { reason: String },
+}
+
+/// Where a task stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Waiting for bids.
+    Bidding,
+    /// Shards out; re-auctions as needed.
+    Running,
+    /// All shards done.
+    Done,
+    /// Gave up.
+    Failed,
+}
+
+/// One shard's progress.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ShardState {
+    plan: PlannedShard,
+    /// Peers running it now.
+    running: BTreeSet<PublicKey>,
+    /// Peers that failed or lied on it: never asked again.
+    excluded: BTreeSet<PublicKey>,
+    /// Valid results so far, by executor.
+    results: BTreeMap<PublicKey, ShardResult>,
+    /// Executions wanted: the task's redundancy, plus tie-breakers.
+    wanted: usize,
+    /// The accepted result, once decided.
+    done: Option<ShardResult>,
+}
+
+/// A standing offer from a worker for this task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Offer {
+    bid: Bid,
+    digest: Digest,
+    reputation: f64,
+}
+
+/// The requester's state for one task. Serializable: this is what the
+/// journal stores.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Requester {
+    task: TaskId,
+    spec_digest: Digest,
+    model: Digest,
+    kind: ModelKind,
+    config: Config,
+    phase: Phase,
+    round: u32,
+    /// Digest of the current round's CFP, once the driver has signed it.
+    cfp: Option<Digest>,
+    shards: Vec<ShardState>,
+    offers: BTreeMap<PublicKey, Offer>,
+    candidates: Vec<Candidate>,
+    /// Shards each peer runs now.
+    busy: BTreeMap<PublicKey, BTreeSet<u32>>,
+    rounds_without_bids: u32,
+}
+
+// The journal stores the requester with the protocol's codec: one task's
+// state holds at most its spec and its outputs.
+mycel_protocol::wire!(Requester, limits::TASK_SPEC + limits::RECEIPT);
+
+/// Why a task could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Planning failed.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// The spec could not be hashed.
+    #[error("encoding the task: {0}")]
+    Encode(#[from] mycel_protocol::EncodeError),
+    /// The plan needs more shards than one CFP may list.
+    #[error("{0} shards is more than a task may have")]
+    TooManyShards(usize),
+}
+
+impl Requester {
+    /// Plans a task for `model` (already pinned to one digest) among these
+    /// candidates.
+    pub fn new(
+        task: TaskId,
+        spec: &TaskSpec,
+        model: Digest,
+        kind: ModelKind,
+        candidates: Vec<Candidate>,
+        config: Config,
+    ) -> Result<Self, StartError> {
+        let speeds: Vec<f32> = candidates.iter().map(|c| c.units_per_s).collect();
+        let Plan { shards } = plan::plan(&spec.work, spec.split, &speeds)?;
+        if shards.len() > limits::SHARDS_PER_TASK {
+            return Err(StartError::TooManyShards(shards.len()));
+        }
+        let wanted = usize::from(spec.redundancy.clamp(1, limits::MAX_REDUNDANCY));
+        let shards = shards
+            .into_iter()
+            .map(|plan| ShardState {
+                plan,
+                running: BTreeSet::new(),
+                excluded: BTreeSet::new(),
+                results: BTreeMap::new(),
+                wanted,
+                done: None,
+            })
+            .collect();
+        Ok(Self {
+            task,
+            spec_digest: Digest::of(&mycel_protocol::Wire::encode(spec)?),
+            model,
+            kind,
+            config,
+            phase: Phase::Bidding,
+            round: 0,
+            cfp: None,
+            shards,
+            offers: BTreeMap::new(),
+            candidates,
+            busy: BTreeMap::new(),
+            rounds_without_bids: 0,
+        })
+    }
+
+    /// The task.
+    pub fn task(&self) -> TaskId {
+        self.task
+    }
+
+    /// Where it stands.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Shards in the plan.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Shards decided.
+    pub fn shards_done(&self) -> usize {
+        self.shards.iter().filter(|s| s.done.is_some()).count()
+    }
+
+    /// Who ran each decided shard (the accepted result's signer), by shard.
+    pub fn executors(&self) -> Vec<Option<PublicKey>> {
+        self.shards.iter().map(|s| s.done.as_ref().map(|r| *r.claim.signer())).collect()
+    }
+
+    /// Opens the first round.
+    pub fn start(&mut self, now_ms: u64) -> Vec<Action> {
+        let mut out = vec![Action::Persist];
+        self.open_round(now_ms, &mut out);
+        out
+    }
+
+    /// The driver signed the round's CFP: bids must name this digest.
+    pub fn cfp_signed(&mut self, round: u32, digest: Digest) -> Vec<Action> {
+        if round == self.round {
+            self.cfp = Some(digest);
+            vec![Action::Persist]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Handles one event.
+    pub fn handle(&mut self, now_ms: u64, event: Event) -> Vec<Action> {
+        if matches!(self.phase, Phase::Done | Phase::Failed) {
+            // Late results still get an answer, so the worker stops waiting.
+            if let Event::Result { from, result } = event {
+                let ack = self.ack(&result, Verdict::Rejected(RejectReason::AlreadyComplete));
+                return vec![Action::Ack { to: from, ack }];
+            }
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        match event {
+            Event::Bid { from, bid } => self.on_bid(now_ms, from, &bid, &mut out),
+            Event::Result { from, result } => self.on_result(now_ms, from, *result, &mut out),
+            Event::Refused { from, shard } => self.drop_executor(now_ms, shard, from, None, &mut out),
+            Event::PeerLost(peer) => {
+                self.offers.remove(&peer);
+                let shards: Vec<u32> = self.busy.get(&peer).map(|s| s.iter().copied().collect()).unwrap_or_default();
+                for shard in shards {
+                    self.drop_executor(now_ms, shard, peer, None, &mut out);
+                }
+            }
+            Event::Timer(Timer::BidsClose { round }) => {
+                if round == self.round && self.phase == Phase::Bidding {
+                    self.close_bidding(now_ms, &mut out);
+                }
+            }
+            Event::Timer(Timer::ShardDeadline { shard, peer }) => {
+                let still = self.shards.get(shard as usize).is_some_and(|s| s.running.contains(&peer));
+                if still {
+                    self.drop_executor(now_ms, shard, peer, Some(RejectReason::Late), &mut out);
+                }
+            }
+        }
+        if !out.is_empty() && !matches!(out.first(), Some(Action::Persist)) {
+            out.insert(0, Action::Persist);
+        }
+        out
+    }
+
+    fn open_round(&mut self, now_ms: u64, out: &mut Vec<Action>) {
+        self.round += 1;
+        self.cfp = None;
+        self.phase = Phase::Bidding;
+        let open: Vec<_> = self
+            .shards
+            .iter()
+            .filter(|s| s.done.is_none() && s.running.len() < s.wanted)
+            .map(|s| s.plan.offer())
+            .collect();
+        let cfp = Cfp {
+            task: self.task,
+            round: self.round,
+            model: self.model,
+            kind: self.kind,
+            shards: open.into_iter().take(limits::SHARDS_PER_CFP).collect(),
+            max_price: None,
+            bids_close_ms: now_ms + self.config.bid_window_ms,
+        };
+        let mut ranked: Vec<&Candidate> =
+            self.candidates.iter().filter(|c| c.reputation >= self.config.min_reputation).collect();
+        ranked.sort_by(|a, b| score(b).total_cmp(&score(a)));
+        let to: Vec<PublicKey> = ranked.iter().take(self.config.fanout).map(|c| c.peer).collect();
+        if to.len() < self.config.min_direct || self.rounds_without_bids > 0 {
+            out.push(Action::GossipCfp { cfp: cfp.clone() });
+        }
+        if !to.is_empty() {
+            out.push(Action::SendCfp { to, cfp });
+        }
+        out.push(Action::SetTimer {
+            at_ms: now_ms + self.config.bid_window_ms,
+            timer: Timer::BidsClose { round: self.round },
+        });
+    }
+
+    fn on_bid(&mut self, now_ms: u64, from: PublicKey, signed: &Signed<Bid>, out: &mut Vec<Action>) {
+        let Ok(bid) = signed.verify_from(&from) else {
+            out.push(Action::Penalise { peer: from, reason: RejectReason::BadSignature });
+            return;
+        };
+        let fresh = bid.task == self.task
+            && bid.round == self.round
+            && Some(bid.cfp) == self.cfp
+            && bid.model == self.model
+            && bid.expires_ms > now_ms
+            && bid.capacity > 0
+            && bid.units_per_s > 0.0;
+        if !fresh {
+            return;
+        }
+        let reputation = self.reputation(&from);
+        if reputation < self.config.min_reputation {
+            return;
+        }
+        self.offers.insert(from, Offer { bid, digest: signed.digest(), reputation });
+        out.push(Action::Persist);
+        if self.phase == Phase::Running {
+            // A late bidder joins the pool of workers for open shards.
+            self.award_open(now_ms, out);
+        } else if self.offers.len() >= self.config.enough_bids {
+            self.close_bidding(now_ms, out);
+        }
+    }
+
+    fn close_bidding(&mut self, now_ms: u64, out: &mut Vec<Action>) {
+        self.offers.retain(|_, o| o.bid.expires_ms > now_ms);
+        if self.offers.is_empty() {
+            self.rounds_without_bids += 1;
+            if self.rounds_without_bids >= self.config.max_rounds {
+                self.fail(format!("no usable bids after {} rounds", self.rounds_without_bids), out);
+            } else {
+                self.open_round(now_ms, out);
+            }
+            return;
+        }
+        self.rounds_without_bids = 0;
+        self.phase = Phase::Running;
+        self.award_open(now_ms, out);
+    }
+
+    /// Awards every shard that needs an executor, each to the free bidder
+    /// that would finish it first, up to each bidder's capacity; one award
+    /// message per bidder.
+    fn award_open(&mut self, now_ms: u64, out: &mut Vec<Action>) {
+        let mut batches: BTreeMap<PublicKey, Vec<AwardedShard>> = BTreeMap::new();
+        for index in 0..self.shards.len() {
+            loop {
+                let shard = &self.shards[index];
+                if shard.done.is_some() || shard.running.len() + shard.results.len() >= shard.wanted {
+                    break;
+                }
+                let Some(peer) = self.best_free_bidder(shard) else { break };
+                let offer = &self.offers[&peer];
+                let expected_ms = offer.bid.queue_ms
+                    + (shard.plan.units as f64 * 1000.0 / f64::from(offer.bid.units_per_s.max(1e-3))) as u64;
+                let deadline =
+                    now_ms + (expected_ms as f64 * self.config.deadline_factor) as u64 + self.config.grace_ms;
+                let awarded = AwardedShard {
+                    shard: shard.plan.index,
+                    first_item: shard.plan.first_item,
+                    work: shard.plan.work.clone(),
+                    deadline_ms: deadline,
+                };
+                self.shards[index].running.insert(peer);
+                self.busy.entry(peer).or_default().insert(index as u32);
+                batches.entry(peer).or_default().push(awarded);
+                out.push(Action::SetTimer {
+                    at_ms: deadline,
+                    timer: Timer::ShardDeadline { shard: index as u32, peer },
+                });
+            }
+        }
+        for (peer, shards) in batches {
+            let bid = self.offers[&peer].digest;
+            out.push(Action::SendAward {
+                to: peer,
+                award: Award { task: self.task, round: self.round, bid, model: self.model, shards },
+            });
+        }
+        // Shards nobody can take now wait for a worker to free up; if no
+        // one is working at all, ask again.
+        let waiting = self.shards.iter().any(|s| s.done.is_none() && s.running.len() + s.results.len() < s.wanted);
+        let anyone_busy = self.busy.values().any(|s| !s.is_empty());
+        if waiting && !anyone_busy && self.phase == Phase::Running {
+            self.open_round(now_ms, out);
+        }
+    }
+
+    fn best_free_bidder(&self, shard: &ShardState) -> Option<PublicKey> {
+        self.offers
+            .iter()
+            .filter(|(peer, offer)| {
+                let load = self.busy.get(*peer).map_or(0, BTreeSet::len);
+                load < offer.bid.capacity as usize
+                    && !shard.running.contains(*peer)
+                    && !shard.results.contains_key(*peer)
+                    && !shard.excluded.contains(*peer)
+            })
+            .min_by(|(_, a), (_, b)| {
+                let finish =
+                    |o: &Offer| o.bid.queue_ms as f64 + shard.plan.units as f64 * 1000.0 / f64::from(o.bid.units_per_s);
+                finish(a)
+                    .total_cmp(&finish(b))
+                    .then(a.bid.price.cmp(&b.bid.price))
+                    .then(b.reputation.total_cmp(&a.reputation))
+            })
+            .map(|(peer, _)| *peer)
+    }
+
+    fn reputation(&self, peer: &PublicKey) -> f64 {
+        self.candidates.iter().find(|c| c.peer == *peer).map_or(0.5, |c| c.reputation)
+    }
+
+    /// Takes `peer` off `shard` (late, lost, refused or wrong) and finds
+    /// someone else.
+    fn drop_executor(
+        &mut self,
+        now_ms: u64,
+        shard: u32,
+        peer: PublicKey,
+        penalty: Option<RejectReason>,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(state) = self.shards.get_mut(shard as usize) else { return };
+        if !state.running.remove(&peer) {
+            return;
+        }
+        state.excluded.insert(peer);
+        if let Some(set) = self.busy.get_mut(&peer) {
+            set.remove(&shard);
+        }
+        // A peer that failed once loses its standing offer for this task.
+        self.offers.remove(&peer);
+        if let Some(reason) = penalty {
+            out.push(Action::Penalise { peer, reason });
+        }
+        out.push(Action::Persist);
+        if self.phase == Phase::Running {
+            self.award_open(now_ms, out);
+        }
+    }
+
+    fn on_result(&mut self, now_ms: u64, from: PublicKey, result: ShardResult, out: &mut Vec<Action>) {
+        let verdict = self.check(&from, &result);
+        let index = result.claim.verify().map(|c| c.shard as usize).unwrap_or(usize::MAX);
+        if let Err(reason) = verdict {
+            let ack = self.ack(&result, Verdict::Rejected(reason));
+            out.push(Action::Ack { to: from, ack });
+            if !matches!(reason, RejectReason::AlreadyComplete | RejectReason::Late) {
+                out.push(Action::Penalise { peer: from, reason });
+                if index < self.shards.len() {
+                    self.drop_executor(now_ms, index as u32, from, None, out);
+                }
+            }
+            return;
+        }
+        let state = &mut self.shards[index];
+        state.running.remove(&from);
+        if let Some(set) = self.busy.get_mut(&from) {
+            set.remove(&(index as u32));
+        }
+        state.results.insert(from, result.clone());
+        out.push(Action::Persist);
+        self.decide(index, out);
+        // Whatever was decided, the worker has a free slot: offer it more.
+        if self.phase == Phase::Running {
+            self.award_open(now_ms, out);
+        }
+        self.finish_if_done(now_ms, out);
+    }
+
+    /// Verifies a result against the shard it claims to be for.
+    fn check(&self, from: &PublicKey, result: &ShardResult) -> Result<usize, RejectReason> {
+        let claim: ResultClaim = result.claim.verify().map_err(|_| RejectReason::BadSignature)?;
+        let signer = *result.claim.signer();
+        if signer != *from || claim.task != self.task {
+            return Err(RejectReason::NotAwarded);
+        }
+        let index = claim.shard as usize;
+        let state = self.shards.get(index).ok_or(RejectReason::NotAwarded)?;
+        if state.done.is_some() || state.results.contains_key(&signer) {
+            return Err(RejectReason::AlreadyComplete);
+        }
+        if !state.running.contains(&signer) {
+            return Err(if state.excluded.contains(&signer) { RejectReason::Late } else { RejectReason::NotAwarded });
+        }
+        if claim.input != state.plan.input || claim.first_item != state.plan.first_item {
+            return Err(RejectReason::InputMismatch);
+        }
+        if claim.model != self.model {
+            return Err(RejectReason::ModelMismatch);
+        }
+        let output_ok = result.output.digest().is_ok_and(|d| d == claim.output)
+            && result.output.items() == state.plan.items() as usize
+            && claim.items == state.plan.items()
+            && matches!(
+                (&result.output, self.kind),
+                (ShardOutput::Embeddings { .. }, ModelKind::Embedding)
+                    | (ShardOutput::Generations(_), ModelKind::Generation)
+            );
+        if !output_ok {
+            return Err(RejectReason::OutputMismatch);
+        }
+        Ok(index)
+    }
+
+    /// With `wanted` results in, accepts the strict majority's output, or
+    /// asks for one more execution to break the tie.
+    fn decide(&mut self, index: usize, out: &mut Vec<Action>) {
+        let min_cosine = self.config.min_cosine;
+        let state = &mut self.shards[index];
+        if state.results.len() < state.wanted {
+            return;
+        }
+        let peers: Vec<PublicKey> = state.results.keys().copied().collect();
+        let mut best: Vec<PublicKey> = Vec::new();
+        for p in &peers {
+            let group: Vec<PublicKey> = peers
+                .iter()
+                .copied()
+                .filter(|q| agree(&state.results[p].output, &state.results[q].output, min_cosine))
+                .collect();
+            if group.len() > best.len() {
+                best = group;
+            }
+        }
+        if best.len() * 2 <= peers.len() {
+            if peers.len() >= MAX_EXECUTIONS {
+                self.fail(format!("shard {index}: {} executions and no majority", peers.len()), out);
+            } else {
+                state.wanted = peers.len() + 1;
+            }
+            return;
+        }
+        state.done = state.results.get(&best[0]).cloned();
+        let results: Vec<(PublicKey, ShardResult)> = state.results.iter().map(|(p, r)| (*p, r.clone())).collect();
+        // Anyone still running it (a backup copy) is freed; its result will
+        // be answered AlreadyComplete.
+        let still: Vec<PublicKey> = std::mem::take(&mut state.running).into_iter().collect();
+        for peer in still {
+            if let Some(set) = self.busy.get_mut(&peer) {
+                set.remove(&(index as u32));
+            }
+        }
+        for (peer, result) in results {
+            if best.contains(&peer) {
+                out.push(Action::Ack { to: peer, ack: self.ack(&result, Verdict::Accepted) });
+                out.push(Action::Reward { peer });
+            } else {
+                let reason = RejectReason::Disagreement;
+                out.push(Action::Ack { to: peer, ack: self.ack(&result, Verdict::Rejected(reason)) });
+                out.push(Action::Penalise { peer, reason });
+            }
+        }
+    }
+
+    fn finish_if_done(&mut self, now_ms: u64, out: &mut Vec<Action>) {
+        if self.phase == Phase::Done || self.shards.iter().any(|s| s.done.is_none()) {
+            return;
+        }
+        let results: Vec<&ShardResult> = self.shards.iter().filter_map(|s| s.done.as_ref()).collect();
+        let output = match self.kind {
+            ModelKind::Embedding => {
+                let dimensions = results
+                    .iter()
+                    .find_map(|r| match &r.output {
+                        ShardOutput::Embeddings { dimensions, .. } => Some(*dimensions),
+                        _ => None,
+                    })
+                    .unwrap_or(0);
+                let mut values = Vec::new();
+                for r in &results {
+                    if let ShardOutput::Embeddings { dimensions: d, values: v } = &r.output {
+                        if *d != dimensions {
+                            self.fail("shards returned vectors of different widths".into(), out);
+                            return;
+                        }
+                        values.extend_from_slice(v);
+                    }
+                }
+                ShardOutput::Embeddings { dimensions, values }
+            }
+            _ => ShardOutput::Generations(
+                results
+                    .iter()
+                    .flat_map(|r| match &r.output {
+                        ShardOutput::Generations(g) => g.clone(),
+                        _ => Vec::new(),
+                    })
+                    .collect(),
+            ),
+        };
+        let claims: Vec<Signed<ResultClaim>> = results.iter().map(|r| r.claim.clone()).collect();
+        let leaves: Vec<Digest> = claims.iter().map(Signed::digest).collect();
+        let Ok(output_digest) = output.digest() else {
+            self.fail("the aggregated output is too large to encode".into(), out);
+            return;
+        };
+        let receipt = Receipt {
+            task: self.task,
+            spec: self.spec_digest,
+            model: self.model,
+            root: merkle::root(&leaves),
+            shards: claims,
+            output: output_digest,
+            completed_ms: now_ms,
+        };
+        self.phase = Phase::Done;
+        out.push(Action::Persist);
+        out.push(Action::Complete { output, receipt });
+    }
+
+    fn fail(&mut self, reason: String, out: &mut Vec<Action>) {
+        self.phase = Phase::Failed;
+        out.push(Action::Persist);
+        out.push(Action::Fail { reason });
+    }
+
+    fn ack(&self, result: &ShardResult, verdict: Verdict) -> ResultAck {
+        let shard = result.claim.verify().map(|c| c.shard).unwrap_or(u32::MAX);
+        ResultAck { task: self.task, shard, claim: result.claim.digest(), verdict }
+    }
+}
+
+/// How attractive a candidate is before any bid: speed, discounted by load
+/// and reputation.
+fn score(c: &Candidate) -> f64 {
+    f64::from(c.units_per_s) * c.reputation / (1.0 + f64::from(c.load.max(0.0)))
+}
+
+/// Whether two outputs of the same shard agree: embeddings by cosine per
+/// item, generations exactly.
+pub fn agree(a: &ShardOutput, b: &ShardOutput, min_cosine: f64) -> bool {
+    match (a, b) {
+        (
+            ShardOutput::Embeddings { dimensions: da, values: va },
+            ShardOutput::Embeddings { dimensions: db, values: vb },
+        ) => {
+            if da != db || va.len() != vb.len() {
+                return false;
+            }
+            let d = (*da as usize).max(1);
+            va.chunks(d).zip(vb.chunks(d)).all(|(x, y)| cosine(x, y) >= min_cosine)
+        }
+        (ShardOutput::Generations(x), ShardOutput::Generations(y)) => x == y,
+        _ => false,
+    }
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        dot += f64::from(*x) * f64::from(*y);
+        na += f64::from(*x).powi(2);
+        nb += f64::from(*y).powi(2);
+    }
+    if na == 0.0 && nb == 0.0 {
+        return 1.0;
+    }
+    dot / (na.sqrt() * nb.sqrt()).max(f64::MIN_POSITIVE)
+}

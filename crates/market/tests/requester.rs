@@ -1,0 +1,510 @@
+//! The requester state machine under virtual time: every path of a task's
+//! life, driven by a small simulated swarm of signing workers.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+
+use mycel_market::requester::Phase;
+use mycel_market::{Action, Candidate, Config, Event, Requester, Timer};
+use mycel_protocol::{
+    Award, Bid, Cfp, Digest, Keypair, ModelKind, ModelSelector, Price, PublicKey, RejectReason, ResultClaim,
+    ShardOutput, ShardResult, Signed, Split, TaskId, TaskSpec, Timings, Verdict, Wire, Work, merkle,
+};
+
+const DIM: usize = 4;
+
+fn model() -> Digest {
+    Digest::of(b"weights")
+}
+
+/// The "model": a deterministic vector per text.
+fn embed(text: &str) -> Vec<f32> {
+    let n = text.len() as f32;
+    let v = [1.0, n, (n * 0.37).sin(), 0.5];
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter().map(|x| x / norm).collect()
+}
+
+fn spec(texts: usize, per_shard: u32, redundancy: u8) -> TaskSpec {
+    TaskSpec {
+        work: Work::Embed { texts: (0..texts).map(|i| format!("text number {i}")).collect() },
+        model: ModelSelector::Digest(model()),
+        split: Split::ItemsPerShard(per_shard),
+        redundancy,
+        spot_check_permille: 0,
+        aggregation: mycel_protocol::Aggregation::Concat,
+        deadline_ms: 0,
+        budget_micros: None,
+    }
+}
+
+struct Worker {
+    key: Keypair,
+    /// Returns wrong vectors.
+    liar: bool,
+}
+
+/// A requester plus the world around it: signs CFPs, keeps timers and
+/// awards, lets tests decide who answers what and when.
+struct Sim {
+    requester: Requester,
+    key: Keypair,
+    workers: Vec<Worker>,
+    now: u64,
+    timers: BTreeMap<u64, Vec<Timer>>,
+    /// The current signed CFP.
+    cfp: Option<Signed<Cfp>>,
+    gossiped: usize,
+    /// Awards received, per worker, not yet answered.
+    inbox: BTreeMap<PublicKey, Vec<Award>>,
+    acks: Vec<(PublicKey, Verdict)>,
+    penalised: Vec<(PublicKey, RejectReason)>,
+    rewarded: Vec<PublicKey>,
+    done: Option<(ShardOutput, mycel_protocol::Receipt)>,
+    failed: Option<String>,
+    persisted: usize,
+}
+
+impl Sim {
+    fn new(spec: &TaskSpec, workers: usize, config: Config) -> Self {
+        let workers: Vec<Worker> =
+            (0..workers).map(|_| Worker { key: Keypair::generate().unwrap(), liar: false }).collect();
+        let candidates = workers
+            .iter()
+            .map(|w| Candidate { peer: w.key.public(), units_per_s: 100.0, load: 0.0, reputation: 0.9 })
+            .collect();
+        let requester =
+            Requester::new(TaskId([7; 16]), spec, model(), ModelKind::Embedding, candidates, config).unwrap();
+        let mut sim = Sim {
+            requester,
+            key: Keypair::generate().unwrap(),
+            workers,
+            now: 1_000_000,
+            timers: BTreeMap::new(),
+            cfp: None,
+            gossiped: 0,
+            inbox: BTreeMap::new(),
+            acks: Vec::new(),
+            penalised: Vec::new(),
+            rewarded: Vec::new(),
+            done: None,
+            failed: None,
+            persisted: 0,
+        };
+        let actions = sim.requester.start(sim.now);
+        sim.apply(actions);
+        sim
+    }
+
+    fn apply(&mut self, actions: Vec<Action>) {
+        // Persist always comes before anything that leaves the node and
+        // depends on a state change (a bare rejection changes nothing).
+        let only_rejections =
+            actions.iter().all(|a| matches!(a, Action::Ack { ack, .. } if ack.verdict != Verdict::Accepted));
+        if only_rejections {
+        } else if let Some(first_send) = actions.iter().position(|a| {
+            matches!(
+                a,
+                Action::SendCfp { .. } | Action::GossipCfp { .. } | Action::SendAward { .. } | Action::Ack { .. }
+            )
+        }) {
+            assert!(
+                actions[..first_send].iter().any(|a| matches!(a, Action::Persist)),
+                "a message left before the state was persisted: {actions:?}"
+            );
+        }
+        for action in actions {
+            match action {
+                Action::Persist => self.persisted += 1,
+                Action::SendCfp { cfp, .. } => self.sign_cfp(cfp),
+                Action::GossipCfp { cfp } => {
+                    self.gossiped += 1;
+                    self.sign_cfp(cfp);
+                }
+                Action::SendAward { to, award } => self.inbox.entry(to).or_default().push(award),
+                Action::Ack { to, ack } => self.acks.push((to, ack.verdict)),
+                Action::SetTimer { at_ms, timer } => self.timers.entry(at_ms).or_default().push(timer),
+                Action::Penalise { peer, reason } => self.penalised.push((peer, reason)),
+                Action::Reward { peer } => self.rewarded.push(peer),
+                Action::Complete { output, receipt } => self.done = Some((output, receipt)),
+                Action::Fail { reason } => self.failed = Some(reason),
+            }
+        }
+    }
+
+    fn sign_cfp(&mut self, cfp: Cfp) {
+        if self.cfp.as_ref().is_some_and(|c| c.verify().unwrap().round == cfp.round) {
+            return;
+        }
+        let signed = Signed::sign(&self.key, &cfp).unwrap();
+        let actions = self.requester.cfp_signed(cfp.round, signed.digest());
+        self.apply(actions);
+        self.cfp = Some(signed);
+    }
+
+    fn event(&mut self, event: Event) {
+        let actions = self.requester.handle(self.now, event);
+        self.apply(actions);
+    }
+
+    fn bid(&mut self, worker: usize, capacity: u32) {
+        let cfp = self.cfp.clone().unwrap();
+        let round = cfp.verify().unwrap().round;
+        let bid = Bid {
+            task: self.requester.task(),
+            round,
+            cfp: cfp.digest(),
+            model: model(),
+            price: Price::default(),
+            queue_ms: 0,
+            units_per_s: 100.0,
+            capacity,
+            expires_ms: self.now + 60_000,
+        };
+        let w = &self.workers[worker];
+        let signed = Signed::sign(&w.key, &bid).unwrap();
+        let from = w.key.public();
+        self.event(Event::Bid { from, bid: Box::new(signed) });
+    }
+
+    /// Advances virtual time, firing due timers.
+    fn advance(&mut self, ms: u64) {
+        let until = self.now + ms;
+        while let Some((&at, _)) = self.timers.iter().next() {
+            if at > until {
+                break;
+            }
+            let timers = self.timers.remove(&at).unwrap();
+            self.now = at;
+            for t in timers {
+                self.event(Event::Timer(t));
+            }
+        }
+        self.now = until;
+    }
+
+    fn result_for(&self, worker: usize, award: &Award, shard: usize) -> ShardResult {
+        let w = &self.workers[worker];
+        let s = &award.shards[shard];
+        let Work::Embed { texts } = &s.work else { panic!("embed only") };
+        let mut values: Vec<f32> = texts.iter().flat_map(|t| embed(t)).collect();
+        if w.liar {
+            for v in values.iter_mut().step_by(DIM) {
+                *v = -*v;
+            }
+        }
+        let output = ShardOutput::Embeddings { dimensions: DIM as u32, values };
+        let claim = ResultClaim {
+            task: award.task,
+            shard: s.shard,
+            first_item: s.first_item,
+            items: texts.len() as u32,
+            input: s.work.digest().unwrap(),
+            model: award.model,
+            output: output.digest().unwrap(),
+            timings: Timings::default(),
+        };
+        ShardResult { claim: Signed::sign(&w.key, &claim).unwrap(), output }
+    }
+
+    /// Lets `worker` answer every shard it holds.
+    fn work(&mut self, worker: usize) -> usize {
+        let key = self.workers[worker].key.public();
+        let awards = self.inbox.remove(&key).unwrap_or_default();
+        let mut n = 0;
+        for award in &awards {
+            for i in 0..award.shards.len() {
+                let result = self.result_for(worker, award, i);
+                self.event(Event::Result { from: key, result: Box::new(result) });
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Every worker answers what it holds until nothing is left.
+    fn run_all(&mut self) {
+        for _ in 0..1000 {
+            if self.done.is_some() || self.failed.is_some() {
+                return;
+            }
+            let mut any = 0;
+            for w in 0..self.workers.len() {
+                any += self.work(w);
+            }
+            if any == 0 {
+                self.advance(1_000);
+            }
+        }
+        panic!("task never finished");
+    }
+
+    fn peer(&self, worker: usize) -> PublicKey {
+        self.workers[worker].key.public()
+    }
+}
+
+fn expected(spec: &TaskSpec) -> Vec<f32> {
+    let Work::Embed { texts } = &spec.work else { unreachable!() };
+    texts.iter().flat_map(|t| embed(t)).collect()
+}
+
+fn check_output(sim: &Sim, spec: &TaskSpec) {
+    let (output, receipt) = sim.done.clone().expect("task complete");
+    let ShardOutput::Embeddings { dimensions, values } = &output else { panic!("embeddings") };
+    assert_eq!(*dimensions as usize, DIM);
+    assert_eq!(values, &expected(spec), "output in input order");
+    assert_eq!(receipt.shards.len(), sim.requester.shard_count());
+    let leaves: Vec<Digest> = receipt.shards.iter().map(Signed::digest).collect();
+    assert_eq!(receipt.root, merkle::root(&leaves));
+    assert_eq!(receipt.output, output.digest().unwrap());
+    for (i, claim) in receipt.shards.iter().enumerate() {
+        assert_eq!(claim.verify().unwrap().shard as usize, i, "receipt lists shards in order");
+    }
+}
+
+#[test]
+fn shards_are_auctioned_awarded_verified_and_aggregated_in_order() {
+    let spec = spec(100, 10, 1);
+    let mut sim = Sim::new(&spec, 3, Config::default());
+    assert_eq!(sim.requester.shard_count(), 10);
+    for w in 0..3 {
+        sim.bid(w, 2);
+    }
+    // Three bids < enough_bids: the window closes on its timer.
+    assert!(sim.inbox.is_empty());
+    sim.advance(Config::default().bid_window_ms);
+    assert_eq!(sim.inbox.len(), 3, "each bidder got a batch");
+    assert!(sim.inbox.values().all(|a| a.len() == 1 && a[0].shards.len() == 2), "one award of 2 shards each");
+    sim.run_all();
+    check_output(&sim, &spec);
+    // Workers that finished were offered the rest: all three did work.
+    let executors = sim.requester.executors();
+    for w in 0..3 {
+        assert!(executors.iter().filter(|e| **e == Some(sim.peer(w))).count() >= 2);
+    }
+    assert!(sim.acks.iter().all(|(_, v)| *v == Verdict::Accepted));
+    assert_eq!(sim.rewarded.len(), 10);
+    assert!(sim.penalised.is_empty());
+}
+
+#[test]
+fn enough_bids_close_the_window_early() {
+    let spec = spec(20, 10, 1);
+    let config = Config { enough_bids: 2, ..Config::default() };
+    let mut sim = Sim::new(&spec, 3, config);
+    sim.bid(0, 1);
+    assert!(sim.inbox.is_empty());
+    sim.bid(1, 1);
+    assert_eq!(sim.inbox.len(), 2, "awarded without waiting for the timer");
+}
+
+#[test]
+fn lost_bids_mean_new_rounds_then_failure() {
+    let spec = spec(10, 10, 1);
+    let config = Config { max_rounds: 3, ..Config::default() };
+    let mut sim = Sim::new(&spec, 3, config.clone());
+    // Three direct candidates: no gossip in round one.
+    assert_eq!(sim.gossiped, 0);
+    sim.advance(config.bid_window_ms);
+    assert_eq!(sim.cfp.as_ref().unwrap().verify().unwrap().round, 2);
+    assert_eq!(sim.gossiped, 1, "a round without bids also gossips");
+    // A bid for the old round does not count.
+    sim.advance(config.bid_window_ms * 2);
+    assert_eq!(sim.requester.phase(), Phase::Failed);
+    assert!(sim.failed.as_deref().unwrap().contains("no usable bids"));
+}
+
+#[test]
+fn bids_for_another_cfp_model_or_signer_are_ignored() {
+    let spec = spec(10, 10, 1);
+    let mut sim = Sim::new(&spec, 2, Config { enough_bids: 1, ..Config::default() });
+    let cfp = sim.cfp.clone().unwrap();
+    let good = Bid {
+        task: sim.requester.task(),
+        round: 1,
+        cfp: cfp.digest(),
+        model: model(),
+        price: Price::default(),
+        queue_ms: 0,
+        units_per_s: 10.0,
+        capacity: 1,
+        expires_ms: sim.now + 10_000,
+    };
+    let w0 = sim.peer(0);
+    for bad in [
+        Bid { cfp: Digest::of(b"other cfp"), ..good.clone() },
+        Bid { model: Digest::of(b"other weights"), ..good.clone() },
+        Bid { round: 9, ..good.clone() },
+        Bid { expires_ms: sim.now, ..good.clone() },
+    ] {
+        let signed = Signed::sign(&sim.workers[0].key, &bad).unwrap();
+        sim.event(Event::Bid { from: w0, bid: Box::new(signed) });
+    }
+    assert!(sim.inbox.is_empty());
+    // Signed by worker 1 but sent as worker 0: forged.
+    let forged = Signed::sign(&sim.workers[1].key, &good).unwrap();
+    sim.event(Event::Bid { from: w0, bid: Box::new(forged) });
+    assert!(sim.inbox.is_empty());
+    assert_eq!(sim.penalised, vec![(w0, RejectReason::BadSignature)]);
+}
+
+#[test]
+fn a_late_worker_is_replaced_and_its_result_is_refused() {
+    let spec = spec(10, 10, 1);
+    let mut sim = Sim::new(&spec, 2, Config { enough_bids: 1, ..Config::default() });
+    sim.bid(0, 1);
+    let award = sim.inbox.remove(&sim.peer(0)).unwrap().remove(0);
+    let late = sim.result_for(0, &award, 0);
+    // Worker 1 bids late; worker 0 never answers in time.
+    sim.bid(1, 1);
+    // Worker 0's deadline: 100 ms of expected work x 4 + 5 s grace.
+    sim.advance(6_000);
+    assert!(sim.penalised.contains(&(sim.peer(0), RejectReason::Late)));
+    assert!(sim.inbox.contains_key(&sim.peer(1)), "re-awarded to the other worker");
+    // The first worker's result arrives after all: refused, not counted.
+    let w0 = sim.peer(0);
+    sim.event(Event::Result { from: w0, result: Box::new(late) });
+    assert_eq!(sim.acks.last().unwrap(), &(w0, Verdict::Rejected(RejectReason::Late)));
+    sim.run_all();
+    check_output(&sim, &spec);
+    assert_eq!(sim.requester.executors(), vec![Some(sim.peer(1))]);
+}
+
+#[test]
+fn duplicate_wrong_signer_and_tampered_results_are_rejected() {
+    let spec = spec(20, 10, 1);
+    let mut sim = Sim::new(&spec, 3, Config { enough_bids: 2, ..Config::default() });
+    sim.bid(0, 1);
+    sim.bid(1, 1);
+    let (w0, w1, w2) = (sim.peer(0), sim.peer(1), sim.peer(2));
+    let a0 = sim.inbox.remove(&w0).unwrap().remove(0);
+    let a1 = sim.inbox.remove(&w1).unwrap().remove(0);
+
+    // Worker 2 was never awarded anything: its result is refused.
+    let mut stranger = sim.result_for(2, &a0, 0);
+    stranger.claim = Signed::sign(&sim.workers[2].key, &stranger.claim.verify().unwrap()).unwrap();
+    sim.event(Event::Result { from: w2, result: Box::new(stranger) });
+    assert_eq!(sim.acks.last().unwrap(), &(w2, Verdict::Rejected(RejectReason::NotAwarded)));
+
+    // A result signed by worker 0 but delivered by worker 1.
+    let relayed = sim.result_for(0, &a0, 0);
+    sim.event(Event::Result { from: w1, result: Box::new(relayed) });
+    assert_eq!(sim.acks.last().unwrap(), &(w1, Verdict::Rejected(RejectReason::NotAwarded)));
+
+    // Output edited after signing.
+    let mut tampered = sim.result_for(0, &a0, 0);
+    if let ShardOutput::Embeddings { values, .. } = &mut tampered.output {
+        values[0] += 0.5;
+    }
+    sim.event(Event::Result { from: w0, result: Box::new(tampered) });
+    assert_eq!(sim.acks.last().unwrap(), &(w0, Verdict::Rejected(RejectReason::OutputMismatch)));
+    assert!(sim.penalised.contains(&(w0, RejectReason::OutputMismatch)));
+
+    // Worker 1's honest result is accepted once; a replay is not counted.
+    let good = sim.result_for(1, &a1, 0);
+    sim.event(Event::Result { from: w1, result: Box::new(good.clone()) });
+    assert_eq!(sim.acks.last().unwrap(), &(w1, Verdict::Accepted));
+    sim.event(Event::Result { from: w1, result: Box::new(good) });
+    assert_eq!(sim.acks.last().unwrap(), &(w1, Verdict::Rejected(RejectReason::AlreadyComplete)));
+    assert_eq!(sim.requester.shards_done(), 1);
+
+    // Worker 0's shard went back on offer when its tampered result was
+    // caught; worker 1 takes it.
+    sim.run_all();
+    check_output(&sim, &spec);
+    assert!(sim.requester.executors().iter().all(|e| *e == Some(w1)));
+}
+
+#[test]
+fn redundancy_catches_a_liar_with_a_tie_breaker() {
+    let spec = spec(30, 10, 2);
+    let mut sim = Sim::new(&spec, 3, Config::default());
+    sim.workers[0].liar = true;
+    // 3 shards x 2 executions over 3 workers of capacity 2: the liar works.
+    for w in 0..3 {
+        sim.bid(w, 2);
+    }
+    sim.advance(Config::default().bid_window_ms);
+    sim.run_all();
+    check_output(&sim, &spec);
+    let liar = sim.peer(0);
+    assert!(sim.penalised.iter().any(|(p, r)| *p == liar && *r == RejectReason::Disagreement));
+    assert!(sim.penalised.iter().all(|(p, _)| *p == liar), "only the liar is penalised: {:?}", sim.penalised);
+    assert!(sim.requester.executors().iter().all(|e| *e != Some(liar)));
+}
+
+#[test]
+fn a_lost_peer_is_replaced() {
+    let spec = spec(10, 10, 1);
+    let mut sim = Sim::new(&spec, 2, Config::default());
+    sim.bid(0, 1);
+    sim.bid(1, 1);
+    sim.advance(Config::default().bid_window_ms);
+    // One shard, two bidders: the winner disconnects before answering.
+    let winner = if sim.inbox.contains_key(&sim.peer(0)) { 0 } else { 1 };
+    sim.inbox.clear();
+    let lost = sim.peer(winner);
+    sim.event(Event::PeerLost(lost));
+    assert!(sim.inbox.contains_key(&sim.peer(1 - winner)), "re-awarded at once");
+    sim.run_all();
+    check_output(&sim, &spec);
+}
+
+#[test]
+fn every_shard_completes_exactly_once_when_all_results_arrive_twice() {
+    let spec = spec(50, 5, 1);
+    let mut sim = Sim::new(&spec, 4, Config { enough_bids: 4, ..Config::default() });
+    for w in 0..4 {
+        sim.bid(w, 4);
+    }
+    // Snapshot every award, answer each twice.
+    let mut answered = 0;
+    while sim.done.is_none() {
+        let inbox = std::mem::take(&mut sim.inbox);
+        assert!(!inbox.is_empty(), "stalled");
+        for (peer, awards) in inbox {
+            let w = sim.workers.iter().position(|x| x.key.public() == peer).unwrap();
+            for award in awards {
+                for i in 0..award.shards.len() {
+                    let r = sim.result_for(w, &award, i);
+                    sim.event(Event::Result { from: peer, result: Box::new(r.clone()) });
+                    sim.event(Event::Result { from: peer, result: Box::new(r) });
+                    answered += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(answered, 10);
+    check_output(&sim, &spec);
+    let accepted = sim.acks.iter().filter(|(_, v)| *v == Verdict::Accepted).count();
+    assert_eq!(accepted, 10);
+}
+
+#[test]
+fn a_restarted_requester_resumes_from_its_journal() {
+    let spec = spec(40, 10, 1);
+    let mut sim = Sim::new(&spec, 2, Config::default());
+    sim.bid(0, 2);
+    sim.bid(1, 2);
+    sim.advance(Config::default().bid_window_ms);
+    // Two shards come back, then the node is killed: only what was
+    // persisted survives.
+    let w0 = sim.peer(0);
+    let award = sim.inbox.get_mut(&w0).unwrap().remove(0);
+    for i in 0..award.shards.len() {
+        let r = sim.result_for(0, &award, i);
+        sim.event(Event::Result { from: w0, result: Box::new(r) });
+    }
+    let done_before = sim.requester.shards_done();
+    assert_eq!(done_before, 2);
+    let journal = sim.requester.encode().unwrap();
+
+    sim.requester = Requester::decode(&journal).unwrap();
+    assert_eq!(sim.requester.shards_done(), done_before, "nothing lost");
+    // The workers still hold their awards and answer the restarted node.
+    sim.run_all();
+    check_output(&sim, &spec);
+    assert!(Requester::decode(&journal[..journal.len() - 1]).is_err(), "a torn journal entry is refused");
+}
