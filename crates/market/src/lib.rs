@@ -9,6 +9,8 @@
 //! - [`plan`]: cutting a task into shards sized from the candidates' speed.
 //! - [`requester`]: one task's auction, awards, verification, re-auctions
 //!   and aggregation, ending in a receipt.
+//! - [`worker`]: which CFPs to bid on, which awards to accept, the claim
+//!   that goes with each result.
 //!
 //! Every event's actions start with [`requester::Action::Persist`] when the
 //! state changed: the driver stores the state before anything that depends
@@ -16,6 +18,8 @@
 
 pub mod plan;
 pub mod requester;
+pub mod worker;
 
 pub use plan::{Plan, PlannedShard};
 pub use requester::{Action, Candidate, Config, Event, Requester, Timer};
+pub use worker::{AwardOutcome, Job, Served, Worker, WorkerConfig};

@@ -1,0 +1,286 @@
+//! The worker's side of the market: which CFPs to bid on and at what
+//! estimate, which awards to accept, and the claim that goes with each
+//! result. Sans IO like the requester: the driver verifies transport
+//! identity, signs what this returns, runs the model, and reports back.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use mycel_protocol::{
+    Award, Bid, Cfp, Digest, ModelKind, Price, PublicKey, ResultClaim, ShardOutput, Signed, TaskId, Timings, Work,
+};
+use serde::{Deserialize, Serialize};
+
+/// A model this worker serves.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Served {
+    /// What it does.
+    pub kind: ModelKind,
+    /// Measured units per second (texts, or generated tokens).
+    pub units_per_s: f32,
+}
+
+/// Worker settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerConfig {
+    /// Shards run at once (the worker pool's replicas).
+    pub capacity: u32,
+    /// Asking price per unit of work.
+    pub price: Price,
+    /// How long a bid stands.
+    pub bid_ttl_ms: u64,
+    /// Don't bid when this much work is already queued.
+    pub max_queue_ms: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self { capacity: 1, price: Price::default(), bid_ttl_ms: 30_000, max_queue_ms: 60_000 }
+    }
+}
+
+/// A shard to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// Who awarded it (gets the result).
+    pub requester: PublicKey,
+    /// The task.
+    pub task: TaskId,
+    /// Shard index.
+    pub shard: u32,
+    /// Position of its first item in the task.
+    pub first_item: u64,
+    /// The weights to use.
+    pub model: Digest,
+    /// The items.
+    pub work: Work,
+    /// Digest of `work`.
+    pub input: Digest,
+    /// When it was accepted, for the claim's timings.
+    pub accepted_ms: u64,
+}
+
+/// What the driver does with an award.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AwardOutcome {
+    /// Queue these jobs on the worker pool.
+    Run(Vec<Job>),
+    /// Not ours to run: no bid of ours matches, or another model.
+    Refuse(&'static str),
+}
+
+/// Bids made, by (task, round): what an award must match.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Made {
+    requester: PublicKey,
+    bid: Digest,
+    model: Digest,
+    expires_ms: u64,
+}
+
+/// The worker's market state.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    config: WorkerConfig,
+    models: BTreeMap<Digest, Served>,
+    bids: BTreeMap<(TaskId, u32), Made>,
+    /// Units of work queued or running, for estimates.
+    queue: VecDeque<(TaskId, u32, u64)>,
+}
+
+impl Worker {
+    /// A worker serving `models`.
+    pub fn new(config: WorkerConfig, models: BTreeMap<Digest, Served>) -> Self {
+        Self { config, models, bids: BTreeMap::new(), queue: VecDeque::new() }
+    }
+
+    /// Milliseconds of queued work ahead of a new shard for `model`.
+    pub fn queue_ms(&self, model: &Digest) -> u64 {
+        let speed = self.models.get(model).map_or(1.0, |m| f64::from(m.units_per_s.max(1e-3)));
+        let units: u64 = self.queue.iter().map(|(_, _, u)| u).sum();
+        // Work spreads over the replicas.
+        (units as f64 * 1000.0 / speed / f64::from(self.config.capacity.max(1))) as u64
+    }
+
+    /// The bid to sign and send for a CFP (signed by `requester`), if this
+    /// worker wants the work. The driver calls [`Self::bid_signed`] with
+    /// the signed bid's digest.
+    pub fn on_cfp(&mut self, now_ms: u64, cfp: &Signed<Cfp>) -> Option<Bid> {
+        let requester = *cfp.signer();
+        let call = cfp.verify().ok()?;
+        let served = self.models.get(&call.model)?;
+        if served.kind != call.kind || call.bids_close_ms <= now_ms || call.shards.is_empty() {
+            return None;
+        }
+        let queue_ms = self.queue_ms(&call.model);
+        if queue_ms > self.config.max_queue_ms {
+            return None;
+        }
+        if let Some(max) = call.max_price
+            && self.config.price > max
+        {
+            return None;
+        }
+        let bid = Bid {
+            task: call.task,
+            round: call.round,
+            cfp: cfp.digest(),
+            model: call.model,
+            price: self.config.price,
+            queue_ms,
+            units_per_s: served.units_per_s,
+            capacity: self.config.capacity,
+            expires_ms: now_ms + self.config.bid_ttl_ms,
+        };
+        // Remember it as unsigned until the driver reports the digest.
+        self.bids.insert(
+            (call.task, call.round),
+            Made { requester, bid: Digest::of(&[]), model: call.model, expires_ms: bid.expires_ms },
+        );
+        Some(bid)
+    }
+
+    /// The driver signed the bid: awards must name this digest.
+    pub fn bid_signed(&mut self, bid: &Signed<Bid>) {
+        if let Ok(b) = bid.verify()
+            && let Some(made) = self.bids.get_mut(&(b.task, b.round))
+        {
+            made.bid = bid.digest();
+        }
+    }
+
+    /// Checks an award from `from` against the bids made; the jobs to run.
+    pub fn on_award(&mut self, now_ms: u64, from: PublicKey, award: &Award) -> AwardOutcome {
+        self.bids.retain(|_, m| m.expires_ms + 600_000 > now_ms);
+        let Some(made) = self.bids.get(&(award.task, award.round)) else {
+            return AwardOutcome::Refuse("no bid of ours for this round");
+        };
+        if made.requester != from || made.bid != award.bid {
+            return AwardOutcome::Refuse("the award does not name our bid");
+        }
+        if made.model != award.model {
+            return AwardOutcome::Refuse("awarded for other weights than we bid with");
+        }
+        let mut jobs = Vec::with_capacity(award.shards.len());
+        for s in &award.shards {
+            let Ok(input) = s.work.digest() else {
+                return AwardOutcome::Refuse("a shard's work cannot be encoded");
+            };
+            let units = match &s.work {
+                Work::Generate { prompts, params } => prompts.len() as u64 * u64::from(params.max_tokens),
+                other => other.items() as u64,
+            };
+            self.queue.push_back((award.task, s.shard, units));
+            jobs.push(Job {
+                requester: from,
+                task: award.task,
+                shard: s.shard,
+                first_item: s.first_item,
+                model: award.model,
+                work: s.work.clone(),
+                input,
+                accepted_ms: now_ms,
+            });
+        }
+        AwardOutcome::Run(jobs)
+    }
+
+    /// A job finished: the claim to sign and send with its output.
+    pub fn on_done(&mut self, now_ms: u64, job: &Job, output: &ShardOutput, compute_ms: u32) -> Option<ResultClaim> {
+        self.forget(job.task, job.shard);
+        let output_digest = output.digest().ok()?;
+        Some(ResultClaim {
+            task: job.task,
+            shard: job.shard,
+            first_item: job.first_item,
+            items: job.work.items() as u32,
+            input: job.input,
+            model: job.model,
+            output: output_digest,
+            timings: Timings {
+                queued_ms: u32::try_from(now_ms.saturating_sub(job.accepted_ms))
+                    .unwrap_or(u32::MAX)
+                    .saturating_sub(compute_ms),
+                compute_ms,
+            },
+        })
+    }
+
+    /// A job was dropped (failed, cancelled).
+    pub fn forget(&mut self, task: TaskId, shard: u32) {
+        self.queue.retain(|(t, s, _)| !(*t == task && *s == shard));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mycel_protocol::{AwardedShard, Keypair, ShardOffer};
+
+    use super::*;
+
+    fn setup() -> (Worker, Keypair, Digest) {
+        let model = Digest::of(b"weights");
+        let mut models = BTreeMap::new();
+        models.insert(model, Served { kind: ModelKind::Embedding, units_per_s: 100.0 });
+        (
+            Worker::new(WorkerConfig { capacity: 2, ..WorkerConfig::default() }, models),
+            Keypair::generate().unwrap(),
+            model,
+        )
+    }
+
+    fn cfp(key: &Keypair, model: Digest) -> Signed<Cfp> {
+        let cfp = Cfp {
+            task: TaskId([1; 16]),
+            round: 1,
+            model,
+            kind: ModelKind::Embedding,
+            shards: vec![ShardOffer { shard: 0, items: 10, units: 10 }],
+            max_price: None,
+            bids_close_ms: 2_000,
+        };
+        Signed::sign(key, &cfp).unwrap()
+    }
+
+    #[test]
+    fn bids_only_on_served_models_and_open_windows() {
+        let (mut w, requester, model) = setup();
+        assert!(w.on_cfp(1_000, &cfp(&requester, Digest::of(b"other"))).is_none());
+        assert!(w.on_cfp(5_000, &cfp(&requester, model)).is_none(), "window closed");
+        let bid = w.on_cfp(1_000, &cfp(&requester, model)).unwrap();
+        assert_eq!((bid.units_per_s, bid.capacity, bid.queue_ms), (100.0, 2, 0));
+    }
+
+    #[test]
+    fn awards_must_name_our_signed_bid_and_grow_the_queue() {
+        let (mut w, requester, model) = setup();
+        let me = Keypair::generate().unwrap();
+        let signed_cfp = cfp(&requester, model);
+        let bid = Signed::sign(&me, &w.on_cfp(1_000, &signed_cfp).unwrap()).unwrap();
+        w.bid_signed(&bid);
+        let award = Award {
+            task: TaskId([1; 16]),
+            round: 1,
+            bid: bid.digest(),
+            model,
+            shards: vec![AwardedShard {
+                shard: 0,
+                first_item: 0,
+                work: Work::Embed { texts: vec!["a".into(); 10] },
+                deadline_ms: 9_000,
+            }],
+        };
+        let stranger = Keypair::generate().unwrap().public();
+        assert!(matches!(w.on_award(1_100, stranger, &award), AwardOutcome::Refuse(_)));
+        let forged = Award { bid: Digest::of(b"not our bid"), ..award.clone() };
+        assert!(matches!(w.on_award(1_100, requester.public(), &forged), AwardOutcome::Refuse(_)));
+        let AwardOutcome::Run(jobs) = w.on_award(1_100, requester.public(), &award) else { panic!("refused") };
+        assert_eq!(jobs.len(), 1);
+        // 10 queued units at 100/s over 2 replicas: 50 ms ahead of new work.
+        assert_eq!(w.queue_ms(&model), 50);
+        let output = ShardOutput::Embeddings { dimensions: 1, values: vec![0.5; 10] };
+        let claim = w.on_done(1_300, &jobs[0], &output, 150).unwrap();
+        assert_eq!((claim.items, claim.input, claim.output), (10, jobs[0].input, output.digest().unwrap()));
+        assert_eq!((claim.timings.queued_ms, claim.timings.compute_ms), (50, 150));
+        assert_eq!(w.queue_ms(&model), 0);
+    }
+}
