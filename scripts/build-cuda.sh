@@ -59,12 +59,20 @@ build() {
     --target-dir target/cuda 2>&1 | tee "$toolkit/build.log" | grep -E '^(error|warning: unused)|Finished' || true
 }
 build
-if grep -q "undefined reference to \`cu" "$toolkit/build.log"; then
-  step "generating the libcuda stub from the symbols the link needs"
-  grep -o "undefined reference to \`cu[A-Za-z0-9_]*'" "$toolkit/build.log" | sed "s/.*\`\(.*\)'/\1/" | sort -u \
-    | awk '{ print "void " $1 "(void) {}" }' > "$stubs/cuda_stub.c"
+# GNU ld says "undefined reference to `cuX'", lld "undefined symbol: cuX"
+# (lld stops after 20 errors, so this can take a few rounds; only the link
+# step reruns).
+missing() { grep -oE "undefined (reference to .|symbol: )cu[A-Za-z0-9_]+" "$toolkit/build.log" | grep -oE "cu[A-Za-z0-9_]+$" | sort -u; }
+touch "$stubs/symbols.txt"
+for _ in $(seq 1 30); do
+  [ -n "$(missing)" ] || break
+  before=$(wc -l < "$stubs/symbols.txt")
+  { cat "$stubs/symbols.txt"; missing; } | sort -u > "$stubs/symbols.new" && mv "$stubs/symbols.new" "$stubs/symbols.txt"
+  [ "$(wc -l < "$stubs/symbols.txt")" -gt "$before" ] || die "the link still fails; see $toolkit/build.log"
+  step "stub libcuda.so with $(wc -l < "$stubs/symbols.txt") driver symbols; linking again"
+  awk '{ print "void " $1 "(void) {}" }' "$stubs/symbols.txt" > "$stubs/cuda_stub.c"
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stubs/libcuda.so" "$stubs/cuda_stub.c"
   build
-fi
+done
 [ -x target/cuda/release/mycel ] || die "the CUDA build failed; see $toolkit/build.log"
 echo "built target/cuda/release/mycel; run it with LD_LIBRARY_PATH=$prefix/lib on a machine with the NVIDIA driver"
