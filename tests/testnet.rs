@@ -166,3 +166,95 @@ fn testnet_nodes_serve_the_models_they_are_given() {
     }
     down(&dir);
 }
+
+fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| x * x).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+fn read_vectors(path: &Path) -> Vec<Vec<f64>> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn the_swarm_embeds_a_file_with_a_receipt_that_verifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("net");
+    let models = test_models();
+    let out = mycel()
+        .args(["testnet", "up", "--nodes", "4", "--advert-interval", "1s", "--models-dir"])
+        .arg(&models)
+        .args(["--node-models", "all-minilm-l6-v2", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "testnet up failed: {}", String::from_utf8_lossy(&out.stderr));
+    let _guard = Guard(&dir);
+    let manifest = Manifest::read(&dir).unwrap();
+    // Wait until node-00 sees three peers serving the model.
+    let started = Instant::now();
+    loop {
+        let out = mycel().args(["peers", "--json", "--node"]).arg(&manifest.nodes[0].api).output().unwrap();
+        let peers: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let serving = peers
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["models"].as_array().is_some_and(|m| !m.is_empty()))
+            .count();
+        if serving >= 3 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "models not advertised: {peers:#}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    let input = tmp.path().join("texts.txt");
+    let lines: Vec<String> = (0..1000).map(|i| format!("line {i}: {}", "peer to peer ".repeat(i % 6))).collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let result = tmp.path().join("vectors.jsonl");
+    let out = mycel()
+        .args(["submit", "embed", "--items-per-shard", "50", "--input"])
+        .arg(&input)
+        .arg("--out")
+        .arg(&result)
+        .arg("--node")
+        .arg(&manifest.nodes[0].api)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "submit failed: {stderr}");
+    // Work was spread: the summary lists the peers that did shards.
+    let workers = stderr.lines().filter(|l| l.trim_start().starts_with("12D3KooW") && l.contains("shards")).count();
+    assert!(workers >= 3, "work done by {workers} peers:\n{stderr}");
+
+    // Same vectors as the model run locally, in input order.
+    let local = mycel().args(["infer", "embed", "--dir"]).arg(&models).arg("--input").arg(&input).output().unwrap();
+    assert!(local.status.success());
+    let local_path = tmp.path().join("local.jsonl");
+    std::fs::write(&local_path, &local.stdout).unwrap();
+    let (swarm, alone) = (read_vectors(&result), read_vectors(&local_path));
+    assert_eq!(swarm.len(), 1000);
+    assert_eq!(alone.len(), 1000);
+    for (i, (a, b)) in swarm.iter().zip(&alone).enumerate() {
+        let c = cosine(a, b);
+        assert!(c >= 0.9999, "line {i}: cosine {c}");
+    }
+
+    // The receipt verifies offline; an edited vector does not.
+    let receipt = tmp.path().join("vectors.jsonl.receipt");
+    let ok = mycel().arg("verify").arg(&receipt).output().unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let text = std::fs::read_to_string(&result).unwrap();
+    let mut edited: Vec<String> = text.lines().map(String::from).collect();
+    let mut v: Vec<f64> = serde_json::from_str(&edited[500]).unwrap();
+    v[0] += 0.01;
+    edited[500] = serde_json::to_string(&v).unwrap();
+    std::fs::write(&result, edited.join("\n") + "\n").unwrap();
+    let bad = mycel().arg("verify").arg(&receipt).output().unwrap();
+    assert!(!bad.status.success(), "an edited result must not verify");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("does not match the receipt"));
+    down(&dir);
+}

@@ -50,6 +50,89 @@ pub enum Command {
     /// Run a local model directly, without the swarm.
     #[command(subcommand)]
     Infer(InferCommand),
+    /// Give the swarm work through a node: split, auctioned, verified.
+    #[command(subcommand)]
+    Submit(SubmitCommand),
+    /// Check a task's receipt offline, and that a result file matches it.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SubmitCommand {
+    /// Embed texts (FILE: one text per line, or JSONL with a "text" field);
+    /// writes one JSON vector per line, in input order, and FILE.receipt.
+    Embed(SubmitEmbedArgs),
+    /// Answer prompts.
+    Generate(SubmitGenerateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitCommon {
+    /// Model id or weights digest [default: the first the swarm offers].
+    #[arg(long, value_name = "ID")]
+    pub model: Option<String>,
+
+    /// Peers that run each shard; outputs are compared.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub redundancy: u8,
+
+    /// Items per shard [default: sized from the peers' measured speed].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub items_per_shard: Option<u32>,
+
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitEmbedArgs {
+    /// Texts, one per line ("-" for stdin).
+    #[arg(long, value_name = "FILE")]
+    pub input: PathBuf,
+
+    /// Where the vectors go.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+
+    #[command(flatten)]
+    pub common: SubmitCommon,
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitGenerateArgs {
+    /// One prompt.
+    #[arg(long, value_name = "TEXT", conflicts_with = "input")]
+    pub prompt: Option<String>,
+
+    /// Prompts, one per line.
+    #[arg(long, value_name = "FILE")]
+    pub input: Option<PathBuf>,
+
+    /// Write {"text": ...} lines and FILE.receipt here instead of printing.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=32768))]
+    pub max_tokens: u32,
+
+    /// Sampling seed (generation is greedy unless a temperature is set).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    #[command(flatten)]
+    pub common: SubmitCommon,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The receipt file (written beside the result by `mycel submit`).
+    #[arg(value_name = "RECEIPT")]
+    pub receipt: PathBuf,
+
+    /// The result file [default: RECEIPT without ".receipt", if present].
+    #[arg(long, value_name = "FILE")]
+    pub result: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

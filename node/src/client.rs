@@ -26,13 +26,26 @@ pub fn node_url(args: &ClientArgs) -> Result<String> {
 
 /// GETs `path` from the node and decodes the JSON body.
 pub fn get_json<T: DeserializeOwned>(base: &str, path: &str) -> Result<T> {
+    call_json(base, path, None::<&()>)
+}
+
+/// POSTs `body` as JSON; the answer decoded, or the node's error.
+pub fn post_json<B: serde::Serialize, T: DeserializeOwned>(base: &str, path: &str, body: &B) -> Result<T> {
+    call_json(base, path, Some(body))
+}
+
+fn call_json<B: serde::Serialize, T: DeserializeOwned>(base: &str, path: &str, body: Option<&B>) -> Result<T> {
     let url = format!("{base}{path}");
     let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(10)))
+        .timeout_global(Some(Duration::from_secs(60)))
         .http_status_as_error(false)
         .build()
         .into();
-    let mut response = agent.get(&url).call().map_err(|e| match e {
+    let sent = match body {
+        Some(b) => agent.post(&url).send_json(b),
+        None => agent.get(&url).call(),
+    };
+    let mut response = sent.map_err(|e| match e {
         ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
             anyhow!("cannot reach a node at {base}: is `mycel node` running? (or pass --node URL / set MYCEL_NODE)")
         }
@@ -44,7 +57,13 @@ pub fn get_json<T: DeserializeOwned>(base: &str, path: &str) -> Result<T> {
             response.body_mut().read_json().unwrap_or_else(|_| mycel_api::types::ErrorBody::new(status.to_string()));
         return Err(anyhow!("the node at {base} answered {status}: {}", body.error));
     }
-    response.body_mut().read_json().with_context(|| format!("decoding the answer from {url}"))
+    // Task results can be large (a vector per text): allow up to 1 GiB.
+    response
+        .body_mut()
+        .with_config()
+        .limit(1 << 30)
+        .read_json()
+        .with_context(|| format!("decoding the answer from {url}"))
 }
 
 /// `mycel status`.

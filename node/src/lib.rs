@@ -8,8 +8,10 @@ pub mod config;
 mod infer;
 mod local;
 mod logging;
+mod market;
 mod models;
 mod node;
+mod submit;
 mod testnet;
 
 use anyhow::{Context, Result};
@@ -43,6 +45,8 @@ pub fn run(cli: Cli) -> Result<()> {
             set_compute_threads(cmd.threads().unwrap_or(0));
             models::run(cmd)
         }
+        Command::Submit(cmd) => submit::run(cmd),
+        Command::Verify(args) => submit::verify(args),
         Command::Infer(cmd) => {
             set_compute_threads(cmd.threads().unwrap_or(0));
             infer::run(cmd)

@@ -18,7 +18,22 @@ use crate::config::NodeConfig;
 
 struct View {
     net: mycel_net::Handle,
+    market: tokio::sync::mpsc::Sender<crate::market::Command>,
     started: Instant,
+}
+
+impl View {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T>>) -> crate::market::Command,
+    ) -> Result<T, ApiError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.market.send(make(reply)).await.map_err(|_| ApiError::Unavailable("the market stopped".into()))?;
+        rx.await.map_err(|_| ApiError::Unavailable("the market stopped".into()))?.map_err(|e| {
+            let message = format!("{e:#}");
+            if message.starts_with("no task") { ApiError::NotFound(message) } else { ApiError::BadRequest(message) }
+        })
+    }
 }
 
 fn model_view(m: &ModelAdvert) -> ModelView {
@@ -47,6 +62,14 @@ fn unavailable(e: mycel_net::NetError) -> ApiError {
 }
 
 impl NodeView for View {
+    async fn submit(&self, request: mycel_api::SubmitRequest) -> Result<mycel_api::Submitted, ApiError> {
+        self.ask(|reply| crate::market::Command::Submit { request, reply }).await
+    }
+
+    async fn task(&self, id: String) -> Result<mycel_api::TaskView, ApiError> {
+        self.ask(|reply| crate::market::Command::Get { task: id, reply }).await
+    }
+
     async fn status(&self) -> Result<StatusView, ApiError> {
         let own = self.net.own_advert().await.map_err(unavailable)?;
         Ok(StatusView {
@@ -96,7 +119,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
     // nvidia-smi) block: keep them off the async workers.
     let dir = data_dir.clone();
     let chosen_config = config.clone();
-    let (key, _store, hardware, chosen) = tokio::task::spawn_blocking(move || -> Result<_> {
+    let (key, store, hardware, chosen) = tokio::task::spawn_blocking(move || -> Result<_> {
         let (key, _) = mycel_store::identity::load_or_create(&dir)
             .with_context(|| format!("loading the node identity from {}", dir.display()))?;
         // Opening the store also locks the data dir against a second node.
@@ -140,7 +163,9 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
     let mut loading = Some(tokio::task::spawn_blocking(move || crate::local::load(&load_config, chosen, &hardware)));
     let mut _models: Option<Arc<crate::local::LocalModels>> = None;
 
-    let view = Arc::new(View { net: net.clone(), started: Instant::now() });
+    let market_key = mycel_protocol::Keypair::from_secret_bytes(&key.secret_bytes());
+    let market = crate::market::start(market_key, net.clone(), Arc::new(store));
+    let view = Arc::new(View { net: net.clone(), market: market.clone(), started: Instant::now() });
     let router = mycel_api::router(view, auth);
     let api_task = tokio::spawn(mycel_api::serve(listener, router, shutdown.clone()));
     info!(api = %format!("http://{api_addr}"), "API listening");
@@ -168,7 +193,9 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
                 advert.load.capacity = models.pool.config().replicas as u32;
                 net.set_advert(advert.clone()).await?;
                 info!(models = advert.models.len(), "models ready");
-                _models = Some(Arc::new(models));
+                let models = Arc::new(models);
+                let _ = market.send(crate::market::Command::ModelsReady(models.clone())).await;
+                _models = Some(models);
             }
             event = events.recv() => {
                 let Some(event) = event else { break };
@@ -181,6 +208,9 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
                     Event::Advert { peer, new: true } => info!(%peer, "peer joined"),
                     Event::Expired(peer) => info!(%peer, "peer expired"),
                     Event::Misbehaviour { peer, reason } => warn!(%peer, %reason, "peer misbehaved"),
+                    Event::Market { peer, message } => {
+                        let _ = market.send(crate::market::Command::Inbound { from: peer, message }).await;
+                    }
                     _ => {}
                 }
             }

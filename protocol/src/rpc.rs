@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::codec::rules::at_most;
-use crate::{Advert, Signed, limits};
+use crate::{Advert, Award, Bid, Cfp, ResultAck, ShardResult, Signed, TaskId, limits};
 
 /// What one node asks of another.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -16,9 +16,47 @@ pub enum Request {
     /// "Send me the adverts you hold": lets a node that just joined see the
     /// swarm at once instead of waiting for every peer's next advert.
     Adverts,
+    /// A market message. Answered at once with [`Response::Accepted`] (or
+    /// `Refused`); whatever it leads to comes back as a request of its own.
+    Market(Box<Market>),
 }
 
-crate::wire!(Request, limits::RPC_REQUEST);
+impl Request {
+    fn check(&self) -> Result<(), String> {
+        match self {
+            Request::Market(m) => match m.as_ref() {
+                Market::Result(result) => crate::Wire::validate(result),
+                _ => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+}
+
+crate::wire!(Request, limits::RPC_REQUEST, validate = Request::check);
+
+/// The market's direct messages (see `crates/market`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Market {
+    /// Requester to worker: a call for proposals.
+    Cfp(Signed<Cfp>),
+    /// Worker to requester: an offer.
+    Bid(Signed<Bid>),
+    /// Requester to worker: shards to run, with their data.
+    Award(Signed<Award>),
+    /// Worker to requester: a finished shard.
+    Result(ShardResult),
+    /// Requester to worker: what it thought of a result.
+    Ack(Signed<ResultAck>),
+    /// Worker to requester: it will not run this shard after all.
+    Refuse {
+        /// The task.
+        task: TaskId,
+        /// The shard.
+        shard: u32,
+    },
+}
 
 /// The answer to a [`Request`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,6 +67,8 @@ pub enum Response {
     Adverts(Vec<Signed<Advert>>),
     /// The request was understood but refused (overloaded, rate limited).
     Refused(String),
+    /// Received; the answer, if any, comes later as a request of its own.
+    Accepted,
 }
 
 impl Response {
@@ -36,6 +76,7 @@ impl Response {
         match self {
             Response::Adverts(adverts) => at_most("adverts", adverts, limits::ADVERTS_PER_SYNC),
             Response::Refused(reason) => crate::codec::rules::short("reason", reason, limits::SHORT_STRING),
+            Response::Accepted => Ok(()),
         }
     }
 }

@@ -22,7 +22,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio_util::sync::CancellationToken;
 
-pub use types::{ModelView, PeerView, StatusView};
+pub use types::{ModelView, PeerView, StatusView, SubmitRequest, Submitted, TaskView};
 
 /// What the API needs from a node.
 pub trait NodeView: Send + Sync + 'static {
@@ -30,6 +30,10 @@ pub trait NodeView: Send + Sync + 'static {
     fn status(&self) -> impl Future<Output = Result<StatusView, ApiError>> + Send;
     /// The peers it knows from adverts.
     fn peers(&self) -> impl Future<Output = Result<Vec<PeerView>, ApiError>> + Send;
+    /// Hands work to the swarm.
+    fn submit(&self, request: SubmitRequest) -> impl Future<Output = Result<Submitted, ApiError>> + Send;
+    /// A task's state and result.
+    fn task(&self, id: String) -> impl Future<Output = Result<TaskView, ApiError>> + Send;
 }
 
 /// An error the API reports as JSON with a status code.
@@ -39,12 +43,20 @@ pub enum ApiError {
     /// The node is shutting down or a component stopped.
     #[error("node unavailable: {0}")]
     Unavailable(String),
+    /// The request is malformed or asks for something impossible.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such thing.
+    #[error("{0}")]
+    NotFound(String),
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match self {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
         };
         (status, Json(types::ErrorBody::new(self.to_string()))).into_response()
     }
@@ -127,6 +139,8 @@ pub fn router<N: NodeView>(node: Arc<N>, auth: Auth) -> Router {
     Router::new()
         .route("/api/v1/status", get(status::<N>))
         .route("/api/v1/peers", get(peers::<N>))
+        .route("/api/v1/tasks", axum::routing::post(submit::<N>))
+        .route("/api/v1/tasks/{id}", get(task::<N>))
         .with_state(node)
         .layer(middleware::from_fn_with_state(auth, require_token))
 }
@@ -153,6 +167,20 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
+
+async fn submit<N: NodeView>(
+    State(node): State<Arc<N>>,
+    Json(request): Json<SubmitRequest>,
+) -> Result<Json<Submitted>, ApiError> {
+    Ok(Json(node.submit(request).await?))
+}
+
+async fn task<N: NodeView>(
+    State(node): State<Arc<N>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<TaskView>, ApiError> {
+    Ok(Json(node.task(id).await?))
 }
 
 #[cfg(test)]

@@ -120,3 +120,65 @@ impl RuntimeInfo {
         std::fs::rename(&tmp, data_dir.join(RUNTIME_FILE))
     }
 }
+
+/// `POST /api/v1/tasks`: work for the swarm.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SubmitRequest {
+    /// `embed` or `generate`.
+    pub kind: String,
+    /// Texts to embed, or prompts (user messages) to answer.
+    pub inputs: Vec<String>,
+    /// Model id (as advertised) or weights digest (hex); default: the
+    /// first advertised model of the right kind.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Peers that run each shard (1-5).
+    #[serde(default = "one")]
+    pub redundancy: u8,
+    /// Items per shard; default: sized from the peers' measured speed.
+    #[serde(default)]
+    pub items_per_shard: Option<u32>,
+    /// Generation: most tokens per answer.
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Generation: sampling seed.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Generation: temperature (0 = greedy).
+    #[serde(default)]
+    pub temperature: Option<f32>,
+}
+
+fn one() -> u8 {
+    1
+}
+
+/// The answer to a submit.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Submitted {
+    /// The task's id (hex).
+    pub task: String,
+}
+
+/// `GET /api/v1/tasks/{id}`: a task's state, and its result once done.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TaskView {
+    /// The task's id (hex).
+    pub task: String,
+    /// `running`, `done` or `failed`.
+    pub state: String,
+    /// Shards in the plan.
+    pub shards: usize,
+    /// Shards decided.
+    pub shards_done: usize,
+    /// PeerId of the peer whose result was accepted, per shard (null while open).
+    pub executors: Vec<Option<String>>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Embeddings (one vector per input) once done.
+    pub embeddings: Option<Vec<Vec<f32>>>,
+    /// Generated texts (one per prompt) once done.
+    pub texts: Option<Vec<String>>,
+    /// The signed receipt, hex of its wire encoding, once done.
+    pub receipt: Option<String>,
+}

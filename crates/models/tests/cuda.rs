@@ -14,7 +14,8 @@ use mycel_protocol::GenerateParams;
 fn gpu_results_match_the_cpu() {
     let gpu = Device::new_cuda(0).expect("this test needs an NVIDIA GPU and its driver");
     let dir = models_dir();
-    let texts: Vec<String> = (0..64).map(|i| format!("text {i}: {}", "padding differs per text ".repeat(i % 9))).collect();
+    let texts: Vec<String> =
+        (0..64).map(|i| format!("text {i}: {}", "padding differs per text ".repeat(i % 9))).collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let cpu = Embedder::load(&dir.join("all-minilm-l6-v2"), &Device::Cpu).unwrap().embed(&refs, 32).unwrap();
     let on_gpu = Embedder::load(&dir.join("all-minilm-l6-v2"), &gpu).unwrap().embed(&refs, 32).unwrap();

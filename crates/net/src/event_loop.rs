@@ -611,6 +611,13 @@ impl EventLoop {
         let response = if !allowed {
             debug!(%peer, "request refused: rate limited");
             Response::Refused("rate limited".into())
+        } else if let Request::Market(message) = request {
+            // Market messages go to the node; the sender learns at once
+            // whether it took them.
+            match self.events.try_send(Event::Market { peer, message }) {
+                Ok(()) => Response::Accepted,
+                Err(_) => Response::Refused("busy".into()),
+            }
         } else {
             self.answer(request)
         };

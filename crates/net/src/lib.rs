@@ -148,6 +148,9 @@ pub enum Event {
     Expired(PeerId),
     /// An advert was refused because its sender misbehaved.
     Misbehaviour { peer: PeerId, reason: String },
+    /// A market message from a peer (already size-checked and decoded;
+    /// signatures are the market's to check).
+    Market { peer: PeerId, message: Box<mycel_protocol::rpc::Market> },
 }
 
 /// Milliseconds since the Unix epoch: the clock adverts are stamped and

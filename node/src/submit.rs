@@ -1,0 +1,227 @@
+//! `mycel submit embed|generate`, `mycel verify`.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use mycel_api::{SubmitRequest, Submitted, TaskView};
+use mycel_protocol::{Digest, Receipt, ShardOutput, Signed, Wire, merkle};
+
+use crate::cli::{SubmitCommand, SubmitCommon, VerifyArgs};
+use crate::client::{get_json, node_url, post_json};
+
+pub fn run(cmd: SubmitCommand) -> Result<()> {
+    match cmd {
+        SubmitCommand::Embed(args) => {
+            let inputs = read_inputs(&args.input)?;
+            let view = submit_and_wait(&args.common, "embed", inputs, None)?;
+            let vectors = view.embeddings.clone().context("the node reported no embeddings")?;
+            let mut out = std::io::BufWriter::new(
+                std::fs::File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?,
+            );
+            for v in &vectors {
+                serde_json::to_writer(&mut out, v)?;
+                out.write_all(b"\n")?;
+            }
+            out.flush()?;
+            finish(&args.out, &view)
+        }
+        SubmitCommand::Generate(args) => {
+            let inputs = match (&args.prompt, &args.input) {
+                (Some(p), None) => vec![p.clone()],
+                (None, Some(file)) => read_inputs(file)?,
+                _ => bail!("give either --prompt TEXT or --input FILE"),
+            };
+            let view = submit_and_wait(&args.common, "generate", inputs, Some((args.max_tokens, args.seed)))?;
+            let texts = view.texts.clone().context("the node reported no texts")?;
+            match &args.out {
+                Some(path) => {
+                    let mut out =
+                        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+                    for t in &texts {
+                        serde_json::to_writer(&mut out, &serde_json::json!({ "text": t }))?;
+                        out.write_all(b"\n")?;
+                    }
+                    finish(path, &view)
+                }
+                None => {
+                    for t in &texts {
+                        println!("{t}");
+                    }
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+/// Lines of a file ("-" for stdin): plain text, or JSONL with a `text` field.
+fn read_inputs(path: &Path) -> Result<Vec<String>> {
+    let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
+        ))
+    };
+    let mut out = Vec::new();
+    for (n, line) in reader.lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        if line.trim_start().starts_with('{') {
+            let value: serde_json::Value =
+                serde_json::from_str(&line).with_context(|| format!("{}:{}: not JSON", path.display(), n + 1))?;
+            let text = value
+                .get("text")
+                .and_then(|t| t.as_str())
+                .with_context(|| format!("{}:{}: a JSON line needs a \"text\" string field", path.display(), n + 1))?;
+            out.push(text.to_string());
+        } else {
+            out.push(line);
+        }
+    }
+    ensure!(!out.is_empty(), "{} has no lines", path.display());
+    Ok(out)
+}
+
+fn submit_and_wait(
+    common: &SubmitCommon,
+    kind: &str,
+    inputs: Vec<String>,
+    generate: Option<(u32, u64)>,
+) -> Result<TaskView> {
+    let base = node_url(&common.client)?;
+    let request = SubmitRequest {
+        kind: kind.into(),
+        inputs,
+        model: common.model.clone(),
+        redundancy: common.redundancy,
+        items_per_shard: common.items_per_shard,
+        max_tokens: generate.map(|g| g.0),
+        seed: generate.map(|g| g.1),
+        temperature: None,
+    };
+    let submitted: Submitted = post_json(&base, "/api/v1/tasks", &request)?;
+    let terminal = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    loop {
+        let view: TaskView = get_json(&base, &format!("/api/v1/tasks/{}", submitted.task))?;
+        let peers: std::collections::BTreeSet<&String> = view.executors.iter().flatten().collect();
+        if terminal {
+            let eta = if view.shards_done > 0 {
+                let per = started.elapsed().as_secs_f64() / view.shards_done as f64;
+                format!("{:.0}s", per * (view.shards - view.shards_done) as f64)
+            } else {
+                "?".into()
+            };
+            eprint!(
+                "\r{} shards {}/{} | peers {} | eta {eta}   ",
+                &submitted.task[..8],
+                view.shards_done,
+                view.shards,
+                peers.len()
+            );
+        }
+        match view.state.as_str() {
+            "done" => {
+                if terminal {
+                    eprintln!();
+                }
+                return Ok(view);
+            }
+            "failed" => {
+                if terminal {
+                    eprintln!();
+                }
+                bail!("task {} failed: {}", submitted.task, view.error.unwrap_or_default());
+            }
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// Writes the receipt beside the output and says who did what.
+fn finish(out: &Path, view: &TaskView) -> Result<()> {
+    let receipt_hex = view.receipt.as_ref().context("the node gave no receipt")?;
+    let path = receipt_path(out);
+    std::fs::write(&path, hex::decode(receipt_hex).context("receipt is not hex")?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    let mut counts: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for e in view.executors.iter().flatten() {
+        *counts.entry(e.as_str()).or_default() += 1;
+    }
+    eprintln!("task {}: {} shards by {} peers", view.task, view.shards, counts.len());
+    for (peer, n) in counts {
+        eprintln!("  {peer}  {n} shards");
+    }
+    eprintln!("result: {}\nreceipt: {} (check with `mycel verify {}`)", out.display(), path.display(), path.display());
+    Ok(())
+}
+
+fn receipt_path(out: &Path) -> PathBuf {
+    let mut s = out.as_os_str().to_owned();
+    s.push(".receipt");
+    PathBuf::from(s)
+}
+
+/// `mycel verify RECEIPT [--result FILE]`: offline.
+pub fn verify(args: VerifyArgs) -> Result<()> {
+    let bytes = std::fs::read(&args.receipt).with_context(|| format!("reading {}", args.receipt.display()))?;
+    let signed = Signed::<Receipt>::decode(&bytes).context("not a mycel receipt")?;
+    let receipt = signed.verify().context("the receipt's signature is invalid")?;
+    let mut leaves: Vec<Digest> = Vec::with_capacity(receipt.shards.len());
+    for (i, claim) in receipt.shards.iter().enumerate() {
+        let c = claim.verify().with_context(|| format!("shard {i}: the executor's signature is invalid"))?;
+        ensure!(c.task == receipt.task && c.shard as usize == i, "shard {i}: the claim is for another task or shard");
+        ensure!(c.model == receipt.model, "shard {i}: the claim names other weights");
+        leaves.push(claim.digest());
+    }
+    ensure!(merkle::root(&leaves) == receipt.root, "the Merkle root does not match the shards");
+    let result = args.result.clone().unwrap_or_else(|| {
+        let s = args.receipt.to_string_lossy();
+        PathBuf::from(s.strip_suffix(".receipt").unwrap_or(&s).to_string())
+    });
+    if result.exists() {
+        let output = read_output(&result)?;
+        let digest = output.digest().context("encoding the result file")?;
+        ensure!(
+            digest == receipt.output,
+            "{} does not match the receipt: it is not the output the swarm produced",
+            result.display()
+        );
+        println!("ok: {} matches the receipt", result.display());
+    } else if args.result.is_some() {
+        bail!("{} not found", result.display());
+    }
+    println!(
+        "ok: receipt for task {} signed by {}, {} shards by {} executors, every signature valid",
+        hex::encode(receipt.task.0),
+        signed.signer().to_peer_id(),
+        receipt.shards.len(),
+        receipt.shards.iter().map(|c| *c.signer()).collect::<std::collections::BTreeSet<_>>().len()
+    );
+    Ok(())
+}
+
+/// A result file back into the output the receipt committed to.
+fn read_output(path: &Path) -> Result<ShardOutput> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut vectors: Vec<Vec<f32>> = Vec::new();
+    let mut texts: Vec<String> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let value: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), n + 1))?;
+        if let Some(t) = value.get("text").and_then(|t| t.as_str()) {
+            texts.push(t.to_string());
+        } else {
+            vectors.push(
+                serde_json::from_value(value).with_context(|| format!("{}:{}: not a vector", path.display(), n + 1))?,
+            );
+        }
+    }
+    if !texts.is_empty() {
+        bail!("checking generated texts against a receipt needs the token counts; only embeddings are checked today");
+    }
+    let dimensions = vectors.first().map_or(0, Vec::len) as u32;
+    Ok(ShardOutput::Embeddings { dimensions, values: vectors.concat() })
+}
