@@ -317,7 +317,7 @@ impl Driver {
             executors: requester.executors().iter().map(|e| e.map(|k| k.to_peer_id().to_string())).collect(),
             error: None,
             embeddings: None,
-            texts: None,
+            generations: None,
             receipt: None,
         };
         match self.outcomes.get(&task) {
@@ -328,7 +328,17 @@ impl Driver {
                         let d = (*dimensions as usize).max(1);
                         view.embeddings = Some(values.chunks(d).map(<[f32]>::to_vec).collect());
                     }
-                    ShardOutput::Generations(g) => view.texts = Some(g.iter().map(|g| g.text.clone()).collect()),
+                    ShardOutput::Generations(g) => {
+                        view.generations = Some(
+                            g.iter()
+                                .map(|g| mycel_api::GenerationView {
+                                    text: g.text.clone(),
+                                    tokens: g.tokens,
+                                    finish: crate::submit::finish_name(g.finish).into(),
+                                })
+                                .collect(),
+                        )
+                    }
                     _ => {}
                 }
                 view.receipt = receipt.encode().ok().map(hex::encode);

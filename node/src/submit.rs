@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use mycel_api::GenerationView;
 use mycel_api::{SubmitRequest, Submitted, TaskView};
-use mycel_protocol::{Digest, Receipt, ShardOutput, Signed, Wire, merkle};
+use mycel_protocol::{Digest, FinishReason, Generation, Receipt, ShardOutput, Signed, Wire, merkle};
 
 use crate::cli::{SubmitCommand, SubmitCommon, VerifyArgs};
 use crate::client::{get_json, node_url, post_json};
@@ -34,20 +35,20 @@ pub fn run(cmd: SubmitCommand) -> Result<()> {
                 _ => bail!("give either --prompt TEXT or --input FILE"),
             };
             let view = submit_and_wait(&args.common, "generate", inputs, Some((args.max_tokens, args.seed)))?;
-            let texts = view.texts.clone().context("the node reported no texts")?;
+            let answers = view.generations.clone().context("the node reported no answers")?;
             match &args.out {
                 Some(path) => {
                     let mut out =
                         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-                    for t in &texts {
-                        serde_json::to_writer(&mut out, &serde_json::json!({ "text": t }))?;
+                    for g in &answers {
+                        serde_json::to_writer(&mut out, g)?;
                         out.write_all(b"\n")?;
                     }
                     finish(path, &view)
                 }
                 None => {
-                    for t in &texts {
-                        println!("{t}");
+                    for g in &answers {
+                        println!("{}", g.text);
                     }
                     Ok(())
                 }
@@ -207,21 +208,38 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
 fn read_output(path: &Path) -> Result<ShardOutput> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut vectors: Vec<Vec<f32>> = Vec::new();
-    let mut texts: Vec<String> = Vec::new();
+    let mut answers: Vec<Generation> = Vec::new();
     for (n, line) in text.lines().enumerate() {
-        let value: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), n + 1))?;
-        if let Some(t) = value.get("text").and_then(|t| t.as_str()) {
-            texts.push(t.to_string());
+        let at = || format!("{}:{}", path.display(), n + 1);
+        let value: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
+        if value.is_object() {
+            let g: GenerationView =
+                serde_json::from_value(value).with_context(|| format!("{}: not an answer", at()))?;
+            let finish = match g.finish.as_str() {
+                "eos" => FinishReason::EndOfSequence,
+                "length" => FinishReason::Length,
+                "stop" => FinishReason::Stop,
+                other => bail!("{}: unknown finish {other:?}", at()),
+            };
+            answers.push(Generation { text: g.text, tokens: g.tokens, finish });
         } else {
-            vectors.push(
-                serde_json::from_value(value).with_context(|| format!("{}:{}: not a vector", path.display(), n + 1))?,
-            );
+            vectors.push(serde_json::from_value(value).with_context(|| format!("{}: not a vector", at()))?);
         }
     }
-    if !texts.is_empty() {
-        bail!("checking generated texts against a receipt needs the token counts; only embeddings are checked today");
+    if !answers.is_empty() {
+        ensure!(vectors.is_empty(), "{} mixes answers and vectors", path.display());
+        return Ok(ShardOutput::Generations(answers));
     }
     let dimensions = vectors.first().map_or(0, Vec::len) as u32;
     Ok(ShardOutput::Embeddings { dimensions, values: vectors.concat() })
+}
+
+/// How a finish reason is written in result files and the API.
+pub fn finish_name(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::EndOfSequence => "eos",
+        FinishReason::Length => "length",
+        FinishReason::Stop => "stop",
+        _ => "other",
+    }
 }

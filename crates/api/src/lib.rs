@@ -22,7 +22,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio_util::sync::CancellationToken;
 
-pub use types::{ModelView, PeerView, StatusView, SubmitRequest, Submitted, TaskView};
+pub use types::{GenerationView, ModelView, PeerView, StatusView, SubmitRequest, Submitted, TaskView};
 
 /// What the API needs from a node.
 pub trait NodeView: Send + Sync + 'static {

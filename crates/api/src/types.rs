@@ -177,8 +177,19 @@ pub struct TaskView {
     pub error: Option<String>,
     /// Embeddings (one vector per input) once done.
     pub embeddings: Option<Vec<Vec<f32>>>,
-    /// Generated texts (one per prompt) once done.
-    pub texts: Option<Vec<String>>,
+    /// Generated answers (one per prompt) once done.
+    pub generations: Option<Vec<GenerationView>>,
     /// The signed receipt, hex of its wire encoding, once done.
     pub receipt: Option<String>,
+}
+
+/// One generated answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GenerationView {
+    /// The text.
+    pub text: String,
+    /// Tokens generated.
+    pub tokens: u32,
+    /// `eos`, `length` or `stop`.
+    pub finish: String,
 }
