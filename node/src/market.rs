@@ -90,7 +90,33 @@ pub fn start(key: Keypair, net: Handle, store: Arc<SledStore>) -> mpsc::Sender<C
 }
 
 impl Driver {
+    /// Takes back the unfinished tasks the journal holds.
+    fn resume(&mut self) {
+        let entries = match self.store.scan_prefix(Tree::Tasks, &[]) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "cannot read the task journal");
+                return;
+            }
+        };
+        for (key, value) in entries {
+            let Ok(id) = <[u8; 16]>::try_from(key.as_slice()) else { continue };
+            let task = TaskId(id);
+            match Requester::decode(&value) {
+                Ok(mut requester) if !matches!(requester.phase(), Phase::Done | Phase::Failed) => {
+                    info!(task = %hex::encode(id), done = requester.shards_done(), of = requester.shard_count(), "resuming task");
+                    let actions = requester.resume(now_ms());
+                    self.tasks.insert(task, requester);
+                    self.apply(task, actions);
+                }
+                Ok(_) => {}
+                Err(e) => warn!(task = %hex::encode(id), error = %e, "unreadable journal entry; skipped"),
+            }
+        }
+    }
+
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        self.resume();
         while let Some(command) = rx.recv().await {
             match command {
                 Command::Submit { request, reply } => {

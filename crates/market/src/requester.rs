@@ -289,6 +289,31 @@ impl Requester {
         out
     }
 
+    /// Picks up after a restart from the journal: timers died with the old
+    /// process, so every executor still running a shard gets a fresh
+    /// deadline (its result is accepted if it comes), and a task that was
+    /// waiting for bids asks again.
+    pub fn resume(&mut self, now_ms: u64) -> Vec<Action> {
+        let mut out = vec![Action::Persist];
+        match self.phase {
+            Phase::Bidding => self.open_round(now_ms, &mut out),
+            Phase::Running => {
+                let at_ms = now_ms + self.config.grace_ms * 2;
+                for (index, shard) in self.shards.iter().enumerate() {
+                    for peer in &shard.running {
+                        out.push(Action::SetTimer {
+                            at_ms,
+                            timer: Timer::ShardDeadline { shard: index as u32, peer: *peer },
+                        });
+                    }
+                }
+                self.award_open(now_ms, &mut out);
+            }
+            Phase::Done | Phase::Failed => return Vec::new(),
+        }
+        out
+    }
+
     /// The driver signed the round's CFP: bids must name this digest.
     pub fn cfp_signed(&mut self, round: u32, digest: Digest) -> Vec<Action> {
         if round == self.round {

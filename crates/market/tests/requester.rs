@@ -503,6 +503,14 @@ fn a_restarted_requester_resumes_from_its_journal() {
 
     sim.requester = Requester::decode(&journal).unwrap();
     assert_eq!(sim.requester.shards_done(), done_before, "nothing lost");
+    // Timers died with the process: resuming re-arms a deadline for every
+    // shard still out.
+    sim.timers.clear();
+    let actions = sim.requester.resume(sim.now);
+    let deadlines =
+        actions.iter().filter(|a| matches!(a, Action::SetTimer { timer: Timer::ShardDeadline { .. }, .. })).count();
+    assert_eq!(deadlines, 2, "worker 1's two shards");
+    sim.apply(actions);
     // The workers still hold their awards and answer the restarted node.
     sim.run_all();
     check_output(&sim, &spec);
