@@ -230,6 +230,20 @@ fn the_swarm_embeds_a_file_with_a_receipt_that_verifies() {
     let workers = stderr.lines().filter(|l| l.trim_start().starts_with("12D3KooW") && l.contains("shards")).count();
     assert!(workers >= 3, "work done by {workers} peers:\n{stderr}");
 
+    // The node lists the task, and says which peer did each shard.
+    let id =
+        stderr.lines().find_map(|l| l.strip_prefix("task ")).and_then(|l| l.split(':').next()).unwrap().to_string();
+    let out = mycel().args(["tasks", "--json", "--node"]).arg(&manifest.nodes[0].api).output().unwrap();
+    let tasks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(tasks[0]["task"], id.as_str());
+    assert_eq!(tasks[0]["state"], "done");
+    let out = mycel().args(["task", &id, "--json", "--node"]).arg(&manifest.nodes[0].api).output().unwrap();
+    let task: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let executors: std::collections::BTreeSet<&str> =
+        task["executors"].as_array().unwrap().iter().map(|e| e.as_str().unwrap()).collect();
+    assert_eq!(task["shards"], 20);
+    assert!(executors.len() >= 3, "{task}");
+
     // Same vectors as the model run locally, in input order.
     let local = mycel().args(["infer", "embed", "--dir"]).arg(&models).arg("--input").arg(&input).output().unwrap();
     assert!(local.status.success());

@@ -55,6 +55,10 @@ pub enum Command {
     Submit(SubmitCommand),
     /// Check a task's receipt offline, and that a result file matches it.
     Verify(VerifyArgs),
+    /// The tasks a node requested, with their progress.
+    Tasks(ClientArgs),
+    /// One task: state, and which peer did each shard.
+    Task(TaskArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -122,6 +126,16 @@ pub struct SubmitGenerateArgs {
 
     #[command(flatten)]
     pub common: SubmitCommon,
+}
+
+#[derive(Debug, Args)]
+pub struct TaskArgs {
+    /// The task id (from `mycel submit` or `mycel tasks`).
+    #[arg(value_name = "ID")]
+    pub id: String,
+
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 #[derive(Debug, Args)]

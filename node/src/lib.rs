@@ -47,6 +47,8 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Submit(cmd) => submit::run(cmd),
         Command::Verify(args) => submit::verify(args),
+        Command::Tasks(args) => submit::tasks(&args),
+        Command::Task(args) => submit::task(&args),
         Command::Infer(cmd) => {
             set_compute_threads(cmd.threads().unwrap_or(0));
             infer::run(cmd)

@@ -35,12 +35,16 @@ use crate::local::LocalModels;
 pub enum Command {
     Submit { request: SubmitRequest, reply: oneshot::Sender<Result<Submitted>> },
     Get { task: String, reply: oneshot::Sender<Result<TaskView>> },
+    List { reply: oneshot::Sender<Result<Vec<mycel_api::TaskSummary>>> },
     ModelsReady(Arc<LocalModels>),
     Inbound { from: PeerId, message: Box<Market> },
     Timer { task: TaskId, timer: Timer },
     JobDone { job: Box<Job>, output: Result<ShardOutput, String>, compute_ms: u32 },
     SendFailed { to: PublicKey, message: Box<Market> },
 }
+
+/// Reputation of a peer never seen before.
+const DEFAULT_REPUTATION: f64 = 0.8;
 
 /// A finished task.
 #[derive(Debug, Clone)]
@@ -115,7 +119,42 @@ impl Driver {
         }
     }
 
+    /// Reputation per peer, as the journal has it.
+    fn load_reputation(&mut self) {
+        match self.store.scan_prefix(Tree::Reputation, &[]) {
+            Ok(entries) => {
+                for (key, value) in entries {
+                    let (Ok(key), Ok(value)) =
+                        (<[u8; 32]>::try_from(key.as_slice()), <[u8; 8]>::try_from(value.as_slice()))
+                    else {
+                        continue;
+                    };
+                    if let Ok(peer) = PublicKey::from_bytes(&key) {
+                        self.reputation.insert(peer, f64::from_le_bytes(value).clamp(0.0, 1.0));
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot read reputations"),
+        }
+    }
+
+    /// Changes a peer's reputation and journals it: halved on a fault,
+    /// +0.02 per valid result (slow to earn back), below
+    /// `Config::min_reputation` no work.
+    fn adjust_reputation(&mut self, peer: PublicKey, fault: bool) -> f64 {
+        let r = self.reputation.entry(peer).or_insert(DEFAULT_REPUTATION);
+        *r = if fault { *r * 0.5 } else { (*r + 0.02).min(1.0) };
+        let value = *r;
+        let mut batch = Batch::new();
+        batch.put(Tree::Reputation, peer.to_bytes().to_vec(), value.to_le_bytes().to_vec());
+        if let Err(e) = self.store.commit(&batch) {
+            warn!(error = %e, "cannot journal a reputation");
+        }
+        value
+    }
+
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        self.load_reputation();
         self.resume();
         while let Some(command) = rx.recv().await {
             match command {
@@ -125,6 +164,21 @@ impl Driver {
                 }
                 Command::Get { task, reply } => {
                     let _ = reply.send(self.view(&task));
+                }
+                Command::List { reply } => {
+                    let mut list: Vec<mycel_api::TaskSummary> = self
+                        .tasks
+                        .keys()
+                        .filter_map(|t| self.view(&hex::encode(t.0)).ok())
+                        .map(|v| mycel_api::TaskSummary {
+                            task: v.task,
+                            state: v.state,
+                            shards: v.shards,
+                            shards_done: v.shards_done,
+                        })
+                        .collect();
+                    list.sort_by(|a, b| a.task.cmp(&b.task));
+                    let _ = reply.send(Ok(list));
                 }
                 Command::ModelsReady(models) => self.models_ready(models),
                 Command::Inbound { from, message } => self.inbound(from, *message),
@@ -233,7 +287,7 @@ impl Driver {
     }
 
     fn reputation_of(&self, peer: &PublicKey) -> f64 {
-        self.reputation.get(peer).copied().unwrap_or(0.8)
+        self.reputation.get(peer).copied().unwrap_or(DEFAULT_REPUTATION)
     }
 
     fn step(&mut self, task: TaskId, event: Event) {
@@ -291,13 +345,11 @@ impl Driver {
                     });
                 }
                 Action::Penalise { peer, reason } => {
-                    let r = self.reputation.entry(peer).or_insert(0.8);
-                    *r *= 0.5;
-                    warn!(peer = %peer.to_peer_id(), ?reason, reputation = *r, "peer penalised");
+                    let reputation = self.adjust_reputation(peer, true);
+                    warn!(peer = %peer.to_peer_id(), ?reason, reputation, "peer penalised");
                 }
                 Action::Reward { peer } => {
-                    let r = self.reputation.entry(peer).or_insert(0.8);
-                    *r = (*r + 0.02).min(1.0);
+                    self.adjust_reputation(peer, false);
                 }
                 Action::Complete { output, receipt } => match Signed::sign(&self.key, &receipt) {
                     Ok(signed) => {

@@ -70,6 +70,10 @@ impl NodeView for View {
         self.ask(|reply| crate::market::Command::Get { task: id, reply }).await
     }
 
+    async fn tasks(&self) -> Result<Vec<mycel_api::TaskSummary>, ApiError> {
+        self.ask(|reply| crate::market::Command::List { reply }).await
+    }
+
     async fn status(&self) -> Result<StatusView, ApiError> {
         let own = self.net.own_advert().await.map_err(unavailable)?;
         Ok(StatusView {

@@ -9,8 +9,8 @@ use mycel_api::GenerationView;
 use mycel_api::{SubmitRequest, Submitted, TaskView};
 use mycel_protocol::{Digest, FinishReason, Generation, Receipt, ShardOutput, Signed, Wire, merkle};
 
-use crate::cli::{SubmitCommand, SubmitCommon, VerifyArgs};
-use crate::client::{get_json, node_url, post_json};
+use crate::cli::{ClientArgs, SubmitCommand, SubmitCommon, TaskArgs, VerifyArgs};
+use crate::client::{get_json, node_url, post_json, print_table};
 
 pub fn run(cmd: SubmitCommand) -> Result<()> {
     match cmd {
@@ -242,4 +242,45 @@ pub fn finish_name(f: FinishReason) -> &'static str {
         FinishReason::Stop => "stop",
         _ => "other",
     }
+}
+
+/// `mycel tasks`.
+pub fn tasks(args: &ClientArgs) -> Result<()> {
+    let base = node_url(args)?;
+    let list: Vec<mycel_api::TaskSummary> = get_json(&base, "/api/v1/tasks")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else if list.is_empty() {
+        println!("no tasks on this node (give it some with `mycel submit`)");
+    } else {
+        let rows: Vec<[String; 3]> =
+            list.iter().map(|t| [t.task.clone(), t.state.clone(), format!("{}/{}", t.shards_done, t.shards)]).collect();
+        print_table(&["TASK", "STATE", "SHARDS DONE"], &rows);
+    }
+    Ok(())
+}
+
+/// `mycel task ID`.
+pub fn task(args: &TaskArgs) -> Result<()> {
+    let base = node_url(&args.client)?;
+    let mut view: TaskView = get_json(&base, &format!("/api/v1/tasks/{}", args.id))?;
+    if args.client.json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+        return Ok(());
+    }
+    println!("task     {}", view.task);
+    println!("state    {}", view.state);
+    println!("shards   {}/{} done", view.shards_done, view.shards);
+    if let Some(e) = view.error.take() {
+        println!("error    {e}");
+    }
+    let rows: Vec<[String; 2]> = view
+        .executors
+        .iter()
+        .enumerate()
+        .map(|(i, e)| [i.to_string(), e.clone().unwrap_or_else(|| "(open)".into())])
+        .collect();
+    println!();
+    print_table(&["SHARD", "EXECUTOR"], &rows);
+    Ok(())
 }

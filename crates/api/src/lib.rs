@@ -22,7 +22,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio_util::sync::CancellationToken;
 
-pub use types::{GenerationView, ModelView, PeerView, StatusView, SubmitRequest, Submitted, TaskView};
+pub use types::{GenerationView, ModelView, PeerView, StatusView, SubmitRequest, Submitted, TaskSummary, TaskView};
 
 /// What the API needs from a node.
 pub trait NodeView: Send + Sync + 'static {
@@ -34,6 +34,8 @@ pub trait NodeView: Send + Sync + 'static {
     fn submit(&self, request: SubmitRequest) -> impl Future<Output = Result<Submitted, ApiError>> + Send;
     /// A task's state and result.
     fn task(&self, id: String) -> impl Future<Output = Result<TaskView, ApiError>> + Send;
+    /// The tasks this node requested.
+    fn tasks(&self) -> impl Future<Output = Result<Vec<TaskSummary>, ApiError>> + Send;
 }
 
 /// An error the API reports as JSON with a status code.
@@ -139,7 +141,7 @@ pub fn router<N: NodeView>(node: Arc<N>, auth: Auth) -> Router {
     Router::new()
         .route("/api/v1/status", get(status::<N>))
         .route("/api/v1/peers", get(peers::<N>))
-        .route("/api/v1/tasks", axum::routing::post(submit::<N>))
+        .route("/api/v1/tasks", axum::routing::post(submit::<N>).get(tasks::<N>))
         .route("/api/v1/tasks/{id}", get(task::<N>))
         .with_state(node)
         .layer(middleware::from_fn_with_state(auth, require_token))
@@ -174,6 +176,10 @@ async fn submit<N: NodeView>(
     Json(request): Json<SubmitRequest>,
 ) -> Result<Json<Submitted>, ApiError> {
     Ok(Json(node.submit(request).await?))
+}
+
+async fn tasks<N: NodeView>(State(node): State<Arc<N>>) -> Result<Json<Vec<TaskSummary>>, ApiError> {
+    Ok(Json(node.tasks().await?))
 }
 
 async fn task<N: NodeView>(

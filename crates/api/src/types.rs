@@ -193,3 +193,16 @@ pub struct GenerationView {
     /// `eos`, `length` or `stop`.
     pub finish: String,
 }
+
+/// `GET /api/v1/tasks`: one line per task this node requested.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TaskSummary {
+    /// The task's id (hex).
+    pub task: String,
+    /// `running`, `done` or `failed`.
+    pub state: String,
+    /// Shards in the plan.
+    pub shards: usize,
+    /// Shards decided.
+    pub shards_done: usize,
+}
