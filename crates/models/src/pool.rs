@@ -276,17 +276,21 @@ fn replica(receiver: &Mutex<Receiver<Job>>, counters: &Counters, max_batch: usiz
                 if matches!(result, Err(ModelError::Cancelled)) {
                     counters.cancelled.fetch_add(1, Ordering::Relaxed);
                 }
+                // The job is over before its caller hears so: a caller that
+                // reads the load right after its answer sees it finished.
+                counters.active.fetch_sub(1, Ordering::Relaxed);
                 let _ = reply.send(result);
             }
         }
-        counters.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 fn run_embed_batch(model: &Embedder, batch: Vec<EmbedRequest>, counters: &Counters) {
     counters.batches.fetch_add(1, Ordering::Relaxed);
     let all: Vec<&str> = batch.iter().flat_map(|(texts, _)| texts.iter().map(String::as_str)).collect();
-    match model.embed(&all, EMBED_BATCH) {
+    let result = model.embed(&all, EMBED_BATCH);
+    counters.active.fetch_sub(1, Ordering::Relaxed);
+    match result {
         Ok(mut vectors) => {
             for (texts, reply) in batch.into_iter().rev() {
                 let mine = vectors.split_off(vectors.len() - texts.len());
