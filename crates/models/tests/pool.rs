@@ -43,8 +43,12 @@ async fn a_full_queue_refuses_and_abandoned_jobs_are_skipped() {
     let model = embedder();
     let pool = Pool::new(PoolConfig { replicas: 1, queue: 2, max_batch: 1 }).unwrap();
     let blocker = pool.embed(model.clone(), vec!["y ".repeat(250); 32]).unwrap();
-    // Give the replica time to take the blocker off the queue.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Wait until the replica has taken the blocker off the queue.
+    let started = std::time::Instant::now();
+    while pool.load().active == 0 {
+        assert!(started.elapsed().as_secs() < 30, "the replica never started the blocker");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let dropped = pool.embed(model.clone(), vec!["dropped".into()]).unwrap();
     let kept = pool.embed(model.clone(), vec!["kept".into()]).unwrap();
     assert_eq!(pool.embed(model.clone(), vec!["refused".into()]).unwrap_err(), PoolError::Busy(2));
