@@ -116,23 +116,32 @@ fn test_models() -> std::path::PathBuf {
     dir
 }
 
+/// `testnet up` with the test models, `node_models` used round-robin.
+fn up_with_models(dir: &Path, nodes: u32, node_models: &[&str]) -> Manifest {
+    let mut cmd = mycel();
+    cmd.args(["testnet", "up", "--nodes", &nodes.to_string(), "--advert-interval", "1s", "--models-dir"])
+        .arg(test_models());
+    for models in node_models {
+        cmd.args(["--node-models", models]);
+    }
+    let out = cmd.arg("--dir").arg(dir).output().unwrap();
+    assert!(out.status.success(), "testnet up failed: {}", String::from_utf8_lossy(&out.stderr));
+    Manifest::read(dir).unwrap()
+}
+
+/// A node's view of its peers (`mycel peers --json`).
+fn peers_seen_by(node: &mycel_testnet::net::NodeEntry) -> serde_json::Value {
+    let out = mycel().args(["peers", "--json", "--node"]).arg(&node.api).output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
 #[test]
 fn testnet_nodes_serve_the_models_they_are_given() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("net");
     // Copy-free: the nodes read the shared test models folder.
-    let models = test_models();
-    let out = mycel()
-        .args(["testnet", "up", "--nodes", "3", "--advert-interval", "1s", "--models-dir"])
-        .arg(&models)
-        .args(["--node-models", "all-minilm-l6-v2,smollm2-135m-instruct"])
-        .args(["--node-models", "all-minilm-l6-v2", "--node-models", "none", "--dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "testnet up failed: {}", String::from_utf8_lossy(&out.stderr));
+    let manifest = up_with_models(&dir, 3, &["all-minilm-l6-v2,smollm2-135m-instruct", "all-minilm-l6-v2", "none"]);
     let _guard = Guard(&dir);
-    let manifest = Manifest::read(&dir).unwrap();
 
     // Models load (and are measured) after the node joins: wait until the
     // third node, which serves none, sees the others' models.
@@ -142,8 +151,7 @@ fn testnet_nodes_serve_the_models_they_are_given() {
     ];
     let started = Instant::now();
     loop {
-        let out = mycel().args(["peers", "--json", "--node"]).arg(&manifest.nodes[2].api).output().unwrap();
-        let peers: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let peers = peers_seen_by(&manifest.nodes[2]);
         let models_of = |peer: &str| -> Vec<String> {
             peers
                 .as_array()
@@ -183,21 +191,12 @@ fn the_swarm_embeds_a_file_with_a_receipt_that_verifies() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("net");
     let models = test_models();
-    let out = mycel()
-        .args(["testnet", "up", "--nodes", "4", "--advert-interval", "1s", "--models-dir"])
-        .arg(&models)
-        .args(["--node-models", "all-minilm-l6-v2", "--dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "testnet up failed: {}", String::from_utf8_lossy(&out.stderr));
+    let manifest = up_with_models(&dir, 4, &["all-minilm-l6-v2"]);
     let _guard = Guard(&dir);
-    let manifest = Manifest::read(&dir).unwrap();
     // Wait until node-00 sees three peers serving the model.
     let started = Instant::now();
     loop {
-        let out = mycel().args(["peers", "--json", "--node"]).arg(&manifest.nodes[0].api).output().unwrap();
-        let peers: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let peers = peers_seen_by(&manifest.nodes[0]);
         let serving = peers
             .as_array()
             .into_iter()

@@ -1,6 +1,6 @@
 //! `mycel infer embed|generate`: run a local model, no swarm.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -22,7 +22,7 @@ pub fn run(cmd: InferCommand) -> Result<()> {
 fn embed(args: InferEmbedArgs) -> Result<()> {
     let model = choose(&args.model, ModelKind::Embedding)?;
     let texts = match &args.input {
-        Some(path) => read_lines(path)?,
+        Some(path) => crate::submit::read_inputs(path)?,
         None => args.texts.clone(),
     };
     let started = Instant::now();
@@ -123,17 +123,4 @@ fn choose(choice: &ModelChoice, kind: ModelKind) -> Result<LocalModel> {
         bail!("{} is not {want} model", model.id);
     }
     Ok(model)
-}
-
-fn read_lines(path: &PathBuf) -> Result<Vec<String>> {
-    let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
-        Box::new(std::io::stdin().lock())
-    } else {
-        Box::new(std::io::BufReader::new(
-            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
-        ))
-    };
-    let lines: Vec<String> =
-        reader.lines().collect::<Result<_, _>>().with_context(|| format!("reading {}", path.display()))?;
-    Ok(lines)
 }

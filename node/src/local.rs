@@ -14,11 +14,8 @@ use tracing::info;
 use crate::config::NodeConfig;
 
 /// A loaded model and what the swarm is told about it.
-// The market (next) runs shards on `model`; until then only the advert is read.
-#[allow(dead_code)]
 #[derive(Debug)]
 pub struct Served<M> {
-    pub info: LocalModel,
     pub model: Arc<M>,
     pub advert: ModelAdvert,
 }
@@ -120,7 +117,7 @@ pub fn load_with(
                     throughput,
                 };
                 info!(model = %info.id, embeddings_per_s = throughput.embeddings_per_s, "serving");
-                embedders.push(Served { info, model, advert });
+                embedders.push(Served { model, advert });
             }
             ModelKind::Generation => {
                 let model = Arc::new(
@@ -156,7 +153,7 @@ pub fn load_with(
                     decode_tokens_per_s = throughput.decode_tokens_per_s,
                     "serving"
                 );
-                generators.push(Served { info, model, advert });
+                generators.push(Served { model, advert });
             }
             _ => bail!("{}: unsupported model kind", info.id),
         }

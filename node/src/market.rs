@@ -17,7 +17,6 @@ use mycel_market::requester::Phase;
 use mycel_market::{
     Action, AwardOutcome, Candidate, Config, Event, Job, Requester, Served, Timer, Worker, WorkerConfig,
 };
-use mycel_models::pool::PoolError;
 use mycel_net::{Handle, now_ms};
 use mycel_protocol::rpc::{Market, Request, Response};
 use mycel_protocol::{
@@ -147,7 +146,7 @@ impl Driver {
         let value = *r;
         let mut batch = Batch::new();
         batch.put(Tree::Reputation, peer.to_bytes().to_vec(), value.to_le_bytes().to_vec());
-        if let Err(e) = self.store.commit(&batch) {
+        if let Err(e) = tokio::task::block_in_place(|| self.store.commit(&batch)) {
             warn!(error = %e, "cannot journal a reputation");
         }
         value
@@ -371,7 +370,9 @@ impl Driver {
     fn persist(&self, task: TaskId, requester: &Requester) -> Result<()> {
         let mut batch = Batch::new();
         batch.put_wire(Tree::Tasks, task.0, requester)?;
-        self.store.commit(&batch)?;
+        // A durable write (fsync) must finish before anything that depends
+        // on it is sent; keep the runtime's other tasks moving meanwhile.
+        tokio::task::block_in_place(|| self.store.commit(&batch))?;
         Ok(())
     }
 
@@ -533,7 +534,7 @@ impl Driver {
                             let _ = tx.send(Command::JobDone { job: Box::new(job), output, compute_ms }).await;
                         });
                     }
-                    Err(PoolError::Busy(_) | PoolError::Stopped) | Err(_) => self.refuse(job),
+                    Err(_) => self.refuse(job),
                 }
             }
             Work::Generate { prompts, params } => {

@@ -165,7 +165,6 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
     // the node is in the swarm meanwhile and advertises them when ready.
     let load_config = config.clone();
     let mut loading = Some(tokio::task::spawn_blocking(move || crate::local::load(&load_config, chosen, &hardware)));
-    let mut _models: Option<Arc<crate::local::LocalModels>> = None;
 
     let market_key = mycel_protocol::Keypair::from_secret_bytes(&key.secret_bytes());
     let market = crate::market::start(market_key, net.clone(), Arc::new(store));
@@ -198,8 +197,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
                 net.set_advert(advert.clone()).await?;
                 info!(models = advert.models.len(), "models ready");
                 let models = Arc::new(models);
-                let _ = market.send(crate::market::Command::ModelsReady(models.clone())).await;
-                _models = Some(models);
+                let _ = market.send(crate::market::Command::ModelsReady(models)).await;
             }
             event = events.recv() => {
                 let Some(event) = event else { break };

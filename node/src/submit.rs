@@ -58,7 +58,7 @@ pub fn run(cmd: SubmitCommand) -> Result<()> {
 }
 
 /// Lines of a file ("-" for stdin): plain text, or JSONL with a `text` field.
-fn read_inputs(path: &Path) -> Result<Vec<String>> {
+pub(crate) fn read_inputs(path: &Path) -> Result<Vec<String>> {
     let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
     } else {

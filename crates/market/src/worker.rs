@@ -72,7 +72,8 @@ pub enum AwardOutcome {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Made {
     requester: PublicKey,
-    bid: Digest,
+    /// The signed bid's digest, once the driver has signed it.
+    bid: Option<Digest>,
     model: Digest,
     expires_ms: u64,
 }
@@ -134,7 +135,7 @@ impl Worker {
         // Remember it as unsigned until the driver reports the digest.
         self.bids.insert(
             (call.task, call.round),
-            Made { requester, bid: Digest::of(&[]), model: call.model, expires_ms: bid.expires_ms },
+            Made { requester, bid: None, model: call.model, expires_ms: bid.expires_ms },
         );
         Some(bid)
     }
@@ -144,7 +145,7 @@ impl Worker {
         if let Ok(b) = bid.verify()
             && let Some(made) = self.bids.get_mut(&(b.task, b.round))
         {
-            made.bid = bid.digest();
+            made.bid = Some(bid.digest());
         }
     }
 
@@ -154,7 +155,7 @@ impl Worker {
         let Some(made) = self.bids.get(&(award.task, award.round)) else {
             return AwardOutcome::Refuse("no bid of ours for this round");
         };
-        if made.requester != from || made.bid != award.bid {
+        if made.requester != from || made.bid != Some(award.bid) {
             return AwardOutcome::Refuse("the award does not name our bid");
         }
         if made.model != award.model {
