@@ -61,6 +61,13 @@ for p, l in zip(open(sys.argv[1]), open(sys.argv[2])):
     print('Q:', p.strip()); print('A:', json.loads(l)['text'].strip()); print()" "$WORK/prompts.txt" "$WORK/answers.jsonl"
 "$MYCEL" verify "$WORK/answers.jsonl.receipt"
 
+step "the same swarm through the OpenAI API (curl $API/v1/chat/completions; any openai client works)"
+curl -sS "$API/v1/chat/completions" -H 'content-type: application/json' \
+  -d '{"model": "smollm2-135m-instruct", "max_tokens": 40,
+       "messages": [{"role": "user", "content": "Say hello to the swarm."}]}' |
+  python3 -c "import json,sys; r=json.load(sys.stdin); print('A:', r['choices'][0]['message']['content'].strip()); print('usage:', r['usage'])"
+echo "dashboard: $API/  metrics: $API/metrics  (while the swarm runs)"
+
 VICTIM=$(python3 -c "import json,sys;n=json.load(open(sys.argv[1]))['nodes'][-1];print(n['pid'], n['peer_id'])" "$DIR/testnet.json")
 step "crashing the last node (kill -9 ${VICTIM% *}); the others drop it when its advert expires (3 s)"
 kill -9 "${VICTIM% *}"

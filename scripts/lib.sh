@@ -11,3 +11,31 @@ need_rust() {
   fi
   have cargo || die "cargo not found: install Rust (https://rustup.rs), then run this again"
 }
+
+# The openai Python client and Prometheus' parser, for the interface tests,
+# in a virtual environment under target/ (made once).
+need_test_python() {
+  local venv="$PWD/target/pyenv"
+  if ! "$venv/bin/python" -c 'import openai, prometheus_client' 2>/dev/null; then
+    have python3 || die "python3 not found: the interface tests drive the node with the openai Python client"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r scripts/test-requirements.txt
+  fi
+  export MYCEL_TEST_PYTHON="$venv/bin/python"
+}
+
+# Headless Chromium for the dashboard test (Debian's package).
+need_chromium() {
+  if ! have chromium; then
+    if have apt-get && [ "$(id -u)" = 0 ]; then
+      DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null \
+        || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null; } \
+        || die "could not install chromium"
+    elif have apt-get && have sudo; then
+      sudo DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null || die "could not install chromium"
+    else
+      die "chromium not found: install it (Debian: apt-get install chromium) for the dashboard test"
+    fi
+  fi
+  export MYCEL_TEST_CHROMIUM="$(command -v chromium)"
+}

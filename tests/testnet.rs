@@ -8,7 +8,7 @@ use mycel_testnet::net::{Manifest, is_our_node, known_peers};
 
 use crate::support::mycel;
 
-fn up(dir: &Path, nodes: u32) -> Manifest {
+pub(crate) fn up(dir: &Path, nodes: u32) -> Manifest {
     let out = mycel()
         .args(["testnet", "up", "--nodes", &nodes.to_string(), "--advert-interval", "1s", "--dir"])
         .arg(dir)
@@ -20,13 +20,13 @@ fn up(dir: &Path, nodes: u32) -> Manifest {
     Manifest::read(dir).unwrap()
 }
 
-fn down(dir: &Path) {
+pub(crate) fn down(dir: &Path) {
     let out = mycel().args(["testnet", "down", "--dir"]).arg(dir).output().unwrap();
     assert!(out.status.success(), "testnet down failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Stops the testnet even when an assertion fails midway.
-struct Guard<'a>(&'a Path);
+pub(crate) struct Guard<'a>(pub(crate) &'a Path);
 impl Drop for Guard<'_> {
     fn drop(&mut self) {
         if self.0.join("testnet.json").exists() {
@@ -108,7 +108,7 @@ fn up_refuses_a_directory_with_a_running_testnet() {
 }
 
 /// The test models (`scripts/test.sh` fetches them).
-fn test_models() -> std::path::PathBuf {
+pub(crate) fn test_models() -> std::path::PathBuf {
     let dir = std::env::var_os("MYCEL_TEST_MODELS")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-models"));
@@ -117,7 +117,7 @@ fn test_models() -> std::path::PathBuf {
 }
 
 /// `testnet up` with the test models, `node_models` used round-robin.
-fn up_with_models(dir: &Path, nodes: u32, node_models: &[&str]) -> Manifest {
+pub(crate) fn up_with_models(dir: &Path, nodes: u32, node_models: &[&str]) -> Manifest {
     let mut cmd = mycel();
     cmd.args(["testnet", "up", "--nodes", &nodes.to_string(), "--advert-interval", "1s", "--models-dir"])
         .arg(test_models());
@@ -130,7 +130,7 @@ fn up_with_models(dir: &Path, nodes: u32, node_models: &[&str]) -> Manifest {
 }
 
 /// A node's view of its peers (`mycel peers --json`).
-fn peers_seen_by(node: &mycel_testnet::net::NodeEntry) -> serde_json::Value {
+pub(crate) fn peers_seen_by(node: &mycel_testnet::net::NodeEntry) -> serde_json::Value {
     let out = mycel().args(["peers", "--json", "--node"]).arg(&node.api).output().unwrap();
     serde_json::from_slice(&out.stdout).unwrap_or_default()
 }
@@ -175,14 +175,14 @@ fn testnet_nodes_serve_the_models_they_are_given() {
     down(&dir);
 }
 
-fn cosine(a: &[f64], b: &[f64]) -> f64 {
+pub(crate) fn cosine(a: &[f64], b: &[f64]) -> f64 {
     let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
     let na: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|x| x * x).sum::<f64>().sqrt();
     dot / (na * nb)
 }
 
-fn read_vectors(path: &Path) -> Vec<Vec<f64>> {
+pub(crate) fn read_vectors(path: &Path) -> Vec<Vec<f64>> {
     std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cli;
+mod interfaces;
 mod node;
 mod store_crash;
 mod support;

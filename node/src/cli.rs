@@ -337,6 +337,11 @@ pub struct NodeArgs {
     #[arg(long, env = "MYCEL_API_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
 
+    /// Requests per second each client may make to the OpenAI-compatible
+    /// API (bursts of twice that); 0 turns the limit off [default: 20].
+    #[arg(long, env = "MYCEL_API_RATE_LIMIT", value_name = "PER_SECOND")]
+    pub api_rate_limit: Option<f64>,
+
     /// Do not discover peers on the local network.
     #[arg(long, env = "MYCEL_NO_MDNS")]
     pub no_mdns: bool,

@@ -24,6 +24,8 @@ pub struct NodeConfig {
     pub api: SocketAddr,
     /// Bearer token for the API (required off loopback).
     pub api_token: Option<String>,
+    /// Requests per second per client on the OpenAI-compatible API (0: no limit).
+    pub api_rate_limit: f64,
     /// Discover peers on the LAN.
     pub mdns: bool,
     /// How often to re-publish our advert.
@@ -48,6 +50,7 @@ impl NodeConfig {
             bootstrap: Vec::new(),
             api: DEFAULT_API.parse().unwrap_or_else(|_| unreachable!("valid literal")),
             api_token: None,
+            api_rate_limit: 20.0,
             mdns: true,
             advert_interval: Duration::from_secs(10),
             models_dir: data_dir.join("models"),
@@ -87,6 +90,12 @@ impl NodeConfig {
         }
         if let Some(token) = &args.api_token {
             c.api_token = Some(token.clone());
+        }
+        if let Some(rate) = args.api_rate_limit {
+            c.api_rate_limit = rate;
+        }
+        if !(c.api_rate_limit.is_finite() && c.api_rate_limit >= 0.0) {
+            bail!("api rate limit {} must be 0 (no limit) or more", c.api_rate_limit);
         }
         if args.no_mdns {
             c.mdns = false;
@@ -133,6 +142,7 @@ struct FileConfig {
     bootstrap: Option<Vec<String>>,
     api: Option<String>,
     api_token: Option<String>,
+    api_rate_limit: Option<f64>,
     mdns: Option<bool>,
     advert_interval: Option<String>,
     models_dir: Option<PathBuf>,
@@ -159,6 +169,9 @@ impl FileConfig {
         }
         if self.api_token.is_some() {
             c.api_token = self.api_token;
+        }
+        if let Some(rate) = self.api_rate_limit {
+            c.api_rate_limit = rate;
         }
         if let Some(mdns) = self.mdns {
             c.mdns = mdns;

@@ -68,6 +68,7 @@ fn generate(args: InferGenerateArgs) -> Result<()> {
         top_p: args.top_p,
         seed: args.seed,
         stop: args.stop.clone(),
+        stream: false,
     };
     params.check().map_err(anyhow::Error::msg)?;
     let started = Instant::now();

@@ -11,20 +11,21 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result, anyhow, bail};
-use mycel_api::{SubmitRequest, Submitted, TaskView};
+use anyhow::{Context, Result, anyhow};
+use mycel_api::{ApiError, SubmitRequest, Submitted, TaskEvent, TaskSummary, TaskView, Watch};
 use mycel_market::requester::Phase;
 use mycel_market::{
-    Action, AwardOutcome, Candidate, Config, Event, Job, Requester, Served, Timer, Worker, WorkerConfig,
+    Action, AwardOutcome, Candidate, Config, Done, Event, Job, Requester, Served, Timer, Worker, WorkerConfig,
 };
+use mycel_metrics::Metrics;
 use mycel_net::{Handle, now_ms};
 use mycel_protocol::rpc::{Market, Request, Response};
 use mycel_protocol::{
-    GenerateParams, Generation, Keypair, ModelKind, ModelSelector, PeerId, PublicKey, Receipt, ShardOutput,
-    ShardResult, Signed, Split, TaskId, TaskSpec, Wire, Work,
+    ChatTurn, GenerateParams, Generation, Keypair, ModelKind, ModelSelector, PeerId, PublicKey, Receipt, Role,
+    ShardOutput, ShardResult, Signed, Split, TaskId, TaskSpec, Wire, Work,
 };
 use mycel_store::{Batch, SledStore, Store, Tree};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::local::LocalModels;
@@ -32,24 +33,183 @@ use crate::local::LocalModels;
 /// What the driver is asked to do.
 #[derive(Debug)]
 pub enum Command {
-    Submit { request: SubmitRequest, reply: oneshot::Sender<Result<Submitted>> },
-    Get { task: String, reply: oneshot::Sender<Result<TaskView>> },
-    List { reply: oneshot::Sender<Result<Vec<mycel_api::TaskSummary>>> },
+    Submit {
+        request: SubmitRequest,
+        reply: oneshot::Sender<Result<Submitted>>,
+    },
+    Get {
+        task: String,
+        reply: oneshot::Sender<Result<TaskView>>,
+    },
+    List {
+        reply: oneshot::Sender<Result<Vec<TaskSummary>>>,
+    },
+    Watch {
+        task: String,
+        reply: oneshot::Sender<Result<Watch>>,
+    },
+    Cancel {
+        task: String,
+        reply: oneshot::Sender<Result<TaskSummary>>,
+    },
+    /// Reputation per peer (PeerId as text).
+    Reputations {
+        reply: oneshot::Sender<HashMap<String, f64>>,
+    },
+    /// Brings the task and shard gauges up to date.
+    RefreshMetrics {
+        reply: oneshot::Sender<()>,
+    },
     ModelsReady(Arc<LocalModels>),
-    Inbound { from: PeerId, message: Box<Market> },
-    Timer { task: TaskId, timer: Timer },
-    JobDone { job: Box<Job>, output: Result<ShardOutput, String>, compute_ms: u32 },
-    SendFailed { to: PublicKey, message: Box<Market> },
+    Inbound {
+        from: PeerId,
+        message: Box<Market>,
+    },
+    Timer {
+        task: TaskId,
+        timer: Timer,
+    },
+    JobDone(Box<JobDone>),
+    SendFailed {
+        to: PublicKey,
+        message: Box<Market>,
+    },
+}
+
+/// A shard the local models finished (or failed).
+#[derive(Debug)]
+pub struct JobDone {
+    job: Job,
+    output: Result<ShardOutput, String>,
+    compute_ms: u32,
+    input_tokens: u64,
+}
+
+/// Sends a streaming shard's text to its requester as it is produced, one
+/// message at a time so pieces arrive in order.
+struct PartialSink {
+    net: Handle,
+    tx: mpsc::Sender<Command>,
+    me: PublicKey,
+    to: PublicKey,
+    task: TaskId,
+}
+
+/// Streamed text goes out at most this often per answer.
+const PARTIAL_EVERY: std::time::Duration = std::time::Duration::from_millis(125);
+
+impl PartialSink {
+    /// Forwards the model's pieces in order. Text the requester did not
+    /// take (busy, unreachable) stays pending and goes with the next
+    /// message, so what it shows never has a gap.
+    async fn forward(self, mut stream: mpsc::Receiver<String>, shard: u32, item: u64) {
+        let mut pending = String::new();
+        let mut open = true;
+        while open || !pending.is_empty() {
+            let tick = tokio::time::Instant::now() + PARTIAL_EVERY;
+            // Wait for text, then gather what comes until the tick.
+            if open && pending.is_empty() {
+                match stream.recv().await {
+                    Some(text) => pending.push_str(&text),
+                    None => open = false,
+                }
+            }
+            while open {
+                match tokio::time::timeout_at(tick, stream.recv()).await {
+                    Ok(Some(text)) => pending.push_str(&text),
+                    Ok(None) => open = false,
+                    Err(_) => break,
+                }
+            }
+            if pending.is_empty() {
+                continue;
+            }
+            let mut sent = 0;
+            for piece in split_text(&pending, mycel_protocol::limits::PARTIAL_TEXT) {
+                if !self.send(shard, item, piece).await {
+                    break;
+                }
+                sent += piece.len();
+            }
+            pending.drain(..sent);
+            if !open && sent == 0 {
+                // The answer is complete and the requester does not take
+                // the rest: the signed result carries it anyway.
+                return;
+            }
+        }
+    }
+
+    async fn send(&self, shard: u32, item: u64, text: &str) -> bool {
+        let message = Market::Partial { task: self.task, shard, item, text: text.to_string() };
+        if self.to == self.me {
+            let from = self.me.to_peer_id();
+            return self.tx.send(Command::Inbound { from, message: Box::new(message) }).await.is_ok();
+        }
+        matches!(
+            self.net.request(self.to.to_peer_id(), Request::Market(Box::new(message))).await,
+            Ok(Response::Accepted)
+        )
+    }
+}
+
+/// Sends a market message, retrying a few times while the peer says it is
+/// busy or cannot be reached (a result lost to a full queue would cost the
+/// whole shard).
+async fn deliver(net: &Handle, to: PublicKey, message: &Market) -> bool {
+    let mut wait = std::time::Duration::from_millis(100);
+    for attempt in 0..4 {
+        if attempt > 0 {
+            tokio::time::sleep(wait).await;
+            wait *= 2;
+        }
+        if matches!(
+            net.request(to.to_peer_id(), Request::Market(Box::new(message.clone()))).await,
+            Ok(Response::Accepted)
+        ) {
+            return true;
+        }
+    }
+    false
+}
+
+/// `text` in pieces of at most `max` bytes, cut on character boundaries.
+fn split_text(text: &str, max: usize) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let mut rest = text;
+    while rest.len() > max {
+        let mut cut = max;
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let (head, tail) = rest.split_at(cut);
+        pieces.push(head);
+        rest = tail;
+    }
+    pieces.push(rest);
+    pieces
 }
 
 /// Reputation of a peer never seen before.
-const DEFAULT_REPUTATION: f64 = 0.8;
+pub const DEFAULT_REPUTATION: f64 = 0.8;
+
+/// Events buffered per watched task (a slow watcher skips progress).
+const WATCH_BUFFER: usize = 1024;
 
 /// A finished task.
 #[derive(Debug, Clone)]
 enum Outcome {
-    Done { output: ShardOutput, receipt: Box<Signed<Receipt>> },
+    Done { output: ShardOutput, receipt: Box<Signed<Receipt>>, input_tokens: u64 },
     Failed(String),
+}
+
+/// What the API shows of a task beyond the requester's state.
+#[derive(Debug, Clone)]
+struct TaskMeta {
+    /// `embed`, `generate` or `chat`.
+    kind: String,
+    /// The model's advertised id.
+    model: String,
 }
 
 /// The market driver's state.
@@ -64,6 +224,13 @@ pub struct Driver {
     tasks: HashMap<TaskId, Requester>,
     outcomes: HashMap<TaskId, Outcome>,
     reputation: HashMap<PublicKey, f64>,
+    meta: HashMap<TaskId, TaskMeta>,
+    watchers: HashMap<TaskId, broadcast::Sender<TaskEvent>>,
+    /// Who streams each item of a task (the first runner heard from).
+    streaming: HashMap<(TaskId, u64), PublicKey>,
+    /// When each task's current CFP left, for the auction latency.
+    auction_started: HashMap<TaskId, Instant>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -73,7 +240,7 @@ impl std::fmt::Debug for Driver {
 }
 
 /// Starts the driver; commands go in through the returned sender.
-pub fn start(key: Keypair, net: Handle, store: Arc<SledStore>) -> mpsc::Sender<Command> {
+pub fn start(key: Keypair, net: Handle, store: Arc<SledStore>, metrics: Arc<Metrics>) -> mpsc::Sender<Command> {
     let (tx, rx) = mpsc::channel(1024);
     let me = key.public();
     let driver = Driver {
@@ -87,6 +254,11 @@ pub fn start(key: Keypair, net: Handle, store: Arc<SledStore>) -> mpsc::Sender<C
         tasks: HashMap::new(),
         outcomes: HashMap::new(),
         reputation: HashMap::new(),
+        meta: HashMap::new(),
+        watchers: HashMap::new(),
+        streaming: HashMap::new(),
+        auction_started: HashMap::new(),
+        metrics,
     };
     tokio::spawn(driver.run(rx));
     tx
@@ -165,24 +337,28 @@ impl Driver {
                     let _ = reply.send(self.view(&task));
                 }
                 Command::List { reply } => {
-                    let mut list: Vec<mycel_api::TaskSummary> = self
-                        .tasks
-                        .keys()
-                        .filter_map(|t| self.view(&hex::encode(t.0)).ok())
-                        .map(|v| mycel_api::TaskSummary {
-                            task: v.task,
-                            state: v.state,
-                            shards: v.shards,
-                            shards_done: v.shards_done,
-                        })
-                        .collect();
+                    let mut list: Vec<TaskSummary> = self.tasks.keys().filter_map(|t| self.summary(*t)).collect();
                     list.sort_by(|a, b| a.task.cmp(&b.task));
                     let _ = reply.send(Ok(list));
+                }
+                Command::Watch { task, reply } => {
+                    let _ = reply.send(self.watch(&task));
+                }
+                Command::Cancel { task, reply } => {
+                    let _ = reply.send(self.cancel(&task));
+                }
+                Command::Reputations { reply } => {
+                    let map = self.reputation.iter().map(|(k, v)| (k.to_peer_id().to_string(), *v)).collect();
+                    let _ = reply.send(map);
+                }
+                Command::RefreshMetrics { reply } => {
+                    self.refresh_metrics();
+                    let _ = reply.send(());
                 }
                 Command::ModelsReady(models) => self.models_ready(models),
                 Command::Inbound { from, message } => self.inbound(from, *message),
                 Command::Timer { task, timer } => self.step(task, Event::Timer(timer)),
-                Command::JobDone { job, output, compute_ms } => self.job_done(*job, output, compute_ms),
+                Command::JobDone(done) => self.job_done(*done),
                 Command::SendFailed { to, message } => {
                     if let Market::Award(signed) = *message
                         && let Ok(award) = signed.verify()
@@ -221,24 +397,39 @@ impl Driver {
         }
         let kind = match request.kind.as_str() {
             "embed" => ModelKind::Embedding,
-            "generate" => ModelKind::Generation,
-            other => bail!("unknown task kind {other:?} (embed or generate)"),
+            "generate" | "chat" => ModelKind::Generation,
+            other => {
+                return Err(
+                    ApiError::BadRequest(format!("unknown task kind {other:?} (embed, generate or chat)")).into()
+                );
+            }
         };
-        if request.inputs.is_empty() {
-            bail!("no inputs");
+        if request.inputs.is_empty() && request.conversations.is_empty() {
+            return Err(ApiError::BadRequest("no inputs".into()).into());
         }
         // Pin the model to one digest.
         let chosen = adverts
             .iter()
             .flat_map(|(_, a)| a.models.iter())
-            .find(|m| {
-                m.kind == kind && request.model.as_ref().is_none_or(|want| *want == m.id || *want == m.weights.to_hex())
-            })
-            .cloned()
-            .with_context(|| match &request.model {
-                Some(m) => format!("no peer serves a {} model {m:?}", request.kind),
-                None => format!("no peer serves a {} model", request.kind),
-            })?;
+            .find(|m| m.kind == kind && request.model.as_ref().is_none_or(|want| model_matches(want, m)))
+            .cloned();
+        let chosen = match (chosen, &request.model) {
+            (Some(m), _) => m,
+            (None, Some(want)) => {
+                return Err(ApiError::ModelNotFound(format!(
+                    "no peer serves {} model {want:?} (GET /v1/models lists what the swarm offers)",
+                    if kind == ModelKind::Embedding { "an embedding" } else { "a generation" }
+                ))
+                .into());
+            }
+            (None, None) => {
+                return Err(ApiError::NoCapablePeer(format!(
+                    "no peer serves {} model yet",
+                    if kind == ModelKind::Embedding { "an embedding" } else { "a generation" }
+                ))
+                .into());
+            }
+        };
         let candidates: Vec<Candidate> = adverts
             .iter()
             .filter_map(|(peer, a)| {
@@ -251,17 +442,25 @@ impl Driver {
                 Some(Candidate { peer: *peer, units_per_s, load, reputation: self.reputation_of(peer) })
             })
             .collect();
-        let work = match kind {
-            ModelKind::Embedding => Work::Embed { texts: request.inputs },
-            _ => Work::Generate {
-                prompts: request.inputs,
-                params: GenerateParams {
-                    max_tokens: request.max_tokens.unwrap_or(128),
-                    temperature: request.temperature.unwrap_or(0.0),
-                    seed: request.seed.unwrap_or(0),
-                    ..GenerateParams::default()
-                },
-            },
+        let params = GenerateParams {
+            max_tokens: request.max_tokens.unwrap_or(128),
+            temperature: request.temperature.unwrap_or(0.0),
+            top_p: request.top_p.unwrap_or(1.0),
+            seed: request.seed.unwrap_or(0),
+            stop: request.stop.clone(),
+            stream: request.stream,
+        };
+        let work = match request.kind.as_str() {
+            "embed" => Work::Embed { texts: request.inputs },
+            "generate" => Work::Generate { prompts: request.inputs, params },
+            _ => {
+                let conversations = request
+                    .conversations
+                    .into_iter()
+                    .map(|turns| turns.into_iter().map(chat_turn).collect::<Result<Vec<_>>>())
+                    .collect::<Result<Vec<_>>>()?;
+                Work::Chat { conversations, params }
+            }
         };
         let spec = TaskSpec {
             work,
@@ -273,7 +472,7 @@ impl Driver {
             deadline_ms: 0,
             budget_micros: None,
         };
-        spec.validate().map_err(|e| anyhow!("invalid task: {e}"))?;
+        spec.validate().map_err(|e| ApiError::BadRequest(format!("invalid task: {e}")))?;
         let mut id = [0u8; 16];
         getrandom::fill(&mut id).map_err(|e| anyhow!("no randomness for a task id: {e}"))?;
         let task = TaskId(id);
@@ -281,6 +480,7 @@ impl Driver {
         info!(task = %hex::encode(id), shards = requester.shard_count(), model = %chosen.id, "task submitted");
         let actions = requester.start(now_ms());
         self.tasks.insert(task, requester);
+        self.meta.insert(task, TaskMeta { kind: request.kind.clone(), model: chosen.id.clone() });
         self.apply(task, actions);
         Ok(Submitted { task: hex::encode(id) })
     }
@@ -295,7 +495,32 @@ impl Driver {
         self.apply(task, actions);
     }
 
+    /// Tells the task's watchers where it stands; forgets them once it
+    /// finished.
+    fn notify(&mut self, task: TaskId) {
+        if !self.watchers.contains_key(&task) {
+            return;
+        }
+        let Some(summary) = self.summary(task) else { return };
+        let finished = summary.finished();
+        if let Some(tx) = self.watchers.get(&task) {
+            let _ = tx.send(TaskEvent::Progress(summary));
+        }
+        if finished {
+            self.watchers.remove(&task);
+            self.streaming.retain(|(t, _), _| *t != task);
+        }
+    }
+
     fn apply(&mut self, task: TaskId, actions: Vec<Action>) {
+        let any = !actions.is_empty();
+        self.apply_actions(task, actions);
+        if any {
+            self.notify(task);
+        }
+    }
+
+    fn apply_actions(&mut self, task: TaskId, actions: Vec<Action>) {
         let mut queue: std::collections::VecDeque<Action> = actions.into();
         while let Some(action) = queue.pop_front() {
             match action {
@@ -315,6 +540,10 @@ impl Driver {
                     if let Some(r) = self.tasks.get_mut(&task) {
                         queue.extend(r.cfp_signed(cfp.round, signed.digest()));
                     }
+                    if cfp.round > 1 {
+                        self.metrics.reauctions.inc();
+                    }
+                    self.auction_started.insert(task, Instant::now());
                     for peer in to {
                         self.send(peer, Market::Cfp(signed.clone()));
                     }
@@ -326,6 +555,9 @@ impl Driver {
                     debug!("CFP gossip fallback not wired; direct CFPs only");
                 }
                 Action::SendAward { to, award } => {
+                    if let Some(started) = self.auction_started.remove(&task) {
+                        self.metrics.auction_latency.observe(started.elapsed().as_secs_f64());
+                    }
                     if let Ok(signed) = Signed::sign(&self.key, &award) {
                         self.send(to, Market::Award(signed));
                     }
@@ -344,6 +576,7 @@ impl Driver {
                     });
                 }
                 Action::Penalise { peer, reason } => {
+                    self.metrics.verification_failures.inc();
                     let reputation = self.adjust_reputation(peer, true);
                     warn!(peer = %peer.to_peer_id(), ?reason, reputation, "peer penalised");
                 }
@@ -353,7 +586,8 @@ impl Driver {
                 Action::Complete { output, receipt } => match Signed::sign(&self.key, &receipt) {
                     Ok(signed) => {
                         info!(task = %hex::encode(task.0), shards = receipt.shards.len(), "task complete");
-                        self.outcomes.insert(task, Outcome::Done { output, receipt: Box::new(signed) });
+                        let input_tokens = self.tasks.get(&task).map_or(0, Requester::input_tokens);
+                        self.outcomes.insert(task, Outcome::Done { output, receipt: Box::new(signed), input_tokens });
                     }
                     Err(e) => {
                         self.outcomes.insert(task, Outcome::Failed(format!("signing the receipt: {e}")));
@@ -376,12 +610,97 @@ impl Driver {
         Ok(())
     }
 
+    /// A task id the user typed, known to this node.
+    fn known(&self, id: &str) -> Result<TaskId> {
+        let task = TaskId::from_hex(id)
+            .map_err(|_| ApiError::BadRequest(format!("{id:?} is not a task id (32 hex digits)")))?;
+        if !self.tasks.contains_key(&task) {
+            return Err(ApiError::NotFound(format!("no task {id} on this node")).into());
+        }
+        Ok(task)
+    }
+
+    /// One line about a task.
+    fn summary(&self, task: TaskId) -> Option<TaskSummary> {
+        let requester = self.tasks.get(&task)?;
+        let mut workers = BTreeMap::new();
+        for peer in requester.executors().into_iter().flatten() {
+            *workers.entry(peer.to_peer_id().to_string()).or_insert(0) += 1;
+        }
+        let (state, error) = match (self.outcomes.get(&task), requester.phase()) {
+            (Some(Outcome::Done { .. }), _) | (None, Phase::Done) => ("done", None),
+            (Some(Outcome::Failed(why)), _) => ("failed", Some(why.clone())),
+            (None, Phase::Failed) => ("failed", None),
+            (None, _) => ("running", None),
+        };
+        let kind = match self.meta.get(&task) {
+            Some(m) => m.kind.clone(),
+            None => requester.kind_name().to_string(),
+        };
+        Some(TaskSummary {
+            task: hex::encode(task.0),
+            state: state.into(),
+            shards: requester.shard_count(),
+            shards_done: requester.shards_done(),
+            kind,
+            workers,
+            peers_working: requester.peers_working(),
+            error,
+        })
+    }
+
+    /// The task's state now, and a receiver for what happens next.
+    fn watch(&mut self, id: &str) -> Result<Watch> {
+        let task = self.known(id)?;
+        let progress = self.summary(task).context("task vanished")?;
+        let events = if progress.finished() {
+            // Nothing more will happen: a closed channel says so.
+            broadcast::channel(1).1
+        } else {
+            self.watchers.entry(task).or_insert_with(|| broadcast::channel(WATCH_BUFFER).0).subscribe()
+        };
+        Ok(Watch { progress, events })
+    }
+
+    /// Gives up on a task: journaled as failed ("cancelled"); workers'
+    /// late results are answered as late.
+    fn cancel(&mut self, id: &str) -> Result<TaskSummary> {
+        let task = self.known(id)?;
+        if let Some(requester) = self.tasks.get_mut(&task) {
+            let actions = requester.cancel("cancelled");
+            if !actions.is_empty() {
+                info!(task = %id, "task cancelled");
+            }
+            self.apply(task, actions);
+        }
+        self.summary(task).context("task vanished")
+    }
+
+    /// Task and shard gauges from the tasks held.
+    fn refresh_metrics(&self) {
+        let mut tasks: BTreeMap<&str, f64> = [("running", 0.0), ("done", 0.0), ("failed", 0.0)].into();
+        let (mut shards_done, mut shards_open) = (0.0, 0.0);
+        for task in self.tasks.keys() {
+            if let Some(s) = self.summary(*task) {
+                let state = match s.state.as_str() {
+                    "done" => "done",
+                    "failed" => "failed",
+                    _ => "running",
+                };
+                *tasks.entry(state).or_default() += 1.0;
+                shards_done += s.shards_done as f64;
+                shards_open += (s.shards - s.shards_done) as f64;
+            }
+        }
+        for (state, n) in tasks {
+            self.metrics.tasks.with(state).set(n);
+        }
+        self.metrics.shards.with("done").set(shards_done);
+        self.metrics.shards.with("open").set(shards_open);
+    }
+
     fn view(&self, id: &str) -> Result<TaskView> {
-        let bytes: [u8; 16] = hex::decode(id)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .with_context(|| format!("{id:?} is not a task id (32 hex digits)"))?;
-        let task = TaskId(bytes);
+        let task = self.known(id)?;
         let requester = self.tasks.get(&task).with_context(|| format!("no task {id} on this node"))?;
         let mut view = TaskView {
             task: id.to_string(),
@@ -398,9 +717,13 @@ impl Driver {
             embeddings: None,
             generations: None,
             receipt: None,
+            model: self.meta.get(&task).map(|m| m.model.clone()).unwrap_or_default(),
+            input_tokens: 0,
+            peers_working: requester.peers_working(),
         };
         match self.outcomes.get(&task) {
-            Some(Outcome::Done { output, receipt }) => {
+            Some(Outcome::Done { output, receipt, input_tokens }) => {
+                view.input_tokens = *input_tokens;
                 view.state = "done".into();
                 match output {
                     ShardOutput::Embeddings { dimensions, values } => {
@@ -445,11 +768,7 @@ impl Driver {
         let net = self.net.clone();
         let tx = self.tx.clone();
         tokio::spawn(async move {
-            let delivered = matches!(
-                net.request(to.to_peer_id(), Request::Market(Box::new(message.clone()))).await,
-                Ok(Response::Accepted)
-            );
-            if !delivered {
+            if !deliver(&net, to, &message).await {
                 debug!(peer = %to.to_peer_id(), "market message not delivered");
                 let _ = tx.send(Command::SendFailed { to, message: Box::new(message) }).await;
             }
@@ -468,6 +787,7 @@ impl Driver {
                 let Some(bid) = worker.on_cfp(now, &signed) else { return };
                 if let Ok(signed_bid) = Signed::sign(&self.key, &bid) {
                     worker.bid_signed(&signed_bid);
+                    self.metrics.bids_sent.inc();
                     self.send(sender, Market::Bid(signed_bid));
                 }
             }
@@ -481,6 +801,7 @@ impl Driver {
                 let Some(worker) = self.worker.as_mut() else { return };
                 match worker.on_award(now, sender, &award) {
                     AwardOutcome::Run(jobs) => {
+                        self.metrics.bids_won.inc();
                         for job in jobs {
                             self.run_job(job);
                         }
@@ -504,8 +825,23 @@ impl Driver {
                 }
             }
             Market::Refuse { task, shard } => self.step(task, Event::Refused { from: sender, shard }),
+            Market::Partial { task, shard, item, text } => self.partial(task, shard, item, sender, text),
             _ => {}
         }
+    }
+
+    /// Streamed text from a worker: shown to the task's watchers if the
+    /// sender runs that shard now and is the one streaming this item.
+    fn partial(&mut self, task: TaskId, shard: u32, item: u64, from: PublicKey, text: String) {
+        let Some(requester) = self.tasks.get(&task) else { return };
+        if !requester.is_running(shard, &from) {
+            return;
+        }
+        let Some(tx) = self.watchers.get(&task) else { return };
+        if *self.streaming.entry((task, item)).or_insert(from) != from {
+            return; // a redundant copy streams too; one voice per item
+        }
+        let _ = tx.send(TaskEvent::Text { item, text });
     }
 
     // ---- worker side ----------------------------------------------------
@@ -514,74 +850,118 @@ impl Driver {
         let Some(models) = self.models.clone() else { return };
         let tx = self.tx.clone();
         let started = Instant::now();
-        match job.work.clone() {
+        let (conversations, params) = match job.work.clone() {
             Work::Embed { texts } => {
                 let Some(served) = models.embedders.iter().find(|s| s.advert.weights == job.model) else {
                     return self.refuse(job);
                 };
-                match models.pool.embed(served.model.clone(), texts) {
-                    Ok(rx) => {
-                        tokio::spawn(async move {
-                            let output = match rx.await {
-                                Ok(Ok(vectors)) => {
-                                    let dimensions = vectors.first().map_or(0, Vec::len) as u32;
-                                    Ok(ShardOutput::Embeddings { dimensions, values: vectors.concat() })
-                                }
-                                Ok(Err(e)) => Err(e.to_string()),
-                                Err(_) => Err("worker pool stopped".to_string()),
-                            };
-                            let compute_ms = started.elapsed().as_millis() as u32;
-                            let _ = tx.send(Command::JobDone { job: Box::new(job), output, compute_ms }).await;
-                        });
-                    }
-                    Err(_) => self.refuse(job),
-                }
-            }
-            Work::Generate { prompts, params } => {
-                let Some(served) = models.generators.iter().find(|s| s.advert.weights == job.model) else {
-                    return self.refuse(job);
-                };
-                let model = served.model.clone();
+                let embedder = served.model.clone();
+                let Ok(rx) = models.pool.embed(embedder.clone(), texts.clone()) else { return self.refuse(job) };
                 tokio::spawn(async move {
-                    let mut generations: Vec<Generation> = Vec::with_capacity(prompts.len());
-                    let mut failure = None;
-                    for prompt in prompts {
-                        let ids = match model
-                            .chat_prompt(&[mycel_models::ChatMessage::user(prompt)])
-                            .and_then(|p| model.encode(&p))
-                        {
-                            Ok(ids) => ids,
-                            Err(e) => {
-                                failure = Some(e.to_string());
-                                break;
-                            }
-                        };
-                        let Ok((_stream, done)) = models.pool.generate(model.clone(), ids, params.clone()) else {
-                            failure = Some("worker pool busy".into());
-                            break;
-                        };
-                        match done.await {
-                            Ok(Ok(g)) => generations.push(g),
-                            Ok(Err(e)) => {
-                                failure = Some(e.to_string());
-                                break;
-                            }
-                            Err(_) => {
-                                failure = Some("worker pool stopped".into());
-                                break;
-                            }
+                    let output = match rx.await {
+                        Ok(Ok(vectors)) => {
+                            let dimensions = vectors.first().map_or(0, Vec::len) as u32;
+                            Ok(ShardOutput::Embeddings { dimensions, values: vectors.concat() })
                         }
-                    }
-                    let output = match failure {
-                        Some(e) => Err(e),
-                        None => Ok(ShardOutput::Generations(generations)),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("worker pool stopped".to_string()),
                     };
                     let compute_ms = started.elapsed().as_millis() as u32;
-                    let _ = tx.send(Command::JobDone { job: Box::new(job), output, compute_ms }).await;
+                    // Usage: the tokens the model read (truncated as it
+                    // truncates); tokenizing again costs far less than the model.
+                    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                    let input_tokens =
+                        embedder.encode(&refs).map_or(0, |e| e.iter().map(|x| x.len() as u64).sum::<u64>());
+                    let done = JobDone { job, output, compute_ms, input_tokens };
+                    let _ = tx.send(Command::JobDone(Box::new(done))).await;
                 });
+                return;
             }
-            _ => self.refuse(job),
+            Work::Generate { prompts, params } => {
+                (prompts.into_iter().map(|p| vec![mycel_models::ChatMessage::user(p)]).collect::<Vec<_>>(), params)
+            }
+            Work::Chat { conversations, params } => {
+                let conversations = conversations
+                    .into_iter()
+                    .map(|turns| {
+                        turns
+                            .into_iter()
+                            .map(|t| mycel_models::ChatMessage { role: t.role.as_str().into(), content: t.content })
+                            .collect()
+                    })
+                    .collect();
+                (conversations, params)
+            }
+            _ => return self.refuse(job),
+        };
+        let Some(served) = models.generators.iter().find(|s| s.advert.weights == job.model) else {
+            return self.refuse(job);
+        };
+        let model = served.model.clone();
+        let (net, me) = (self.net.clone(), self.me);
+        tokio::spawn(async move {
+            let mut generations: Vec<Generation> = Vec::with_capacity(conversations.len());
+            let mut input_tokens = 0u64;
+            let mut failure = None;
+            for (i, messages) in conversations.into_iter().enumerate() {
+                let ids = match model.chat_prompt(&messages).and_then(|p| model.encode(&p)) {
+                    Ok(ids) => ids,
+                    Err(e) => {
+                        failure = Some(e.to_string());
+                        break;
+                    }
+                };
+                input_tokens += ids.len() as u64;
+                let item = job.first_item + i as u64;
+                // Each item samples with its own seed: the same prompt twice
+                // in one task may differ, yet a rerun gives the same text.
+                let item_params = GenerateParams { seed: params.seed.wrapping_add(item), ..params.clone() };
+                let Ok((stream, done)) = models.pool.generate(model.clone(), ids, item_params) else {
+                    failure = Some("worker pool busy".into());
+                    break;
+                };
+                let result = if params.stream {
+                    let sink = PartialSink { net: net.clone(), tx: tx.clone(), me, to: job.requester, task: job.task };
+                    let (_, result) = tokio::join!(sink.forward(stream, job.shard, item), done);
+                    result
+                } else {
+                    // Nobody reads the pieces: dropping the receiver lets
+                    // the model run without waiting on it.
+                    drop(stream);
+                    done.await
+                };
+                match result {
+                    Ok(Ok(g)) => generations.push(g),
+                    Ok(Err(e)) => {
+                        failure = Some(e.to_string());
+                        break;
+                    }
+                    Err(_) => {
+                        failure = Some("worker pool stopped".into());
+                        break;
+                    }
+                }
+            }
+            let output = match failure {
+                Some(e) => Err(e),
+                None => Ok(ShardOutput::Generations(generations)),
+            };
+            let compute_ms = started.elapsed().as_millis() as u32;
+            let done = JobDone { job, output, compute_ms, input_tokens };
+            let _ = tx.send(Command::JobDone(Box::new(done))).await;
+        });
+    }
+
+    /// Throughput counters per model, from a finished shard.
+    fn count_inference(&self, job: &Job, output: &ShardOutput, compute_ms: u32) {
+        let Some(models) = &self.models else { return };
+        let Some(advert) = models.adverts().into_iter().find(|a| a.weights == job.model) else { return };
+        self.metrics.shards_executed.inc();
+        self.metrics.inference_items.with(&advert.id).add(output.items() as u64);
+        if let ShardOutput::Generations(g) = output {
+            self.metrics.inference_tokens.with(&advert.id).add(g.iter().map(|g| u64::from(g.tokens)).sum());
         }
+        self.metrics.add_inference_seconds(&advert.id, f64::from(compute_ms) / 1000.0);
     }
 
     fn refuse(&mut self, job: Job) {
@@ -591,7 +971,8 @@ impl Driver {
         self.send(job.requester, Market::Refuse { task: job.task, shard: job.shard });
     }
 
-    fn job_done(&mut self, job: Job, output: Result<ShardOutput, String>, compute_ms: u32) {
+    fn job_done(&mut self, done: JobDone) {
+        let JobDone { job, output, compute_ms, input_tokens } = done;
         let output = match output {
             Ok(o) => o,
             Err(e) => {
@@ -599,11 +980,32 @@ impl Driver {
                 return self.refuse(job);
             }
         };
+        self.count_inference(&job, &output, compute_ms);
         let Some(worker) = self.worker.as_mut() else { return };
-        let Some(claim) = worker.on_done(now_ms(), &job, &output, compute_ms) else { return self.refuse(job) };
+        let Some(claim) = worker.on_done(now_ms(), &job, Done { output: &output, compute_ms, input_tokens }) else {
+            return self.refuse(job);
+        };
         match Signed::sign(&self.key, &claim) {
             Ok(signed) => self.send(job.requester, Market::Result(ShardResult { claim: signed, output })),
             Err(e) => warn!(error = %e, "cannot sign a result"),
         }
     }
+}
+
+/// Whether `want` (from a user) names advert `m`: its id (any case, with or
+/// without an organisation prefix like `sentence-transformers/`) or its
+/// weights digest.
+fn model_matches(want: &str, m: &mycel_protocol::ModelAdvert) -> bool {
+    let name = want.rsplit('/').next().unwrap_or(want);
+    want.eq_ignore_ascii_case(&m.id) || name.eq_ignore_ascii_case(&m.id) || want == m.weights.to_hex()
+}
+
+fn chat_turn(t: mycel_api::ChatTurnView) -> Result<ChatTurn> {
+    let role = match t.role.as_str() {
+        "system" => Role::System,
+        "user" => Role::User,
+        "assistant" => Role::Assistant,
+        other => return Err(ApiError::BadRequest(format!("unknown chat role {other:?}")).into()),
+    };
+    Ok(ChatTurn { role, content: t.content })
 }

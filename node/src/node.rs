@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use mycel_api::types::{RUNTIME_FILE, RuntimeInfo};
 use mycel_api::{ApiError, ModelView, NodeView, PeerView, StatusView};
+use mycel_metrics::Metrics;
 use mycel_net::Event;
 use mycel_protocol::{Advert, Load, ModelAdvert, ModelKind, Price, Quantization, version};
 use mycel_store::SledStore;
@@ -20,6 +21,7 @@ struct View {
     net: mycel_net::Handle,
     market: tokio::sync::mpsc::Sender<crate::market::Command>,
     started: Instant,
+    metrics: Arc<Metrics>,
 }
 
 impl View {
@@ -30,9 +32,17 @@ impl View {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.market.send(make(reply)).await.map_err(|_| ApiError::Unavailable("the market stopped".into()))?;
         rx.await.map_err(|_| ApiError::Unavailable("the market stopped".into()))?.map_err(|e| {
-            let message = format!("{e:#}");
-            if message.starts_with("no task") { ApiError::NotFound(message) } else { ApiError::BadRequest(message) }
+            // The driver says what kind of error it is where it matters.
+            e.downcast::<ApiError>().unwrap_or_else(|e| ApiError::BadRequest(format!("{e:#}")))
         })
+    }
+
+    async fn reputations(&self) -> std::collections::HashMap<String, f64> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        if self.market.send(crate::market::Command::Reputations { reply }).await.is_err() {
+            return Default::default();
+        }
+        rx.await.unwrap_or_default()
     }
 }
 
@@ -74,6 +84,26 @@ impl NodeView for View {
         self.ask(|reply| crate::market::Command::List { reply }).await
     }
 
+    async fn watch(&self, id: String) -> Result<mycel_api::Watch, ApiError> {
+        self.ask(|reply| crate::market::Command::Watch { task: id, reply }).await
+    }
+
+    async fn cancel(&self, id: String) -> Result<mycel_api::TaskSummary, ApiError> {
+        self.ask(|reply| crate::market::Command::Cancel { task: id, reply }).await
+    }
+
+    async fn metrics(&self) -> Result<String, ApiError> {
+        self.metrics.peers_connected.set(self.net.connected().await.map_err(unavailable)?.len() as f64);
+        self.metrics.peers_known.set(self.net.peer_count().await.map_err(unavailable)? as f64);
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.market
+            .send(crate::market::Command::RefreshMetrics { reply })
+            .await
+            .map_err(|_| ApiError::Unavailable("the market stopped".into()))?;
+        let _ = rx.await;
+        Ok(self.metrics.render())
+    }
+
     async fn status(&self) -> Result<StatusView, ApiError> {
         let own = self.net.own_advert().await.map_err(unavailable)?;
         Ok(StatusView {
@@ -89,6 +119,7 @@ impl NodeView for View {
 
     async fn peers(&self) -> Result<Vec<PeerView>, ApiError> {
         let now = mycel_net::now_ms();
+        let reputations = self.reputations().await;
         let mut peers: Vec<PeerView> = self
             .net
             .peers()
@@ -109,6 +140,7 @@ impl NodeView for View {
                 listen_addrs: e.advert.listen_addrs.clone(),
                 advert_seq: e.advert.seq,
                 last_seen_ms: now.saturating_sub(e.received_ms),
+                reputation: reputations.get(&e.peer.to_string()).copied().unwrap_or(crate::market::DEFAULT_REPUTATION),
             })
             .collect();
         peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
@@ -139,13 +171,15 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
 
     let auth = mycel_api::Auth::new(config.api_token.clone());
     let listener = mycel_api::bind(config.api, &auth).await?;
+    let metrics = Arc::new(Metrics::new());
     let api_addr = listener.local_addr().context("reading the API address")?;
 
     let net_config = mycel_net::Config::default()
         .with_listen(config.listen.clone())
         .with_bootstrap(config.bootstrap.clone())
         .with_mdns(config.mdns)
-        .with_advert_interval(config.advert_interval);
+        .with_advert_interval(config.advert_interval)
+        .with_metrics(metrics.clone());
     let (net, mut events, event_loop) = mycel_net::start(&key, net_config)?;
     let net_task = tokio::spawn(event_loop.run(shutdown.clone()));
 
@@ -167,9 +201,15 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
     let mut loading = Some(tokio::task::spawn_blocking(move || crate::local::load(&load_config, chosen, &hardware)));
 
     let market_key = mycel_protocol::Keypair::from_secret_bytes(&key.secret_bytes());
-    let market = crate::market::start(market_key, net.clone(), Arc::new(store));
-    let view = Arc::new(View { net: net.clone(), market: market.clone(), started: Instant::now() });
-    let router = mycel_api::router(view, auth);
+    let market = crate::market::start(market_key, net.clone(), Arc::new(store), metrics.clone());
+    let view = Arc::new(View { net: net.clone(), market: market.clone(), started: Instant::now(), metrics });
+    let api_config = mycel_api::ApiConfig {
+        auth,
+        rate_per_s: config.api_rate_limit,
+        burst: (config.api_rate_limit * 2.0).max(1.0),
+        ..mycel_api::ApiConfig::default()
+    };
+    let router = mycel_api::router(view, api_config);
     let api_task = tokio::spawn(mycel_api::serve(listener, router, shutdown.clone()));
     info!(api = %format!("http://{api_addr}"), "API listening");
 

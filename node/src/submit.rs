@@ -93,35 +93,20 @@ fn submit_and_wait(
 ) -> Result<TaskView> {
     let base = node_url(&common.client)?;
     let request = SubmitRequest {
-        kind: kind.into(),
-        inputs,
         model: common.model.clone(),
         redundancy: common.redundancy,
         items_per_shard: common.items_per_shard,
         max_tokens: generate.map(|g| g.0),
         seed: generate.map(|g| g.1),
-        temperature: None,
+        ..SubmitRequest::new(kind, inputs)
     };
     let submitted: Submitted = post_json(&base, "/api/v1/tasks", &request)?;
     let terminal = std::io::stderr().is_terminal();
     let started = Instant::now();
     loop {
         let view: TaskView = get_json(&base, &format!("/api/v1/tasks/{}", submitted.task))?;
-        let peers: std::collections::BTreeSet<&String> = view.executors.iter().flatten().collect();
         if terminal {
-            let eta = if view.shards_done > 0 {
-                let per = started.elapsed().as_secs_f64() / view.shards_done as f64;
-                format!("{:.0}s", per * (view.shards - view.shards_done) as f64)
-            } else {
-                "?".into()
-            };
-            eprint!(
-                "\r{} shards {}/{} | peers {} | eta {eta}   ",
-                &submitted.task[..8],
-                view.shards_done,
-                view.shards,
-                peers.len()
-            );
+            eprint!("\r{}   ", progress_line(&submitted.task, &view, started.elapsed()));
         }
         match view.state.as_str() {
             "done" => {
@@ -139,6 +124,27 @@ fn submit_and_wait(
             _ => std::thread::sleep(Duration::from_millis(200)),
         }
     }
+}
+
+/// `3f2a9c1e [#########...........] 9/20 shards | 4 peers working | eta 12s`
+fn progress_line(task: &str, view: &TaskView, elapsed: Duration) -> String {
+    const WIDTH: usize = 20;
+    let filled = (view.shards_done * WIDTH).checked_div(view.shards).unwrap_or(0);
+    let eta = if view.shards_done > 0 {
+        let per = elapsed.as_secs_f64() / view.shards_done as f64;
+        format!("{:.0}s", per * (view.shards - view.shards_done) as f64)
+    } else {
+        "?".into()
+    };
+    format!(
+        "{} [{}{}] {}/{} shards | {} peers working | eta {eta}",
+        task.get(..8).unwrap_or(task),
+        "#".repeat(filled),
+        ".".repeat(WIDTH - filled),
+        view.shards_done,
+        view.shards,
+        view.peers_working,
+    )
 }
 
 /// Writes the receipt beside the output and says who did what.
@@ -283,4 +289,34 @@ pub fn task(args: &TaskArgs) -> Result<()> {
     println!();
     print_table(&["SHARD", "EXECUTOR"], &rows);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(done: usize, shards: usize, working: usize) -> TaskView {
+        TaskView {
+            task: "t".into(),
+            state: "running".into(),
+            shards,
+            shards_done: done,
+            executors: Vec::new(),
+            error: None,
+            embeddings: None,
+            generations: None,
+            receipt: None,
+            model: String::new(),
+            input_tokens: 0,
+            peers_working: working,
+        }
+    }
+
+    #[test]
+    fn the_progress_line_shows_shards_peers_and_eta() {
+        let line = progress_line("3f2a9c1e00", &view(5, 20, 4), Duration::from_secs(10));
+        assert_eq!(line, "3f2a9c1e [#####...............] 5/20 shards | 4 peers working | eta 30s");
+        let line = progress_line("ab", &view(0, 0, 0), Duration::ZERO);
+        assert_eq!(line, "ab [....................] 0/0 shards | 0 peers working | eta ?");
+    }
 }

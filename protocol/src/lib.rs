@@ -35,7 +35,7 @@ pub use market::{
     ShardOutput, ShardResult, Timings, Verdict,
 };
 pub use signed::{Signed, SignedKind, VerifyError};
-pub use task::{Aggregation, GenerateParams, ModelSelector, Receipt, Split, TaskId, TaskSpec, Work};
+pub use task::{Aggregation, ChatTurn, GenerateParams, ModelSelector, Receipt, Role, Split, TaskId, TaskSpec, Work};
 
 #[cfg(test)]
 mod proptests;

@@ -47,6 +47,10 @@ pub const STOP_SEQUENCES: usize = 8;
 pub const ITEMS_PER_SHARD: usize = 65_536;
 /// Shards one task may have.
 pub const SHARDS_PER_TASK: usize = 50_000;
+/// Messages in one conversation of a chat task.
+pub const CHAT_TURNS: usize = 256;
+/// Bytes of text one streamed piece may carry.
+pub const PARTIAL_TEXT: usize = 16 * 1024;
 /// Tokens one generation may ask for.
 pub const MAX_TOKENS: u32 = 32_768;
 /// Copies of one shard a task may ask for.

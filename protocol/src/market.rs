@@ -174,6 +174,9 @@ pub struct ResultClaim {
     pub output: Digest,
     /// Time taken.
     pub timings: Timings,
+    /// Input tokens the model read (texts after truncation, or rendered
+    /// prompts): what usage reports count. The worker's word.
+    pub input_tokens: u64,
 }
 
 crate::wire!(ResultClaim, limits::RESULT_CLAIM);

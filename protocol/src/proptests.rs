@@ -170,15 +170,19 @@ mod valid {
     }
 
     fn params() -> impl Strategy<Value = GenerateParams> {
-        (1..=limits::MAX_TOKENS, 0f32..2.0, 1u32..=100, any::<u64>(), prop::collection::vec(text(8), 0..3)).prop_map(
-            |(max_tokens, temperature, top_p, seed, stop)| GenerateParams {
+        (1..=limits::MAX_TOKENS, 0f32..2.0, 1u32..=100, any::<(u64, bool)>(), prop::collection::vec(text(8), 0..3))
+            .prop_map(|(max_tokens, temperature, top_p, (seed, stream), stop)| GenerateParams {
                 max_tokens,
                 temperature,
                 top_p: top_p as f32 / 100.0,
                 seed,
                 stop,
-            },
-        )
+                stream,
+            })
+    }
+
+    fn chat_turn() -> impl Strategy<Value = ChatTurn> {
+        (any::<Role>(), text(40)).prop_map(|(role, content)| ChatTurn { role, content })
     }
 
     pub fn work() -> impl Strategy<Value = Work> {
@@ -186,6 +190,8 @@ mod valid {
             prop::collection::vec(text(40), 1..8).prop_map(|texts| Work::Embed { texts }),
             (prop::collection::vec(text(40), 1..4), params())
                 .prop_map(|(prompts, params)| Work::Generate { prompts, params }),
+            (prop::collection::vec(prop::collection::vec(chat_turn(), 1..4), 1..3), params())
+                .prop_map(|(conversations, params)| Work::Chat { conversations, params }),
         ]
     }
 

@@ -26,6 +26,7 @@ impl Request {
         match self {
             Request::Market(m) => match m.as_ref() {
                 Market::Result(result) => crate::Wire::validate(result),
+                Market::Partial { text, .. } => crate::codec::rules::short("partial text", text, limits::PARTIAL_TEXT),
                 _ => Ok(()),
             },
             _ => Ok(()),
@@ -55,6 +56,20 @@ pub enum Market {
         task: TaskId,
         /// The shard.
         shard: u32,
+    },
+    /// Worker to requester: text generated so far for one item of a
+    /// streaming task. Unsigned and advisory: only the signed
+    /// [`Market::Result`] counts, and pieces from anyone but the shard's
+    /// current worker are dropped.
+    Partial {
+        /// The task.
+        task: TaskId,
+        /// The shard.
+        shard: u32,
+        /// The item's index in the task.
+        item: u64,
+        /// Text that follows what was sent before for this item.
+        text: String,
     },
 }
 

@@ -54,15 +54,20 @@ pub struct GenerateParams {
     pub temperature: f32,
     /// Nucleus sampling mass in (0, 1]; 1 disables it.
     pub top_p: f32,
-    /// Seed for sampling, so a shard run twice gives the same text.
+    /// Seed for sampling, so a shard run twice gives the same text. Item
+    /// `i` of the task samples with `seed.wrapping_add(i)`, so identical
+    /// prompts in one task can still differ, however the task is split.
     pub seed: u64,
     /// Generation stops before any of these strings.
     pub stop: Vec<String>,
+    /// The requester wants text as it is produced ([`crate::rpc::Market::Partial`]);
+    /// the signed result stays the answer.
+    pub stream: bool,
 }
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        Self { max_tokens: 256, temperature: 0.0, top_p: 1.0, seed: 0, stop: Vec::new() }
+        Self { max_tokens: 256, temperature: 0.0, top_p: 1.0, seed: 0, stop: Vec::new(), stream: false }
     }
 }
 
@@ -104,6 +109,47 @@ pub enum Work {
         /// Shared generation settings.
         params: GenerateParams,
     },
+    /// One reply per conversation, each rendered with the model's own chat
+    /// template.
+    Chat {
+        /// Conversations in order.
+        conversations: Vec<Vec<ChatTurn>>,
+        /// Shared generation settings.
+        params: GenerateParams,
+    },
+}
+
+/// Who said a [`ChatTurn`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub enum Role {
+    /// Instructions for the model.
+    System,
+    /// The person.
+    User,
+    /// The model, earlier in the conversation.
+    Assistant,
+}
+
+impl Role {
+    /// The name chat templates use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct ChatTurn {
+    /// Who said it.
+    pub role: Role,
+    /// What was said.
+    pub content: String,
 }
 
 impl Work {
@@ -112,6 +158,7 @@ impl Work {
         match self {
             Work::Embed { texts } => texts.len(),
             Work::Generate { prompts, .. } => prompts.len(),
+            Work::Chat { conversations, .. } => conversations.len(),
         }
     }
 
@@ -124,6 +171,15 @@ impl Work {
         match self {
             Work::Embed { .. } => Ok(()),
             Work::Generate { params, .. } => params.check(),
+            Work::Chat { conversations, params } => {
+                for turns in conversations {
+                    if turns.is_empty() {
+                        return Err("a conversation with no messages".into());
+                    }
+                    at_most("messages in a conversation", turns, limits::CHAT_TURNS)?;
+                }
+                params.check()
+            }
         }
     }
 }

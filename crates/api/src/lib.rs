@@ -8,21 +8,37 @@
 //! Native routes live under `/api/v1/`. The API listens on loopback by
 //! default; anywhere else it requires a bearer token ([`Auth`]).
 
+pub mod limit;
+pub mod openai;
 pub mod types;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::Stream;
 use tokio_util::sync::CancellationToken;
 
-pub use types::{GenerationView, ModelView, PeerView, StatusView, SubmitRequest, Submitted, TaskSummary, TaskView};
+pub use types::{
+    ChatTurnView, GenerationView, ModelView, PeerView, StatusView, SubmitRequest, Submitted, TaskEvent, TaskSummary,
+    TaskView,
+};
+
+/// A task's state now, and everything that happens to it from now on.
+#[derive(Debug)]
+pub struct Watch {
+    /// Where it stands.
+    pub progress: TaskSummary,
+    /// Later events; closed (or a final `Progress`) when it finishes.
+    pub events: tokio::sync::broadcast::Receiver<TaskEvent>,
+}
 
 /// What the API needs from a node.
 pub trait NodeView: Send + Sync + 'static {
@@ -36,6 +52,12 @@ pub trait NodeView: Send + Sync + 'static {
     fn task(&self, id: String) -> impl Future<Output = Result<TaskView, ApiError>> + Send;
     /// The tasks this node requested.
     fn tasks(&self) -> impl Future<Output = Result<Vec<TaskSummary>, ApiError>> + Send;
+    /// Follows a task.
+    fn watch(&self, id: String) -> impl Future<Output = Result<Watch, ApiError>> + Send;
+    /// Gives up on a task.
+    fn cancel(&self, id: String) -> impl Future<Output = Result<TaskSummary, ApiError>> + Send;
+    /// Metrics in Prometheus' text format.
+    fn metrics(&self) -> impl Future<Output = Result<String, ApiError>> + Send;
 }
 
 /// An error the API reports as JSON with a status code.
@@ -51,16 +73,60 @@ pub enum ApiError {
     /// No such thing.
     #[error("{0}")]
     NotFound(String),
+    /// No peer advertises this model.
+    #[error("{0}")]
+    ModelNotFound(String),
+    /// The model exists but no peer can take the work now.
+    #[error("{0}")]
+    NoCapablePeer(String),
+    /// The body is over the node's limit.
+    #[error("request body too large")]
+    TooLarge,
+    /// Too many requests from this client.
+    #[error("rate limit: at most {0} requests per second; retry shortly")]
+    RateLimited(f64),
+    /// Missing or wrong bearer token.
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+}
+
+impl ApiError {
+    /// The HTTP status it maps to.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unavailable(_) | ApiError::NoCapablePeer(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) | ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = match self {
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-        };
-        (status, Json(types::ErrorBody::new(self.to_string()))).into_response()
+        (self.status(), Json(types::ErrorBody::new(self.to_string()))).into_response()
+    }
+}
+
+/// The API's knobs.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Who may call it.
+    pub auth: Auth,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Requests per second per client on the OpenAI-compatible routes
+    /// (0 = unlimited), with bursts of `burst`.
+    pub rate_per_s: f64,
+    /// Requests a client may make at once after being idle.
+    pub burst: f64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self { auth: Auth::default(), max_body_bytes: 32 * 1024 * 1024, rate_per_s: 20.0, burst: 40.0 }
     }
 }
 
@@ -129,22 +195,38 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn require_token(State(auth): State<Auth>, request: Request, next: Next) -> Response {
-    if auth.allows(&request) {
+    // The dashboard's page itself holds no data; it asks for the token.
+    if auth.allows(&request) || (request.uri().path() == "/" && request.method() == axum::http::Method::GET) {
         next.run(request).await
+    } else if request.uri().path().starts_with("/v1/") {
+        openai::error_response(ApiError::Unauthorized)
     } else {
-        (StatusCode::UNAUTHORIZED, Json(types::ErrorBody::new("missing or wrong bearer token".into()))).into_response()
+        ApiError::Unauthorized.into_response()
     }
 }
 
 /// The API's routes over `node`.
-pub fn router<N: NodeView>(node: Arc<N>, auth: Auth) -> Router {
+pub fn router<N: NodeView>(node: Arc<N>, config: ApiConfig) -> Router {
+    let limiter = limit::RateLimiter::new(config.rate_per_s, config.burst);
+    let openai = Router::new()
+        .route("/v1/models", get(openai::models::<N>))
+        .route("/v1/embeddings", post(openai::embeddings::<N>))
+        .route("/v1/chat/completions", post(openai::chat::<N>))
+        .fallback(openai::not_found)
+        .layer(middleware::from_fn_with_state(limiter, limit::limit));
     Router::new()
+        .route("/", get(dashboard))
+        .route("/metrics", get(metrics::<N>))
         .route("/api/v1/status", get(status::<N>))
         .route("/api/v1/peers", get(peers::<N>))
-        .route("/api/v1/tasks", axum::routing::post(submit::<N>).get(tasks::<N>))
-        .route("/api/v1/tasks/{id}", get(task::<N>))
+        .route("/api/v1/tasks", post(submit::<N>).get(tasks::<N>))
+        .route("/api/v1/tasks/{id}", get(task::<N>).delete(cancel::<N>))
+        .route("/api/v1/tasks/{id}/cancel", post(cancel::<N>))
+        .route("/api/v1/tasks/{id}/events", get(events::<N>))
+        .merge(openai)
         .with_state(node)
-        .layer(middleware::from_fn_with_state(auth, require_token))
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .layer(middleware::from_fn_with_state(config.auth, require_token))
 }
 
 async fn status<N: NodeView>(State(node): State<Arc<N>>) -> Result<Json<StatusView>, ApiError> {
@@ -153,6 +235,16 @@ async fn status<N: NodeView>(State(node): State<Arc<N>>) -> Result<Json<StatusVi
 
 async fn peers<N: NodeView>(State(node): State<Arc<N>>) -> Result<Json<Vec<PeerView>>, ApiError> {
     Ok(Json(node.peers().await?))
+}
+
+/// The dashboard: one self-contained page (no build step, no CDN).
+async fn dashboard() -> Html<&'static str> {
+    Html(include_str!("dashboard.html"))
+}
+
+async fn metrics<N: NodeView>(State(node): State<Arc<N>>) -> Result<Response, ApiError> {
+    let text = node.metrics().await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
 }
 
 /// Binds `addr` (after checking [`Auth::check_exposure`]).
@@ -168,14 +260,73 @@ pub async fn serve(
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    // Client addresses feed the per-client rate limit.
+    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
 }
 
 async fn submit<N: NodeView>(
     State(node): State<Arc<N>>,
-    Json(request): Json<SubmitRequest>,
+    request: Result<Json<SubmitRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Submitted>, ApiError> {
+    let Json(request) = request.map_err(rejection)?;
     Ok(Json(node.submit(request).await?))
+}
+
+/// A body axum could not read, as our error.
+pub(crate) fn rejection(e: axum::extract::rejection::JsonRejection) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE { ApiError::TooLarge } else { ApiError::BadRequest(e.body_text()) }
+}
+
+async fn cancel<N: NodeView>(
+    State(node): State<Arc<N>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<TaskSummary>, ApiError> {
+    Ok(Json(node.cancel(id).await?))
+}
+
+/// Server-sent events: `progress` (a [`TaskSummary`]) whenever shards move
+/// and `text` while a streaming task generates; ends after the final
+/// `progress`.
+async fn events<N: NodeView>(
+    State(node): State<Arc<N>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, std::convert::Infallible>>>, ApiError> {
+    let watch = node.watch(id).await?;
+    Ok(Sse::new(task_events(watch)).keep_alive(KeepAlive::default()))
+}
+
+fn sse_event(event: &TaskEvent) -> SseEvent {
+    let name = match event {
+        TaskEvent::Progress(_) => "progress",
+        TaskEvent::Text { .. } => "text",
+    };
+    SseEvent::default().event(name).data(serde_json::to_string(event).unwrap_or_default())
+}
+
+/// A watch as a stream of SSE events, ending once the task finished.
+fn task_events(watch: Watch) -> impl Stream<Item = Result<SseEvent, std::convert::Infallible>> {
+    let Watch { progress, events } = watch;
+    let first = TaskEvent::Progress(progress.clone());
+    futures::stream::unfold((Some(first), events, progress.finished()), |(pending, mut events, ended)| async move {
+        if let Some(event) = pending {
+            return Some((Ok(sse_event(&event)), (None, events, ended)));
+        }
+        if ended {
+            return None;
+        }
+        loop {
+            match events.recv().await {
+                Ok(event) => {
+                    let last = matches!(&event, TaskEvent::Progress(p) if p.finished());
+                    return Some((Ok(sse_event(&event)), (None, events, last)));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
 }
 
 async fn tasks<N: NodeView>(State(node): State<Arc<N>>) -> Result<Json<Vec<TaskSummary>>, ApiError> {

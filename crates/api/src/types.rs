@@ -72,6 +72,10 @@ pub struct PeerView {
     pub advert_seq: u64,
     /// Milliseconds since its advert was received.
     pub last_seen_ms: u64,
+    /// This node's opinion of it, 0..=1 (0.8 for a peer never worked with;
+    /// below 0.2 it gets no work).
+    #[serde(default)]
+    pub reputation: f64,
 }
 
 /// Error body.
@@ -147,6 +151,48 @@ pub struct SubmitRequest {
     /// Generation: temperature (0 = greedy).
     #[serde(default)]
     pub temperature: Option<f32>,
+    /// Generation: nucleus sampling mass (1 = off).
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    /// Generation: stop before any of these.
+    #[serde(default)]
+    pub stop: Vec<String>,
+    /// Generation: text arrives as `text` events while it is produced.
+    #[serde(default)]
+    pub stream: bool,
+    /// `chat`: the conversations to answer, one reply each (`inputs` stays
+    /// empty).
+    #[serde(default)]
+    pub conversations: Vec<Vec<ChatTurnView>>,
+}
+
+impl SubmitRequest {
+    /// A request of `kind` for `inputs`, everything else default.
+    pub fn new(kind: &str, inputs: Vec<String>) -> Self {
+        Self {
+            kind: kind.into(),
+            inputs,
+            model: None,
+            redundancy: 1,
+            items_per_shard: None,
+            max_tokens: None,
+            seed: None,
+            temperature: None,
+            top_p: None,
+            stop: Vec::new(),
+            stream: false,
+            conversations: Vec::new(),
+        }
+    }
+}
+
+/// One message of a conversation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChatTurnView {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// What was said.
+    pub content: String,
 }
 
 fn one() -> u8 {
@@ -181,6 +227,15 @@ pub struct TaskView {
     pub generations: Option<Vec<GenerationView>>,
     /// The signed receipt, hex of its wire encoding, once done.
     pub receipt: Option<String>,
+    /// The model, as advertised.
+    #[serde(default)]
+    pub model: String,
+    /// Input tokens read over all accepted shards (the workers' word).
+    #[serde(default)]
+    pub input_tokens: u64,
+    /// Peers running its shards now.
+    #[serde(default)]
+    pub peers_working: usize,
 }
 
 /// One generated answer.
@@ -205,4 +260,40 @@ pub struct TaskSummary {
     pub shards: usize,
     /// Shards decided.
     pub shards_done: usize,
+    /// `embed`, `generate` or `chat`.
+    #[serde(default)]
+    pub kind: String,
+    /// Shards decided per executor (PeerId).
+    #[serde(default)]
+    pub workers: std::collections::BTreeMap<String, usize>,
+    /// Peers running its shards now.
+    #[serde(default)]
+    pub peers_working: usize,
+    /// Why it failed.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Something that happened to a task, as `GET /api/v1/tasks/{id}/events`
+/// streams it (the SSE event name is the tag).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum TaskEvent {
+    /// Shards moved; the last one of a stream has a final `state`.
+    Progress(TaskSummary),
+    /// Text generated so far continues with `text`, for item `item`
+    /// (streaming tasks only; advisory until the signed result is in).
+    Text {
+        /// The item's index in the task.
+        item: u64,
+        /// The new text.
+        text: String,
+    },
+}
+
+impl TaskSummary {
+    /// Whether the task will not change any more.
+    pub fn finished(&self) -> bool {
+        self.state != "running"
+    }
 }

@@ -22,4 +22,4 @@ pub mod worker;
 
 pub use plan::{Plan, PlannedShard};
 pub use requester::{Action, Candidate, Config, Event, Requester, Timer};
-pub use worker::{AwardOutcome, Job, Served, Worker, WorkerConfig};
+pub use worker::{AwardOutcome, Done, Job, Served, Worker, WorkerConfig};

@@ -84,7 +84,7 @@ pub enum PlanError {
 /// Cuts `work` into shards.
 pub fn plan(work: &Work, split: Split, speeds: &[f32]) -> Result<Plan, PlanError> {
     let units_per_item = match work {
-        Work::Generate { params, .. } => u64::from(params.max_tokens),
+        Work::Generate { params, .. } | Work::Chat { params, .. } => u64::from(params.max_tokens),
         _ => 1,
     };
     let total = work.items();
@@ -97,6 +97,9 @@ pub fn plan(work: &Work, split: Split, speeds: &[f32]) -> Result<Plan, PlanError
             Work::Embed { texts } => Work::Embed { texts: texts[first..end].to_vec() },
             Work::Generate { prompts, params } => {
                 Work::Generate { prompts: prompts[first..end].to_vec(), params: params.clone() }
+            }
+            Work::Chat { conversations, params } => {
+                Work::Chat { conversations: conversations[first..end].to_vec(), params: params.clone() }
             }
             _ => return Err(PlanError::Unsupported),
         };

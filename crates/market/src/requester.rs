@@ -282,6 +282,46 @@ impl Requester {
         self.shards.iter().map(|s| s.done.as_ref().map(|r| *r.claim.signer())).collect()
     }
 
+    /// `embed` or `generate`, from the model's kind.
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            ModelKind::Embedding => "embed",
+            _ => "generate",
+        }
+    }
+
+    /// Peers running at least one of its shards now.
+    pub fn peers_working(&self) -> usize {
+        self.busy.values().filter(|shards| !shards.is_empty()).count()
+    }
+
+    /// Whether `peer` is running `shard` now (so text it streams for the
+    /// shard is worth showing).
+    pub fn is_running(&self, shard: u32, peer: &PublicKey) -> bool {
+        self.shards.get(shard as usize).is_some_and(|s| s.running.contains(peer))
+    }
+
+    /// Input tokens over the accepted results, as their workers signed them.
+    pub fn input_tokens(&self) -> u64 {
+        self.shards
+            .iter()
+            .filter_map(|s| s.done.as_ref())
+            .filter_map(|r| r.claim.verify().ok())
+            .map(|c| c.input_tokens)
+            .fold(0, u64::saturating_add)
+    }
+
+    /// The user gave up on the task: it fails with `reason`. Results still
+    /// in flight are answered as late.
+    pub fn cancel(&mut self, reason: &str) -> Vec<Action> {
+        if matches!(self.phase, Phase::Done | Phase::Failed) {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        self.fail(reason.to_string(), &mut out);
+        out
+    }
+
     /// Opens the first round.
     pub fn start(&mut self, now_ms: u64) -> Vec<Action> {
         let mut out = vec![Action::Persist];

@@ -59,6 +59,17 @@ pub struct Job {
     pub accepted_ms: u64,
 }
 
+/// A finished job, as the driver reports it to [`Worker::on_done`].
+#[derive(Debug, Clone, Copy)]
+pub struct Done<'a> {
+    /// What the model produced.
+    pub output: &'a ShardOutput,
+    /// Time spent computing.
+    pub compute_ms: u32,
+    /// Input tokens read.
+    pub input_tokens: u64,
+}
+
 /// What the driver does with an award.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AwardOutcome {
@@ -167,7 +178,9 @@ impl Worker {
                 return AwardOutcome::Refuse("a shard's work cannot be encoded");
             };
             let units = match &s.work {
-                Work::Generate { prompts, params } => prompts.len() as u64 * u64::from(params.max_tokens),
+                Work::Generate { params, .. } | Work::Chat { params, .. } => {
+                    s.work.items() as u64 * u64::from(params.max_tokens)
+                }
                 other => other.items() as u64,
             };
             self.queue.push_back((award.task, s.shard, units));
@@ -186,7 +199,8 @@ impl Worker {
     }
 
     /// A job finished: the claim to sign and send with its output.
-    pub fn on_done(&mut self, now_ms: u64, job: &Job, output: &ShardOutput, compute_ms: u32) -> Option<ResultClaim> {
+    pub fn on_done(&mut self, now_ms: u64, job: &Job, done: Done<'_>) -> Option<ResultClaim> {
+        let Done { output, compute_ms, input_tokens } = done;
         self.forget(job.task, job.shard);
         let output_digest = output.digest().ok()?;
         Some(ResultClaim {
@@ -203,6 +217,7 @@ impl Worker {
                     .saturating_sub(compute_ms),
                 compute_ms,
             },
+            input_tokens,
         })
     }
 
@@ -279,8 +294,9 @@ mod tests {
         // 10 queued units at 100/s over 2 replicas: 50 ms ahead of new work.
         assert_eq!(w.queue_ms(&model), 50);
         let output = ShardOutput::Embeddings { dimensions: 1, values: vec![0.5; 10] };
-        let claim = w.on_done(1_300, &jobs[0], &output, 150).unwrap();
+        let claim = w.on_done(1_300, &jobs[0], Done { output: &output, compute_ms: 150, input_tokens: 40 }).unwrap();
         assert_eq!((claim.items, claim.input, claim.output), (10, jobs[0].input, output.digest().unwrap()));
+        assert_eq!(claim.input_tokens, 40);
         assert_eq!((claim.timings.queued_ms, claim.timings.compute_ms), (50, 150));
         assert_eq!(w.queue_ms(&model), 0);
     }

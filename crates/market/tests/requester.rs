@@ -204,6 +204,7 @@ impl Sim {
             model: award.model,
             output: output.digest().unwrap(),
             timings: Timings::default(),
+            input_tokens: texts.len() as u64 * 5,
         };
         ShardResult { claim: Signed::sign(&w.key, &claim).unwrap(), output }
     }
@@ -287,6 +288,39 @@ fn shards_are_auctioned_awarded_verified_and_aggregated_in_order() {
     assert!(sim.acks.iter().all(|(_, v)| *v == Verdict::Accepted));
     assert_eq!(sim.rewarded.len(), 10);
     assert!(sim.penalised.is_empty());
+}
+
+#[test]
+fn usage_sums_the_accepted_claims_and_progress_names_the_busy_peers() {
+    let spec = spec(40, 10, 1);
+    let mut sim = Sim::new(&spec, 2, Config::default());
+    sim.bid(0, 1);
+    sim.bid(1, 1);
+    sim.advance(Config::default().bid_window_ms);
+    assert_eq!(sim.requester.peers_working(), 2);
+    let award = sim.inbox[&sim.peer(0)][0].clone();
+    assert!(sim.requester.is_running(award.shards[0].shard, &sim.peer(0)));
+    assert!(!sim.requester.is_running(award.shards[0].shard, &sim.peer(1)));
+    sim.run_all();
+    check_output(&sim, &spec);
+    assert_eq!(sim.requester.input_tokens(), 40 * 5);
+    assert_eq!(sim.requester.peers_working(), 0);
+}
+
+#[test]
+fn a_cancelled_task_fails_once_and_answers_late_results_as_late() {
+    let spec = spec(20, 10, 1);
+    let mut sim = Sim::new(&spec, 1, Config::default());
+    sim.bid(0, 2);
+    sim.advance(Config::default().bid_window_ms);
+    let actions = sim.requester.cancel("cancelled by the user");
+    assert!(matches!(actions[0], Action::Persist), "journaled first: {actions:?}");
+    sim.apply(actions);
+    assert_eq!(sim.failed.as_deref(), Some("cancelled by the user"));
+    assert!(sim.requester.cancel("again").is_empty(), "a finished task cannot be cancelled twice");
+    sim.work(0);
+    assert!(sim.done.is_none());
+    assert!(sim.acks.iter().all(|(_, v)| *v == Verdict::Rejected(RejectReason::AlreadyComplete)), "{:?}", sim.acks);
 }
 
 #[test]

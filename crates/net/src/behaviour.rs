@@ -38,6 +38,7 @@ pub(crate) struct BehaviourConfig {
     pub max_connections: u32,
     pub request_timeout: Duration,
     pub gossip_heartbeat: Duration,
+    pub metrics: std::sync::Arc<mycel_metrics::Metrics>,
 }
 
 impl Behaviour {
@@ -97,7 +98,7 @@ impl Behaviour {
             .map_err(|e| crate::NetError::Setup(format!("gossipsub scoring: {e}")))?;
 
         let rpc = request_response::Behaviour::with_codec(
-            RpcCodec,
+            RpcCodec::new(cfg.metrics.clone()),
             [(StreamProtocol::new(version::RPC_PROTOCOL), request_response::ProtocolSupport::Full)],
             request_response::Config::default()
                 .with_request_timeout(cfg.request_timeout)

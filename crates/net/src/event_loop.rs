@@ -206,6 +206,7 @@ pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Ev
         max_connections: config.max_connections,
         request_timeout: config.request_timeout,
         gossip_heartbeat: config.gossip_heartbeat,
+        metrics: config.metrics.clone(),
     };
     let mut swarm = SwarmBuilder::with_existing_identity(key.to_libp2p())
         .with_tokio()
@@ -434,8 +435,10 @@ impl EventLoop {
             }
         };
         self.published = Some(advert);
+        let size = bytes.len() as u64;
         match self.swarm.behaviour_mut().gossipsub.publish(gossipsub::IdentTopic::new(version::ADVERT_TOPIC), bytes) {
             Ok(_) => {
+                self.config.metrics.bytes_out.add(size);
                 if !self.advert_delivered {
                     self.advert_delivered = true;
                     self.republish_at = Some(Instant::now() + JOIN_REPEAT_AFTER);
@@ -456,7 +459,16 @@ impl EventLoop {
 
     fn admit(&mut self, signed: Signed<Advert>, via: Via) -> Result<(), Refused> {
         let peer = signed.signer().to_peer_id();
-        let admitted = self.table.offer(signed, via, now_ms())?;
+        let admitted = match self.table.offer(signed, via, now_ms()) {
+            Ok(a) => {
+                self.config.metrics.adverts_received.inc();
+                a
+            }
+            Err(refused) => {
+                self.config.metrics.adverts_rejected.inc();
+                return Err(refused);
+            }
+        };
         let new = admitted == crate::table::Admitted::New;
         if new {
             debug!(%peer, peers = self.table.len(), "new peer advert");
@@ -554,6 +566,7 @@ impl EventLoop {
 
     fn on_gossip(&mut self, message: &gossipsub::Message) -> gossipsub::MessageAcceptance {
         use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
+        self.config.metrics.bytes_in.add(message.data.len() as u64);
         if message.topic != gossipsub::IdentTopic::new(version::ADVERT_TOPIC).hash() {
             return Ignore;
         }

@@ -50,6 +50,8 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Gossipsub heartbeat (mesh maintenance).
     pub gossip_heartbeat: Duration,
+    /// Counters the network adds to (bytes, adverts).
+    pub metrics: std::sync::Arc<mycel_metrics::Metrics>,
 }
 
 impl Default for Config {
@@ -67,6 +69,7 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(300),
             request_timeout: Duration::from_secs(10),
             gossip_heartbeat: Duration::from_secs(1),
+            metrics: std::sync::Arc::default(),
         }
     }
 }
@@ -81,6 +84,12 @@ impl Config {
     /// Sets the bootstrap peers.
     pub fn with_bootstrap(mut self, bootstrap: Vec<Multiaddr>) -> Self {
         self.bootstrap = bootstrap;
+        self
+    }
+
+    /// Counts into these metrics.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<mycel_metrics::Metrics>) -> Self {
+        self.metrics = metrics;
         self
     }
 

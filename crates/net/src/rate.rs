@@ -4,9 +4,10 @@
 use std::time::Instant;
 
 /// Requests a peer may send in a burst.
-pub const BURST: f64 = 20.0;
-/// Requests per second a peer may sustain.
-pub const PER_SECOND: f64 = 10.0;
+pub const BURST: f64 = 100.0;
+/// Requests per second a peer may sustain: a busy worker sends results,
+/// bids and streamed text (at most ~8 pieces a second per answer).
+pub const PER_SECOND: f64 = 50.0;
 
 /// One peer's allowance.
 #[derive(Debug, Clone)]

@@ -241,7 +241,7 @@ async fn a_peer_flooding_requests_is_rate_limited() {
     wait_until("connected", Duration::from_secs(4), || knows(&client, server.key.peer_id())).await;
     let mut answered = 0;
     let mut refused = 0;
-    for _ in 0..60 {
+    for _ in 0..400 {
         match client.handle.request(server.key.peer_id(), Request::Adverts).await.unwrap() {
             Response::Adverts(_) => answered += 1,
             Response::Refused(reason) => {
@@ -251,8 +251,8 @@ async fn a_peer_flooding_requests_is_rate_limited() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    // A burst of 20 (less what the client's own sync used) plus the refill
-    // during the run; far from all 60.
-    assert!(refused >= 20, "answered {answered}, refused {refused}");
-    assert!(answered >= 10, "answered {answered}, refused {refused}");
+    // A burst of 100 (less what the client's own sync used) plus the
+    // refill at 50/s during the run; far from all 400.
+    assert!(refused >= 150, "answered {answered}, refused {refused}");
+    assert!(answered >= 50, "answered {answered}, refused {refused}");
 }
