@@ -118,12 +118,18 @@ pub(crate) fn test_models() -> std::path::PathBuf {
 
 /// `testnet up` with the test models, `node_models` used round-robin.
 pub(crate) fn up_with_models(dir: &Path, nodes: u32, node_models: &[&str]) -> Manifest {
+    up_with_args(dir, nodes, node_models, &[])
+}
+
+/// [`up_with_models`] with more `testnet up` flags (faults).
+pub(crate) fn up_with_args(dir: &Path, nodes: u32, node_models: &[&str], extra: &[&str]) -> Manifest {
     let mut cmd = mycel();
     cmd.args(["testnet", "up", "--nodes", &nodes.to_string(), "--advert-interval", "1s", "--models-dir"])
         .arg(test_models());
     for models in node_models {
         cmd.args(["--node-models", models]);
     }
+    cmd.args(extra);
     let out = cmd.arg("--dir").arg(dir).output().unwrap();
     assert!(out.status.success(), "testnet up failed: {}", String::from_utf8_lossy(&out.stderr));
     Manifest::read(dir).unwrap()

@@ -5,6 +5,7 @@
 
 mod cli;
 mod interfaces;
+mod market;
 mod node;
 mod store_crash;
 mod support;

@@ -337,6 +337,11 @@ pub struct NodeArgs {
     #[arg(long, env = "MYCEL_API_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
 
+    /// Misbehave on purpose, to test the swarm's defences: `perturb`
+    /// returns wrong results, `forge` corrupts result signatures.
+    #[arg(long, env = "MYCEL_FAULT", value_name = "KIND", hide = true)]
+    pub fault: Option<crate::market::Fault>,
+
     /// Requests per second each client may make to the OpenAI-compatible
     /// API (bursts of twice that); 0 turns the limit off [default: 20].
     #[arg(long, env = "MYCEL_API_RATE_LIMIT", value_name = "PER_SECOND")]
@@ -428,6 +433,19 @@ pub struct TestnetUpArgs {
     /// Model worker replicas per node.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub replicas: u32,
+
+    /// Make node INDEX misbehave, repeatable: `--fault 3=perturb` (wrong
+    /// results) or `--fault 2=forge` (corrupt signatures).
+    #[arg(long, value_name = "INDEX=KIND", value_parser = parse_fault)]
+    pub fault: Vec<(u32, crate::market::Fault)>,
+}
+
+fn parse_fault(s: &str) -> Result<(u32, crate::market::Fault), String> {
+    use clap::ValueEnum as _;
+    let (index, kind) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected INDEX=KIND, e.g. 3=perturb"))?;
+    let index = index.parse().map_err(|_| format!("{index:?} is not a node index"))?;
+    let kind = crate::market::Fault::from_str(kind, true).map_err(|_| format!("{kind:?}: perturb or forge"))?;
+    Ok((index, kind))
 }
 
 #[derive(Debug, Args)]

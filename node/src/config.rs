@@ -38,6 +38,8 @@ pub struct NodeConfig {
     pub replicas: usize,
     /// Compute threads per replica.
     pub threads: usize,
+    /// Misbehave on purpose (testing only).
+    pub fault: Option<crate::market::Fault>,
 }
 
 /// The default API address: loopback only.
@@ -57,6 +59,7 @@ impl NodeConfig {
             models: None,
             replicas: std::thread::available_parallelism().map_or(1, |n| n.get()),
             threads: 1,
+            fault: None,
             data_dir,
         }
     }
@@ -115,6 +118,7 @@ impl NodeConfig {
         if let Some(n) = args.threads {
             c.threads = n;
         }
+        c.fault = args.fault;
         if c.models.as_ref().is_some_and(|m| m.iter().any(|id| id == "none")) {
             c.models = Some(Vec::new());
         }

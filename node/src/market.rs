@@ -74,6 +74,18 @@ pub enum Command {
         to: PublicKey,
         message: Box<Market>,
     },
+    /// A peer's advert expired: it is gone.
+    PeerLost(PeerId),
+}
+
+/// Misbehaviour on demand, for testing the swarm's defences
+/// (`mycel node --fault`, `mycel testnet up --fault`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fault {
+    /// Returns wrong embeddings (and altered answers), signed as its own.
+    Perturb,
+    /// Corrupts the signature of every result it sends.
+    Forge,
 }
 
 /// A shard the local models finished (or failed).
@@ -231,6 +243,7 @@ pub struct Driver {
     /// When each task's current CFP left, for the auction latency.
     auction_started: HashMap<TaskId, Instant>,
     metrics: Arc<Metrics>,
+    fault: Option<Fault>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -240,7 +253,13 @@ impl std::fmt::Debug for Driver {
 }
 
 /// Starts the driver; commands go in through the returned sender.
-pub fn start(key: Keypair, net: Handle, store: Arc<SledStore>, metrics: Arc<Metrics>) -> mpsc::Sender<Command> {
+pub fn start(
+    key: Keypair,
+    net: Handle,
+    store: Arc<SledStore>,
+    metrics: Arc<Metrics>,
+    fault: Option<Fault>,
+) -> mpsc::Sender<Command> {
     let (tx, rx) = mpsc::channel(1024);
     let me = key.public();
     let driver = Driver {
@@ -259,6 +278,7 @@ pub fn start(key: Keypair, net: Handle, store: Arc<SledStore>, metrics: Arc<Metr
         streaming: HashMap::new(),
         auction_started: HashMap::new(),
         metrics,
+        fault,
     };
     tokio::spawn(driver.run(rx));
     tx
@@ -359,6 +379,14 @@ impl Driver {
                 Command::Inbound { from, message } => self.inbound(from, *message),
                 Command::Timer { task, timer } => self.step(task, Event::Timer(timer)),
                 Command::JobDone(done) => self.job_done(*done),
+                Command::PeerLost(peer) => {
+                    if let Ok(peer) = PublicKey::from_peer_id(&peer) {
+                        let open: Vec<TaskId> = self.tasks.keys().copied().collect();
+                        for task in open {
+                            self.step(task, Event::PeerLost(peer));
+                        }
+                    }
+                }
                 Command::SendFailed { to, message } => {
                     if let Market::Award(signed) = *message
                         && let Ok(award) = signed.verify()
@@ -815,7 +843,9 @@ impl Driver {
                 }
             }
             Market::Result(result) => {
-                if let Ok(claim) = result.claim.verify() {
+                // Routed by the claim's task; the requester verifies the
+                // signature (and penalises a bad one).
+                if let Ok(claim) = <mycel_protocol::ResultClaim as Wire>::decode(result.claim.payload()) {
                     self.step(claim.task, Event::Result { from: sender, result: Box::new(result) });
                 }
             }
@@ -981,12 +1011,26 @@ impl Driver {
             }
         };
         self.count_inference(&job, &output, compute_ms);
+        let output = match self.fault {
+            Some(Fault::Perturb) => perturb(output),
+            _ => output,
+        };
         let Some(worker) = self.worker.as_mut() else { return };
         let Some(claim) = worker.on_done(now_ms(), &job, Done { output: &output, compute_ms, input_tokens }) else {
             return self.refuse(job);
         };
         match Signed::sign(&self.key, &claim) {
-            Ok(signed) => self.send(job.requester, Market::Result(ShardResult { claim: signed, output })),
+            Ok(signed) => {
+                let claim = match self.fault {
+                    Some(Fault::Forge) => {
+                        let mut bad = *signed.signature();
+                        bad.0[0] ^= 0x01;
+                        Signed::from_parts(*signed.signer(), bad, signed.payload().to_vec())
+                    }
+                    _ => signed,
+                };
+                self.send(job.requester, Market::Result(ShardResult { claim, output }))
+            }
             Err(e) => warn!(error = %e, "cannot sign a result"),
         }
     }
@@ -1008,4 +1052,24 @@ fn chat_turn(t: mycel_api::ChatTurnView) -> Result<ChatTurn> {
         other => return Err(ApiError::BadRequest(format!("unknown chat role {other:?}")).into()),
     };
     Ok(ChatTurn { role, content: t.content })
+}
+
+/// A wrong answer that looks right: every other component of each vector
+/// negated (cosine far below any agreement threshold), answers reversed.
+fn perturb(output: ShardOutput) -> ShardOutput {
+    match output {
+        ShardOutput::Embeddings { dimensions, mut values } => {
+            for v in values.iter_mut().step_by(2) {
+                *v = -*v;
+            }
+            ShardOutput::Embeddings { dimensions, values }
+        }
+        ShardOutput::Generations(mut answers) => {
+            for a in &mut answers {
+                a.text = a.text.chars().rev().collect();
+            }
+            ShardOutput::Generations(answers)
+        }
+        other => other,
+    }
 }

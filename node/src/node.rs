@@ -201,7 +201,10 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
     let mut loading = Some(tokio::task::spawn_blocking(move || crate::local::load(&load_config, chosen, &hardware)));
 
     let market_key = mycel_protocol::Keypair::from_secret_bytes(&key.secret_bytes());
-    let market = crate::market::start(market_key, net.clone(), Arc::new(store), metrics.clone());
+    if let Some(fault) = config.fault {
+        warn!(?fault, "this node misbehaves on purpose (--fault): for testing only");
+    }
+    let market = crate::market::start(market_key, net.clone(), Arc::new(store), metrics.clone(), config.fault);
     let view = Arc::new(View { net: net.clone(), market: market.clone(), started: Instant::now(), metrics });
     let api_config = mycel_api::ApiConfig {
         auth,
@@ -248,7 +251,10 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
                         written = true;
                     }
                     Event::Advert { peer, new: true } => info!(%peer, "peer joined"),
-                    Event::Expired(peer) => info!(%peer, "peer expired"),
+                    Event::Expired(peer) => {
+                        info!(%peer, "peer expired");
+                        let _ = market.send(crate::market::Command::PeerLost(peer)).await;
+                    }
                     Event::Misbehaviour { peer, reason } => warn!(%peer, %reason, "peer misbehaved"),
                     Event::Market { peer, message } => {
                         let _ = market.send(crate::market::Command::Inbound { from: peer, message }).await;

@@ -97,8 +97,27 @@ pub fn run(cmd: TestnetCommand) -> Result<()> {
     }
 }
 
-/// Each node's model flags, from `--models-dir` and `--node-models`.
+/// Each node's flags: models round-robin, then any fault it was given.
 fn node_args(args: &crate::cli::TestnetUpArgs) -> Vec<Vec<String>> {
+    let models = model_args(args);
+    if args.fault.is_empty() {
+        return models;
+    }
+    (0..args.nodes)
+        .map(|i| {
+            let mut a = models[i as usize % models.len()].clone();
+            if let Some((_, kind)) = args.fault.iter().find(|(index, _)| *index == i) {
+                use clap::ValueEnum as _;
+                let name = kind.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default();
+                a.extend(["--fault".to_string(), name]);
+            }
+            a
+        })
+        .collect()
+}
+
+/// Each node's model flags, from `--models-dir` and `--node-models`.
+fn model_args(args: &crate::cli::TestnetUpArgs) -> Vec<Vec<String>> {
     let Some(dir) = &args.models_dir else {
         return vec![vec!["--model".into(), "none".into()]];
     };

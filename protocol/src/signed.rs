@@ -80,6 +80,12 @@ impl<T: SignedKind> Signed<T> {
         self.verify()
     }
 
+    /// Reassembles a signed message from its parts (as stored or received
+    /// elsewhere). Nothing is checked until [`Signed::verify`].
+    pub fn from_parts(signer: PublicKey, signature: Signature, payload: Vec<u8>) -> Self {
+        Self { signer, signature, payload, kind: PhantomData }
+    }
+
     /// Who claims to have signed this (unchecked until [`Signed::verify`]).
     pub fn signer(&self) -> &PublicKey {
         &self.signer

@@ -588,7 +588,15 @@ impl Requester {
 
     fn on_result(&mut self, now_ms: u64, from: PublicKey, result: ShardResult, out: &mut Vec<Action>) {
         let verdict = self.check(&from, &result);
-        let index = result.claim.verify().map(|c| c.shard as usize).unwrap_or(usize::MAX);
+        // A claim that fails its signature still names the shard its sender
+        // (authenticated by the transport) was running: drop the sender
+        // from that shard now rather than at its deadline. Nobody else is
+        // affected by what an unverified payload says.
+        let index = match result.claim.verify() {
+            Ok(c) => c.shard as usize,
+            Err(_) => <ResultClaim as mycel_protocol::Wire>::decode(result.claim.payload())
+                .map_or(usize::MAX, |c| c.shard as usize),
+        };
         if let Err(reason) = verdict {
             let ack = self.ack(&result, Verdict::Rejected(reason));
             out.push(Action::Ack { to: from, ack });

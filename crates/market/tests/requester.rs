@@ -452,6 +452,30 @@ fn duplicate_wrong_signer_and_tampered_results_are_rejected() {
 }
 
 #[test]
+fn a_forged_signature_frees_the_shard_at_once() {
+    let spec = spec(20, 10, 1);
+    let mut sim = Sim::new(&spec, 2, Config { enough_bids: 2, ..Config::default() });
+    sim.bid(0, 1);
+    sim.bid(1, 1);
+    let (w0, w1) = (sim.peer(0), sim.peer(1));
+    let a0 = sim.inbox.remove(&w0).unwrap().remove(0);
+    let mut forged = sim.result_for(0, &a0, 0);
+    let mut signature = *forged.claim.signature();
+    signature.0[0] ^= 1;
+    forged.claim = Signed::from_parts(*forged.claim.signer(), signature, forged.claim.payload().to_vec());
+    sim.event(Event::Result { from: w0, result: Box::new(forged) });
+    assert_eq!(sim.acks.last().unwrap(), &(w0, Verdict::Rejected(RejectReason::BadSignature)));
+    assert!(sim.penalised.contains(&(w0, RejectReason::BadSignature)));
+    // No time passes, yet the shard is back on offer: worker 1 finishes
+    // everything.
+    let now = sim.now;
+    while sim.work(1) > 0 {}
+    assert_eq!(sim.now, now);
+    check_output(&sim, &spec);
+    assert!(sim.requester.executors().iter().all(|e| *e == Some(w1)));
+}
+
+#[test]
 fn redundancy_catches_a_liar_with_a_tie_breaker() {
     let spec = spec(30, 10, 2);
     let mut sim = Sim::new(&spec, 3, Config::default());
