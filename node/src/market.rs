@@ -15,7 +15,8 @@ use anyhow::{Context, Result, anyhow};
 use mycel_api::{ApiError, SubmitRequest, Submitted, TaskEvent, TaskSummary, TaskView, Watch};
 use mycel_market::requester::Phase;
 use mycel_market::{
-    Action, AwardOutcome, Candidate, Config, Done, Event, Job, Requester, Served, Timer, Worker, WorkerConfig,
+    Action, AwardOutcome, Candidate, Config, Done, Event, Job, Reputation, Requester, Served, Timer, Worker,
+    WorkerConfig,
 };
 use mycel_metrics::Metrics;
 use mycel_net::{Handle, now_ms};
@@ -203,7 +204,7 @@ fn split_text(text: &str, max: usize) -> Vec<&str> {
 }
 
 /// Reputation of a peer never seen before.
-pub const DEFAULT_REPUTATION: f64 = 0.8;
+pub const DEFAULT_REPUTATION: f64 = mycel_market::reputation::DEFAULT;
 
 /// Events buffered per watched task (a slow watcher skips progress).
 const WATCH_BUFFER: usize = 1024;
@@ -235,7 +236,7 @@ pub struct Driver {
     worker: Option<Worker>,
     tasks: HashMap<TaskId, Requester>,
     outcomes: HashMap<TaskId, Outcome>,
-    reputation: HashMap<PublicKey, f64>,
+    reputation: HashMap<PublicKey, Reputation>,
     meta: HashMap<TaskId, TaskMeta>,
     watchers: HashMap<TaskId, broadcast::Sender<TaskEvent>>,
     /// Who streams each item of a task (the first runner heard from).
@@ -315,13 +316,9 @@ impl Driver {
         match self.store.scan_prefix(Tree::Reputation, &[]) {
             Ok(entries) => {
                 for (key, value) in entries {
-                    let (Ok(key), Ok(value)) =
-                        (<[u8; 32]>::try_from(key.as_slice()), <[u8; 8]>::try_from(value.as_slice()))
-                    else {
-                        continue;
-                    };
-                    if let Ok(peer) = PublicKey::from_bytes(&key) {
-                        self.reputation.insert(peer, f64::from_le_bytes(value).clamp(0.0, 1.0));
+                    let Ok(key) = <[u8; 32]>::try_from(key.as_slice()) else { continue };
+                    if let (Ok(peer), Some(r)) = (PublicKey::from_bytes(&key), Reputation::from_bytes(&value)) {
+                        self.reputation.insert(peer, r);
                     }
                 }
             }
@@ -329,19 +326,24 @@ impl Driver {
         }
     }
 
-    /// Changes a peer's reputation and journals it: halved on a fault,
-    /// +0.02 per valid result (slow to earn back), below
-    /// `Config::min_reputation` no work.
+    /// Changes a peer's reputation and journals it (see
+    /// [`mycel_market::reputation`]: halved per fault, earned back slowly
+    /// over streaks of valid results, forgiven slowly with time).
     fn adjust_reputation(&mut self, peer: PublicKey, fault: bool) -> f64 {
-        let r = self.reputation.entry(peer).or_insert(DEFAULT_REPUTATION);
-        *r = if fault { *r * 0.5 } else { (*r + 0.02).min(1.0) };
-        let value = *r;
+        let now = now_ms();
+        let r = self.reputation.entry(peer).or_default();
+        if fault {
+            r.fault(now);
+        } else {
+            r.valid(now);
+        }
         let mut batch = Batch::new();
-        batch.put(Tree::Reputation, peer.to_bytes().to_vec(), value.to_le_bytes().to_vec());
+        batch.put(Tree::Reputation, peer.to_bytes().to_vec(), r.to_bytes());
+        let score = r.score(now);
         if let Err(e) = tokio::task::block_in_place(|| self.store.commit(&batch)) {
             warn!(error = %e, "cannot journal a reputation");
         }
-        value
+        score
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
@@ -368,7 +370,8 @@ impl Driver {
                     let _ = reply.send(self.cancel(&task));
                 }
                 Command::Reputations { reply } => {
-                    let map = self.reputation.iter().map(|(k, v)| (k.to_peer_id().to_string(), *v)).collect();
+                    let now = now_ms();
+                    let map = self.reputation.iter().map(|(k, v)| (k.to_peer_id().to_string(), v.score(now))).collect();
                     let _ = reply.send(map);
                 }
                 Command::RefreshMetrics { reply } => {
@@ -514,7 +517,7 @@ impl Driver {
     }
 
     fn reputation_of(&self, peer: &PublicKey) -> f64 {
-        self.reputation.get(peer).copied().unwrap_or(DEFAULT_REPUTATION)
+        self.reputation.get(peer).map_or(DEFAULT_REPUTATION, |r| r.score(now_ms()))
     }
 
     fn step(&mut self, task: TaskId, event: Event) {

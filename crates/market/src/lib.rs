@@ -17,9 +17,11 @@
 //! on it leaves the node, so a restarted requester resumes where it was.
 
 pub mod plan;
+pub mod reputation;
 pub mod requester;
 pub mod worker;
 
 pub use plan::{Plan, PlannedShard};
+pub use reputation::Reputation;
 pub use requester::{Action, Candidate, Config, Event, Requester, Timer};
 pub use worker::{AwardOutcome, Done, Job, Served, Worker, WorkerConfig};

@@ -47,6 +47,9 @@ pub struct Config {
     pub max_rounds: u32,
     /// A shard's deadline: its expected time times this, plus `grace_ms`.
     pub deadline_factor: f64,
+    /// A shard still running after its expected time times this gets a
+    /// backup copy on a free bidder; the first valid result wins.
+    pub straggler_factor: f64,
     /// Added to every shard deadline (transfer, queueing).
     pub grace_ms: u64,
     /// Cosine at or above which two embedding outputs agree.
@@ -64,6 +67,7 @@ impl Default for Config {
             min_direct: 3,
             max_rounds: 5,
             deadline_factor: 4.0,
+            straggler_factor: 2.0,
             grace_ms: 5_000,
             min_cosine: 0.999,
             min_reputation: 0.2,
@@ -106,6 +110,8 @@ pub enum Timer {
     BidsClose { round: u32 },
     /// A shard's executor is late.
     ShardDeadline { shard: u32, peer: PublicKey },
+    /// A shard's executor is slower than expected: time for a backup copy.
+    Straggler { shard: u32, peer: PublicKey },
 }
 
 /// What the driver must do, in order.
@@ -391,6 +397,7 @@ impl Requester {
                     self.close_bidding(now_ms, &mut out);
                 }
             }
+            Event::Timer(Timer::Straggler { shard, peer }) => self.back_up(now_ms, shard, peer, &mut out),
             Event::Timer(Timer::ShardDeadline { shard, peer }) => {
                 let still = self.shards.get(shard as usize).is_some_and(|s| s.running.contains(&peer));
                 if still {
@@ -496,24 +503,8 @@ impl Requester {
                     break;
                 }
                 let Some(peer) = self.best_free_bidder(shard) else { break };
-                let offer = &self.offers[&peer];
-                let expected_ms = offer.bid.queue_ms
-                    + (shard.plan.units as f64 * 1000.0 / f64::from(offer.bid.units_per_s.max(1e-3))) as u64;
-                let deadline =
-                    now_ms + (expected_ms as f64 * self.config.deadline_factor) as u64 + self.config.grace_ms;
-                let awarded = AwardedShard {
-                    shard: shard.plan.index,
-                    first_item: shard.plan.first_item,
-                    work: shard.plan.work.clone(),
-                    deadline_ms: deadline,
-                };
-                self.shards[index].running.insert(peer);
-                self.busy.entry(peer).or_default().insert(index as u32);
+                let awarded = self.assign(now_ms, index, peer, out);
                 batches.entry(peer).or_default().push(awarded);
-                out.push(Action::SetTimer {
-                    at_ms: deadline,
-                    timer: Timer::ShardDeadline { shard: index as u32, peer },
-                });
             }
         }
         for (peer, shards) in batches {
@@ -530,6 +521,53 @@ impl Requester {
         if waiting && !anyone_busy && self.phase == Phase::Running {
             self.open_round(now_ms, out);
         }
+    }
+
+    /// Gives shard `index` to `peer`, with its deadline and straggler timers.
+    fn assign(&mut self, now_ms: u64, index: usize, peer: PublicKey, out: &mut Vec<Action>) -> AwardedShard {
+        let shard = &self.shards[index];
+        let offer = &self.offers[&peer];
+        let expected_ms =
+            offer.bid.queue_ms + (shard.plan.units as f64 * 1000.0 / f64::from(offer.bid.units_per_s.max(1e-3))) as u64;
+        let deadline = now_ms + (expected_ms as f64 * self.config.deadline_factor) as u64 + self.config.grace_ms;
+        let awarded = AwardedShard {
+            shard: shard.plan.index,
+            first_item: shard.plan.first_item,
+            work: shard.plan.work.clone(),
+            deadline_ms: deadline,
+        };
+        self.shards[index].running.insert(peer);
+        self.busy.entry(peer).or_default().insert(index as u32);
+        out.push(Action::SetTimer { at_ms: deadline, timer: Timer::ShardDeadline { shard: index as u32, peer } });
+        let slow = now_ms + (expected_ms as f64 * self.config.straggler_factor) as u64 + 250;
+        if slow < deadline {
+            out.push(Action::SetTimer { at_ms: slow, timer: Timer::Straggler { shard: index as u32, peer } });
+        }
+        awarded
+    }
+
+    /// `peer` is slow on `shard`: if a bidder is free, it runs a backup
+    /// copy. Whichever valid result comes first decides; the other is
+    /// answered as late, without penalty.
+    fn back_up(&mut self, now_ms: u64, shard: u32, peer: PublicKey, out: &mut Vec<Action>) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        let Some(state) = self.shards.get(shard as usize) else { return };
+        let slow = state.done.is_none() && state.running.contains(&peer);
+        // One backup per slow executor: not when copies already exceed
+        // what the shard needs.
+        if !slow || state.running.len() + state.results.len() > state.wanted {
+            return;
+        }
+        let Some(backup) = self.best_free_bidder(state) else { return };
+        let awarded = self.assign(now_ms, shard as usize, backup, out);
+        let bid = self.offers[&backup].digest;
+        out.push(Action::Persist);
+        out.push(Action::SendAward {
+            to: backup,
+            award: Award { task: self.task, round: self.round, bid, model: self.model, shards: vec![awarded] },
+        });
     }
 
     fn best_free_bidder(&self, shard: &ShardState) -> Option<PublicKey> {

@@ -387,7 +387,8 @@ fn bids_for_another_cfp_model_or_signer_are_ignored() {
 #[test]
 fn a_late_worker_is_replaced_and_its_result_is_refused() {
     let spec = spec(10, 10, 1);
-    let mut sim = Sim::new(&spec, 2, Config { enough_bids: 1, ..Config::default() });
+    // No backup copies here: this is about the deadline.
+    let mut sim = Sim::new(&spec, 2, Config { enough_bids: 1, straggler_factor: 1e9, ..Config::default() });
     sim.bid(0, 1);
     let award = sim.inbox.remove(&sim.peer(0)).unwrap().remove(0);
     let late = sim.result_for(0, &award, 0);
@@ -404,6 +405,33 @@ fn a_late_worker_is_replaced_and_its_result_is_refused() {
     sim.run_all();
     check_output(&sim, &spec);
     assert_eq!(sim.requester.executors(), vec![Some(sim.peer(1))]);
+}
+
+#[test]
+fn a_straggler_gets_a_backup_and_the_first_result_wins() {
+    let spec = spec(20, 10, 1);
+    let mut sim = Sim::new(&spec, 2, Config { enough_bids: 2, ..Config::default() });
+    sim.bid(0, 1);
+    sim.bid(1, 1);
+    let (w0, w1) = (sim.peer(0), sim.peer(1));
+    let slow_award = sim.inbox.remove(&w0).unwrap().remove(0);
+    let slow_result = sim.result_for(0, &slow_award, 0);
+    // Worker 1 finishes its shard at once; worker 0 is slow.
+    assert_eq!(sim.work(1), 1);
+    assert!(!sim.inbox.contains_key(&w1), "nothing left to give it yet");
+    // Past twice the expected 100 ms, worker 1 is given a backup copy,
+    // long before worker 0's deadline (4 x 100 ms + 5 s).
+    sim.advance(500);
+    let backup = sim.inbox.get(&w1).expect("a backup copy for the free worker");
+    assert_eq!(backup[0].shards[0].shard, slow_award.shards[0].shard);
+    assert_eq!(sim.work(1), 1);
+    check_output(&sim, &spec);
+    assert_eq!(sim.requester.executors(), vec![Some(w1), Some(w1)]);
+    // The slow worker's result is answered as late but not held against it.
+    sim.event(Event::Result { from: w0, result: Box::new(slow_result) });
+    assert_eq!(sim.acks.last().unwrap(), &(w0, Verdict::Rejected(RejectReason::AlreadyComplete)));
+    sim.advance(10_000);
+    assert!(sim.penalised.is_empty(), "{:?}", sim.penalised);
 }
 
 #[test]
