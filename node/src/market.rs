@@ -243,6 +243,8 @@ pub struct Driver {
     streaming: HashMap<(TaskId, u64), PublicKey>,
     /// When each task's current CFP left, for the auction latency.
     auction_started: HashMap<TaskId, Instant>,
+    /// CFP-to-first-award times per task, in ms.
+    auction_ms: HashMap<TaskId, Vec<u64>>,
     metrics: Arc<Metrics>,
     fault: Option<Fault>,
 }
@@ -278,6 +280,7 @@ pub fn start(
         watchers: HashMap::new(),
         streaming: HashMap::new(),
         auction_started: HashMap::new(),
+        auction_ms: HashMap::new(),
         metrics,
         fault,
     };
@@ -587,7 +590,9 @@ impl Driver {
                 }
                 Action::SendAward { to, award } => {
                     if let Some(started) = self.auction_started.remove(&task) {
-                        self.metrics.auction_latency.observe(started.elapsed().as_secs_f64());
+                        let took = started.elapsed();
+                        self.metrics.auction_latency.observe(took.as_secs_f64());
+                        self.auction_ms.entry(task).or_default().push(took.as_millis() as u64);
                     }
                     if let Ok(signed) = Signed::sign(&self.key, &award) {
                         self.send(to, Market::Award(signed));
@@ -751,6 +756,7 @@ impl Driver {
             model: self.meta.get(&task).map(|m| m.model.clone()).unwrap_or_default(),
             input_tokens: 0,
             peers_working: requester.peers_working(),
+            auction_ms: self.auction_ms.get(&task).cloned().unwrap_or_default(),
         };
         match self.outcomes.get(&task) {
             Some(Outcome::Done { output, receipt, input_tokens }) => {

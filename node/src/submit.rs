@@ -309,6 +309,7 @@ mod tests {
             model: String::new(),
             input_tokens: 0,
             peers_working: working,
+            auction_ms: Vec::new(),
         }
     }
 

@@ -236,6 +236,9 @@ pub struct TaskView {
     /// Peers running its shards now.
     #[serde(default)]
     pub peers_working: usize,
+    /// Milliseconds from each auction round's CFP to its first award.
+    #[serde(default)]
+    pub auction_ms: Vec<u64>,
 }
 
 /// One generated answer.

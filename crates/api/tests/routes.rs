@@ -114,6 +114,7 @@ impl NodeView for Fake {
             model: if chat { "gen".into() } else { "emb".into() },
             input_tokens: 10,
             peers_working: 0,
+            auction_ms: Vec::new(),
         })
     }
 
