@@ -582,11 +582,20 @@ impl Driver {
                         self.send(peer, Market::Cfp(signed.clone()));
                     }
                 }
-                Action::GossipCfp { .. } => {
-                    // CFPs travel directly to the known candidates; the gossip
-                    // fallback for swarms that don't know enough peers is not
-                    // wired yet.
-                    debug!("CFP gossip fallback not wired; direct CFPs only");
+                Action::GossipCfp { cfp } => {
+                    // Too few candidates known directly: any peer on the CFP
+                    // topic serving the model may bid.
+                    let Ok(signed) = Signed::sign(&self.key, &cfp) else { continue };
+                    if let Some(r) = self.tasks.get_mut(&task) {
+                        queue.extend(r.cfp_signed(cfp.round, signed.digest()));
+                    }
+                    self.metrics.cfps_gossiped.inc();
+                    let net = self.net.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = net.publish_cfp(&signed).await {
+                            debug!(error = %e, "CFP not gossiped");
+                        }
+                    });
                 }
                 Action::SendAward { to, award } => {
                     if let Some(started) = self.auction_started.remove(&task) {

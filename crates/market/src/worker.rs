@@ -119,6 +119,12 @@ impl Worker {
     pub fn on_cfp(&mut self, now_ms: u64, cfp: &Signed<Cfp>) -> Option<Bid> {
         let requester = *cfp.signer();
         let call = cfp.verify().ok()?;
+        if self.bids.contains_key(&(call.task, call.round)) {
+            // The same call reached us twice (directly and by gossip): one
+            // bid per round, or the requester and we could disagree on
+            // which one an award names.
+            return None;
+        }
         let served = self.models.get(&call.model)?;
         if served.kind != call.kind || call.bids_close_ms <= now_ms || call.shards.is_empty() {
             return None;
@@ -264,6 +270,8 @@ mod tests {
         assert!(w.on_cfp(5_000, &cfp(&requester, model)).is_none(), "window closed");
         let bid = w.on_cfp(1_000, &cfp(&requester, model)).unwrap();
         assert_eq!((bid.units_per_s, bid.capacity, bid.queue_ms), (100.0, 2, 0));
+        // The same call again (direct and by gossip): one bid per round.
+        assert!(w.on_cfp(1_100, &cfp(&requester, model)).is_none());
     }
 
     #[test]

@@ -141,6 +141,8 @@ pub struct Metrics {
     pub bids_won: Counter,
     /// CFP rounds opened after the first (shards re-auctioned).
     pub reauctions: Counter,
+    /// CFPs published by gossip (too few candidates known directly).
+    pub cfps_gossiped: Counter,
     /// Results rejected: bad signature, wrong signer, wrong input or
     /// model, or outvoted by redundant executions.
     pub verification_failures: Counter,
@@ -176,6 +178,7 @@ impl Metrics {
             bids_sent: Counter::default(),
             bids_won: Counter::default(),
             reauctions: Counter::default(),
+            cfps_gossiped: Counter::default(),
             verification_failures: Counter::default(),
             inference_items: Family::new("model", Counter::default),
             inference_tokens: Family::new("model", Counter::default),
@@ -211,6 +214,7 @@ impl Metrics {
         counter(w, "mycel_bids_sent_total", "Bids sent as a worker.", &self.bids_sent);
         counter(w, "mycel_bids_won_total", "Bids that won an award.", &self.bids_won);
         counter(w, "mycel_reauctions_total", "CFP rounds after a task's first.", &self.reauctions);
+        counter(w, "mycel_cfps_gossiped_total", "CFPs published by gossip.", &self.cfps_gossiped);
         counter(
             w,
             "mycel_verification_failures_total",

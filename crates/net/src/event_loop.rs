@@ -12,7 +12,7 @@ use libp2p::{
     Multiaddr, PeerId, Swarm, SwarmBuilder, TransportError, gossipsub, identify, kad, mdns, noise, tcp, yamux,
 };
 use mycel_protocol::rpc::{Request, Response};
-use mycel_protocol::{Advert, Digest, Keypair, Signed, Wire, limits, version};
+use mycel_protocol::{Advert, Cfp, Digest, Keypair, Signed, Wire, limits, version};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -134,6 +134,13 @@ impl Handle {
         self.call(|r| Command::FindProviders(model, r)).await?
     }
 
+    /// Publishes a signed call for proposals on the CFP gossip topic, for
+    /// workers the requester does not know directly.
+    pub async fn publish_cfp(&self, cfp: &Signed<Cfp>) -> Result<(), NetError> {
+        let data = cfp.encode().map_err(|e| NetError::Setup(format!("encoding a CFP: {e}")))?;
+        self.commands.send(Command::PublishRaw(version::CFP_TOPIC, data)).await.map_err(|_| NetError::Stopped)
+    }
+
     /// Publishes raw bytes on a gossip topic, bypassing every check. For
     /// fault injection (misbehaving nodes in tests and the testnet) only.
     #[doc(hidden)]
@@ -221,8 +228,10 @@ pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Ev
     for addr in &config.listen {
         listen(&mut swarm, addr)?;
     }
-    let topic = gossipsub::IdentTopic::new(version::ADVERT_TOPIC);
-    swarm.behaviour_mut().gossipsub.subscribe(&topic).map_err(|e| NetError::Setup(format!("subscribe: {e}")))?;
+    for topic in [version::ADVERT_TOPIC, version::CFP_TOPIC] {
+        let topic = gossipsub::IdentTopic::new(topic);
+        swarm.behaviour_mut().gossipsub.subscribe(&topic).map_err(|e| NetError::Setup(format!("subscribe: {e}")))?;
+    }
 
     let mut bootstrap_peers = HashSet::new();
     for addr in &config.bootstrap {
@@ -567,6 +576,9 @@ impl EventLoop {
     fn on_gossip(&mut self, message: &gossipsub::Message) -> gossipsub::MessageAcceptance {
         use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
         self.config.metrics.bytes_in.add(message.data.len() as u64);
+        if message.topic == gossipsub::IdentTopic::new(version::CFP_TOPIC).hash() {
+            return self.on_gossip_cfp(message);
+        }
         if message.topic != gossipsub::IdentTopic::new(version::ADVERT_TOPIC).hash() {
             return Ignore;
         }
@@ -590,6 +602,27 @@ impl EventLoop {
             }
             Err(_) => Ignore,
         }
+    }
+
+    /// A gossiped call for proposals: relayed only if its signature holds
+    /// and its bid window is open, and handed to the node as if the
+    /// requester (its signer) had sent it directly.
+    fn on_gossip_cfp(&mut self, message: &gossipsub::Message) -> gossipsub::MessageAcceptance {
+        use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
+        let Ok(signed) = Signed::<Cfp>::decode(&message.data) else { return Reject };
+        let Ok(cfp) = signed.verify() else { return Reject };
+        if cfp.bids_close_ms <= now_ms() {
+            return Ignore;
+        }
+        let peer = signed.signer().to_peer_id();
+        if peer == *self.swarm.local_peer_id() {
+            return Ignore;
+        }
+        let market = mycel_protocol::rpc::Market::Cfp(signed);
+        if self.events.try_send(Event::Market { peer, message: Box::new(market) }).is_err() {
+            debug!("gossiped CFP dropped: the node is busy");
+        }
+        Accept
     }
 
     fn on_rpc(&mut self, event: request_response::Event<Request, Response>) {

@@ -256,3 +256,53 @@ async fn a_peer_flooding_requests_is_rate_limited() {
     assert!(refused >= 150, "answered {answered}, refused {refused}");
     assert!(answered >= 50, "answered {answered}, refused {refused}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossiped_cfps_reach_the_node_as_from_their_signer() {
+    use mycel_protocol::rpc::Market;
+    use mycel_protocol::{Cfp, TaskId};
+    let interval = Duration::from_secs(5);
+    let requester = start(1, None, interval).await;
+    let boot = dial_addr(&requester).await;
+    let key = seeded_key(2);
+    let (handle, mut events, event_loop) = mycel_net::start(&key, config(Some(boot), interval)).unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(event_loop.run(stop.clone()));
+    handle.set_advert(advert_for(2)).await.unwrap();
+    wait_until("they see each other", Duration::from_secs(4), || knows(&requester, key.peer_id())).await;
+    // Gossipsub needs a heartbeat to graft the CFP topic's mesh.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let cfp = |task: u8, closes: u64| Cfp {
+        task: TaskId([task; 16]),
+        round: 1,
+        model: Digest::of(b"m"),
+        kind: ModelKind::Embedding,
+        shards: vec![],
+        max_price: None,
+        bids_close_ms: closes,
+    };
+    // Closed already: not worth relaying. A bad signature: dropped.
+    let stale = Signed::sign(&requester.key, &cfp(1, 1)).unwrap();
+    requester.handle.publish_cfp(&stale).await.unwrap();
+    let good = Signed::sign(&requester.key, &cfp(3, now_ms() + 60_000)).unwrap();
+    let mut bytes = good.encode().unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    requester.handle.publish_raw(version::CFP_TOPIC, bytes).await.unwrap();
+    requester.handle.publish_cfp(&good).await.unwrap();
+
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(mycel_net::Event::Market { peer, message }) = events.recv().await {
+                return (peer, message);
+            }
+        }
+    })
+    .await
+    .expect("the CFP arrived");
+    assert_eq!(got.0, requester.key.peer_id(), "attributed to its signer");
+    let Market::Cfp(signed) = *got.1 else { panic!("a CFP") };
+    assert_eq!(signed.verify().unwrap().task, TaskId([3; 16]), "only the valid, open call");
+    stop.cancel();
+}
