@@ -149,3 +149,135 @@ fn a_worker_killed_mid_task_leaves_the_task_complete() {
     assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
     down(&dir);
 }
+
+/// Kills the child on drop, so a failed assertion leaves no node behind.
+struct KillOnDrop(std::process::Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_requester_killed_and_restarted_finishes_its_task_from_the_journal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("net");
+    let manifest = up_with_args(&dir, 4, &["all-minilm-l6-v2"], &[]);
+    let _guard = Guard(&dir);
+    let requester = &manifest.nodes[0];
+    wait_for_workers(requester, 3);
+
+    let texts: Vec<String> =
+        (0..1000).map(|i| format!("journaled text {i}: {}", "of small models ".repeat(i % 4))).collect();
+    let body = serde_json::json!({"kind": "embed", "inputs": texts, "items_per_shard": 25});
+    let submitted: serde_json::Value = ureq::post(&format!("{}/api/v1/tasks", requester.api))
+        .send_json(&body)
+        .unwrap()
+        .into_body()
+        .read_json()
+        .unwrap();
+    let task = submitted["task"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    loop {
+        let view: serde_json::Value = ureq::get(&format!("{}/api/v1/tasks/{task}", requester.api))
+            .call()
+            .unwrap()
+            .into_body()
+            .read_json()
+            .unwrap();
+        let done = view["shards_done"].as_u64().unwrap();
+        assert!(done < 40, "finished before the kill; nothing to resume: {view}");
+        if done >= 5 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "no progress: {view}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // kill -9 mid-task, then start it again on the same data directory.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", requester.pid)).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .skip(1)
+        .map(|a| String::from_utf8_lossy(a).into())
+        .collect();
+    assert!(mycel_testnet::signal(requester.pid as i32, 9));
+    std::thread::sleep(Duration::from_millis(300));
+    let log = std::fs::File::create(tmp.path().join("restarted.log")).unwrap();
+    let child = mycel()
+        .args(&args)
+        .args(["--bootstrap", &manifest.nodes[1].listen_addrs[0]])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let child = KillOnDrop(child);
+    let api = loop {
+        // The killed node's runtime file stays behind: wait for the new one.
+        let info = std::fs::read_to_string(Path::new(&requester.data_dir).join("node.json")).unwrap_or_default();
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap_or_default();
+        if info["pid"].as_u64() == Some(u64::from(child.0.id())) {
+            break info["api"].as_str().unwrap().to_string();
+        }
+        assert!(started.elapsed() < Duration::from_secs(180), "the requester did not come back");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+
+    let view = loop {
+        let view: serde_json::Value = match ureq::get(&format!("{api}/api/v1/tasks/{task}")).call() {
+            Ok(r) => r.into_body().read_json().unwrap(),
+            Err(e) => panic!("the restarted node does not know the task: {e}"),
+        };
+        if view["state"] != "running" {
+            break view;
+        }
+        assert!(started.elapsed() < Duration::from_secs(240), "never finished: {view}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(view["state"], "done", "{view}");
+    assert_eq!(view["shards_done"], 40);
+
+    // Nothing lost: every vector, in order, and a receipt that verifies.
+    let vectors = view["embeddings"].as_array().unwrap();
+    assert_eq!(vectors.len(), 1000);
+    let result = tmp.path().join("vectors.jsonl");
+    let lines: Vec<String> = vectors.iter().map(|v| v.to_string()).collect();
+    std::fs::write(&result, lines.join("\n") + "\n").unwrap();
+    std::fs::write(tmp.path().join("vectors.jsonl.receipt"), hex_decode(view["receipt"].as_str().unwrap())).unwrap();
+    let verified = verify(&result);
+    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
+    let input = tmp.path().join("texts.txt");
+    std::fs::write(&input, texts.join("\n")).unwrap();
+    let alone = local_vectors(&input, tmp.path());
+    for (i, (a, b)) in read_vectors(&result).iter().zip(&alone).enumerate() {
+        let c = cosine(a, b);
+        assert!(c >= 0.9999, "line {i}: cosine {c}");
+    }
+    drop(child);
+
+    // Once more: a finished task survives a restart too, receipt and all.
+    let log = std::fs::File::create(tmp.path().join("restarted-again.log")).unwrap();
+    let child = KillOnDrop(mycel().args(&args).stdout(Stdio::null()).stderr(log).spawn().unwrap());
+    let api = loop {
+        let info = std::fs::read_to_string(Path::new(&requester.data_dir).join("node.json")).unwrap_or_default();
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap_or_default();
+        if info["pid"].as_u64() == Some(u64::from(child.0.id())) {
+            break info["api"].as_str().unwrap().to_string();
+        }
+        assert!(started.elapsed() < Duration::from_secs(300), "the requester did not come back");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let again: serde_json::Value =
+        ureq::get(&format!("{api}/api/v1/tasks/{task}")).call().unwrap().into_body().read_json().unwrap();
+    assert_eq!(again["state"], "done");
+    assert_eq!(again["receipt"], view["receipt"], "the same signed receipt");
+    assert_eq!(again["embeddings"], view["embeddings"]);
+    drop(child);
+    down(&dir);
+}
+
+fn hex_decode(s: &str) -> Vec<u8> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+}

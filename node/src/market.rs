@@ -308,7 +308,23 @@ impl Driver {
                     self.tasks.insert(task, requester);
                     self.apply(task, actions);
                 }
-                Ok(_) => {}
+                Ok(requester) => {
+                    // Finished before the restart: still listed and served.
+                    let outcome = match requester.outcome() {
+                        Some(Ok((output, receipt))) => match Signed::sign(&self.key, &receipt) {
+                            Ok(signed) => Outcome::Done {
+                                output,
+                                receipt: Box::new(signed),
+                                input_tokens: requester.input_tokens(),
+                            },
+                            Err(e) => Outcome::Failed(format!("signing the receipt: {e}")),
+                        },
+                        Some(Err(reason)) => Outcome::Failed(reason),
+                        None => continue,
+                    };
+                    self.outcomes.insert(task, outcome);
+                    self.tasks.insert(task, requester);
+                }
                 Err(e) => warn!(task = %hex::encode(id), error = %e, "unreadable journal entry; skipped"),
             }
         }

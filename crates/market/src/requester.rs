@@ -197,6 +197,9 @@ pub struct Requester {
     /// Shards each peer runs now.
     busy: BTreeMap<PublicKey, BTreeSet<u32>>,
     rounds_without_bids: u32,
+    /// When it completed (the receipt's time), or why it failed.
+    completed_ms: Option<u64>,
+    failure: Option<String>,
 }
 
 // The journal stores the requester with the protocol's codec: one task's
@@ -260,6 +263,8 @@ impl Requester {
             candidates,
             busy: BTreeMap::new(),
             rounds_without_bids: 0,
+            completed_ms: None,
+            failure: None,
         })
     }
 
@@ -750,6 +755,31 @@ impl Requester {
         if self.phase == Phase::Done || self.shards.iter().any(|s| s.done.is_none()) {
             return;
         }
+        match self.assemble(now_ms) {
+            Ok((output, receipt)) => {
+                self.phase = Phase::Done;
+                self.completed_ms = Some(now_ms);
+                out.push(Action::Persist);
+                out.push(Action::Complete { output, receipt });
+            }
+            Err(reason) => self.fail(reason, out),
+        }
+    }
+
+    /// A finished task's result as it was handed out: for a completed one
+    /// the same output and receipt (so the same signature), for a failed
+    /// one its reason. `None` while it runs. Lets a restarted node keep
+    /// serving what it finished before.
+    pub fn outcome(&self) -> Option<Result<(ShardOutput, Receipt), String>> {
+        match self.phase {
+            Phase::Done => Some(self.assemble(self.completed_ms.unwrap_or(0))),
+            Phase::Failed => Some(Err(self.failure.clone().unwrap_or_else(|| "failed".into()))),
+            _ => None,
+        }
+    }
+
+    /// The output in item order and the receipt over the accepted results.
+    fn assemble(&self, completed_ms: u64) -> Result<(ShardOutput, Receipt), String> {
         let results: Vec<&ShardResult> = self.shards.iter().filter_map(|s| s.done.as_ref()).collect();
         let output = match self.kind {
             ModelKind::Embedding => {
@@ -764,8 +794,7 @@ impl Requester {
                 for r in &results {
                     if let ShardOutput::Embeddings { dimensions: d, values: v } = &r.output {
                         if *d != dimensions {
-                            self.fail("shards returned vectors of different widths".into(), out);
-                            return;
+                            return Err("shards returned vectors of different widths".into());
                         }
                         values.extend_from_slice(v);
                     }
@@ -784,10 +813,7 @@ impl Requester {
         };
         let claims: Vec<Signed<ResultClaim>> = results.iter().map(|r| r.claim.clone()).collect();
         let leaves: Vec<Digest> = claims.iter().map(Signed::digest).collect();
-        let Ok(output_digest) = output.digest() else {
-            self.fail("the aggregated output is too large to encode".into(), out);
-            return;
-        };
+        let output_digest = output.digest().map_err(|_| "the aggregated output is too large to encode".to_string())?;
         let receipt = Receipt {
             task: self.task,
             spec: self.spec_digest,
@@ -795,15 +821,14 @@ impl Requester {
             root: merkle::root(&leaves),
             shards: claims,
             output: output_digest,
-            completed_ms: now_ms,
+            completed_ms,
         };
-        self.phase = Phase::Done;
-        out.push(Action::Persist);
-        out.push(Action::Complete { output, receipt });
+        Ok((output, receipt))
     }
 
     fn fail(&mut self, reason: String, out: &mut Vec<Action>) {
         self.phase = Phase::Failed;
+        self.failure = Some(reason.clone());
         out.push(Action::Persist);
         out.push(Action::Fail { reason });
     }

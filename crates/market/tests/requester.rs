@@ -601,4 +601,11 @@ fn a_restarted_requester_resumes_from_its_journal() {
     sim.run_all();
     check_output(&sim, &spec);
     assert!(Requester::decode(&journal[..journal.len() - 1]).is_err(), "a torn journal entry is refused");
+
+    // After another restart the finished task gives back the very output
+    // and receipt it handed out (so the same signature).
+    let mut finished = Requester::decode(&sim.requester.encode().unwrap()).unwrap();
+    let (output, receipt) = finished.outcome().unwrap().unwrap();
+    assert_eq!(Some((output, receipt)), sim.done.clone());
+    assert!(finished.resume(sim.now).is_empty(), "nothing left to do");
 }
