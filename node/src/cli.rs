@@ -80,6 +80,11 @@ pub struct SubmitCommon {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
     pub redundancy: u8,
 
+    /// Share of shards run once more on another peer and compared
+    /// (skipped where no other peer can) [default: 0.05].
+    #[arg(long, value_name = "FRACTION")]
+    pub spot_check: Option<f32>,
+
     /// Items per shard [default: sized from the peers' measured speed].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub items_per_shard: Option<u32>,

@@ -203,6 +203,9 @@ fn split_text(text: &str, max: usize) -> Vec<&str> {
     pieces
 }
 
+/// Share of shards spot-checked when the request does not say.
+const DEFAULT_SPOT_CHECK: f32 = 0.05;
+
 /// Reputation of a peer never seen before.
 pub const DEFAULT_REPUTATION: f64 = mycel_market::reputation::DEFAULT;
 
@@ -517,7 +520,13 @@ impl Driver {
             model: ModelSelector::Digest(chosen.weights),
             split: request.items_per_shard.map_or(Split::Auto, Split::ItemsPerShard),
             redundancy: request.redundancy.clamp(1, mycel_protocol::limits::MAX_REDUNDANCY),
-            spot_check_permille: 0,
+            spot_check_permille: {
+                let share = request.spot_check.unwrap_or(DEFAULT_SPOT_CHECK);
+                if !(0.0..=1.0).contains(&share) {
+                    return Err(ApiError::BadRequest(format!("spot_check {share} not in 0..=1")).into());
+                }
+                (share * 1000.0).round() as u16
+            },
             aggregation: mycel_protocol::Aggregation::Concat,
             deadline_ms: 0,
             budget_micros: None,

@@ -95,6 +95,7 @@ fn submit_and_wait(
     let request = SubmitRequest {
         model: common.model.clone(),
         redundancy: common.redundancy,
+        spot_check: common.spot_check,
         items_per_shard: common.items_per_shard,
         max_tokens: generate.map(|g| g.0),
         seed: generate.map(|g| g.1),

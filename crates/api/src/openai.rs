@@ -208,6 +208,9 @@ pub async fn embeddings<N: NodeView>(
     };
     let inputs = texts(request.input)?;
     let mut submit = SubmitRequest::new("embed", inputs);
+    // Interactive requests: no spot-check copies (they would only add
+    // latency to one-shard tasks); batch work through /api/v1 has them.
+    submit.spot_check = Some(0.0);
     submit.model = request.model.filter(|m| !m.is_empty());
     let view = run_task(&node, submit).await?;
     let vectors = view.embeddings.unwrap_or_default();
@@ -343,6 +346,7 @@ pub async fn chat<N: NodeView>(
     }
     let conversation: Vec<ChatTurnView> = request.messages.into_iter().map(turn).collect::<Result<_, _>>()?;
     let mut submit = SubmitRequest::new("chat", Vec::new());
+    submit.spot_check = Some(0.0);
     submit.conversations = vec![conversation; n as usize];
     submit.model = request.model.filter(|m| !m.is_empty());
     submit.max_tokens = Some(request.max_completion_tokens.or(request.max_tokens).unwrap_or(DEFAULT_MAX_TOKENS));

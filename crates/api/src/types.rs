@@ -139,6 +139,10 @@ pub struct SubmitRequest {
     /// Peers that run each shard (1-5).
     #[serde(default = "one")]
     pub redundancy: u8,
+    /// Share of shards (0-1) run once more on another peer and compared;
+    /// default: the node's (5%).
+    #[serde(default)]
+    pub spot_check: Option<f32>,
     /// Items per shard; default: sized from the peers' measured speed.
     #[serde(default)]
     pub items_per_shard: Option<u32>,
@@ -174,6 +178,7 @@ impl SubmitRequest {
             inputs,
             model: None,
             redundancy: 1,
+            spot_check: None,
             items_per_shard: None,
             max_tokens: None,
             seed: None,

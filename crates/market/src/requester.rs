@@ -32,6 +32,9 @@ use crate::plan::{self, Plan, PlanError, PlannedShard};
 /// Most executions of one shard (redundancy plus tie-breakers).
 const MAX_EXECUTIONS: usize = limits::MAX_REDUNDANCY as usize + 2;
 
+/// Open shards a CFP lists (about 50 bytes each encoded).
+const CFP_SHARDS: usize = 256;
+
 /// Tuning of the auction.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Config {
@@ -164,8 +167,12 @@ struct ShardState {
     excluded: BTreeSet<PublicKey>,
     /// Valid results so far, by executor.
     results: BTreeMap<PublicKey, ShardResult>,
-    /// Executions wanted: the task's redundancy, plus tie-breakers.
+    /// Executions wanted: the task's redundancy, plus tie-breakers, plus
+    /// one for a spot check.
     wanted: usize,
+    /// Picked for a spot check: one execution more than the redundancy,
+    /// compared like redundant ones, given up if no other peer can run it.
+    spot: bool,
     /// The accepted result, once decided.
     done: Option<ShardResult>,
 }
@@ -240,13 +247,17 @@ impl Requester {
         let wanted = usize::from(spec.redundancy.clamp(1, limits::MAX_REDUNDANCY));
         let shards = shards
             .into_iter()
-            .map(|plan| ShardState {
-                plan,
-                running: BTreeSet::new(),
-                excluded: BTreeSet::new(),
-                results: BTreeMap::new(),
-                wanted,
-                done: None,
+            .map(|plan| {
+                let spot = spot_checked(task, plan.index, spec.spot_check_permille);
+                ShardState {
+                    plan,
+                    running: BTreeSet::new(),
+                    excluded: BTreeSet::new(),
+                    results: BTreeMap::new(),
+                    wanted: wanted + usize::from(spot),
+                    spot,
+                    done: None,
+                }
             })
             .collect();
         Ok(Self {
@@ -431,7 +442,10 @@ impl Requester {
             round: self.round,
             model: self.model,
             kind: self.kind,
-            shards: open.into_iter().take(limits::SHARDS_PER_CFP).collect(),
+            // A sample of the open shards describes the work; awards may
+            // cover any open shard. Bounded so the CFP stays under its
+            // 16 KiB cap (and gossip's 64 KiB) however big the task.
+            shards: open.into_iter().take(CFP_SHARDS).collect(),
             max_price: None,
             bids_close_ms: now_ms + self.config.bid_window_ms,
         };
@@ -507,7 +521,19 @@ impl Requester {
                 if shard.done.is_some() || shard.running.len() + shard.results.len() >= shard.wanted {
                     break;
                 }
-                let Some(peer) = self.best_free_bidder(shard) else { break };
+                let Some(peer) = self.best_free_bidder(shard) else {
+                    // A spot check nobody else can ever run is given up
+                    // rather than holding the shard forever.
+                    if shard.spot && shard.wanted > 1 && !self.anyone_eligible(shard) {
+                        let shard = &mut self.shards[index];
+                        shard.spot = false;
+                        shard.wanted -= 1;
+                        self.decide(index, out);
+                        self.finish_if_done(now_ms, out);
+                        continue;
+                    }
+                    break;
+                };
                 let awarded = self.assign(now_ms, index, peer, out);
                 batches.entry(peer).or_default().push(awarded);
             }
@@ -573,6 +599,13 @@ impl Requester {
             to: backup,
             award: Award { task: self.task, round: self.round, bid, model: self.model, shards: vec![awarded] },
         });
+    }
+
+    /// Whether any bidder could still run `shard`, busy or not.
+    fn anyone_eligible(&self, shard: &ShardState) -> bool {
+        self.offers.keys().any(|peer| {
+            !shard.running.contains(peer) && !shard.results.contains_key(peer) && !shard.excluded.contains(peer)
+        })
     }
 
     fn best_free_bidder(&self, shard: &ShardState) -> Option<PublicKey> {
@@ -837,6 +870,18 @@ impl Requester {
         let shard = result.claim.verify().map(|c| c.shard).unwrap_or(u32::MAX);
         ResultAck { task: self.task, shard, claim: result.claim.digest(), verdict }
     }
+}
+
+/// Whether shard `index` of `task` gets a spot check: a hash of both
+/// below the rate, so the choice is fixed by the task (the same after a
+/// restart) yet not predictable by workers before the award.
+fn spot_checked(task: TaskId, index: u32, permille: u16) -> bool {
+    if permille == 0 {
+        return false;
+    }
+    let digest = Digest::of_parts(&[b"mycel/spot-check", &task.0, &index.to_le_bytes()]);
+    let draw = u16::from_le_bytes([digest.0[0], digest.0[1]]) % 1000;
+    draw < permille
 }
 
 /// How attractive a candidate is before any bid: speed, discounted by load

@@ -522,6 +522,52 @@ fn redundancy_catches_a_liar_with_a_tie_breaker() {
 }
 
 #[test]
+fn spot_checks_catch_a_liar_without_redundancy() {
+    let mut spec = spec(30, 10, 1);
+    spec.spot_check_permille = 1000;
+    let mut sim = Sim::new(&spec, 3, Config::default());
+    sim.workers[0].liar = true;
+    for w in 0..3 {
+        sim.bid(w, 2);
+    }
+    sim.advance(Config::default().bid_window_ms);
+    sim.run_all();
+    check_output(&sim, &spec);
+    let liar = sim.peer(0);
+    assert!(sim.penalised.iter().any(|(p, r)| *p == liar && *r == RejectReason::Disagreement));
+    assert!(sim.requester.executors().iter().all(|e| *e != Some(liar)));
+    // Every shard ran at least twice.
+    assert!(sim.acks.len() >= 6, "{:?}", sim.acks);
+}
+
+#[test]
+fn a_spot_check_nobody_else_can_run_is_given_up() {
+    let mut spec = spec(30, 10, 1);
+    spec.spot_check_permille = 1000;
+    let mut sim = Sim::new(&spec, 1, Config::default());
+    sim.bid(0, 3);
+    sim.advance(Config::default().bid_window_ms);
+    sim.run_all();
+    check_output(&sim, &spec);
+    assert_eq!(sim.acks.len(), 3, "one execution per shard: {:?}", sim.acks);
+}
+
+#[test]
+fn spot_checks_pick_about_the_asked_share_of_shards() {
+    // 2,000 shards: more than one CFP lists.
+    let mut spec = spec(2000, 1, 1);
+    spec.spot_check_permille = 100;
+    let mut sim = Sim::new(&spec, 3, Config::default());
+    for w in 0..3 {
+        sim.bid(w, 4000);
+    }
+    sim.advance(Config::default().bid_window_ms);
+    let awarded: usize = sim.inbox.values().flatten().map(|a| a.shards.len()).sum();
+    let extra = awarded - 2000;
+    assert!((150..=250).contains(&extra), "{extra} of 2000 shards spot-checked at 10%");
+}
+
+#[test]
 fn a_lost_peer_is_replaced() {
     let spec = spec(10, 10, 1);
     let mut sim = Sim::new(&spec, 2, Config::default());
