@@ -39,3 +39,6 @@ done
 
 step "in-process swarm"
 cargo bench --locked -p mycel-net --bench convergence -- 50 100 200
+# The same 200 with a longer advert interval: on 2 cores, 200 nodes'
+# periodic adverts alone are a large part of the CPU (see BENCHMARKS.md).
+MYCEL_BENCH_ADVERT_INTERVAL_S=60 cargo bench --locked -p mycel-net --bench convergence -- 200

@@ -94,7 +94,7 @@ impl NodeView for View {
 
     async fn metrics(&self) -> Result<String, ApiError> {
         self.metrics.peers_connected.set(self.net.connected().await.map_err(unavailable)?.len() as f64);
-        self.metrics.peers_known.set(self.net.peer_count().await.map_err(unavailable)? as f64);
+        self.metrics.peers_known.set(self.net.peer_count().await.map_err(unavailable)?.peers as f64);
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.market
             .send(crate::market::Command::RefreshMetrics { reply })
@@ -106,12 +106,14 @@ impl NodeView for View {
 
     async fn status(&self) -> Result<StatusView, ApiError> {
         let own = self.net.own_advert().await.map_err(unavailable)?;
+        let table = self.net.peer_count().await.map_err(unavailable)?;
         Ok(StatusView {
             peer_id: self.net.local_peer_id().to_string(),
             version: version::SOFTWARE_VERSION.to_string(),
             listen_addrs: self.net.listen_addrs().await.map_err(unavailable)?.iter().map(ToString::to_string).collect(),
             connected_peers: self.net.connected().await.map_err(unavailable)?.len(),
-            known_peers: self.net.peer_count().await.map_err(unavailable)?,
+            known_peers: table.peers,
+            table_grew_at_ms: table.grew_at_ms,
             models: own.map(|a| a.models.iter().map(model_view).collect()).unwrap_or_default(),
             uptime_s: self.started.elapsed().as_secs(),
         })

@@ -45,9 +45,11 @@ pub fn run(cmd: TestnetCommand) -> Result<()> {
                 .collect();
             print_table(&["NAME", "PEER ID", "LISTEN", "API"], &rows);
             eprintln!(
-                "\n{} nodes converged {:.2}s after the last one started ({:.2}s in all).\nmanifest: {}\nstop with: mycel testnet down --dir {}",
+                "\n{} nodes converged {:.2}s after the last one started, by their clocks \
+                 (confirmed by polling after {:.2}s; {:.2}s in all).\nmanifest: {}\nstop with: mycel testnet down --dir {}",
                 report.manifest.nodes.len(),
                 report.converged_after_last_start.as_secs_f64(),
+                report.confirmed_after_last_start.as_secs_f64(),
                 report.total.as_secs_f64(),
                 args.dir.path.join(net::MANIFEST).display(),
                 args.dir.path.display(),

@@ -16,6 +16,10 @@ pub struct StatusView {
     pub connected_peers: usize,
     /// Peers whose advert the node holds.
     pub known_peers: usize,
+    /// When the last of them joined this node's table (ms since the Unix
+    /// epoch; absent before the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table_grew_at_ms: Option<u64>,
     /// Models this node serves.
     pub models: Vec<ModelView>,
     /// Seconds since the node started.

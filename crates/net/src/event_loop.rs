@@ -39,20 +39,30 @@ const SYNC_PEERS: usize = 3;
 /// by, and its first sync may predate them. One more sync this long after
 /// the first closes that gap; it costs one response of adverts, almost all
 /// already held, which are decoded but not re-verified.
-const RESYNC_AFTER: Duration = Duration::from_secs(2);
+const RESYNC_AFTER: Duration = Duration::from_millis(1500);
 /// The same gap from the other side: a node's first advert can miss peers
 /// that joined together with it. One repeat this long after the first
 /// delivery, once every neighbour's mesh exists, reaches them.
-const JOIN_REPEAT_AFTER: Duration = Duration::from_secs(3);
+const JOIN_REPEAT_AFTER: Duration = Duration::from_millis(2000);
 
 type Reply<T> = oneshot::Sender<T>;
+
+/// The size of the capability table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableSize {
+    /// Peers held.
+    pub peers: usize,
+    /// When a peer last joined (ms since the Unix epoch); `None` before
+    /// the first.
+    pub grew_at_ms: Option<u64>,
+}
 /// Providers found so far, and who waits for them.
 type ProviderQuery = (HashSet<PeerId>, Reply<Result<Vec<PeerId>, NetError>>);
 
 enum Command {
     ListenAddrs(Reply<Vec<Multiaddr>>),
     Peers(Reply<Vec<PeerEntry>>),
-    PeerCount(Reply<usize>),
+    PeerCount(Reply<TableSize>),
     Connected(Reply<Vec<PeerId>>),
     SetAdvert(Box<Advert>),
     OwnAdvert(Reply<Option<Advert>>),
@@ -97,8 +107,9 @@ impl Handle {
         self.call(Command::Peers).await
     }
 
-    /// How many peers the capability table holds (cheaper than `peers`).
-    pub async fn peer_count(&self) -> Result<usize, NetError> {
+    /// How many peers the capability table holds, and since when (cheaper
+    /// than `peers`).
+    pub async fn peer_count(&self) -> Result<TableSize, NetError> {
         self.call(Command::PeerCount).await
     }
 
@@ -380,7 +391,7 @@ impl EventLoop {
                 let _ = r.send(self.table.entries().cloned().collect());
             }
             Command::PeerCount(r) => {
-                let _ = r.send(self.table.len());
+                let _ = r.send(TableSize { peers: self.table.len(), grew_at_ms: self.table.grew_at_ms() });
             }
             Command::Connected(r) => {
                 let _ = r.send(self.swarm.connected_peers().copied().collect());

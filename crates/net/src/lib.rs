@@ -23,7 +23,7 @@ pub mod table;
 use std::time::Duration;
 
 pub use behaviour::Behaviour;
-pub use event_loop::{EventLoop, Handle, start};
+pub use event_loop::{EventLoop, Handle, TableSize, start};
 pub use libp2p::{Multiaddr, PeerId};
 pub use table::{CapabilityTable, PeerEntry, TableConfig};
 

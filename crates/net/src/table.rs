@@ -103,12 +103,13 @@ pub struct CapabilityTable {
     local: PeerId,
     config: TableConfig,
     entries: HashMap<PeerId, PeerEntry>,
+    grew_at_ms: Option<u64>,
 }
 
 impl CapabilityTable {
     /// An empty table for the node `local`.
     pub fn new(local: PeerId, config: TableConfig) -> Self {
-        Self { local, config, entries: HashMap::new() }
+        Self { local, config, entries: HashMap::new(), grew_at_ms: None }
     }
 
     /// Considers an advert that arrived `via` gossip or sync.
@@ -147,6 +148,9 @@ impl CapabilityTable {
         }
         let advert = signed.verify()?;
         self.entries.insert(peer, PeerEntry { peer, advert, signed, received_ms: now_ms });
+        if admitted == Admitted::New {
+            self.grew_at_ms = Some(now_ms);
+        }
         Ok(admitted)
     }
 
@@ -174,6 +178,13 @@ impl CapabilityTable {
     /// Number of peers held.
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// When a peer last joined the table (ms since the Unix epoch): how a
+    /// swarm measures when it converged, from the nodes' own clocks rather
+    /// than from whoever polls them.
+    pub fn grew_at_ms(&self) -> Option<u64> {
+        self.grew_at_ms
     }
 
     /// True when no peer is held.
@@ -222,6 +233,20 @@ mod tests {
         assert_eq!(t.offer(signed(&k, 6, NOW), src, NOW).unwrap(), Admitted::Updated);
         assert_eq!(t.get(&k.peer_id()).unwrap().advert.seq, 6);
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn remembers_when_a_peer_last_joined() {
+        let mut t = table();
+        assert_eq!(t.grew_at_ms(), None);
+        let (a, b) = (Keypair::from_secret_bytes(&[1; 32]), Keypair::from_secret_bytes(&[2; 32]));
+        t.offer(signed(&a, 1, NOW), Via::Sync, NOW).unwrap();
+        assert_eq!(t.grew_at_ms(), Some(NOW));
+        t.offer(signed(&b, 1, NOW), Via::Sync, NOW + 5).unwrap();
+        assert_eq!(t.grew_at_ms(), Some(NOW + 5));
+        // A newer advert of a peer already held is not a join.
+        t.offer(signed(&a, 2, NOW + 9), Via::Sync, NOW + 9).unwrap();
+        assert_eq!(t.grew_at_ms(), Some(NOW + 5));
     }
 
     #[test]
