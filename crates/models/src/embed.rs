@@ -14,10 +14,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
+use candle_transformers::models::bert::Config;
 use serde::Deserialize;
 use tokenizers::{Encoding, Tokenizer};
 
+use crate::bert::Bert;
 use crate::error::{ModelError, Result};
 use crate::tokenizer;
 
@@ -32,7 +33,7 @@ pub enum Pooling {
 
 /// A loaded embedding model.
 pub struct Embedder {
-    model: BertModel,
+    model: Bert,
     tokenizer: Tokenizer,
     pooling: Pooling,
     normalize: bool,
@@ -117,7 +118,7 @@ impl Embedder {
         let weights = single_safetensors(dir)?;
         let tensors = candle_core::safetensors::load(&weights, device).map_err(|e| ModelError::format(&weights, e))?;
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-        let model = BertModel::load(vb, &config).map_err(|e| ModelError::format(&weights, e))?;
+        let model = Bert::load(vb, &config).map_err(|e| ModelError::format(&weights, e))?;
         let tokenizer_path = dir.join("tokenizer.json");
         let mut tokenizer = tokenizer::from_file(&tokenizer_path)?;
         let truncation = tokenizers::TruncationParams { max_length: max_tokens, ..Default::default() };
@@ -187,7 +188,7 @@ impl Embedder {
         let ids = Tensor::from_vec(ids, shape, &self.device)?;
         let types = Tensor::from_vec(types, shape, &self.device)?;
         let mask = Tensor::from_vec(mask, shape, &self.device)?;
-        let hidden = self.model.forward(&ids, &types, Some(&mask))?;
+        let hidden = self.model.forward(&ids, &types, &mask)?;
         let pooled = match self.pooling {
             Pooling::Mean => {
                 let m = mask.unsqueeze(2)?;

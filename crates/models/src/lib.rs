@@ -15,6 +15,7 @@
 //!   metadata.
 
 pub mod bench;
+mod bert;
 pub mod embed;
 pub mod error;
 pub mod fetch;
