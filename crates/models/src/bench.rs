@@ -19,10 +19,15 @@ use crate::{ChatMessage, Embedder, Generator};
 /// nodes that serve from that folder.
 pub const CACHE_FILE: &str = ".mycel-throughput.json";
 
+/// Bumped when the runtime's speed changes within a version (2: mycel's
+/// own BERT encoder), so nodes measure again instead of advertising old
+/// figures.
+const RUNTIME_REVISION: u32 = 2;
+
 /// The cache key for a model on this machine and pool.
 pub fn cache_key(weights_hex: &str, hardware: &Hardware, pool: &Pool, threads: usize) -> String {
     format!(
-        "{weights_hex}|{}|{} cores|{}|{}x{threads}|{}{}",
+        "{weights_hex}|{}|{} cores|{}|{}x{threads}|{}-r{RUNTIME_REVISION}{}",
         hardware.cpu_model,
         hardware.cores,
         hardware.simd.join(","),

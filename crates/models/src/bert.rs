@@ -86,8 +86,7 @@ impl Bert {
                 let l = vb.pp(format!("encoder.layer.{i}"));
                 let a = l.pp("attention");
                 let query = linear(&a.pp("self.query"), hidden, hidden)?;
-                let query =
-                    Linear::new((query.weight() * scale)?, query.bias().map(|b| b * scale).transpose()?);
+                let query = Linear::new((query.weight() * scale)?, query.bias().map(|b| b * scale).transpose()?);
                 Ok(Layer {
                     query,
                     key: linear(&a.pp("self.key"), hidden, hidden)?,
