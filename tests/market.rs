@@ -285,3 +285,92 @@ fn api_of_restarted(data_dir: &Path, child: &KillOnDrop) -> String {
 fn hex_decode(s: &str) -> Vec<u8> {
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
 }
+
+/// Kills `node` with SIGKILL and starts it again on the same data
+/// directory with `extra` arguments, bootstrapping from `via`; returns the
+/// process and its API once it is up.
+fn restart(node: &NodeEntry, via: &NodeEntry, extra: &[&str], log: &Path) -> (KillOnDrop, String) {
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", node.pid)).unwrap_or_default();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .skip(1)
+        .map(|a| String::from_utf8_lossy(a).into())
+        .collect();
+    assert!(!args.is_empty(), "{} is not running", node.name);
+    mycel_testnet::signal(node.pid as i32, 9);
+    std::thread::sleep(Duration::from_millis(300));
+    let log = std::fs::File::create(log).unwrap();
+    let child = mycel()
+        .args(&args)
+        .args(extra)
+        .args(["--bootstrap", &via.listen_addrs[0]])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let child = KillOnDrop(child);
+    let api = api_of_restarted(&node.data_dir, &child);
+    (child, api)
+}
+
+fn get_json(url: &str) -> Result<serde_json::Value, ureq::Error> {
+    ureq::get(url).call()?.into_body().read_json()
+}
+
+#[test]
+fn a_node_keeps_only_its_newest_finished_tasks_in_memory_and_journal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("net");
+    let manifest = up_with_args(&dir, 2, &["all-minilm-l6-v2"], &[]);
+    let _guard = Guard(&dir);
+    let (requester, other) = (&manifest.nodes[0], &manifest.nodes[1]);
+    let (_node, api) = restart(requester, other, &["--keep-finished", "2"], &tmp.path().join("keep.log"));
+
+    let mut ids = Vec::new();
+    for round in 0..3 {
+        let body = serde_json::json!({"kind": "embed", "inputs": [format!("task {round}"), "kept or not"]});
+        let started = Instant::now();
+        let submitted = loop {
+            // Right after the restart the node may not know a worker yet.
+            match ureq::post(&format!("{api}/api/v1/tasks")).send_json(&body) {
+                Ok(r) => break r.into_body().read_json::<serde_json::Value>().unwrap(),
+                Err(e) => assert!(started.elapsed() < Duration::from_secs(120), "cannot submit: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        };
+        let id = submitted["task"].as_str().unwrap().to_string();
+        loop {
+            let view = get_json(&format!("{api}/api/v1/tasks/{id}")).unwrap();
+            if view["state"] == "done" {
+                break;
+            }
+            assert_eq!(view["state"], "running", "{view}");
+            assert!(started.elapsed() < Duration::from_secs(120), "never finished: {view}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ids.push(id);
+    }
+
+    let listed = |api: &str| -> Vec<String> {
+        let tasks = get_json(&format!("{api}/api/v1/tasks")).unwrap();
+        tasks.as_array().unwrap().iter().map(|t| t["task"].as_str().unwrap().to_string()).collect()
+    };
+    let mut kept = listed(&api);
+    kept.sort();
+    let mut newest = ids[1..].to_vec();
+    newest.sort();
+    assert_eq!(kept, newest);
+    assert!(get_json(&format!("{api}/api/v1/tasks/{}", ids[0])).is_err(), "the oldest is forgotten");
+
+    // The journal forgot it too: a restart brings back the two, not three
+    // (its command line still says --keep-finished 2).
+    let restarted = NodeEntry { pid: _node.0.id(), ..requester.clone() };
+    let (_again, api) = restart(&restarted, other, &[], &tmp.path().join("again.log"));
+    let mut kept = listed(&api);
+    kept.sort();
+    assert_eq!(kept, newest);
+    let view = get_json(&format!("{api}/api/v1/tasks/{}", ids[2])).unwrap();
+    assert_eq!(view["state"], "done", "{view}");
+    down(&dir);
+}

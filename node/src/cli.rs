@@ -352,6 +352,12 @@ pub struct NodeArgs {
     #[arg(long, env = "MYCEL_API_RATE_LIMIT", value_name = "PER_SECOND")]
     pub api_rate_limit: Option<f64>,
 
+    /// Finished tasks this node keeps, outputs and receipts included, for
+    /// `mycel task` and the API; the oldest go first, from the journal
+    /// too [default: 100].
+    #[arg(long, env = "MYCEL_KEEP_FINISHED", value_name = "N")]
+    pub keep_finished: Option<usize>,
+
     /// Do not discover peers on the local network.
     #[arg(long, env = "MYCEL_NO_MDNS")]
     pub no_mdns: bool,

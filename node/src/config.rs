@@ -38,6 +38,9 @@ pub struct NodeConfig {
     pub replicas: usize,
     /// Compute threads per replica.
     pub threads: usize,
+    /// Finished tasks (with their outputs) kept for `mycel task` and the
+    /// API; older ones are dropped, from the journal too.
+    pub keep_finished: usize,
     /// Misbehave on purpose (testing only).
     pub fault: Option<crate::market::Fault>,
 }
@@ -59,6 +62,7 @@ impl NodeConfig {
             models: None,
             replicas: std::thread::available_parallelism().map_or(1, |n| n.get()),
             threads: 1,
+            keep_finished: 100,
             fault: None,
             data_dir,
         }
@@ -118,12 +122,18 @@ impl NodeConfig {
         if let Some(n) = args.threads {
             c.threads = n;
         }
+        if let Some(n) = args.keep_finished {
+            c.keep_finished = n;
+        }
         c.fault = args.fault;
         if c.models.as_ref().is_some_and(|m| m.iter().any(|id| id == "none")) {
             c.models = Some(Vec::new());
         }
         if c.replicas == 0 || c.threads == 0 {
             bail!("replicas and threads must be at least 1");
+        }
+        if c.keep_finished == 0 {
+            bail!("keep-finished must be at least 1 (a task's result must outlive its completion)");
         }
         if c.advert_interval < Duration::from_millis(100) {
             bail!("advert interval {:?} is too short (at least 100ms)", c.advert_interval);
@@ -153,6 +163,7 @@ struct FileConfig {
     models: Option<Vec<String>>,
     replicas: Option<usize>,
     threads: Option<usize>,
+    keep_finished: Option<usize>,
 }
 
 impl FileConfig {
@@ -194,6 +205,9 @@ impl FileConfig {
         }
         if let Some(n) = self.threads {
             c.threads = n;
+        }
+        if let Some(n) = self.keep_finished {
+            c.keep_finished = n;
         }
         Ok(())
     }
@@ -272,8 +286,11 @@ mod tests {
             "3",
             "--threads",
             "2",
+            "--keep-finished",
+            "7",
         ]))
         .unwrap();
+        assert_eq!(c.keep_finished, 7);
         assert_eq!(c.models_dir, PathBuf::from("/tmp/m"));
         assert_eq!(c.models, Some(vec!["a".to_string(), "b".to_string()]));
         assert_eq!((c.replicas, c.threads), (3, 2));
@@ -295,7 +312,7 @@ mod tests {
         let file = dir.path().join("mycel.toml");
         std::fs::write(
             &file,
-            "data_dir = \"/tmp/from-file\"\nlisten = [\"/ip4/127.0.0.1/tcp/7001\"]\napi = \"127.0.0.1:8001\"\nmdns = false\nadvert_interval = \"3s\"\nmodels = [\"all-minilm-l6-v2\"]\nreplicas = 2\n",
+            "data_dir = \"/tmp/from-file\"\nlisten = [\"/ip4/127.0.0.1/tcp/7001\"]\napi = \"127.0.0.1:8001\"\nmdns = false\nadvert_interval = \"3s\"\nmodels = [\"all-minilm-l6-v2\"]\nreplicas = 2\nkeep_finished = 5\n",
         )
         .unwrap();
         let path = file.to_str().unwrap();
@@ -308,6 +325,7 @@ mod tests {
         assert_eq!(c.models, Some(vec!["all-minilm-l6-v2".to_string()]));
         assert_eq!(c.models_dir, PathBuf::from("/tmp/from-file/models"));
         assert_eq!(c.replicas, 2);
+        assert_eq!(c.keep_finished, 5);
 
         let c = NodeConfig::load(&node_args(&["--config", path, "--api", "127.0.0.1:8002", "--data-dir", "/tmp/flag"]))
             .unwrap();
@@ -328,6 +346,8 @@ mod tests {
         assert!(Cli::try_parse_from(["mycel", "node", "--advert-interval", "5 parsecs"]).is_err());
         let err = NodeConfig::load(&node_args(&["--advert-interval", "10ms"])).unwrap_err();
         assert!(err.to_string().contains("too short"));
+        let err = NodeConfig::load(&node_args(&["--keep-finished", "0"])).unwrap_err();
+        assert!(err.to_string().contains("keep-finished"), "{err}");
     }
 
     #[test]

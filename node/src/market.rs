@@ -249,6 +249,10 @@ pub struct Driver {
     /// CFP-to-first-award times per task, in ms.
     auction_ms: HashMap<TaskId, Vec<u64>>,
     metrics: Arc<Metrics>,
+    /// Finished tasks, oldest first; beyond `keep_finished` the oldest are
+    /// forgotten, journal entry included.
+    finished: std::collections::VecDeque<TaskId>,
+    keep_finished: usize,
     fault: Option<Fault>,
 }
 
@@ -264,6 +268,7 @@ pub fn start(
     net: Handle,
     store: Arc<SledStore>,
     metrics: Arc<Metrics>,
+    keep_finished: usize,
     fault: Option<Fault>,
 ) -> mpsc::Sender<Command> {
     let (tx, rx) = mpsc::channel(1024);
@@ -285,6 +290,8 @@ pub fn start(
         auction_started: HashMap::new(),
         auction_ms: HashMap::new(),
         metrics,
+        finished: std::collections::VecDeque::new(),
+        keep_finished,
         fault,
     };
     tokio::spawn(driver.run(rx));
@@ -301,6 +308,7 @@ impl Driver {
                 return;
             }
         };
+        let mut finished = Vec::new();
         for (key, value) in entries {
             let Ok(id) = <[u8; 16]>::try_from(key.as_slice()) else { continue };
             let task = TaskId(id);
@@ -311,25 +319,51 @@ impl Driver {
                     self.tasks.insert(task, requester);
                     self.apply(task, actions);
                 }
-                Ok(requester) => {
-                    // Finished before the restart: still listed and served.
-                    let outcome = match requester.outcome() {
-                        Some(Ok((output, receipt))) => match Signed::sign(&self.key, &receipt) {
-                            Ok(signed) => Outcome::Done {
-                                output,
-                                receipt: Box::new(signed),
-                                input_tokens: requester.input_tokens(),
-                            },
-                            Err(e) => Outcome::Failed(format!("signing the receipt: {e}")),
-                        },
-                        Some(Err(reason)) => Outcome::Failed(reason),
-                        None => continue,
-                    };
-                    self.outcomes.insert(task, outcome);
-                    self.tasks.insert(task, requester);
-                }
+                Ok(requester) => finished.push((requester.completed_ms().unwrap_or(0), task, requester)),
                 Err(e) => warn!(task = %hex::encode(id), error = %e, "unreadable journal entry; skipped"),
             }
+        }
+        // Finished before the restart: still listed and served, oldest
+        // first (failed ones, which have no completion time, before them),
+        // as many as the node keeps.
+        finished.sort_by_key(|(at, _, _)| *at);
+        for (_, task, requester) in finished {
+            let outcome = match requester.outcome() {
+                Some(Ok((output, receipt))) => match Signed::sign(&self.key, &receipt) {
+                    Ok(signed) => {
+                        Outcome::Done { output, receipt: Box::new(signed), input_tokens: requester.input_tokens() }
+                    }
+                    Err(e) => Outcome::Failed(format!("signing the receipt: {e}")),
+                },
+                Some(Err(reason)) => Outcome::Failed(reason),
+                None => continue,
+            };
+            self.tasks.insert(task, requester);
+            self.finish(task, outcome);
+        }
+    }
+
+    /// Records a finished task's outcome, and forgets the oldest finished
+    /// tasks beyond what the node keeps, in memory and in the journal.
+    fn finish(&mut self, task: TaskId, outcome: Outcome) {
+        self.outcomes.insert(task, outcome);
+        if !self.finished.contains(&task) {
+            self.finished.push_back(task);
+        }
+        let mut batch = Batch::new();
+        while self.finished.len() > self.keep_finished {
+            let Some(old) = self.finished.pop_front() else { break };
+            self.tasks.remove(&old);
+            self.outcomes.remove(&old);
+            self.meta.remove(&old);
+            self.auction_ms.remove(&old);
+            batch.delete(Tree::Tasks, old.0);
+            debug!(task = %hex::encode(old.0), "finished task forgotten (--keep-finished)");
+        }
+        if !batch.is_empty()
+            && let Err(e) = tokio::task::block_in_place(|| self.store.commit(&batch))
+        {
+            warn!(error = %e, "cannot drop old tasks from the journal; they come back after a restart");
         }
     }
 
@@ -589,8 +623,8 @@ impl Driver {
                     {
                         // Nothing that depends on this state may leave.
                         warn!(error = %e, "cannot journal the task; failing it");
+                        self.finish(task, Outcome::Failed(format!("journal: {e}")));
                         self.tasks.remove(&task);
-                        self.outcomes.insert(task, Outcome::Failed(format!("journal: {e}")));
                         return;
                     }
                 }
@@ -657,15 +691,15 @@ impl Driver {
                     Ok(signed) => {
                         info!(task = %hex::encode(task.0), shards = receipt.shards.len(), "task complete");
                         let input_tokens = self.tasks.get(&task).map_or(0, Requester::input_tokens);
-                        self.outcomes.insert(task, Outcome::Done { output, receipt: Box::new(signed), input_tokens });
+                        self.finish(task, Outcome::Done { output, receipt: Box::new(signed), input_tokens });
                     }
                     Err(e) => {
-                        self.outcomes.insert(task, Outcome::Failed(format!("signing the receipt: {e}")));
+                        self.finish(task, Outcome::Failed(format!("signing the receipt: {e}")));
                     }
                 },
                 Action::Fail { reason } => {
                     warn!(task = %hex::encode(task.0), %reason, "task failed");
-                    self.outcomes.insert(task, Outcome::Failed(reason));
+                    self.finish(task, Outcome::Failed(reason));
                 }
             }
         }

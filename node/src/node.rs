@@ -206,7 +206,14 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
     if let Some(fault) = config.fault {
         warn!(?fault, "this node misbehaves on purpose (--fault): for testing only");
     }
-    let market = crate::market::start(market_key, net.clone(), Arc::new(store), metrics.clone(), config.fault);
+    let market = crate::market::start(
+        market_key,
+        net.clone(),
+        Arc::new(store),
+        metrics.clone(),
+        config.keep_finished,
+        config.fault,
+    );
     let view = Arc::new(View { net: net.clone(), market: market.clone(), started: Instant::now(), metrics });
     let api_config = mycel_api::ApiConfig {
         auth,

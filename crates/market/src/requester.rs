@@ -323,6 +323,12 @@ impl Requester {
         self.shards.get(shard as usize).is_some_and(|s| s.running.contains(peer))
     }
 
+    /// When the task completed (ms since the Unix epoch); `None` while it
+    /// runs and for a failed task.
+    pub fn completed_ms(&self) -> Option<u64> {
+        self.completed_ms
+    }
+
     /// Input tokens over the accepted results, as their workers signed them.
     pub fn input_tokens(&self) -> u64 {
         self.shards
