@@ -74,12 +74,7 @@ PY
 "$BIN" testnet down --dir "$DIR/net" >/dev/null 2>&1
 
 step "throughput vs workers: 2,000 texts, requester serves no model, each worker pinned to one core"
-python3 -c "
-import random
-random.seed(7)
-words = 'swarm node model peer shard gossip auction vector token cache proof result small fast open'.split()
-for i in range(2000):
-    print(f'{i}: ' + ' '.join(random.choice(words) for _ in range(random.randint(4, 30))))" > "$DIR/texts.txt"
+sample_texts 2000 > "$DIR/texts.txt"
 CORES=$(nproc)
 printf '%-8s %-10s %-12s %-8s\n' workers seconds texts/s speedup
 BASE=

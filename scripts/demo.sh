@@ -41,12 +41,7 @@ step "what node-00 sees: peers, their models and the speed each measured (mycel 
 "$MYCEL" peers --node "$API"
 
 step "embedding 2,000 texts through the swarm (mycel submit embed)"
-python3 -c "
-import random
-random.seed(7)
-words = 'swarm node model peer shard gossip auction vector token cache proof result small fast open'.split()
-for i in range(2000):
-    print(f'{i}: ' + ' '.join(random.choice(words) for _ in range(random.randint(4, 30))))" > "$WORK/texts.txt"
+sample_texts 2000 > "$WORK/texts.txt"
 "$MYCEL" submit embed --input "$WORK/texts.txt" --out "$WORK/vectors.jsonl" --items-per-shard 100 --node "$API"
 step "checking the receipt offline (mycel verify)"
 "$MYCEL" verify "$WORK/vectors.jsonl.receipt"

@@ -3,6 +3,16 @@
 step() { printf '\n==> %s\n' "$*" >&2; }
 have() { command -v "$1" >/dev/null 2>&1; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+# N varied short texts, one per line, the same every run (demo, benchmarks).
+sample_texts() {
+  python3 - "$1" <<'PY'
+import random, sys
+random.seed(7)
+words = 'swarm node model peer shard gossip auction vector token cache proof result small fast open'.split()
+for i in range(int(sys.argv[1])):
+    print(f'{i}: ' + ' '.join(random.choice(words) for _ in range(random.randint(4, 30))))
+PY
+}
 
 # Rust must already be installed (rustup); everything else cargo fetches.
 need_rust() {

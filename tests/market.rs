@@ -1,7 +1,7 @@
 //! The market's defences with real node processes: a peer that lies, one
 //! that forges signatures, one that dies mid-shard.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,33 @@ fn wait_for_workers(node: &NodeEntry, n: usize) {
         }
         assert!(started.elapsed() < Duration::from_secs(180), "models not advertised: {peers:#}");
         std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A testnet of embedding nodes in its own temporary directory, taken
+/// down when dropped; ready once node-00 sees every other node serving.
+struct Swarm {
+    tmp: tempfile::TempDir,
+    manifest: Manifest,
+}
+
+impl Swarm {
+    fn up(nodes: u32, extra: &[&str]) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let manifest = up_with_args(&tmp.path().join("net"), nodes, &["all-minilm-l6-v2"], extra);
+        let swarm = Self { tmp, manifest };
+        wait_for_workers(&swarm.manifest.nodes[0], nodes as usize - 1);
+        swarm
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.tmp.path().join("net")
+    }
+}
+
+impl Drop for Swarm {
+    fn drop(&mut self) {
+        drop(Guard(&self.dir()));
     }
 }
 
@@ -59,18 +86,14 @@ fn verify(result: &Path) -> std::process::Output {
 
 #[test]
 fn a_liar_is_outvoted_and_a_forger_rejected_while_the_task_completes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("net");
     // node-03 corrupts its result signatures, node-04 returns wrong vectors.
-    let manifest: Manifest =
-        up_with_args(&dir, 5, &["all-minilm-l6-v2"], &["--fault", "3=forge", "--fault", "4=perturb"]);
-    let _guard = Guard(&dir);
+    let net = Swarm::up(5, &["--fault", "3=forge", "--fault", "4=perturb"]);
+    let (tmp, manifest) = (net.tmp.path(), &net.manifest);
     let (requester, forger, liar) = (&manifest.nodes[0], &manifest.nodes[3], &manifest.nodes[4]);
-    wait_for_workers(requester, 4);
 
-    let input = tmp.path().join("texts.txt");
+    let input = tmp.join("texts.txt");
     write_texts(&input, 2000);
-    let result = tmp.path().join("vectors.jsonl");
+    let result = tmp.join("vectors.jsonl");
     let out = mycel()
         .args(["submit", "embed", "--redundancy", "2", "--items-per-shard", "50", "--input"])
         .arg(&input)
@@ -84,7 +107,7 @@ fn a_liar_is_outvoted_and_a_forger_rejected_while_the_task_completes() {
     assert!(out.status.success(), "submit failed: {stderr}");
 
     // The answer is the honest one, in order.
-    let (swarm, alone) = (read_vectors(&result), local_vectors(&input, tmp.path()));
+    let (swarm, alone) = (read_vectors(&result), local_vectors(&input, tmp));
     assert_eq!(swarm.len(), 2000);
     for (i, (a, b)) in swarm.iter().zip(&alone).enumerate() {
         let c = cosine(a, b);
@@ -107,21 +130,18 @@ fn a_liar_is_outvoted_and_a_forger_rejected_while_the_task_completes() {
     assert!(r_forger < 0.8 && r_liar < 0.8, "forger {r_forger}, liar {r_liar}");
     let honest = reputation_of(requester, &manifest.nodes[1].peer_id);
     assert!(honest > 0.8, "an honest worker earns reputation: {honest}");
-    down(&dir);
+    down(&net.dir());
 }
 
 #[test]
 fn a_worker_killed_mid_task_leaves_the_task_complete() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("net");
-    let manifest = up_with_args(&dir, 4, &["all-minilm-l6-v2"], &[]);
-    let _guard = Guard(&dir);
+    let net = Swarm::up(4, &[]);
+    let (tmp, manifest) = (net.tmp.path(), &net.manifest);
     let requester = &manifest.nodes[0];
-    wait_for_workers(requester, 3);
 
-    let input = tmp.path().join("texts.txt");
+    let input = tmp.join("texts.txt");
     write_texts(&input, 1000);
-    let result = tmp.path().join("vectors.jsonl");
+    let result = tmp.join("vectors.jsonl");
     let submit = mycel()
         .args(["submit", "embed", "--items-per-shard", "25", "--input"])
         .arg(&input)
@@ -153,7 +173,7 @@ fn a_worker_killed_mid_task_leaves_the_task_complete() {
     assert_eq!(read_vectors(&result).len(), 1000);
     let verified = verify(&result);
     assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
-    down(&dir);
+    down(&net.dir());
 }
 
 /// Kills the child on drop, so a failed assertion leaves no node behind.
@@ -167,12 +187,9 @@ impl Drop for KillOnDrop {
 
 #[test]
 fn a_requester_killed_and_restarted_finishes_its_task_from_the_journal() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("net");
-    let manifest = up_with_args(&dir, 4, &["all-minilm-l6-v2"], &[]);
-    let _guard = Guard(&dir);
+    let net = Swarm::up(4, &[]);
+    let (tmp, manifest) = (net.tmp.path(), &net.manifest);
     let requester = &manifest.nodes[0];
-    wait_for_workers(requester, 3);
 
     let texts: Vec<String> =
         (0..1000).map(|i| format!("journaled text {i}: {}", "of small models ".repeat(i % 4))).collect();
@@ -186,12 +203,7 @@ fn a_requester_killed_and_restarted_finishes_its_task_from_the_journal() {
     let task = submitted["task"].as_str().unwrap().to_string();
     let started = Instant::now();
     loop {
-        let view: serde_json::Value = ureq::get(&format!("{}/api/v1/tasks/{task}", requester.api))
-            .call()
-            .unwrap()
-            .into_body()
-            .read_json()
-            .unwrap();
+        let view = get_json(&format!("{}/api/v1/tasks/{task}", requester.api)).unwrap();
         let done = view["shards_done"].as_u64().unwrap();
         assert!(done < 40, "finished before the kill; nothing to resume: {view}");
         if done >= 5 {
@@ -202,31 +214,10 @@ fn a_requester_killed_and_restarted_finishes_its_task_from_the_journal() {
     }
 
     // kill -9 mid-task, then start it again on the same data directory.
-    let cmdline = std::fs::read(format!("/proc/{}/cmdline", requester.pid)).unwrap();
-    let args: Vec<String> = cmdline
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .skip(1)
-        .map(|a| String::from_utf8_lossy(a).into())
-        .collect();
-    assert!(mycel_testnet::signal(requester.pid as i32, 9));
-    std::thread::sleep(Duration::from_millis(300));
-    let log = std::fs::File::create(tmp.path().join("restarted.log")).unwrap();
-    let child = mycel()
-        .args(&args)
-        .args(["--bootstrap", &manifest.nodes[1].listen_addrs[0]])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let child = KillOnDrop(child);
-    let api = api_of_restarted(&requester.data_dir, &child);
-
+    let (child, api) = restart(requester, &manifest.nodes[1], &[], &tmp.join("restarted.log"));
     let view = loop {
-        let view: serde_json::Value = match ureq::get(&format!("{api}/api/v1/tasks/{task}")).call() {
-            Ok(r) => r.into_body().read_json().unwrap(),
-            Err(e) => panic!("the restarted node does not know the task: {e}"),
-        };
+        let view = get_json(&format!("{api}/api/v1/tasks/{task}"))
+            .unwrap_or_else(|e| panic!("the restarted node does not know the task: {e}"));
         if view["state"] != "running" {
             break view;
         }
@@ -239,32 +230,28 @@ fn a_requester_killed_and_restarted_finishes_its_task_from_the_journal() {
     // Nothing lost: every vector, in order, and a receipt that verifies.
     let vectors = view["embeddings"].as_array().unwrap();
     assert_eq!(vectors.len(), 1000);
-    let result = tmp.path().join("vectors.jsonl");
+    let result = tmp.join("vectors.jsonl");
     let lines: Vec<String> = vectors.iter().map(|v| v.to_string()).collect();
     std::fs::write(&result, lines.join("\n") + "\n").unwrap();
-    std::fs::write(tmp.path().join("vectors.jsonl.receipt"), hex_decode(view["receipt"].as_str().unwrap())).unwrap();
+    std::fs::write(tmp.join("vectors.jsonl.receipt"), hex_decode(view["receipt"].as_str().unwrap())).unwrap();
     let verified = verify(&result);
     assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
-    let input = tmp.path().join("texts.txt");
+    let input = tmp.join("texts.txt");
     std::fs::write(&input, texts.join("\n")).unwrap();
-    let alone = local_vectors(&input, tmp.path());
+    let alone = local_vectors(&input, tmp);
     for (i, (a, b)) in read_vectors(&result).iter().zip(&alone).enumerate() {
         let c = cosine(a, b);
         assert!(c >= 0.9999, "line {i}: cosine {c}");
     }
-    drop(child);
 
     // Once more: a finished task survives a restart too, receipt and all.
-    let log = std::fs::File::create(tmp.path().join("restarted-again.log")).unwrap();
-    let child = KillOnDrop(mycel().args(&args).stdout(Stdio::null()).stderr(log).spawn().unwrap());
-    let api = api_of_restarted(&requester.data_dir, &child);
-    let again: serde_json::Value =
-        ureq::get(&format!("{api}/api/v1/tasks/{task}")).call().unwrap().into_body().read_json().unwrap();
+    let restarted = NodeEntry { pid: child.0.id(), ..requester.clone() };
+    let (_again, api) = restart(&restarted, &manifest.nodes[1], &[], &tmp.join("restarted-again.log"));
+    let again = get_json(&format!("{api}/api/v1/tasks/{task}")).unwrap();
     assert_eq!(again["state"], "done");
     assert_eq!(again["receipt"], view["receipt"], "the same signed receipt");
     assert_eq!(again["embeddings"], view["embeddings"]);
-    drop(child);
-    down(&dir);
+    down(&net.dir());
 }
 
 /// The API of `child`, a node restarted on `data_dir`, once it is up. The
@@ -320,12 +307,10 @@ fn get_json(url: &str) -> Result<serde_json::Value, ureq::Error> {
 
 #[test]
 fn a_node_keeps_only_its_newest_finished_tasks_in_memory_and_journal() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("net");
-    let manifest = up_with_args(&dir, 2, &["all-minilm-l6-v2"], &[]);
-    let _guard = Guard(&dir);
+    let net = Swarm::up(2, &[]);
+    let (tmp, manifest) = (net.tmp.path(), &net.manifest);
     let (requester, other) = (&manifest.nodes[0], &manifest.nodes[1]);
-    let (_node, api) = restart(requester, other, &["--keep-finished", "2"], &tmp.path().join("keep.log"));
+    let (_node, api) = restart(requester, other, &["--keep-finished", "2"], &tmp.join("keep.log"));
 
     let mut ids = Vec::new();
     for round in 0..3 {
@@ -366,11 +351,11 @@ fn a_node_keeps_only_its_newest_finished_tasks_in_memory_and_journal() {
     // The journal forgot it too: a restart brings back the two, not three
     // (its command line still says --keep-finished 2).
     let restarted = NodeEntry { pid: _node.0.id(), ..requester.clone() };
-    let (_again, api) = restart(&restarted, other, &[], &tmp.path().join("again.log"));
+    let (_again, api) = restart(&restarted, other, &[], &tmp.join("again.log"));
     let mut kept = listed(&api);
     kept.sort();
     assert_eq!(kept, newest);
     let view = get_json(&format!("{api}/api/v1/tasks/{}", ids[2])).unwrap();
     assert_eq!(view["state"], "done", "{view}");
-    down(&dir);
+    down(&net.dir());
 }

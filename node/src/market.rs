@@ -206,6 +206,16 @@ fn split_text(text: &str, max: usize) -> Vec<&str> {
 /// Share of shards spot-checked when the request does not say.
 const DEFAULT_SPOT_CHECK: f32 = 0.05;
 
+/// A request's spot-check share (0-1; the node's default when absent) in
+/// thousandths, as task specs carry it.
+fn spot_check_permille(share: Option<f32>) -> Result<u16, ApiError> {
+    let share = share.unwrap_or(DEFAULT_SPOT_CHECK);
+    if !(0.0..=1.0).contains(&share) {
+        return Err(ApiError::BadRequest(format!("spot_check {share} not in 0..=1")));
+    }
+    Ok((share * 1000.0).round() as u16)
+}
+
 /// Reputation of a peer never seen before.
 pub const DEFAULT_REPUTATION: f64 = mycel_market::reputation::DEFAULT;
 
@@ -347,6 +357,7 @@ impl Driver {
     /// tasks beyond what the node keeps, in memory and in the journal.
     fn finish(&mut self, task: TaskId, outcome: Outcome) {
         self.outcomes.insert(task, outcome);
+        self.auction_started.remove(&task);
         if !self.finished.contains(&task) {
             self.finished.push_back(task);
         }
@@ -554,13 +565,7 @@ impl Driver {
             model: ModelSelector::Digest(chosen.weights),
             split: request.items_per_shard.map_or(Split::Auto, Split::ItemsPerShard),
             redundancy: request.redundancy.clamp(1, mycel_protocol::limits::MAX_REDUNDANCY),
-            spot_check_permille: {
-                let share = request.spot_check.unwrap_or(DEFAULT_SPOT_CHECK);
-                if !(0.0..=1.0).contains(&share) {
-                    return Err(ApiError::BadRequest(format!("spot_check {share} not in 0..=1")).into());
-                }
-                (share * 1000.0).round() as u16
-            },
+            spot_check_permille: spot_check_permille(request.spot_check)?,
             aggregation: mycel_protocol::Aggregation::Concat,
             deadline_ms: 0,
             budget_micros: None,
@@ -628,7 +633,7 @@ impl Driver {
                         return;
                     }
                 }
-                Action::SendCfp { to, cfp } => {
+                Action::SendCfp { to, gossip, cfp } => {
                     let Ok(signed) = Signed::sign(&self.key, &cfp) else { continue };
                     if let Some(r) = self.tasks.get_mut(&task) {
                         queue.extend(r.cfp_signed(cfp.round, signed.digest()));
@@ -640,21 +645,17 @@ impl Driver {
                     for peer in to {
                         self.send(peer, Market::Cfp(signed.clone()));
                     }
-                }
-                Action::GossipCfp { cfp } => {
-                    // Too few candidates known directly: any peer on the CFP
-                    // topic serving the model may bid.
-                    let Ok(signed) = Signed::sign(&self.key, &cfp) else { continue };
-                    if let Some(r) = self.tasks.get_mut(&task) {
-                        queue.extend(r.cfp_signed(cfp.round, signed.digest()));
+                    if gossip {
+                        // Too few candidates known directly: any peer on the
+                        // CFP topic serving the model may bid.
+                        self.metrics.cfps_gossiped.inc();
+                        let net = self.net.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = net.publish_cfp(&signed).await {
+                                debug!(error = %e, "CFP not gossiped");
+                            }
+                        });
                     }
-                    self.metrics.cfps_gossiped.inc();
-                    let net = self.net.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = net.publish_cfp(&signed).await {
-                            debug!(error = %e, "CFP not gossiped");
-                        }
-                    });
                 }
                 Action::SendAward { to, award } => {
                     if let Some(started) = self.auction_started.remove(&task) {

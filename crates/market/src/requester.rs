@@ -124,10 +124,10 @@ pub enum Action {
     /// Store the requester's state (see [`Requester::snapshot`]) before
     /// doing anything after this.
     Persist,
-    /// Send this CFP (the driver signs it) to these peers directly.
-    SendCfp { to: Vec<PublicKey>, cfp: Cfp },
-    /// Also publish this CFP on the gossip topic.
-    GossipCfp { cfp: Cfp },
+    /// Sign this CFP once, send it to these peers directly and, when
+    /// `gossip` (too few candidates known, or a round without bids),
+    /// publish it on the CFP topic too.
+    SendCfp { to: Vec<PublicKey>, gossip: bool, cfp: Cfp },
     /// Send this award to its winner.
     SendAward { to: PublicKey, award: Award },
     /// Answer a result (the driver signs the ack).
@@ -437,12 +437,6 @@ impl Requester {
         self.round += 1;
         self.cfp = None;
         self.phase = Phase::Bidding;
-        let open: Vec<_> = self
-            .shards
-            .iter()
-            .filter(|s| s.done.is_none() && s.running.len() < s.wanted)
-            .map(|s| s.plan.offer())
-            .collect();
         let cfp = Cfp {
             task: self.task,
             round: self.round,
@@ -451,7 +445,13 @@ impl Requester {
             // A sample of the open shards describes the work; awards may
             // cover any open shard. Bounded so the CFP stays under its
             // 16 KiB cap (and gossip's 64 KiB) however big the task.
-            shards: open.into_iter().take(CFP_SHARDS).collect(),
+            shards: self
+                .shards
+                .iter()
+                .filter(|s| s.done.is_none() && s.running.len() < s.wanted)
+                .map(|s| s.plan.offer())
+                .take(CFP_SHARDS)
+                .collect(),
             max_price: None,
             bids_close_ms: now_ms + self.config.bid_window_ms,
         };
@@ -459,12 +459,8 @@ impl Requester {
             self.candidates.iter().filter(|c| c.reputation >= self.config.min_reputation).collect();
         ranked.sort_by(|a, b| score(b).total_cmp(&score(a)));
         let to: Vec<PublicKey> = ranked.iter().take(self.config.fanout).map(|c| c.peer).collect();
-        if to.len() < self.config.min_direct || self.rounds_without_bids > 0 {
-            out.push(Action::GossipCfp { cfp: cfp.clone() });
-        }
-        if !to.is_empty() {
-            out.push(Action::SendCfp { to, cfp });
-        }
+        let gossip = to.len() < self.config.min_direct || self.rounds_without_bids > 0;
+        out.push(Action::SendCfp { to, gossip, cfp });
         out.push(Action::SetTimer {
             at_ms: now_ms + self.config.bid_window_ms,
             timer: Timer::BidsClose { round: self.round },

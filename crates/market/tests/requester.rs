@@ -103,12 +103,10 @@ impl Sim {
         let only_rejections =
             actions.iter().all(|a| matches!(a, Action::Ack { ack, .. } if ack.verdict != Verdict::Accepted));
         if only_rejections {
-        } else if let Some(first_send) = actions.iter().position(|a| {
-            matches!(
-                a,
-                Action::SendCfp { .. } | Action::GossipCfp { .. } | Action::SendAward { .. } | Action::Ack { .. }
-            )
-        }) {
+        } else if let Some(first_send) = actions
+            .iter()
+            .position(|a| matches!(a, Action::SendCfp { .. } | Action::SendAward { .. } | Action::Ack { .. }))
+        {
             assert!(
                 actions[..first_send].iter().any(|a| matches!(a, Action::Persist)),
                 "a message left before the state was persisted: {actions:?}"
@@ -117,9 +115,8 @@ impl Sim {
         for action in actions {
             match action {
                 Action::Persist => self.persisted += 1,
-                Action::SendCfp { cfp, .. } => self.sign_cfp(cfp),
-                Action::GossipCfp { cfp } => {
-                    self.gossiped += 1;
+                Action::SendCfp { cfp, gossip, .. } => {
+                    self.gossiped += usize::from(gossip);
                     self.sign_cfp(cfp);
                 }
                 Action::SendAward { to, award } => self.inbox.entry(to).or_default().push(award),
@@ -134,9 +131,6 @@ impl Sim {
     }
 
     fn sign_cfp(&mut self, cfp: Cfp) {
-        if self.cfp.as_ref().is_some_and(|c| c.verify().unwrap().round == cfp.round) {
-            return;
-        }
         let signed = Signed::sign(&self.key, &cfp).unwrap();
         let actions = self.requester.cfp_signed(cfp.round, signed.digest());
         self.apply(actions);
@@ -503,39 +497,37 @@ fn a_forged_signature_frees_the_shard_at_once() {
     assert!(sim.requester.executors().iter().all(|e| *e == Some(w1)));
 }
 
-#[test]
-fn redundancy_catches_a_liar_with_a_tie_breaker() {
-    let spec = spec(30, 10, 2);
-    let mut sim = Sim::new(&spec, 3, Config::default());
+/// Runs `spec` on three workers of capacity 2, the first a liar: the task
+/// completes with honest output, the liar is penalised for disagreeing
+/// and named for no shard.
+fn liar_among_three(spec: &TaskSpec) -> Sim {
+    let mut sim = Sim::new(spec, 3, Config::default());
     sim.workers[0].liar = true;
-    // 3 shards x 2 executions over 3 workers of capacity 2: the liar works.
     for w in 0..3 {
         sim.bid(w, 2);
     }
     sim.advance(Config::default().bid_window_ms);
     sim.run_all();
-    check_output(&sim, &spec);
+    check_output(&sim, spec);
     let liar = sim.peer(0);
     assert!(sim.penalised.iter().any(|(p, r)| *p == liar && *r == RejectReason::Disagreement));
-    assert!(sim.penalised.iter().all(|(p, _)| *p == liar), "only the liar is penalised: {:?}", sim.penalised);
     assert!(sim.requester.executors().iter().all(|e| *e != Some(liar)));
+    sim
+}
+
+#[test]
+fn redundancy_catches_a_liar_with_a_tie_breaker() {
+    // 3 shards x 2 executions over 3 workers of capacity 2: the liar works.
+    let sim = liar_among_three(&spec(30, 10, 2));
+    let liar = sim.peer(0);
+    assert!(sim.penalised.iter().all(|(p, _)| *p == liar), "only the liar is penalised: {:?}", sim.penalised);
 }
 
 #[test]
 fn spot_checks_catch_a_liar_without_redundancy() {
     let mut spec = spec(30, 10, 1);
     spec.spot_check_permille = 1000;
-    let mut sim = Sim::new(&spec, 3, Config::default());
-    sim.workers[0].liar = true;
-    for w in 0..3 {
-        sim.bid(w, 2);
-    }
-    sim.advance(Config::default().bid_window_ms);
-    sim.run_all();
-    check_output(&sim, &spec);
-    let liar = sim.peer(0);
-    assert!(sim.penalised.iter().any(|(p, r)| *p == liar && *r == RejectReason::Disagreement));
-    assert!(sim.requester.executors().iter().all(|e| *e != Some(liar)));
+    let sim = liar_among_three(&spec);
     // Every shard ran at least twice.
     assert!(sim.acks.len() >= 6, "{:?}", sim.acks);
 }

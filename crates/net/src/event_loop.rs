@@ -69,7 +69,8 @@ enum Command {
     Dial(Multiaddr, Reply<Result<(), NetError>>),
     Request(PeerId, Request, Reply<Result<Response, RequestError>>),
     FindProviders(Digest, Reply<Result<Vec<PeerId>, NetError>>),
-    PublishRaw(&'static str, Vec<u8>),
+    /// Bytes for a gossip topic, already checked (or deliberately not).
+    Publish(&'static str, Vec<u8>),
 }
 
 /// Cheap to clone; every method is one command to the [`EventLoop`].
@@ -148,15 +149,15 @@ impl Handle {
     /// Publishes a signed call for proposals on the CFP gossip topic, for
     /// workers the requester does not know directly.
     pub async fn publish_cfp(&self, cfp: &Signed<Cfp>) -> Result<(), NetError> {
-        let data = cfp.encode().map_err(|e| NetError::Setup(format!("encoding a CFP: {e}")))?;
-        self.commands.send(Command::PublishRaw(version::CFP_TOPIC, data)).await.map_err(|_| NetError::Stopped)
+        let data = cfp.encode().map_err(|e| NetError::Encode(format!("a CFP: {e}")))?;
+        self.commands.send(Command::Publish(version::CFP_TOPIC, data)).await.map_err(|_| NetError::Stopped)
     }
 
     /// Publishes raw bytes on a gossip topic, bypassing every check. For
     /// fault injection (misbehaving nodes in tests and the testnet) only.
     #[doc(hidden)]
     pub async fn publish_raw(&self, topic: &'static str, data: Vec<u8>) -> Result<(), NetError> {
-        self.commands.send(Command::PublishRaw(topic, data)).await.map_err(|_| NetError::Stopped)
+        self.commands.send(Command::Publish(topic, data)).await.map_err(|_| NetError::Stopped)
     }
 }
 
@@ -419,9 +420,9 @@ impl EventLoop {
                 let id = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&model.0));
                 self.pending_providers.insert(id, (HashSet::new(), r));
             }
-            Command::PublishRaw(topic, data) => {
+            Command::Publish(topic, data) => {
                 if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(gossipsub::IdentTopic::new(topic), data) {
-                    debug!(error = %e, "raw publish failed");
+                    debug!(%topic, error = %e, "publish failed");
                 }
             }
         }

@@ -120,6 +120,9 @@ pub enum NetError {
     /// Could not dial an address.
     #[error("cannot dial {addr}: {reason}")]
     Dial { addr: Multiaddr, reason: String },
+    /// A message of ours did not encode (over its size cap).
+    #[error("cannot encode {0}")]
+    Encode(String),
     /// A DHT query failed.
     #[error("DHT query failed: {0}")]
     Query(String),
