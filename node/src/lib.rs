@@ -56,19 +56,26 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Fixes how many threads each of candle's CPU kernels uses: candle reads
-/// `CANDLE_NUM_THREADS` once, when its first kernel runs. 0 keeps candle's
-/// default (all physical cores); a value the user set in the environment
-/// wins.
+/// Fixes how many threads each of candle's CPU kernels uses. candle reads
+/// two settings: `RAYON_NUM_THREADS` (how many parts a matmul splits into,
+/// and the size of rayon's global pool) and `CANDLE_NUM_THREADS` (its
+/// element-wise kernels' pool, read once). Setting only the latter left
+/// "single-threaded" replicas splitting every matmul across all cores.
+/// 0 keeps candle's defaults (all physical cores); a value the user set in
+/// the environment wins.
 #[allow(unsafe_code)]
 fn set_compute_threads(threads: usize) {
-    if threads == 0 || std::env::var_os("CANDLE_NUM_THREADS").is_some() {
+    if threads == 0 {
         return;
     }
-    // SAFETY: called from `run` on the main thread before any runtime,
-    // pool or model thread exists, so nothing reads the environment
-    // concurrently.
-    unsafe { std::env::set_var("CANDLE_NUM_THREADS", threads.to_string()) };
+    for name in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+        if std::env::var_os(name).is_none() {
+            // SAFETY: called from `run` on the main thread before any
+            // runtime, pool or model thread exists, so nothing reads the
+            // environment concurrently.
+            unsafe { std::env::set_var(name, threads.to_string()) };
+        }
+    }
 }
 
 /// Runs a node on a fresh runtime until SIGINT or SIGTERM.

@@ -83,7 +83,7 @@ pub fn load_with(
     hardware: &Hardware,
     remeasure: bool,
 ) -> Result<LocalModels> {
-    let pool = Pool::new(PoolConfig { replicas, ..PoolConfig::for_cores(replicas) })
+    let pool = Pool::new(PoolConfig { replicas, threads, ..PoolConfig::for_cores(replicas) })
         .context("starting the model worker pool")?;
     let mut cache = bench::Cache::load(models_dir);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -6,6 +6,9 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Before any thread starts: model buffers stay in the process between
+    // batches (see mycel_models::heap).
+    mycel_models::heap::keep_freed_memory();
     let cli = mycel_node::cli::Cli::parse();
     match mycel_node::run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,10 @@
 //! Model speed on this machine, for BENCHMARKS.md (scripts/bench-models.sh
 //! runs it beside ONNX Runtime and llama.cpp on the same models).
 //!
-//!     CANDLE_NUM_THREADS=2 cargo bench -p mycel-models --bench models -- MODELS_DIR
+//!     CANDLE_NUM_THREADS=2 RAYON_NUM_THREADS=2 cargo bench -p mycel-models --bench models -- MODELS_DIR
+//!
+//! (candle splits matmuls by `RAYON_NUM_THREADS` and element-wise kernels
+//! by `CANDLE_NUM_THREADS`: set both.)
 //!
 //! Prints one JSON object: embeddings/s at batch 1 and 32 for short (~20
 //! token) and 128-token texts; prefill and decode tokens/s (with the Q4_1
@@ -45,6 +48,7 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() {
+    mycel_models::heap::keep_freed_memory();
     let dir = std::env::args()
         .skip(1)
         .find(|a| !a.starts_with('-'))
@@ -52,7 +56,7 @@ fn main() {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/test-models"));
     let min = Duration::from_secs(3);
     let mut out = serde_json::Map::new();
-    let threads = std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "default".into());
+    let threads = candle_core::utils::get_num_threads();
     out.insert("threads".into(), threads.into());
 
     let embedder = Embedder::load(&dir.join("all-minilm-l6-v2"), &Device::Cpu).unwrap();
@@ -79,14 +83,19 @@ fn main() {
         eprintln!("embed {name}: batch 1 {b1:.1}/s, batch 32 {b32:.1}/s");
     }
     // The node's way: the worker pool with N replicas (run with
-    // CANDLE_NUM_THREADS=1 for single-threaded replicas), each job a batch of
+    // RAYON_NUM_THREADS=1 CANDLE_NUM_THREADS=1 for single-threaded replicas), each job a batch of
     // 32 short texts.
     let replicas: usize = std::env::var("MYCEL_BENCH_REPLICAS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-    let pool = Pool::new(PoolConfig { replicas, queue: 64, max_batch: 32 }).unwrap();
+    let pool =
+        Pool::new(PoolConfig { replicas, threads: candle_core::utils::get_num_threads(), queue: 64, max_batch: 32 })
+            .unwrap();
     let shared = Arc::new(embedder);
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    let per_s = rate(32 * replicas, min, || {
-        let receivers: Vec<_> = (0..replicas).map(|_| pool.embed(shared.clone(), short.clone()).unwrap()).collect();
+    // Four jobs per replica in flight, so no replica waits for another's
+    // batch to finish before it gets its next one (as in a busy node).
+    let jobs = 4 * replicas;
+    let per_s = rate(32 * jobs, min, || {
+        let receivers: Vec<_> = (0..jobs).map(|_| pool.embed(shared.clone(), short.clone()).unwrap()).collect();
         for rx in receivers {
             runtime.block_on(rx).unwrap().unwrap();
         }

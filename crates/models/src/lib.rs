@@ -13,6 +13,7 @@
 //!   dynamic batching, cancellation).
 //! - [`tokenizer`]: tokenizer files, and tokenizers rebuilt from GGUF
 //!   metadata.
+//! - [`heap`]: allocator settings for a process that runs models.
 
 pub mod bench;
 mod bert;
@@ -21,6 +22,7 @@ pub mod error;
 pub mod fetch;
 pub mod generate;
 pub mod hardware;
+pub mod heap;
 pub mod pool;
 pub mod registry;
 pub mod tokenizer;

@@ -8,8 +8,16 @@
 //! Size it from the hardware as replicas x threads, not one big pool: on
 //! CPUs, single-threaded replicas on their own cores embed far more in
 //! total than one model using every core (see [`PoolConfig::for_cores`]).
-//! The compute threads per replica are a process-wide setting of candle's
-//! (`CANDLE_NUM_THREADS`), fixed before any model runs.
+//! Each replica runs inside a rayon thread pool of its own, `threads`
+//! strong: candle's parallel kernels (GEMM, softmax, layer norm) use the
+//! rayon pool they are called from, so one replica's kernels never queue
+//! behind another's in a shared global pool. (Measured: 2 single-threaded
+//! replicas sharing rayon's global pool embedded 276-309 texts/s on this
+//! project's 2-core machine, where two separate processes did 337.)
+//! candle also reads two process-wide settings once: `RAYON_NUM_THREADS`
+//! (how many parts its own matmuls split into) and `CANDLE_NUM_THREADS`
+//! (its element-wise kernels' thread pool); set both to `threads` before
+//! any model runs (the `mycel` command does).
 //!
 //! Embedding jobs are batched dynamically: a replica that picks up an
 //! embedding job also takes the embedding jobs for the same model waiting
@@ -35,6 +43,8 @@ use crate::{Embedder, Generator};
 pub struct PoolConfig {
     /// Worker threads, each running one job at a time.
     pub replicas: usize,
+    /// Compute threads per replica.
+    pub threads: usize,
     /// Jobs waiting beyond those running; more are refused.
     pub queue: usize,
     /// Most texts in one embedding batch.
@@ -46,7 +56,7 @@ impl PoolConfig {
     /// 8 single-threaded replicas embedded 869 sentences/s where one
     /// 16-thread model did 267.
     pub fn for_cores(cores: usize) -> Self {
-        Self { replicas: cores.max(1), queue: 64, max_batch: 64 }
+        Self { replicas: cores.max(1), threads: 1, queue: 64, max_batch: 64 }
     }
 }
 
@@ -135,7 +145,12 @@ impl std::fmt::Debug for Pool {
 impl Pool {
     /// Starts the replicas.
     pub fn new(config: PoolConfig) -> std::io::Result<Self> {
-        let config = PoolConfig { replicas: config.replicas.max(1), max_batch: config.max_batch.max(1), ..config };
+        let config = PoolConfig {
+            replicas: config.replicas.max(1),
+            threads: config.threads.max(1),
+            max_batch: config.max_batch.max(1),
+            ..config
+        };
         let (sender, receiver) = std::sync::mpsc::sync_channel(config.queue);
         let receiver = Arc::new(Mutex::new(receiver));
         let counters = Arc::new(Counters::default());
@@ -143,9 +158,16 @@ impl Pool {
             .map(|i| {
                 let receiver = receiver.clone();
                 let counters = counters.clone();
+                let compute = rayon::ThreadPoolBuilder::new()
+                    .num_threads(config.threads)
+                    .thread_name(move |t| format!("mycel-model-{i}.{t}"))
+                    .build()
+                    .map_err(std::io::Error::other)?;
                 std::thread::Builder::new()
                     .name(format!("mycel-model-{i}"))
-                    .spawn(move || replica(&receiver, &counters, config.max_batch))
+                    // The replica's loop runs on a thread of its own pool, so
+                    // the kernels it calls split across that pool alone.
+                    .spawn(move || compute.install(|| replica(&receiver, &counters, config.max_batch)))
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Self { sender: Some(sender), config, counters, threads })

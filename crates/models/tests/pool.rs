@@ -23,7 +23,7 @@ async fn concurrent_embeddings_are_batched_and_match_direct_calls() {
         (0..40).map(|i| format!("sentence number {i} about {}", "swarms ".repeat(i % 7))).collect();
     let direct = model.embed(&texts.iter().map(String::as_str).collect::<Vec<_>>(), 8).unwrap();
 
-    let pool = Pool::new(PoolConfig { replicas: 1, queue: 64, max_batch: 64 }).unwrap();
+    let pool = Pool::new(PoolConfig { replicas: 1, threads: 1, queue: 64, max_batch: 64 }).unwrap();
     // Occupy the single replica, so the next 40 requests queue up together.
     let blocker = pool.embed(model.clone(), vec!["x ".repeat(200); 16]).unwrap();
     let receivers: Vec<_> = texts.iter().map(|t| pool.embed(model.clone(), vec![t.clone()]).unwrap()).collect();
@@ -41,7 +41,7 @@ async fn concurrent_embeddings_are_batched_and_match_direct_calls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_refuses_and_abandoned_jobs_are_skipped() {
     let model = embedder();
-    let pool = Pool::new(PoolConfig { replicas: 1, queue: 2, max_batch: 1 }).unwrap();
+    let pool = Pool::new(PoolConfig { replicas: 1, threads: 1, queue: 2, max_batch: 1 }).unwrap();
     let blocker = pool.embed(model.clone(), vec!["y ".repeat(250); 32]).unwrap();
     // Wait until the replica has taken the blocker off the queue.
     let started = std::time::Instant::now();
@@ -64,7 +64,7 @@ async fn generation_streams_and_stops_when_the_caller_leaves() {
     let model = Arc::new(Generator::load(&path, &LoadOptions::default(), &Device::Cpu).unwrap());
     let prompt =
         model.encode(&model.chat_prompt(&[ChatMessage::user("Write a long story about a ship.")]).unwrap()).unwrap();
-    let pool = Pool::new(PoolConfig { replicas: 2, queue: 4, max_batch: 8 }).unwrap();
+    let pool = Pool::new(PoolConfig { replicas: 2, threads: 1, queue: 4, max_batch: 8 }).unwrap();
 
     let params = GenerateParams { max_tokens: 24, ..GenerateParams::default() };
     let (mut stream, done) = pool.generate(model.clone(), prompt.clone(), params.clone()).unwrap();
