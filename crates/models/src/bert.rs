@@ -118,23 +118,31 @@ impl Bert {
         // extended attention mask: (1 - mask) * f32::MIN, (batch, 1, 1, tokens).
         let mask = mask.to_dtype(x.dtype())?;
         let bias = ((mask.ones_like()? - &mask)? * f64::from(f32::MIN))?.unsqueeze(1)?.unsqueeze(1)?;
+        let lengths = prefix_lengths(&mask)?;
         for layer in &self.layers {
-            x = self.layer(layer, &x, &bias)?;
+            x = self.layer(layer, &x, &bias, lengths.as_deref())?;
         }
         Ok(x)
     }
 
-    fn layer(&self, l: &Layer, x: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    fn layer(&self, l: &Layer, x: &Tensor, bias: &Tensor, lengths: Option<&[usize]>) -> candle_core::Result<Tensor> {
         let (batch, tokens, hidden) = x.dims3()?;
-        let heads = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((batch, tokens, self.heads, self.head_size))?.transpose(1, 2)?.contiguous()
+        let (q, k, v) = (l.query.forward(x, None)?, l.key.forward(x, None)?, l.value.forward(x, None)?);
+        let fused = match lengths {
+            Some(lengths) => attention_cpu(&q, &k, &v, lengths, self.heads)?,
+            None => None,
         };
-        let q = heads(l.query.forward(x, None)?)?;
-        let k = heads(l.key.forward(x, None)?)?;
-        let v = heads(l.value.forward(x, None)?)?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(bias)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let context = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((batch, tokens, hidden))?;
+        let context = match fused {
+            Some(context) => context,
+            None => {
+                let heads = |t: Tensor| -> candle_core::Result<Tensor> {
+                    t.reshape((batch, tokens, self.heads, self.head_size))?.transpose(1, 2)?.contiguous()
+                };
+                let scores = heads(q)?.matmul(&heads(k)?.t()?)?.broadcast_add(bias)?;
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                probs.matmul(&heads(v)?)?.transpose(1, 2)?.contiguous()?.reshape((batch, tokens, hidden))?
+            }
+        };
         let attended = l.attention_norm.forward(&l.attention_out.forward(&context, Some(x))?)?;
         let inner = match l.act {
             HiddenAct::Gelu => l.intermediate.forward_then(&attended, None, Then::GeluErf)?,
@@ -142,6 +150,154 @@ impl Bert {
         };
         l.output_norm.forward(&l.output.forward(&inner, Some(&attended))?)
     }
+}
+
+/// The number of real tokens of each text when `mask` (batch, tokens) is
+/// ones followed by zeros in every row (right padding, as `Embedder`
+/// builds it); `None` for any other mask or device.
+fn prefix_lengths(mask: &Tensor) -> candle_core::Result<Option<Vec<usize>>> {
+    if !matches!(mask.device(), Device::Cpu) {
+        return Ok(None);
+    }
+    let rows: Vec<Vec<f32>> = mask.to_vec2()?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let n = row.iter().take_while(|&&m| m == 1.0).count();
+            row[n..].iter().all(|&m| m == 0.0).then_some(n)
+        })
+        .collect())
+}
+
+/// Self-attention on the CPU, one text and head at a time, straight from
+/// the projections' layout: `q`, `k`, `v` are (batch, tokens, hidden) with
+/// the heads side by side (the query already scaled). For each text only
+/// its `lengths[b]` real tokens take part, which is exact: Hugging Face's
+/// mask gives padded keys a weight of exactly 0 (exp(f32::MIN - max)
+/// underflows), and a real token's output never depends on a padded
+/// query. The padded rows of the result are 0 (pooling never reads them).
+/// Against candle's batched path this makes no per-head copies of q, k and
+/// v, no (batch, heads, tokens, tokens) score tensors, and no transpose of
+/// the result: a text's scores for one head (at most 256 x 256) stay in
+/// cache. `None` where it does not apply (another device or dtype).
+fn attention_cpu(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lengths: &[usize],
+    heads: usize,
+) -> candle_core::Result<Option<Tensor>> {
+    let (batch, tokens, hidden) = q.dims3()?;
+    if k.dims() != q.dims() || v.dims() != q.dims() {
+        candle_core::bail!("attention inputs differ in shape: {:?} {:?} {:?}", q.dims(), k.dims(), v.dims());
+    }
+    if heads == 0 || !hidden.is_multiple_of(heads) || lengths.len() != batch || lengths.iter().any(|&n| n > tokens) {
+        return Ok(None);
+    }
+    let head_size = hidden / heads;
+    let (q_storage, q_layout) = q.storage_and_layout();
+    let (k_storage, k_layout) = k.storage_and_layout();
+    let (v_storage, v_layout) = v.storage_and_layout();
+    let (Some(q), Some(k), Some(v)) =
+        (cpu_f32(&q_storage, q_layout), cpu_f32(&k_storage, k_layout), cpu_f32(&v_storage, v_layout))
+    else {
+        return Ok(None);
+    };
+    let per_text = tokens * hidden;
+    if q.len() != batch * per_text || k.len() != q.len() || v.len() != q.len() {
+        return Ok(None);
+    }
+    let mut context = vec![0f32; batch * per_text];
+    let text = |b: usize, out: &mut [f32]| {
+        let n = lengths[b];
+        if n == 0 {
+            return;
+        }
+        let mut scores = vec![0f32; n * n];
+        for h in 0..heads {
+            let at = b * per_text + h * head_size;
+            let (q, k, v) = (&q[at..], &k[at..], &v[at..]);
+            // scores = q_h k_h^T: (n x head_size) by (head_size x n).
+            // SAFETY: row i < n of head h of text b starts at
+            // at + i * hidden and is head_size long; its last element,
+            // at + (n - 1) * hidden + head_size - 1, is inside text b's
+            // slice (n <= tokens, h * head_size + head_size <= hidden), so
+            // every read of q and k is in bounds. `scores` is n x n.
+            #[allow(unsafe_code)]
+            unsafe {
+                gemm::gemm(
+                    n,
+                    n,
+                    head_size,
+                    scores.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    q.as_ptr(),
+                    1,
+                    hidden as isize,
+                    k.as_ptr(),
+                    hidden as isize,
+                    1,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            scores.chunks_exact_mut(n).for_each(softmax_in_place);
+            let out = &mut out[h * head_size..];
+            // out_h = scores v_h: (n x n) by (n x head_size), written with
+            // the result's row stride, `hidden`.
+            // SAFETY: as above for v; `out` is text b's rows from column
+            // h * head_size on, and row i < n ends at
+            // (n - 1) * hidden + head_size - 1 < its length.
+            #[allow(unsafe_code)]
+            unsafe {
+                gemm::gemm(
+                    n,
+                    head_size,
+                    n,
+                    out.as_mut_ptr(),
+                    1,
+                    hidden as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    n as isize,
+                    v.as_ptr(),
+                    1,
+                    hidden as isize,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+    };
+    if rayon::current_num_threads() > 1 {
+        use rayon::prelude::*;
+        context.par_chunks_mut(per_text).enumerate().for_each(|(b, out)| text(b, out));
+    } else {
+        context.chunks_mut(per_text).enumerate().for_each(|(b, out)| text(b, out));
+    }
+    Ok(Some(Tensor::from_vec(context, (batch, tokens, hidden), &Device::Cpu)?))
+}
+
+/// Softmax of one row of scores, in place: exp(x - max) / sum.
+fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for x in row.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    row.iter_mut().for_each(|x| *x /= sum);
 }
 
 /// A dense layer with bias: `x W^T + b`, plus a residual when given one.
@@ -390,6 +546,51 @@ mod tests {
         for (a, b) in ours.iter().flatten().zip(theirs.iter().flatten()) {
             assert!((a - b).abs() < 1e-4);
         }
+    }
+
+    /// Attention one text and head at a time, on real tokens only, against
+    /// candle's batched attention with Hugging Face's additive mask: equal
+    /// on every real token's row.
+    #[test]
+    fn fused_attention_matches_masked_batched_attention() {
+        let d = Device::Cpu;
+        let (batch, tokens, heads, head_size) = (3, 6, 2, 4);
+        let hidden = heads * head_size;
+        let lengths = [6, 2, 4];
+        let (q, k, v) = (
+            Tensor::randn(0f32, 1.0, (batch, tokens, hidden), &d).unwrap(),
+            Tensor::randn(0f32, 1.0, (batch, tokens, hidden), &d).unwrap(),
+            Tensor::randn(0f32, 1.0, (batch, tokens, hidden), &d).unwrap(),
+        );
+        let mask: Vec<f32> =
+            lengths.iter().flat_map(|&n| (0..tokens).map(move |t| if t < n { 1.0 } else { 0.0 })).collect();
+        let mask = Tensor::from_vec(mask, (batch, tokens), &d).unwrap();
+        assert_eq!(prefix_lengths(&mask).unwrap().as_deref(), Some(&lengths[..]));
+        let ours: Vec<Vec<Vec<f32>>> = attention_cpu(&q, &k, &v, &lengths, heads).unwrap().unwrap().to_vec3().unwrap();
+
+        let bias = ((mask.ones_like().unwrap() - &mask).unwrap() * f64::from(f32::MIN)).unwrap();
+        let bias = bias.unsqueeze(1).unwrap().unsqueeze(1).unwrap();
+        let split = |t: &Tensor| {
+            t.reshape((batch, tokens, heads, head_size)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
+        };
+        let scores = split(&q).matmul(&split(&k).t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
+        let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+        let theirs = probs.matmul(&split(&v)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        let theirs: Vec<Vec<Vec<f32>>> = theirs.reshape((batch, tokens, hidden)).unwrap().to_vec3().unwrap();
+        for (b, &n) in lengths.iter().enumerate() {
+            for t in 0..tokens {
+                for (a, e) in ours[b][t].iter().zip(&theirs[b][t]) {
+                    if t < n {
+                        assert!((a - e).abs() < 1e-5, "text {b} token {t}: {a} vs {e}");
+                    } else {
+                        assert_eq!(*a, 0.0, "padded rows are left at 0");
+                    }
+                }
+            }
+        }
+        // A mask with a hole is not right padding: the batched path runs.
+        let holed = Tensor::new(&[[1f32, 0.0, 1.0]], &d).unwrap();
+        assert_eq!(prefix_lengths(&holed).unwrap(), None);
     }
 
     #[test]
