@@ -18,7 +18,12 @@ cargo bench --locked -p mycel-models --bench models --no-run
 step "mycel (candle), $threads threads"
 CANDLE_NUM_THREADS="$threads" RAYON_NUM_THREADS="$threads" \
   cargo bench --locked -q -p mycel-models --bench models -- "$models"
+step "mycel (candle), $threads single-threaded replicas (the node's default), and one model on 1 thread"
+CANDLE_NUM_THREADS=1 RAYON_NUM_THREADS=1 MYCEL_BENCH_REPLICAS="$threads" MYCEL_BENCH_EMBED_ONLY=1 \
+  cargo bench --locked -q -p mycel-models --bench models -- "$models"
 step "ONNX Runtime, $threads threads"
 OMP_NUM_THREADS="$threads" "$venv/bin/python" scripts/reference/bench_baselines.py "$models" "$threads" embed
+step "ONNX Runtime, 1 thread"
+OMP_NUM_THREADS=1 "$venv/bin/python" scripts/reference/bench_baselines.py "$models" 1 embed
 step "llama.cpp, $threads threads"
 "$venv/bin/python" scripts/reference/bench_baselines.py "$models" "$threads" generate

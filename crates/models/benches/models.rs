@@ -4,7 +4,8 @@
 //!     CANDLE_NUM_THREADS=2 RAYON_NUM_THREADS=2 cargo bench -p mycel-models --bench models -- MODELS_DIR
 //!
 //! (candle splits matmuls by `RAYON_NUM_THREADS` and element-wise kernels
-//! by `CANDLE_NUM_THREADS`: set both.)
+//! by `CANDLE_NUM_THREADS`: set both.) `MYCEL_BENCH_REPLICAS=N` sizes the
+//! pool line; `MYCEL_BENCH_EMBED_ONLY=1` stops after the embeddings.
 //!
 //! Prints one JSON object: embeddings/s at batch 1 and 32 for short (~20
 //! token) and 128-token texts; prefill and decode tokens/s (with the Q4_1
@@ -106,6 +107,10 @@ fn main() {
     drop(pool);
     drop(shared);
     out.insert("embed_peak_rss_mib".into(), peak_rss_mib().into());
+    if std::env::var_os("MYCEL_BENCH_EMBED_ONLY").is_some() {
+        println!("{}", serde_json::Value::Object(out));
+        return;
+    }
 
     for (name, requantize) in [("q8_0", true), ("q4_1", false)] {
         let generator = Generator::load(
