@@ -217,67 +217,17 @@ fn attention_cpu(
         for h in 0..heads {
             let at = b * per_text + h * head_size;
             let (q, k, v) = (&q[at..], &k[at..], &v[at..]);
-            // scores = q_h k_h^T: (n x head_size) by (head_size x n).
-            // SAFETY: row i < n of head h of text b starts at
-            // at + i * hidden and is head_size long; its last element,
-            // at + (n - 1) * hidden + head_size - 1, is inside text b's
-            // slice (n <= tokens, h * head_size + head_size <= hidden), so
-            // every read of q and k is in bounds. `scores` is n x n.
-            #[allow(unsafe_code)]
-            unsafe {
-                gemm::gemm(
-                    n,
-                    n,
-                    head_size,
-                    scores.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    q.as_ptr(),
-                    1,
-                    hidden as isize,
-                    k.as_ptr(),
-                    hidden as isize,
-                    1,
-                    0.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            // scores = q_h k_h^T: (n x head_size) by (head_size x n), the
+            // head's rows `hidden` apart in its text's slice.
+            let q_h = View { rows: n, cols: head_size, row_stride: hidden, col_stride: 1 };
+            let k_h_t = View { rows: head_size, cols: n, row_stride: 1, col_stride: hidden };
+            matmul(&mut scores, n, false, (q, q_h), (k, k_h_t), gemm::Parallelism::None);
             scores.chunks_exact_mut(n).for_each(softmax_in_place);
-            let out = &mut out[h * head_size..];
-            // out_h = scores v_h: (n x n) by (n x head_size), written with
-            // the result's row stride, `hidden`.
-            // SAFETY: as above for v; `out` is text b's rows from column
-            // h * head_size on, and row i < n ends at
-            // (n - 1) * hidden + head_size - 1 < its length.
-            #[allow(unsafe_code)]
-            unsafe {
-                gemm::gemm(
-                    n,
-                    head_size,
-                    n,
-                    out.as_mut_ptr(),
-                    1,
-                    hidden as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    n as isize,
-                    v.as_ptr(),
-                    1,
-                    hidden as isize,
-                    0.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            // out_h = scores v_h: (n x n) by (n x head_size), written into
+            // the head's columns of the text's rows.
+            let v_h = View { rows: n, cols: head_size, row_stride: hidden, col_stride: 1 };
+            let scores_view = View { rows: n, cols: n, row_stride: n, col_stride: 1 };
+            matmul(&mut out[h * head_size..], hidden, false, (&scores, scores_view), (v, v_h), gemm::Parallelism::None);
         }
     };
     if rayon::current_num_threads() > 1 {
@@ -379,40 +329,85 @@ impl Dense {
         // The rayon pool this runs in: a pool replica's own.
         let threads = rayon::current_num_threads();
         let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-        let (inputs_stride, outputs_stride) = (inputs as isize, outputs as isize);
-        // SAFETY: every pointer covers exactly the matrix its strides
-        // describe, checked just above: `out` is rows x outputs (row-major,
-        // initialised), `x` rows x inputs (row-major), and `w` outputs x
-        // inputs read as its transpose, inputs x outputs (column stride
-        // `inputs`, row stride 1). `out` is not aliased by the inputs.
-        #[allow(unsafe_code)]
-        unsafe {
-            gemm::gemm(
-                rows,
-                outputs,
-                inputs,
-                out.as_mut_ptr(),
-                1,
-                outputs_stride,
-                true,
-                x.as_ptr(),
-                1,
-                inputs_stride,
-                w.as_ptr(),
-                inputs_stride,
-                1,
-                1.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-        }
+        let x_view = View { rows, cols: inputs, row_stride: inputs, col_stride: 1 };
+        // W (outputs x inputs, row-major) read as W^T.
+        let w_t = View { rows: inputs, cols: outputs, row_stride: 1, col_stride: inputs };
+        matmul(&mut out, outputs, true, (x, x_view), (w, w_t), parallelism);
         if then == Then::GeluErf {
             out.iter_mut().for_each(|v| *v = gelu_erf(*v));
         }
         Ok(Some(Tensor::from_vec(out, dims, &Device::Cpu)?))
+    }
+}
+
+/// A matrix inside a slice: element (i, j) is at
+/// `i * row_stride + j * col_stride`.
+#[derive(Debug, Clone, Copy)]
+struct View {
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl View {
+    /// One past the last element the view reaches.
+    fn extent(&self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            return 0;
+        }
+        (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride + 1
+    }
+}
+
+/// `dst = lhs rhs`, or `dst += lhs rhs` with `accumulate`, in f32 with the
+/// `gemm` crate candle itself uses. `dst` is row-major, `dst_row_stride`
+/// apart, its shape taken from the operands. Panics if the shapes disagree
+/// or a view reaches past its slice, so the one `unsafe` call below only
+/// ever sees pointers that cover what it reads and writes.
+fn matmul(
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    accumulate: bool,
+    (lhs, l): (&[f32], View),
+    (rhs, r): (&[f32], View),
+    parallelism: gemm::Parallelism,
+) {
+    let (m, n, k) = (l.rows, r.cols, l.cols);
+    let d = View { rows: m, cols: n, row_stride: dst_row_stride, col_stride: 1 };
+    assert_eq!(r.rows, k, "matmul of {m}x{k} by {}x{n}", r.rows);
+    assert!(n <= dst_row_stride || m <= 1, "destination rows of {n} overlap at stride {dst_row_stride}");
+    assert!(d.extent() <= dst.len() && l.extent() <= lhs.len() && r.extent() <= rhs.len(), "matmul out of bounds");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let stride = |s: usize| s as isize;
+    // SAFETY: checked above: each pointer's view lies inside its slice, and
+    // the destination's rows do not overlap one another; `dst` is a unique
+    // borrow, so it aliases neither operand.
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            stride(dst_row_stride),
+            accumulate,
+            lhs.as_ptr(),
+            stride(l.col_stride),
+            stride(l.row_stride),
+            rhs.as_ptr(),
+            stride(r.col_stride),
+            stride(r.row_stride),
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
     }
 }
 
@@ -591,6 +586,24 @@ mod tests {
         // A mask with a hole is not right padding: the batched path runs.
         let holed = Tensor::new(&[[1f32, 0.0, 1.0]], &d).unwrap();
         assert_eq!(prefix_lengths(&holed).unwrap(), None);
+    }
+
+    #[test]
+    fn matmul_refuses_views_past_their_slices() {
+        let a = [1f32, 2.0, 3.0, 4.0];
+        let view = View { rows: 2, cols: 2, row_stride: 2, col_stride: 1 };
+        let mut dst = [0f32; 4];
+        matmul(&mut dst, 2, false, (&a, view), (&a, view), gemm::Parallelism::None);
+        assert_eq!(dst, [7.0, 10.0, 15.0, 22.0]);
+        let past_end = View { row_stride: 3, ..view };
+        let run = |lhs: View, dst_len: usize| {
+            std::panic::catch_unwind(|| {
+                let mut dst = vec![0f32; dst_len];
+                matmul(&mut dst, 2, false, (&a, lhs), (&a, view), gemm::Parallelism::None);
+            })
+        };
+        assert!(run(past_end, 4).is_err(), "an operand view past its slice");
+        assert!(run(view, 3).is_err(), "a destination too short");
     }
 
     #[test]

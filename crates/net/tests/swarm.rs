@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use mycel_net::{Config, Handle, Multiaddr, PeerId};
+use mycel_net::{Config, Handle, Multiaddr, PeerId, now_ms};
 use mycel_protocol::{
     Advert, Digest, Hardware, Keypair, Load, ModelAdvert, ModelKind, Price, Quantization, Signed, Throughput, Wire,
     version,
@@ -225,10 +225,6 @@ async fn model_providers_are_found_through_the_dht() {
     let found = c.handle.find_providers(Digest::of(&[1])).await.unwrap();
     assert!(!found.contains(&b.key.peer_id()), "b does not serve model 1: {found:?}");
     assert!(c.handle.find_providers(Digest::of(&[2])).await.unwrap().contains(&b.key.peer_id()));
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
