@@ -48,7 +48,7 @@ fn embed(args: InferEmbedArgs) -> Result<()> {
 
 fn generate(args: InferGenerateArgs) -> Result<()> {
     let model = choose(&args.model, ModelKind::Generation)?;
-    let options = LoadOptions { requantize_q4_1: !args.keep_q4_1 };
+    let options = LoadOptions { requantize_q4_1: args.q8_0, ..LoadOptions::default() };
     let generator = Generator::load(&model.weights, &options, &mycel_models::best_device())
         .with_context(|| format!("loading {}", model.id))?;
     let prompt = if args.raw {

@@ -5,11 +5,14 @@
 //!
 //! (candle splits matmuls by `RAYON_NUM_THREADS` and element-wise kernels
 //! by `CANDLE_NUM_THREADS`: set both.) `MYCEL_BENCH_REPLICAS=N` sizes the
-//! pool line; `MYCEL_BENCH_EMBED_ONLY=1` stops after the embeddings.
+//! pool line; `MYCEL_BENCH_EMBED_ONLY=1` stops after the embeddings,
+//! `MYCEL_BENCH_GENERATE_ONLY=1` skips them, `MYCEL_BENCH_WEIGHTS=q4_1`
+//! (or `q8_0`, `q8_0_candle`) runs one generation row only (for profiles).
 //!
 //! Prints one JSON object: embeddings/s at batch 1 and 32 for short (~20
-//! token) and 128-token texts; prefill and decode tokens/s (with the Q4_1
-//! weights as shipped and after the Q8_0 conversion); peak RSS.
+//! token) and 128-token texts; prefill and decode tokens/s (after the Q8_0
+//! conversion on mycel's kernels and on candle's, and with the Q4_1 weights
+//! as shipped, on candle's); peak RSS.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -60,6 +63,48 @@ fn main() {
     let threads = candle_core::utils::get_num_threads();
     out.insert("threads".into(), threads.into());
 
+    if std::env::var_os("MYCEL_BENCH_GENERATE_ONLY").is_none() {
+        embeddings(&dir, min, &mut out);
+    }
+    if std::env::var_os("MYCEL_BENCH_EMBED_ONLY").is_some() {
+        println!("{}", serde_json::Value::Object(out));
+        return;
+    }
+
+    for (name, requantize, own_kernels) in [("q8_0", true, true), ("q8_0_candle", true, false), ("q4_1", false, true)] {
+        if std::env::var("MYCEL_BENCH_WEIGHTS").is_ok_and(|only| only != name) {
+            continue;
+        }
+        let options = LoadOptions { requantize_q4_1: requantize, own_kernels };
+        let generator = Generator::load(&dir.join("smollm2-135m-instruct"), &options, &Device::Cpu).unwrap();
+        out.insert(format!("engine_{name}"), format!("{:?}", generator.engine()).into());
+        let prompt = generator.chat_prompt(&[ChatMessage::user(long_texts(1)[0].clone())]).unwrap();
+        let ids = generator.encode(&prompt).unwrap();
+        let ids = &ids[..ids.len().min(128)];
+        let prefill = rate(ids.len(), min, || {
+            generator.session().feed(ids).unwrap();
+        });
+        let steps = 64;
+        let decode = {
+            let mut session = generator.session();
+            session.feed(ids).unwrap();
+            let started = Instant::now();
+            for i in 0..steps {
+                session.feed(&[ids[i % ids.len()]]).unwrap();
+            }
+            steps as f64 / started.elapsed().as_secs_f64()
+        };
+        out.insert(format!("prefill_{name}_tokens_per_s"), prefill.into());
+        out.insert(format!("decode_{name}_tokens_per_s"), decode.into());
+        out.insert("prefill_prompt_tokens".into(), ids.len().into());
+        eprintln!("generate {name}: prefill {prefill:.1} tok/s ({} tokens), decode {decode:.1} tok/s", ids.len());
+    }
+    out.insert("peak_rss_mib".into(), peak_rss_mib().into());
+    println!("{}", serde_json::Value::Object(out));
+}
+
+/// Embeddings/s, batch 1 and 32, short and long texts, and through the pool.
+fn embeddings(dir: &std::path::Path, min: Duration, out: &mut serde_json::Map<String, serde_json::Value>) {
     let embedder = Embedder::load(&dir.join("all-minilm-l6-v2"), &Device::Cpu).unwrap();
     let short = short_texts(32);
     let long = long_texts(32);
@@ -107,39 +152,4 @@ fn main() {
     drop(pool);
     drop(shared);
     out.insert("embed_peak_rss_mib".into(), peak_rss_mib().into());
-    if std::env::var_os("MYCEL_BENCH_EMBED_ONLY").is_some() {
-        println!("{}", serde_json::Value::Object(out));
-        return;
-    }
-
-    for (name, requantize) in [("q8_0", true), ("q4_1", false)] {
-        let generator = Generator::load(
-            &dir.join("smollm2-135m-instruct"),
-            &LoadOptions { requantize_q4_1: requantize },
-            &Device::Cpu,
-        )
-        .unwrap();
-        let prompt = generator.chat_prompt(&[ChatMessage::user(long_texts(1)[0].clone())]).unwrap();
-        let ids = generator.encode(&prompt).unwrap();
-        let ids = &ids[..ids.len().min(128)];
-        let prefill = rate(ids.len(), min, || {
-            generator.session().feed(ids).unwrap();
-        });
-        let steps = 64;
-        let decode = {
-            let mut session = generator.session();
-            session.feed(ids).unwrap();
-            let started = Instant::now();
-            for i in 0..steps {
-                session.feed(&[ids[i % ids.len()]]).unwrap();
-            }
-            steps as f64 / started.elapsed().as_secs_f64()
-        };
-        out.insert(format!("prefill_{name}_tokens_per_s"), prefill.into());
-        out.insert(format!("decode_{name}_tokens_per_s"), decode.into());
-        out.insert("prefill_prompt_tokens".into(), ids.len().into());
-        eprintln!("generate {name}: prefill {prefill:.1} tok/s ({} tokens), decode {decode:.1} tok/s", ids.len());
-    }
-    out.insert("peak_rss_mib".into(), peak_rss_mib().into());
-    println!("{}", serde_json::Value::Object(out));
 }

@@ -1,16 +1,19 @@
 //! Text generation with llama-family GGUF models: chat template, KV cache,
 //! greedy and seeded sampling, stop sequences and token streaming.
 //!
-//! candle has no SIMD kernel for Q4_1 weights, so by default a GGUF's Q4_1
-//! tensors are converted to Q8_0 at load (see BENCHMARKS.md for the
-//! measured speed-up and `tests/` for the faithfulness check). Other types
-//! are kept as they are.
+//! On the CPU, models whose matrices are Q4_1 or Q8_0 run on mycel's own
+//! forward pass (`llama.rs`: about 2x candle's speed, faster than llama.cpp
+//! on the same GGUF; BENCHMARKS.md). Other weight types, and other devices,
+//! run on candle's quantized llama. Q4_1 can be converted to Q8_0 at load
+//! ([`LoadOptions::requantize_q4_1`]): candle has no SIMD Q4_1 kernel, ours
+//! does, so by default the weights stay as shipped.
 
 use std::collections::HashSet;
 use std::fs;
 use std::io::Cursor;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{self, Content};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -22,19 +25,39 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::error::{ModelError, Result};
+use crate::llama::{KvCache, Llama};
 use crate::tokenizer::{self, Specials};
 
 /// How to load a GGUF model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Convert Q4_1 weights to Q8_0 (faster on CPU, about 1.7x the memory).
+    /// Convert Q4_1 weights to Q8_0 at load (about 1.7x the memory; with
+    /// mycel's kernels as fast to prefill and ~15% slower to decode; with
+    /// candle's, 1.4-1.7x faster).
     pub requantize_q4_1: bool,
+    /// Run Q4_1 and Q8_0 models on the CPU with mycel's own kernels rather
+    /// than candle's (about 2x faster; `false` is for comparisons).
+    pub own_kernels: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { requantize_q4_1: true }
+        Self { requantize_q4_1: false, own_kernels: true }
     }
+}
+
+/// What runs the model's forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// mycel's own kernels ([`crate::llama`]).
+    Mycel,
+    /// candle-transformers' quantized llama.
+    Candle,
+}
+
+enum Weights {
+    Mycel(Arc<Llama>),
+    Candle(Box<ModelWeights>),
 }
 
 /// One chat message.
@@ -56,7 +79,7 @@ impl ChatMessage {
 /// A loaded generation model. Cheap to share: each generation works on its
 /// own clone of the weights' handles and its own KV cache.
 pub struct Generator {
-    weights: ModelWeights,
+    weights: Weights,
     tokenizer: Tokenizer,
     specials: Specials,
     stop_ids: HashSet<u32>,
@@ -105,13 +128,31 @@ impl Generator {
 
         let q4_1 = content.tensor_infos.values().any(|t| t.ggml_dtype == GgmlDType::Q4_1);
         let quantization = dominant_quantization(&content, options.requantize_q4_1);
-        let weights = if q4_1 && options.requantize_q4_1 {
-            let (content, mut reader) = requantize(&file, content, &mut reader)?;
-            ModelWeights::from_gguf(content, &mut reader, device)
+        let own = if options.own_kernels && device.is_cpu() {
+            match Llama::load(&content, &mut reader, options.requantize_q4_1)
+                .map_err(|e| ModelError::format(&file, e))?
+            {
+                Ok(llama) => Some(llama),
+                Err(why) => {
+                    tracing::info!(file = %file.display(), %why, "running this model on candle's kernels");
+                    None
+                }
+            }
         } else {
-            ModelWeights::from_gguf(content, &mut reader, device)
-        }
-        .map_err(|e| ModelError::format(&file, e))?;
+            None
+        };
+        let weights = match own {
+            Some(llama) => Weights::Mycel(Arc::new(llama)),
+            None if q4_1 && options.requantize_q4_1 => {
+                let (content, mut reader) = requantize(&file, content, &mut reader)?;
+                Weights::Candle(Box::new(
+                    ModelWeights::from_gguf(content, &mut reader, device).map_err(|e| ModelError::format(&file, e))?,
+                ))
+            }
+            None => Weights::Candle(Box::new(
+                ModelWeights::from_gguf(content, &mut reader, device).map_err(|e| ModelError::format(&file, e))?,
+            )),
+        };
 
         let mut stop_ids: HashSet<u32> = specials.eos.into_iter().collect();
         for (id, text) in &specials.control {
@@ -130,6 +171,14 @@ impl Generator {
     /// Weight format after loading.
     pub fn quantization(&self) -> &Quantization {
         &self.quantization
+    }
+
+    /// What runs the forward pass.
+    pub fn engine(&self) -> Engine {
+        match self.weights {
+            Weights::Mycel(_) => Engine::Mycel,
+            Weights::Candle(_) => Engine::Candle,
+        }
     }
 
     /// The tokenizer.
@@ -193,9 +242,15 @@ impl Generator {
     /// A fresh sequence with its own KV cache, for callers that drive the
     /// model token by token (tests compare its logits with a reference).
     pub fn session(&self) -> Session {
-        let mut weights = self.weights.clone();
-        weights.clear_kv_cache();
-        Session { weights, position: 0, context: self.context, device: self.device.clone() }
+        let state = match &self.weights {
+            Weights::Mycel(llama) => State::Mycel { cache: llama.cache(), llama: Arc::clone(llama) },
+            Weights::Candle(weights) => {
+                let mut weights = weights.clone();
+                weights.clear_kv_cache();
+                State::Candle(weights)
+            }
+        };
+        Session { state, position: 0, context: self.context, device: self.device.clone() }
     }
 
     /// Generates an answer to `prompt` (token ids, see [`Self::encode`]).
@@ -266,7 +321,7 @@ impl Generator {
 
 /// One sequence being decoded.
 pub struct Session {
-    weights: ModelWeights,
+    state: State,
     position: usize,
     context: usize,
     device: Device,
@@ -278,6 +333,11 @@ impl std::fmt::Debug for Session {
     }
 }
 
+enum State {
+    Mycel { llama: Arc<Llama>, cache: KvCache },
+    Candle(Box<ModelWeights>),
+}
+
 impl Session {
     /// Appends tokens to the sequence; the logits after the last one.
     pub fn feed(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
@@ -287,10 +347,15 @@ impl Session {
         if self.position + ids.len() > self.context {
             return Err(ModelError::TooLong { tokens: self.position + ids.len(), max: self.context });
         }
-        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-        let logits = self.weights.forward(&input, self.position)?;
+        let logits = match &mut self.state {
+            State::Mycel { llama, cache } => llama.forward(ids, cache)?,
+            State::Candle(weights) => {
+                let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+                weights.forward(&input, self.position)?.squeeze(0)?.to_vec1::<f32>()?
+            }
+        };
         self.position += ids.len();
-        Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
+        Ok(logits)
     }
 
     /// Tokens in the sequence so far.

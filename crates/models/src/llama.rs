@@ -1,0 +1,1061 @@
+//! mycel's own llama forward pass for the CPU, on Q8_0 weights.
+//!
+//! candle's quantized llama spends half of each decoded token in a generic
+//! Q8_0 dot product, re-concatenates the whole KV cache at every step and
+//! wakes its thread pool for every small op (profiles in BENCHMARKS.md).
+//! This module does what llama.cpp does instead:
+//!
+//! - weights as Q8_0 blocks (32 signed bytes and one scale), laid out as
+//!   two flat arrays, so a row's quants are contiguous;
+//! - activations quantised to the same blocks, and an integer dot product
+//!   (AVX2 where the build has it, portable code otherwise);
+//! - a KV cache that grows in place, one buffer per layer;
+//! - the query, key and value projections as one matrix, and the gate and
+//!   up projections as another, so each layer runs four matrix products;
+//! - rayon only around the matrix products, split into one piece per thread.
+//!
+//! Loaded only for llama-architecture GGUFs on the CPU whose matrices are
+//! Q8_0 (as shipped, or converted from Q4_1 at load); anything else stays
+//! on candle's model (see `generate.rs`).
+
+use std::io::{Read, Seek};
+
+use candle_core::quantized::GgmlDType;
+use candle_core::quantized::gguf_file::Content;
+use candle_core::{DType, Device};
+use rayon::prelude::*;
+
+/// Values per Q8_0 block.
+const BLOCK: usize = 32;
+
+/// Shapes and constants of one model.
+#[derive(Debug, Clone)]
+struct Config {
+    dim: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    ffn: usize,
+    vocab: usize,
+    eps: f32,
+    /// Rotary frequencies, one per rotated pair.
+    inv_freq: Vec<f32>,
+}
+
+impl Config {
+    fn q_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
+/// A matrix of `rows` x `cols` in Q8_0 blocks along each row.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct QMatrix {
+    rows: usize,
+    cols: usize,
+    /// `rows * cols` quants, row-major.
+    quants: Vec<i8>,
+    /// One scale per block: `rows * cols / 32`.
+    scales: Vec<f32>,
+}
+
+impl QMatrix {
+    /// Quantises rows of f32 values (as ggml's Q8_0: scale = max |x| / 127,
+    /// quants rounded to nearest).
+    pub(crate) fn quantize(values: &[f32], rows: usize, cols: usize) -> Self {
+        assert!(cols.is_multiple_of(BLOCK) && values.len() == rows * cols, "{rows}x{cols} from {}", values.len());
+        let mut m = Self { rows, cols, quants: vec![0; rows * cols], scales: vec![0.0; rows * cols / BLOCK] };
+        quantize_blocks(values, &mut m.quants, &mut m.scales);
+        m
+    }
+
+    /// From GGUF Q8_0 data: blocks of an f16 scale and 32 quants.
+    fn from_q8_0(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        const BYTES: usize = 2 + BLOCK;
+        if !cols.is_multiple_of(BLOCK) || bytes.len() != rows * cols / BLOCK * BYTES {
+            return None;
+        }
+        let mut m = Self {
+            rows,
+            cols,
+            quants: Vec::with_capacity(rows * cols),
+            scales: Vec::with_capacity(rows * cols / BLOCK),
+        };
+        for block in bytes.chunks_exact(BYTES) {
+            m.scales.push(half::f16::from_le_bytes([block[0], block[1]]).to_f32());
+            m.quants.extend(block[2..].iter().map(|&b| b as i8));
+        }
+        Some(m)
+    }
+
+    fn concat(parts: &[QMatrix]) -> Self {
+        let cols = parts.first().map_or(0, |p| p.cols);
+        assert!(parts.iter().all(|p| p.cols == cols), "concatenated matrices differ in width");
+        Self {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols,
+            quants: parts.iter().flat_map(|p| p.quants.iter().copied()).collect(),
+            scales: parts.iter().flat_map(|p| p.scales.iter().copied()).collect(),
+        }
+    }
+
+    fn row_quants(&self, r: usize) -> &[i8] {
+        &self.quants[r * self.cols..(r + 1) * self.cols]
+    }
+
+    fn row_scales(&self, r: usize) -> &[f32] {
+        let n = self.cols / BLOCK;
+        &self.scales[r * n..(r + 1) * n]
+    }
+
+    /// Row `r` as f32 values, into `out`.
+    fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        for ((out, q), s) in
+            out.chunks_exact_mut(BLOCK).zip(self.row_quants(r).chunks_exact(BLOCK)).zip(self.row_scales(r))
+        {
+            for (o, &q) in out.iter_mut().zip(q) {
+                *o = f32::from(q) * s;
+            }
+        }
+    }
+}
+
+/// Quantises consecutive blocks of 32 values.
+fn quantize_blocks(values: &[f32], quants: &mut [i8], scales: &mut [f32]) {
+    for ((x, q), s) in values.chunks_exact(BLOCK).zip(quants.chunks_exact_mut(BLOCK)).zip(scales.iter_mut()) {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        for (q, &v) in q.iter_mut().zip(x) {
+            *q = (v * inv).round() as i8;
+        }
+        *s = d;
+    }
+}
+
+/// Rows of activations quantised to Q8_0 blocks, ready for [`matmul`],
+/// with each block's sum (scale times the sum of its quants) for weights
+/// that carry an offset (Q4_1), as ggml's Q8_1.
+#[derive(Debug, Default)]
+struct QActivations {
+    cols: usize,
+    quants: Vec<i8>,
+    scales: Vec<f32>,
+    sums: Vec<f32>,
+}
+
+/// One row of [`QActivations`].
+#[derive(Debug, Clone, Copy)]
+struct ActRow<'a> {
+    quants: &'a [i8],
+    scales: &'a [f32],
+    sums: &'a [f32],
+}
+
+impl QActivations {
+    fn from_rows(x: &[f32], cols: usize) -> Self {
+        assert!(cols.is_multiple_of(BLOCK) && x.len().is_multiple_of(cols), "{} values in rows of {cols}", x.len());
+        let mut a = Self { cols, quants: vec![0; x.len()], scales: vec![0.0; x.len() / BLOCK], sums: Vec::new() };
+        quantize_blocks(x, &mut a.quants, &mut a.scales);
+        a.sums = a
+            .quants
+            .chunks_exact(BLOCK)
+            .zip(&a.scales)
+            .map(|(q, d)| d * q.iter().map(|&q| i32::from(q)).sum::<i32>() as f32)
+            .collect();
+        a
+    }
+
+    fn rows(&self) -> usize {
+        self.quants.len() / self.cols
+    }
+
+    fn row(&self, t: usize) -> ActRow<'_> {
+        let n = self.cols / BLOCK;
+        ActRow {
+            quants: &self.quants[t * self.cols..(t + 1) * self.cols],
+            scales: &self.scales[t * n..(t + 1) * n],
+            sums: &self.sums[t * n..(t + 1) * n],
+        }
+    }
+}
+
+/// A matrix in ggml's Q4_1 blocks, as a GGUF stores it: per 32 values an
+/// f16 scale `d`, an f16 offset `m` and 16 bytes of 4-bit quants (value
+/// `i` in the low nibble of byte `i`, value `16 + i` in its high nibble);
+/// each value is `d * q + m`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Q4Matrix {
+    rows: usize,
+    cols: usize,
+    blocks: Vec<u8>,
+}
+
+/// Bytes per Q4_1 block.
+const Q4_1_BYTES: usize = 4 + BLOCK / 2;
+
+impl Q4Matrix {
+    fn from_q4_1(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        if !cols.is_multiple_of(BLOCK) || bytes.len() != rows * cols / BLOCK * Q4_1_BYTES {
+            return None;
+        }
+        Some(Self { rows, cols, blocks: bytes.to_vec() })
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        let n = self.cols / BLOCK * Q4_1_BYTES;
+        &self.blocks[r * n..(r + 1) * n]
+    }
+
+    fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        for (out, block) in out.chunks_exact_mut(BLOCK).zip(self.row(r).chunks_exact(Q4_1_BYTES)) {
+            let (d, m) = q4_1_scales(block);
+            for (i, &byte) in block[4..].iter().enumerate() {
+                out[i] = d * f32::from(byte & 0x0F) + m;
+                out[i + BLOCK / 2] = d * f32::from(byte >> 4) + m;
+            }
+        }
+    }
+}
+
+/// A Q4_1 block's scale and offset.
+fn q4_1_scales(block: &[u8]) -> (f32, f32) {
+    (half::f16::from_le_bytes([block[0], block[1]]).to_f32(), half::f16::from_le_bytes([block[2], block[3]]).to_f32())
+}
+
+/// A weight matrix in one of the block formats the kernels run.
+#[derive(Debug, Clone)]
+pub(crate) enum Matrix {
+    Q8_0(QMatrix),
+    Q4_1(Q4Matrix),
+}
+
+impl Matrix {
+    fn rows(&self) -> usize {
+        match self {
+            Self::Q8_0(m) => m.rows,
+            Self::Q4_1(m) => m.rows,
+        }
+    }
+
+    fn cols(&self) -> usize {
+        match self {
+            Self::Q8_0(m) => m.cols,
+            Self::Q4_1(m) => m.cols,
+        }
+    }
+
+    fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        match self {
+            Self::Q8_0(m) => m.dequantize_row(r, out),
+            Self::Q4_1(m) => m.dequantize_row(r, out),
+        }
+    }
+
+    /// Matrices stacked by rows; `None` if they differ in format or width.
+    fn stack(parts: Vec<Matrix>) -> Option<Self> {
+        let cols = parts.first()?.cols();
+        if parts.iter().any(|p| p.cols() != cols) {
+            return None;
+        }
+        let rows = parts.iter().map(Matrix::rows).sum();
+        let mut q8 = Vec::new();
+        let mut q4 = Vec::new();
+        for part in parts {
+            match part {
+                Self::Q8_0(m) => q8.push(m),
+                Self::Q4_1(m) => q4.push(m),
+            }
+        }
+        match (q8.is_empty(), q4.is_empty()) {
+            (false, true) => Some(Self::Q8_0(QMatrix::concat(&q8))),
+            (true, false) => Some(Self::Q4_1(Q4Matrix { rows, cols, blocks: q4.concat_blocks() })),
+            _ => None,
+        }
+    }
+}
+
+trait ConcatBlocks {
+    fn concat_blocks(&self) -> Vec<u8>;
+}
+
+impl ConcatBlocks for Vec<Q4Matrix> {
+    fn concat_blocks(&self) -> Vec<u8> {
+        self.iter().flat_map(|m| m.blocks.iter().copied()).collect()
+    }
+}
+
+/// A weight format's row-by-activation dot product.
+trait RowDot: Sync {
+    fn rows(&self) -> usize;
+    fn cols(&self) -> usize;
+    fn dot(&self, r: usize, x: ActRow<'_>) -> f32;
+    /// Row `r` against four activation rows at once.
+    fn dot4(&self, r: usize, x: [ActRow<'_>; 4]) -> [f32; 4] {
+        x.map(|x| self.dot(r, x))
+    }
+}
+
+impl RowDot for QMatrix {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn dot(&self, r: usize, x: ActRow<'_>) -> f32 {
+        kernels::dot_q8(self.row_quants(r), self.row_scales(r), x.quants, x.scales)
+    }
+}
+
+impl RowDot for Q4Matrix {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn dot(&self, r: usize, x: ActRow<'_>) -> f32 {
+        kernels::dot_q4_1(self.row(r), x)
+    }
+
+    fn dot4(&self, r: usize, x: [ActRow<'_>; 4]) -> [f32; 4] {
+        kernels::dot4_q4_1(self.row(r), x)
+    }
+}
+
+/// `out = x W^T` for `T` rows of `x` (already quantised): `out` is
+/// `T x w.rows`, row-major.
+fn matmul(x: &QActivations, w: &Matrix, out: &mut [f32]) {
+    match w {
+        Matrix::Q8_0(m) => matmul_rows(x, m, out),
+        Matrix::Q4_1(m) => matmul_rows(x, m, out),
+    }
+}
+
+/// [`matmul`] for one weight format. The rows of `W` are split across the
+/// current rayon pool's threads, one contiguous piece each.
+fn matmul_rows<W: RowDot>(x: &QActivations, w: &W, out: &mut [f32]) {
+    assert_eq!(x.cols, w.cols(), "matmul of width {} by width {}", x.cols, w.cols());
+    let (tokens, w_rows) = (x.rows(), w.rows());
+    assert_eq!(out.len(), tokens * w_rows, "matmul output size");
+    let threads = rayon::current_num_threads();
+    let piece = w_rows.div_ceil(threads).max(16);
+    // One weight row at a time against every token, so the row stays in L1.
+    let rows = |first: usize, dst: &mut [f32], stride: usize| {
+        let last = (first + piece).min(w_rows);
+        if tokens == 1 {
+            let x = x.row(0);
+            for (d, r) in dst.iter_mut().zip(first..last) {
+                *d = w.dot(r, x);
+            }
+            return;
+        }
+        for (i, r) in (first..last).enumerate() {
+            let mut t = 0;
+            while t + 4 <= tokens {
+                let d = w.dot4(r, [x.row(t), x.row(t + 1), x.row(t + 2), x.row(t + 3)]);
+                for (j, d) in d.into_iter().enumerate() {
+                    dst[(t + j) * stride + i] = d;
+                }
+                t += 4;
+            }
+            for t in t..tokens {
+                dst[t * stride + i] = w.dot(r, x.row(t));
+            }
+        }
+    };
+    if tokens == 1 {
+        if threads == 1 {
+            rows(0, out, 1);
+        } else {
+            out.par_chunks_mut(piece).enumerate().for_each(|(p, dst)| rows(p * piece, dst, 1));
+        }
+        return;
+    }
+    // Several tokens: each piece fills its own (tokens x piece) block, then
+    // the blocks are copied into place.
+    let pieces = w_rows.div_ceil(piece);
+    let blocks: Vec<Vec<f32>> = (0..pieces)
+        .into_par_iter()
+        .map(|p| {
+            let mut dst = vec![0f32; tokens * piece];
+            rows(p * piece, &mut dst, piece);
+            dst
+        })
+        .collect();
+    for (p, block) in blocks.iter().enumerate() {
+        let first = p * piece;
+        let n = piece.min(w_rows - first);
+        for t in 0..tokens {
+            out[t * w_rows + first..t * w_rows + first + n].copy_from_slice(&block[t * piece..t * piece + n]);
+        }
+    }
+}
+
+/// One transformer layer's weights.
+#[derive(Debug, Clone)]
+struct Layer {
+    attn_norm: Vec<f32>,
+    /// Query, key and value projections, stacked.
+    qkv: Matrix,
+    wo: Matrix,
+    ffn_norm: Vec<f32>,
+    /// Gate and up projections, stacked.
+    gate_up: Matrix,
+    down: Matrix,
+}
+
+/// A llama model's weights, ready for [`Llama::forward`].
+#[derive(Debug)]
+pub(crate) struct Llama {
+    config: Config,
+    embedding: Matrix,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    /// `None`: the output projection is the embedding (tied weights).
+    output: Option<Matrix>,
+}
+
+/// Why a GGUF stays on candle's model.
+pub(crate) type Unsupported = String;
+
+impl Llama {
+    /// Reads a llama GGUF's weights. Q8_0 and Q4_1 matrices are taken as
+    /// they are, Q4_1 converted to Q8_0 when `convert_q4_1`. `Ok(Err(why))`
+    /// when the file has something this module does not run.
+    pub(crate) fn load<R: Read + Seek>(
+        content: &Content,
+        reader: &mut R,
+        convert_q4_1: bool,
+    ) -> candle_core::Result<Result<Self, Unsupported>> {
+        let md = |key: &str| content.metadata.get(key);
+        let get_u32 = |key: &str| md(key).and_then(|v| v.to_u32().ok()).map(|v| v as usize);
+        let (Some(heads), Some(kv_heads), Some(layers), Some(dim)) = (
+            get_u32("llama.attention.head_count"),
+            get_u32("llama.attention.head_count_kv"),
+            get_u32("llama.block_count"),
+            get_u32("llama.embedding_length"),
+        ) else {
+            return Ok(Err("missing llama shape metadata".into()));
+        };
+        if md("llama.expert_count").and_then(|v| v.to_u32().ok()).unwrap_or(0) > 0 {
+            return Ok(Err("mixture of experts".into()));
+        }
+        if heads == 0 || kv_heads == 0 || !dim.is_multiple_of(heads) || !heads.is_multiple_of(kv_heads) {
+            return Ok(Err(format!("{heads} heads, {kv_heads} key/value heads, width {dim}")));
+        }
+        let head_dim = dim / heads;
+        let rope_dim = get_u32("llama.rope.dimension_count").unwrap_or(head_dim);
+        if rope_dim != head_dim || !head_dim.is_multiple_of(2) {
+            return Ok(Err(format!("rotary width {rope_dim} for heads of {head_dim}")));
+        }
+        let base = md("llama.rope.freq_base").and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0);
+        let eps = md("llama.attention.layer_norm_rms_epsilon").and_then(|v| v.to_f32().ok()).unwrap_or(1e-5);
+        // As candle and llama.cpp compute them, in f32.
+        let inv_freq = (0..head_dim).step_by(2).map(|i| 1f32 / base.powf(i as f32 / head_dim as f32)).collect();
+
+        let cpu = Device::Cpu;
+        let matrix = |reader: &mut R, name: &str| -> candle_core::Result<Result<Matrix, Unsupported>> {
+            let Some(info) = content.tensor_infos.get(name) else {
+                return Ok(Err(format!("no tensor {name}")));
+            };
+            let dims = info.shape.dims();
+            let &[rows, cols] = dims else {
+                return Ok(Err(format!("{name} has shape {dims:?}")));
+            };
+            if !cols.is_multiple_of(BLOCK) {
+                return Ok(Err(format!("{name} is {cols} wide")));
+            }
+            let tensor = content.tensor(reader, name, &cpu)?;
+            match tensor.dtype() {
+                GgmlDType::Q8_0 => Ok(QMatrix::from_q8_0(&tensor.data()?, rows, cols)
+                    .map(Matrix::Q8_0)
+                    .ok_or_else(|| format!("{name}: Q8_0 data of the wrong size"))),
+                GgmlDType::Q4_1 if convert_q4_1 => {
+                    let values = tensor.dequantize(&cpu)?.flatten_all()?.to_vec1::<f32>()?;
+                    Ok(Ok(Matrix::Q8_0(QMatrix::quantize(&values, rows, cols))))
+                }
+                GgmlDType::Q4_1 => Ok(Q4Matrix::from_q4_1(&tensor.data()?, rows, cols)
+                    .map(Matrix::Q4_1)
+                    .ok_or_else(|| format!("{name}: Q4_1 data of the wrong size"))),
+                other => Ok(Err(format!("{name} is {other:?}"))),
+            }
+        };
+        macro_rules! take {
+            ($e:expr) => {
+                match $e? {
+                    Ok(v) => v,
+                    Err(why) => return Ok(Err(why)),
+                }
+            };
+        }
+        let embedding = take!(matrix(reader, "token_embd.weight"));
+        let output = if content.tensor_infos.contains_key("output.weight") {
+            Some(take!(matrix(reader, "output.weight")))
+        } else {
+            None
+        };
+        let mut blocks = Vec::with_capacity(layers);
+        for l in 0..layers {
+            let p = format!("blk.{l}");
+            let q = take!(matrix(reader, &format!("{p}.attn_q.weight")));
+            let k = take!(matrix(reader, &format!("{p}.attn_k.weight")));
+            let v = take!(matrix(reader, &format!("{p}.attn_v.weight")));
+            let wo = take!(matrix(reader, &format!("{p}.attn_output.weight")));
+            let gate = take!(matrix(reader, &format!("{p}.ffn_gate.weight")));
+            let up = take!(matrix(reader, &format!("{p}.ffn_up.weight")));
+            let down = take!(matrix(reader, &format!("{p}.ffn_down.weight")));
+            let kv_dim = kv_heads * head_dim;
+            let ffn = gate.rows();
+            let shapes_ok = q.rows() == dim
+                && k.rows() == kv_dim
+                && v.rows() == kv_dim
+                && [&q, &k, &v, &gate, &up].iter().all(|m| m.cols() == dim)
+                && (wo.rows(), wo.cols()) == (dim, dim)
+                && (up.rows(), down.rows(), down.cols()) == (ffn, dim, ffn);
+            if !shapes_ok {
+                return Ok(Err(format!("layer {l} has unexpected shapes")));
+            }
+            let (Some(qkv), Some(gate_up)) = (Matrix::stack(vec![q, k, v]), Matrix::stack(vec![gate, up])) else {
+                return Ok(Err(format!("layer {l} mixes weight formats")));
+            };
+            blocks.push(Layer {
+                attn_norm: vector(content, reader, &format!("{p}.attn_norm.weight"), dim)?,
+                qkv,
+                wo,
+                ffn_norm: vector(content, reader, &format!("{p}.ffn_norm.weight"), dim)?,
+                gate_up,
+                down,
+            });
+        }
+        let ffn = blocks.first().map_or(0, |l| l.down.cols());
+        let vocab = output.as_ref().unwrap_or(&embedding).rows();
+        if embedding.cols() != dim || output.as_ref().is_some_and(|o| o.cols() != dim) || embedding.rows() != vocab {
+            return Ok(Err("embedding and output shapes disagree".into()));
+        }
+        let config = Config { dim, heads, kv_heads, head_dim, ffn, vocab, eps, inv_freq };
+        let norm = vector(content, reader, "output_norm.weight", dim)?;
+        Ok(Ok(Self { config, embedding, layers: blocks, norm, output }))
+    }
+
+    /// An empty KV cache for one sequence.
+    pub(crate) fn cache(&self) -> KvCache {
+        KvCache { keys: vec![Vec::new(); self.layers.len()], values: vec![Vec::new(); self.layers.len()], len: 0 }
+    }
+
+    /// Runs `ids` at the positions after those in `cache`, appends their keys
+    /// and values to it, and returns the logits after the last token.
+    pub(crate) fn forward(&self, ids: &[u32], cache: &mut KvCache) -> candle_core::Result<Vec<f32>> {
+        if rayon::current_thread_index().is_none() {
+            // Called from outside a rayon pool: move into the current one
+            // first. Otherwise each of the ~120 parallel matrix products a
+            // token needs hands its pieces to the pool's threads and puts
+            // this thread to sleep until they finish (two wake-ups each;
+            // measured: 2-thread decode 120 -> 170 tokens/s).
+            return rayon::scope(|_| self.forward_in_pool(ids, cache));
+        }
+        self.forward_in_pool(ids, cache)
+    }
+
+    fn forward_in_pool(&self, ids: &[u32], cache: &mut KvCache) -> candle_core::Result<Vec<f32>> {
+        let c = &self.config;
+        let tokens = ids.len();
+        let start = cache.len;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= c.vocab) {
+            candle_core::bail!("token id {bad} is outside the vocabulary ({})", c.vocab);
+        }
+        let mut x = vec![0f32; tokens * c.dim];
+        for (row, &id) in x.chunks_exact_mut(c.dim).zip(ids) {
+            self.embedding.dequantize_row(id as usize, row);
+        }
+        // Rotations of each new position, shared by every layer and head.
+        let (cos, sin) = rotations(&c.inv_freq, start, tokens);
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+        let qkv_width = q_dim + 2 * kv_dim;
+        let mut normed = vec![0f32; tokens * c.dim];
+        let mut qkv = vec![0f32; tokens * qkv_width];
+        let mut attended = vec![0f32; tokens * q_dim];
+        let mut projected = vec![0f32; tokens * c.dim];
+        let mut gate_up = vec![0f32; tokens * 2 * c.ffn];
+        let mut hidden = vec![0f32; tokens * c.ffn];
+        for (l, layer) in self.layers.iter().enumerate() {
+            rms_norm(&x, &layer.attn_norm, c.eps, &mut normed);
+            matmul(&QActivations::from_rows(&normed, c.dim), &layer.qkv, &mut qkv);
+            let (keys, values) = (&mut cache.keys[l], &mut cache.values[l]);
+            for (t, row) in qkv.chunks_exact_mut(qkv_width).enumerate() {
+                let (q, kv) = row.split_at_mut(q_dim);
+                let (k, v) = kv.split_at_mut(kv_dim);
+                let (cos, sin) = (
+                    &cos[t * c.inv_freq.len()..][..c.inv_freq.len()],
+                    &sin[t * c.inv_freq.len()..][..c.inv_freq.len()],
+                );
+                q.chunks_exact_mut(c.head_dim).for_each(|h| rope(h, cos, sin));
+                k.chunks_exact_mut(c.head_dim).for_each(|h| rope(h, cos, sin));
+                keys.extend_from_slice(k);
+                values.extend_from_slice(v);
+            }
+            attention(c, &qkv, keys, values, start, &mut attended);
+            matmul(&QActivations::from_rows(&attended, q_dim), &layer.wo, &mut projected);
+            x.iter_mut().zip(&projected).for_each(|(x, p)| *x += p);
+
+            rms_norm(&x, &layer.ffn_norm, c.eps, &mut normed);
+            matmul(&QActivations::from_rows(&normed, c.dim), &layer.gate_up, &mut gate_up);
+            for (h, gu) in hidden.chunks_exact_mut(c.ffn).zip(gate_up.chunks_exact(2 * c.ffn)) {
+                let (g, u) = gu.split_at(c.ffn);
+                for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
+                    *h = g / (1.0 + exp(-g)) * u;
+                }
+            }
+            matmul(&QActivations::from_rows(&hidden, c.ffn), &layer.down, &mut projected);
+            x.iter_mut().zip(&projected).for_each(|(x, p)| *x += p);
+        }
+        cache.len += tokens;
+        let last = &x[(tokens - 1) * c.dim..];
+        let mut normed = vec![0f32; c.dim];
+        rms_norm(last, &self.norm, c.eps, &mut normed);
+        let mut logits = vec![0f32; c.vocab];
+        matmul(&QActivations::from_rows(&normed, c.dim), self.output.as_ref().unwrap_or(&self.embedding), &mut logits);
+        Ok(logits)
+    }
+}
+
+/// A 1-D f32 tensor of `len` values.
+fn vector<R: Read + Seek>(content: &Content, reader: &mut R, name: &str, len: usize) -> candle_core::Result<Vec<f32>> {
+    let values = content.tensor(reader, name, &Device::Cpu)?.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let values = values.flatten_all()?.to_vec1::<f32>()?;
+    if values.len() != len {
+        candle_core::bail!("{name} has {} values, expected {len}", values.len());
+    }
+    Ok(values)
+}
+
+/// Keys and values of the positions seen so far, per layer, position-major
+/// (`[position][kv head][head dim]`). Grows in place.
+#[derive(Debug, Clone)]
+pub(crate) struct KvCache {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    len: usize,
+}
+
+/// `x / rms(x) * weight`, row by row.
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let n = weight.len();
+    for (x, out) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let mean = dot(x, x) / n as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for ((o, &x), &w) in out.iter_mut().zip(x).zip(weight) {
+            *o = x * scale * w;
+        }
+    }
+}
+
+/// cos and sin of each new position's angles: `tokens x pairs` each.
+fn rotations(inv_freq: &[f32], start: usize, tokens: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut cos = Vec::with_capacity(tokens * inv_freq.len());
+    let mut sin = Vec::with_capacity(tokens * inv_freq.len());
+    for p in start..start + tokens {
+        for &f in inv_freq {
+            let angle = p as f32 * f;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    (cos, sin)
+}
+
+/// Rotary embedding of one head, adjacent pairs rotated together (llama's
+/// "normal" layout, as GGUF stores its query and key weights).
+fn rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
+        let (a, b) = (pair[0], pair[1]);
+        pair[0] = a * c - b * s;
+        pair[1] = a * s + b * c;
+    }
+}
+
+/// Causal attention of the new tokens' queries (in `qkv`, `tokens` rows)
+/// over every cached position up to their own, into `out` (`tokens x
+/// q_dim`). Heads share key/value heads in groups.
+fn attention(c: &Config, qkv: &[f32], keys: &[f32], values: &[f32], start: usize, out: &mut [f32]) {
+    let (q_dim, kv_dim, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
+    let width = q_dim + 2 * kv_dim;
+    let group = c.heads / c.kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let one = |t: usize, h: usize, out: &mut [f32], scores: &mut Vec<f32>| {
+        let q = &qkv[t * width + h * hd..][..hd];
+        let g = h / group;
+        let seen = start + t + 1;
+        scores.clear();
+        scores.extend((0..seen).map(|p| dot(q, &keys[p * kv_dim + g * hd..][..hd]) * scale));
+        softmax_in_place(scores);
+        out.fill(0.0);
+        for (p, &w) in scores.iter().enumerate() {
+            let v = &values[p * kv_dim + g * hd..][..hd];
+            out.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
+        }
+    };
+    let tokens = qkv.len() / width;
+    let work = tokens * (start + tokens) * c.heads * hd;
+    // Worth a parallel region from about 64 cached positions on.
+    if rayon::current_num_threads() > 1 && work > 1 << 15 {
+        out.par_chunks_mut(hd)
+            .enumerate()
+            .for_each_init(Vec::new, |scores, (i, o)| one(i / c.heads, i % c.heads, o, scores));
+    } else {
+        let mut scores = Vec::new();
+        out.chunks_mut(hd).enumerate().for_each(|(i, o)| one(i / c.heads, i % c.heads, o, &mut scores));
+    }
+}
+
+/// Softmax of one row of scores, in place.
+fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    row.iter_mut().for_each(|x| *x = exp(*x - max));
+    let inv = 1.0 / row.iter().sum::<f32>();
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// `e^x` without branches or calls, so loops over it vectorise (libm's
+/// `expf` is a call per value): Cephes' single-precision method, 2^n times
+/// a degree-7 polynomial on the remainder. Within 2 ulp of `f32::exp`
+/// (tested below); stops at 2^-126 below -87.3 and at e^88 above 88.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.336_54, 88.0);
+    let n = x.mul_add(std::f32::consts::LOG2_E, 0.5).floor();
+    // x - n ln 2, with ln 2 split in two so the product is exact.
+    let r = n.mul_add(2.121_944_4e-4, n.mul_add(-0.693_359_4, x));
+    let mut p = r.mul_add(1.987_569_1e-4, 1.398_199_9e-3);
+    p = r.mul_add(p, 8.333_452e-3);
+    p = r.mul_add(p, 4.166_579_6e-2);
+    p = r.mul_add(p, 1.666_666_5e-1);
+    p = r.mul_add(p, 0.5);
+    let p = (r * r).mul_add(p, r) + 1.0;
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// f32 dot product in eight lanes (so the compiler vectorises it).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
+    for (a, b) in a8.zip(b8) {
+        for i in 0..8 {
+            lanes[i] += a[i] * b[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// The Q8_0 dot product: `sum_b wd[b] * ad[b] * sum_i wq[32b+i] * aq[32b+i]`.
+mod kernels {
+    /// Portable version, and the reference the SIMD one is tested against.
+    #[cfg_attr(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"), allow(dead_code))]
+    pub(super) fn dot_q8_portable(wq: &[i8], ws: &[f32], aq: &[i8], a_s: &[f32]) -> f32 {
+        let mut sum = 0f32;
+        for (((w, a), ws), a_s) in wq.chunks_exact(super::BLOCK).zip(aq.chunks_exact(super::BLOCK)).zip(ws).zip(a_s) {
+            let int: i32 = w.iter().zip(a).map(|(&w, &a)| i32::from(w) * i32::from(a)).sum();
+            sum += ws * a_s * int as f32;
+        }
+        sum
+    }
+
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    pub(super) use dot_q8_portable as dot_q8;
+
+    /// Q4_1 weights by Q8 activations: per block `d * d_a * sum(q * a) +
+    /// m * sum_a`. Portable version, and the SIMD one's reference.
+    #[cfg_attr(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"), allow(dead_code))]
+    pub(super) fn dot_q4_1_portable(w: &[u8], x: super::ActRow<'_>) -> f32 {
+        const B: usize = super::BLOCK;
+        let mut sum = 0f32;
+        for (((block, a), a_d), a_sum) in
+            w.chunks_exact(super::Q4_1_BYTES).zip(x.quants.chunks_exact(B)).zip(x.scales).zip(x.sums)
+        {
+            let (d, m) = super::q4_1_scales(block);
+            let mut int = 0i32;
+            for (i, &byte) in block[4..].iter().enumerate() {
+                int += i32::from(byte & 0x0F) * i32::from(a[i]) + i32::from(byte >> 4) * i32::from(a[i + B / 2]);
+            }
+            sum += d * a_d * int as f32 + m * a_sum;
+        }
+        sum
+    }
+
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    pub(super) use dot_q4_1_portable as dot_q4_1;
+
+    /// AVX2: the nibbles unpacked to 32 unsigned bytes (`maddubs` needs no
+    /// sign trick: 15 * 127 * 2 fits in i16), offsets added in scalar.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    pub(super) fn dot_q4_1(w: &[u8], x: super::ActRow<'_>) -> f32 {
+        use std::arch::x86_64::*;
+        const B: usize = super::BLOCK;
+        const BYTES: usize = super::Q4_1_BYTES;
+        let blocks = x.scales.len();
+        assert!(
+            w.len() == blocks * BYTES && x.quants.len() == blocks * B && x.sums.len() == blocks,
+            "dot_q4_1 operand sizes"
+        );
+        let mut offsets = 0f32;
+        // SAFETY: the build enables AVX2 and FMA (cfg above); block `b <
+        // blocks` reads bytes 4..20 of `w[b * 20..]` and 32 bytes of
+        // `x.quants[b * 32..]`, inside the slices checked above; unaligned
+        // loads are used.
+        #[allow(unsafe_code)]
+        let acc = unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let low = _mm_set1_epi8(0x0F);
+            let mut acc0 = _mm256_setzero_ps();
+            let mut acc1 = _mm256_setzero_ps();
+            for b in 0..blocks {
+                let block = &w[b * BYTES..(b + 1) * BYTES];
+                let (d, m) = super::q4_1_scales(block);
+                offsets += m * x.sums[b];
+                let bytes = _mm_loadu_si128(block.as_ptr().add(4).cast::<__m128i>());
+                let q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
+                let a = _mm256_loadu_si256(x.quants.as_ptr().add(b * B).cast::<__m256i>());
+                let ints = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, a), ones));
+                let scale = _mm256_set1_ps(d * x.scales[b]);
+                if b % 2 == 0 {
+                    acc0 = _mm256_fmadd_ps(scale, ints, acc0);
+                } else {
+                    acc1 = _mm256_fmadd_ps(scale, ints, acc1);
+                }
+            }
+            hsum(_mm256_add_ps(acc0, acc1))
+        };
+        acc + offsets
+    }
+
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    pub(super) fn dot4_q4_1(w: &[u8], x: [super::ActRow<'_>; 4]) -> [f32; 4] {
+        x.map(|x| dot_q4_1(w, x))
+    }
+
+    /// [`dot_q4_1`] for four activation rows: each block unpacked once.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    pub(super) fn dot4_q4_1(w: &[u8], x: [super::ActRow<'_>; 4]) -> [f32; 4] {
+        use std::arch::x86_64::*;
+        const B: usize = super::BLOCK;
+        const BYTES: usize = super::Q4_1_BYTES;
+        let blocks = w.len() / BYTES;
+        assert!(
+            w.len() == blocks * BYTES
+                && x.iter().all(|x| x.quants.len() == blocks * B && x.scales.len() == blocks && x.sums.len() == blocks),
+            "dot4_q4_1 operand sizes"
+        );
+        let mut offsets = [0f32; 4];
+        // SAFETY: as in `dot_q4_1`: AVX2 and FMA are enabled; block `b <
+        // blocks` reads inside `w` and inside each of the four rows, whose
+        // lengths are checked above.
+        #[allow(unsafe_code)]
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let low = _mm_set1_epi8(0x0F);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for b in 0..blocks {
+                let block = &w[b * BYTES..(b + 1) * BYTES];
+                let (d, m) = super::q4_1_scales(block);
+                let bytes = _mm_loadu_si128(block.as_ptr().add(4).cast::<__m128i>());
+                let q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
+                for j in 0..4 {
+                    offsets[j] += m * x[j].sums[b];
+                    let a = _mm256_loadu_si256(x[j].quants.as_ptr().add(b * B).cast::<__m256i>());
+                    let ints = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, a), ones));
+                    acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[j].scales[b]), ints, acc[j]);
+                }
+            }
+            [hsum(acc[0]) + offsets[0], hsum(acc[1]) + offsets[1], hsum(acc[2]) + offsets[2], hsum(acc[3]) + offsets[3]]
+        }
+    }
+
+    /// The sum of a vector's eight lanes.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    #[target_feature(enable = "avx2")]
+    fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+        use std::arch::x86_64::*;
+        let half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        _mm_cvtss_f32(_mm_add_ss(half, _mm_shuffle_ps(half, half, 1)))
+    }
+
+    /// AVX2: per block, |w| times a with w's sign (`maddubs` multiplies
+    /// unsigned by signed bytes), pairs summed to i32, scaled in f32.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    pub(super) fn dot_q8(wq: &[i8], ws: &[f32], aq: &[i8], a_s: &[f32]) -> f32 {
+        use std::arch::x86_64::*;
+        const B: usize = super::BLOCK;
+        let blocks = ws.len();
+        assert!(wq.len() == blocks * B && aq.len() == blocks * B && a_s.len() == blocks, "dot_q8 operand sizes");
+        // SAFETY: the build enables AVX2 and FMA (cfg above); every load
+        // reads 32 bytes at block `b < blocks` of slices checked above to
+        // hold `blocks * 32` bytes; unaligned loads are used.
+        #[allow(unsafe_code)]
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let mut acc0 = _mm256_setzero_ps();
+            let mut acc1 = _mm256_setzero_ps();
+            let block = |b: usize| {
+                let w = _mm256_loadu_si256(wq.as_ptr().add(b * B).cast::<__m256i>());
+                let a = _mm256_loadu_si256(aq.as_ptr().add(b * B).cast::<__m256i>());
+                let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+                _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones))
+            };
+            let mut b = 0;
+            while b + 1 < blocks {
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(ws[b] * a_s[b]), block(b), acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(ws[b + 1] * a_s[b + 1]), block(b + 1), acc1);
+                b += 2;
+            }
+            if b < blocks {
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(ws[b] * a_s[b]), block(b), acc0);
+            }
+            hsum(_mm256_add_ps(acc0, acc1))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn simd_dot_matches_portable_dot_including_extreme_quants() {
+        for blocks in [1, 2, 3, 18, 48] {
+            let w = pseudo_random(blocks * BLOCK, blocks as u64);
+            let a = pseudo_random(blocks * BLOCK, 99);
+            let mut m = QMatrix::quantize(&w, 1, blocks * BLOCK);
+            // A file may hold -128, which ggml never writes: still exact.
+            m.quants[0] = -128;
+            m.quants[blocks * BLOCK - 1] = 127;
+            let x = QActivations::from_rows(&a, blocks * BLOCK);
+            let row = x.row(0);
+            let simd = kernels::dot_q8(m.row_quants(0), m.row_scales(0), row.quants, row.scales);
+            let portable = kernels::dot_q8_portable(m.row_quants(0), m.row_scales(0), row.quants, row.scales);
+            assert!((simd - portable).abs() <= 1e-4 * portable.abs().max(1.0), "{blocks} blocks: {simd} vs {portable}");
+
+            let q4 = q4_1(&w, 1, blocks * BLOCK);
+            let four = kernels::dot4_q4_1(q4.row(0), [row; 4]);
+            assert!(four.iter().all(|&f| f == four[0]), "{four:?}");
+            let simd = kernels::dot_q4_1(q4.row(0), row);
+            assert!((four[0] - simd).abs() <= 1e-4 * simd.abs().max(1.0), "{four:?} vs {simd}");
+            let portable = kernels::dot_q4_1_portable(q4.row(0), row);
+            assert!(
+                (simd - portable).abs() <= 1e-4 * portable.abs().max(1.0),
+                "Q4_1, {blocks} blocks: {simd} vs {portable}"
+            );
+        }
+    }
+
+    /// Q4_1 blocks as ggml makes them: `d = (max - min) / 15`, `m = min`.
+    fn q4_1(values: &[f32], rows: usize, cols: usize) -> Q4Matrix {
+        let mut bytes = Vec::new();
+        for x in values.chunks_exact(BLOCK) {
+            let min = x.iter().copied().fold(f32::INFINITY, f32::min);
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let d = (max - min) / 15.0;
+            let q = |v: f32| if d > 0.0 { ((v - min) / d).round().clamp(0.0, 15.0) as u8 } else { 0 };
+            bytes.extend(half::f16::from_f32(d).to_le_bytes());
+            bytes.extend(half::f16::from_f32(min).to_le_bytes());
+            bytes.extend((0..BLOCK / 2).map(|i| q(x[i]) | (q(x[i + BLOCK / 2]) << 4)));
+        }
+        Q4Matrix::from_q4_1(&bytes, rows, cols).unwrap()
+    }
+
+    #[test]
+    fn quantized_matmul_equals_the_product_of_its_dequantized_operands() {
+        let (rows, cols) = (45, 96);
+        let values = pseudo_random(rows * cols, 7);
+        for m in [Matrix::Q8_0(QMatrix::quantize(&values, rows, cols)), Matrix::Q4_1(q4_1(&values, rows, cols))] {
+            let mut w = vec![0f32; rows * cols];
+            w.chunks_exact_mut(cols).enumerate().for_each(|(r, row)| m.dequantize_row(r, row));
+            // Dequantised Q4_1 is within half a step of the values.
+            assert!(w.iter().zip(&values).all(|(w, v)| (w - v).abs() < 0.07), "{m:?}");
+            for tokens in [1, 5, 9] {
+                let x = QActivations::from_rows(&pseudo_random(tokens * cols, 3), cols);
+                let mut out = vec![0f32; tokens * rows];
+                matmul(&x, &m, &mut out);
+                for t in 0..tokens {
+                    let row = x.row(t);
+                    let a: Vec<f32> =
+                        row.quants.iter().enumerate().map(|(i, &q)| f32::from(q) * row.scales[i / BLOCK]).collect();
+                    for r in 0..rows {
+                        let exact = dot(&a, &w[r * cols..][..cols]);
+                        let got = out[t * rows + r];
+                        assert!((got - exact).abs() < 1e-4, "token {t} row {r}: {got} vs {exact}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stacking_keeps_rows_in_order_and_refuses_mixed_formats() {
+        let a = QMatrix::quantize(&pseudo_random(64, 1), 2, 32);
+        let b = QMatrix::quantize(&pseudo_random(32, 2), 1, 32);
+        let Some(Matrix::Q8_0(stacked)) = Matrix::stack(vec![Matrix::Q8_0(a.clone()), Matrix::Q8_0(b.clone())]) else {
+            panic!("not stacked");
+        };
+        assert_eq!((stacked.rows, stacked.cols), (3, 32));
+        assert_eq!(stacked.row_quants(2), b.row_quants(0));
+        assert_eq!(stacked.row_scales(1), a.row_scales(1));
+        let q4 = q4_1(&pseudo_random(32, 3), 1, 32);
+        assert!(Matrix::stack(vec![Matrix::Q8_0(a), Matrix::Q4_1(q4)]).is_none());
+    }
+
+    #[test]
+    fn q8_0_bytes_load_as_ggml_lays_them_out() {
+        // One block: scale 0.5 as f16, quants 0..32 with the first negative.
+        let mut bytes = half::f16::from_f32(0.5).to_le_bytes().to_vec();
+        bytes.extend((0..32).map(|i: i8| if i == 0 { -3i8 as u8 } else { i as u8 }));
+        let m = QMatrix::from_q8_0(&bytes, 1, 32).unwrap();
+        let mut row = vec![0f32; 32];
+        m.dequantize_row(0, &mut row);
+        assert_eq!(row[0], -1.5);
+        assert_eq!(row[31], 15.5);
+        assert!(QMatrix::from_q8_0(&bytes[..33], 1, 32).is_none());
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_of_libm() {
+        for i in -87_000..=87_900 {
+            let x = i as f32 * 1e-3 + 1.234e-4;
+            let (ours, libm) = (exp(x), x.exp());
+            let ulp = (libm.to_bits() as i64 - ours.to_bits() as i64).abs();
+            assert!(ulp <= 2, "exp({x}) = {ours}, libm {libm} ({ulp} ulp)");
+        }
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1000.0) < 1e-37 && exp(-1000.0) >= 0.0);
+        assert!(exp(1000.0).is_finite());
+    }
+
+    #[test]
+    fn rope_rotates_adjacent_pairs() {
+        let mut head = vec![1.0, 0.0, 0.0, 1.0];
+        let half_turn = std::f32::consts::FRAC_PI_2;
+        rope(&mut head, &[half_turn.cos(), 1.0], &[half_turn.sin(), 0.0]);
+        assert!((head[0] - 0.0).abs() < 1e-6 && (head[1] - 1.0).abs() < 1e-6);
+        assert_eq!(&head[2..], &[0.0, 1.0]);
+    }
+}
