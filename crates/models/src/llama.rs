@@ -1,22 +1,24 @@
-//! mycel's own llama forward pass for the CPU, on Q8_0 weights.
+//! mycel's own llama forward pass for the CPU, on Q4_1 and Q8_0 weights.
 //!
 //! candle's quantized llama spends half of each decoded token in a generic
 //! Q8_0 dot product, re-concatenates the whole KV cache at every step and
 //! wakes its thread pool for every small op (profiles in BENCHMARKS.md).
 //! This module does what llama.cpp does instead:
 //!
-//! - weights as Q8_0 blocks (32 signed bytes and one scale), laid out as
-//!   two flat arrays, so a row's quants are contiguous;
-//! - activations quantised to the same blocks, and an integer dot product
-//!   (AVX2 where the build has it, portable code otherwise);
+//! - weights in ggml's blocks of 32: Q4_1 kept byte for byte as the GGUF
+//!   ships it, Q8_0 as two flat arrays (quants, scales);
+//! - activations quantised to 8-bit blocks with their sums, and integer dot
+//!   products (AVX2 where the build has it, portable code otherwise), four
+//!   prompt tokens per unpacked weight block;
 //! - a KV cache that grows in place, one buffer per layer;
 //! - the query, key and value projections as one matrix, and the gate and
 //!   up projections as another, so each layer runs four matrix products;
-//! - rayon only around the matrix products, split into one piece per thread.
+//! - rayon only around the matrix products (one piece per thread) and
+//!   attention heads, with the whole pass inside the pool.
 //!
 //! Loaded only for llama-architecture GGUFs on the CPU whose matrices are
-//! Q8_0 (as shipped, or converted from Q4_1 at load); anything else stays
-//! on candle's model (see `generate.rs`).
+//! Q4_1 or Q8_0 (Q4_1 optionally converted to Q8_0 at load); anything else
+//! stays on candle's model (see `generate.rs`).
 
 use std::io::{Read, Seek};
 
