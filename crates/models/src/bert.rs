@@ -16,6 +16,8 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, S
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct, PositionEmbeddingType};
 
+use crate::math::softmax_in_place;
+
 /// The encoder; `forward` returns the last hidden states.
 #[derive(Debug)]
 pub struct Bert {
@@ -237,17 +239,6 @@ fn attention_cpu(
         context.chunks_mut(per_text).enumerate().for_each(|(b, out)| text(b, out));
     }
     Ok(Some(Tensor::from_vec(context, (batch, tokens, hidden), &Device::Cpu)?))
-}
-
-/// Softmax of one row of scores, in place: exp(x - max) / sum.
-fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for x in row.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
-    row.iter_mut().for_each(|x| *x /= sum);
 }
 
 /// A dense layer with bias: `x W^T + b`, plus a residual when given one.

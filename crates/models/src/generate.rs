@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::error::{ModelError, Result};
-use crate::llama::{KvCache, Llama};
+use crate::llama::{KvCache, Llama, LoadError};
 use crate::tokenizer::{self, Specials};
 
 /// How to load a GGUF model.
@@ -129,14 +129,13 @@ impl Generator {
         let q4_1 = content.tensor_infos.values().any(|t| t.ggml_dtype == GgmlDType::Q4_1);
         let quantization = dominant_quantization(&content, options.requantize_q4_1);
         let own = if options.own_kernels && device.is_cpu() {
-            match Llama::load(&content, &mut reader, options.requantize_q4_1)
-                .map_err(|e| ModelError::format(&file, e))?
-            {
+            match Llama::load(&content, &mut reader, options.requantize_q4_1) {
                 Ok(llama) => Some(llama),
-                Err(why) => {
+                Err(LoadError::Unsupported(why)) => {
                     tracing::info!(file = %file.display(), %why, "running this model on candle's kernels");
                     None
                 }
+                Err(LoadError::Read(e)) => return Err(ModelError::format(&file, e)),
             }
         } else {
             None

@@ -25,6 +25,7 @@ pub mod generate;
 pub mod hardware;
 pub mod heap;
 mod llama;
+mod math;
 pub mod pool;
 pub mod registry;
 pub mod tokenizer;

@@ -27,6 +27,8 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::{DType, Device};
 use rayon::prelude::*;
 
+use crate::math::{exp, softmax_in_place};
+
 /// Values per Q8_0 block.
 const BLOCK: usize = 32;
 
@@ -208,6 +210,16 @@ impl Q4Matrix {
         Some(Self { rows, cols, blocks: bytes.to_vec() })
     }
 
+    fn concat(parts: &[Q4Matrix]) -> Self {
+        let cols = parts.first().map_or(0, |p| p.cols);
+        assert!(parts.iter().all(|p| p.cols == cols), "concatenated matrices differ in width");
+        Self {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols,
+            blocks: parts.iter().flat_map(|p| p.blocks.iter().copied()).collect(),
+        }
+    }
+
     fn row(&self, r: usize) -> &[u8] {
         let n = self.cols / BLOCK * Q4_1_BYTES;
         &self.blocks[r * n..(r + 1) * n]
@@ -264,7 +276,6 @@ impl Matrix {
         if parts.iter().any(|p| p.cols() != cols) {
             return None;
         }
-        let rows = parts.iter().map(Matrix::rows).sum();
         let mut q8 = Vec::new();
         let mut q4 = Vec::new();
         for part in parts {
@@ -275,26 +286,14 @@ impl Matrix {
         }
         match (q8.is_empty(), q4.is_empty()) {
             (false, true) => Some(Self::Q8_0(QMatrix::concat(&q8))),
-            (true, false) => Some(Self::Q4_1(Q4Matrix { rows, cols, blocks: q4.concat_blocks() })),
+            (true, false) => Some(Self::Q4_1(Q4Matrix::concat(&q4))),
             _ => None,
         }
     }
 }
 
-trait ConcatBlocks {
-    fn concat_blocks(&self) -> Vec<u8>;
-}
-
-impl ConcatBlocks for Vec<Q4Matrix> {
-    fn concat_blocks(&self) -> Vec<u8> {
-        self.iter().flat_map(|m| m.blocks.iter().copied()).collect()
-    }
-}
-
 /// A weight format's row-by-activation dot product.
 trait RowDot: Sync {
-    fn rows(&self) -> usize;
-    fn cols(&self) -> usize;
     fn dot(&self, r: usize, x: ActRow<'_>) -> f32;
     /// Row `r` against four activation rows at once.
     fn dot4(&self, r: usize, x: [ActRow<'_>; 4]) -> [f32; 4] {
@@ -303,28 +302,12 @@ trait RowDot: Sync {
 }
 
 impl RowDot for QMatrix {
-    fn rows(&self) -> usize {
-        self.rows
-    }
-
-    fn cols(&self) -> usize {
-        self.cols
-    }
-
     fn dot(&self, r: usize, x: ActRow<'_>) -> f32 {
         kernels::dot_q8(self.row_quants(r), self.row_scales(r), x.quants, x.scales)
     }
 }
 
 impl RowDot for Q4Matrix {
-    fn rows(&self) -> usize {
-        self.rows
-    }
-
-    fn cols(&self) -> usize {
-        self.cols
-    }
-
     fn dot(&self, r: usize, x: ActRow<'_>) -> f32 {
         kernels::dot_q4_1(self.row(r), x)
     }
@@ -337,17 +320,17 @@ impl RowDot for Q4Matrix {
 /// `out = x W^T` for `T` rows of `x` (already quantised): `out` is
 /// `T x w.rows`, row-major.
 fn matmul(x: &QActivations, w: &Matrix, out: &mut [f32]) {
+    assert_eq!(x.cols, w.cols(), "matmul of width {} by width {}", x.cols, w.cols());
     match w {
-        Matrix::Q8_0(m) => matmul_rows(x, m, out),
-        Matrix::Q4_1(m) => matmul_rows(x, m, out),
+        Matrix::Q8_0(m) => matmul_rows(x, m, w.rows(), out),
+        Matrix::Q4_1(m) => matmul_rows(x, m, w.rows(), out),
     }
 }
 
 /// [`matmul`] for one weight format. The rows of `W` are split across the
 /// current rayon pool's threads, one contiguous piece each.
-fn matmul_rows<W: RowDot>(x: &QActivations, w: &W, out: &mut [f32]) {
-    assert_eq!(x.cols, w.cols(), "matmul of width {} by width {}", x.cols, w.cols());
-    let (tokens, w_rows) = (x.rows(), w.rows());
+fn matmul_rows<W: RowDot>(x: &QActivations, w: &W, w_rows: usize, out: &mut [f32]) {
+    let tokens = x.rows();
     assert_eq!(out.len(), tokens * w_rows, "matmul output size");
     let threads = rayon::current_num_threads();
     let piece = w_rows.div_ceil(threads).max(16);
@@ -427,18 +410,34 @@ pub(crate) struct Llama {
     output: Option<Matrix>,
 }
 
-/// Why a GGUF stays on candle's model.
-pub(crate) type Unsupported = String;
+/// Why [`Llama::load`] did not load a GGUF.
+#[derive(Debug)]
+pub(crate) enum LoadError {
+    /// The file has something this module does not run (the reason):
+    /// candle's model should run it instead.
+    Unsupported(String),
+    /// The file could not be read.
+    Read(candle_core::Error),
+}
+
+impl From<candle_core::Error> for LoadError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Read(e)
+    }
+}
+
+fn unsupported<T>(why: impl Into<String>) -> Result<T, LoadError> {
+    Err(LoadError::Unsupported(why.into()))
+}
 
 impl Llama {
     /// Reads a llama GGUF's weights. Q8_0 and Q4_1 matrices are taken as
-    /// they are, Q4_1 converted to Q8_0 when `convert_q4_1`. `Ok(Err(why))`
-    /// when the file has something this module does not run.
+    /// they are, Q4_1 converted to Q8_0 when `convert_q4_1`.
     pub(crate) fn load<R: Read + Seek>(
         content: &Content,
         reader: &mut R,
         convert_q4_1: bool,
-    ) -> candle_core::Result<Result<Self, Unsupported>> {
+    ) -> Result<Self, LoadError> {
         let md = |key: &str| content.metadata.get(key);
         let get_u32 = |key: &str| md(key).and_then(|v| v.to_u32().ok()).map(|v| v as usize);
         let (Some(heads), Some(kv_heads), Some(layers), Some(dim)) = (
@@ -447,18 +446,18 @@ impl Llama {
             get_u32("llama.block_count"),
             get_u32("llama.embedding_length"),
         ) else {
-            return Ok(Err("missing llama shape metadata".into()));
+            return unsupported("missing llama shape metadata");
         };
         if md("llama.expert_count").and_then(|v| v.to_u32().ok()).unwrap_or(0) > 0 {
-            return Ok(Err("mixture of experts".into()));
+            return unsupported("mixture of experts");
         }
         if heads == 0 || kv_heads == 0 || !dim.is_multiple_of(heads) || !heads.is_multiple_of(kv_heads) {
-            return Ok(Err(format!("{heads} heads, {kv_heads} key/value heads, width {dim}")));
+            return unsupported(format!("{heads} heads, {kv_heads} key/value heads, width {dim}"));
         }
         let head_dim = dim / heads;
         let rope_dim = get_u32("llama.rope.dimension_count").unwrap_or(head_dim);
         if rope_dim != head_dim || !head_dim.is_multiple_of(2) {
-            return Ok(Err(format!("rotary width {rope_dim} for heads of {head_dim}")));
+            return unsupported(format!("rotary width {rope_dim} for heads of {head_dim}"));
         }
         let base = md("llama.rope.freq_base").and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0);
         let eps = md("llama.attention.layer_norm_rms_epsilon").and_then(|v| v.to_f32().ok()).unwrap_or(1e-5);
@@ -466,56 +465,45 @@ impl Llama {
         let inv_freq = (0..head_dim).step_by(2).map(|i| 1f32 / base.powf(i as f32 / head_dim as f32)).collect();
 
         let cpu = Device::Cpu;
-        let matrix = |reader: &mut R, name: &str| -> candle_core::Result<Result<Matrix, Unsupported>> {
+        let matrix = |reader: &mut R, name: &str| -> Result<Matrix, LoadError> {
             let Some(info) = content.tensor_infos.get(name) else {
-                return Ok(Err(format!("no tensor {name}")));
+                return unsupported(format!("no tensor {name}"));
             };
             let dims = info.shape.dims();
             let &[rows, cols] = dims else {
-                return Ok(Err(format!("{name} has shape {dims:?}")));
+                return unsupported(format!("{name} has shape {dims:?}"));
             };
             if !cols.is_multiple_of(BLOCK) {
-                return Ok(Err(format!("{name} is {cols} wide")));
+                return unsupported(format!("{name} is {cols} wide"));
             }
             let tensor = content.tensor(reader, name, &cpu)?;
-            match tensor.dtype() {
-                GgmlDType::Q8_0 => Ok(QMatrix::from_q8_0(&tensor.data()?, rows, cols)
-                    .map(Matrix::Q8_0)
-                    .ok_or_else(|| format!("{name}: Q8_0 data of the wrong size"))),
+            let matrix = match tensor.dtype() {
+                GgmlDType::Q8_0 => QMatrix::from_q8_0(&tensor.data()?, rows, cols).map(Matrix::Q8_0),
                 GgmlDType::Q4_1 if convert_q4_1 => {
                     let values = tensor.dequantize(&cpu)?.flatten_all()?.to_vec1::<f32>()?;
-                    Ok(Ok(Matrix::Q8_0(QMatrix::quantize(&values, rows, cols))))
+                    Some(Matrix::Q8_0(QMatrix::quantize(&values, rows, cols)))
                 }
-                GgmlDType::Q4_1 => Ok(Q4Matrix::from_q4_1(&tensor.data()?, rows, cols)
-                    .map(Matrix::Q4_1)
-                    .ok_or_else(|| format!("{name}: Q4_1 data of the wrong size"))),
-                other => Ok(Err(format!("{name} is {other:?}"))),
-            }
-        };
-        macro_rules! take {
-            ($e:expr) => {
-                match $e? {
-                    Ok(v) => v,
-                    Err(why) => return Ok(Err(why)),
-                }
+                GgmlDType::Q4_1 => Q4Matrix::from_q4_1(&tensor.data()?, rows, cols).map(Matrix::Q4_1),
+                other => return unsupported(format!("{name} is {other:?}")),
             };
-        }
-        let embedding = take!(matrix(reader, "token_embd.weight"));
+            matrix.map_or_else(|| unsupported(format!("{name}: data of the wrong size")), Ok)
+        };
+        let embedding = matrix(reader, "token_embd.weight")?;
         let output = if content.tensor_infos.contains_key("output.weight") {
-            Some(take!(matrix(reader, "output.weight")))
+            Some(matrix(reader, "output.weight")?)
         } else {
             None
         };
         let mut blocks = Vec::with_capacity(layers);
         for l in 0..layers {
             let p = format!("blk.{l}");
-            let q = take!(matrix(reader, &format!("{p}.attn_q.weight")));
-            let k = take!(matrix(reader, &format!("{p}.attn_k.weight")));
-            let v = take!(matrix(reader, &format!("{p}.attn_v.weight")));
-            let wo = take!(matrix(reader, &format!("{p}.attn_output.weight")));
-            let gate = take!(matrix(reader, &format!("{p}.ffn_gate.weight")));
-            let up = take!(matrix(reader, &format!("{p}.ffn_up.weight")));
-            let down = take!(matrix(reader, &format!("{p}.ffn_down.weight")));
+            let q = matrix(reader, &format!("{p}.attn_q.weight"))?;
+            let k = matrix(reader, &format!("{p}.attn_k.weight"))?;
+            let v = matrix(reader, &format!("{p}.attn_v.weight"))?;
+            let wo = matrix(reader, &format!("{p}.attn_output.weight"))?;
+            let gate = matrix(reader, &format!("{p}.ffn_gate.weight"))?;
+            let up = matrix(reader, &format!("{p}.ffn_up.weight"))?;
+            let down = matrix(reader, &format!("{p}.ffn_down.weight"))?;
             let kv_dim = kv_heads * head_dim;
             let ffn = gate.rows();
             let shapes_ok = q.rows() == dim
@@ -525,10 +513,10 @@ impl Llama {
                 && (wo.rows(), wo.cols()) == (dim, dim)
                 && (up.rows(), down.rows(), down.cols()) == (ffn, dim, ffn);
             if !shapes_ok {
-                return Ok(Err(format!("layer {l} has unexpected shapes")));
+                return unsupported(format!("layer {l} has unexpected shapes"));
             }
             let (Some(qkv), Some(gate_up)) = (Matrix::stack(vec![q, k, v]), Matrix::stack(vec![gate, up])) else {
-                return Ok(Err(format!("layer {l} mixes weight formats")));
+                return unsupported(format!("layer {l} mixes weight formats"));
             };
             blocks.push(Layer {
                 attn_norm: vector(content, reader, &format!("{p}.attn_norm.weight"), dim)?,
@@ -542,11 +530,11 @@ impl Llama {
         let ffn = blocks.first().map_or(0, |l| l.down.cols());
         let vocab = output.as_ref().unwrap_or(&embedding).rows();
         if embedding.cols() != dim || output.as_ref().is_some_and(|o| o.cols() != dim) || embedding.rows() != vocab {
-            return Ok(Err("embedding and output shapes disagree".into()));
+            return unsupported("embedding and output shapes disagree");
         }
         let config = Config { dim, heads, kv_heads, head_dim, ffn, vocab, eps, inv_freq };
         let norm = vector(content, reader, "output_norm.weight", dim)?;
-        Ok(Ok(Self { config, embedding, layers: blocks, norm, output }))
+        Ok(Self { config, embedding, layers: blocks, norm, output })
     }
 
     /// An empty KV cache for one sequence.
@@ -717,33 +705,6 @@ fn attention(c: &Config, qkv: &[f32], keys: &[f32], values: &[f32], start: usize
         let mut scores = Vec::new();
         out.chunks_mut(hd).enumerate().for_each(|(i, o)| one(i / c.heads, i % c.heads, o, &mut scores));
     }
-}
-
-/// Softmax of one row of scores, in place.
-fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    row.iter_mut().for_each(|x| *x = exp(*x - max));
-    let inv = 1.0 / row.iter().sum::<f32>();
-    row.iter_mut().for_each(|x| *x *= inv);
-}
-
-/// `e^x` without branches or calls, so loops over it vectorise (libm's
-/// `expf` is a call per value): Cephes' single-precision method, 2^n times
-/// a degree-7 polynomial on the remainder. Within 2 ulp of `f32::exp`
-/// (tested below); stops at 2^-126 below -87.3 and at e^88 above 88.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.336_54, 88.0);
-    let n = x.mul_add(std::f32::consts::LOG2_E, 0.5).floor();
-    // x - n ln 2, with ln 2 split in two so the product is exact.
-    let r = n.mul_add(2.121_944_4e-4, n.mul_add(-0.693_359_4, x));
-    let mut p = r.mul_add(1.987_569_1e-4, 1.398_199_9e-3);
-    p = r.mul_add(p, 8.333_452e-3);
-    p = r.mul_add(p, 4.166_579_6e-2);
-    p = r.mul_add(p, 1.666_666_5e-1);
-    p = r.mul_add(p, 0.5);
-    let p = (r * r).mul_add(p, r) + 1.0;
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 /// f32 dot product in eight lanes (so the compiler vectorises it).
@@ -1037,19 +998,6 @@ mod tests {
         assert_eq!(row[0], -1.5);
         assert_eq!(row[31], 15.5);
         assert!(QMatrix::from_q8_0(&bytes[..33], 1, 32).is_none());
-    }
-
-    #[test]
-    fn exp_is_within_two_ulp_of_libm() {
-        for i in -87_000..=87_900 {
-            let x = i as f32 * 1e-3 + 1.234e-4;
-            let (ours, libm) = (exp(x), x.exp());
-            let ulp = (libm.to_bits() as i64 - ours.to_bits() as i64).abs();
-            assert!(ulp <= 2, "exp({x}) = {ours}, libm {libm} ({ulp} ulp)");
-        }
-        assert_eq!(exp(0.0), 1.0);
-        assert!(exp(-1000.0) < 1e-37 && exp(-1000.0) >= 0.0);
-        assert!(exp(1000.0).is_finite());
     }
 
     #[test]
