@@ -11,6 +11,11 @@
 //! weights at load. Dense layers on the CPU are one GEMM each, into an
 //! output already holding the bias (and the residual, where one follows):
 //! no zero-filled output, no separate passes for the additions.
+//!
+//! On the CPU, [`Bert::forward_packed`] runs a batch without padding:
+//! texts back to back, every per-token operation on real tokens only,
+//! attention within each text, layer norms in place. The padded
+//! [`Bert::forward`] stays for other devices.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Storage, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
@@ -24,7 +29,7 @@ pub struct Bert {
     words: Embedding,
     positions: Embedding,
     token_types: Embedding,
-    embed_norm: LayerNorm,
+    embed_norm: Norm,
     layers: Vec<Layer>,
     heads: usize,
     head_size: usize,
@@ -36,19 +41,19 @@ struct Layer {
     key: Dense,
     value: Dense,
     attention_out: Dense,
-    attention_norm: LayerNorm,
+    attention_norm: Norm,
     intermediate: Dense,
     act: HiddenAct,
     output: Dense,
-    output_norm: LayerNorm,
+    output_norm: Norm,
 }
 
 fn dense(vb: &VarBuilder, inputs: usize, outputs: usize) -> candle_core::Result<Dense> {
     Ok(Dense(Linear::new(vb.get((outputs, inputs), "weight")?, Some(vb.get(outputs, "bias")?))))
 }
 
-fn layer_norm(vb: &VarBuilder, size: usize, eps: f64) -> candle_core::Result<LayerNorm> {
-    Ok(LayerNorm::new(vb.get(size, "weight")?, vb.get(size, "bias")?, eps))
+fn layer_norm(vb: &VarBuilder, size: usize, eps: f64) -> candle_core::Result<Norm> {
+    Ok(Norm(LayerNorm::new(vb.get(size, "weight")?, vb.get(size, "bias")?, eps)))
 }
 
 impl Bert {
@@ -109,13 +114,14 @@ impl Bert {
 
     /// Hidden states `(batch, tokens, hidden)` for `ids` and `types`
     /// `(batch, tokens)`; `mask` `(batch, tokens)` is 1 for real tokens and
-    /// 0 for padding.
+    /// 0 for padding. Any device; on the CPU [`Self::forward_packed`] does
+    /// the same work without the padding.
     pub fn forward(&self, ids: &Tensor, types: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
         let (_, tokens) = ids.dims2()?;
         let positions = Tensor::arange(0u32, tokens as u32, ids.device())?;
         let x = (self.words.forward(ids)? + self.token_types.forward(types)?)?
             .broadcast_add(&self.positions.forward(&positions)?)?;
-        let mut x = self.embed_norm.forward(&x)?;
+        let mut x = self.embed_norm.0.forward(&x)?;
         // Padding gets the most negative score, as in Hugging Face's
         // extended attention mask: (1 - mask) * f32::MIN, (batch, 1, 1, tokens).
         let mask = mask.to_dtype(x.dtype())?;
@@ -145,13 +151,125 @@ impl Bert {
                 probs.matmul(&heads(v)?)?.transpose(1, 2)?.contiguous()?.reshape((batch, tokens, hidden))?
             }
         };
-        let attended = l.attention_norm.forward(&l.attention_out.forward(&context, Some(x))?)?;
+        let attended = l.attention_norm.0.forward(&l.attention_out.forward(&context, Some(x))?)?;
         let inner = match l.act {
             HiddenAct::Gelu => l.intermediate.forward_then(&attended, None, Then::GeluErf)?,
             act => activate(act, &l.intermediate.forward(&attended, None)?)?,
         };
-        l.output_norm.forward(&l.output.forward(&inner, Some(&attended))?)
+        l.output_norm.0.forward(&l.output.forward(&inner, Some(&attended))?)
     }
+
+    /// The last hidden states of the real tokens only, on the CPU in f32:
+    /// `ids` and `types` hold every text's tokens back to back, `lengths`
+    /// how many each text has; the result is `(sum of lengths, hidden)`,
+    /// row-major, in the same order. Nothing is computed for padding, and
+    /// that is exact: every operation but attention works token by token,
+    /// and attention gives padded keys a weight of exactly 0. `threads`
+    /// splits each matrix product and the attention (1: this thread
+    /// only). `None` where the weights are not f32 on the CPU.
+    pub fn forward_packed(
+        &self,
+        ids: &[u32],
+        types: &[u32],
+        lengths: &[usize],
+        threads: usize,
+    ) -> candle_core::Result<Option<Vec<f32>>> {
+        let total: usize = lengths.iter().sum();
+        if ids.len() != total || types.len() != total {
+            candle_core::bail!("{} ids and {} types for texts of {total} tokens", ids.len(), types.len());
+        }
+        let hidden = self.heads * self.head_size;
+        let (words, words_layout) = self.words.embeddings().storage_and_layout();
+        let (types_table, types_layout) = self.token_types.embeddings().storage_and_layout();
+        let (positions, positions_layout) = self.positions.embeddings().storage_and_layout();
+        let (Some(words), Some(types_table), Some(positions)) =
+            (cpu_f32(&words, words_layout), cpu_f32(&types_table, types_layout), cpu_f32(&positions, positions_layout))
+        else {
+            return Ok(None);
+        };
+        fn row<'a>(table: &'a [f32], i: u32, hidden: usize, what: &str) -> candle_core::Result<&'a [f32]> {
+            let at = i as usize * hidden;
+            match table.get(at..at + hidden) {
+                Some(row) => Ok(row),
+                None => candle_core::bail!("{what} {i} is past the model's table of {}", table.len() / hidden),
+            }
+        }
+        // (word + token type) + position, in Hugging Face's order of additions.
+        let mut x = Vec::with_capacity(total * hidden);
+        let mut at = 0;
+        for &n in lengths {
+            for p in 0..n {
+                let w = row(words, ids[at + p], hidden, "token id")?;
+                let t = row(types_table, types[at + p], hidden, "token type")?;
+                let pos = row(positions, p as u32, hidden, "position")?;
+                x.extend(w.iter().zip(t).zip(pos).map(|((w, t), p)| (w + t) + p));
+            }
+            at += n;
+        }
+        let spans = spans(lengths);
+        if !self.embed_norm.apply(&mut x)? {
+            return Ok(None);
+        }
+        for l in &self.layers {
+            let Some(next) = self.layer_packed(l, &x, &spans, threads)? else { return Ok(None) };
+            x = next;
+        }
+        Ok(Some(x))
+    }
+
+    fn layer_packed(
+        &self,
+        l: &Layer,
+        x: &[f32],
+        spans: &[Span],
+        threads: usize,
+    ) -> candle_core::Result<Option<Vec<f32>>> {
+        let hidden = self.heads * self.head_size;
+        let then = match l.act {
+            HiddenAct::Gelu => Then::GeluErf,
+            HiddenAct::GeluApproximate => Then::GeluTanh,
+            HiddenAct::Relu => Then::Relu,
+        };
+        let (Some(q), Some(k), Some(v)) = (
+            l.query.apply(x, None, Then::Nothing, threads)?,
+            l.key.apply(x, None, Then::Nothing, threads)?,
+            l.value.apply(x, None, Then::Nothing, threads)?,
+        ) else {
+            return Ok(None);
+        };
+        let context = attention(&q, &k, &v, hidden, self.heads, spans, threads);
+        let Some(mut attended) = l.attention_out.apply(&context, Some(x), Then::Nothing, threads)? else {
+            return Ok(None);
+        };
+        if !l.attention_norm.apply(&mut attended)? {
+            return Ok(None);
+        }
+        let Some(inner) = l.intermediate.apply(&attended, None, then, threads)? else { return Ok(None) };
+        let Some(mut out) = l.output.apply(&inner, Some(&attended), Then::Nothing, threads)? else {
+            return Ok(None);
+        };
+        Ok(l.output_norm.apply(&mut out)?.then_some(out))
+    }
+}
+
+/// A text's rows in a batch: the first, and how many.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    start: usize,
+    len: usize,
+}
+
+/// The spans of texts of `lengths` tokens laid back to back.
+fn spans(lengths: &[usize]) -> Vec<Span> {
+    let mut start = 0;
+    lengths
+        .iter()
+        .map(|&len| {
+            let span = Span { start, len };
+            start += len;
+            span
+        })
+        .collect()
 }
 
 /// The number of real tokens of each text when `mask` (batch, tokens) is
@@ -171,17 +289,10 @@ fn prefix_lengths(mask: &Tensor) -> candle_core::Result<Option<Vec<usize>>> {
         .collect())
 }
 
-/// Self-attention on the CPU, one text and head at a time, straight from
-/// the projections' layout: `q`, `k`, `v` are (batch, tokens, hidden) with
-/// the heads side by side (the query already scaled). For each text only
-/// its `lengths[b]` real tokens take part, which is exact: Hugging Face's
-/// mask gives padded keys a weight of exactly 0 (exp(f32::MIN - max)
-/// underflows), and a real token's output never depends on a padded
-/// query. The padded rows of the result are 0 (pooling never reads them).
-/// Against candle's batched path this makes no per-head copies of q, k and
-/// v, no (batch, heads, tokens, tokens) score tensors, and no transpose of
-/// the result: a text's scores for one head (at most 256 x 256) stay in
-/// cache. `None` where it does not apply (another device or dtype).
+/// [`attention`] for padded (batch, tokens, hidden) tensors on the CPU,
+/// each text's real tokens first (`lengths`); the padded rows of the
+/// result are 0 (pooling never reads them). `None` where it does not
+/// apply (another device or dtype).
 fn attention_cpu(
     q: &Tensor,
     k: &Tensor,
@@ -196,7 +307,6 @@ fn attention_cpu(
     if heads == 0 || !hidden.is_multiple_of(heads) || lengths.len() != batch || lengths.iter().any(|&n| n > tokens) {
         return Ok(None);
     }
-    let head_size = hidden / heads;
     let (q_storage, q_layout) = q.storage_and_layout();
     let (k_storage, k_layout) = k.storage_and_layout();
     let (v_storage, v_layout) = v.storage_and_layout();
@@ -205,19 +315,50 @@ fn attention_cpu(
     else {
         return Ok(None);
     };
-    let per_text = tokens * hidden;
-    if q.len() != batch * per_text || k.len() != q.len() || v.len() != q.len() {
+    if q.len() != batch * tokens * hidden || k.len() != q.len() || v.len() != q.len() {
         return Ok(None);
     }
-    let mut context = vec![0f32; batch * per_text];
-    let text = |b: usize, out: &mut [f32]| {
-        let n = lengths[b];
+    let spans: Vec<Span> = lengths.iter().enumerate().map(|(b, &len)| Span { start: b * tokens, len }).collect();
+    let context = attention(q, k, v, hidden, heads, &spans, rayon::current_num_threads());
+    Ok(Some(Tensor::from_vec(context, (batch, tokens, hidden), &Device::Cpu)?))
+}
+
+/// Self-attention one text and head at a time, straight from the
+/// projections' layout: `q`, `k`, `v` are (rows, hidden) with the heads
+/// side by side (the query already scaled), and each text attends only
+/// within its span. That is what Hugging Face's additive mask computes
+/// for right-padded texts: padded keys get a weight of exactly 0
+/// (exp(f32::MIN - max) underflows), and a real token's output never
+/// depends on a padded query. Rows outside every span are 0. Against
+/// candle's batched path this makes no per-head copies of q, k and v, no
+/// (batch, heads, tokens, tokens) score tensors, and no transpose of the
+/// result: a text's scores for one head (at most 256 x 256 here) stay in
+/// cache. Texts run in parallel when `threads` > 1.
+fn attention(q: &[f32], k: &[f32], v: &[f32], hidden: usize, heads: usize, spans: &[Span], threads: usize) -> Vec<f32> {
+    assert!(heads > 0 && hidden.is_multiple_of(heads), "{hidden} columns do not split into {heads} heads");
+    assert!(k.len() == q.len() && v.len() == q.len() && q.len().is_multiple_of(hidden), "attention shapes");
+    let head_size = hidden / heads;
+    let mut context = vec![0f32; q.len()];
+    // Each text's rows of the output, in span order, with the span.
+    let mut texts: Vec<(Span, &mut [f32])> = Vec::with_capacity(spans.len());
+    let mut rest = context.as_mut_slice();
+    let mut at = 0;
+    for &span in spans {
+        assert!(span.start >= at, "attention spans overlap or are out of order");
+        let (_, tail) = rest.split_at_mut((span.start - at) * hidden);
+        let (mine, tail) = tail.split_at_mut(span.len * hidden);
+        texts.push((span, mine));
+        rest = tail;
+        at = span.start + span.len;
+    }
+    let text = |(span, out): &mut (Span, &mut [f32])| {
+        let n = span.len;
         if n == 0 {
             return;
         }
         let mut scores = vec![0f32; n * n];
         for h in 0..heads {
-            let at = b * per_text + h * head_size;
+            let at = span.start * hidden + h * head_size;
             let (q, k, v) = (&q[at..], &k[at..], &v[at..]);
             // scores = q_h k_h^T: (n x head_size) by (head_size x n), the
             // head's rows `hidden` apart in its text's slice.
@@ -232,25 +373,92 @@ fn attention_cpu(
             matmul(&mut out[h * head_size..], hidden, false, (&scores, scores_view), (v, v_h), gemm::Parallelism::None);
         }
     };
-    if rayon::current_num_threads() > 1 {
+    if threads > 1 {
         use rayon::prelude::*;
-        context.par_chunks_mut(per_text).enumerate().for_each(|(b, out)| text(b, out));
+        texts.par_iter_mut().for_each(text);
     } else {
-        context.chunks_mut(per_text).enumerate().for_each(|(b, out)| text(b, out));
+        texts.iter_mut().for_each(text);
     }
-    Ok(Some(Tensor::from_vec(context, (batch, tokens, hidden), &Device::Cpu)?))
+    context
+}
+
+/// A layer norm; on the CPU applied in place, row by row.
+#[derive(Debug)]
+struct Norm(LayerNorm);
+
+impl Norm {
+    /// Normalises each row of `x` (rows of the weight's width) in place:
+    /// `(x - mean) / sqrt(var + eps) * weight + bias`, the variance over
+    /// the centred values (two passes, as PyTorch computes it). `false`
+    /// where the weights are not f32 on the CPU.
+    fn apply(&self, x: &mut [f32]) -> candle_core::Result<bool> {
+        let Some(bias) = self.0.bias() else { return Ok(false) };
+        let (w_storage, w_layout) = self.0.weight().storage_and_layout();
+        let (b_storage, b_layout) = bias.storage_and_layout();
+        let (Some(w), Some(b)) = (cpu_f32(&w_storage, w_layout), cpu_f32(&b_storage, b_layout)) else {
+            return Ok(false);
+        };
+        let width = w.len();
+        if width == 0 || b.len() != width || !x.len().is_multiple_of(width) {
+            candle_core::bail!("layer norm of width {width} over {} values", x.len());
+        }
+        let eps = self.0.eps() as f32;
+        for row in x.chunks_exact_mut(width) {
+            layer_norm_row(row, w, b, eps);
+        }
+        Ok(true)
+    }
+}
+
+fn layer_norm_row(row: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
+    let n = row.len() as f32;
+    let mean = sum_lanes(row, |v| v) / n;
+    let var = sum_lanes(row, |v| (v - mean) * (v - mean)) / n;
+    let scale = 1.0 / (var + eps).sqrt();
+    for ((v, w), b) in row.iter_mut().zip(weight).zip(bias) {
+        *v = (*v - mean) * scale * w + b;
+    }
+}
+
+/// The sum of `f` over `xs` in eight interleaved lanes, so it vectorises
+/// (a plain fold is a chain of additions the compiler must keep in order).
+#[inline(always)]
+fn sum_lanes(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f(v);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// A dense layer with bias: `x W^T + b`, plus a residual when given one.
 #[derive(Debug)]
 struct Dense(Linear);
 
-/// What a dense layer applies to its output.
+/// What a dense layer applies to its output, in place while it is still in cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Then {
     Nothing,
-    /// The exact GELU, in place while the output is still in cache.
+    /// The exact GELU.
     GeluErf,
+    /// GELU's tanh approximation.
+    GeluTanh,
+    Relu,
+}
+
+impl Then {
+    fn apply(self, out: &mut [f32]) {
+        match self {
+            Then::Nothing => {}
+            Then::GeluErf => out.iter_mut().for_each(|v| *v = gelu_erf(*v)),
+            Then::GeluTanh => out.iter_mut().for_each(|v| *v = gelu_tanh(*v)),
+            Then::Relu => out.iter_mut().for_each(|v| *v = v.max(0.0)),
+        }
+    }
 }
 
 impl Dense {
@@ -270,16 +478,15 @@ impl Dense {
         match then {
             Then::Nothing => Ok(y),
             Then::GeluErf => activate(HiddenAct::Gelu, &y),
+            Then::GeluTanh => activate(HiddenAct::GeluApproximate, &y),
+            Then::Relu => activate(HiddenAct::Relu, &y),
         }
     }
 
-    /// The f32 CPU path: one GEMM, `dst = 1 * dst + 1 * x W^T`, over a
-    /// destination filled with the bias (plus the residual). `None` where
-    /// it does not apply (another device or dtype, strided inputs).
+    /// [`Self::apply`] on tensors. `None` where it does not apply (another
+    /// device or dtype, strided inputs).
     fn forward_cpu(&self, x: &Tensor, residual: Option<&Tensor>, then: Then) -> candle_core::Result<Option<Tensor>> {
-        let Some(bias) = self.0.bias() else { return Ok(None) };
-        let weight = self.0.weight();
-        let (outputs, inputs) = weight.dims2()?;
+        let (outputs, inputs) = self.0.weight().dims2()?;
         let mut dims = x.dims().to_vec();
         match dims.last_mut() {
             Some(last) if *last == inputs => *last = outputs,
@@ -288,16 +495,9 @@ impl Dense {
         if residual.is_some_and(|r| r.dims() != dims.as_slice()) {
             candle_core::bail!("residual of shape {:?} for a dense output of {dims:?}", residual.map(Tensor::dims));
         }
-        let rows = x.elem_count() / inputs.max(1);
         let (x_storage, x_layout) = x.storage_and_layout();
-        let (w_storage, w_layout) = weight.storage_and_layout();
-        let (b_storage, b_layout) = bias.storage_and_layout();
         let r_storage = residual.map(Tensor::storage_and_layout);
-        let (Some(x), Some(w), Some(b)) =
-            (cpu_f32(&x_storage, x_layout), cpu_f32(&w_storage, w_layout), cpu_f32(&b_storage, b_layout))
-        else {
-            return Ok(None);
-        };
+        let Some(x) = cpu_f32(&x_storage, x_layout) else { return Ok(None) };
         let r = match &r_storage {
             Some((storage, layout)) => match cpu_f32(storage, layout) {
                 Some(r) => Some(r),
@@ -305,29 +505,48 @@ impl Dense {
             },
             None => None,
         };
-        if x.len() != rows * inputs
-            || w.len() != outputs * inputs
-            || b.len() != outputs
-            || r.is_some_and(|r| r.len() != rows * outputs)
-        {
+        let Some(out) = self.apply(x, r, then, rayon::current_num_threads())? else { return Ok(None) };
+        Ok(Some(Tensor::from_vec(out, dims, &Device::Cpu)?))
+    }
+
+    /// The f32 CPU path over rows of `x`: one GEMM, `dst = 1 * dst + 1 * x
+    /// W^T`, into a destination filled with the bias (plus the residual),
+    /// then `then` in place. No zero-filled output, no separate passes for
+    /// the additions. `None` where the weights are not f32 on the CPU.
+    fn apply(
+        &self,
+        x: &[f32],
+        residual: Option<&[f32]>,
+        then: Then,
+        threads: usize,
+    ) -> candle_core::Result<Option<Vec<f32>>> {
+        let Some(bias) = self.0.bias() else { return Ok(None) };
+        let (w_storage, w_layout) = self.0.weight().storage_and_layout();
+        let (b_storage, b_layout) = bias.storage_and_layout();
+        let (Some(w), Some(b)) = (cpu_f32(&w_storage, w_layout), cpu_f32(&b_storage, b_layout)) else {
             return Ok(None);
+        };
+        let outputs = b.len();
+        let inputs = w.len() / outputs.max(1);
+        if outputs == 0 || w.len() != outputs * inputs || !x.len().is_multiple_of(inputs) {
+            candle_core::bail!("a dense layer of {inputs} inputs was given {} values", x.len());
+        }
+        let rows = x.len() / inputs;
+        if residual.is_some_and(|r| r.len() != rows * outputs) {
+            candle_core::bail!("residual of {} values for {rows} rows of {outputs}", residual.map_or(0, <[f32]>::len));
         }
         let mut out = Vec::with_capacity(rows * outputs);
-        match r {
+        match residual {
             Some(r) => r.chunks_exact(outputs).for_each(|row| out.extend(row.iter().zip(b).map(|(r, b)| r + b))),
             None => (0..rows).for_each(|_| out.extend_from_slice(b)),
         }
-        // The rayon pool this runs in: a pool replica's own.
-        let threads = rayon::current_num_threads();
         let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
         let x_view = View { rows, cols: inputs, row_stride: inputs, col_stride: 1 };
         // W (outputs x inputs, row-major) read as W^T.
         let w_t = View { rows: inputs, cols: outputs, row_stride: 1, col_stride: inputs };
         matmul(&mut out, outputs, true, (x, x_view), (w, w_t), parallelism);
-        if then == Then::GeluErf {
-            out.iter_mut().for_each(|v| *v = gelu_erf(*v));
-        }
-        Ok(Some(Tensor::from_vec(out, dims, &Device::Cpu)?))
+        then.apply(&mut out);
+        Ok(Some(out))
     }
 }
 
@@ -442,6 +661,12 @@ impl CustomOp1 for GeluErf {
 #[inline(always)]
 fn gelu_erf(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// GELU's tanh approximation, as candle's `gelu` computes it.
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
 }
 
 /// `erf` for f32 as a ratio of two polynomials in x (odd over even) on
@@ -577,6 +802,131 @@ mod tests {
         // A mask with a hole is not right padding: the batched path runs.
         let holed = Tensor::new(&[[1f32, 0.0, 1.0]], &d).unwrap();
         assert_eq!(prefix_lengths(&holed).unwrap(), None);
+    }
+
+    /// A small BERT with random weights (2 layers, 3 heads of 4).
+    fn tiny_bert(act: &str) -> Bert {
+        let d = Device::Cpu;
+        let config: Config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 40, "hidden_size": 12, "num_hidden_layers": 2, "num_attention_heads": 3,
+            "intermediate_size": 20, "hidden_act": act, "hidden_dropout_prob": 0.0,
+            "max_position_embeddings": 16, "type_vocab_size": 2, "initializer_range": 0.02,
+            "layer_norm_eps": 1e-12, "pad_token_id": 0, "model_type": "bert"
+        }))
+        .unwrap();
+        let mut tensors = std::collections::HashMap::new();
+        let mut add = |name: String, shape: &[usize]| {
+            tensors.insert(name, Tensor::randn(0f32, 0.5, shape, &d).unwrap());
+        };
+        add("embeddings.word_embeddings.weight".into(), &[40, 12]);
+        add("embeddings.position_embeddings.weight".into(), &[16, 12]);
+        add("embeddings.token_type_embeddings.weight".into(), &[2, 12]);
+        for norm in ["embeddings.LayerNorm".to_string()].into_iter().chain((0..2).flat_map(|i| {
+            [format!("encoder.layer.{i}.attention.output.LayerNorm"), format!("encoder.layer.{i}.output.LayerNorm")]
+        })) {
+            add(format!("{norm}.weight"), &[12]);
+            add(format!("{norm}.bias"), &[12]);
+        }
+        for i in 0..2 {
+            let l = format!("encoder.layer.{i}");
+            for (name, outputs, inputs) in [
+                ("attention.self.query", 12, 12),
+                ("attention.self.key", 12, 12),
+                ("attention.self.value", 12, 12),
+                ("attention.output.dense", 12, 12),
+                ("intermediate.dense", 20, 12),
+                ("output.dense", 12, 20),
+            ] {
+                add(format!("{l}.{name}.weight"), &[outputs, inputs]);
+                add(format!("{l}.{name}.bias"), &[outputs]);
+            }
+        }
+        Bert::load(VarBuilder::from_tensors(tensors, DType::F32, &d), &config).unwrap()
+    }
+
+    /// The packed path (real tokens only, own layer norm, texts split
+    /// between threads or products split) against the padded one with
+    /// Hugging Face's mask and candle's layer norm: the same hidden state
+    /// for every real token.
+    #[test]
+    fn packed_encoder_matches_padded_encoder() {
+        let d = Device::Cpu;
+        let lengths = [5usize, 1, 9, 3];
+        let tokens = 9;
+        let ids: Vec<Vec<u32>> =
+            lengths.iter().enumerate().map(|(b, &n)| (0..n).map(|t| ((b * 7 + t * 3) % 40) as u32).collect()).collect();
+        let types: Vec<Vec<u32>> = lengths.iter().map(|&n| (0..n).map(|t| u32::from(t >= n / 2)).collect()).collect();
+        let pad = |rows: &[Vec<u32>]| -> Tensor {
+            let flat: Vec<u32> =
+                rows.iter().flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(0, tokens - r.len()))).collect();
+            Tensor::from_vec(flat, (rows.len(), tokens), &d).unwrap()
+        };
+        let mask: Vec<f32> =
+            lengths.iter().flat_map(|&n| (0..tokens).map(move |t| if t < n { 1.0 } else { 0.0 })).collect();
+        let mask = Tensor::from_vec(mask, (lengths.len(), tokens), &d).unwrap();
+        let flat = |rows: &[Vec<u32>]| -> Vec<u32> { rows.concat() };
+        for act in ["gelu", "relu", "geluapproximate"] {
+            let bert = tiny_bert(act);
+            let padded: Vec<Vec<Vec<f32>>> = bert.forward(&pad(&ids), &pad(&types), &mask).unwrap().to_vec3().unwrap();
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+            for threads in [1, 2] {
+                let packed = pool
+                    .install(|| bert.forward_packed(&flat(&ids), &flat(&types), &lengths, threads))
+                    .unwrap()
+                    .expect("CPU f32 weights take the packed path");
+                assert_eq!(packed.len(), lengths.iter().sum::<usize>() * 12);
+                let mut rows = packed.chunks_exact(12);
+                for (b, &n) in lengths.iter().enumerate() {
+                    for (t, expected) in padded[b][..n].iter().enumerate() {
+                        for (a, e) in rows.next().unwrap().iter().zip(expected) {
+                            assert!((a - e).abs() < 1e-4, "{act}, {threads} threads, text {b} token {t}: {a} vs {e}");
+                        }
+                    }
+                }
+            }
+            // Ids past the tables are an error, not a panic.
+            let err = bert.forward_packed(&[3, 40], &[0, 0], &[2], 1).unwrap_err().to_string();
+            assert!(err.contains("token id 40"), "{err}");
+            let err = bert.forward_packed(&[3; 17], &[0; 17], &[17], 1).unwrap_err().to_string();
+            assert!(err.contains("position 16"), "{err}");
+            assert!(bert.forward_packed(&[3, 4], &[0], &[2], 1).is_err(), "types shorter than ids");
+        }
+    }
+
+    /// The in-place layer norm against one computed in f64, and against
+    /// candle's. Rows with a large common offset are where candle's
+    /// one-pass variance (mean of squares minus squared mean) loses
+    /// digits (3e-3 off here); the two-pass one here stays within 1e-4.
+    #[test]
+    fn layer_norm_matches_f64_and_candle() {
+        let d = Device::Cpu;
+        let width = 37;
+        let (w, b) = (Tensor::randn(1f32, 0.3, width, &d).unwrap(), Tensor::randn(0f32, 0.3, width, &d).unwrap());
+        let (wv, bv): (Vec<f32>, Vec<f32>) = (w.to_vec1().unwrap(), b.to_vec1().unwrap());
+        let norm = Norm(LayerNorm::new(w, b, 1e-12));
+        for offset in [0.0, 100.0] {
+            let x = (Tensor::randn(0f32, 1.0, (5, width), &d).unwrap() + offset).unwrap();
+            let mut ours: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let input = ours.clone();
+            assert!(norm.apply(&mut ours).unwrap());
+            for (row, out) in input.chunks(width).zip(ours.chunks(width)) {
+                let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / width as f64;
+                let var = row.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / width as f64;
+                for (i, (&v, &o)) in row.iter().zip(out).enumerate() {
+                    let e = (f64::from(v) - mean) / (var + 1e-12).sqrt() * f64::from(wv[i]) + f64::from(bv[i]);
+                    // f32 holds 100 + x to ~8e-6: that much error is the input's own.
+                    let tolerance = if offset == 0.0 { 1e-5 } else { 1e-4 };
+                    assert!((f64::from(o) - e).abs() < tolerance, "offset {offset}: {o} vs {e}");
+                }
+            }
+            if offset == 0.0 {
+                let theirs: Vec<f32> = norm.0.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                for (a, e) in ours.iter().zip(&theirs) {
+                    assert!((a - e).abs() < 1e-5, "{a} vs candle's {e}");
+                }
+            }
+        }
+        assert!(norm.apply(&mut [0f32; 36]).is_err(), "a length not a multiple of the width");
     }
 
     #[test]
