@@ -140,12 +140,16 @@ impl Embedder {
     }
 
     /// Tokenizes texts, truncated at [`Self::max_tokens`] (special tokens
-    /// included, as sentence-transformers counts them).
+    /// included, as sentence-transformers counts them), split between the
+    /// threads of the current rayon pool.
     pub fn encode(&self, texts: &[&str]) -> Result<Vec<Encoding>> {
-        texts
-            .iter()
-            .map(|text| self.tokenizer.encode(*text, true).map_err(|e| ModelError::Tokenizer(e.to_string())))
-            .collect()
+        use rayon::prelude::*;
+        let one = |text: &&str| self.tokenizer.encode(*text, true).map_err(|e| ModelError::Tokenizer(e.to_string()));
+        if rayon::current_num_threads() > 1 && texts.len() > 1 {
+            texts.par_iter().map(one).collect()
+        } else {
+            texts.iter().map(one).collect()
+        }
     }
 
     /// Embeds texts in batches of at most `batch_size`, similar lengths
@@ -288,28 +292,27 @@ impl Embedder {
 /// (a part this small is mostly per-operation overhead).
 const MIN_TOKENS_PER_PART: usize = 64;
 
-/// `batch` cut into `parts` runs of neighbouring texts with about the same
-/// number of tokens each (none empty while `parts` <= texts).
+/// `batch` cut into `parts` runs of neighbouring texts, each cut where the
+/// tokens before it come closest to their even share (none empty while
+/// `parts` <= texts). Cutting at the first text that reaches the share
+/// instead left 357 and 321 tokens of 678 in the benchmark's batch.
 fn split_by_tokens<'a, 'b>(batch: &'a [&'b Encoding], parts: usize) -> Vec<&'a [&'b Encoding]> {
-    let total: usize = batch.iter().map(|e| e.len()).sum();
-    let mut out = Vec::with_capacity(parts);
-    let (mut start, mut seen) = (0, 0);
-    for (i, e) in batch.iter().enumerate() {
-        seen += e.len();
-        let texts_left = batch.len() - (i + 1);
-        let parts_left = parts - out.len() - 1;
-        // Close the part once it holds its share, or when every remaining
-        // part needs one of the remaining texts.
-        if parts_left > 0
-            && texts_left >= parts_left
-            && (seen * parts >= total * (out.len() + 1) || texts_left == parts_left)
-        {
-            out.push(&batch[start..=i]);
-            start = i + 1;
-        }
+    let parts = parts.clamp(1, batch.len().max(1));
+    let mut prefix = Vec::with_capacity(batch.len() + 1);
+    prefix.push(0);
+    for e in batch {
+        prefix.push(prefix[prefix.len() - 1] + e.len());
     }
-    out.push(&batch[start..]);
-    out
+    let total = prefix[batch.len()];
+    let mut cuts = vec![0];
+    for k in 1..parts {
+        // At least one text before this cut and one for each part after it.
+        let (lo, hi) = (cuts[k - 1] + 1, batch.len() - (parts - k));
+        let best = (lo..=hi).min_by_key(|&i| (prefix[i] * parts).abs_diff(total * k)).unwrap_or(lo);
+        cuts.push(best);
+    }
+    cuts.push(batch.len());
+    cuts.windows(2).map(|w| &batch[w[0]..w[1]]).collect()
 }
 
 fn pooling_from(path: &Path) -> Result<Pooling> {
@@ -371,6 +374,9 @@ mod tests {
     #[test]
     fn batches_split_into_parts_of_similar_tokens_in_order() {
         assert_eq!(split(&[20; 32], 2), vec![vec![20; 16], vec![20; 16]]);
+        // The nearest cut, not the first past the share: 16 + 16 texts.
+        let lengths: Vec<usize> = (0..32).map(|i| if i < 10 { 20 } else { 22 }).collect();
+        assert_eq!(split(&lengths, 2).iter().map(Vec::len).collect::<Vec<_>>(), [16, 16]);
         assert_eq!(split(&[10, 10, 10, 30], 2), vec![vec![10, 10, 10], vec![30]]);
         assert_eq!(split(&[100, 1, 1, 1], 2), vec![vec![100], vec![1, 1, 1]]);
         // Never an empty part while there are texts enough.
