@@ -49,7 +49,7 @@ struct Layer {
 }
 
 fn dense(vb: &VarBuilder, inputs: usize, outputs: usize) -> candle_core::Result<Dense> {
-    Ok(Dense(Linear::new(vb.get((outputs, inputs), "weight")?, Some(vb.get(outputs, "bias")?))))
+    Dense::new(vb.get((outputs, inputs), "weight")?, vb.get(outputs, "bias")?)
 }
 
 fn layer_norm(vb: &VarBuilder, size: usize, eps: f64) -> candle_core::Result<Norm> {
@@ -94,8 +94,9 @@ impl Bert {
             .map(|i| {
                 let l = vb.pp(format!("encoder.layer.{i}"));
                 let a = l.pp("attention");
-                let Dense(query) = dense(&a.pp("self.query"), hidden, hidden)?;
-                let query = Dense(Linear::new((query.weight() * scale)?, query.bias().map(|b| b * scale).transpose()?));
+                let q = a.pp("self.query");
+                let query =
+                    Dense::new((q.get((hidden, hidden), "weight")? * scale)?, (q.get(hidden, "bias")? * scale)?)?;
                 Ok(Layer {
                     query,
                     key: dense(&a.pp("self.key"), hidden, hidden)?,
@@ -436,8 +437,16 @@ fn sum_lanes(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 }
 
 /// A dense layer with bias: `x W^T + b`, plus a residual when given one.
+/// On the CPU the weight is kept transposed, `W^T` (inputs x outputs)
+/// row-major, and candle's `Linear` sees it through a transposed view of
+/// the same storage: as `W` row-major the `gemm` crate packed the whole
+/// weight on every call, half of all the time for one short text.
 #[derive(Debug)]
-struct Dense(Linear);
+struct Dense {
+    linear: Linear,
+    /// `W^T`, contiguous, where the weight is f32 on the CPU.
+    transposed: Option<Tensor>,
+}
 
 /// What a dense layer applies to its output, in place while it is still in cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -462,6 +471,14 @@ impl Then {
 }
 
 impl Dense {
+    fn new(weight: Tensor, bias: Tensor) -> candle_core::Result<Self> {
+        if matches!(weight.device(), Device::Cpu) && weight.dtype() == DType::F32 {
+            let transposed = weight.t()?.contiguous()?;
+            return Ok(Self { linear: Linear::new(transposed.t()?, Some(bias)), transposed: Some(transposed) });
+        }
+        Ok(Self { linear: Linear::new(weight, Some(bias)), transposed: None })
+    }
+
     fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
         self.forward_then(x, residual, Then::Nothing)
     }
@@ -470,7 +487,7 @@ impl Dense {
         if let Some(y) = self.forward_cpu(x, residual, then)? {
             return Ok(y);
         }
-        let y = self.0.forward(x)?;
+        let y = self.linear.forward(x)?;
         let y = match residual {
             Some(r) => (y + r)?,
             None => y,
@@ -486,7 +503,7 @@ impl Dense {
     /// [`Self::apply`] on tensors. `None` where it does not apply (another
     /// device or dtype, strided inputs).
     fn forward_cpu(&self, x: &Tensor, residual: Option<&Tensor>, then: Then) -> candle_core::Result<Option<Tensor>> {
-        let (outputs, inputs) = self.0.weight().dims2()?;
+        let (outputs, inputs) = self.linear.weight().dims2()?;
         let mut dims = x.dims().to_vec();
         match dims.last_mut() {
             Some(last) if *last == inputs => *last = outputs,
@@ -520,8 +537,8 @@ impl Dense {
         then: Then,
         threads: usize,
     ) -> candle_core::Result<Option<Vec<f32>>> {
-        let Some(bias) = self.0.bias() else { return Ok(None) };
-        let (w_storage, w_layout) = self.0.weight().storage_and_layout();
+        let (Some(bias), Some(transposed)) = (self.linear.bias(), &self.transposed) else { return Ok(None) };
+        let (w_storage, w_layout) = transposed.storage_and_layout();
         let (b_storage, b_layout) = bias.storage_and_layout();
         let (Some(w), Some(b)) = (cpu_f32(&w_storage, w_layout), cpu_f32(&b_storage, b_layout)) else {
             return Ok(None);
@@ -542,8 +559,7 @@ impl Dense {
         }
         let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
         let x_view = View { rows, cols: inputs, row_stride: inputs, col_stride: 1 };
-        // W (outputs x inputs, row-major) read as W^T.
-        let w_t = View { rows: inputs, cols: outputs, row_stride: 1, col_stride: inputs };
+        let w_t = View { rows: inputs, cols: outputs, row_stride: outputs, col_stride: 1 };
         matmul(&mut out, outputs, true, (x, x_view), (w, w_t), parallelism);
         then.apply(&mut out);
         Ok(Some(out))
@@ -734,7 +750,7 @@ mod tests {
             let w = Tensor::randn(0f32, 0.2, (outputs, inputs), &d).unwrap();
             let b = Tensor::randn(0f32, 1.0, outputs, &d).unwrap();
             let r = Tensor::randn(0f32, 1.0, (batch, tokens, outputs), &d).unwrap();
-            let dense = Dense(Linear::new(w.clone(), Some(b.clone())));
+            let dense = Dense::new(w.clone(), b.clone()).unwrap();
             let reference = Linear::new(w, Some(b)).forward(&x).unwrap();
             let cases = [
                 (dense.forward(&x, None).unwrap(), reference.clone()),
@@ -751,7 +767,7 @@ mod tests {
         // A strided input takes candle's path and still agrees.
         let x = Tensor::randn(0f32, 1.0, (8, 4), &d).unwrap().t().unwrap();
         let w = Tensor::randn(0f32, 1.0, (3, 8), &d).unwrap();
-        let dense = Dense(Linear::new(w.clone(), Some(Tensor::zeros(3, DType::F32, &d).unwrap())));
+        let dense = Dense::new(w.clone(), Tensor::zeros(3, DType::F32, &d).unwrap()).unwrap();
         let ours: Vec<Vec<f32>> = dense.forward(&x, None).unwrap().to_vec2().unwrap();
         let theirs: Vec<Vec<f32>> = x.matmul(&w.t().unwrap()).unwrap().to_vec2().unwrap();
         for (a, b) in ours.iter().flatten().zip(theirs.iter().flatten()) {
