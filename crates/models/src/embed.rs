@@ -176,12 +176,7 @@ impl Embedder {
 
     /// One batch through the encoder, then pooling.
     fn forward(&self, batch: &[&Encoding]) -> Result<Vec<Vec<f32>>> {
-        if matches!(self.device, Device::Cpu)
-            && let Some(vectors) = self.forward_packed(batch)?
-        {
-            return Ok(vectors);
-        }
-        self.forward_padded(batch)
+        if self.model.packs() { self.forward_packed(batch) } else { self.forward_padded(batch) }
     }
 
     /// The CPU path: real tokens only, no padding (see
@@ -191,26 +186,25 @@ impl Embedder {
     /// parallel instead of every matrix product split between threads and
     /// joined again (one model on 2 threads, batch 32 of short texts:
     /// 0.94x ONNX Runtime split per product; see BENCHMARKS.md for after).
-    /// `None` where the model's weights are not f32 on the CPU.
-    fn forward_packed(&self, batch: &[&Encoding]) -> Result<Option<Vec<Vec<f32>>>> {
+    fn forward_packed(&self, batch: &[&Encoding]) -> Result<Vec<Vec<f32>>> {
         let threads = rayon::current_num_threads().max(1);
         let tokens: usize = batch.iter().map(|e| e.len()).sum();
         let parts = threads.min(batch.len()).min(tokens / MIN_TOKENS_PER_PART).max(1);
-        let run = |part: &[&Encoding], threads: usize| -> Result<Option<Vec<Vec<f32>>>> {
+        let run = |part: &[&Encoding], threads: usize| -> Result<Vec<Vec<f32>>> {
             let lengths: Vec<usize> = part.iter().map(|e| e.len()).collect();
             let ids: Vec<u32> = part.iter().flat_map(|e| e.get_ids()).copied().collect();
             let types: Vec<u32> = part.iter().flat_map(|e| e.get_type_ids()).copied().collect();
             let hidden = self.model.forward_packed(&ids, &types, &lengths, threads)?;
-            Ok(hidden.map(|hidden| self.pool(&hidden, &lengths)))
+            Ok(self.pool(&hidden, &lengths))
         };
         if parts == 1 {
             return run(batch, threads);
         }
         use rayon::prelude::*;
         let per_part = threads / parts;
-        let pieces: Vec<Option<Vec<Vec<f32>>>> =
+        let pieces: Vec<Vec<Vec<f32>>> =
             split_by_tokens(batch, parts).par_iter().map(|part| run(part, per_part)).collect::<Result<_>>()?;
-        Ok(pieces.into_iter().collect::<Option<Vec<_>>>().map(|v| v.concat()))
+        Ok(pieces.concat())
     }
 
     /// Pooling (and normalisation) of packed hidden states: each text's

@@ -96,15 +96,11 @@ impl QMatrix {
         Some(m)
     }
 
-    fn concat(parts: &[QMatrix]) -> Self {
-        let cols = parts.first().map_or(0, |p| p.cols);
-        assert!(parts.iter().all(|p| p.cols == cols), "concatenated matrices differ in width");
-        Self {
-            rows: parts.iter().map(|p| p.rows).sum(),
-            cols,
-            quants: parts.iter().flat_map(|p| p.quants.iter().copied()).collect(),
-            scales: parts.iter().flat_map(|p| p.scales.iter().copied()).collect(),
-        }
+    /// `other`'s rows below this matrix's (same width: [`Matrix::stack`] checks).
+    fn append(&mut self, other: QMatrix) {
+        self.rows += other.rows;
+        self.quants.extend(other.quants);
+        self.scales.extend(other.scales);
     }
 
     fn row_quants(&self, r: usize) -> &[i8] {
@@ -210,14 +206,10 @@ impl Q4Matrix {
         Some(Self { rows, cols, blocks: bytes.to_vec() })
     }
 
-    fn concat(parts: &[Q4Matrix]) -> Self {
-        let cols = parts.first().map_or(0, |p| p.cols);
-        assert!(parts.iter().all(|p| p.cols == cols), "concatenated matrices differ in width");
-        Self {
-            rows: parts.iter().map(|p| p.rows).sum(),
-            cols,
-            blocks: parts.iter().flat_map(|p| p.blocks.iter().copied()).collect(),
-        }
+    /// `other`'s rows below this matrix's (same width: [`Matrix::stack`] checks).
+    fn append(&mut self, other: Q4Matrix) {
+        self.rows += other.rows;
+        self.blocks.extend(other.blocks);
     }
 
     fn row(&self, r: usize) -> &[u8] {
@@ -272,23 +264,19 @@ impl Matrix {
 
     /// Matrices stacked by rows; `None` if they differ in format or width.
     fn stack(parts: Vec<Matrix>) -> Option<Self> {
-        let cols = parts.first()?.cols();
-        if parts.iter().any(|p| p.cols() != cols) {
-            return None;
-        }
-        let mut q8 = Vec::new();
-        let mut q4 = Vec::new();
+        let mut parts = parts.into_iter();
+        let mut stacked = parts.next()?;
         for part in parts {
-            match part {
-                Self::Q8_0(m) => q8.push(m),
-                Self::Q4_1(m) => q4.push(m),
+            if part.cols() != stacked.cols() {
+                return None;
+            }
+            match (&mut stacked, part) {
+                (Self::Q8_0(m), Self::Q8_0(next)) => m.append(next),
+                (Self::Q4_1(m), Self::Q4_1(next)) => m.append(next),
+                _ => return None,
             }
         }
-        match (q8.is_empty(), q4.is_empty()) {
-            (false, true) => Some(Self::Q8_0(QMatrix::concat(&q8))),
-            (true, false) => Some(Self::Q4_1(Q4Matrix::concat(&q4))),
-            _ => None,
-        }
+        Some(stacked)
     }
 }
 
