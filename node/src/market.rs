@@ -963,23 +963,23 @@ impl Driver {
                 let Some(served) = models.embedders.iter().find(|s| s.advert.weights == job.model) else {
                     return self.refuse(job);
                 };
-                let embedder = served.model.clone();
-                let Ok(rx) = models.pool.embed(embedder.clone(), texts.clone()) else { return self.refuse(job) };
+                let Ok(rx) = models.pool.embed(served.model.clone(), texts) else { return self.refuse(job) };
                 tokio::spawn(async move {
                     let output = match rx.await {
-                        Ok(Ok(vectors)) => {
-                            let dimensions = vectors.first().map_or(0, Vec::len) as u32;
-                            Ok(ShardOutput::Embeddings { dimensions, values: vectors.concat() })
+                        Ok(Ok(embedded)) => {
+                            let dimensions = embedded.vectors.first().map_or(0, Vec::len) as u32;
+                            Ok((
+                                ShardOutput::Embeddings { dimensions, values: embedded.vectors.concat() },
+                                embedded.input_tokens,
+                            ))
                         }
                         Ok(Err(e)) => Err(e.to_string()),
                         Err(_) => Err("worker pool stopped".to_string()),
                     };
                     let compute_ms = started.elapsed().as_millis() as u32;
-                    // Usage: the tokens the model read (truncated as it
-                    // truncates); tokenizing again costs far less than the model.
-                    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-                    let input_tokens =
-                        embedder.encode(&refs).map_or(0, |e| e.iter().map(|x| x.len() as u64).sum::<u64>());
+                    // Usage: the tokens the model read (truncated as it truncates).
+                    let input_tokens = output.as_ref().map_or(0, |(_, tokens)| *tokens);
+                    let output = output.map(|(output, _)| output);
                     let done = JobDone { job, output, compute_ms, input_tokens };
                     let _ = tx.send(Command::JobDone(Box::new(done))).await;
                 });

@@ -33,7 +33,7 @@ pub mod tokenizer;
 pub use embed::Embedder;
 pub use error::{ModelError, Result};
 pub use generate::{ChatMessage, Generator, LoadOptions};
-pub use pool::{Pool, PoolConfig, PoolError};
+pub use pool::{Embedded, Pool, PoolConfig, PoolError};
 
 pub use candle_core::Device;
 

@@ -92,14 +92,24 @@ const EMBED_BATCH: usize = 32;
 
 type Reply<T> = oneshot::Sender<Result<T>>;
 
-/// Texts of one embedding job and where its vectors go.
-type EmbedRequest = (Vec<String>, Reply<Vec<Vec<f32>>>);
+/// What one embedding job gives back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedded {
+    /// One vector per text, in order.
+    pub vectors: Vec<Vec<f32>>,
+    /// Tokens the model read for these texts (after truncation), for usage
+    /// accounting without tokenizing again.
+    pub input_tokens: u64,
+}
+
+/// Texts of one embedding job and where its result goes.
+type EmbedRequest = (Vec<String>, Reply<Embedded>);
 
 enum Job {
     Embed {
         model: Arc<Embedder>,
         texts: Vec<String>,
-        reply: Reply<Vec<Vec<f32>>>,
+        reply: Reply<Embedded>,
     },
     Generate {
         model: Arc<Generator>,
@@ -201,13 +211,14 @@ impl Pool {
         })
     }
 
-    /// Queues texts to embed; the vectors arrive on the receiver, in order.
+    /// Queues texts to embed; the vectors (in order) and the token count
+    /// arrive on the receiver.
     /// Dropping the receiver cancels the job if it has not started.
     pub fn embed(
         &self,
         model: Arc<Embedder>,
         texts: Vec<String>,
-    ) -> Result<oneshot::Receiver<Result<Vec<Vec<f32>>>>, PoolError> {
+    ) -> Result<oneshot::Receiver<Result<Embedded>>, PoolError> {
         let (reply, receiver) = oneshot::channel();
         self.submit(Job::Embed { model, texts, reply })?;
         Ok(receiver)
@@ -310,13 +321,17 @@ fn replica(receiver: &Mutex<Receiver<Job>>, counters: &Counters, max_batch: usiz
 fn run_embed_batch(model: &Embedder, batch: Vec<EmbedRequest>, counters: &Counters) {
     counters.batches.fetch_add(1, Ordering::Relaxed);
     let all: Vec<&str> = batch.iter().flat_map(|(texts, _)| texts.iter().map(String::as_str)).collect();
-    let result = model.embed(&all, EMBED_BATCH);
+    let result = model.encode(&all).and_then(|encodings| {
+        let tokens: Vec<u64> = encodings.iter().map(|e| e.len() as u64).collect();
+        Ok((model.embed_encoded(&encodings, EMBED_BATCH)?, tokens))
+    });
     counters.active.fetch_sub(1, Ordering::Relaxed);
     match result {
-        Ok(mut vectors) => {
+        Ok((mut vectors, mut tokens)) => {
             for (texts, reply) in batch.into_iter().rev() {
-                let mine = vectors.split_off(vectors.len() - texts.len());
-                let _ = reply.send(Ok(mine));
+                let vectors = vectors.split_off(vectors.len() - texts.len());
+                let input_tokens = tokens.split_off(tokens.len() - texts.len()).iter().sum();
+                let _ = reply.send(Ok(Embedded { vectors, input_tokens }));
             }
         }
         Err(e) => {

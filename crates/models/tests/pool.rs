@@ -21,17 +21,20 @@ async fn concurrent_embeddings_are_batched_and_match_direct_calls() {
     let model = embedder();
     let texts: Vec<String> =
         (0..40).map(|i| format!("sentence number {i} about {}", "swarms ".repeat(i % 7))).collect();
-    let direct = model.embed(&texts.iter().map(String::as_str).collect::<Vec<_>>(), 8).unwrap();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let direct = model.embed(&refs, 8).unwrap();
+    let token_counts: Vec<u64> = model.encode(&refs).unwrap().iter().map(|e| e.len() as u64).collect();
 
     let pool = Pool::new(PoolConfig { replicas: 1, threads: 1, queue: 64, max_batch: 64 }).unwrap();
     // Occupy the single replica, so the next 40 requests queue up together.
     let blocker = pool.embed(model.clone(), vec!["x ".repeat(200); 16]).unwrap();
     let receivers: Vec<_> = texts.iter().map(|t| pool.embed(model.clone(), vec![t.clone()]).unwrap()).collect();
     blocker.await.unwrap().unwrap();
-    for (rx, expected) in receivers.into_iter().zip(&direct) {
+    for ((rx, expected), tokens) in receivers.into_iter().zip(&direct).zip(token_counts) {
         let got = rx.await.unwrap().unwrap();
-        let cos: f32 = got[0].iter().zip(expected).map(|(a, b)| a * b).sum();
+        let cos: f32 = got.vectors[0].iter().zip(expected).map(|(a, b)| a * b).sum();
         assert!(cos > 0.99999, "cosine {cos}");
+        assert_eq!(got.input_tokens, tokens, "each job's own token count, out of the shared batch");
     }
     let load = pool.load();
     assert!(load.batches <= 3, "40 queued requests ran in {} batches", load.batches);
@@ -54,7 +57,7 @@ async fn a_full_queue_refuses_and_abandoned_jobs_are_skipped() {
     assert_eq!(pool.embed(model.clone(), vec!["refused".into()]).unwrap_err(), PoolError::Busy(2));
     drop(dropped);
     blocker.await.unwrap().unwrap();
-    assert_eq!(kept.await.unwrap().unwrap().len(), 1);
+    assert_eq!(kept.await.unwrap().unwrap().vectors.len(), 1);
     assert_eq!(pool.load().cancelled, 1);
 }
 
