@@ -22,6 +22,23 @@ need_rust() {
   have cargo || die "cargo not found: install Rust (https://rustup.rs), then run this again"
 }
 
+# A build of the whole workspace (debug, with the test binaries) takes about
+# 3 GiB under target/. Say so up front rather than let rustc die half way
+# with "No space left on device".
+need_disk() {
+  local want_gib="$1" dir="${CARGO_TARGET_DIR:-$PWD/target}" free_kib
+  mkdir -p "$dir"
+  free_kib=$(df -Pk "$dir" | awk 'NR == 2 { print $4 }')
+  [ -n "$free_kib" ] || return 0
+  if [ "$free_kib" -lt $((want_gib * 1024 * 1024)) ]; then
+    local target_kib
+    target_kib=$(du -sk "$dir" 2>/dev/null | awk '{ print $1 }')
+    # What is already built under target/ will be reused, not rebuilt.
+    [ "$((free_kib + ${target_kib:-0}))" -ge $((want_gib * 1024 * 1024)) ] && return 0
+    die "only $((free_kib / 1024)) MiB free for $dir; the build needs about ${want_gib} GiB (free some space, or set CARGO_TARGET_DIR)"
+  fi
+}
+
 # The openai Python client and Prometheus' parser, for the interface tests,
 # in a virtual environment under target/ (made once).
 need_test_python() {

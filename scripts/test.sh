@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 need_rust
+need_disk 4
 # The end-to-end tests run the real `mycel` binary: build it with the same
 # profile as the tests.
 step "building mycel"
