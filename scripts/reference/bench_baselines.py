@@ -20,6 +20,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 WORDS = ["swarm", "node", "model", "peer", "shard", "gossip", "auction", "vector", "token", "cache", "proof", "result"]
 
 
+LONG_CONTEXT = 1024  # tokens, as in crates/models/benches/models.rs
+
+
 def short_texts(n):
     return [f"Sentence {i}: " + " ".join(WORDS[(i * 7 + j * 5) % 12] for j in range(14)) + "." for i in range(n)]
 
@@ -111,6 +114,27 @@ def generation(models, threads, out):
     for i in range(steps):
         llm.eval([ids[i % len(ids)]])
     out["decode_tokens_per_s"] = steps / (time.perf_counter() - start)
+    # A long context (the same ids repeated, as mycel's bench does), fed at
+    # once, then decode steps at that depth.
+    # Its own context (the short figures above keep n_ctx = 512, as before).
+    del llm
+    llm = llama_cpp.Llama(
+        model_path=gguf, n_ctx=LONG_CONTEXT + 128, n_threads=threads, n_threads_batch=threads, n_batch=LONG_CONTEXT, verbose=False
+    )
+    long_ids = (ids * (LONG_CONTEXT // len(ids) + 1))[:LONG_CONTEXT]
+    start = time.perf_counter()
+    llm.eval(long_ids)
+    out["prefill_long_tokens_per_s"] = len(long_ids) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for i in range(steps):
+        llm.eval([ids[i % len(ids)]])
+    out["decode_long_tokens_per_s"] = steps / (time.perf_counter() - start)
+    out["long_context_tokens"] = LONG_CONTEXT
+    print(
+        f"llama.cpp, {LONG_CONTEXT}-token context: prefill {out['prefill_long_tokens_per_s']:.1f} tok/s, "
+        f"then decode {out['decode_long_tokens_per_s']:.1f} tok/s",
+        file=sys.stderr,
+    )
     out["llama_cpp_python"] = llama_cpp.__version__
     print(f"llama.cpp: prefill {out['prefill_tokens_per_s']:.1f} tok/s decode {out['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr)
 

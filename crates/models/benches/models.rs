@@ -51,6 +51,9 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+/// Tokens of context for the long-context generation figures.
+const LONG_CONTEXT: usize = 1024;
+
 fn main() {
     mycel_models::heap::keep_freed_memory();
     let dir = std::env::args()
@@ -98,6 +101,25 @@ fn main() {
         out.insert(format!("decode_{name}_tokens_per_s"), decode.into());
         out.insert("prefill_prompt_tokens".into(), ids.len().into());
         eprintln!("generate {name}: prefill {prefill:.1} tok/s ({} tokens), decode {decode:.1} tok/s", ids.len());
+
+        // A long context, where attention's share grows: the prompt's ids
+        // repeated to LONG_CONTEXT tokens, fed at once, then decode steps.
+        let context: Vec<u32> = ids.iter().cycle().take(LONG_CONTEXT).copied().collect();
+        let mut session = generator.session();
+        let started = Instant::now();
+        session.feed(&context).unwrap();
+        let prefill_long = context.len() as f64 / started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        for i in 0..steps {
+            session.feed(&[ids[i % ids.len()]]).unwrap();
+        }
+        let decode_long = steps as f64 / started.elapsed().as_secs_f64();
+        out.insert(format!("prefill_long_{name}_tokens_per_s"), prefill_long.into());
+        out.insert(format!("decode_long_{name}_tokens_per_s"), decode_long.into());
+        out.insert("long_context_tokens".into(), LONG_CONTEXT.into());
+        eprintln!(
+            "generate {name}, {LONG_CONTEXT}-token context: prefill {prefill_long:.1} tok/s, then decode {decode_long:.1} tok/s"
+        );
     }
     out.insert("peak_rss_mib".into(), peak_rss_mib().into());
     println!("{}", serde_json::Value::Object(out));
