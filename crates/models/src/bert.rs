@@ -22,7 +22,7 @@ use candle_core::{CpuStorage, DType, Device, Layout, Module, Storage, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct, PositionEmbeddingType};
 
-use crate::math::softmax_in_place;
+use crate::math::{softmax_in_place, sum_lanes};
 
 /// The encoder; `forward` returns the last hidden states.
 #[derive(Debug)]
@@ -346,21 +346,6 @@ fn layer_norm_row(row: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
     for ((v, w), b) in row.iter_mut().zip(weight).zip(bias) {
         *v = (*v - mean) * scale * w + b;
     }
-}
-
-/// The sum of `f` over `xs` in eight interleaved lanes, so it vectorises
-/// (a plain fold is a chain of additions the compiler must keep in order).
-#[inline(always)]
-fn sum_lanes(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    let mut lanes = [0f32; 8];
-    let chunks = xs.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
-    for chunk in chunks {
-        for (lane, &v) in lanes.iter_mut().zip(chunk) {
-            *lane += f(v);
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// A dense layer with bias: `x W^T + b`, plus a residual when given one.

@@ -5,8 +5,23 @@
 pub(crate) fn softmax_in_place(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     row.iter_mut().for_each(|x| *x = exp(*x - max));
-    let inv = 1.0 / row.iter().sum::<f32>();
+    let inv = 1.0 / sum_lanes(row, |v| v);
     row.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// The sum of `f` over `xs` in eight interleaved lanes, so it vectorises
+/// (a plain fold is a chain of additions the compiler must keep in order).
+#[inline(always)]
+pub(crate) fn sum_lanes(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f(v);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// `e^x` without branches or calls, so loops over it vectorise (libm's
