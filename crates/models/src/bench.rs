@@ -22,9 +22,10 @@ pub const CACHE_FILE: &str = ".mycel-throughput.json";
 /// Bumped when the runtime's speed changes within a version (2: mycel's
 /// own BERT encoder; 3: kept heap, truly single-threaded replicas, fused
 /// dense layers; 4: mycel's own llama kernels; 5: embeddings without
-/// padding, batches split between threads), so nodes measure again
+/// padding, batches split between threads; 6: grouped attention over an
+/// f16 KV cache), so nodes measure again
 /// instead of advertising old figures.
-const RUNTIME_REVISION: u32 = 5;
+const RUNTIME_REVISION: u32 = 6;
 
 /// The cache key for a model on this machine and pool.
 pub fn cache_key(weights_hex: &str, hardware: &Hardware, pool: &Pool, threads: usize) -> String {
