@@ -6,6 +6,8 @@
 # driver on the GPU machine).
 #   bash scripts/build-cuda.sh            # -> target/cuda/release/mycel
 #   CUDA_COMPUTE_CAP=90 bash scripts/build-cuda.sh   (90 = H100/H200)
+#   bash scripts/build-cuda.sh --test     # also the GPU test binary
+#                                         # (crates/models/tests/cuda.rs)
 #
 # The default build stays CPU-only: candle links the CUDA libraries at build
 # time, so this binary only starts where they are (the driver's libcuda, and
@@ -14,6 +16,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 need_rust
+with_test=false
+case "${1:-}" in
+  --test) with_test=true ;;
+  "") ;;
+  *) die "unknown option $1 (usage: bash scripts/build-cuda.sh [--test])" ;;
+esac
 
 toolkit="$PWD/target/cuda-toolkit"
 prefix="$toolkit/nvidia/cu13"
@@ -76,3 +84,11 @@ for _ in $(seq 1 30); do
 done
 [ -x target/cuda/release/mycel ] || die "the CUDA build failed; see $toolkit/build.log"
 echo "built target/cuda/release/mycel; run it with LD_LIBRARY_PATH=$prefix/lib on a machine with the NVIDIA driver"
+if $with_test; then
+  step "building the GPU test (crates/models/tests/cuda.rs)"
+  test_bin=$(RUSTFLAGS="-C target-cpu=x86-64-v3" cargo test --locked --release -p mycel-models --features cuda \
+    --test cuda --no-run --target-dir target/cuda 2>&1 | tee "$toolkit/test-build.log" \
+    | grep -oE 'target/cuda/release/deps/cuda-[0-9a-f]+' | tail -1) || true
+  [ -n "$test_bin" ] && [ -x "$test_bin" ] || die "the GPU test did not build; see $toolkit/test-build.log"
+  echo "built $test_bin; run it on the GPU machine with LD_LIBRARY_PATH=$prefix/lib MYCEL_TEST_MODELS=<models dir>"
+fi
