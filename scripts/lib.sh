@@ -23,7 +23,7 @@ need_rust() {
 }
 
 # A build of the whole workspace (debug, with the test binaries) takes about
-# 3 GiB under target/. Say so up front rather than let rustc die half way
+# 3 GiB under target/ (4 asked, for headroom). Say so up front rather than let rustc die half way
 # with "No space left on device".
 need_disk() {
   local want_gib="$1" dir="${CARGO_TARGET_DIR:-$PWD/target}" free_kib

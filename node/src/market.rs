@@ -965,21 +965,17 @@ impl Driver {
                 };
                 let Ok(rx) = models.pool.embed(served.model.clone(), texts) else { return self.refuse(job) };
                 tokio::spawn(async move {
-                    let output = match rx.await {
+                    // Usage: the tokens the model read (truncated as it truncates).
+                    let (output, input_tokens) = match rx.await {
                         Ok(Ok(embedded)) => {
                             let dimensions = embedded.vectors.first().map_or(0, Vec::len) as u32;
-                            Ok((
-                                ShardOutput::Embeddings { dimensions, values: embedded.vectors.concat() },
-                                embedded.input_tokens,
-                            ))
+                            let values = embedded.vectors.concat();
+                            (Ok(ShardOutput::Embeddings { dimensions, values }), embedded.input_tokens)
                         }
-                        Ok(Err(e)) => Err(e.to_string()),
-                        Err(_) => Err("worker pool stopped".to_string()),
+                        Ok(Err(e)) => (Err(e.to_string()), 0),
+                        Err(_) => (Err("worker pool stopped".to_string()), 0),
                     };
                     let compute_ms = started.elapsed().as_millis() as u32;
-                    // Usage: the tokens the model read (truncated as it truncates).
-                    let input_tokens = output.as_ref().map_or(0, |(_, tokens)| *tokens);
-                    let output = output.map(|(output, _)| output);
                     let done = JobDone { job, output, compute_ms, input_tokens };
                     let _ = tx.send(Command::JobDone(Box::new(done))).await;
                 });

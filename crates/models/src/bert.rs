@@ -356,8 +356,6 @@ fn layer_norm_row(row: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
 #[derive(Debug)]
 struct Dense {
     linear: Linear,
-    /// `W^T`, contiguous, where the weight is f32 on the CPU.
-    transposed: Option<Tensor>,
 }
 
 /// What a dense layer applies to its output, in place while it is still in cache.
@@ -386,9 +384,9 @@ impl Dense {
     fn new(weight: Tensor, bias: Tensor) -> candle_core::Result<Self> {
         if matches!(weight.device(), Device::Cpu) && weight.dtype() == DType::F32 {
             let transposed = weight.t()?.contiguous()?;
-            return Ok(Self { linear: Linear::new(transposed.t()?, Some(bias)), transposed: Some(transposed) });
+            return Ok(Self { linear: Linear::new(transposed.t()?, Some(bias)) });
         }
-        Ok(Self { linear: Linear::new(weight, Some(bias)), transposed: None })
+        Ok(Self { linear: Linear::new(weight, Some(bias)) })
     }
 
     /// `x W^T + b (+ residual)` in candle's operations, any device.
@@ -405,9 +403,10 @@ impl Dense {
     /// then `then` in place. No zero-filled output, no separate passes for
     /// the additions.
     fn apply(&self, x: &[f32], residual: Option<&[f32]>, then: Then, threads: usize) -> candle_core::Result<Vec<f32>> {
-        let (Some(bias), Some(transposed)) = (self.linear.bias(), &self.transposed) else {
-            candle_core::bail!("dense weights are not f32 on the CPU")
-        };
+        let Some(bias) = self.linear.bias() else { candle_core::bail!("a dense layer without bias") };
+        // `W^T` contiguous where `new` stored it so (f32 on the CPU); any
+        // other weight fails `cpu_f32` below.
+        let transposed = self.linear.weight().t()?;
         let (w_storage, w_layout) = transposed.storage_and_layout();
         let (b_storage, b_layout) = bias.storage_and_layout();
         let (w, b) = (cpu_f32(&w_storage, w_layout)?, cpu_f32(&b_storage, b_layout)?);

@@ -702,8 +702,7 @@ fn attention(c: &Config, qkv: &[f32], keys: &[f16], values: &[f16], start: usize
     let width = q_dim + 2 * kv_dim;
     let group = c.heads / c.kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    // Key/value head g's part of block b of a layer's keys or values.
-    let head_block = |cache, b, g| head_block(cache, b, g, hd, kv_dim);
+    let block_of = |cache, b, g| head_block(cache, b, g, hd, kv_dim);
     let one = |i: usize, out: &mut [f32], scores: &mut Vec<f32>| {
         let (t, g) = (i / c.kv_heads, i % c.kv_heads);
         let queries = &qkv[t * width + g * group * hd..][..group * hd];
@@ -716,13 +715,13 @@ fn attention(c: &Config, qkv: &[f32], keys: &[f16], values: &[f16], start: usize
         scores.resize(group * padded, 0.0);
         for (q, scores) in queries.chunks_exact(hd).zip(scores.chunks_exact_mut(padded)) {
             for (b, scores) in scores.chunks_exact_mut(KV_BLOCK).enumerate() {
-                block_scores(q, head_block(keys, b, g), scale, scores);
+                block_scores(q, block_of(keys, b, g), scale, scores);
             }
         }
         for (weights, out) in scores.chunks_exact_mut(padded).zip(out.chunks_exact_mut(hd)) {
             let weights = &mut weights[..seen];
             softmax_in_place(weights);
-            weighted_values(weights, |b| head_block(values, b, g), out);
+            weighted_values(weights, |b| block_of(values, b, g), out);
         }
     };
     let tokens = qkv.len() / width;
