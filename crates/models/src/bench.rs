@@ -29,11 +29,13 @@ const RUNTIME_REVISION: u32 = 6;
 
 /// The cache key for a model on this machine and pool.
 pub fn cache_key(weights_hex: &str, hardware: &Hardware, pool: &Pool, threads: usize) -> String {
+    let gpus: Vec<&str> = hardware.gpus.iter().map(|g| g.name.as_str()).collect();
     format!(
-        "{weights_hex}|{}|{} cores|{}|{}x{threads}|{}-r{RUNTIME_REVISION}{}",
+        "{weights_hex}|{}|{} cores|{}|gpus {}|{}x{threads}|{}-r{RUNTIME_REVISION}{}",
         hardware.cpu_model,
         hardware.cores,
         hardware.simd.join(","),
+        gpus.join(","),
         pool.config().replicas,
         env!("CARGO_PKG_VERSION"),
         // A debug build is slower: never let its figures stand for a release's.
@@ -141,4 +143,50 @@ pub fn generation_tokens_per_s(model: &Generator) -> Result<(f32, f32)> {
     let decode_secs = (total - ids.len() as f64 / prefill).max(1e-6);
     let decode = f64::from(generation.tokens.saturating_sub(1).max(1)) / decode_secs;
     Ok((prefill as f32, decode as f32))
+}
+
+#[cfg(test)]
+mod tests {
+    use mycel_protocol::Gpu;
+
+    use super::*;
+    use crate::PoolConfig;
+
+    #[test]
+    fn figures_are_kept_per_weights_hardware_and_pool() {
+        let pool = |replicas| Pool::new(PoolConfig { replicas, threads: 1, queue: 1, max_batch: 1 }).unwrap();
+        let (one, two) = (pool(1), pool(2));
+        let hw = Hardware { cpu_model: "EPYC".into(), cores: 2, simd: vec!["avx2".into()], ..Hardware::default() };
+        let key = cache_key("aa", &hw, &one, 1);
+        let with_gpu =
+            Hardware { gpus: vec![Gpu { name: "H100".into(), memory_bytes: 1, compute_capability: 90 }], ..hw.clone() };
+        let others = [
+            cache_key("bb", &hw, &one, 1),
+            cache_key("aa", &Hardware { cpu_model: "Xeon".into(), ..hw.clone() }, &one, 1),
+            cache_key("aa", &Hardware { cores: 16, ..hw.clone() }, &one, 1),
+            cache_key("aa", &Hardware { simd: vec!["avx512f".into()], ..hw.clone() }, &one, 1),
+            cache_key("aa", &with_gpu, &one, 1),
+            cache_key("aa", &hw, &two, 1),
+            cache_key("aa", &hw, &one, 2),
+        ];
+        for other in &others {
+            assert_ne!(&key, other);
+        }
+        assert_eq!(cache_key("aa", &hw, &one, 1), key, "stable");
+
+        let dir = tempfile::tempdir().unwrap();
+        let t = Throughput { embeddings_per_s: 300.0, prefill_tokens_per_s: 0.0, decode_tokens_per_s: 0.0 };
+        let mut cache = Cache::load(dir.path());
+        assert_eq!(cache.get(&key), None);
+        cache.put(dir.path(), key.clone(), t).unwrap();
+        let reloaded = Cache::load(dir.path());
+        assert_eq!(reloaded.get(&key), Some(t));
+        assert_eq!(reloaded.get(&others[5]), None, "another pool shape measures again");
+        assert_eq!(reloaded.for_weights("aa"), Some(t));
+        assert_eq!(reloaded.for_weights("a"), None, "a digest prefix is not the digest");
+
+        // A damaged file is an empty cache (the node measures again).
+        std::fs::write(dir.path().join(CACHE_FILE), "{ not json").unwrap();
+        assert_eq!(Cache::load(dir.path()).get(&key), None);
+    }
 }
