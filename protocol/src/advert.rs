@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::rules::{at_most, non_negative, short};
+use crate::codec::rules::{at_most, short, speed};
 use crate::{Digest, limits};
 
 /// What a model does.
@@ -154,9 +154,9 @@ impl Advert {
             if let Quantization::Other(name) = &m.quantization {
                 short("quantization", name, limits::SHORT_STRING)?;
             }
-            non_negative("embeddings_per_s", m.throughput.embeddings_per_s)?;
-            non_negative("prefill_tokens_per_s", m.throughput.prefill_tokens_per_s)?;
-            non_negative("decode_tokens_per_s", m.throughput.decode_tokens_per_s)?;
+            speed("embeddings_per_s", m.throughput.embeddings_per_s)?;
+            speed("prefill_tokens_per_s", m.throughput.prefill_tokens_per_s)?;
+            speed("decode_tokens_per_s", m.throughput.decode_tokens_per_s)?;
         }
         let hw = &self.hardware;
         short("cpu_model", &hw.cpu_model, limits::SHORT_STRING)?;

@@ -150,6 +150,24 @@ pub(crate) mod rules {
         }
         Ok(())
     }
+
+    /// `Err` for NaN, infinities, negative numbers and speeds over
+    /// [`crate::limits::MAX_UNITS_PER_S`].
+    pub fn speed(what: &str, x: f32) -> Result<(), String> {
+        non_negative(what, x)?;
+        if x > crate::limits::MAX_UNITS_PER_S {
+            return Err(format!("{what}: {x} is over {}", crate::limits::MAX_UNITS_PER_S));
+        }
+        Ok(())
+    }
+
+    /// `Err` when an integer a peer sent is over `max`.
+    pub fn bounded<T: PartialOrd + std::fmt::Display>(what: &str, x: T, max: T) -> Result<(), String> {
+        if x > max {
+            return Err(format!("{what}: {x} is over {max}"));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

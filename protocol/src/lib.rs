@@ -32,10 +32,12 @@ pub use keys::{KeyError, Keypair, PublicKey, Signature};
 pub use libp2p_identity::PeerId;
 pub use market::{
     Award, AwardedShard, Bid, Cfp, FinishReason, Generation, RejectReason, ResultAck, ResultClaim, ShardOffer,
-    ShardOutput, ShardResult, Timings, Verdict,
+    ShardOutput, ShardResult, Timings, Verdict, VerifiedResult,
 };
-pub use signed::{Signed, SignedKind, VerifyError};
-pub use task::{Aggregation, ChatTurn, GenerateParams, ModelSelector, Receipt, Role, Split, TaskId, TaskSpec, Work};
+pub use signed::{Signed, SignedKind, Verified, VerifyError};
+pub use task::{
+    Aggregation, ChatTurn, GenerateParams, ModelSelector, Receipt, ReceiptMismatch, Role, Split, TaskId, TaskSpec, Work,
+};
 
 #[cfg(test)]
 mod proptests;

@@ -55,3 +55,14 @@ pub const PARTIAL_TEXT: usize = 16 * 1024;
 pub const MAX_TOKENS: u32 = 32_768;
 /// Copies of one shard a task may ask for.
 pub const MAX_REDUNDANCY: u8 = 5;
+
+// Numbers a peer sends that the market does arithmetic with. Bounded at
+// decode, so no sum or product of them can overflow (the requester also
+// adds them saturating) and none can push a deadline out of reach.
+
+/// Most milliseconds of queued work a bid may claim (one day).
+pub const MAX_QUEUE_MS: u64 = 24 * 3_600_000;
+/// Fastest speed a bid or advert may claim, in units per second.
+pub const MAX_UNITS_PER_S: f32 = 1.0e9;
+/// Most shards a bidder may take at once.
+pub const MAX_CAPACITY: u32 = 4_096;

@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::advert::{ModelKind, Price};
-use crate::codec::rules::{at_most, non_negative};
+use crate::codec::rules::{at_most, bounded, speed};
 use crate::{Digest, Signed, TaskId, Work, limits};
 
 /// One shard on offer in a CFP: enough to estimate the work, not the data.
@@ -83,8 +83,12 @@ pub struct Bid {
 }
 
 impl Bid {
+    /// Every number here feeds the requester's arithmetic (finish times,
+    /// deadlines): each is bounded so none can overflow it.
     fn check(&self) -> Result<(), String> {
-        non_negative("units_per_s", self.units_per_s)
+        speed("units_per_s", self.units_per_s)?;
+        bounded("queue_ms", self.queue_ms, limits::MAX_QUEUE_MS)?;
+        bounded("capacity", self.capacity, limits::MAX_CAPACITY)
     }
 }
 
@@ -241,6 +245,22 @@ impl ShardOutput {
         Ok(Digest::of(&crate::Wire::encode(self)?))
     }
 
+    /// Items `first..first + items` as an output of their own: a shard's
+    /// part of a concatenated result. `None` when out of range.
+    pub fn slice(&self, first: usize, items: usize) -> Option<ShardOutput> {
+        let end = first.checked_add(items)?;
+        if end > self.items() {
+            return None;
+        }
+        Some(match self {
+            ShardOutput::Embeddings { dimensions, values } => {
+                let d = *dimensions as usize;
+                ShardOutput::Embeddings { dimensions: *dimensions, values: values[first * d..end * d].to_vec() }
+            }
+            ShardOutput::Generations(g) => ShardOutput::Generations(g[first..end].to_vec()),
+        })
+    }
+
     fn check(&self) -> Result<(), String> {
         match self {
             ShardOutput::Embeddings { dimensions, values } => {
@@ -274,6 +294,31 @@ pub struct ShardResult {
 }
 
 crate::wire!(ShardResult, limits::SHARD_RESULT, validate = |r: &ShardResult| crate::Wire::validate(&r.output));
+
+impl ShardResult {
+    /// Checks the claim's signature, once: what the market core takes.
+    pub fn into_verified(self) -> Result<VerifiedResult, crate::VerifyError> {
+        Ok(VerifiedResult { claim: self.claim.into_verified()?, output: self.output })
+    }
+}
+
+/// A [`ShardResult`] whose claim's signature was checked where it entered
+/// the node. Whether the output matches the claim is the requester's
+/// question, not this type's. Stored in the same form as `ShardResult`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifiedResult {
+    /// The worker's claim, signature checked.
+    pub claim: crate::Verified<ResultClaim>,
+    /// The output the claim commits to (unchecked).
+    pub output: ShardOutput,
+}
+
+impl VerifiedResult {
+    /// The wire form, to send on.
+    pub fn to_wire(&self) -> ShardResult {
+        ShardResult { claim: self.claim.signed().clone(), output: self.output.clone() }
+    }
+}
 
 /// Why a requester refused a result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

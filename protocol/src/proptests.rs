@@ -221,7 +221,8 @@ mod valid {
     }
 
     pub fn bid() -> impl Strategy<Value = Bid> {
-        (any::<Bid>(), rate()).prop_map(|(bid, units_per_s)| Bid { units_per_s, ..bid })
+        (any::<Bid>(), rate(), 0..=limits::MAX_QUEUE_MS, 0..=limits::MAX_CAPACITY)
+            .prop_map(|(bid, units_per_s, queue_ms, capacity)| Bid { units_per_s, queue_ms, capacity, ..bid })
     }
 
     pub fn shard_output() -> impl Strategy<Value = ShardOutput> {
@@ -353,6 +354,36 @@ fn tampered_payload_is_rejected() {
     bytes[last] ^= 1;
     let envelope = Signed::<Bid>::decode(&bytes).unwrap();
     assert!(matches!(envelope.verify(), Err(VerifyError::BadSignature { .. })));
+}
+
+/// Numbers a peer sends that the market computes with are bounded at
+/// decode: a bid claiming a queue of `u64::MAX` ms (which once overflowed
+/// the requester's deadline sum) never reaches it.
+#[test]
+fn out_of_range_bid_numbers_are_refused_at_decode() {
+    let key = Keypair::from_secret_bytes(&[3; 32]);
+    let bid = Bid {
+        task: TaskId([5; 16]),
+        round: 1,
+        cfp: Digest::of(b"cfp"),
+        model: Digest::of(b"model"),
+        price: Price { micros_per_unit: 10 },
+        queue_ms: limits::MAX_QUEUE_MS,
+        units_per_s: limits::MAX_UNITS_PER_S,
+        capacity: limits::MAX_CAPACITY,
+        expires_ms: 1,
+    };
+    assert!(Signed::sign(&key, &bid).unwrap().verify().is_ok(), "the limits themselves are allowed");
+    for bad in [
+        Bid { queue_ms: u64::MAX, ..bid.clone() },
+        Bid { queue_ms: limits::MAX_QUEUE_MS + 1, ..bid.clone() },
+        Bid { units_per_s: 1.0e30, ..bid.clone() },
+        Bid { units_per_s: f32::INFINITY, ..bid.clone() },
+        Bid { capacity: u32::MAX, ..bid.clone() },
+    ] {
+        let raw = bincode::serde::encode_to_vec(&bad, bincode::config::standard()).unwrap();
+        assert!(matches!(Bid::decode(&raw), Err(DecodeError::Invalid { .. })), "{bad:?}");
+    }
 }
 
 #[test]

@@ -68,6 +68,13 @@ impl<T: SignedKind> Signed<T> {
         Ok(T::decode(&self.payload)?)
     }
 
+    /// Checks the signature once and keeps the decoded value beside the
+    /// envelope: code that holds a [`Verified`] never checks again.
+    pub fn into_verified(self) -> Result<Verified<T>, VerifyError> {
+        let value = self.verify()?;
+        Ok(Verified { value, signed: self })
+    }
+
     /// [`Signed::verify`], and the signer must be `expected`.
     pub fn verify_from(&self, expected: &PublicKey) -> Result<T, VerifyError> {
         if self.signer != *expected {
@@ -105,6 +112,88 @@ impl<T: SignedKind> Signed<T> {
     /// signature), used to refer to it from awards and receipts.
     pub fn digest(&self) -> Digest {
         Digest::of_parts(&[T::DOMAIN.as_bytes(), &[0], &self.signer.to_bytes(), &self.signature.0, &self.payload])
+    }
+}
+
+/// A signed message whose signature has been checked and whose payload
+/// decoded: made only by [`Signed::into_verified`], so holding one is proof
+/// of both. Peer messages become `Verified` where they enter the node; the
+/// market core takes nothing else.
+///
+/// Stored as the envelope: reading it back (from the journal) verifies it
+/// again, so a tampered journal entry is refused rather than trusted.
+#[derive(Deserialize)]
+#[serde(bound = "T: SignedKind", try_from = "Signed<T>")]
+pub struct Verified<T: SignedKind> {
+    value: T,
+    signed: Signed<T>,
+}
+
+impl<T: SignedKind> Verified<T> {
+    /// The checked envelope, as it travelled.
+    pub fn signed(&self) -> &Signed<T> {
+        &self.signed
+    }
+
+    /// Who signed it (checked).
+    pub fn signer(&self) -> &PublicKey {
+        self.signed.signer()
+    }
+
+    /// [`Signed::digest`] of the envelope.
+    pub fn digest(&self) -> Digest {
+        self.signed.digest()
+    }
+
+    /// The envelope, dropping the decoded value.
+    pub fn into_signed(self) -> Signed<T> {
+        self.signed
+    }
+}
+
+impl<T: SignedKind> std::ops::Deref for Verified<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<T: SignedKind> TryFrom<Signed<T>> for Verified<T> {
+    type Error = VerifyError;
+    fn try_from(signed: Signed<T>) -> Result<Self, VerifyError> {
+        signed.into_verified()
+    }
+}
+
+impl<T: SignedKind> Serialize for Verified<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.signed.serialize(s)
+    }
+}
+
+impl<T: SignedKind> From<Verified<T>> for Signed<T> {
+    fn from(v: Verified<T>) -> Self {
+        v.signed
+    }
+}
+
+impl<T: SignedKind + Clone> Clone for Verified<T> {
+    fn clone(&self) -> Self {
+        Self { value: self.value.clone(), signed: self.signed.clone() }
+    }
+}
+
+impl<T: SignedKind> PartialEq for Verified<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.signed == other.signed
+    }
+}
+
+impl<T: SignedKind> Eq for Verified<T> {}
+
+impl<T: SignedKind + std::fmt::Debug> std::fmt::Debug for Verified<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verified").field("signer", self.signer()).field("value", &self.value).finish()
     }
 }
 

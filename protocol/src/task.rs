@@ -6,7 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::rules::{at_most, non_negative, short};
-use crate::market::ResultClaim;
+use crate::market::{ResultClaim, ShardOutput};
 use crate::{Digest, Signed, limits};
 
 /// Names one task everywhere: journal, messages, receipts. Random, so two
@@ -297,8 +297,138 @@ impl Receipt {
     }
 }
 
+/// Why a result does not match a receipt.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReceiptMismatch {
+    /// A claim's signature does not verify.
+    #[error("shard {0}: the executor's signature is invalid")]
+    BadClaim(usize),
+    /// The claims do not cover the result's items once each, in order.
+    #[error("shard {0}: its items do not follow the previous shard's")]
+    Coverage(usize),
+    /// The result holds a different number of items than the claims.
+    #[error("the result has {got} items, the shards claim {claimed}")]
+    Items { got: usize, claimed: u64 },
+    /// A shard's part of the result is not what its executor signed.
+    #[error("shard {0}: its part of the result is not the output its executor signed")]
+    Slice(usize),
+    /// The result does not hash to the receipt's output digest.
+    #[error("the result is not the output the receipt names")]
+    Output,
+}
+
+impl Receipt {
+    /// Checks `output` (a concatenated result) against the receipt: it is
+    /// the output the requester signed, and each shard's slice of it hashes
+    /// to what that shard's executor signed. So a requester cannot sign a
+    /// receipt over outputs its executors never produced.
+    pub fn check_output(&self, output: &ShardOutput) -> Result<(), ReceiptMismatch> {
+        if output.digest().ok() != Some(self.output) {
+            return Err(ReceiptMismatch::Output);
+        }
+        let mut next = 0u64;
+        for (i, signed) in self.shards.iter().enumerate() {
+            let claim = signed.verify().map_err(|_| ReceiptMismatch::BadClaim(i))?;
+            if claim.first_item != next {
+                return Err(ReceiptMismatch::Coverage(i));
+            }
+            let slice = usize::try_from(claim.first_item)
+                .ok()
+                .and_then(|first| output.slice(first, claim.items as usize))
+                .ok_or(ReceiptMismatch::Coverage(i))?;
+            if slice.digest().ok() != Some(claim.output) {
+                return Err(ReceiptMismatch::Slice(i));
+            }
+            next = next.saturating_add(u64::from(claim.items));
+        }
+        if next != output.items() as u64 {
+            return Err(ReceiptMismatch::Items { got: output.items(), claimed: next });
+        }
+        Ok(())
+    }
+}
+
 crate::wire!(Receipt, limits::RECEIPT, validate = Receipt::check);
 
 impl crate::SignedKind for Receipt {
     const DOMAIN: &'static str = "mycel/receipt/1";
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::{Keypair, Timings, merkle};
+
+    fn vectors(values: &[f32]) -> ShardOutput {
+        ShardOutput::Embeddings { dimensions: 2, values: values.to_vec() }
+    }
+
+    /// A receipt over two shards of two items each, as the executors
+    /// signed them, for `output` (what the requester says the result is).
+    fn receipt(shards: [&ShardOutput; 2], output: &ShardOutput) -> Receipt {
+        let executor = Keypair::from_secret_bytes(&[9; 32]);
+        let claims: Vec<Signed<ResultClaim>> = shards
+            .iter()
+            .enumerate()
+            .map(|(i, out)| {
+                let claim = ResultClaim {
+                    task: TaskId([1; 16]),
+                    shard: i as u32,
+                    first_item: 2 * i as u64,
+                    items: 2,
+                    input: Digest::of(b"input"),
+                    model: Digest::of(b"model"),
+                    output: out.digest().unwrap(),
+                    timings: Timings::default(),
+                    input_tokens: 0,
+                };
+                Signed::sign(&executor, &claim).unwrap()
+            })
+            .collect();
+        let leaves: Vec<Digest> = claims.iter().map(Signed::digest).collect();
+        Receipt {
+            task: TaskId([1; 16]),
+            spec: Digest::of(b"spec"),
+            model: Digest::of(b"model"),
+            root: merkle::root(&leaves),
+            shards: claims,
+            output: output.digest().unwrap(),
+            completed_ms: 1,
+        }
+    }
+
+    #[test]
+    fn every_shards_slice_must_be_what_its_executor_signed() {
+        let (a, b) = (vectors(&[1.0, 0.0, 0.0, 1.0]), vectors(&[0.5, 0.5, 0.6, 0.8]));
+        let whole = vectors(&[1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.6, 0.8]);
+        assert_eq!(receipt([&a, &b], &whole).check_output(&whole), Ok(()));
+        // The requester signs a receipt over an output of its own: the
+        // result file hashes to the receipt, yet shard 1's part is not what
+        // its executor produced.
+        let swapped = vectors(&[1.0, 0.0, 0.0, 1.0, 0.8, 0.6, 0.5, 0.5]);
+        assert_eq!(receipt([&a, &b], &swapped).check_output(&swapped), Err(ReceiptMismatch::Slice(1)));
+        // A result that is not the receipt's output at all.
+        assert_eq!(receipt([&a, &b], &whole).check_output(&swapped), Err(ReceiptMismatch::Output));
+        // Claims that leave items out.
+        let longer = vectors(&[1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.6, 0.8, 1.0, 1.0]);
+        assert_eq!(
+            receipt([&a, &b], &longer).check_output(&longer),
+            Err(ReceiptMismatch::Items { got: 5, claimed: 4 })
+        );
+        let shorter = vectors(&[1.0, 0.0, 0.0, 1.0, 0.5, 0.5]);
+        assert_eq!(receipt([&a, &b], &shorter).check_output(&shorter), Err(ReceiptMismatch::Coverage(1)));
+    }
+
+    #[test]
+    fn slices_cut_by_item() {
+        let g = |t: &str| crate::Generation { text: t.into(), tokens: 1, finish: crate::FinishReason::Length };
+        let out = ShardOutput::Generations(vec![g("a"), g("b"), g("c")]);
+        assert_eq!(out.slice(1, 2), Some(ShardOutput::Generations(vec![g("b"), g("c")])));
+        assert_eq!(out.slice(2, 2), None);
+        assert_eq!(out.slice(usize::MAX, 2), None);
+        assert_eq!(vectors(&[1.0, 2.0, 3.0, 4.0]).slice(1, 1), Some(vectors(&[3.0, 4.0])));
+    }
 }
