@@ -898,8 +898,11 @@ impl Driver {
                 }
             }
             Market::Bid(signed) => {
-                if let Ok(bid) = signed.verify() {
-                    self.step(bid.task, Event::Bid { from: sender, bid: Box::new(signed) });
+                // Routed by what the payload says; the signature is checked
+                // once, in `Event::bid`.
+                if let Ok(bid) = <mycel_protocol::Bid as Wire>::decode(signed.payload()) {
+                    let reputation = self.reputation_of(&sender);
+                    self.step(bid.task, Event::bid(sender, signed, reputation));
                 }
             }
             Market::Award(signed) => {
@@ -924,7 +927,7 @@ impl Driver {
                 // Routed by the claim's task; the requester verifies the
                 // signature (and penalises a bad one).
                 if let Ok(claim) = <mycel_protocol::ResultClaim as Wire>::decode(result.claim.payload()) {
-                    self.step(claim.task, Event::Result { from: sender, result: Box::new(result) });
+                    self.step(claim.task, Event::result(sender, result));
                 }
             }
             Market::Ack(signed) => {

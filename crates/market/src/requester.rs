@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use mycel_protocol::{
     Award, AwardedShard, Bid, Cfp, Digest, ModelKind, PublicKey, Receipt, RejectReason, ResultAck, ResultClaim,
-    ShardOutput, ShardResult, Signed, TaskId, TaskSpec, Verdict, limits, merkle,
+    ShardOutput, ShardResult, Signed, TaskId, TaskSpec, Verdict, Verified, VerifiedResult, limits, merkle,
 };
 use serde::{Deserialize, Serialize};
 
@@ -94,16 +94,43 @@ pub struct Candidate {
 /// Something that happened.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// A signed bid arrived from `from` (the authenticated sender).
-    Bid { from: PublicKey, bid: Box<Signed<Bid>> },
-    /// A shard result arrived from `from`.
-    Result { from: PublicKey, result: Box<ShardResult> },
+    /// A bid arrived from `from` (the authenticated sender), its signature
+    /// checked where it entered; `reputation` is the bidder's standing in
+    /// the node's book now (a stranger's default for a peer never seen).
+    Bid { from: PublicKey, bid: Box<Verified<Bid>>, reputation: f64 },
+    /// A shard result arrived from `from`, its claim's signature checked.
+    Result { from: PublicKey, result: Box<VerifiedResult> },
+    /// A bid or result from `from` that failed its signature check. `shard`
+    /// is what an unverified claim names and `claim` its envelope's digest:
+    /// used only to answer the sender and free it from that shard at once,
+    /// which can harm nobody else.
+    Forged { from: PublicKey, shard: Option<u32>, claim: Option<Digest> },
     /// A worker turned an award down, or could not be reached.
     Refused { from: PublicKey, shard: u32 },
     /// A peer disconnected or its advert expired.
     PeerLost(PublicKey),
     /// A timer set by [`Action::SetTimer`] fired.
     Timer(Timer),
+}
+
+impl Event {
+    /// A bid as it arrived: its signature is checked here, once.
+    pub fn bid(from: PublicKey, bid: Signed<Bid>, reputation: f64) -> Self {
+        match bid.into_verified() {
+            Ok(bid) => Event::Bid { from, bid: Box::new(bid), reputation },
+            Err(_) => Event::Forged { from, shard: None, claim: None },
+        }
+    }
+
+    /// A result as it arrived: its claim's signature is checked here, once.
+    pub fn result(from: PublicKey, result: ShardResult) -> Self {
+        let claim = result.claim.digest();
+        let shard = <ResultClaim as mycel_protocol::Wire>::decode(result.claim.payload()).ok().map(|c| c.shard);
+        match result.into_verified() {
+            Ok(result) => Event::Result { from, result: Box::new(result) },
+            Err(_) => Event::Forged { from, shard, claim: Some(claim) },
+        }
+    }
 }
 
 /// Timers the requester asks for.
@@ -166,7 +193,7 @@ struct ShardState {
     /// Peers that failed or lied on it: never asked again.
     excluded: BTreeSet<PublicKey>,
     /// Valid results so far, by executor.
-    results: BTreeMap<PublicKey, ShardResult>,
+    results: BTreeMap<PublicKey, VerifiedResult>,
     /// Executions wanted: the task's redundancy, plus tie-breakers, plus
     /// one for a spot check.
     wanted: usize,
@@ -174,7 +201,7 @@ struct ShardState {
     /// compared like redundant ones, given up if no other peer can run it.
     spot: bool,
     /// The accepted result, once decided.
-    done: Option<ShardResult>,
+    done: Option<VerifiedResult>,
 }
 
 /// A standing offer from a worker for this task.
@@ -203,6 +230,8 @@ pub struct Requester {
     candidates: Vec<Candidate>,
     /// Shards each peer runs now.
     busy: BTreeMap<PublicKey, BTreeSet<u32>>,
+    /// Peers caught lying or forging on this task: no more of its work.
+    banned: BTreeSet<PublicKey>,
     rounds_without_bids: u32,
     /// When it completed (the receipt's time), or why it failed.
     completed_ms: Option<u64>,
@@ -273,6 +302,7 @@ impl Requester {
             offers: BTreeMap::new(),
             candidates,
             busy: BTreeMap::new(),
+            banned: BTreeSet::new(),
             rounds_without_bids: 0,
             completed_ms: None,
             failure: None,
@@ -331,12 +361,7 @@ impl Requester {
 
     /// Input tokens over the accepted results, as their workers signed them.
     pub fn input_tokens(&self) -> u64 {
-        self.shards
-            .iter()
-            .filter_map(|s| s.done.as_ref())
-            .filter_map(|r| r.claim.verify().ok())
-            .map(|c| c.input_tokens)
-            .fold(0, u64::saturating_add)
+        self.shards.iter().filter_map(|s| s.done.as_ref()).map(|r| r.claim.input_tokens).fold(0, u64::saturating_add)
     }
 
     /// The user gave up on the task: it fails with `reason`. Results still
@@ -397,15 +422,24 @@ impl Requester {
         if matches!(self.phase, Phase::Done | Phase::Failed) {
             // Late results still get an answer, so the worker stops waiting.
             if let Event::Result { from, result } = event {
-                let ack = self.ack(&result, Verdict::Rejected(RejectReason::AlreadyComplete));
+                let ack = self.ack(&result.claim, Verdict::Rejected(RejectReason::AlreadyComplete));
                 return vec![Action::Ack { to: from, ack }];
             }
             return Vec::new();
         }
         let mut out = Vec::new();
         match event {
-            Event::Bid { from, bid } => self.on_bid(now_ms, from, &bid, &mut out),
+            Event::Bid { from, bid, reputation } => self.on_bid(now_ms, from, *bid, reputation, &mut out),
             Event::Result { from, result } => self.on_result(now_ms, from, *result, &mut out),
+            Event::Forged { from, shard, claim } => {
+                if let Some(claim) = claim {
+                    let verdict = Verdict::Rejected(RejectReason::BadSignature);
+                    let ack = ResultAck { task: self.task, shard: shard.unwrap_or(u32::MAX), claim, verdict };
+                    out.push(Action::Ack { to: from, ack });
+                }
+                out.push(Action::Penalise { peer: from, reason: RejectReason::BadSignature });
+                self.exclude(now_ms, from, shard, &mut out);
+            }
             Event::Refused { from, shard } => self.drop_executor(now_ms, shard, from, None, &mut out),
             Event::PeerLost(peer) => {
                 self.offers.remove(&peer);
@@ -467,11 +501,11 @@ impl Requester {
         });
     }
 
-    fn on_bid(&mut self, now_ms: u64, from: PublicKey, signed: &Signed<Bid>, out: &mut Vec<Action>) {
-        let Ok(bid) = signed.verify_from(&from) else {
+    fn on_bid(&mut self, now_ms: u64, from: PublicKey, bid: Verified<Bid>, reputation: f64, out: &mut Vec<Action>) {
+        if *bid.signer() != from {
             out.push(Action::Penalise { peer: from, reason: RejectReason::BadSignature });
             return;
-        };
+        }
         let fresh = bid.task == self.task
             && bid.round == self.round
             && Some(bid.cfp) == self.cfp
@@ -479,14 +513,12 @@ impl Requester {
             && bid.expires_ms > now_ms
             && bid.capacity > 0
             && bid.units_per_s > 0.0;
-        if !fresh {
+        // Standing comes from the node's book, never from whether the
+        // bidder happened to be a candidate: a banned peer stays banned.
+        if !fresh || self.banned.contains(&from) || reputation.is_nan() || reputation < self.config.min_reputation {
             return;
         }
-        let reputation = self.reputation(&from);
-        if reputation < self.config.min_reputation {
-            return;
-        }
-        self.offers.insert(from, Offer { bid, digest: signed.digest(), reputation });
+        self.offers.insert(from, Offer { bid: Bid::clone(&bid), digest: bid.digest(), reputation });
         out.push(Action::Persist);
         if self.phase == Phase::Running {
             // A late bidder joins the pool of workers for open shards.
@@ -530,7 +562,7 @@ impl Requester {
                         let shard = &mut self.shards[index];
                         shard.spot = false;
                         shard.wanted -= 1;
-                        self.decide(index, out);
+                        self.decide(now_ms, index, out);
                         self.finish_if_done(now_ms, out);
                         continue;
                     }
@@ -560,9 +592,15 @@ impl Requester {
     fn assign(&mut self, now_ms: u64, index: usize, peer: PublicKey, out: &mut Vec<Action>) -> AwardedShard {
         let shard = &self.shards[index];
         let offer = &self.offers[&peer];
-        let expected_ms =
-            offer.bid.queue_ms + (shard.plan.units as f64 * 1000.0 / f64::from(offer.bid.units_per_s.max(1e-3))) as u64;
-        let deadline = now_ms + (expected_ms as f64 * self.config.deadline_factor) as u64 + self.config.grace_ms;
+        // Peer-sent numbers are bounded at decode; the sums saturate anyway,
+        // so no bid can wrap a deadline around.
+        let expected_ms = offer
+            .bid
+            .queue_ms
+            .saturating_add((shard.plan.units as f64 * 1000.0 / f64::from(offer.bid.units_per_s.max(1e-3))) as u64);
+        let deadline = now_ms
+            .saturating_add((expected_ms as f64 * self.config.deadline_factor) as u64)
+            .saturating_add(self.config.grace_ms);
         let awarded = AwardedShard {
             shard: shard.plan.index,
             first_item: shard.plan.first_item,
@@ -572,7 +610,8 @@ impl Requester {
         self.shards[index].running.insert(peer);
         self.busy.entry(peer).or_default().insert(index as u32);
         out.push(Action::SetTimer { at_ms: deadline, timer: Timer::ShardDeadline { shard: index as u32, peer } });
-        let slow = now_ms + (expected_ms as f64 * self.config.straggler_factor) as u64 + 250;
+        let slow =
+            now_ms.saturating_add((expected_ms as f64 * self.config.straggler_factor) as u64).saturating_add(250);
         if slow < deadline {
             out.push(Action::SetTimer { at_ms: slow, timer: Timer::Straggler { shard: index as u32, peer } });
         }
@@ -631,10 +670,6 @@ impl Requester {
             .map(|(peer, _)| *peer)
     }
 
-    fn reputation(&self, peer: &PublicKey) -> f64 {
-        self.candidates.iter().find(|c| c.peer == *peer).map_or(0.5, |c| c.reputation)
-    }
-
     /// Takes `peer` off `shard` (late, lost, refused or wrong) and finds
     /// someone else.
     fn drop_executor(
@@ -664,36 +699,35 @@ impl Requester {
         }
     }
 
-    fn on_result(&mut self, now_ms: u64, from: PublicKey, result: ShardResult, out: &mut Vec<Action>) {
-        let verdict = self.check(&from, &result);
-        // A claim that fails its signature still names the shard its sender
-        // (authenticated by the transport) was running: drop the sender
-        // from that shard now rather than at its deadline. Nobody else is
-        // affected by what an unverified payload says.
-        let index = match result.claim.verify() {
-            Ok(c) => c.shard as usize,
-            Err(_) => <ResultClaim as mycel_protocol::Wire>::decode(result.claim.payload())
-                .map_or(usize::MAX, |c| c.shard as usize),
-        };
-        if let Err(reason) = verdict {
-            let ack = self.ack(&result, Verdict::Rejected(reason));
-            out.push(Action::Ack { to: from, ack });
-            if !matches!(reason, RejectReason::AlreadyComplete | RejectReason::Late) {
-                out.push(Action::Penalise { peer: from, reason });
-                if index < self.shards.len() {
-                    self.drop_executor(now_ms, index as u32, from, None, out);
+    fn on_result(&mut self, now_ms: u64, from: PublicKey, result: VerifiedResult, out: &mut Vec<Action>) {
+        let index = match self.check(&from, &result) {
+            Ok(index) => index,
+            Err(reason) => {
+                let ack = self.ack(&result.claim, Verdict::Rejected(reason));
+                out.push(Action::Ack { to: from, ack });
+                match reason {
+                    RejectReason::AlreadyComplete | RejectReason::Late => {}
+                    // Someone else's claim, or a shard it does not run: a
+                    // fault, but no lie about work it was given.
+                    RejectReason::NotAwarded => out.push(Action::Penalise { peer: from, reason }),
+                    // Its own signed claim about its own shard does not
+                    // hold up: a lie, and the end of its part in this task.
+                    _ => {
+                        out.push(Action::Penalise { peer: from, reason });
+                        self.exclude(now_ms, from, Some(result.claim.shard), out);
+                    }
                 }
+                return;
             }
-            return;
-        }
+        };
         let state = &mut self.shards[index];
         state.running.remove(&from);
         if let Some(set) = self.busy.get_mut(&from) {
             set.remove(&(index as u32));
         }
-        state.results.insert(from, result.clone());
+        state.results.insert(from, result);
         out.push(Action::Persist);
-        self.decide(index, out);
+        self.decide(now_ms, index, out);
         // Whatever was decided, the worker has a free slot: offer it more.
         if self.phase == Phase::Running {
             self.award_open(now_ms, out);
@@ -701,10 +735,43 @@ impl Requester {
         self.finish_if_done(now_ms, out);
     }
 
+    /// `peer` was caught lying or forging: it gets nothing more of this
+    /// task. Its standing offer goes, every shard it runs is re-awarded, and
+    /// any shard decided on its word alone is opened again.
+    fn exclude(&mut self, now_ms: u64, peer: PublicKey, shard: Option<u32>, out: &mut Vec<Action>) {
+        self.banned.insert(peer);
+        self.offers.remove(&peer);
+        let mut reopened = false;
+        for state in &mut self.shards {
+            let alone = state.done.as_ref().is_some_and(|d| *d.claim.signer() == peer) && state.results.len() <= 1;
+            if alone {
+                state.done = None;
+                state.results.remove(&peer);
+                state.excluded.insert(peer);
+                reopened = true;
+            }
+        }
+        if reopened {
+            out.push(Action::Persist);
+        }
+        let mut running: Vec<u32> = self.busy.get(&peer).map(|s| s.iter().copied().collect()).unwrap_or_default();
+        if let Some(shard) = shard
+            && !running.contains(&shard)
+        {
+            running.push(shard);
+        }
+        for shard in running {
+            self.drop_executor(now_ms, shard, peer, None, out);
+        }
+        if reopened && self.phase == Phase::Running {
+            self.award_open(now_ms, out);
+        }
+    }
+
     /// Verifies a result against the shard it claims to be for.
-    fn check(&self, from: &PublicKey, result: &ShardResult) -> Result<usize, RejectReason> {
-        let claim: ResultClaim = result.claim.verify().map_err(|_| RejectReason::BadSignature)?;
-        let signer = *result.claim.signer();
+    fn check(&self, from: &PublicKey, result: &VerifiedResult) -> Result<usize, RejectReason> {
+        let claim = &result.claim;
+        let signer = *claim.signer();
         if signer != *from || claim.task != self.task {
             return Err(RejectReason::NotAwarded);
         }
@@ -738,7 +805,7 @@ impl Requester {
 
     /// With `wanted` results in, accepts the strict majority's output, or
     /// asks for one more execution to break the tie.
-    fn decide(&mut self, index: usize, out: &mut Vec<Action>) {
+    fn decide(&mut self, now_ms: u64, index: usize, out: &mut Vec<Action>) {
         let min_cosine = self.config.min_cosine;
         let state = &mut self.shards[index];
         if state.results.len() < state.wanted {
@@ -765,7 +832,8 @@ impl Requester {
             return;
         }
         state.done = state.results.get(&best[0]).cloned();
-        let results: Vec<(PublicKey, ShardResult)> = state.results.iter().map(|(p, r)| (*p, r.clone())).collect();
+        let results: Vec<(PublicKey, Verified<ResultClaim>)> =
+            state.results.iter().map(|(p, r)| (*p, r.claim.clone())).collect();
         // Anyone still running it (a backup copy) is freed; its result will
         // be answered AlreadyComplete.
         let still: Vec<PublicKey> = std::mem::take(&mut state.running).into_iter().collect();
@@ -774,15 +842,21 @@ impl Requester {
                 set.remove(&(index as u32));
             }
         }
-        for (peer, result) in results {
+        let mut outvoted = Vec::new();
+        for (peer, claim) in results {
             if best.contains(&peer) {
-                out.push(Action::Ack { to: peer, ack: self.ack(&result, Verdict::Accepted) });
+                out.push(Action::Ack { to: peer, ack: self.ack(&claim, Verdict::Accepted) });
                 out.push(Action::Reward { peer });
             } else {
                 let reason = RejectReason::Disagreement;
-                out.push(Action::Ack { to: peer, ack: self.ack(&result, Verdict::Rejected(reason)) });
+                out.push(Action::Ack { to: peer, ack: self.ack(&claim, Verdict::Rejected(reason)) });
                 out.push(Action::Penalise { peer, reason });
+                outvoted.push(peer);
             }
+        }
+        // A peer caught lying is done with this task at once.
+        for peer in outvoted {
+            self.exclude(now_ms, peer, None, out);
         }
     }
 
@@ -815,7 +889,7 @@ impl Requester {
 
     /// The output in item order and the receipt over the accepted results.
     fn assemble(&self, completed_ms: u64) -> Result<(ShardOutput, Receipt), String> {
-        let results: Vec<&ShardResult> = self.shards.iter().filter_map(|s| s.done.as_ref()).collect();
+        let results: Vec<&VerifiedResult> = self.shards.iter().filter_map(|s| s.done.as_ref()).collect();
         let output = match self.kind {
             ModelKind::Embedding => {
                 let dimensions = results
@@ -846,7 +920,7 @@ impl Requester {
                     .collect(),
             ),
         };
-        let claims: Vec<Signed<ResultClaim>> = results.iter().map(|r| r.claim.clone()).collect();
+        let claims: Vec<Signed<ResultClaim>> = results.iter().map(|r| r.claim.signed().clone()).collect();
         let leaves: Vec<Digest> = claims.iter().map(Signed::digest).collect();
         let output_digest = output.digest().map_err(|_| "the aggregated output is too large to encode".to_string())?;
         let receipt = Receipt {
@@ -868,9 +942,8 @@ impl Requester {
         out.push(Action::Fail { reason });
     }
 
-    fn ack(&self, result: &ShardResult, verdict: Verdict) -> ResultAck {
-        let shard = result.claim.verify().map(|c| c.shard).unwrap_or(u32::MAX);
-        ResultAck { task: self.task, shard, claim: result.claim.digest(), verdict }
+    fn ack(&self, claim: &Verified<ResultClaim>, verdict: Verdict) -> ResultAck {
+        ResultAck { task: self.task, shard: claim.shard, claim: claim.digest(), verdict }
     }
 }
 

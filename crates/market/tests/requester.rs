@@ -159,7 +159,7 @@ impl Sim {
         let w = &self.workers[worker];
         let signed = Signed::sign(&w.key, &bid).unwrap();
         let from = w.key.public();
-        self.event(Event::Bid { from, bid: Box::new(signed) });
+        self.event(Event::bid(from, signed, 0.9));
     }
 
     /// Advances virtual time, firing due timers.
@@ -211,7 +211,7 @@ impl Sim {
         for award in &awards {
             for i in 0..award.shards.len() {
                 let result = self.result_for(worker, award, i);
-                self.event(Event::Result { from: key, result: Box::new(result) });
+                self.event(Event::result(key, result));
                 n += 1;
             }
         }
@@ -368,12 +368,12 @@ fn bids_for_another_cfp_model_or_signer_are_ignored() {
         Bid { expires_ms: sim.now, ..good.clone() },
     ] {
         let signed = Signed::sign(&sim.workers[0].key, &bad).unwrap();
-        sim.event(Event::Bid { from: w0, bid: Box::new(signed) });
+        sim.event(Event::bid(w0, signed, 0.9));
     }
     assert!(sim.inbox.is_empty());
     // Signed by worker 1 but sent as worker 0: forged.
     let forged = Signed::sign(&sim.workers[1].key, &good).unwrap();
-    sim.event(Event::Bid { from: w0, bid: Box::new(forged) });
+    sim.event(Event::bid(w0, forged, 0.9));
     assert!(sim.inbox.is_empty());
     assert_eq!(sim.penalised, vec![(w0, RejectReason::BadSignature)]);
 }
@@ -394,7 +394,7 @@ fn a_late_worker_is_replaced_and_its_result_is_refused() {
     assert!(sim.inbox.contains_key(&sim.peer(1)), "re-awarded to the other worker");
     // The first worker's result arrives after all: refused, not counted.
     let w0 = sim.peer(0);
-    sim.event(Event::Result { from: w0, result: Box::new(late) });
+    sim.event(Event::result(w0, late));
     assert_eq!(sim.acks.last().unwrap(), &(w0, Verdict::Rejected(RejectReason::Late)));
     sim.run_all();
     check_output(&sim, &spec);
@@ -422,7 +422,7 @@ fn a_straggler_gets_a_backup_and_the_first_result_wins() {
     check_output(&sim, &spec);
     assert_eq!(sim.requester.executors(), vec![Some(w1), Some(w1)]);
     // The slow worker's result is answered as late but not held against it.
-    sim.event(Event::Result { from: w0, result: Box::new(slow_result) });
+    sim.event(Event::result(w0, slow_result));
     assert_eq!(sim.acks.last().unwrap(), &(w0, Verdict::Rejected(RejectReason::AlreadyComplete)));
     sim.advance(10_000);
     assert!(sim.penalised.is_empty(), "{:?}", sim.penalised);
@@ -441,12 +441,12 @@ fn duplicate_wrong_signer_and_tampered_results_are_rejected() {
     // Worker 2 was never awarded anything: its result is refused.
     let mut stranger = sim.result_for(2, &a0, 0);
     stranger.claim = Signed::sign(&sim.workers[2].key, &stranger.claim.verify().unwrap()).unwrap();
-    sim.event(Event::Result { from: w2, result: Box::new(stranger) });
+    sim.event(Event::result(w2, stranger));
     assert_eq!(sim.acks.last().unwrap(), &(w2, Verdict::Rejected(RejectReason::NotAwarded)));
 
     // A result signed by worker 0 but delivered by worker 1.
     let relayed = sim.result_for(0, &a0, 0);
-    sim.event(Event::Result { from: w1, result: Box::new(relayed) });
+    sim.event(Event::result(w1, relayed));
     assert_eq!(sim.acks.last().unwrap(), &(w1, Verdict::Rejected(RejectReason::NotAwarded)));
 
     // Output edited after signing.
@@ -454,15 +454,15 @@ fn duplicate_wrong_signer_and_tampered_results_are_rejected() {
     if let ShardOutput::Embeddings { values, .. } = &mut tampered.output {
         values[0] += 0.5;
     }
-    sim.event(Event::Result { from: w0, result: Box::new(tampered) });
+    sim.event(Event::result(w0, tampered));
     assert_eq!(sim.acks.last().unwrap(), &(w0, Verdict::Rejected(RejectReason::OutputMismatch)));
     assert!(sim.penalised.contains(&(w0, RejectReason::OutputMismatch)));
 
     // Worker 1's honest result is accepted once; a replay is not counted.
     let good = sim.result_for(1, &a1, 0);
-    sim.event(Event::Result { from: w1, result: Box::new(good.clone()) });
+    sim.event(Event::result(w1, good.clone()));
     assert_eq!(sim.acks.last().unwrap(), &(w1, Verdict::Accepted));
-    sim.event(Event::Result { from: w1, result: Box::new(good) });
+    sim.event(Event::result(w1, good));
     assert_eq!(sim.acks.last().unwrap(), &(w1, Verdict::Rejected(RejectReason::AlreadyComplete)));
     assert_eq!(sim.requester.shards_done(), 1);
 
@@ -485,7 +485,7 @@ fn a_forged_signature_frees_the_shard_at_once() {
     let mut signature = *forged.claim.signature();
     signature.0[0] ^= 1;
     forged.claim = Signed::from_parts(*forged.claim.signer(), signature, forged.claim.payload().to_vec());
-    sim.event(Event::Result { from: w0, result: Box::new(forged) });
+    sim.event(Event::result(w0, forged));
     assert_eq!(sim.acks.last().unwrap(), &(w0, Verdict::Rejected(RejectReason::BadSignature)));
     assert!(sim.penalised.contains(&(w0, RejectReason::BadSignature)));
     // No time passes, yet the shard is back on offer: worker 1 finishes
@@ -593,8 +593,8 @@ fn every_shard_completes_exactly_once_when_all_results_arrive_twice() {
             for award in awards {
                 for i in 0..award.shards.len() {
                     let r = sim.result_for(w, &award, i);
-                    sim.event(Event::Result { from: peer, result: Box::new(r.clone()) });
-                    sim.event(Event::Result { from: peer, result: Box::new(r) });
+                    sim.event(Event::result(peer, r.clone()));
+                    sim.event(Event::result(peer, r));
                     answered += 1;
                 }
             }
@@ -619,7 +619,7 @@ fn a_restarted_requester_resumes_from_its_journal() {
     let award = sim.inbox.get_mut(&w0).unwrap().remove(0);
     for i in 0..award.shards.len() {
         let r = sim.result_for(0, &award, i);
-        sim.event(Event::Result { from: w0, result: Box::new(r) });
+        sim.event(Event::result(w0, r));
     }
     let done_before = sim.requester.shards_done();
     assert_eq!(done_before, 2);
@@ -646,4 +646,97 @@ fn a_restarted_requester_resumes_from_its_journal() {
     let (output, receipt) = finished.outcome().unwrap().unwrap();
     assert_eq!(Some((output, receipt)), sim.done.clone());
     assert!(finished.resume(sim.now).is_empty(), "nothing left to do");
+}
+
+#[test]
+fn a_bid_claiming_an_endless_queue_is_refused_not_overflowed() {
+    let spec = spec(10, 10, 1);
+    let mut sim = Sim::new(&spec, 2, Config { enough_bids: 1, ..Config::default() });
+    let cfp = sim.cfp.clone().unwrap();
+    let bid = Bid {
+        task: sim.requester.task(),
+        round: 1,
+        cfp: cfp.digest(),
+        model: model(),
+        price: Price::default(),
+        queue_ms: u64::MAX,
+        units_per_s: 100.0,
+        capacity: 1,
+        expires_ms: sim.now + 10_000,
+    };
+    let w0 = sim.peer(0);
+    // Once this overflowed the deadline sum (a panic in debug builds, a
+    // wrapped deadline in release). Now it never decodes.
+    let signed = Signed::sign(&sim.workers[0].key, &bid).unwrap();
+    sim.event(Event::bid(w0, signed, 0.9));
+    assert!(sim.inbox.is_empty());
+    // A bid that does not verify ends the sender's part in the task.
+    assert_eq!(sim.penalised, vec![(w0, RejectReason::BadSignature)]);
+    // The largest numbers allowed give a far deadline, never a wrapped one.
+    let w1 = sim.peer(1);
+    let slowest = Bid { queue_ms: mycel_protocol::limits::MAX_QUEUE_MS, units_per_s: 1e-30, ..bid };
+    let signed = Signed::sign(&sim.workers[1].key, &slowest).unwrap();
+    sim.event(Event::bid(w1, signed, 0.9));
+    let award = &sim.inbox[&w1][0];
+    assert!(award.shards[0].deadline_ms > sim.now + mycel_protocol::limits::MAX_QUEUE_MS);
+}
+
+#[test]
+fn a_banned_bidder_gets_no_work_whether_or_not_it_was_a_candidate() {
+    let spec = spec(10, 10, 1);
+    // Two candidates; a third peer hears the CFP by gossip and bids.
+    let mut sim = Sim::new(&spec, 2, Config { enough_bids: 1, ..Config::default() });
+    sim.workers.push(Worker { key: Keypair::generate().unwrap(), liar: false });
+    let cfp = sim.cfp.clone().unwrap();
+    let bid = Bid {
+        task: sim.requester.task(),
+        round: 1,
+        cfp: cfp.digest(),
+        model: model(),
+        price: Price::default(),
+        queue_ms: 0,
+        units_per_s: 1000.0,
+        capacity: 1,
+        expires_ms: sim.now + 10_000,
+    };
+    let stranger = sim.peer(2);
+    // Its standing in the node's book is below the ban line: no offer,
+    // however good its bid (once, an unknown bidder read as 0.5).
+    let signed = Signed::sign(&sim.workers[2].key, &bid).unwrap();
+    sim.event(Event::bid(stranger, signed.clone(), 0.1));
+    assert!(sim.inbox.is_empty());
+    // A stranger in good standing may work.
+    sim.event(Event::bid(stranger, signed, 0.8));
+    assert!(sim.inbox.contains_key(&stranger));
+}
+
+#[test]
+fn a_peer_caught_lying_is_out_of_the_task_and_its_unchecked_work_is_redone() {
+    let spec = spec(30, 10, 1);
+    let mut sim = Sim::new(&spec, 2, Config { enough_bids: 2, ..Config::default() });
+    sim.workers[0].liar = true;
+    let (liar, honest) = (sim.peer(0), sim.peer(1));
+    sim.bid(0, 2);
+    sim.bid(1, 1);
+    let award = sim.inbox.remove(&liar).unwrap().remove(0);
+    assert_eq!(award.shards.len(), 2, "the liar holds two shards");
+    // Its first lie is consistent and, with no second copy, accepted.
+    let first = sim.result_for(0, &award, 0);
+    sim.event(Event::result(liar, first));
+    assert_eq!(sim.acks.last().unwrap(), &(liar, Verdict::Accepted));
+    assert_eq!(sim.requester.shards_done(), 1);
+    // Its second is caught (output edited after signing).
+    let mut second = sim.result_for(0, &award, 1);
+    if let ShardOutput::Embeddings { values, .. } = &mut second.output {
+        values[0] += 0.5;
+    }
+    sim.event(Event::result(liar, second));
+    assert!(sim.penalised.contains(&(liar, RejectReason::OutputMismatch)));
+    // What it decided alone is open again; it gets nothing more of this
+    // task, even bidding in a new round.
+    assert_eq!(sim.requester.shards_done(), 0);
+    sim.run_all();
+    assert!(!sim.inbox.contains_key(&liar));
+    check_output(&sim, &spec);
+    assert!(sim.requester.executors().iter().all(|e| *e == Some(honest)));
 }
