@@ -191,13 +191,10 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
     });
     if result.exists() {
         let output = read_output(&result)?;
-        let digest = output.digest().context("encoding the result file")?;
-        ensure!(
-            digest == receipt.output,
-            "{} does not match the receipt: it is not the output the swarm produced",
-            result.display()
-        );
-        println!("ok: {} matches the receipt", result.display());
+        // The whole result, and every shard's slice of it against what its
+        // executor signed.
+        receipt.check_output(&output).with_context(|| format!("{} does not match the receipt", result.display()))?;
+        println!("ok: {} matches the receipt, every shard's part as its executor signed it", result.display());
     } else if args.result.is_some() {
         bail!("{} not found", result.display());
     }
