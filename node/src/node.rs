@@ -24,6 +24,13 @@ struct View {
     metrics: Arc<Metrics>,
 }
 
+/// An error from the market driver as the API reports it: the [`ApiError`]
+/// inside where the driver said what kind it is (client mistakes are always
+/// raised that way), else ours: a 500 with what went wrong, never a 400.
+fn api_error(e: anyhow::Error) -> ApiError {
+    e.downcast::<ApiError>().unwrap_or_else(|e| ApiError::Internal(format!("{e:#}")))
+}
+
 impl View {
     async fn ask<T>(
         &self,
@@ -31,10 +38,9 @@ impl View {
     ) -> Result<T, ApiError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.market.send(make(reply)).await.map_err(|_| ApiError::Unavailable("the market stopped".into()))?;
-        rx.await.map_err(|_| ApiError::Unavailable("the market stopped".into()))?.map_err(|e| {
-            // The driver says what kind of error it is where it matters.
-            e.downcast::<ApiError>().unwrap_or_else(|e| ApiError::BadRequest(format!("{e:#}")))
-        })
+        // The driver raises client mistakes as `ApiError`s; anything else
+        // is ours: a 500, never a 400.
+        rx.await.map_err(|_| ApiError::Unavailable("the market stopped".into()))?.map_err(api_error)
     }
 
     async fn reputations(&self) -> std::collections::HashMap<String, f64> {
@@ -304,5 +310,24 @@ impl RuntimeFileWriter {
         }
         .write(&self.data_dir)
         .with_context(|| format!("writing {}", self.data_dir.join(RUNTIME_FILE).display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn driver_failures_are_ours_unless_it_says_otherwise() {
+        // A failure inside the node (here: the journal) is a 500; once it
+        // came back as 400 Bad Request.
+        let ours = api_error(anyhow::anyhow!("journal: no space left on device"));
+        assert!(matches!(ours, ApiError::Internal(_)), "{ours:?}");
+        assert_eq!(ours.status().as_u16(), 500);
+        // What the driver marks as the client's mistake stays a 4xx.
+        let theirs = api_error(ApiError::BadRequest("no inputs".into()).into());
+        assert!(matches!(theirs, ApiError::BadRequest(_)));
+        let missing = api_error(anyhow::Error::from(ApiError::NotFound("no task".into())).context("looking it up"));
+        assert!(matches!(missing, ApiError::NotFound(_)), "{missing:?}");
     }
 }

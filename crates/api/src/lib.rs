@@ -88,6 +88,10 @@ pub enum ApiError {
     /// Missing or wrong bearer token.
     #[error("missing or wrong bearer token")]
     Unauthorized,
+    /// The node failed at something that is not the client's doing (the
+    /// journal, signing, encoding): a 500 with what went wrong.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl ApiError {
@@ -100,6 +104,7 @@ impl ApiError {
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
@@ -343,6 +348,15 @@ async fn task<N: NodeView>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn our_failures_are_5xx_and_the_clients_4xx() {
+        assert_eq!(ApiError::Internal("journal".into()).status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(ApiError::Unavailable("x".into()).status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(ApiError::BadRequest("x".into()).status(), StatusCode::BAD_REQUEST);
+        let response = openai::error_response(ApiError::Internal("signing the receipt".into()));
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
 
     #[test]
     fn constant_time_eq_is_eq() {

@@ -37,6 +37,7 @@ pub fn error_response(e: ApiError) -> Response {
         ApiError::RateLimited(_) => ("rate_limit_error", Some("rate_limit_exceeded")),
         ApiError::Unauthorized => ("authentication_error", Some("invalid_api_key")),
         ApiError::NoCapablePeer(_) | ApiError::Unavailable(_) => ("service_unavailable", Some("no_capable_peer")),
+        ApiError::Internal(_) => ("server_error", None),
     };
     let body = json!({ "error": { "message": e.to_string(), "type": kind, "param": null, "code": code } });
     (e.status(), Json(body)).into_response()
