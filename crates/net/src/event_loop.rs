@@ -65,6 +65,8 @@ enum Command {
     PeerCount(Reply<TableSize>),
     Connected(Reply<Vec<PeerId>>),
     SetAdvert(Box<Advert>),
+    /// The load to carry in the next periodic advert.
+    SetLoad(mycel_protocol::Load),
     OwnAdvert(Reply<Option<Advert>>),
     Dial(Multiaddr, Reply<Result<(), NetError>>),
     Request(PeerId, Request, Reply<Result<Response, RequestError>>),
@@ -123,6 +125,12 @@ impl Handle {
     /// number, timestamp and listen addresses are filled in by the loop.
     pub async fn set_advert(&self, advert: Advert) -> Result<(), NetError> {
         self.commands.send(Command::SetAdvert(Box::new(advert))).await.map_err(|_| NetError::Stopped)
+    }
+
+    /// Sets the load the next periodic advert carries (no extra publish:
+    /// load changes often, adverts go out every interval).
+    pub async fn set_load(&self, load: mycel_protocol::Load) -> Result<(), NetError> {
+        self.commands.send(Command::SetLoad(load)).await.map_err(|_| NetError::Stopped)
     }
 
     /// The advert as last published.
@@ -402,6 +410,11 @@ impl EventLoop {
                 self.advert = Some(*advert);
                 self.republish_at = Some(Instant::now());
             }
+            Command::SetLoad(load) => {
+                if let Some(advert) = &mut self.advert {
+                    advert.load = load;
+                }
+            }
             Command::OwnAdvert(r) => {
                 let _ = r.send(self.published.clone());
             }
@@ -494,7 +507,10 @@ impl EventLoop {
         if new {
             debug!(%peer, peers = self.table.len(), "new peer advert");
         }
-        self.emit(Event::Advert { peer, new });
+        if let Some(advert) = self.table.advert(&peer) {
+            let advert = Box::new(advert.clone());
+            self.emit(Event::Advert { peer, new, advert });
+        }
         Ok(())
     }
 

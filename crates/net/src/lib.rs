@@ -154,8 +154,9 @@ pub enum Event {
     Connected(PeerId),
     /// Last connection to a peer closed.
     Disconnected(PeerId),
-    /// A peer's advert was admitted to the table (`new`: first time seen).
-    Advert { peer: PeerId, new: bool },
+    /// A peer's advert was admitted to the table (`new`: first time seen),
+    /// its signature checked.
+    Advert { peer: PeerId, new: bool, advert: Box<mycel_protocol::Advert> },
     /// A peer's advert expired.
     Expired(PeerId),
     /// An advert was refused because its sender misbehaved.

@@ -175,6 +175,11 @@ impl CapabilityTable {
         self.entries.values()
     }
 
+    /// A peer's advert, as held.
+    pub fn advert(&self, peer: &PeerId) -> Option<&Advert> {
+        self.entries.get(peer).map(|e| &e.advert)
+    }
+
     /// Number of peers held.
     pub fn len(&self) -> usize {
         self.entries.len()
