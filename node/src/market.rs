@@ -1,29 +1,28 @@
-//! The market driver: runs the `mycel_market` state machines with the
-//! network, a real clock, the store and the local worker pool.
+//! The market interpreter: carries out what [`mycel_market::Node`] decides,
+//! with the network, a real clock, the store, the local worker pool and the
+//! API.
 //!
-//! One task owns every requester and the worker; everything reaches it as a
-//! [`Command`] on a bounded channel (API calls, network messages, timers,
-//! finished jobs), so state changes happen in one place and in order.
-//! Messages to this node itself (it may bid on its own task) are looped
-//! back without touching the network.
+//! One task owns the machine; everything reaches it as a [`Command`] on a
+//! bounded channel (API calls, adverts, network messages, finished jobs),
+//! and the machine's single timer queue is served by sleeping until its
+//! next due time. No market decision is made here: this file only turns
+//! actions into I/O and API requests into inputs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow};
 use mycel_api::{ApiError, SubmitRequest, Submitted, TaskEvent, TaskSummary, TaskView, Watch};
+use mycel_market::node::{Action, Input, Metric, Outcome, Submission, SubmitError, Write};
 use mycel_market::requester::Phase;
-use mycel_market::{
-    Action, AwardOutcome, Candidate, Config, Done, Event, Job, Reputation, Requester, Served, Timer, Worker,
-    WorkerConfig,
-};
+use mycel_market::{Job, Node, NodeConfig};
 use mycel_metrics::Metrics;
 use mycel_net::{Handle, now_ms};
 use mycel_protocol::rpc::{Market, Request, Response};
 use mycel_protocol::{
-    ChatTurn, GenerateParams, Generation, Keypair, ModelKind, ModelSelector, PeerId, PublicKey, Receipt, Role,
-    ShardOutput, ShardResult, Signed, Split, TaskId, TaskSpec, Wire, Work,
+    Advert, ChatTurn, GenerateParams, Generation, Keypair, ModelKind, PeerId, PublicKey, Role, ShardOutput, Split,
+    TaskId, Work,
 };
 use mycel_store::{Batch, SledStore, Store, Tree};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -55,20 +54,21 @@ pub enum Command {
     },
     /// Reputation per peer (PeerId as text).
     Reputations {
-        reply: oneshot::Sender<HashMap<String, f64>>,
+        reply: oneshot::Sender<std::collections::HashMap<String, f64>>,
     },
     /// Brings the task and shard gauges up to date.
     RefreshMetrics {
         reply: oneshot::Sender<()>,
     },
     ModelsReady(Arc<LocalModels>),
+    /// A peer's advert, verified by the network.
+    Advert {
+        peer: PeerId,
+        advert: Box<Advert>,
+    },
     Inbound {
         from: PeerId,
         message: Box<Market>,
-    },
-    Timer {
-        task: TaskId,
-        timer: Timer,
     },
     JobDone(Box<JobDone>),
     SendFailed {
@@ -87,6 +87,15 @@ pub enum Fault {
     Perturb,
     /// Corrupts the signature of every result it sends.
     Forge,
+}
+
+impl From<Fault> for mycel_market::node::Fault {
+    fn from(f: Fault) -> Self {
+        match f {
+            Fault::Perturb => Self::Perturb,
+            Fault::Forge => Self::Forge,
+        }
+    }
 }
 
 /// A shard the local models finished (or failed).
@@ -206,70 +215,36 @@ fn split_text(text: &str, max: usize) -> Vec<&str> {
 /// Share of shards spot-checked when the request does not say.
 const DEFAULT_SPOT_CHECK: f32 = 0.05;
 
-/// A request's spot-check share (0-1; the node's default when absent) in
-/// thousandths, as task specs carry it.
-fn spot_check_permille(share: Option<f32>) -> Result<u16, ApiError> {
-    let share = share.unwrap_or(DEFAULT_SPOT_CHECK);
-    if !(0.0..=1.0).contains(&share) {
-        return Err(ApiError::BadRequest(format!("spot_check {share} not in 0..=1")));
-    }
-    Ok((share * 1000.0).round() as u16)
-}
-
-/// Reputation of a peer never seen before.
-pub const DEFAULT_REPUTATION: f64 = mycel_market::reputation::DEFAULT;
-
 /// Events buffered per watched task (a slow watcher skips progress).
 const WATCH_BUFFER: usize = 1024;
 
-/// A finished task.
-#[derive(Debug, Clone)]
-enum Outcome {
-    Done { output: ShardOutput, receipt: Box<Signed<Receipt>>, input_tokens: u64 },
-    Failed(String),
-}
-
-/// What the API shows of a task beyond the requester's state.
-#[derive(Debug, Clone)]
-struct TaskMeta {
-    /// `embed`, `generate` or `chat`.
-    kind: String,
-    /// The model's advertised id.
-    model: String,
-}
-
-/// The market driver's state.
+/// The interpreter's state: the machine and the I/O around it.
 pub struct Driver {
-    key: Keypair,
+    market: Node,
     me: PublicKey,
     net: Handle,
     store: Arc<SledStore>,
     tx: mpsc::Sender<Command>,
     models: Option<Arc<LocalModels>>,
-    worker: Option<Worker>,
-    tasks: HashMap<TaskId, Requester>,
-    outcomes: HashMap<TaskId, Outcome>,
-    reputation: HashMap<PublicKey, Reputation>,
-    meta: HashMap<TaskId, TaskMeta>,
-    watchers: HashMap<TaskId, broadcast::Sender<TaskEvent>>,
-    /// Who streams each item of a task (the first runner heard from).
-    streaming: HashMap<(TaskId, u64), PublicKey>,
-    /// When each task's current CFP left, for the auction latency.
-    auction_started: HashMap<TaskId, Instant>,
-    /// CFP-to-first-award times per task, in ms.
-    auction_ms: HashMap<TaskId, Vec<u64>>,
+    watchers: BTreeMap<TaskId, broadcast::Sender<TaskEvent>>,
     metrics: Arc<Metrics>,
-    /// Finished tasks, oldest first; beyond `keep_finished` the oldest are
-    /// forgotten, journal entry included.
-    finished: std::collections::VecDeque<TaskId>,
-    keep_finished: usize,
-    fault: Option<Fault>,
 }
 
 impl std::fmt::Debug for Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Driver").field("tasks", &self.tasks.len()).finish_non_exhaustive()
+        f.debug_struct("Driver").field("me", &self.me).finish_non_exhaustive()
     }
+}
+
+/// How the market is set up.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Finished tasks kept.
+    pub keep_finished: usize,
+    /// How long a peer's advert stays good.
+    pub advert_ttl: std::time::Duration,
+    /// Misbehaviour on purpose, for tests.
+    pub fault: Option<Fault>,
 }
 
 /// Starts the driver; commands go in through the returned sender.
@@ -278,319 +253,231 @@ pub fn start(
     net: Handle,
     store: Arc<SledStore>,
     metrics: Arc<Metrics>,
-    keep_finished: usize,
-    fault: Option<Fault>,
+    settings: Settings,
 ) -> mpsc::Sender<Command> {
     let (tx, rx) = mpsc::channel(1024);
     let me = key.public();
+    let config = NodeConfig::default()
+        .with_keep_finished(settings.keep_finished)
+        .with_advert_ttl_ms(settings.advert_ttl.as_millis() as u64)
+        .with_fault(settings.fault.map(Into::into));
     let driver = Driver {
-        key,
+        market: Node::new(key, config),
         me,
         net,
         store,
         tx: tx.clone(),
         models: None,
-        worker: None,
-        tasks: HashMap::new(),
-        outcomes: HashMap::new(),
-        reputation: HashMap::new(),
-        meta: HashMap::new(),
-        watchers: HashMap::new(),
-        streaming: HashMap::new(),
-        auction_started: HashMap::new(),
-        auction_ms: HashMap::new(),
+        watchers: BTreeMap::new(),
         metrics,
-        finished: std::collections::VecDeque::new(),
-        keep_finished,
-        fault,
     };
     tokio::spawn(driver.run(rx));
     tx
 }
 
 impl Driver {
-    /// Takes back the unfinished tasks the journal holds.
-    fn resume(&mut self) {
-        let entries = match self.store.scan_prefix(Tree::Tasks, &[]) {
-            Ok(e) => e,
+    /// Hands the journal to the machine: unfinished tasks resume.
+    fn restore(&mut self) {
+        let read = |tree| match self.store.scan_prefix(tree, &[]) {
+            Ok(entries) => entries,
             Err(e) => {
-                warn!(error = %e, "cannot read the task journal");
-                return;
+                warn!(error = %e, ?tree, "cannot read the journal");
+                Vec::new()
             }
         };
-        let mut finished = Vec::new();
-        for (key, value) in entries {
-            let Ok(id) = <[u8; 16]>::try_from(key.as_slice()) else { continue };
-            let task = TaskId(id);
-            match Requester::decode(&value) {
-                Ok(mut requester) if !matches!(requester.phase(), Phase::Done | Phase::Failed) => {
-                    info!(task = %hex::encode(id), done = requester.shards_done(), of = requester.shard_count(), "resuming task");
-                    let actions = requester.resume(now_ms());
-                    self.tasks.insert(task, requester);
-                    self.apply(task, actions);
-                }
-                Ok(requester) => finished.push((requester.completed_ms().unwrap_or(0), task, requester)),
-                Err(e) => warn!(task = %hex::encode(id), error = %e, "unreadable journal entry; skipped"),
+        let (tasks, reputations) = (read(Tree::Tasks), read(Tree::Reputation));
+        let (actions, skipped) = self.market.restore(now_ms(), tasks, reputations);
+        for entry in skipped {
+            warn!(%entry, "unreadable journal entry; skipped");
+        }
+        for (task, t) in self.market.tasks() {
+            if t.outcome.is_none() {
+                info!(%task, done = t.requester.shards_done(), of = t.requester.shard_count(), "resuming task");
             }
         }
-        // Finished before the restart: still listed and served, oldest
-        // first (failed ones, which have no completion time, before them),
-        // as many as the node keeps.
-        finished.sort_by_key(|(at, _, _)| *at);
-        for (_, task, requester) in finished {
-            let outcome = match requester.outcome() {
-                Some(Ok((output, receipt))) => match Signed::sign(&self.key, &receipt) {
-                    Ok(signed) => {
-                        Outcome::Done { output, receipt: Box::new(signed), input_tokens: requester.input_tokens() }
-                    }
-                    Err(e) => Outcome::Failed(format!("signing the receipt: {e}")),
-                },
-                Some(Err(reason)) => Outcome::Failed(reason),
-                None => continue,
-            };
-            self.tasks.insert(task, requester);
-            self.finish(task, outcome);
-        }
-    }
-
-    /// Records a finished task's outcome, and forgets the oldest finished
-    /// tasks beyond what the node keeps, in memory and in the journal.
-    fn finish(&mut self, task: TaskId, outcome: Outcome) {
-        self.outcomes.insert(task, outcome);
-        self.auction_started.remove(&task);
-        if !self.finished.contains(&task) {
-            self.finished.push_back(task);
-        }
-        let mut batch = Batch::new();
-        while self.finished.len() > self.keep_finished {
-            let Some(old) = self.finished.pop_front() else { break };
-            self.tasks.remove(&old);
-            self.outcomes.remove(&old);
-            self.meta.remove(&old);
-            self.auction_ms.remove(&old);
-            batch.delete(Tree::Tasks, old.0);
-            debug!(task = %hex::encode(old.0), "finished task forgotten (--keep-finished)");
-        }
-        if !batch.is_empty()
-            && let Err(e) = tokio::task::block_in_place(|| self.store.commit(&batch))
-        {
-            warn!(error = %e, "cannot drop old tasks from the journal; they come back after a restart");
-        }
-    }
-
-    /// Reputation per peer, as the journal has it.
-    fn load_reputation(&mut self) {
-        match self.store.scan_prefix(Tree::Reputation, &[]) {
-            Ok(entries) => {
-                for (key, value) in entries {
-                    let Ok(key) = <[u8; 32]>::try_from(key.as_slice()) else { continue };
-                    if let (Ok(peer), Some(r)) = (PublicKey::from_bytes(&key), Reputation::from_bytes(&value)) {
-                        self.reputation.insert(peer, r);
-                    }
-                }
-            }
-            Err(e) => warn!(error = %e, "cannot read reputations"),
-        }
-    }
-
-    /// Changes a peer's reputation and journals it (see
-    /// [`mycel_market::reputation`]: halved per fault, earned back slowly
-    /// over streaks of valid results, forgiven slowly with time).
-    fn adjust_reputation(&mut self, peer: PublicKey, fault: bool) -> f64 {
-        let now = now_ms();
-        let r = self.reputation.entry(peer).or_default();
-        if fault {
-            r.fault(now);
-        } else {
-            r.valid(now);
-        }
-        let mut batch = Batch::new();
-        batch.put(Tree::Reputation, peer.to_bytes().to_vec(), r.to_bytes());
-        let score = r.score(now);
-        if let Err(e) = tokio::task::block_in_place(|| self.store.commit(&batch)) {
-            warn!(error = %e, "cannot journal a reputation");
-        }
-        score
+        self.perform(actions);
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        self.load_reputation();
-        self.resume();
-        while let Some(command) = rx.recv().await {
-            match command {
-                Command::Submit { request, reply } => {
-                    let result = self.submit(request).await;
-                    let _ = reply.send(result);
+        self.restore();
+        loop {
+            // The machine's one timer queue: sleep until its next due time.
+            let due = self.market.next_timer_ms().map(|at| {
+                let wait = at.saturating_sub(now_ms());
+                tokio::time::Instant::now() + std::time::Duration::from_millis(wait)
+            });
+            let command = tokio::select! {
+                command = rx.recv() => match command {
+                    Some(c) => c,
+                    None => break,
+                },
+                () = async { tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)).await }, if due.is_some() => {
+                    self.input(Input::Tick);
+                    continue;
                 }
-                Command::Get { task, reply } => {
-                    let _ = reply.send(self.view(&task));
+            };
+            self.command(command).await;
+        }
+    }
+
+    async fn command(&mut self, command: Command) {
+        match command {
+            Command::Submit { request, reply } => {
+                let result = self.submit(request).await;
+                let _ = reply.send(result);
+            }
+            Command::Get { task, reply } => {
+                let _ = reply.send(self.view(&task));
+            }
+            Command::List { reply } => {
+                let list = self.market.tasks().filter_map(|(t, _)| self.summary(*t)).collect();
+                let _ = reply.send(Ok(list));
+            }
+            Command::Watch { task, reply } => {
+                let _ = reply.send(self.watch(&task));
+            }
+            Command::Cancel { task, reply } => {
+                let _ = reply.send(self.cancel(&task));
+            }
+            Command::Reputations { reply } => {
+                let map = self.market.reputations(now_ms()).map(|(k, v)| (k.to_peer_id().to_string(), v)).collect();
+                let _ = reply.send(map);
+            }
+            Command::RefreshMetrics { reply } => {
+                self.refresh_metrics();
+                let _ = reply.send(());
+            }
+            Command::ModelsReady(models) => {
+                let input =
+                    Input::ModelsReady { models: models.adverts(), capacity: models.pool.config().replicas as u32 };
+                self.models = Some(models);
+                self.input(input);
+            }
+            Command::Advert { peer, advert } => {
+                if let Ok(peer) = PublicKey::from_peer_id(&peer) {
+                    self.input(Input::Advert { peer, advert: *advert });
                 }
-                Command::List { reply } => {
-                    let mut list: Vec<TaskSummary> = self.tasks.keys().filter_map(|t| self.summary(*t)).collect();
-                    list.sort_by(|a, b| a.task.cmp(&b.task));
-                    let _ = reply.send(Ok(list));
+            }
+            Command::Inbound { from, message } => {
+                if let Ok(from) = PublicKey::from_peer_id(&from) {
+                    self.input(Input::Message { from, message: *message });
                 }
-                Command::Watch { task, reply } => {
-                    let _ = reply.send(self.watch(&task));
+            }
+            Command::JobDone(done) => {
+                let JobDone { job, output, compute_ms, input_tokens } = *done;
+                if let Err(e) = &output {
+                    warn!(error = %e, shard = job.shard, "shard failed");
                 }
-                Command::Cancel { task, reply } => {
-                    let _ = reply.send(self.cancel(&task));
+                self.input(Input::JobDone { job, output, compute_ms, input_tokens });
+            }
+            Command::PeerLost(peer) => {
+                if let Ok(peer) = PublicKey::from_peer_id(&peer) {
+                    self.input(Input::PeerLost(peer));
                 }
-                Command::Reputations { reply } => {
-                    let now = now_ms();
-                    let map = self.reputation.iter().map(|(k, v)| (k.to_peer_id().to_string(), v.score(now))).collect();
-                    let _ = reply.send(map);
-                }
-                Command::RefreshMetrics { reply } => {
-                    self.refresh_metrics();
-                    let _ = reply.send(());
-                }
-                Command::ModelsReady(models) => self.models_ready(models),
-                Command::Inbound { from, message } => self.inbound(from, *message),
-                Command::Timer { task, timer } => self.step(task, Event::Timer(timer)),
-                Command::JobDone(done) => self.job_done(*done),
-                Command::PeerLost(peer) => {
-                    if let Ok(peer) = PublicKey::from_peer_id(&peer) {
-                        let open: Vec<TaskId> = self.tasks.keys().copied().collect();
-                        for task in open {
-                            self.step(task, Event::PeerLost(peer));
-                        }
+            }
+            Command::SendFailed { to, message } => self.input(Input::Undelivered { to, message: *message }),
+        }
+    }
+
+    fn input(&mut self, input: Input) {
+        let actions = self.market.handle(now_ms(), input);
+        self.perform(actions);
+    }
+
+    /// Carries out the machine's actions in order. A journal write that
+    /// fails stops the rest: nothing that depends on it may leave.
+    fn perform(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Journal(writes) => {
+                    if let Err(e) = self.journal(&writes) {
+                        warn!(error = %e, "cannot journal; dropping what depends on it");
+                        return;
                     }
                 }
-                Command::SendFailed { to, message } => {
-                    if let Market::Award(signed) = *message
-                        && let Ok(award) = signed.verify()
-                    {
-                        for s in award.shards {
-                            self.step(award.task, Event::Refused { from: to, shard: s.shard });
+                Action::Send { to, message } => self.send(to, message),
+                Action::Gossip(signed) => {
+                    let net = self.net.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = net.publish_cfp(&signed).await {
+                            debug!(error = %e, "CFP not gossiped");
                         }
+                    });
+                }
+                Action::Execute(job) => self.execute(job),
+                Action::Text { task, item, text } => {
+                    if let Some(tx) = self.watchers.get(&task) {
+                        let _ = tx.send(TaskEvent::Text { item, text });
                     }
                 }
+                Action::Progress(task) => self.notify(task),
+                Action::Load(load) => {
+                    let net = self.net.clone();
+                    tokio::spawn(async move {
+                        let _ = net.set_load(load).await;
+                    });
+                }
+                Action::Metric(metric) => self.count(metric),
             }
         }
     }
 
-    fn models_ready(&mut self, models: Arc<LocalModels>) {
-        let mut served = BTreeMap::new();
-        for advert in models.adverts() {
-            let units_per_s = match advert.kind {
-                ModelKind::Embedding => advert.throughput.embeddings_per_s,
-                _ => advert.throughput.decode_tokens_per_s,
-            };
-            served.insert(advert.weights, Served { kind: advert.kind, units_per_s: units_per_s.max(0.1) });
+    fn journal(&self, writes: &[Write]) -> Result<()> {
+        let mut batch = Batch::new();
+        for write in writes {
+            match write {
+                Write::Task(task, bytes) => {
+                    batch.put(Tree::Tasks, task.0.to_vec(), bytes.clone());
+                }
+                Write::ForgetTask(task) => {
+                    batch.delete(Tree::Tasks, task.0);
+                }
+                Write::Reputation(peer, bytes) => {
+                    batch.put(Tree::Reputation, peer.to_bytes().to_vec(), bytes.clone());
+                }
+            }
         }
-        let capacity = models.pool.config().replicas as u32;
-        self.worker = Some(Worker::new(WorkerConfig { capacity, ..WorkerConfig::default() }, served));
-        self.models = Some(models);
+        // A durable write (fsync) must finish before anything that depends
+        // on it is sent; keep the runtime's other tasks moving meanwhile.
+        tokio::task::block_in_place(|| self.store.commit(&batch))?;
+        Ok(())
     }
 
-    // ---- requester side -------------------------------------------------
+    fn count(&self, metric: Metric) {
+        let m = &self.metrics;
+        match metric {
+            Metric::BidSent => m.bids_sent.inc(),
+            Metric::BidWon => m.bids_won.inc(),
+            Metric::Reauction => m.reauctions.inc(),
+            Metric::CfpGossiped => m.cfps_gossiped.inc(),
+            Metric::VerificationFailure => m.verification_failures.inc(),
+            Metric::AuctionLatencyMs(ms) => m.auction_latency.observe(ms as f64 / 1000.0),
+            Metric::Inference { model, items, tokens, compute_ms } => {
+                m.shards_executed.inc();
+                m.inference_items.with(&model).add(items);
+                m.inference_tokens.with(&model).add(tokens);
+                m.add_inference_seconds(&model, f64::from(compute_ms) / 1000.0);
+            }
+        }
+    }
+
+    // ---- requester side: the API ----------------------------------------
 
     async fn submit(&mut self, request: SubmitRequest) -> Result<Submitted> {
-        let peers = self.net.peers().await.map_err(|e| anyhow!("{e}"))?;
-        let mut adverts: Vec<(PublicKey, mycel_protocol::Advert)> =
-            peers.into_iter().filter_map(|e| PublicKey::from_peer_id(&e.peer).ok().map(|k| (k, e.advert))).collect();
-        if let Ok(Some(own)) = self.net.own_advert().await {
-            adverts.push((self.me, own));
-        }
-        let kind = match request.kind.as_str() {
-            "embed" => ModelKind::Embedding,
-            "generate" | "chat" => ModelKind::Generation,
-            other => {
-                return Err(
-                    ApiError::BadRequest(format!("unknown task kind {other:?} (embed, generate or chat)")).into()
-                );
-            }
-        };
-        if request.inputs.is_empty() && request.conversations.is_empty() {
-            return Err(ApiError::BadRequest("no inputs".into()).into());
-        }
-        // Pin the model to one digest.
-        let chosen = adverts
-            .iter()
-            .flat_map(|(_, a)| a.models.iter())
-            .find(|m| m.kind == kind && request.model.as_ref().is_none_or(|want| model_matches(want, m)))
-            .cloned();
-        let chosen = match (chosen, &request.model) {
-            (Some(m), _) => m,
-            (None, Some(want)) => {
-                return Err(ApiError::ModelNotFound(format!(
-                    "no peer serves {} model {want:?} (GET /v1/models lists what the swarm offers)",
-                    if kind == ModelKind::Embedding { "an embedding" } else { "a generation" }
-                ))
-                .into());
-            }
-            (None, None) => {
-                return Err(ApiError::NoCapablePeer(format!(
-                    "no peer serves {} model yet",
-                    if kind == ModelKind::Embedding { "an embedding" } else { "a generation" }
-                ))
-                .into());
-            }
-        };
-        let candidates: Vec<Candidate> = adverts
-            .iter()
-            .filter_map(|(peer, a)| {
-                let m = a.models.iter().find(|m| m.weights == chosen.weights)?;
-                let units_per_s = match kind {
-                    ModelKind::Embedding => m.throughput.embeddings_per_s,
-                    _ => m.throughput.decode_tokens_per_s,
-                };
-                let load = a.load.queued_shards as f32 / a.load.capacity.max(1) as f32;
-                Some(Candidate { peer: *peer, units_per_s, load, reputation: self.reputation_of(peer) })
-            })
-            .collect();
-        let params = GenerateParams {
-            max_tokens: request.max_tokens.unwrap_or(128),
-            temperature: request.temperature.unwrap_or(0.0),
-            top_p: request.top_p.unwrap_or(1.0),
-            seed: request.seed.unwrap_or(0),
-            stop: request.stop.clone(),
-            stream: request.stream,
-        };
-        let work = match request.kind.as_str() {
-            "embed" => Work::Embed { texts: request.inputs },
-            "generate" => Work::Generate { prompts: request.inputs, params },
-            _ => {
-                let conversations = request
-                    .conversations
-                    .into_iter()
-                    .map(|turns| turns.into_iter().map(chat_turn).collect::<Result<Vec<_>>>())
-                    .collect::<Result<Vec<_>>>()?;
-                Work::Chat { conversations, params }
-            }
-        };
-        let spec = TaskSpec {
-            work,
-            model: ModelSelector::Digest(chosen.weights),
-            split: request.items_per_shard.map_or(Split::Auto, Split::ItemsPerShard),
-            redundancy: request.redundancy.clamp(1, mycel_protocol::limits::MAX_REDUNDANCY),
-            spot_check_permille: spot_check_permille(request.spot_check)?,
-            aggregation: mycel_protocol::Aggregation::Concat,
-            deadline_ms: 0,
-            budget_micros: None,
-        };
-        spec.validate().map_err(|e| ApiError::BadRequest(format!("invalid task: {e}")))?;
+        let submission = submission(request)?;
         let mut id = [0u8; 16];
         getrandom::fill(&mut id).map_err(|e| anyhow!("no randomness for a task id: {e}"))?;
-        let task = TaskId(id);
-        let mut requester = Requester::new(task, &spec, chosen.weights, kind, candidates, Config::default())?;
-        info!(task = %hex::encode(id), shards = requester.shard_count(), model = %chosen.id, "task submitted");
-        let actions = requester.start(now_ms());
-        self.tasks.insert(task, requester);
-        self.meta.insert(task, TaskMeta { kind: request.kind.clone(), model: chosen.id.clone() });
-        self.apply(task, actions);
-        Ok(Submitted { task: hex::encode(id) })
-    }
-
-    fn reputation_of(&self, peer: &PublicKey) -> f64 {
-        self.reputation.get(peer).map_or(DEFAULT_REPUTATION, |r| r.score(now_ms()))
-    }
-
-    fn step(&mut self, task: TaskId, event: Event) {
-        let Some(requester) = self.tasks.get_mut(&task) else { return };
-        let actions = requester.handle(now_ms(), event);
-        self.apply(task, actions);
+        let (task, actions) = self.market.submit(now_ms(), id, submission).map_err(|e| match e {
+            SubmitError::ModelNotFound { .. } => ApiError::ModelNotFound(e.to_string()).into(),
+            SubmitError::NoCapablePeer(_) => ApiError::NoCapablePeer(e.to_string()).into(),
+            SubmitError::Invalid(_) => ApiError::BadRequest(e.to_string()).into(),
+            other => anyhow::Error::from(other),
+        })?;
+        if let Some(t) = self.market.task(&task) {
+            info!(%task, shards = t.requester.shard_count(), model = %t.model, "task submitted");
+        }
+        self.perform(actions);
+        Ok(Submitted { task: task.to_string() })
     }
 
     /// Tells the task's watchers where it stands; forgets them once it
@@ -599,127 +486,24 @@ impl Driver {
         if !self.watchers.contains_key(&task) {
             return;
         }
-        let Some(summary) = self.summary(task) else { return };
+        let Some(summary) = self.summary(task) else {
+            self.watchers.remove(&task);
+            return;
+        };
         let finished = summary.finished();
         if let Some(tx) = self.watchers.get(&task) {
             let _ = tx.send(TaskEvent::Progress(summary));
         }
         if finished {
             self.watchers.remove(&task);
-            self.streaming.retain(|(t, _), _| *t != task);
         }
-    }
-
-    fn apply(&mut self, task: TaskId, actions: Vec<Action>) {
-        let any = !actions.is_empty();
-        self.apply_actions(task, actions);
-        if any {
-            self.notify(task);
-        }
-    }
-
-    fn apply_actions(&mut self, task: TaskId, actions: Vec<Action>) {
-        let mut queue: std::collections::VecDeque<Action> = actions.into();
-        while let Some(action) = queue.pop_front() {
-            match action {
-                Action::Persist => {
-                    if let Some(r) = self.tasks.get(&task)
-                        && let Err(e) = self.persist(task, r)
-                    {
-                        // Nothing that depends on this state may leave.
-                        warn!(error = %e, "cannot journal the task; failing it");
-                        self.finish(task, Outcome::Failed(format!("journal: {e}")));
-                        self.tasks.remove(&task);
-                        return;
-                    }
-                }
-                Action::SendCfp { to, gossip, cfp } => {
-                    let Ok(signed) = Signed::sign(&self.key, &cfp) else { continue };
-                    if let Some(r) = self.tasks.get_mut(&task) {
-                        queue.extend(r.cfp_signed(cfp.round, signed.digest()));
-                    }
-                    if cfp.round > 1 {
-                        self.metrics.reauctions.inc();
-                    }
-                    self.auction_started.insert(task, Instant::now());
-                    for peer in to {
-                        self.send(peer, Market::Cfp(signed.clone()));
-                    }
-                    if gossip {
-                        // Too few candidates known directly: any peer on the
-                        // CFP topic serving the model may bid.
-                        self.metrics.cfps_gossiped.inc();
-                        let net = self.net.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) = net.publish_cfp(&signed).await {
-                                debug!(error = %e, "CFP not gossiped");
-                            }
-                        });
-                    }
-                }
-                Action::SendAward { to, award } => {
-                    if let Some(started) = self.auction_started.remove(&task) {
-                        let took = started.elapsed();
-                        self.metrics.auction_latency.observe(took.as_secs_f64());
-                        self.auction_ms.entry(task).or_default().push(took.as_millis() as u64);
-                    }
-                    if let Ok(signed) = Signed::sign(&self.key, &award) {
-                        self.send(to, Market::Award(signed));
-                    }
-                }
-                Action::Ack { to, ack } => {
-                    if let Ok(signed) = Signed::sign(&self.key, &ack) {
-                        self.send(to, Market::Ack(signed));
-                    }
-                }
-                Action::SetTimer { at_ms, timer } => {
-                    let tx = self.tx.clone();
-                    let wait = at_ms.saturating_sub(now_ms());
-                    tokio::spawn(async move {
-                        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
-                        let _ = tx.send(Command::Timer { task, timer }).await;
-                    });
-                }
-                Action::Penalise { peer, reason } => {
-                    self.metrics.verification_failures.inc();
-                    let reputation = self.adjust_reputation(peer, true);
-                    warn!(peer = %peer.to_peer_id(), ?reason, reputation, "peer penalised");
-                }
-                Action::Reward { peer } => {
-                    self.adjust_reputation(peer, false);
-                }
-                Action::Complete { output, receipt } => match Signed::sign(&self.key, &receipt) {
-                    Ok(signed) => {
-                        info!(task = %hex::encode(task.0), shards = receipt.shards.len(), "task complete");
-                        let input_tokens = self.tasks.get(&task).map_or(0, Requester::input_tokens);
-                        self.finish(task, Outcome::Done { output, receipt: Box::new(signed), input_tokens });
-                    }
-                    Err(e) => {
-                        self.finish(task, Outcome::Failed(format!("signing the receipt: {e}")));
-                    }
-                },
-                Action::Fail { reason } => {
-                    warn!(task = %hex::encode(task.0), %reason, "task failed");
-                    self.finish(task, Outcome::Failed(reason));
-                }
-            }
-        }
-    }
-
-    fn persist(&self, task: TaskId, requester: &Requester) -> Result<()> {
-        let mut batch = Batch::new();
-        batch.put_wire(Tree::Tasks, task.0, requester)?;
-        // A durable write (fsync) must finish before anything that depends
-        // on it is sent; keep the runtime's other tasks moving meanwhile.
-        tokio::task::block_in_place(|| self.store.commit(&batch))?;
-        Ok(())
     }
 
     /// A task id the user typed, known to this node.
     fn known(&self, id: &str) -> Result<TaskId> {
         let task = TaskId::from_hex(id)
             .map_err(|_| ApiError::BadRequest(format!("{id:?} is not a task id (32 hex digits)")))?;
-        if !self.tasks.contains_key(&task) {
+        if self.market.task(&task).is_none() {
             return Err(ApiError::NotFound(format!("no task {id} on this node")).into());
         }
         Ok(task)
@@ -727,27 +511,24 @@ impl Driver {
 
     /// One line about a task.
     fn summary(&self, task: TaskId) -> Option<TaskSummary> {
-        let requester = self.tasks.get(&task)?;
+        let t = self.market.task(&task)?;
+        let requester = &t.requester;
         let mut workers = BTreeMap::new();
         for peer in requester.executors().into_iter().flatten() {
             *workers.entry(peer.to_peer_id().to_string()).or_insert(0) += 1;
         }
-        let (state, error) = match (self.outcomes.get(&task), requester.phase()) {
+        let (state, error) = match (&t.outcome, requester.phase()) {
             (Some(Outcome::Done { .. }), _) | (None, Phase::Done) => ("done", None),
             (Some(Outcome::Failed(why)), _) => ("failed", Some(why.clone())),
             (None, Phase::Failed) => ("failed", None),
             (None, _) => ("running", None),
         };
-        let kind = match self.meta.get(&task) {
-            Some(m) => m.kind.clone(),
-            None => requester.kind_name().to_string(),
-        };
         Some(TaskSummary {
-            task: hex::encode(task.0),
+            task: task.to_string(),
             state: state.into(),
             shards: requester.shard_count(),
             shards_done: requester.shards_done(),
-            kind,
+            kind: t.label.clone(),
             workers,
             peers_working: requester.peers_working(),
             error,
@@ -771,13 +552,8 @@ impl Driver {
     /// late results are answered as late.
     fn cancel(&mut self, id: &str) -> Result<TaskSummary> {
         let task = self.known(id)?;
-        if let Some(requester) = self.tasks.get_mut(&task) {
-            let actions = requester.cancel("cancelled");
-            if !actions.is_empty() {
-                info!(task = %id, "task cancelled");
-            }
-            self.apply(task, actions);
-        }
+        info!(task = %id, "task cancelled");
+        self.input(Input::Cancel(task));
         self.summary(task).context("task vanished")
     }
 
@@ -785,7 +561,7 @@ impl Driver {
     fn refresh_metrics(&self) {
         let mut tasks: BTreeMap<&str, f64> = [("running", 0.0), ("done", 0.0), ("failed", 0.0)].into();
         let (mut shards_done, mut shards_open) = (0.0, 0.0);
-        for task in self.tasks.keys() {
+        for (task, _) in self.market.tasks() {
             if let Some(s) = self.summary(*task) {
                 let state = match s.state.as_str() {
                     "done" => "done",
@@ -806,7 +582,8 @@ impl Driver {
 
     fn view(&self, id: &str) -> Result<TaskView> {
         let task = self.known(id)?;
-        let requester = self.tasks.get(&task).with_context(|| format!("no task {id} on this node"))?;
+        let t = self.market.task(&task).with_context(|| format!("no task {id} on this node"))?;
+        let requester = &t.requester;
         let mut view = TaskView {
             task: id.to_string(),
             state: match requester.phase() {
@@ -822,12 +599,12 @@ impl Driver {
             embeddings: None,
             generations: None,
             receipt: None,
-            model: self.meta.get(&task).map(|m| m.model.clone()).unwrap_or_default(),
+            model: t.model.clone(),
             input_tokens: 0,
             peers_working: requester.peers_working(),
-            auction_ms: self.auction_ms.get(&task).cloned().unwrap_or_default(),
+            auction_ms: t.auction_ms.clone(),
         };
-        match self.outcomes.get(&task) {
+        match &t.outcome {
             Some(Outcome::Done { output, receipt, input_tokens }) => {
                 view.input_tokens = *input_tokens;
                 view.state = "done".into();
@@ -849,7 +626,7 @@ impl Driver {
                     }
                     _ => {}
                 }
-                view.receipt = receipt.encode().ok().map(hex::encode);
+                view.receipt = mycel_protocol::Wire::encode(receipt.as_ref()).ok().map(hex::encode);
             }
             Some(Outcome::Failed(reason)) => {
                 view.state = "failed".into();
@@ -863,8 +640,8 @@ impl Driver {
     // ---- both sides: messages ------------------------------------------
 
     fn send(&self, to: PublicKey, message: Market) {
+        let tx = self.tx.clone();
         if to == self.me {
-            let tx = self.tx.clone();
             let from = self.me.to_peer_id();
             tokio::spawn(async move {
                 let _ = tx.send(Command::Inbound { from, message: Box::new(message) }).await;
@@ -872,7 +649,6 @@ impl Driver {
             return;
         }
         let net = self.net.clone();
-        let tx = self.tx.clone();
         tokio::spawn(async move {
             if !deliver(&net, to, &message).await {
                 debug!(peer = %to.to_peer_id(), "market message not delivered");
@@ -881,92 +657,29 @@ impl Driver {
         });
     }
 
-    fn inbound(&mut self, from: PeerId, message: Market) {
-        let Ok(sender) = PublicKey::from_peer_id(&from) else { return };
-        let now = now_ms();
-        match message {
-            Market::Cfp(signed) => {
-                if *signed.signer() != sender {
-                    return;
-                }
-                let Some(worker) = self.worker.as_mut() else { return };
-                let Some(bid) = worker.on_cfp(now, &signed) else { return };
-                if let Ok(signed_bid) = Signed::sign(&self.key, &bid) {
-                    worker.bid_signed(&signed_bid);
-                    self.metrics.bids_sent.inc();
-                    self.send(sender, Market::Bid(signed_bid));
-                }
-            }
-            Market::Bid(signed) => {
-                // Routed by what the payload says; the signature is checked
-                // once, in `Event::bid`.
-                if let Ok(bid) = <mycel_protocol::Bid as Wire>::decode(signed.payload()) {
-                    let reputation = self.reputation_of(&sender);
-                    self.step(bid.task, Event::bid(sender, signed, reputation));
-                }
-            }
-            Market::Award(signed) => {
-                let Ok(award) = signed.verify_from(&sender) else { return };
-                let Some(worker) = self.worker.as_mut() else { return };
-                match worker.on_award(now, sender, &award) {
-                    AwardOutcome::Run(jobs) => {
-                        self.metrics.bids_won.inc();
-                        for job in jobs {
-                            self.run_job(job);
-                        }
-                    }
-                    AwardOutcome::Refuse(why) => {
-                        debug!(%why, "award refused");
-                        for s in &award.shards {
-                            self.send(sender, Market::Refuse { task: award.task, shard: s.shard });
-                        }
-                    }
-                }
-            }
-            Market::Result(result) => {
-                // Routed by the claim's task; the requester verifies the
-                // signature (and penalises a bad one).
-                if let Ok(claim) = <mycel_protocol::ResultClaim as Wire>::decode(result.claim.payload()) {
-                    self.step(claim.task, Event::result(sender, result));
-                }
-            }
-            Market::Ack(signed) => {
-                if let Ok(ack) = signed.verify_from(&sender) {
-                    debug!(shard = ack.shard, verdict = ?ack.verdict, "result acknowledged");
-                }
-            }
-            Market::Refuse { task, shard } => self.step(task, Event::Refused { from: sender, shard }),
-            Market::Partial { task, shard, item, text } => self.partial(task, shard, item, sender, text),
-            _ => {}
-        }
-    }
+    // ---- worker side: the local models ---------------------------------
 
-    /// Streamed text from a worker: shown to the task's watchers if the
-    /// sender runs that shard now and is the one streaming this item.
-    fn partial(&mut self, task: TaskId, shard: u32, item: u64, from: PublicKey, text: String) {
-        let Some(requester) = self.tasks.get(&task) else { return };
-        if !requester.is_running(shard, &from) {
-            return;
-        }
-        let Some(tx) = self.watchers.get(&task) else { return };
-        if *self.streaming.entry((task, item)).or_insert(from) != from {
-            return; // a redundant copy streams too; one voice per item
-        }
-        let _ = tx.send(TaskEvent::Text { item, text });
-    }
-
-    // ---- worker side ----------------------------------------------------
-
-    fn run_job(&mut self, job: Job) {
-        let Some(models) = self.models.clone() else { return };
+    /// Runs a job on the local models off the loop; reports back with
+    /// [`Command::JobDone`]. A job the models cannot take fails at once.
+    fn execute(&mut self, job: Job) {
         let tx = self.tx.clone();
+        let fail = |job: Job, why: &str| {
+            let done = JobDone { job, output: Err(why.to_string()), compute_ms: 0, input_tokens: 0 };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(Command::JobDone(Box::new(done))).await;
+            });
+        };
+        let Some(models) = self.models.clone() else { return fail(job, "no models loaded") };
         let started = Instant::now();
         let (conversations, params) = match job.work.clone() {
             Work::Embed { texts } => {
                 let Some(served) = models.embedders.iter().find(|s| s.advert.weights == job.model) else {
-                    return self.refuse(job);
+                    return fail(job, "not our model");
                 };
-                let Ok(rx) = models.pool.embed(served.model.clone(), texts) else { return self.refuse(job) };
+                let Ok(rx) = models.pool.embed(served.model.clone(), texts) else {
+                    return fail(job, "worker pool busy");
+                };
                 tokio::spawn(async move {
                     // Usage: the tokens the model read (truncated as it truncates).
                     let (output, input_tokens) = match rx.await {
@@ -999,10 +712,10 @@ impl Driver {
                     .collect();
                 (conversations, params)
             }
-            _ => return self.refuse(job),
+            _ => return fail(job, "a kind of work this node cannot run"),
         };
         let Some(served) = models.generators.iter().find(|s| s.advert.weights == job.model) else {
-            return self.refuse(job);
+            return fail(job, "not our model");
         };
         let model = served.model.clone();
         let (net, me) = (self.net.clone(), self.me);
@@ -1058,67 +771,60 @@ impl Driver {
             let _ = tx.send(Command::JobDone(Box::new(done))).await;
         });
     }
-
-    /// Throughput counters per model, from a finished shard.
-    fn count_inference(&self, job: &Job, output: &ShardOutput, compute_ms: u32) {
-        let Some(models) = &self.models else { return };
-        let Some(advert) = models.adverts().into_iter().find(|a| a.weights == job.model) else { return };
-        self.metrics.shards_executed.inc();
-        self.metrics.inference_items.with(&advert.id).add(output.items() as u64);
-        if let ShardOutput::Generations(g) = output {
-            self.metrics.inference_tokens.with(&advert.id).add(g.iter().map(|g| u64::from(g.tokens)).sum());
-        }
-        self.metrics.add_inference_seconds(&advert.id, f64::from(compute_ms) / 1000.0);
-    }
-
-    fn refuse(&mut self, job: Job) {
-        if let Some(w) = self.worker.as_mut() {
-            w.forget(job.task, job.shard);
-        }
-        self.send(job.requester, Market::Refuse { task: job.task, shard: job.shard });
-    }
-
-    fn job_done(&mut self, done: JobDone) {
-        let JobDone { job, output, compute_ms, input_tokens } = done;
-        let output = match output {
-            Ok(o) => o,
-            Err(e) => {
-                warn!(error = %e, shard = job.shard, "shard failed");
-                return self.refuse(job);
-            }
-        };
-        self.count_inference(&job, &output, compute_ms);
-        let output = match self.fault {
-            Some(Fault::Perturb) => perturb(output),
-            _ => output,
-        };
-        let Some(worker) = self.worker.as_mut() else { return };
-        let Some(claim) = worker.on_done(now_ms(), &job, Done { output: &output, compute_ms, input_tokens }) else {
-            return self.refuse(job);
-        };
-        match Signed::sign(&self.key, &claim) {
-            Ok(signed) => {
-                let claim = match self.fault {
-                    Some(Fault::Forge) => {
-                        let mut bad = *signed.signature();
-                        bad.0[0] ^= 0x01;
-                        Signed::from_parts(*signed.signer(), bad, signed.payload().to_vec())
-                    }
-                    _ => signed,
-                };
-                self.send(job.requester, Market::Result(ShardResult { claim, output }))
-            }
-            Err(e) => warn!(error = %e, "cannot sign a result"),
-        }
-    }
 }
 
-/// Whether `want` (from a user) names advert `m`: its id (any case, with or
-/// without an organisation prefix like `sentence-transformers/`) or its
-/// weights digest.
-fn model_matches(want: &str, m: &mycel_protocol::ModelAdvert) -> bool {
-    let name = want.rsplit('/').next().unwrap_or(want);
-    want.eq_ignore_ascii_case(&m.id) || name.eq_ignore_ascii_case(&m.id) || want == m.weights.to_hex()
+/// The API's request as the market's submission: the request mapping for
+/// each kind of work. Every error here is the client's (a 400).
+fn submission(request: SubmitRequest) -> Result<Submission> {
+    let kind = match request.kind.as_str() {
+        "embed" => ModelKind::Embedding,
+        "generate" | "chat" => ModelKind::Generation,
+        other => {
+            return Err(ApiError::BadRequest(format!("unknown task kind {other:?} (embed, generate or chat)")).into());
+        }
+    };
+    if request.inputs.is_empty() && request.conversations.is_empty() {
+        return Err(ApiError::BadRequest("no inputs".into()).into());
+    }
+    let params = GenerateParams {
+        max_tokens: request.max_tokens.unwrap_or(128),
+        temperature: request.temperature.unwrap_or(0.0),
+        top_p: request.top_p.unwrap_or(1.0),
+        seed: request.seed.unwrap_or(0),
+        stop: request.stop.clone(),
+        stream: request.stream,
+    };
+    let work = match request.kind.as_str() {
+        "embed" => Work::Embed { texts: request.inputs },
+        "generate" => Work::Generate { prompts: request.inputs, params },
+        _ => {
+            let conversations = request
+                .conversations
+                .into_iter()
+                .map(|turns| turns.into_iter().map(chat_turn).collect::<Result<Vec<_>>>())
+                .collect::<Result<Vec<_>>>()?;
+            Work::Chat { conversations, params }
+        }
+    };
+    Ok(Submission {
+        label: request.kind,
+        kind,
+        model: request.model,
+        work,
+        split: request.items_per_shard.map_or(Split::Auto, Split::ItemsPerShard),
+        redundancy: request.redundancy,
+        spot_check_permille: spot_check_permille(request.spot_check)?,
+    })
+}
+
+/// A request's spot-check share (0-1; the node's default when absent) in
+/// thousandths, as task specs carry it.
+fn spot_check_permille(share: Option<f32>) -> Result<u16, ApiError> {
+    let share = share.unwrap_or(DEFAULT_SPOT_CHECK);
+    if !(0.0..=1.0).contains(&share) {
+        return Err(ApiError::BadRequest(format!("spot_check {share} not in 0..=1")));
+    }
+    Ok((share * 1000.0).round() as u16)
 }
 
 fn chat_turn(t: mycel_api::ChatTurnView) -> Result<ChatTurn> {
@@ -1129,24 +835,4 @@ fn chat_turn(t: mycel_api::ChatTurnView) -> Result<ChatTurn> {
         other => return Err(ApiError::BadRequest(format!("unknown chat role {other:?}")).into()),
     };
     Ok(ChatTurn { role, content: t.content })
-}
-
-/// A wrong answer that looks right: every other component of each vector
-/// negated (cosine far below any agreement threshold), answers reversed.
-fn perturb(output: ShardOutput) -> ShardOutput {
-    match output {
-        ShardOutput::Embeddings { dimensions, mut values } => {
-            for v in values.iter_mut().step_by(2) {
-                *v = -*v;
-            }
-            ShardOutput::Embeddings { dimensions, values }
-        }
-        ShardOutput::Generations(mut answers) => {
-            for a in &mut answers {
-                a.text = a.text.chars().rev().collect();
-            }
-            ShardOutput::Generations(answers)
-        }
-        other => other,
-    }
 }

@@ -148,7 +148,7 @@ impl NodeView for View {
                 listen_addrs: e.advert.listen_addrs.clone(),
                 advert_seq: e.advert.seq,
                 last_seen_ms: now.saturating_sub(e.received_ms),
-                reputation: reputations.get(&e.peer.to_string()).copied().unwrap_or(crate::market::DEFAULT_REPUTATION),
+                reputation: reputations.get(&e.peer.to_string()).copied().unwrap_or(mycel_market::reputation::DEFAULT),
             })
             .collect();
         peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
@@ -212,14 +212,13 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
     if let Some(fault) = config.fault {
         warn!(?fault, "this node misbehaves on purpose (--fault): for testing only");
     }
-    let market = crate::market::start(
-        market_key,
-        net.clone(),
-        Arc::new(store),
-        metrics.clone(),
-        config.keep_finished,
-        config.fault,
-    );
+    let settings = crate::market::Settings {
+        keep_finished: config.keep_finished,
+        // As the network judges adverts: three intervals.
+        advert_ttl: config.advert_interval * 3,
+        fault: config.fault,
+    };
+    let market = crate::market::start(market_key, net.clone(), Arc::new(store), metrics.clone(), settings);
     let view = Arc::new(View { net: net.clone(), market: market.clone(), started: Instant::now(), metrics });
     let api_config = mycel_api::ApiConfig {
         auth,
@@ -265,7 +264,12 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
                         runtime_file.write(&addrs)?;
                         written = true;
                     }
-                    Event::Advert { peer, new: true } => info!(%peer, "peer joined"),
+                    Event::Advert { peer, new, advert } => {
+                        if new {
+                            info!(%peer, "peer joined");
+                        }
+                        let _ = market.send(crate::market::Command::Advert { peer, advert }).await;
+                    }
                     Event::Expired(peer) => {
                         info!(%peer, "peer expired");
                         let _ = market.send(crate::market::Command::PeerLost(peer)).await;

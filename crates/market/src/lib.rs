@@ -11,16 +11,21 @@
 //!   and aggregation, ending in a receipt.
 //! - [`worker`]: which CFPs to bid on, which awards to accept, the claim
 //!   that goes with each result.
+//! - [`node`]: the node's whole market as one machine: every requester,
+//!   the worker, the reputation book, the capability index, retention and
+//!   one timer queue. The node binary only interprets its actions.
 //!
 //! Every event's actions start with [`requester::Action::Persist`] when the
 //! state changed: the driver stores the state before anything that depends
 //! on it leaves the node, so a restarted requester resumes where it was.
 
+pub mod node;
 pub mod plan;
 pub mod reputation;
 pub mod requester;
 pub mod worker;
 
+pub use node::{Node, NodeConfig};
 pub use plan::{Plan, PlannedShard};
 pub use reputation::Reputation;
 pub use requester::{Action, Candidate, Config, Event, Requester, Timer};

@@ -59,6 +59,9 @@ pub struct Config {
     pub min_cosine: f64,
     /// Peers below this reputation get no work.
     pub min_reputation: f64,
+    /// Time a task may take when its spec says 0: past it the task fails
+    /// with that reason, whatever is still out.
+    pub default_deadline_ms: u64,
 }
 
 impl Default for Config {
@@ -74,6 +77,7 @@ impl Default for Config {
             grace_ms: 5_000,
             min_cosine: 0.999,
             min_reputation: 0.2,
+            default_deadline_ms: 30 * 60_000,
         }
     }
 }
@@ -142,6 +146,8 @@ pub enum Timer {
     ShardDeadline { shard: u32, peer: PublicKey },
     /// A shard's executor is slower than expected: time for a backup copy.
     Straggler { shard: u32, peer: PublicKey },
+    /// The whole task's time is up.
+    TaskDeadline,
 }
 
 /// What the driver must do, in order.
@@ -233,6 +239,10 @@ pub struct Requester {
     /// Peers caught lying or forging on this task: no more of its work.
     banned: BTreeSet<PublicKey>,
     rounds_without_bids: u32,
+    /// Time the task may take (its spec's, or the default), and when that
+    /// runs out, once started.
+    deadline_ms: u64,
+    deadline_at_ms: Option<u64>,
     /// When it completed (the receipt's time), or why it failed.
     completed_ms: Option<u64>,
     failure: Option<String>,
@@ -274,6 +284,7 @@ impl Requester {
             return Err(StartError::TooManyShards(shards.len()));
         }
         let wanted = usize::from(spec.redundancy.clamp(1, limits::MAX_REDUNDANCY));
+        let deadline_ms = if spec.deadline_ms == 0 { config.default_deadline_ms } else { spec.deadline_ms };
         let shards = shards
             .into_iter()
             .map(|plan| {
@@ -304,6 +315,8 @@ impl Requester {
             busy: BTreeMap::new(),
             banned: BTreeSet::new(),
             rounds_without_bids: 0,
+            deadline_ms,
+            deadline_at_ms: None,
             completed_ms: None,
             failure: None,
         })
@@ -377,7 +390,9 @@ impl Requester {
 
     /// Opens the first round.
     pub fn start(&mut self, now_ms: u64) -> Vec<Action> {
-        let mut out = vec![Action::Persist];
+        let at_ms = now_ms.saturating_add(self.deadline_ms);
+        self.deadline_at_ms = Some(at_ms);
+        let mut out = vec![Action::Persist, Action::SetTimer { at_ms, timer: Timer::TaskDeadline }];
         self.open_round(now_ms, &mut out);
         out
     }
@@ -387,7 +402,8 @@ impl Requester {
     /// deadline (its result is accepted if it comes), and a task that was
     /// waiting for bids asks again.
     pub fn resume(&mut self, now_ms: u64) -> Vec<Action> {
-        let mut out = vec![Action::Persist];
+        let at_ms = *self.deadline_at_ms.get_or_insert(now_ms.saturating_add(self.deadline_ms));
+        let mut out = vec![Action::Persist, Action::SetTimer { at_ms, timer: Timer::TaskDeadline }];
         match self.phase {
             Phase::Bidding => self.open_round(now_ms, &mut out),
             Phase::Running => {
@@ -454,6 +470,17 @@ impl Requester {
                 }
             }
             Event::Timer(Timer::Straggler { shard, peer }) => self.back_up(now_ms, shard, peer, &mut out),
+            Event::Timer(Timer::TaskDeadline) => {
+                let took = self.deadline_ms / 1000;
+                self.fail(
+                    format!(
+                        "deadline: not done within {took} s ({} of {} shards)",
+                        self.shards_done(),
+                        self.shards.len()
+                    ),
+                    &mut out,
+                );
+            }
             Event::Timer(Timer::ShardDeadline { shard, peer }) => {
                 let still = self.shards.get(shard as usize).is_some_and(|s| s.running.contains(&peer));
                 if still {

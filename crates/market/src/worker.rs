@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use mycel_protocol::{
-    Award, Bid, Cfp, Digest, ModelKind, Price, PublicKey, ResultClaim, ShardOutput, Signed, TaskId, Timings, Work,
+    Award, Bid, Cfp, Digest, Load, ModelKind, Price, PublicKey, ResultClaim, ShardOutput, Signed, TaskId, Timings, Work,
 };
 use serde::{Deserialize, Serialize};
 
@@ -111,6 +111,14 @@ impl Worker {
         let units: u64 = self.queue.iter().map(|(_, _, u)| u).sum();
         // Work spreads over the replicas.
         (units as f64 * 1000.0 / speed / f64::from(self.config.capacity.max(1))) as u64
+    }
+
+    /// What to advertise as load: shards running (up to capacity) and
+    /// waiting beyond it.
+    pub fn load(&self) -> Load {
+        let capacity = self.config.capacity.max(1);
+        let shards = u32::try_from(self.queue.len()).unwrap_or(u32::MAX);
+        Load { queued_shards: shards.saturating_sub(capacity), active_shards: shards.min(capacity), capacity }
     }
 
     /// The bid to sign and send for a CFP (signed by `requester`), if this

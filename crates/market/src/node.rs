@@ -1,0 +1,827 @@
+//! The node's whole market as one state machine: every requester, the
+//! worker, the reputation book, the capability index, retention and a
+//! single timer queue.
+//!
+//! [`Node::handle`] takes an [`Input`] (an advert, a peer message, a
+//! finished job, a timer tick, ...) with the time, and returns [`Action`]s
+//! (journal these writes, send this message, run this job, ...). It reads no
+//! clock, no random source and no hash-map order: the same inputs give the
+//! same actions, so the node's binary is only an interpreter of them and a
+//! simulator can drive thousands of these machines.
+//!
+//! It signs what it sends (CFPs, bids, awards, acks, results, receipts):
+//! signing is pure computation, and doing it here means a digest the state
+//! depends on (a CFP's, a bid's) is known in the same step.
+//!
+//! Order matters in the actions: a [`Action::Journal`] always comes before
+//! any message whose meaning depends on the state it stores.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use mycel_protocol::rpc::Market;
+use mycel_protocol::{
+    Advert, Aggregation, Bid, Digest, Keypair, Load, ModelAdvert, ModelKind, ModelSelector, PublicKey, Receipt,
+    ResultClaim, ShardOutput, ShardResult, Signed, Split, TaskId, TaskSpec, Wire, Work,
+};
+
+use crate::requester::{self, Candidate, Phase, Requester, Timer};
+use crate::worker::{AwardOutcome, Done, Job, Served, Worker, WorkerConfig};
+use crate::{Reputation, reputation};
+
+/// Tuning of the node's market.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Each task's auction.
+    pub auction: requester::Config,
+    /// The worker's bids.
+    pub worker: WorkerConfig,
+    /// Finished tasks kept (outputs, receipts); the oldest go first.
+    pub keep_finished: usize,
+    /// An advert older than this no longer makes its sender a candidate.
+    pub advert_ttl_ms: u64,
+    /// Misbehaviour on purpose, for testing the swarm's defences.
+    pub fault: Option<Fault>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            auction: requester::Config::default(),
+            worker: WorkerConfig::default(),
+            keep_finished: 100,
+            advert_ttl_ms: 30_000,
+            fault: None,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// With this many finished tasks kept.
+    pub fn with_keep_finished(mut self, n: usize) -> Self {
+        self.keep_finished = n;
+        self
+    }
+
+    /// With a fault injected.
+    pub fn with_fault(mut self, fault: Option<Fault>) -> Self {
+        self.fault = fault;
+        self
+    }
+
+    /// With this advert lifetime.
+    pub fn with_advert_ttl_ms(mut self, ms: u64) -> Self {
+        self.advert_ttl_ms = ms;
+        self
+    }
+}
+
+/// Misbehaviour on demand (`mycel node --fault`), for tests of the swarm's
+/// defences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Returns wrong embeddings (and reversed answers), signed as its own.
+    Perturb,
+    /// Corrupts the signature of every result it sends.
+    Forge,
+}
+
+/// A task as a user hands it over, already mapped from the API's request.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    /// What the user called it (`embed`, `generate`, `chat`), for display.
+    pub label: String,
+    /// The model kind the work needs.
+    pub kind: ModelKind,
+    /// A model id or weights digest; `None` for any model of the kind.
+    pub model: Option<String>,
+    /// The work.
+    pub work: Work,
+    /// How to cut it.
+    pub split: Split,
+    /// Copies of each shard.
+    pub redundancy: u8,
+    /// Share of single-run shards also run elsewhere, per mille.
+    pub spot_check_permille: u16,
+}
+
+/// Why a submission was refused. Every case but [`SubmitError::Start`] is
+/// the user's to fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubmitError {
+    /// No known peer serves a model by that name.
+    #[error("no peer serves {kind} model {name:?} (GET /v1/models lists what the swarm offers)")]
+    ModelNotFound { kind: &'static str, name: String },
+    /// No known peer serves any model of the kind.
+    #[error("no peer serves {0} model yet")]
+    NoCapablePeer(&'static str),
+    /// The task breaks a protocol rule.
+    #[error("invalid task: {0}")]
+    Invalid(String),
+    /// The task could not be planned.
+    #[error(transparent)]
+    Start(#[from] requester::StartError),
+}
+
+/// Something that happened outside the machine.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum Input {
+    /// A peer's advert, verified by the network layer.
+    Advert { peer: PublicKey, advert: Advert },
+    /// A peer's advert expired or it left.
+    PeerLost(PublicKey),
+    /// A market message from `from` (the authenticated sender), decoded and
+    /// size-checked but not verified: the machine checks signatures, once.
+    Message { from: PublicKey, message: Market },
+    /// A message the network could not deliver.
+    Undelivered { to: PublicKey, message: Market },
+    /// The local models finished (or failed) a job.
+    JobDone { job: Job, output: Result<ShardOutput, String>, compute_ms: u32, input_tokens: u64 },
+    /// The local models are ready: their adverts, and shards run at once.
+    ModelsReady { models: Vec<ModelAdvert>, capacity: u32 },
+    /// The user gave up on a task.
+    Cancel(TaskId),
+    /// Time passed: fire the timers due by now (see [`Node::next_timer_ms`]).
+    Tick,
+}
+
+/// One write to the journal.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    /// A task's state, encoded.
+    Task(TaskId, Vec<u8>),
+    /// A finished task forgotten.
+    ForgetTask(TaskId),
+    /// A peer's reputation, encoded.
+    Reputation(PublicKey, Vec<u8>),
+}
+
+/// Counted events, for metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Metric {
+    /// A bid went out.
+    BidSent,
+    /// An award of ours came in.
+    BidWon,
+    /// A task asked for bids again.
+    Reauction,
+    /// A CFP went out by gossip.
+    CfpGossiped,
+    /// A peer was penalised.
+    VerificationFailure,
+    /// From a round's CFP to its first award.
+    AuctionLatencyMs(u64),
+    /// A shard ran here.
+    Inference { model: String, items: u64, tokens: u64, compute_ms: u32 },
+}
+
+/// What the interpreter must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
+pub enum Action {
+    /// Store these, durably, before doing anything after this.
+    Journal(Vec<Write>),
+    /// Send a market message to a peer (or to ourselves, looped back).
+    Send { to: PublicKey, message: Market },
+    /// Publish a signed CFP on the gossip topic.
+    Gossip(Signed<mycel_protocol::Cfp>),
+    /// Run a shard on the local models; report with [`Input::JobDone`].
+    Execute(Job),
+    /// Streamed text of a task's item, to show its watchers.
+    Text { task: TaskId, item: u64, text: String },
+    /// A task's progress changed (watchers may want to know).
+    Progress(TaskId),
+    /// The load this node should advertise changed.
+    Load(Load),
+    /// Count something.
+    Metric(Metric),
+}
+
+/// How a task ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Completed: the output in item order and the signed receipt.
+    Done { output: ShardOutput, receipt: Box<Signed<Receipt>>, input_tokens: u64 },
+    /// Failed, and why.
+    Failed(String),
+}
+
+/// A task this node requested.
+#[derive(Debug)]
+pub struct Task {
+    /// Its auction, verification and aggregation.
+    pub requester: Requester,
+    /// What the user called it.
+    pub label: String,
+    /// The chosen model's advertised id.
+    pub model: String,
+    /// How it ended, once it did.
+    pub outcome: Option<Outcome>,
+    /// CFP-to-first-award times per round, in ms.
+    pub auction_ms: Vec<u64>,
+    /// When the current round's CFP left, until its first award.
+    cfp_sent_ms: Option<u64>,
+}
+
+/// A peer as its latest advert describes it.
+#[derive(Debug, Clone)]
+struct PeerEntry {
+    advert: Advert,
+    seen_ms: u64,
+}
+
+/// The node's market.
+#[derive(Debug)]
+pub struct Node {
+    key: Keypair,
+    me: PublicKey,
+    config: NodeConfig,
+    /// Capability index: each peer's latest advert and when it came.
+    peers: BTreeMap<PublicKey, PeerEntry>,
+    /// Our own models, once loaded.
+    own: Vec<ModelAdvert>,
+    /// Reputation book: every peer we have judged.
+    book: BTreeMap<PublicKey, Reputation>,
+    /// Tasks we requested, running and finished.
+    tasks: BTreeMap<TaskId, Task>,
+    /// Finished tasks, oldest first.
+    finished: VecDeque<TaskId>,
+    /// Our worker, once models are loaded.
+    worker: Option<Worker>,
+    /// The one timer queue: (due time, sequence) to the task's timer.
+    timers: BTreeMap<(u64, u64), (TaskId, Timer)>,
+    timer_seq: u64,
+    /// Who streams each item of a task (the first runner heard from).
+    streaming: BTreeMap<(TaskId, u64), PublicKey>,
+    /// The load last advertised.
+    load: Load,
+}
+
+impl Node {
+    /// A node's market, signing with `key`.
+    pub fn new(key: Keypair, config: NodeConfig) -> Self {
+        let me = key.public();
+        Self {
+            key,
+            me,
+            config,
+            peers: BTreeMap::new(),
+            own: Vec::new(),
+            book: BTreeMap::new(),
+            tasks: BTreeMap::new(),
+            finished: VecDeque::new(),
+            worker: None,
+            timers: BTreeMap::new(),
+            timer_seq: 0,
+            streaming: BTreeMap::new(),
+            load: Load::default(),
+        }
+    }
+
+    /// This node's key.
+    pub fn me(&self) -> PublicKey {
+        self.me
+    }
+
+    /// Takes back what the journal holds after a restart: reputations, and
+    /// tasks (unfinished ones resume: their timers died with the old
+    /// process). Unreadable entries are skipped and named in the result.
+    pub fn restore(
+        &mut self,
+        now_ms: u64,
+        tasks: Vec<(Vec<u8>, Vec<u8>)>,
+        reputations: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> (Vec<Action>, Vec<String>) {
+        let mut skipped = Vec::new();
+        for (key, value) in reputations {
+            let peer = <[u8; 32]>::try_from(key.as_slice()).ok().and_then(|k| PublicKey::from_bytes(&k).ok());
+            match (peer, Reputation::from_bytes(&value)) {
+                (Some(peer), Some(r)) => {
+                    self.book.insert(peer, r);
+                }
+                _ => skipped.push(format!("reputation entry {}", hex_short(&key))),
+            }
+        }
+        let mut out = Vec::new();
+        let mut finished = Vec::new();
+        for (key, value) in tasks {
+            let Ok(id) = <[u8; 16]>::try_from(key.as_slice()) else {
+                skipped.push(format!("task entry {}", hex_short(&key)));
+                continue;
+            };
+            let task = TaskId(id);
+            match Requester::decode(&value) {
+                Ok(mut requester) if !matches!(requester.phase(), Phase::Done | Phase::Failed) => {
+                    let actions = requester.resume(now_ms);
+                    let label = requester.kind_name().to_string();
+                    self.tasks.insert(task, Task::new(requester, label, String::new()));
+                    self.apply(now_ms, task, actions, &mut out);
+                }
+                Ok(requester) => finished.push((requester.completed_ms().unwrap_or(0), task, requester)),
+                Err(e) => skipped.push(format!("task {task}: {e}")),
+            }
+        }
+        // Finished before the restart: still served, oldest first, as many
+        // as the node keeps.
+        finished.sort_by_key(|(at, task, _)| (*at, *task));
+        for (_, task, requester) in finished {
+            let outcome = match requester.outcome() {
+                Some(Ok((output, receipt))) => self.signed_outcome(&requester, output, &receipt),
+                Some(Err(reason)) => Outcome::Failed(reason),
+                None => continue,
+            };
+            let label = requester.kind_name().to_string();
+            self.tasks.insert(task, Task::new(requester, label, String::new()));
+            self.finish(task, outcome, &mut out);
+        }
+        (out, skipped)
+    }
+
+    /// When the earliest timer is due, if any: the interpreter sends
+    /// [`Input::Tick`] then.
+    pub fn next_timer_ms(&self) -> Option<u64> {
+        self.timers.keys().next().map(|(at, _)| *at)
+    }
+
+    /// A task, running or finished.
+    pub fn task(&self, task: &TaskId) -> Option<&Task> {
+        self.tasks.get(task)
+    }
+
+    /// Every task held, by id.
+    pub fn tasks(&self) -> impl Iterator<Item = (&TaskId, &Task)> {
+        self.tasks.iter()
+    }
+
+    /// Every peer's reputation now.
+    pub fn reputations(&self, now_ms: u64) -> impl Iterator<Item = (PublicKey, f64)> + '_ {
+        self.book.iter().map(move |(p, r)| (*p, r.score(now_ms)))
+    }
+
+    /// A peer's reputation now: a stranger's default if never judged.
+    pub fn reputation(&self, now_ms: u64, peer: &PublicKey) -> f64 {
+        self.book.get(peer).map_or(reputation::DEFAULT, |r| r.score(now_ms))
+    }
+
+    /// The load to advertise: shards queued or running here.
+    pub fn load(&self) -> Load {
+        self.load
+    }
+
+    /// Hands a task to the market. `random` names it (fresh randomness from
+    /// the interpreter). The model is chosen by a stated rule: the weights
+    /// named (by digest or id), else, of the weights serving the kind, those
+    /// with the most throughput from peers in good standing (speed times
+    /// reputation, summed), ties broken by digest.
+    pub fn submit(
+        &mut self,
+        now_ms: u64,
+        random: [u8; 16],
+        submission: Submission,
+    ) -> Result<(TaskId, Vec<Action>), SubmitError> {
+        let Submission { label, kind, model, work, split, redundancy, spot_check_permille } = submission;
+        let kind_name = if kind == ModelKind::Embedding { "an embedding" } else { "a generation" };
+        let (weights, id) = self.choose_model(now_ms, kind, model.as_deref()).ok_or_else(|| match &model {
+            Some(name) => SubmitError::ModelNotFound { kind: kind_name, name: name.clone() },
+            None => SubmitError::NoCapablePeer(kind_name),
+        })?;
+        let spec = TaskSpec {
+            work,
+            model: ModelSelector::Digest(weights),
+            split,
+            redundancy: redundancy.clamp(1, mycel_protocol::limits::MAX_REDUNDANCY),
+            spot_check_permille,
+            aggregation: Aggregation::Concat,
+            deadline_ms: 0,
+            budget_micros: None,
+        };
+        spec.validate().map_err(SubmitError::Invalid)?;
+        let task = TaskId(random);
+        let candidates = self.candidates(now_ms, &weights, kind);
+        let mut requester = Requester::new(task, &spec, weights, kind, candidates, self.config.auction.clone())?;
+        let actions = requester.start(now_ms);
+        self.tasks.insert(task, Task::new(requester, label, id));
+        let mut out = Vec::new();
+        self.apply(now_ms, task, actions, &mut out);
+        Ok((task, out))
+    }
+
+    /// Handles one input.
+    pub fn handle(&mut self, now_ms: u64, input: Input) -> Vec<Action> {
+        let mut out = Vec::new();
+        match input {
+            Input::Advert { peer, advert } => {
+                if peer != self.me {
+                    self.peers.insert(peer, PeerEntry { advert, seen_ms: now_ms });
+                }
+            }
+            Input::PeerLost(peer) => {
+                self.peers.remove(&peer);
+                let open: Vec<TaskId> = self.running_tasks();
+                for task in open {
+                    self.step(now_ms, task, requester::Event::PeerLost(peer), &mut out);
+                }
+            }
+            Input::Message { from, message } => self.message(now_ms, from, message, &mut out),
+            Input::Undelivered { to, message } => {
+                // An award that never arrived: its shards go to someone else.
+                if let Market::Award(signed) = message
+                    && let Ok(award) = signed.verify()
+                {
+                    for s in award.shards {
+                        self.step(now_ms, award.task, requester::Event::Refused { from: to, shard: s.shard }, &mut out);
+                    }
+                }
+            }
+            Input::JobDone { job, output, compute_ms, input_tokens } => {
+                self.job_done(now_ms, job, output, compute_ms, input_tokens, &mut out)
+            }
+            Input::ModelsReady { models, capacity } => {
+                let served = models
+                    .iter()
+                    .map(|m| (m.weights, Served { kind: m.kind, units_per_s: speed(m, m.kind).max(0.1) }))
+                    .collect();
+                let worker = WorkerConfig { capacity: capacity.max(1), ..self.config.worker.clone() };
+                self.worker = Some(Worker::new(worker, served));
+                self.own = models;
+            }
+            Input::Cancel(task) => {
+                if let Some(t) = self.tasks.get_mut(&task) {
+                    let actions = t.requester.cancel("cancelled");
+                    self.apply(now_ms, task, actions, &mut out);
+                }
+            }
+            Input::Tick => {
+                while let Some(entry) = self.timers.first_entry() {
+                    if entry.key().0 > now_ms {
+                        break;
+                    }
+                    let (task, timer) = entry.remove();
+                    self.step(now_ms, task, requester::Event::Timer(timer), &mut out);
+                }
+            }
+        }
+        self.refresh_load(&mut out);
+        out
+    }
+
+    // ---- choosing models and peers -------------------------------------
+
+    /// Every advert we know that is fresh, ours included, by peer.
+    fn adverts(&self, now_ms: u64) -> impl Iterator<Item = (PublicKey, &[ModelAdvert], Load)> {
+        let ttl = self.config.advert_ttl_ms;
+        let own = std::iter::once((self.me, self.own.as_slice(), self.load));
+        let peers = self
+            .peers
+            .iter()
+            .filter(move |(_, e)| now_ms.saturating_sub(e.seen_ms) <= ttl)
+            .map(|(p, e)| (*p, e.advert.models.as_slice(), e.advert.load));
+        own.chain(peers)
+    }
+
+    fn choose_model(&self, now_ms: u64, kind: ModelKind, want: Option<&str>) -> Option<(Digest, String)> {
+        let min = self.config.auction.min_reputation;
+        // Weights digest -> (throughput from peers in good standing, id).
+        let mut options: BTreeMap<Digest, (f64, String)> = BTreeMap::new();
+        for (peer, models, _) in self.adverts(now_ms) {
+            let reputation = if peer == self.me { 1.0 } else { self.reputation(now_ms, &peer) };
+            for m in models.iter().filter(|m| m.kind == kind && want.is_none_or(|w| model_matches(w, m))) {
+                let entry = options.entry(m.weights).or_insert((0.0, m.id.clone()));
+                if reputation >= min {
+                    entry.0 += f64::from(speed(m, kind)) * reputation;
+                }
+            }
+        }
+        // The best throughput; among equals the smallest digest (BTreeMap
+        // order, and `max_by` keeps the last of equals, so iterate reversed).
+        options.into_iter().rev().max_by(|a, b| a.1.0.total_cmp(&b.1.0)).map(|(digest, (_, id))| (digest, id))
+    }
+
+    fn candidates(&self, now_ms: u64, weights: &Digest, kind: ModelKind) -> Vec<Candidate> {
+        self.adverts(now_ms)
+            .filter_map(|(peer, models, load)| {
+                let m = models.iter().find(|m| m.weights == *weights)?;
+                Some(Candidate {
+                    peer,
+                    units_per_s: speed(m, kind),
+                    load: load.queued_shards as f32 / load.capacity.max(1) as f32,
+                    reputation: self.reputation(now_ms, &peer),
+                })
+            })
+            .collect()
+    }
+
+    // ---- requester side --------------------------------------------------
+
+    fn running_tasks(&self) -> Vec<TaskId> {
+        self.tasks.iter().filter(|(_, t)| t.outcome.is_none()).map(|(id, _)| *id).collect()
+    }
+
+    fn step(&mut self, now_ms: u64, task: TaskId, event: requester::Event, out: &mut Vec<Action>) {
+        let Some(t) = self.tasks.get_mut(&task) else { return };
+        let actions = t.requester.handle(now_ms, event);
+        self.apply(now_ms, task, actions, out);
+    }
+
+    /// Carries out a requester's actions: journal, sign and send, timers,
+    /// the reputation book, completion.
+    fn apply(&mut self, now_ms: u64, task: TaskId, actions: Vec<requester::Action>, out: &mut Vec<Action>) {
+        if actions.is_empty() {
+            return;
+        }
+        let mut queue: VecDeque<requester::Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            match action {
+                requester::Action::Persist => {
+                    if !self.journal(task, out) {
+                        return;
+                    }
+                }
+                requester::Action::SendCfp { to, gossip, cfp } => {
+                    let Ok(signed) = Signed::sign(&self.key, &cfp) else { continue };
+                    let Some(t) = self.tasks.get_mut(&task) else { return };
+                    t.cfp_sent_ms = Some(now_ms);
+                    // Bids must name this CFP's digest: journaled before it leaves.
+                    if !t.requester.cfp_signed(cfp.round, signed.digest()).is_empty() && !self.journal(task, out) {
+                        return;
+                    }
+                    if cfp.round > 1 {
+                        out.push(Action::Metric(Metric::Reauction));
+                    }
+                    for peer in to {
+                        out.push(Action::Send { to: peer, message: Market::Cfp(signed.clone()) });
+                    }
+                    if gossip {
+                        out.push(Action::Metric(Metric::CfpGossiped));
+                        out.push(Action::Gossip(signed));
+                    }
+                }
+                requester::Action::SendAward { to, award } => {
+                    if let Some(t) = self.tasks.get_mut(&task)
+                        && let Some(sent) = t.cfp_sent_ms.take()
+                    {
+                        let took = now_ms.saturating_sub(sent);
+                        t.auction_ms.push(took);
+                        out.push(Action::Metric(Metric::AuctionLatencyMs(took)));
+                    }
+                    if let Ok(signed) = Signed::sign(&self.key, &award) {
+                        out.push(Action::Send { to, message: Market::Award(signed) });
+                    }
+                }
+                requester::Action::Ack { to, ack } => {
+                    if let Ok(signed) = Signed::sign(&self.key, &ack) {
+                        out.push(Action::Send { to, message: Market::Ack(signed) });
+                    }
+                }
+                requester::Action::SetTimer { at_ms, timer } => {
+                    self.timer_seq += 1;
+                    self.timers.insert((at_ms, self.timer_seq), (task, timer));
+                }
+                requester::Action::Penalise { peer, .. } => {
+                    out.push(Action::Metric(Metric::VerificationFailure));
+                    self.judge(now_ms, peer, true, out);
+                }
+                requester::Action::Reward { peer } => self.judge(now_ms, peer, false, out),
+                requester::Action::Complete { output, receipt } => {
+                    let Some(t) = self.tasks.get(&task) else { return };
+                    let outcome = self.signed_outcome(&t.requester, output, &receipt);
+                    self.finish(task, outcome, out);
+                }
+                requester::Action::Fail { reason } => self.finish(task, Outcome::Failed(reason), out),
+            }
+        }
+        out.push(Action::Progress(task));
+    }
+
+    /// Journals a task's state; a task whose state cannot be stored fails,
+    /// since nothing that depends on it may leave. `false` then.
+    fn journal(&mut self, task: TaskId, out: &mut Vec<Action>) -> bool {
+        let Some(t) = self.tasks.get(&task) else { return false };
+        match t.requester.encode() {
+            Ok(bytes) => {
+                out.push(Action::Journal(vec![Write::Task(task, bytes)]));
+                true
+            }
+            Err(e) => {
+                if let Some(t) = self.tasks.get_mut(&task) {
+                    let _ = t.requester.cancel("the journal refused the task");
+                }
+                self.finish(task, Outcome::Failed(format!("journal: {e}")), out);
+                false
+            }
+        }
+    }
+
+    fn signed_outcome(&self, requester: &Requester, output: ShardOutput, receipt: &Receipt) -> Outcome {
+        match Signed::sign(&self.key, receipt) {
+            Ok(signed) => Outcome::Done { output, receipt: Box::new(signed), input_tokens: requester.input_tokens() },
+            Err(e) => Outcome::Failed(format!("signing the receipt: {e}")),
+        }
+    }
+
+    /// A fault (halved) or a valid result (earned back), journaled.
+    fn judge(&mut self, now_ms: u64, peer: PublicKey, fault: bool, out: &mut Vec<Action>) {
+        let r = self.book.entry(peer).or_default();
+        if fault {
+            r.fault(now_ms);
+        } else {
+            r.valid(now_ms);
+        }
+        out.push(Action::Journal(vec![Write::Reputation(peer, r.to_bytes())]));
+    }
+
+    /// Records how a task ended, drops its timers, and forgets the oldest
+    /// finished tasks beyond what the node keeps.
+    fn finish(&mut self, task: TaskId, outcome: Outcome, out: &mut Vec<Action>) {
+        let Some(t) = self.tasks.get_mut(&task) else { return };
+        t.outcome = Some(outcome);
+        t.cfp_sent_ms = None;
+        self.timers.retain(|_, (owner, _)| *owner != task);
+        self.streaming.retain(|(owner, _), _| *owner != task);
+        if !self.finished.contains(&task) {
+            self.finished.push_back(task);
+        }
+        let mut forget = Vec::new();
+        while self.finished.len() > self.config.keep_finished {
+            let Some(old) = self.finished.pop_front() else { break };
+            self.tasks.remove(&old);
+            forget.push(Write::ForgetTask(old));
+        }
+        if !forget.is_empty() {
+            out.push(Action::Journal(forget));
+        }
+    }
+
+    // ---- messages --------------------------------------------------------
+
+    fn message(&mut self, now_ms: u64, from: PublicKey, message: Market, out: &mut Vec<Action>) {
+        match message {
+            Market::Cfp(signed) => self.on_cfp(now_ms, from, signed, out),
+            Market::Bid(signed) => {
+                // Routed by what the payload says; the signature is checked
+                // once, in `Event::bid`.
+                if let Ok(bid) = <Bid as Wire>::decode(signed.payload()) {
+                    let reputation = self.reputation(now_ms, &from);
+                    self.step(now_ms, bid.task, requester::Event::bid(from, signed, reputation), out);
+                }
+            }
+            Market::Award(signed) => self.on_award(now_ms, from, signed, out),
+            Market::Result(result) => {
+                if let Ok(claim) = <ResultClaim as Wire>::decode(result.claim.payload()) {
+                    self.step(now_ms, claim.task, requester::Event::result(from, result), out);
+                }
+            }
+            Market::Refuse { task, shard } => self.step(now_ms, task, requester::Event::Refused { from, shard }, out),
+            Market::Partial { task, shard, item, text } => {
+                let Some(t) = self.tasks.get(&task) else { return };
+                if !t.requester.is_running(shard, &from) {
+                    return;
+                }
+                // A redundant copy streams too: one voice per item.
+                if *self.streaming.entry((task, item)).or_insert(from) == from {
+                    out.push(Action::Text { task, item, text });
+                }
+            }
+            // Acks are informational; other kinds are not the market's.
+            _ => {}
+        }
+    }
+
+    // ---- worker side -----------------------------------------------------
+
+    fn on_cfp(&mut self, now_ms: u64, from: PublicKey, signed: Signed<mycel_protocol::Cfp>, out: &mut Vec<Action>) {
+        if *signed.signer() != from {
+            return;
+        }
+        let Some(worker) = self.worker.as_mut() else { return };
+        let Some(bid) = worker.on_cfp(now_ms, &signed) else { return };
+        if let Ok(signed_bid) = Signed::sign(&self.key, &bid) {
+            worker.bid_signed(&signed_bid);
+            out.push(Action::Metric(Metric::BidSent));
+            out.push(Action::Send { to: from, message: Market::Bid(signed_bid) });
+        }
+    }
+
+    fn on_award(&mut self, now_ms: u64, from: PublicKey, signed: Signed<mycel_protocol::Award>, out: &mut Vec<Action>) {
+        let Ok(award) = signed.verify_from(&from) else { return };
+        let Some(worker) = self.worker.as_mut() else { return };
+        match worker.on_award(now_ms, from, &award) {
+            AwardOutcome::Run(jobs) => {
+                out.push(Action::Metric(Metric::BidWon));
+                out.extend(jobs.into_iter().map(Action::Execute));
+            }
+            AwardOutcome::Refuse(_) => {
+                for s in &award.shards {
+                    out.push(Action::Send { to: from, message: Market::Refuse { task: award.task, shard: s.shard } });
+                }
+            }
+        }
+    }
+
+    fn job_done(
+        &mut self,
+        now_ms: u64,
+        job: Job,
+        output: Result<ShardOutput, String>,
+        compute_ms: u32,
+        input_tokens: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(worker) = self.worker.as_mut() else { return };
+        let refuse = Action::Send { to: job.requester, message: Market::Refuse { task: job.task, shard: job.shard } };
+        let Ok(output) = output else {
+            worker.forget(job.task, job.shard);
+            out.push(refuse);
+            return;
+        };
+        if let Some(m) = self.own.iter().find(|m| m.weights == job.model) {
+            let tokens = match &output {
+                ShardOutput::Generations(g) => g.iter().map(|g| u64::from(g.tokens)).sum(),
+                _ => 0,
+            };
+            out.push(Action::Metric(Metric::Inference {
+                model: m.id.clone(),
+                items: output.items() as u64,
+                tokens,
+                compute_ms,
+            }));
+        }
+        let output = match self.config.fault {
+            Some(Fault::Perturb) => perturb(output),
+            _ => output,
+        };
+        let Some(claim) = worker.on_done(now_ms, &job, Done { output: &output, compute_ms, input_tokens }) else {
+            out.push(refuse);
+            return;
+        };
+        let Ok(signed) = Signed::sign(&self.key, &claim) else {
+            out.push(refuse);
+            return;
+        };
+        let claim = match self.config.fault {
+            Some(Fault::Forge) => {
+                let mut bad = *signed.signature();
+                bad.0[0] ^= 0x01;
+                Signed::from_parts(*signed.signer(), bad, signed.payload().to_vec())
+            }
+            _ => signed,
+        };
+        out.push(Action::Send { to: job.requester, message: Market::Result(ShardResult { claim, output }) });
+    }
+
+    fn refresh_load(&mut self, out: &mut Vec<Action>) {
+        let Some(worker) = &self.worker else { return };
+        let load = worker.load();
+        if load != self.load {
+            self.load = load;
+            out.push(Action::Load(load));
+        }
+    }
+}
+
+impl Task {
+    fn new(requester: Requester, label: String, model: String) -> Self {
+        Self { requester, label, model, outcome: None, auction_ms: Vec::new(), cfp_sent_ms: None }
+    }
+}
+
+/// A model's advertised speed in the units its kind's work is planned in.
+fn speed(m: &ModelAdvert, kind: ModelKind) -> f32 {
+    match kind {
+        ModelKind::Embedding => m.throughput.embeddings_per_s,
+        _ => m.throughput.decode_tokens_per_s,
+    }
+}
+
+/// Whether `want` (from a user) names advert `m`: its id (any case, with or
+/// without an organisation prefix like `sentence-transformers/`) or its
+/// weights digest.
+pub fn model_matches(want: &str, m: &ModelAdvert) -> bool {
+    let name = want.rsplit('/').next().unwrap_or(want);
+    want.eq_ignore_ascii_case(&m.id) || name.eq_ignore_ascii_case(&m.id) || want == m.weights.to_hex()
+}
+
+/// A wrong answer that looks right: every other component of each vector
+/// negated (cosine far below any agreement threshold), answers reversed.
+fn perturb(output: ShardOutput) -> ShardOutput {
+    match output {
+        ShardOutput::Embeddings { dimensions, mut values } => {
+            for v in values.iter_mut().step_by(2) {
+                *v = -*v;
+            }
+            ShardOutput::Embeddings { dimensions, values }
+        }
+        ShardOutput::Generations(mut answers) => {
+            for a in &mut answers {
+                a.text = a.text.chars().rev().collect();
+            }
+            ShardOutput::Generations(answers)
+        }
+        other => other,
+    }
+}
+
+fn hex_short(bytes: &[u8]) -> String {
+    bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
