@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow};
 use mycel_api::{ApiError, SubmitRequest, Submitted, TaskEvent, TaskSummary, TaskView, Watch};
-use mycel_market::node::{Action, Input, Metric, Outcome, Submission, SubmitError, Write};
+use mycel_market::node::{Action, Entropy, Input, Metric, Outcome, Submission, SubmitError, Write};
 use mycel_market::requester::Phase;
 use mycel_market::{Job, Node, NodeConfig};
 use mycel_metrics::Metrics;
@@ -465,9 +465,10 @@ impl Driver {
 
     async fn submit(&mut self, request: SubmitRequest) -> Result<Submitted> {
         let submission = submission(request)?;
-        let mut id = [0u8; 16];
-        getrandom::fill(&mut id).map_err(|e| anyhow!("no randomness for a task id: {e}"))?;
-        let (task, actions) = self.market.submit(now_ms(), id, submission).map_err(|e| match e {
+        let mut random = [0u8; 48];
+        getrandom::fill(&mut random).map_err(|e| anyhow!("no randomness for a task: {e}"))?;
+        let entropy = Entropy::from_bytes(random);
+        let (task, actions) = self.market.submit(now_ms(), entropy, submission).map_err(|e| match e {
             SubmitError::ModelNotFound { .. } => ApiError::ModelNotFound(e.to_string()).into(),
             SubmitError::NoCapablePeer(_) => ApiError::NoCapablePeer(e.to_string()).into(),
             SubmitError::Invalid(_) => ApiError::BadRequest(e.to_string()).into(),

@@ -182,6 +182,10 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
         let c = claim.verify().with_context(|| format!("shard {i}: the executor's signature is invalid"))?;
         ensure!(c.task == receipt.task && c.shard as usize == i, "shard {i}: the claim is for another task or shard");
         ensure!(c.model == receipt.model, "shard {i}: the claim names other weights");
+        ensure!(
+            c.spot_commitment == receipt.spot.commitment(),
+            "shard {i}: the revealed spot-check secret is not the one committed to before the work"
+        );
         leaves.push(claim.digest());
     }
     ensure!(merkle::root(&leaves) == receipt.root, "the Merkle root does not match the shards");
@@ -198,6 +202,13 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
     } else if args.result.is_some() {
         bail!("{} not found", result.display());
     }
+    let checked = receipt.spot.checked_shards(receipt.shards.len());
+    println!(
+        "ok: spot checks committed to before any award: {} of {} shards run twice ({})",
+        checked.len(),
+        receipt.shards.len(),
+        if checked.is_empty() { "none".to_string() } else { format!("{checked:?}") }
+    );
     println!(
         "ok: receipt for task {} signed by {}, {} shards by {} executors, every signature valid",
         hex::encode(receipt.task.0),

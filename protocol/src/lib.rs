@@ -9,6 +9,8 @@
 //! - [`advert`], [`market`], [`task`]: the messages themselves.
 //! - [`rpc`]: direct request-response messages between two nodes.
 //! - [`merkle`]: the Merkle root that receipts commit to.
+//! - [`spot`]: spot checks committed to before any award, revealed in the
+//!   receipt.
 //! - [`version`] and [`limits`]: protocol names and size caps.
 
 pub mod advert;
@@ -22,6 +24,7 @@ pub mod market;
 pub mod merkle;
 pub mod rpc;
 pub mod signed;
+pub mod spot;
 pub mod task;
 pub mod version;
 

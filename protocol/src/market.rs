@@ -43,6 +43,9 @@ pub struct Cfp {
     pub max_price: Option<Price>,
     /// Bids arriving after this (ms since the Unix epoch) are ignored.
     pub bids_close_ms: u64,
+    /// Commitment to the task's spot-check secret ([`crate::spot`]):
+    /// workers copy it into their claims.
+    pub spot_commitment: Digest,
 }
 
 impl Cfp {
@@ -54,7 +57,7 @@ impl Cfp {
 crate::wire!(Cfp, limits::CFP, validate = Cfp::check);
 
 impl crate::SignedKind for Cfp {
-    const DOMAIN: &'static str = "mycel/cfp/1";
+    const DOMAIN: &'static str = "mycel/cfp/2";
 }
 
 /// A worker's offer to run shards of a CFP.
@@ -181,12 +184,15 @@ pub struct ResultClaim {
     /// Input tokens the model read (texts after truncation, or rendered
     /// prompts): what usage reports count. The worker's word.
     pub input_tokens: u64,
+    /// The spot-check commitment of the CFP the worker bid on: proof that
+    /// the requester committed to its checks before this work was done.
+    pub spot_commitment: Digest,
 }
 
 crate::wire!(ResultClaim, limits::RESULT_CLAIM);
 
 impl crate::SignedKind for ResultClaim {
-    const DOMAIN: &'static str = "mycel/result/1";
+    const DOMAIN: &'static str = "mycel/result/2";
 }
 
 /// Why a generation stopped.

@@ -88,8 +88,8 @@ fn signed_claims() -> impl Strategy<Value = Vec<Signed<ResultClaim>>> {
 }
 
 fn receipts() -> impl Strategy<Value = Receipt> {
-    (any::<TaskId>(), any::<[Digest; 4]>(), signed_claims(), any::<u64>()).prop_map(
-        |(task, [spec, model, root, output], shards, completed_ms)| Receipt {
+    (any::<TaskId>(), any::<[Digest; 4]>(), signed_claims(), any::<(u64, [u8; 32], u16)>()).prop_map(
+        |(task, [spec, model, root, output], shards, (completed_ms, secret, permille))| Receipt {
             task,
             spec,
             model,
@@ -97,6 +97,7 @@ fn receipts() -> impl Strategy<Value = Receipt> {
             root,
             output,
             completed_ms,
+            spot: crate::spot::Reveal { secret, permille },
         },
     )
 }

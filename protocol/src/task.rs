@@ -289,6 +289,9 @@ pub struct Receipt {
     pub output: Digest,
     /// When the task completed, milliseconds since the Unix epoch.
     pub completed_ms: u64,
+    /// The spot-check secret, revealed: it matches every claim's
+    /// commitment, and says which shards were run twice.
+    pub spot: crate::spot::Reveal,
 }
 
 impl Receipt {
@@ -316,6 +319,10 @@ pub enum ReceiptMismatch {
     /// The result does not hash to the receipt's output digest.
     #[error("the result is not the output the receipt names")]
     Output,
+    /// A claim's spot-check commitment is not the revealed secret's: the
+    /// checks may have been chosen after the work was done.
+    #[error("shard {0}: the revealed spot-check secret is not the one committed to before the work")]
+    SpotCommitment(usize),
 }
 
 impl Receipt {
@@ -330,6 +337,9 @@ impl Receipt {
         let mut next = 0u64;
         for (i, signed) in self.shards.iter().enumerate() {
             let claim = signed.verify().map_err(|_| ReceiptMismatch::BadClaim(i))?;
+            if claim.spot_commitment != self.spot.commitment() {
+                return Err(ReceiptMismatch::SpotCommitment(i));
+            }
             if claim.first_item != next {
                 return Err(ReceiptMismatch::Coverage(i));
             }
@@ -352,7 +362,7 @@ impl Receipt {
 crate::wire!(Receipt, limits::RECEIPT, validate = Receipt::check);
 
 impl crate::SignedKind for Receipt {
-    const DOMAIN: &'static str = "mycel/receipt/1";
+    const DOMAIN: &'static str = "mycel/receipt/2";
 }
 
 #[cfg(test)]
@@ -384,6 +394,7 @@ mod tests {
                     output: out.digest().unwrap(),
                     timings: Timings::default(),
                     input_tokens: 0,
+                    spot_commitment: crate::spot::commitment(&[5; 32]),
                 };
                 Signed::sign(&executor, &claim).unwrap()
             })
@@ -397,6 +408,7 @@ mod tests {
             shards: claims,
             output: output.digest().unwrap(),
             completed_ms: 1,
+            spot: crate::spot::Reveal { secret: [5; 32], permille: 50 },
         }
     }
 
@@ -420,6 +432,10 @@ mod tests {
         );
         let shorter = vectors(&[1.0, 0.0, 0.0, 1.0, 0.5, 0.5]);
         assert_eq!(receipt([&a, &b], &shorter).check_output(&shorter), Err(ReceiptMismatch::Coverage(1)));
+        // A secret revealed that is not the one the workers saw committed.
+        let mut chosen_later = receipt([&a, &b], &whole);
+        chosen_later.spot.secret = [6; 32];
+        assert_eq!(chosen_later.check_output(&whole), Err(ReceiptMismatch::SpotCommitment(0)));
     }
 
     #[test]

@@ -104,6 +104,27 @@ pub struct Submission {
     pub spot_check_permille: u16,
 }
 
+/// Fresh randomness for a task, from the interpreter: the machine has no
+/// random source of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entropy {
+    /// Names the task.
+    pub task_id: [u8; 16],
+    /// Draws its spot checks; revealed only in the receipt.
+    pub spot_secret: [u8; 32],
+}
+
+impl Entropy {
+    /// Entropy from 48 random bytes.
+    pub fn from_bytes(bytes: [u8; 48]) -> Self {
+        let mut task_id = [0u8; 16];
+        let mut spot_secret = [0u8; 32];
+        task_id.copy_from_slice(&bytes[..16]);
+        spot_secret.copy_from_slice(&bytes[16..]);
+        Self { task_id, spot_secret }
+    }
+}
+
 /// Why a submission was refused. Every case but [`SubmitError::Start`] is
 /// the user's to fix.
 #[derive(Debug, thiserror::Error)]
@@ -369,15 +390,15 @@ impl Node {
         self.load
     }
 
-    /// Hands a task to the market. `random` names it (fresh randomness from
-    /// the interpreter). The model is chosen by a stated rule: the weights
+    /// Hands a task to the market. `entropy` names it and draws its spot
+    /// checks (fresh randomness from the interpreter). The model is chosen by a stated rule: the weights
     /// named (by digest or id), else, of the weights serving the kind, those
     /// with the most throughput from peers in good standing (speed times
     /// reputation, summed), ties broken by digest.
     pub fn submit(
         &mut self,
         now_ms: u64,
-        random: [u8; 16],
+        entropy: Entropy,
         submission: Submission,
     ) -> Result<(TaskId, Vec<Action>), SubmitError> {
         let Submission { label, kind, model, work, split, redundancy, spot_check_permille } = submission;
@@ -397,9 +418,10 @@ impl Node {
             budget_micros: None,
         };
         spec.validate().map_err(SubmitError::Invalid)?;
-        let task = TaskId(random);
+        let task = TaskId(entropy.task_id);
         let candidates = self.candidates(now_ms, &weights, kind);
-        let mut requester = Requester::new(task, &spec, weights, kind, candidates, self.config.auction.clone())?;
+        let config = self.config.auction.clone();
+        let mut requester = Requester::new(task, &spec, weights, kind, candidates, config, entropy.spot_secret)?;
         let actions = requester.start(now_ms);
         self.tasks.insert(task, Task::new(requester, label, id));
         let mut out = Vec::new();

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use mycel_protocol::{
     Award, AwardedShard, Bid, Cfp, Digest, ModelKind, PublicKey, Receipt, RejectReason, ResultAck, ResultClaim,
-    ShardOutput, ShardResult, Signed, TaskId, TaskSpec, Verdict, Verified, VerifiedResult, limits, merkle,
+    ShardOutput, ShardResult, Signed, TaskId, TaskSpec, Verdict, Verified, VerifiedResult, limits, merkle, spot,
 };
 use serde::{Deserialize, Serialize};
 
@@ -239,6 +239,10 @@ pub struct Requester {
     /// Peers caught lying or forging on this task: no more of its work.
     banned: BTreeSet<PublicKey>,
     rounds_without_bids: u32,
+    /// The secret spot checks are drawn from ([`mycel_protocol::spot`]):
+    /// committed to in every CFP, revealed in the receipt.
+    spot_secret: [u8; 32],
+    spot_permille: u16,
     /// Time the task may take (its spec's, or the default), and when that
     /// runs out, once started.
     deadline_ms: u64,
@@ -269,7 +273,8 @@ pub enum StartError {
 
 impl Requester {
     /// Plans a task for `model` (already pinned to one digest) among these
-    /// candidates.
+    /// candidates. `spot_secret` is fresh randomness, known only to this
+    /// requester until the receipt reveals it.
     pub fn new(
         task: TaskId,
         spec: &TaskSpec,
@@ -277,6 +282,7 @@ impl Requester {
         kind: ModelKind,
         candidates: Vec<Candidate>,
         config: Config,
+        spot_secret: [u8; 32],
     ) -> Result<Self, StartError> {
         let speeds: Vec<f32> = candidates.iter().map(|c| c.units_per_s).collect();
         let Plan { shards } = plan::plan(&spec.work, spec.split, &speeds)?;
@@ -288,7 +294,7 @@ impl Requester {
         let shards = shards
             .into_iter()
             .map(|plan| {
-                let spot = spot_checked(task, plan.index, spec.spot_check_permille);
+                let spot = spot::checked(&spot_secret, plan.index, spec.spot_check_permille);
                 ShardState {
                     plan,
                     running: BTreeSet::new(),
@@ -315,6 +321,8 @@ impl Requester {
             busy: BTreeMap::new(),
             banned: BTreeSet::new(),
             rounds_without_bids: 0,
+            spot_secret,
+            spot_permille: spec.spot_check_permille,
             deadline_ms,
             deadline_at_ms: None,
             completed_ms: None,
@@ -515,6 +523,7 @@ impl Requester {
                 .collect(),
             max_price: None,
             bids_close_ms: now_ms + self.config.bid_window_ms,
+            spot_commitment: spot::commitment(&self.spot_secret),
         };
         let mut ranked: Vec<&Candidate> =
             self.candidates.iter().filter(|c| c.reputation >= self.config.min_reputation).collect();
@@ -816,6 +825,11 @@ impl Requester {
         if claim.model != self.model {
             return Err(RejectReason::ModelMismatch);
         }
+        if claim.spot_commitment != spot::commitment(&self.spot_secret) {
+            // Not the CFP we signed: its work proves nothing about when we
+            // committed to the checks.
+            return Err(RejectReason::InputMismatch);
+        }
         let output_ok = result.output.digest().is_ok_and(|d| d == claim.output)
             && result.output.items() == state.plan.items() as usize
             && claim.items == state.plan.items()
@@ -958,6 +972,7 @@ impl Requester {
             shards: claims,
             output: output_digest,
             completed_ms,
+            spot: spot::Reveal { secret: self.spot_secret, permille: self.spot_permille },
         };
         Ok((output, receipt))
     }
@@ -972,18 +987,6 @@ impl Requester {
     fn ack(&self, claim: &Verified<ResultClaim>, verdict: Verdict) -> ResultAck {
         ResultAck { task: self.task, shard: claim.shard, claim: claim.digest(), verdict }
     }
-}
-
-/// Whether shard `index` of `task` gets a spot check: a hash of both
-/// below the rate, so the choice is fixed by the task (the same after a
-/// restart) yet not predictable by workers before the award.
-fn spot_checked(task: TaskId, index: u32, permille: u16) -> bool {
-    if permille == 0 {
-        return false;
-    }
-    let digest = Digest::of_parts(&[b"mycel/spot-check", &task.0, &index.to_le_bytes()]);
-    let draw = u16::from_le_bytes([digest.0[0], digest.0[1]]) % 1000;
-    draw < permille
 }
 
 /// How attractive a candidate is before any bid: speed, discounted by load

@@ -55,6 +55,8 @@ pub struct Job {
     pub work: Work,
     /// Digest of `work`.
     pub input: Digest,
+    /// The spot-check commitment of the CFP bid on, for the claim.
+    pub spot_commitment: Digest,
     /// When it was accepted, for the claim's timings.
     pub accepted_ms: u64,
 }
@@ -87,6 +89,7 @@ struct Made {
     bid: Option<Digest>,
     model: Digest,
     expires_ms: u64,
+    spot_commitment: Digest,
 }
 
 /// The worker's market state.
@@ -160,7 +163,13 @@ impl Worker {
         // Remember it as unsigned until the driver reports the digest.
         self.bids.insert(
             (call.task, call.round),
-            Made { requester, bid: None, model: call.model, expires_ms: bid.expires_ms },
+            Made {
+                requester,
+                bid: None,
+                model: call.model,
+                expires_ms: bid.expires_ms,
+                spot_commitment: call.spot_commitment,
+            },
         );
         Some(bid)
     }
@@ -206,6 +215,7 @@ impl Worker {
                 model: award.model,
                 work: s.work.clone(),
                 input,
+                spot_commitment: made.spot_commitment,
                 accepted_ms: now_ms,
             });
         }
@@ -232,6 +242,7 @@ impl Worker {
                 compute_ms,
             },
             input_tokens,
+            spot_commitment: job.spot_commitment,
         })
     }
 
@@ -267,6 +278,7 @@ mod tests {
             shards: vec![ShardOffer { shard: 0, items: 10, units: 10 }],
             max_price: None,
             bids_close_ms: 2_000,
+            spot_commitment: Digest::of(b"commitment"),
         };
         Signed::sign(key, &cfp).unwrap()
     }

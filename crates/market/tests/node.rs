@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use mycel_market::node::{Action, Fault, Input, Outcome, Submission, Write};
+use mycel_market::node::{Action, Entropy, Fault, Input, Outcome, Submission, Write};
 use mycel_market::{Job, Node, NodeConfig};
 use mycel_protocol::rpc::Market;
 use mycel_protocol::{
@@ -202,8 +202,11 @@ impl Sim {
     }
 
     fn submit(&mut self, node: usize, texts: usize, per_shard: u32, redundancy: u8) -> TaskId {
-        let mut random = [0u8; 16];
-        random[..8].copy_from_slice(&self.next_random().to_le_bytes());
+        let mut random = [0u8; 48];
+        for chunk in random.chunks_mut(8) {
+            chunk.copy_from_slice(&self.next_random().to_le_bytes());
+        }
+        let random = Entropy::from_bytes(random);
         let submission = Submission {
             label: "embed".into(),
             kind: ModelKind::Embedding,
@@ -367,7 +370,7 @@ fn the_model_is_chosen_by_throughput_then_digest_never_by_map_order() {
         redundancy: 1,
         spot_check_permille: 0,
     };
-    let err = sim.nodes[0].submit(sim.now, [9; 16], submission).unwrap_err();
+    let err = sim.nodes[0].submit(sim.now, Entropy::from_bytes([9; 48]), submission).unwrap_err();
     assert!(err.to_string().contains("no peer serves"), "{err}");
 }
 

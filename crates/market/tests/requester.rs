@@ -75,7 +75,7 @@ impl Sim {
             .map(|w| Candidate { peer: w.key.public(), units_per_s: 100.0, load: 0.0, reputation: 0.9 })
             .collect();
         let requester =
-            Requester::new(TaskId([7; 16]), spec, model(), ModelKind::Embedding, candidates, config).unwrap();
+            Requester::new(TaskId([7; 16]), spec, model(), ModelKind::Embedding, candidates, config, [3; 32]).unwrap();
         let mut sim = Sim {
             requester,
             key: Keypair::generate().unwrap(),
@@ -199,6 +199,7 @@ impl Sim {
             output: output.digest().unwrap(),
             timings: Timings::default(),
             input_tokens: texts.len() as u64 * 5,
+            spot_commitment: self.cfp.as_ref().unwrap().verify().unwrap().spot_commitment,
         };
         ShardResult { claim: Signed::sign(&w.key, &claim).unwrap(), output }
     }
@@ -739,4 +740,35 @@ fn a_peer_caught_lying_is_out_of_the_task_and_its_unchecked_work_is_redone() {
     assert!(!sim.inbox.contains_key(&liar));
     check_output(&sim, &spec);
     assert!(sim.requester.executors().iter().all(|e| *e == Some(honest)));
+}
+
+#[test]
+fn spot_checks_follow_the_requesters_secret_which_the_receipt_reveals() {
+    let mut spec = spec(300, 1, 1);
+    spec.spot_check_permille = 200;
+    let mut sim = Sim::new(&spec, 3, Config::default());
+    for w in 0..3 {
+        sim.bid(w, 1000);
+    }
+    sim.advance(Config::default().bid_window_ms);
+    // Which shards run twice: decided by the secret, not by anything a
+    // worker knows at award time (the task id and shard index are the
+    // same for every secret).
+    let mut runs: BTreeMap<u32, usize> = BTreeMap::new();
+    for award in sim.inbox.values().flatten() {
+        for s in &award.shards {
+            *runs.entry(s.shard).or_default() += 1;
+        }
+    }
+    let twice: Vec<u32> = runs.iter().filter(|(_, n)| **n == 2).map(|(s, _)| *s).collect();
+    let reveal = mycel_protocol::spot::Reveal { secret: [3; 32], permille: 200 };
+    assert_eq!(twice, reveal.checked_shards(300));
+    let other = mycel_protocol::spot::Reveal { secret: [4; 32], ..reveal };
+    assert_ne!(twice, other.checked_shards(300), "another secret, other shards");
+    // Every CFP carried the commitment; the receipt reveals the secret.
+    assert_eq!(sim.cfp.as_ref().unwrap().verify().unwrap().spot_commitment, reveal.commitment());
+    sim.run_all();
+    let (output, receipt) = sim.done.clone().unwrap();
+    assert_eq!(receipt.spot, reveal);
+    receipt.check_output(&output).unwrap();
 }

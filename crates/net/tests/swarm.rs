@@ -277,6 +277,7 @@ async fn gossiped_cfps_reach_the_node_as_from_their_signer() {
         shards: vec![],
         max_price: None,
         bids_close_ms: closes,
+        spot_commitment: Digest::of(b"commitment"),
     };
     // Closed already: not worth relaying. A bad signature: dropped.
     let stale = Signed::sign(&requester.key, &cfp(1, 1)).unwrap();
