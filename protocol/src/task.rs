@@ -239,9 +239,12 @@ pub struct TaskSpec {
     /// How to combine shard outputs.
     pub aggregation: Aggregation,
     /// Time the whole task may take, in milliseconds; 0 for the node's
-    /// default.
+    /// default. Past it the task fails with that reason.
     pub deadline_ms: u64,
-    /// Most micro-credits the task may spend; `None` for no limit.
+    /// Most micro-credits the task may spend; `None` for no limit. Every
+    /// valid execution is paid at its bid's price per unit; shards that
+    /// would go over are not awarded, and a task that cannot finish within
+    /// it fails with that reason.
     pub budget_micros: Option<u64>,
 }
 

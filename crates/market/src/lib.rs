@@ -6,6 +6,8 @@
 //! sockets, no clock, no threads: the node drives them with libp2p, a real
 //! clock and the store; tests drive them with virtual time.
 //!
+//! - [`kind`]: each kind of work (embed, generate, chat) behind one trait:
+//!   how it splits, checks and combines.
 //! - [`plan`]: cutting a task into shards sized from the candidates' speed.
 //! - [`requester`]: one task's auction, awards, verification, re-auctions
 //!   and aggregation, ending in a receipt.
@@ -19,6 +21,7 @@
 //! state changed: the driver stores the state before anything that depends
 //! on it leaves the node, so a restarted requester resumes where it was.
 
+pub mod kind;
 pub mod node;
 pub mod plan;
 pub mod reputation;

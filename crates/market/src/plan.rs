@@ -1,6 +1,7 @@
 //! Cutting a task into shards.
 //!
-//! `embed` tasks split by text and multi-prompt `generate` tasks by prompt.
+//! Tasks split by item (texts, prompts, conversations), as their kind
+//! ([`crate::kind`]) slices them.
 //! With [`Split::Auto`], a shard is sized to take about
 //! [`TARGET_SHARD_MS`] on the median candidate (from advertised speed), so
 //! fast peers come back for more and a lost shard costs little.
@@ -76,33 +77,19 @@ pub enum PlanError {
     /// A shard's work could not be encoded (to hash it).
     #[error("encoding a shard: {0}")]
     Encode(#[from] EncodeError),
-    /// A kind of work this version cannot split.
-    #[error("this kind of work cannot be split into shards")]
-    Unsupported,
 }
 
 /// Cuts `work` into shards.
 pub fn plan(work: &Work, split: Split, speeds: &[f32]) -> Result<Plan, PlanError> {
-    let units_per_item = match work {
-        Work::Generate { params, .. } | Work::Chat { params, .. } => u64::from(params.max_tokens),
-        _ => 1,
-    };
+    let kind = crate::kind::of(work);
+    let units_per_item = kind.units_per_item(work);
     let total = work.items();
     let per = items_per_shard(split, speeds, units_per_item, total);
     let mut shards = Vec::with_capacity(total.div_ceil(per));
     let mut first = 0usize;
     while first < total {
         let end = (first + per).min(total);
-        let part = match work {
-            Work::Embed { texts } => Work::Embed { texts: texts[first..end].to_vec() },
-            Work::Generate { prompts, params } => {
-                Work::Generate { prompts: prompts[first..end].to_vec(), params: params.clone() }
-            }
-            Work::Chat { conversations, params } => {
-                Work::Chat { conversations: conversations[first..end].to_vec(), params: params.clone() }
-            }
-            _ => return Err(PlanError::Unsupported),
-        };
+        let part = kind.slice(work, first, end);
         let input = part.digest()?;
         shards.push(PlannedShard {
             index: shards.len() as u32,

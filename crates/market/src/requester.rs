@@ -22,11 +22,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use mycel_protocol::{
-    Award, AwardedShard, Bid, Cfp, Digest, ModelKind, PublicKey, Receipt, RejectReason, ResultAck, ResultClaim,
-    ShardOutput, ShardResult, Signed, TaskId, TaskSpec, Verdict, Verified, VerifiedResult, limits, merkle, spot,
+    Aggregation, Award, AwardedShard, Bid, Cfp, Digest, ModelKind, PublicKey, Receipt, RejectReason, ResultAck,
+    ResultClaim, ShardOutput, ShardResult, Signed, TaskId, TaskSpec, Verdict, Verified, VerifiedResult, limits, merkle,
+    spot,
 };
 use serde::{Deserialize, Serialize};
 
+use crate::kind::{self, Check, TaskKind};
 use crate::plan::{self, Plan, PlanError, PlannedShard};
 
 /// Most executions of one shard (redundancy plus tie-breakers).
@@ -239,6 +241,14 @@ pub struct Requester {
     /// Peers caught lying or forging on this task: no more of its work.
     banned: BTreeSet<PublicKey>,
     rounds_without_bids: u32,
+    /// Most the task may spend (micro-credits), what accepted executions
+    /// cost so far, and what each running one will cost, by (shard, peer).
+    budget_micros: Option<u64>,
+    spent_micros: u64,
+    charges: BTreeMap<(u32, PublicKey), u64>,
+    /// How redundant copies are compared, and shard outputs combined.
+    check: Check,
+    aggregation: Aggregation,
     /// The secret spot checks are drawn from ([`mycel_protocol::spot`]):
     /// committed to in every CFP, revealed in the receipt.
     spot_secret: [u8; 32],
@@ -266,6 +276,9 @@ pub enum StartError {
     /// The spec could not be hashed.
     #[error("encoding the task: {0}")]
     Encode(#[from] mycel_protocol::EncodeError),
+    /// The task's kind cannot combine its outputs as asked.
+    #[error("{kind} tasks cannot be combined by {aggregation:?}")]
+    Aggregation { kind: &'static str, aggregation: Aggregation },
     /// The plan needs more shards than one CFP may list.
     #[error("{0} shards is more than a task may have")]
     TooManyShards(usize),
@@ -291,10 +304,17 @@ impl Requester {
         }
         let wanted = usize::from(spec.redundancy.clamp(1, limits::MAX_REDUNDANCY));
         let deadline_ms = if spec.deadline_ms == 0 { config.default_deadline_ms } else { spec.deadline_ms };
+        let task_kind = kind::of(&spec.work);
+        if !task_kind.combines(spec.aggregation) {
+            return Err(StartError::Aggregation { kind: task_kind.name(), aggregation: spec.aggregation });
+        }
+        let check = task_kind.check(&spec.work, config.min_cosine);
         let shards = shards
             .into_iter()
             .map(|plan| {
-                let spot = spot::checked(&spot_secret, plan.index, spec.spot_check_permille);
+                // A sample is one answer of many: nothing to compare it with.
+                let spot =
+                    check != Check::Independent && spot::checked(&spot_secret, plan.index, spec.spot_check_permille);
                 ShardState {
                     plan,
                     running: BTreeSet::new(),
@@ -323,6 +343,11 @@ impl Requester {
             rounds_without_bids: 0,
             spot_secret,
             spot_permille: spec.spot_check_permille,
+            check,
+            aggregation: spec.aggregation,
+            budget_micros: spec.budget_micros,
+            spent_micros: 0,
+            charges: BTreeMap::new(),
             deadline_ms,
             deadline_at_ms: None,
             completed_ms: None,
@@ -355,12 +380,15 @@ impl Requester {
         self.shards.iter().map(|s| s.done.as_ref().map(|r| *r.claim.signer())).collect()
     }
 
-    /// `embed` or `generate`, from the model's kind.
+    /// `embed`, `generate` or `chat`.
     pub fn kind_name(&self) -> &'static str {
-        match self.kind {
-            ModelKind::Embedding => "embed",
-            _ => "generate",
-        }
+        self.task_kind().name()
+    }
+
+    /// The kind of work: how it splits, checks and combines.
+    fn task_kind(&self) -> &'static dyn TaskKind {
+        // A task has at least one item, so at least one shard.
+        self.shards.first().map_or(&kind::embed::Embed, |s| kind::of(&s.plan.work))
     }
 
     /// Peers running at least one of its shards now.
@@ -620,8 +648,28 @@ impl Requester {
         let waiting = self.shards.iter().any(|s| s.done.is_none() && s.running.len() + s.results.len() < s.wanted);
         let anyone_busy = self.busy.values().any(|s| !s.is_empty());
         if waiting && !anyone_busy && self.phase == Phase::Running {
-            self.open_round(now_ms, out);
+            let priced_out = self.budget_micros.is_some()
+                && !self.offers.is_empty()
+                && self.shards.iter().filter(|s| s.done.is_none()).all(|s| {
+                    self.offers
+                        .values()
+                        .all(|o| !self.affordable(o.bid.price.micros_per_unit.saturating_mul(s.plan.units)))
+                });
+            if priced_out {
+                let (spent, budget) = (self.spent_micros, self.budget_micros.unwrap_or(0));
+                self.fail(format!("budget: {spent} of {budget} micro-credits spent; no bid fits the rest"), out);
+            } else {
+                self.open_round(now_ms, out);
+            }
         }
+    }
+
+    /// Whether `cost` more fits the task's budget, with what is spent and
+    /// what running shards will cost.
+    fn affordable(&self, cost: u64) -> bool {
+        let Some(budget) = self.budget_micros else { return true };
+        let committed = self.charges.values().fold(0u64, |a, c| a.saturating_add(*c));
+        self.spent_micros.saturating_add(committed).saturating_add(cost) <= budget
     }
 
     /// Gives shard `index` to `peer`, with its deadline and straggler timers.
@@ -643,6 +691,8 @@ impl Requester {
             work: shard.plan.work.clone(),
             deadline_ms: deadline,
         };
+        let cost = offer.bid.price.micros_per_unit.saturating_mul(shard.plan.units);
+        self.charges.insert((index as u32, peer), cost);
         self.shards[index].running.insert(peer);
         self.busy.entry(peer).or_default().insert(index as u32);
         out.push(Action::SetTimer { at_ms: deadline, timer: Timer::ShardDeadline { shard: index as u32, peer } });
@@ -694,6 +744,7 @@ impl Requester {
                     && !shard.running.contains(*peer)
                     && !shard.results.contains_key(*peer)
                     && !shard.excluded.contains(*peer)
+                    && self.affordable(offer.bid.price.micros_per_unit.saturating_mul(shard.plan.units))
             })
             .min_by(|(_, a), (_, b)| {
                 let finish =
@@ -724,6 +775,8 @@ impl Requester {
         if let Some(set) = self.busy.get_mut(&peer) {
             set.remove(&shard);
         }
+        // An execution that failed is not paid for.
+        self.charges.remove(&(shard, peer));
         // A peer that failed once loses its standing offer for this task.
         self.offers.remove(&peer);
         if let Some(reason) = penalty {
@@ -831,13 +884,8 @@ impl Requester {
             return Err(RejectReason::InputMismatch);
         }
         let output_ok = result.output.digest().is_ok_and(|d| d == claim.output)
-            && result.output.items() == state.plan.items() as usize
             && claim.items == state.plan.items()
-            && matches!(
-                (&result.output, self.kind),
-                (ShardOutput::Embeddings { .. }, ModelKind::Embedding)
-                    | (ShardOutput::Generations(_), ModelKind::Generation)
-            );
+            && self.task_kind().fits(&result.output, state.plan.items() as usize);
         if !output_ok {
             return Err(RejectReason::OutputMismatch);
         }
@@ -847,7 +895,7 @@ impl Requester {
     /// With `wanted` results in, accepts the strict majority's output, or
     /// asks for one more execution to break the tie.
     fn decide(&mut self, now_ms: u64, index: usize, out: &mut Vec<Action>) {
-        let min_cosine = self.config.min_cosine;
+        let check = self.check;
         let state = &mut self.shards[index];
         if state.results.len() < state.wanted {
             return;
@@ -858,7 +906,7 @@ impl Requester {
             let group: Vec<PublicKey> = peers
                 .iter()
                 .copied()
-                .filter(|q| agree(&state.results[p].output, &state.results[q].output, min_cosine))
+                .filter(|q| kind::agree(check, &state.results[p].output, &state.results[q].output))
                 .collect();
             if group.len() > best.len() {
                 best = group;
@@ -879,12 +927,17 @@ impl Requester {
         // be answered AlreadyComplete.
         let still: Vec<PublicKey> = std::mem::take(&mut state.running).into_iter().collect();
         for peer in still {
+            self.charges.remove(&(index as u32, peer));
             if let Some(set) = self.busy.get_mut(&peer) {
                 set.remove(&(index as u32));
             }
         }
         let mut outvoted = Vec::new();
         for (peer, claim) in results {
+            // Every valid execution is paid for, agreeing or not; its
+            // charge moves from committed to spent.
+            let charge = self.charges.remove(&(index as u32, peer)).unwrap_or(0);
+            self.spent_micros = self.spent_micros.saturating_add(charge);
             if best.contains(&peer) {
                 out.push(Action::Ack { to: peer, ack: self.ack(&claim, Verdict::Accepted) });
                 out.push(Action::Reward { peer });
@@ -931,36 +984,8 @@ impl Requester {
     /// The output in item order and the receipt over the accepted results.
     fn assemble(&self, completed_ms: u64) -> Result<(ShardOutput, Receipt), String> {
         let results: Vec<&VerifiedResult> = self.shards.iter().filter_map(|s| s.done.as_ref()).collect();
-        let output = match self.kind {
-            ModelKind::Embedding => {
-                let dimensions = results
-                    .iter()
-                    .find_map(|r| match &r.output {
-                        ShardOutput::Embeddings { dimensions, .. } => Some(*dimensions),
-                        _ => None,
-                    })
-                    .unwrap_or(0);
-                let mut values = Vec::new();
-                for r in &results {
-                    if let ShardOutput::Embeddings { dimensions: d, values: v } = &r.output {
-                        if *d != dimensions {
-                            return Err("shards returned vectors of different widths".into());
-                        }
-                        values.extend_from_slice(v);
-                    }
-                }
-                ShardOutput::Embeddings { dimensions, values }
-            }
-            _ => ShardOutput::Generations(
-                results
-                    .iter()
-                    .flat_map(|r| match &r.output {
-                        ShardOutput::Generations(g) => g.clone(),
-                        _ => Vec::new(),
-                    })
-                    .collect(),
-            ),
-        };
+        let outputs: Vec<&ShardOutput> = results.iter().map(|r| &r.output).collect();
+        let output = self.task_kind().combine(self.aggregation, &outputs).map_err(|e| e.to_string())?;
         let claims: Vec<Signed<ResultClaim>> = results.iter().map(|r| r.claim.signed().clone()).collect();
         let leaves: Vec<Digest> = claims.iter().map(Signed::digest).collect();
         let output_digest = output.digest().map_err(|_| "the aggregated output is too large to encode".to_string())?;
@@ -993,36 +1018,4 @@ impl Requester {
 /// and reputation.
 fn score(c: &Candidate) -> f64 {
     f64::from(c.units_per_s) * c.reputation / (1.0 + f64::from(c.load.max(0.0)))
-}
-
-/// Whether two outputs of the same shard agree: embeddings by cosine per
-/// item, generations exactly.
-pub fn agree(a: &ShardOutput, b: &ShardOutput, min_cosine: f64) -> bool {
-    match (a, b) {
-        (
-            ShardOutput::Embeddings { dimensions: da, values: va },
-            ShardOutput::Embeddings { dimensions: db, values: vb },
-        ) => {
-            if da != db || va.len() != vb.len() {
-                return false;
-            }
-            let d = (*da as usize).max(1);
-            va.chunks(d).zip(vb.chunks(d)).all(|(x, y)| cosine(x, y) >= min_cosine)
-        }
-        (ShardOutput::Generations(x), ShardOutput::Generations(y)) => x == y,
-        _ => false,
-    }
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        dot += f64::from(*x) * f64::from(*y);
-        na += f64::from(*x).powi(2);
-        nb += f64::from(*y).powi(2);
-    }
-    if na == 0.0 && nb == 0.0 {
-        return 1.0;
-    }
-    dot / (na.sqrt() * nb.sqrt()).max(f64::MIN_POSITIVE)
 }

@@ -200,12 +200,7 @@ impl Worker {
             let Ok(input) = s.work.digest() else {
                 return AwardOutcome::Refuse("a shard's work cannot be encoded");
             };
-            let units = match &s.work {
-                Work::Generate { params, .. } | Work::Chat { params, .. } => {
-                    s.work.items() as u64 * u64::from(params.max_tokens)
-                }
-                other => other.items() as u64,
-            };
+            let units = s.work.items() as u64 * crate::kind::of(&s.work).units_per_item(&s.work);
             self.queue.push_back((award.task, s.shard, units));
             jobs.push(Job {
                 requester: from,

@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use mycel_market::requester::Phase;
 use mycel_market::{Action, Candidate, Config, Event, Requester, Timer};
 use mycel_protocol::{
-    Award, Bid, Cfp, Digest, Keypair, ModelKind, ModelSelector, Price, PublicKey, RejectReason, ResultClaim,
-    ShardOutput, ShardResult, Signed, Split, TaskId, TaskSpec, Timings, Verdict, Wire, Work, merkle,
+    Award, Bid, Cfp, Digest, FinishReason, GenerateParams, Generation, Keypair, ModelKind, ModelSelector, Price,
+    PublicKey, RejectReason, ResultClaim, ShardOutput, ShardResult, Signed, Split, TaskId, TaskSpec, Timings, Verdict,
+    Wire, Work, merkle,
 };
 
 const DIM: usize = 4;
@@ -143,6 +144,10 @@ impl Sim {
     }
 
     fn bid(&mut self, worker: usize, capacity: u32) {
+        self.bid_at(worker, capacity, Price::default());
+    }
+
+    fn bid_at(&mut self, worker: usize, capacity: u32, price: Price) {
         let cfp = self.cfp.clone().unwrap();
         let round = cfp.verify().unwrap().round;
         let bid = Bid {
@@ -150,7 +155,7 @@ impl Sim {
             round,
             cfp: cfp.digest(),
             model: model(),
-            price: Price::default(),
+            price,
             queue_ms: 0,
             units_per_s: 100.0,
             capacity,
@@ -181,7 +186,19 @@ impl Sim {
     fn result_for(&self, worker: usize, award: &Award, shard: usize) -> ShardResult {
         let w = &self.workers[worker];
         let s = &award.shards[shard];
-        let Work::Embed { texts } = &s.work else { panic!("embed only") };
+        if let Work::Generate { prompts, params } = &s.work {
+            // Greedy answers are the same everywhere; samples differ by worker.
+            let answers = prompts
+                .iter()
+                .map(|p| Generation {
+                    text: if params.temperature > 0.0 { format!("{p} #{worker}") } else { p.to_uppercase() },
+                    tokens: 2,
+                    finish: FinishReason::Length,
+                })
+                .collect();
+            return self.sign_result(worker, award, shard, ShardOutput::Generations(answers));
+        }
+        let Work::Embed { texts } = &s.work else { panic!("embed or generate") };
         let mut values: Vec<f32> = texts.iter().flat_map(|t| embed(t)).collect();
         if w.liar {
             for v in values.iter_mut().step_by(DIM) {
@@ -189,16 +206,22 @@ impl Sim {
             }
         }
         let output = ShardOutput::Embeddings { dimensions: DIM as u32, values };
+        self.sign_result(worker, award, shard, output)
+    }
+
+    fn sign_result(&self, worker: usize, award: &Award, shard: usize, output: ShardOutput) -> ShardResult {
+        let w = &self.workers[worker];
+        let s = &award.shards[shard];
         let claim = ResultClaim {
             task: award.task,
             shard: s.shard,
             first_item: s.first_item,
-            items: texts.len() as u32,
+            items: s.work.items() as u32,
             input: s.work.digest().unwrap(),
             model: award.model,
             output: output.digest().unwrap(),
             timings: Timings::default(),
-            input_tokens: texts.len() as u64 * 5,
+            input_tokens: s.work.items() as u64 * 5,
             spot_commitment: self.cfp.as_ref().unwrap().verify().unwrap().spot_commitment,
         };
         ShardResult { claim: Signed::sign(&w.key, &claim).unwrap(), output }
@@ -771,4 +794,58 @@ fn spot_checks_follow_the_requesters_secret_which_the_receipt_reveals() {
     let (output, receipt) = sim.done.clone().unwrap();
     assert_eq!(receipt.spot, reveal);
     receipt.check_output(&output).unwrap();
+}
+
+#[test]
+fn samples_at_a_temperature_are_answers_of_their_own_not_a_disagreement() {
+    let prompts: Vec<String> = (0..4).map(|i| format!("prompt {i}")).collect();
+    let mut spec = spec(4, 2, 2);
+    let sampled = GenerateParams { temperature: 0.8, max_tokens: 8, ..GenerateParams::default() };
+    spec.work = Work::Generate { prompts: prompts.clone(), params: sampled };
+    spec.spot_check_permille = 1000;
+    let mut sim = Sim::new(&spec, 3, Config::default());
+    for w in 0..3 {
+        sim.bid(w, 4);
+    }
+    sim.advance(Config::default().bid_window_ms);
+    sim.run_all();
+    let (output, receipt) = sim.done.clone().expect("complete");
+    // Two different samples per shard: no tie-breaker, nobody penalised, no
+    // spot checks (there is nothing to compare a sample with).
+    assert!(sim.penalised.is_empty(), "{:?}", sim.penalised);
+    assert_eq!(sim.acks.len(), 4, "two shards, two copies each: {:?}", sim.acks);
+    receipt.check_output(&output).unwrap();
+    // Greedy decoding is compared exactly: the same answers agree.
+    let mut greedy = spec.clone();
+    greedy.work = Work::Generate { prompts, params: GenerateParams { max_tokens: 8, ..GenerateParams::default() } };
+    let mut sim = Sim::new(&greedy, 2, Config::default());
+    sim.bid(0, 4);
+    sim.bid(1, 4);
+    sim.advance(Config::default().bid_window_ms);
+    sim.run_all();
+    let (output, _) = sim.done.clone().expect("complete");
+    let ShardOutput::Generations(answers) = output else { panic!("answers") };
+    assert_eq!(answers[3].text, "PROMPT 3");
+}
+
+#[test]
+fn a_task_stops_at_its_budget_and_fails_with_that_reason() {
+    // Three shards of 10 texts at 10 micro-credits a text: 100 each.
+    let mut spec = spec(30, 10, 1);
+    spec.budget_micros = Some(250);
+    let mut sim = Sim::new(&spec, 2, Config { enough_bids: 2, ..Config::default() });
+    sim.bid_at(0, 3, Price { micros_per_unit: 10 });
+    sim.bid_at(1, 3, Price { micros_per_unit: 10 });
+    let awarded: usize = sim.inbox.values().flatten().map(|a| a.shards.len()).sum();
+    assert_eq!(awarded, 2, "only what the budget covers goes out");
+    sim.run_all();
+    let reason = sim.failed.clone().expect("failed");
+    assert!(reason.starts_with("budget: 200 of 250"), "{reason}");
+    // Within budget, the same task completes.
+    spec.budget_micros = Some(300);
+    let mut sim = Sim::new(&spec, 2, Config { enough_bids: 2, ..Config::default() });
+    sim.bid_at(0, 3, Price { micros_per_unit: 10 });
+    sim.bid_at(1, 3, Price { micros_per_unit: 10 });
+    sim.run_all();
+    check_output(&sim, &spec);
 }

@@ -1,0 +1,340 @@
+//! Kinds of work, each one module behind [`TaskKind`]: how a task of that
+//! kind splits, what its units of work are, when two copies of a shard
+//! agree, how shard outputs combine, and how the combined output is sliced
+//! back per shard for the receipt.
+//!
+//! The requester, the planner and the worker ask the kind; none of them
+//! matches on the work itself. Adding a kind means a [`Work`] variant (the
+//! wire), a module here, its executor in `crates/models` and the API's
+//! request mapping.
+//!
+//! Checking (do redundant copies of a shard agree? [`Check`]) is apart from
+//! combining (how accepted shard outputs become the task's output,
+//! [`TaskKind::combine`]).
+
+use mycel_protocol::{Aggregation, ModelKind, ShardOutput, Work};
+
+/// How redundant copies of a shard are compared.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Check {
+    /// Item by item, vectors agreeing at or above this cosine.
+    Cosine(f64),
+    /// Exactly (greedy generation: the same weights give the same text).
+    Exact,
+    /// Not at all: each copy is an answer of its own (sampling at a
+    /// temperature above 0). The first valid copy is the shard's, the
+    /// others are not held against anyone, and no spot check is drawn.
+    Independent,
+}
+
+/// A kind of work.
+pub trait TaskKind: Sync {
+    /// What users call it (`embed`, `generate`, `chat`).
+    fn name(&self) -> &'static str;
+
+    /// The kind of model it runs on.
+    fn model_kind(&self) -> ModelKind;
+
+    /// Units of work per item, as advertised speeds count them (texts for
+    /// embeddings, tokens for generation).
+    fn units_per_item(&self, work: &Work) -> u64;
+
+    /// Items `first..end` of `work`, as work of the same kind.
+    fn slice(&self, work: &Work, first: usize, end: usize) -> Work;
+
+    /// How redundant copies of `work`'s shards are compared.
+    fn check(&self, work: &Work, min_cosine: f64) -> Check;
+
+    /// Whether `output` is this kind's output for `items` items.
+    fn fits(&self, output: &ShardOutput, items: usize) -> bool;
+
+    /// Whether it can combine shard outputs by `aggregation`.
+    fn combines(&self, aggregation: Aggregation) -> bool {
+        aggregation == Aggregation::Concat
+    }
+
+    /// Shard outputs, in shard order, as the task's output.
+    fn combine(&self, aggregation: Aggregation, outputs: &[&ShardOutput]) -> Result<ShardOutput, CombineError>;
+}
+
+/// Why shard outputs could not be combined.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CombineError {
+    /// Shards returned vectors of different widths.
+    #[error("shards returned vectors of different widths ({0} and {1})")]
+    Widths(u32, u32),
+    /// An output of another kind slipped through.
+    #[error("a shard returned another kind of output")]
+    WrongKind,
+    /// This kind cannot combine that way.
+    #[error("{kind} tasks cannot be combined by {aggregation:?}")]
+    Unsupported { kind: &'static str, aggregation: Aggregation },
+}
+
+/// The kind of `work`.
+pub fn of(work: &Work) -> &'static dyn TaskKind {
+    match work {
+        Work::Embed { .. } => &embed::Embed,
+        Work::Chat { .. } => &generate::Chat,
+        _ => &generate::Generate,
+    }
+}
+
+/// Whether two outputs agree under `check`.
+pub fn agree(check: Check, a: &ShardOutput, b: &ShardOutput) -> bool {
+    match (check, a, b) {
+        (Check::Independent, _, _) => true,
+        (Check::Exact, a, b) => a == b,
+        (
+            Check::Cosine(min),
+            ShardOutput::Embeddings { dimensions: da, values: va },
+            ShardOutput::Embeddings { dimensions: db, values: vb },
+        ) => {
+            if da != db || va.len() != vb.len() {
+                return false;
+            }
+            let d = (*da as usize).max(1);
+            va.chunks(d).zip(vb.chunks(d)).all(|(x, y)| cosine(x, y) >= min)
+        }
+        _ => false,
+    }
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        dot += f64::from(*x) * f64::from(*y);
+        na += f64::from(*x).powi(2);
+        nb += f64::from(*y).powi(2);
+    }
+    if na == 0.0 && nb == 0.0 {
+        return 1.0;
+    }
+    dot / (na.sqrt() * nb.sqrt()).max(f64::MIN_POSITIVE)
+}
+
+/// Embedding: one vector per text.
+pub mod embed {
+    use super::*;
+
+    /// `embed` tasks.
+    #[derive(Debug)]
+    pub struct Embed;
+
+    impl TaskKind for Embed {
+        fn name(&self) -> &'static str {
+            "embed"
+        }
+
+        fn model_kind(&self) -> ModelKind {
+            ModelKind::Embedding
+        }
+
+        fn units_per_item(&self, _: &Work) -> u64 {
+            1
+        }
+
+        fn slice(&self, work: &Work, first: usize, end: usize) -> Work {
+            match work {
+                Work::Embed { texts } => Work::Embed { texts: texts[first..end].to_vec() },
+                other => other.clone(),
+            }
+        }
+
+        fn check(&self, _: &Work, min_cosine: f64) -> Check {
+            // Two machines' floating point differs in the last bits.
+            Check::Cosine(min_cosine)
+        }
+
+        fn fits(&self, output: &ShardOutput, items: usize) -> bool {
+            matches!(output, ShardOutput::Embeddings { .. }) && output.items() == items
+        }
+
+        fn combine(&self, aggregation: Aggregation, outputs: &[&ShardOutput]) -> Result<ShardOutput, CombineError> {
+            if aggregation != Aggregation::Concat {
+                return Err(CombineError::Unsupported { kind: self.name(), aggregation });
+            }
+            let mut width = None;
+            let mut values = Vec::new();
+            for output in outputs {
+                let ShardOutput::Embeddings { dimensions, values: v } = output else {
+                    return Err(CombineError::WrongKind);
+                };
+                match width {
+                    Some(w) if w != *dimensions => return Err(CombineError::Widths(w, *dimensions)),
+                    _ => width = Some(*dimensions),
+                }
+                values.extend_from_slice(v);
+            }
+            Ok(ShardOutput::Embeddings { dimensions: width.unwrap_or(0), values })
+        }
+    }
+}
+
+/// Generation: one completion per prompt or conversation.
+pub mod generate {
+    use mycel_protocol::GenerateParams;
+
+    use super::*;
+
+    /// `generate` tasks: one user message per item.
+    #[derive(Debug)]
+    pub struct Generate;
+
+    /// `chat` tasks: one conversation per item.
+    #[derive(Debug)]
+    pub struct Chat;
+
+    fn params(work: &Work) -> Option<&GenerateParams> {
+        match work {
+            Work::Generate { params, .. } | Work::Chat { params, .. } => Some(params),
+            _ => None,
+        }
+    }
+
+    fn units(work: &Work) -> u64 {
+        params(work).map_or(1, |p| u64::from(p.max_tokens))
+    }
+
+    fn check(work: &Work) -> Check {
+        // Greedy decoding is reproducible; a sample is one answer of many.
+        match params(work) {
+            Some(p) if p.temperature > 0.0 => Check::Independent,
+            _ => Check::Exact,
+        }
+    }
+
+    fn fits(output: &ShardOutput, items: usize) -> bool {
+        matches!(output, ShardOutput::Generations(_)) && output.items() == items
+    }
+
+    fn combine(
+        kind: &'static str,
+        aggregation: Aggregation,
+        outputs: &[&ShardOutput],
+    ) -> Result<ShardOutput, CombineError> {
+        if aggregation != Aggregation::Concat {
+            return Err(CombineError::Unsupported { kind, aggregation });
+        }
+        let mut all = Vec::new();
+        for output in outputs {
+            let ShardOutput::Generations(g) = output else { return Err(CombineError::WrongKind) };
+            all.extend_from_slice(g);
+        }
+        Ok(ShardOutput::Generations(all))
+    }
+
+    impl TaskKind for Generate {
+        fn name(&self) -> &'static str {
+            "generate"
+        }
+
+        fn model_kind(&self) -> ModelKind {
+            ModelKind::Generation
+        }
+
+        fn units_per_item(&self, work: &Work) -> u64 {
+            units(work)
+        }
+
+        fn slice(&self, work: &Work, first: usize, end: usize) -> Work {
+            match work {
+                Work::Generate { prompts, params } => {
+                    Work::Generate { prompts: prompts[first..end].to_vec(), params: params.clone() }
+                }
+                other => other.clone(),
+            }
+        }
+
+        fn check(&self, work: &Work, _: f64) -> Check {
+            check(work)
+        }
+
+        fn fits(&self, output: &ShardOutput, items: usize) -> bool {
+            fits(output, items)
+        }
+
+        fn combine(&self, aggregation: Aggregation, outputs: &[&ShardOutput]) -> Result<ShardOutput, CombineError> {
+            combine(self.name(), aggregation, outputs)
+        }
+    }
+
+    impl TaskKind for Chat {
+        fn name(&self) -> &'static str {
+            "chat"
+        }
+
+        fn model_kind(&self) -> ModelKind {
+            ModelKind::Generation
+        }
+
+        fn units_per_item(&self, work: &Work) -> u64 {
+            units(work)
+        }
+
+        fn slice(&self, work: &Work, first: usize, end: usize) -> Work {
+            match work {
+                Work::Chat { conversations, params } => {
+                    Work::Chat { conversations: conversations[first..end].to_vec(), params: params.clone() }
+                }
+                other => other.clone(),
+            }
+        }
+
+        fn check(&self, work: &Work, _: f64) -> Check {
+            check(work)
+        }
+
+        fn fits(&self, output: &ShardOutput, items: usize) -> bool {
+            fits(output, items)
+        }
+
+        fn combine(&self, aggregation: Aggregation, outputs: &[&ShardOutput]) -> Result<ShardOutput, CombineError> {
+            combine(self.name(), aggregation, outputs)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use mycel_protocol::{FinishReason, GenerateParams, Generation};
+
+    use super::*;
+
+    fn answer(text: &str) -> ShardOutput {
+        ShardOutput::Generations(vec![Generation { text: text.into(), tokens: 3, finish: FinishReason::Length }])
+    }
+
+    #[test]
+    fn checking_follows_the_work_and_combining_the_aggregation() {
+        let greedy = Work::Generate { prompts: vec!["hi".into()], params: GenerateParams::default() };
+        let sampled = Work::Generate {
+            prompts: vec!["hi".into()],
+            params: GenerateParams { temperature: 0.8, ..Default::default() },
+        };
+        assert_eq!(of(&greedy).check(&greedy, 0.99), Check::Exact);
+        assert_eq!(of(&sampled).check(&sampled, 0.99), Check::Independent);
+        // Two samples that differ are two answers, not a disagreement.
+        assert!(!agree(Check::Exact, &answer("a"), &answer("b")));
+        assert!(agree(Check::Independent, &answer("a"), &answer("b")));
+
+        let embed = Work::Embed { texts: vec!["a".into(), "b".into(), "c".into()] };
+        assert_eq!(of(&embed).slice(&embed, 1, 3), Work::Embed { texts: vec!["b".into(), "c".into()] });
+        let v = |values: Vec<f32>| ShardOutput::Embeddings { dimensions: 2, values };
+        assert!(agree(Check::Cosine(0.999), &v(vec![1.0, 0.0]), &v(vec![2.0, 0.0])));
+        assert!(!agree(Check::Cosine(0.999), &v(vec![1.0, 0.0]), &v(vec![0.0, 1.0])));
+        let combined = of(&embed).combine(Aggregation::Concat, &[&v(vec![1.0, 0.0]), &v(vec![0.0, 1.0])]).unwrap();
+        assert_eq!(combined, v(vec![1.0, 0.0, 0.0, 1.0]));
+        let wide = ShardOutput::Embeddings { dimensions: 4, values: vec![0.0; 4] };
+        assert_eq!(
+            of(&embed).combine(Aggregation::Concat, &[&v(vec![1.0, 0.0]), &wide]),
+            Err(CombineError::Widths(2, 4))
+        );
+        assert_eq!(of(&embed).combine(Aggregation::Concat, &[&answer("x")]), Err(CombineError::WrongKind));
+        assert_eq!(of(&greedy).units_per_item(&greedy), 256);
+        assert!(of(&greedy).fits(&answer("x"), 1) && !of(&embed).fits(&answer("x"), 1));
+    }
+}
