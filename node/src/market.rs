@@ -390,7 +390,7 @@ impl Driver {
         for action in actions {
             match action {
                 Action::Journal(writes) => {
-                    if let Err(e) = self.journal(&writes) {
+                    if let Err(e) = self.journal(writes) {
                         warn!(error = %e, "cannot journal; dropping what depends on it");
                         return;
                     }
@@ -422,18 +422,18 @@ impl Driver {
         }
     }
 
-    fn journal(&self, writes: &[Write]) -> Result<()> {
+    fn journal(&self, writes: Vec<Write>) -> Result<()> {
         let mut batch = Batch::new();
         for write in writes {
             match write {
-                Write::Task(task, bytes) => {
-                    batch.put(Tree::Tasks, task.0.to_vec(), bytes.clone());
+                Write::Task { key, value } => {
+                    batch.put(Tree::Tasks, key, value);
                 }
-                Write::ForgetTask(task) => {
-                    batch.delete(Tree::Tasks, task.0);
+                Write::Forget { key } => {
+                    batch.delete(Tree::Tasks, key);
                 }
                 Write::Reputation(peer, bytes) => {
-                    batch.put(Tree::Reputation, peer.to_bytes().to_vec(), bytes.clone());
+                    batch.put(Tree::Reputation, peer.to_bytes().to_vec(), bytes);
                 }
             }
         }

@@ -170,12 +170,57 @@ pub enum Input {
 /// One write to the journal.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Write {
-    /// A task's state, encoded.
-    Task(TaskId, Vec<u8>),
-    /// A finished task forgotten.
-    ForgetTask(TaskId),
+    /// Part of a task's state, at a key of the task tree ([`task_key`]).
+    Task { key: Vec<u8>, value: Vec<u8> },
+    /// A part of a forgotten task, removed.
+    Forget { key: Vec<u8> },
     /// A peer's reputation, encoded.
     Reputation(PublicKey, Vec<u8>),
+}
+
+/// A part of a task's journaled state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The requester's head: phase, offers, candidates (small).
+    Head,
+    /// The plan: every shard's input (written once).
+    Plan,
+    /// One shard's progress: who runs it, its results.
+    Shard(u32),
+}
+
+/// Where a part of a task lives in the task tree: the task id, then the
+/// part, so one task's parts sort together.
+pub fn task_key(task: TaskId, part: Part) -> Vec<u8> {
+    let mut key = task.0.to_vec();
+    match part {
+        Part::Head => key.push(0),
+        Part::Plan => key.push(1),
+        Part::Shard(index) => {
+            key.push(2);
+            key.extend_from_slice(&index.to_be_bytes());
+        }
+    }
+    key
+}
+
+/// One task's parts as read back from the journal.
+#[derive(Debug, Default)]
+struct Parts {
+    head: Option<Vec<u8>>,
+    plan: Option<Vec<u8>>,
+    shards: Vec<(u32, Vec<u8>)>,
+}
+
+fn parse_task_key(key: &[u8]) -> Option<(TaskId, Part)> {
+    let id: [u8; 16] = key.get(..16)?.try_into().ok()?;
+    let part = match key.get(16..)? {
+        [0] => Part::Head,
+        [1] => Part::Plan,
+        [2, rest @ ..] => Part::Shard(u32::from_be_bytes(rest.try_into().ok()?)),
+        _ => return None,
+    };
+    Some((TaskId(id), part))
 }
 
 /// Counted events, for metrics.
@@ -326,13 +371,26 @@ impl Node {
         }
         let mut out = Vec::new();
         let mut finished = Vec::new();
+        // Each task's parts, gathered by id.
+        let mut parts: BTreeMap<TaskId, Parts> = BTreeMap::new();
         for (key, value) in tasks {
-            let Ok(id) = <[u8; 16]>::try_from(key.as_slice()) else {
-                skipped.push(format!("task entry {}", hex_short(&key)));
+            let Some((task, part)) = parse_task_key(&key) else {
+                skipped.push(format!("task entry {} (an older journal format?)", hex_short(&key)));
                 continue;
             };
-            let task = TaskId(id);
-            match Requester::decode(&value) {
+            let entry = parts.entry(task).or_default();
+            match part {
+                Part::Head => entry.head = Some(value),
+                Part::Plan => entry.plan = Some(value),
+                Part::Shard(index) => entry.shards.push((index, value)),
+            }
+        }
+        for (task, Parts { head, plan, shards }) in parts {
+            let (Some(head), Some(plan)) = (head, plan) else {
+                skipped.push(format!("task {task}: head or plan missing"));
+                continue;
+            };
+            match Requester::from_journal(&head, &plan, &shards) {
                 Ok(mut requester) if !matches!(requester.phase(), Phase::Done | Phase::Failed) => {
                     let actions = requester.resume(now_ms);
                     let label = requester.kind_name().to_string();
@@ -619,10 +677,17 @@ impl Node {
     /// Journals a task's state; a task whose state cannot be stored fails,
     /// since nothing that depends on it may leave. `false` then.
     fn journal(&mut self, task: TaskId, out: &mut Vec<Action>) -> bool {
-        let Some(t) = self.tasks.get(&task) else { return false };
-        match t.requester.encode() {
-            Ok(bytes) => {
-                out.push(Action::Journal(vec![Write::Task(task, bytes)]));
+        let Some(t) = self.tasks.get_mut(&task) else { return false };
+        match t.requester.journal() {
+            Ok(entry) => {
+                let mut writes = vec![Write::Task { key: task_key(task, Part::Head), value: entry.head }];
+                if let Some(plan) = entry.plan {
+                    writes.push(Write::Task { key: task_key(task, Part::Plan), value: plan });
+                }
+                for (index, value) in entry.shards {
+                    writes.push(Write::Task { key: task_key(task, Part::Shard(index)), value });
+                }
+                out.push(Action::Journal(writes));
                 true
             }
             Err(e) => {
@@ -667,8 +732,12 @@ impl Node {
         let mut forget = Vec::new();
         while self.finished.len() > self.config.keep_finished {
             let Some(old) = self.finished.pop_front() else { break };
-            self.tasks.remove(&old);
-            forget.push(Write::ForgetTask(old));
+            let shards = self.tasks.remove(&old).map_or(0, |t| t.requester.shard_count());
+            forget.push(Write::Forget { key: task_key(old, Part::Head) });
+            forget.push(Write::Forget { key: task_key(old, Part::Plan) });
+            for index in 0..shards as u32 {
+                forget.push(Write::Forget { key: task_key(old, Part::Shard(index)) });
+            }
         }
         if !forget.is_empty() {
             out.push(Action::Journal(forget));

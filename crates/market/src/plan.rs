@@ -27,6 +27,14 @@ pub struct PlannedShard {
     pub units: u64,
 }
 
+impl Default for PlannedShard {
+    /// A placeholder with no items; journaled shard progress is read into
+    /// one before its plan is put back.
+    fn default() -> Self {
+        Self { index: 0, first_item: 0, work: Work::Embed { texts: Vec::new() }, input: Digest::default(), units: 0 }
+    }
+}
+
 impl PlannedShard {
     /// Items in the shard.
     pub fn items(&self) -> u32 {

@@ -28,6 +28,8 @@ use mycel_protocol::{
 };
 use serde::{Deserialize, Serialize};
 
+use mycel_protocol::Wire;
+
 use crate::kind::{self, Check, TaskKind};
 use crate::plan::{self, Plan, PlanError, PlannedShard};
 
@@ -193,8 +195,12 @@ pub enum Phase {
 }
 
 /// One shard's progress.
+///
+/// Journaled on its own, without its plan (written once for the task), and
+/// only when it changed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct ShardState {
+    #[serde(skip)]
     plan: PlannedShard,
     /// Peers running it now.
     running: BTreeSet<PublicKey>,
@@ -208,8 +214,16 @@ struct ShardState {
     /// Picked for a spot check: one execution more than the redundancy,
     /// compared like redundant ones, given up if no other peer can run it.
     spot: bool,
+    /// Whose result was accepted, once decided (it stays in `results`, so
+    /// the journal holds each output once).
+    accepted: Option<PublicKey>,
+}
+
+impl ShardState {
     /// The accepted result, once decided.
-    done: Option<VerifiedResult>,
+    fn done(&self) -> Option<&VerifiedResult> {
+        self.accepted.as_ref().and_then(|p| self.results.get(p))
+    }
 }
 
 /// A standing offer from a worker for this task.
@@ -221,7 +235,8 @@ struct Offer {
 }
 
 /// The requester's state for one task. Serializable: this is what the
-/// journal stores.
+/// journal stores, in three parts ([`Requester::journal`]): this head,
+/// the plan once, and each shard's progress when it changes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Requester {
     task: TaskId,
@@ -233,7 +248,14 @@ pub struct Requester {
     round: u32,
     /// Digest of the current round's CFP, once the driver has signed it.
     cfp: Option<Digest>,
+    #[serde(skip)]
     shards: Vec<ShardState>,
+    /// Shards changed since the last journal write; whether the plan was
+    /// written.
+    #[serde(skip)]
+    dirty: BTreeSet<u32>,
+    #[serde(skip)]
+    plan_journaled: bool,
     offers: BTreeMap<PublicKey, Offer>,
     candidates: Vec<Candidate>,
     /// Shards each peer runs now.
@@ -262,9 +284,41 @@ pub struct Requester {
     failure: Option<String>,
 }
 
-// The journal stores the requester with the protocol's codec: one task's
-// state holds at most its spec and its outputs.
-mycel_protocol::wire!(Requester, limits::TASK_SPEC + limits::RECEIPT);
+// The journal stores the requester with the protocol's codec, in parts: the
+// head (small: offers, candidates, phase), the plan (the task's input, once)
+// and each shard's progress (its results).
+mycel_protocol::wire!(Requester, limits::TASK_SPEC);
+
+/// The plan as journaled.
+#[derive(Debug, Serialize, Deserialize)]
+struct PlanRecord(Vec<PlannedShard>);
+mycel_protocol::wire!(PlanRecord, limits::TASK_SPEC);
+
+// One shard's progress: up to every execution's output.
+mycel_protocol::wire!(ShardState, limits::SHARD_RESULT * (MAX_EXECUTIONS + 1));
+
+/// What changed in a requester since its last journal write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalEntry {
+    /// The head: always written (small).
+    pub head: Vec<u8>,
+    /// The plan: written once, with the first entry.
+    pub plan: Option<Vec<u8>>,
+    /// Each changed shard's progress, by index.
+    pub shards: Vec<(u32, Vec<u8>)>,
+}
+
+/// Why journaled parts could not be read back into a requester.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JournalError {
+    /// A part did not decode.
+    #[error(transparent)]
+    Decode(#[from] mycel_protocol::DecodeError),
+    /// A part is missing.
+    #[error("the journal has no {0}")]
+    Missing(String),
+}
 
 /// Why a task could not start.
 #[derive(Debug, thiserror::Error)]
@@ -309,7 +363,7 @@ impl Requester {
             return Err(StartError::Aggregation { kind: task_kind.name(), aggregation: spec.aggregation });
         }
         let check = task_kind.check(&spec.work, config.min_cosine);
-        let shards = shards
+        let shards: Vec<ShardState> = shards
             .into_iter()
             .map(|plan| {
                 // A sample is one answer of many: nothing to compare it with.
@@ -322,7 +376,7 @@ impl Requester {
                     results: BTreeMap::new(),
                     wanted: wanted + usize::from(spot),
                     spot,
-                    done: None,
+                    accepted: None,
                 }
             })
             .collect();
@@ -335,6 +389,8 @@ impl Requester {
             phase: Phase::Bidding,
             round: 0,
             cfp: None,
+            dirty: (0..shards.len() as u32).collect(),
+            plan_journaled: false,
             shards,
             offers: BTreeMap::new(),
             candidates,
@@ -355,6 +411,44 @@ impl Requester {
         })
     }
 
+    /// What changed since the last call, encoded for the journal: the
+    /// head always, the plan the first time, and the shards that changed.
+    /// A 10,000-text task writes one shard's results per result instead of
+    /// every shard's.
+    pub fn journal(&mut self) -> Result<JournalEntry, mycel_protocol::EncodeError> {
+        let head = self.encode()?;
+        let plan = if self.plan_journaled {
+            None
+        } else {
+            Some(PlanRecord(self.shards.iter().map(|s| s.plan.clone()).collect()).encode()?)
+        };
+        let mut shards = Vec::with_capacity(self.dirty.len());
+        for index in &self.dirty {
+            if let Some(state) = self.shards.get(*index as usize) {
+                shards.push((*index, state.encode()?));
+            }
+        }
+        self.plan_journaled = true;
+        self.dirty.clear();
+        Ok(JournalEntry { head, plan, shards })
+    }
+
+    /// A requester back from its journaled parts (see [`Self::journal`]).
+    pub fn from_journal(head: &[u8], plan: &[u8], shards: &[(u32, Vec<u8>)]) -> Result<Self, JournalError> {
+        let mut requester = Self::decode(head)?;
+        let PlanRecord(plan) = PlanRecord::decode(plan)?;
+        let progress: BTreeMap<u32, &Vec<u8>> = shards.iter().map(|(i, b)| (*i, b)).collect();
+        requester.shards = Vec::with_capacity(plan.len());
+        for (index, planned) in plan.into_iter().enumerate() {
+            let bytes = progress.get(&(index as u32)).ok_or_else(|| JournalError::Missing(format!("shard {index}")))?;
+            let mut state = ShardState::decode(bytes)?;
+            state.plan = planned;
+            requester.shards.push(state);
+        }
+        requester.plan_journaled = true;
+        Ok(requester)
+    }
+
     /// The task.
     pub fn task(&self) -> TaskId {
         self.task
@@ -372,12 +466,12 @@ impl Requester {
 
     /// Shards decided.
     pub fn shards_done(&self) -> usize {
-        self.shards.iter().filter(|s| s.done.is_some()).count()
+        self.shards.iter().filter(|s| s.done().is_some()).count()
     }
 
     /// Who ran each decided shard (the accepted result's signer), by shard.
     pub fn executors(&self) -> Vec<Option<PublicKey>> {
-        self.shards.iter().map(|s| s.done.as_ref().map(|r| *r.claim.signer())).collect()
+        self.shards.iter().map(|s| s.done().map(|r| *r.claim.signer())).collect()
     }
 
     /// `embed`, `generate` or `chat`.
@@ -410,7 +504,7 @@ impl Requester {
 
     /// Input tokens over the accepted results, as their workers signed them.
     pub fn input_tokens(&self) -> u64 {
-        self.shards.iter().filter_map(|s| s.done.as_ref()).map(|r| r.claim.input_tokens).fold(0, u64::saturating_add)
+        self.shards.iter().filter_map(|s| s.done()).map(|r| r.claim.input_tokens).fold(0, u64::saturating_add)
     }
 
     /// The user gave up on the task: it fails with `reason`. Results still
@@ -545,7 +639,7 @@ impl Requester {
             shards: self
                 .shards
                 .iter()
-                .filter(|s| s.done.is_none() && s.running.len() < s.wanted)
+                .filter(|s| s.done().is_none() && s.running.len() < s.wanted)
                 .map(|s| s.plan.offer())
                 .take(CFP_SHARDS)
                 .collect(),
@@ -616,13 +710,14 @@ impl Requester {
         for index in 0..self.shards.len() {
             loop {
                 let shard = &self.shards[index];
-                if shard.done.is_some() || shard.running.len() + shard.results.len() >= shard.wanted {
+                if shard.done().is_some() || shard.running.len() + shard.results.len() >= shard.wanted {
                     break;
                 }
                 let Some(peer) = self.best_free_bidder(shard) else {
                     // A spot check nobody else can ever run is given up
                     // rather than holding the shard forever.
                     if shard.spot && shard.wanted > 1 && !self.anyone_eligible(shard) {
+                        self.dirty.insert(index as u32);
                         let shard = &mut self.shards[index];
                         shard.spot = false;
                         shard.wanted -= 1;
@@ -645,12 +740,12 @@ impl Requester {
         }
         // Shards nobody can take now wait for a worker to free up; if no
         // one is working at all, ask again.
-        let waiting = self.shards.iter().any(|s| s.done.is_none() && s.running.len() + s.results.len() < s.wanted);
+        let waiting = self.shards.iter().any(|s| s.done().is_none() && s.running.len() + s.results.len() < s.wanted);
         let anyone_busy = self.busy.values().any(|s| !s.is_empty());
         if waiting && !anyone_busy && self.phase == Phase::Running {
             let priced_out = self.budget_micros.is_some()
                 && !self.offers.is_empty()
-                && self.shards.iter().filter(|s| s.done.is_none()).all(|s| {
+                && self.shards.iter().filter(|s| s.done().is_none()).all(|s| {
                     self.offers
                         .values()
                         .all(|o| !self.affordable(o.bid.price.micros_per_unit.saturating_mul(s.plan.units)))
@@ -693,6 +788,7 @@ impl Requester {
         };
         let cost = offer.bid.price.micros_per_unit.saturating_mul(shard.plan.units);
         self.charges.insert((index as u32, peer), cost);
+        self.dirty.insert(index as u32);
         self.shards[index].running.insert(peer);
         self.busy.entry(peer).or_default().insert(index as u32);
         out.push(Action::SetTimer { at_ms: deadline, timer: Timer::ShardDeadline { shard: index as u32, peer } });
@@ -712,7 +808,7 @@ impl Requester {
             return;
         }
         let Some(state) = self.shards.get(shard as usize) else { return };
-        let slow = state.done.is_none() && state.running.contains(&peer);
+        let slow = state.done().is_none() && state.running.contains(&peer);
         // One backup per slow executor: not when copies already exceed
         // what the shard needs.
         if !slow || state.running.len() + state.results.len() > state.wanted {
@@ -772,6 +868,7 @@ impl Requester {
             return;
         }
         state.excluded.insert(peer);
+        self.dirty.insert(shard);
         if let Some(set) = self.busy.get_mut(&peer) {
             set.remove(&shard);
         }
@@ -809,6 +906,7 @@ impl Requester {
                 return;
             }
         };
+        self.dirty.insert(index as u32);
         let state = &mut self.shards[index];
         state.running.remove(&from);
         if let Some(set) = self.busy.get_mut(&from) {
@@ -831,12 +929,13 @@ impl Requester {
         self.banned.insert(peer);
         self.offers.remove(&peer);
         let mut reopened = false;
-        for state in &mut self.shards {
-            let alone = state.done.as_ref().is_some_and(|d| *d.claim.signer() == peer) && state.results.len() <= 1;
+        for (index, state) in self.shards.iter_mut().enumerate() {
+            let alone = state.accepted == Some(peer) && state.results.len() <= 1;
             if alone {
-                state.done = None;
+                state.accepted = None;
                 state.results.remove(&peer);
                 state.excluded.insert(peer);
+                self.dirty.insert(index as u32);
                 reopened = true;
             }
         }
@@ -866,7 +965,7 @@ impl Requester {
         }
         let index = claim.shard as usize;
         let state = self.shards.get(index).ok_or(RejectReason::NotAwarded)?;
-        if state.done.is_some() || state.results.contains_key(&signer) {
+        if state.done().is_some() || state.results.contains_key(&signer) {
             return Err(RejectReason::AlreadyComplete);
         }
         if !state.running.contains(&signer) {
@@ -896,6 +995,7 @@ impl Requester {
     /// asks for one more execution to break the tie.
     fn decide(&mut self, now_ms: u64, index: usize, out: &mut Vec<Action>) {
         let check = self.check;
+        self.dirty.insert(index as u32);
         let state = &mut self.shards[index];
         if state.results.len() < state.wanted {
             return;
@@ -920,7 +1020,7 @@ impl Requester {
             }
             return;
         }
-        state.done = state.results.get(&best[0]).cloned();
+        state.accepted = Some(best[0]);
         let results: Vec<(PublicKey, Verified<ResultClaim>)> =
             state.results.iter().map(|(p, r)| (*p, r.claim.clone())).collect();
         // Anyone still running it (a backup copy) is freed; its result will
@@ -955,7 +1055,7 @@ impl Requester {
     }
 
     fn finish_if_done(&mut self, now_ms: u64, out: &mut Vec<Action>) {
-        if self.phase == Phase::Done || self.shards.iter().any(|s| s.done.is_none()) {
+        if self.phase == Phase::Done || self.shards.iter().any(|s| s.done().is_none()) {
             return;
         }
         match self.assemble(now_ms) {
@@ -983,7 +1083,7 @@ impl Requester {
 
     /// The output in item order and the receipt over the accepted results.
     fn assemble(&self, completed_ms: u64) -> Result<(ShardOutput, Receipt), String> {
-        let results: Vec<&VerifiedResult> = self.shards.iter().filter_map(|s| s.done.as_ref()).collect();
+        let results: Vec<&VerifiedResult> = self.shards.iter().filter_map(|s| s.done()).collect();
         let outputs: Vec<&ShardOutput> = results.iter().map(|r| &r.output).collect();
         let output = self.task_kind().combine(self.aggregation, &outputs).map_err(|e| e.to_string())?;
         let claims: Vec<Signed<ResultClaim>> = results.iter().map(|r| r.claim.signed().clone()).collect();

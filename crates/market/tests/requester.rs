@@ -10,7 +10,7 @@ use mycel_market::{Action, Candidate, Config, Event, Requester, Timer};
 use mycel_protocol::{
     Award, Bid, Cfp, Digest, FinishReason, GenerateParams, Generation, Keypair, ModelKind, ModelSelector, Price,
     PublicKey, RejectReason, ResultClaim, ShardOutput, ShardResult, Signed, Split, TaskId, TaskSpec, Timings, Verdict,
-    Wire, Work, merkle,
+    Work, merkle,
 };
 
 const DIM: usize = 4;
@@ -65,6 +65,23 @@ struct Sim {
     done: Option<(ShardOutput, mycel_protocol::Receipt)>,
     failed: Option<String>,
     persisted: usize,
+    /// The journal as the driver would hold it: the latest head, the plan,
+    /// each shard's latest progress.
+    journal: Journal,
+}
+
+#[derive(Default, Clone)]
+struct Journal {
+    head: Vec<u8>,
+    plan: Vec<u8>,
+    shards: BTreeMap<u32, Vec<u8>>,
+}
+
+impl Journal {
+    fn restore(&self) -> Result<Requester, mycel_market::requester::JournalError> {
+        let shards: Vec<(u32, Vec<u8>)> = self.shards.iter().map(|(i, b)| (*i, b.clone())).collect();
+        Requester::from_journal(&self.head, &self.plan, &shards)
+    }
 }
 
 impl Sim {
@@ -92,6 +109,7 @@ impl Sim {
             done: None,
             failed: None,
             persisted: 0,
+            journal: Journal::default(),
         };
         let actions = sim.requester.start(sim.now);
         sim.apply(actions);
@@ -115,7 +133,15 @@ impl Sim {
         }
         for action in actions {
             match action {
-                Action::Persist => self.persisted += 1,
+                Action::Persist => {
+                    self.persisted += 1;
+                    let entry = self.requester.journal().unwrap();
+                    self.journal.head = entry.head;
+                    if let Some(plan) = entry.plan {
+                        self.journal.plan = plan;
+                    }
+                    self.journal.shards.extend(entry.shards);
+                }
                 Action::SendCfp { cfp, gossip, .. } => {
                     self.gossiped += usize::from(gossip);
                     self.sign_cfp(cfp);
@@ -638,18 +664,22 @@ fn a_restarted_requester_resumes_from_its_journal() {
     sim.bid(1, 2);
     sim.advance(Config::default().bid_window_ms);
     // Two shards come back, then the node is killed: only what was
-    // persisted survives.
+    // journaled survives.
     let w0 = sim.peer(0);
     let award = sim.inbox.get_mut(&w0).unwrap().remove(0);
+    let plan_len = sim.journal.plan.len();
     for i in 0..award.shards.len() {
         let r = sim.result_for(0, &award, i);
         sim.event(Event::result(w0, r));
     }
     let done_before = sim.requester.shards_done();
     assert_eq!(done_before, 2);
-    let journal = sim.requester.encode().unwrap();
+    // The journal grew by the changed shards only: the plan (the task's
+    // input) was written once.
+    assert_eq!(sim.journal.plan.len(), plan_len);
+    let journal = sim.journal.clone();
 
-    sim.requester = Requester::decode(&journal).unwrap();
+    sim.requester = journal.restore().unwrap();
     assert_eq!(sim.requester.shards_done(), done_before, "nothing lost");
     // Timers died with the process: resuming re-arms a deadline for every
     // shard still out.
@@ -662,11 +692,16 @@ fn a_restarted_requester_resumes_from_its_journal() {
     // The workers still hold their awards and answer the restarted node.
     sim.run_all();
     check_output(&sim, &spec);
-    assert!(Requester::decode(&journal[..journal.len() - 1]).is_err(), "a torn journal entry is refused");
+    let mut torn = journal.clone();
+    torn.head.pop();
+    assert!(torn.restore().is_err(), "a torn journal entry is refused");
+    let mut lost = journal.clone();
+    lost.shards.remove(&3);
+    assert!(lost.restore().is_err(), "a missing shard is refused");
 
     // After another restart the finished task gives back the very output
     // and receipt it handed out (so the same signature).
-    let mut finished = Requester::decode(&sim.requester.encode().unwrap()).unwrap();
+    let mut finished = sim.journal.restore().unwrap();
     let (output, receipt) = finished.outcome().unwrap().unwrap();
     assert_eq!(Some((output, receipt)), sim.done.clone());
     assert!(finished.resume(sim.now).is_empty(), "nothing left to do");
