@@ -218,6 +218,9 @@ const DEFAULT_SPOT_CHECK: f32 = 0.05;
 /// Events buffered per watched task (a slow watcher skips progress).
 const WATCH_BUFFER: usize = 1024;
 
+/// Messages queued for one peer; past this a send counts as failed.
+const OUTBOX: usize = 256;
+
 /// The interpreter's state: the machine and the I/O around it.
 pub struct Driver {
     market: Node,
@@ -227,6 +230,8 @@ pub struct Driver {
     tx: mpsc::Sender<Command>,
     models: Option<Arc<LocalModels>>,
     watchers: BTreeMap<TaskId, broadcast::Sender<TaskEvent>>,
+    /// Messages waiting for each peer, bounded ([`OUTBOX`]).
+    outboxes: BTreeMap<PublicKey, mpsc::Sender<Market>>,
     metrics: Arc<Metrics>,
 }
 
@@ -269,6 +274,7 @@ pub fn start(
         tx: tx.clone(),
         models: None,
         watchers: BTreeMap::new(),
+        outboxes: BTreeMap::new(),
         metrics,
     };
     tokio::spawn(driver.run(rx));
@@ -372,6 +378,8 @@ impl Driver {
             }
             Command::PeerLost(peer) => {
                 if let Ok(peer) = PublicKey::from_peer_id(&peer) {
+                    // Its outbox task ends once what is queued is tried.
+                    self.outboxes.remove(&peer);
                     self.input(Input::PeerLost(peer));
                 }
             }
@@ -640,22 +648,43 @@ impl Driver {
 
     // ---- both sides: messages ------------------------------------------
 
-    fn send(&self, to: PublicKey, message: Market) {
-        let tx = self.tx.clone();
-        if to == self.me {
-            let from = self.me.to_peer_id();
-            tokio::spawn(async move {
-                let _ = tx.send(Command::Inbound { from, message: Box::new(message) }).await;
-            });
-            return;
+    /// Queues a message on its peer's outbox. A full outbox (the peer has
+    /// not taken the last [`OUTBOX`] messages) is a failed delivery, told
+    /// to the market at once rather than buffered without bound.
+    fn send(&mut self, to: PublicKey, message: Market) {
+        if self.outboxes.get(&to).is_none_or(mpsc::Sender::is_closed) {
+            let outbox = self.open_outbox(to);
+            self.outboxes.insert(to, outbox);
         }
-        let net = self.net.clone();
+        let Some(outbox) = self.outboxes.get(&to) else { return };
+        if let Err(e) = outbox.try_send(message) {
+            debug!(peer = %to.to_peer_id(), "outbox full; message not sent");
+            let message = match e {
+                mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
+            };
+            self.input(Input::Undelivered { to, message });
+        }
+    }
+
+    /// One task per peer takes its messages in order: over the network,
+    /// with retries, or looped back to this node's own market.
+    fn open_outbox(&self, to: PublicKey) -> mpsc::Sender<Market> {
+        let (outbox, mut queue) = mpsc::channel::<Market>(OUTBOX);
+        let (tx, net, me) = (self.tx.clone(), self.net.clone(), self.me);
         tokio::spawn(async move {
-            if !deliver(&net, to, &message).await {
-                debug!(peer = %to.to_peer_id(), "market message not delivered");
-                let _ = tx.send(Command::SendFailed { to, message: Box::new(message) }).await;
+            while let Some(message) = queue.recv().await {
+                if to == me {
+                    let from = me.to_peer_id();
+                    if tx.send(Command::Inbound { from, message: Box::new(message) }).await.is_err() {
+                        return;
+                    }
+                } else if !deliver(&net, to, &message).await {
+                    debug!(peer = %to.to_peer_id(), "market message not delivered");
+                    let _ = tx.send(Command::SendFailed { to, message: Box::new(message) }).await;
+                }
             }
         });
+        outbox
     }
 
     // ---- worker side: the local models ---------------------------------

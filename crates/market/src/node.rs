@@ -797,7 +797,8 @@ impl Node {
     fn on_award(&mut self, now_ms: u64, from: PublicKey, signed: Signed<mycel_protocol::Award>, out: &mut Vec<Action>) {
         let Ok(award) = signed.verify_from(&from) else { return };
         let Some(worker) = self.worker.as_mut() else { return };
-        match worker.on_award(now_ms, from, &award) {
+        match worker.on_award(now_ms, from, &award, signed.digest()) {
+            AwardOutcome::Duplicate => {}
             AwardOutcome::Run(jobs) => {
                 out.push(Action::Metric(Metric::BidWon));
                 out.extend(jobs.into_iter().map(Action::Execute));

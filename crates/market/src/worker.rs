@@ -79,7 +79,12 @@ pub enum AwardOutcome {
     Run(Vec<Job>),
     /// Not ours to run: no bid of ours matches, or another model.
     Refuse(&'static str),
+    /// The same award again (a retried delivery): already running or run.
+    Duplicate,
 }
+
+/// Awards remembered, so a retried delivery runs nothing twice.
+const AWARDS_REMEMBERED: usize = 4096;
 
 /// Bids made, by (task, round): what an award must match.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -100,12 +105,14 @@ pub struct Worker {
     bids: BTreeMap<(TaskId, u32), Made>,
     /// Units of work queued or running, for estimates.
     queue: VecDeque<(TaskId, u32, u64)>,
+    /// Awards taken, by the signed award's digest (their id), oldest first.
+    awards: VecDeque<Digest>,
 }
 
 impl Worker {
     /// A worker serving `models`.
     pub fn new(config: WorkerConfig, models: BTreeMap<Digest, Served>) -> Self {
-        Self { config, models, bids: BTreeMap::new(), queue: VecDeque::new() }
+        Self { config, models, bids: BTreeMap::new(), queue: VecDeque::new(), awards: VecDeque::new() }
     }
 
     /// Milliseconds of queued work ahead of a new shard for `model`.
@@ -184,7 +191,12 @@ impl Worker {
     }
 
     /// Checks an award from `from` against the bids made; the jobs to run.
-    pub fn on_award(&mut self, now_ms: u64, from: PublicKey, award: &Award) -> AwardOutcome {
+    /// `id` names the signed award: the same award delivered again (the
+    /// requester retried) runs nothing twice.
+    pub fn on_award(&mut self, now_ms: u64, from: PublicKey, award: &Award, id: Digest) -> AwardOutcome {
+        if self.awards.contains(&id) {
+            return AwardOutcome::Duplicate;
+        }
         self.bids.retain(|_, m| m.expires_ms + 600_000 > now_ms);
         let Some(made) = self.bids.get(&(award.task, award.round)) else {
             return AwardOutcome::Refuse("no bid of ours for this round");
@@ -195,6 +207,10 @@ impl Worker {
         if made.model != award.model {
             return AwardOutcome::Refuse("awarded for other weights than we bid with");
         }
+        if self.awards.len() >= AWARDS_REMEMBERED {
+            self.awards.pop_front();
+        }
+        self.awards.push_back(id);
         let mut jobs = Vec::with_capacity(award.shards.len());
         for s in &award.shards {
             let Ok(input) = s.work.digest() else {
@@ -309,11 +325,15 @@ mod tests {
             }],
         };
         let stranger = Keypair::generate().unwrap().public();
-        assert!(matches!(w.on_award(1_100, stranger, &award), AwardOutcome::Refuse(_)));
+        assert!(matches!(w.on_award(1_100, stranger, &award, Digest::of(b"a")), AwardOutcome::Refuse(_)));
         let forged = Award { bid: Digest::of(b"not our bid"), ..award.clone() };
-        assert!(matches!(w.on_award(1_100, requester.public(), &forged), AwardOutcome::Refuse(_)));
-        let AwardOutcome::Run(jobs) = w.on_award(1_100, requester.public(), &award) else { panic!("refused") };
+        assert!(matches!(w.on_award(1_100, requester.public(), &forged, Digest::of(b"b")), AwardOutcome::Refuse(_)));
+        let AwardOutcome::Run(jobs) = w.on_award(1_100, requester.public(), &award, Digest::of(b"c")) else {
+            panic!("refused")
+        };
         assert_eq!(jobs.len(), 1);
+        // The same award delivered again runs nothing twice.
+        assert_eq!(w.on_award(1_150, requester.public(), &award, Digest::of(b"c")), AwardOutcome::Duplicate);
         // 10 queued units at 100/s over 2 replicas: 50 ms ahead of new work.
         assert_eq!(w.queue_ms(&model), 50);
         let output = ShardOutput::Embeddings { dimensions: 1, values: vec![0.5; 10] };

@@ -436,3 +436,15 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn every_message_delivered_twice_runs_every_shard_once() {
+    let mut sim = Sim::new(&[Behaviour::Honest; 3]);
+    sim.duplicate_permille = 1000;
+    let task = sim.submit(0, 40, 5, 1);
+    sim.run();
+    sim.check_done(0, &task, 40);
+    // Eight shards: each award ran once, however often it arrived.
+    assert_eq!(sim.given.iter().sum::<usize>(), 8, "{:?}", sim.given);
+    assert!(sim.accepted.values().all(|n| *n == 1));
+}
