@@ -844,6 +844,7 @@ fn submission(request: SubmitRequest) -> Result<Submission> {
         split: request.items_per_shard.map_or(Split::Auto, Split::ItemsPerShard),
         redundancy: request.redundancy,
         spot_check_permille: spot_check_permille(request.spot_check)?,
+        then: Vec::new(),
     })
 }
 

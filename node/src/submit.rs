@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use mycel_api::GenerationView;
 use mycel_api::{SubmitRequest, Submitted, TaskView};
-use mycel_protocol::{Digest, FinishReason, Generation, Receipt, ShardOutput, Signed, Wire, merkle};
+use mycel_protocol::{FinishReason, Generation, Receipt, ShardOutput, Signed, StagedReceipt, Wire};
 
 use crate::cli::{ClientArgs, SubmitCommand, SubmitCommon, TaskArgs, VerifyArgs};
 use crate::client::{get_json, node_url, post_json, print_table};
@@ -172,35 +172,49 @@ fn receipt_path(out: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// `mycel verify RECEIPT [--result FILE]`: offline.
+/// `mycel verify RECEIPT [--result FILE]`: offline. Takes a task's receipt
+/// or a staged task's (every stage's receipt checked).
 pub fn verify(args: VerifyArgs) -> Result<()> {
     let bytes = std::fs::read(&args.receipt).with_context(|| format!("reading {}", args.receipt.display()))?;
-    let signed = Signed::<Receipt>::decode(&bytes).context("not a mycel receipt")?;
-    let receipt = signed.verify().context("the receipt's signature is invalid")?;
-    let mut leaves: Vec<Digest> = Vec::with_capacity(receipt.shards.len());
-    for (i, claim) in receipt.shards.iter().enumerate() {
-        let c = claim.verify().with_context(|| format!("shard {i}: the executor's signature is invalid"))?;
-        ensure!(c.task == receipt.task && c.shard as usize == i, "shard {i}: the claim is for another task or shard");
-        ensure!(c.model == receipt.model, "shard {i}: the claim names other weights");
-        ensure!(
-            c.spot_commitment == receipt.spot.commitment(),
-            "shard {i}: the revealed spot-check secret is not the one committed to before the work"
-        );
-        leaves.push(claim.digest());
-    }
-    ensure!(merkle::root(&leaves) == receipt.root, "the Merkle root does not match the shards");
     let result = args.result.clone().unwrap_or_else(|| {
         let s = args.receipt.to_string_lossy();
         PathBuf::from(s.strip_suffix(".receipt").unwrap_or(&s).to_string())
     });
-    if result.exists() {
-        let output = read_output(&result)?;
-        // The whole result, and every shard's slice of it against what its
-        // executor signed.
-        receipt.check_output(&output).with_context(|| format!("{} does not match the receipt", result.display()))?;
-        println!("ok: {} matches the receipt, every shard's part as its executor signed it", result.display());
+    let output = if result.exists() {
+        Some(read_output(&result)?)
     } else if args.result.is_some() {
         bail!("{} not found", result.display());
+    } else {
+        None
+    };
+    // Both kinds share the envelope; the signing domain says which it is.
+    let signed = Signed::<Receipt>::decode(&bytes).context("not a mycel receipt")?;
+    let staged = Signed::<StagedReceipt>::decode(&bytes).ok().filter(|_| signed.verify().is_err());
+    if let Some(staged) = staged {
+        let tree = staged.verify().context("the receipt's signature is invalid")?;
+        tree.check_tree(staged.signer(), output.as_ref()).context("the staged receipt does not hold up")?;
+        if output.is_some() {
+            println!("ok: {} matches the last stage, every shard's part as its executor signed it", result.display());
+        }
+        for (i, stage) in tree.stages.iter().enumerate() {
+            let receipt = stage.verify().context("a stage's signature is invalid")?;
+            println!("ok: stage {i}: {}", summary(&receipt));
+        }
+        println!(
+            "ok: staged receipt for task {} signed by {}, {} stages, every signature valid",
+            hex::encode(tree.task.0),
+            staged.signer().to_peer_id(),
+            tree.stages.len()
+        );
+        return Ok(());
+    }
+    let receipt = signed.verify().context("the receipt's signature is invalid")?;
+    receipt.check_claims().context("the receipt does not hold up")?;
+    if let Some(output) = &output {
+        // The whole result, and every shard's slice of it against what its
+        // executor signed.
+        receipt.check_output(output).with_context(|| format!("{} does not match the receipt", result.display()))?;
+        println!("ok: {} matches the receipt, every shard's part as its executor signed it", result.display());
     }
     let checked = receipt.spot.checked_shards(receipt.shards.len());
     println!(
@@ -210,13 +224,18 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
         if checked.is_empty() { "none".to_string() } else { format!("{checked:?}") }
     );
     println!(
-        "ok: receipt for task {} signed by {}, {} shards by {} executors, every signature valid",
+        "ok: receipt for task {} signed by {}, {}, every signature valid",
         hex::encode(receipt.task.0),
         signed.signer().to_peer_id(),
-        receipt.shards.len(),
-        receipt.shards.iter().map(|c| *c.signer()).collect::<std::collections::BTreeSet<_>>().len()
+        summary(&receipt)
     );
     Ok(())
+}
+
+/// "N shards by M executors".
+fn summary(receipt: &Receipt) -> String {
+    let executors = receipt.shards.iter().map(|c| *c.signer()).collect::<std::collections::BTreeSet<_>>().len();
+    format!("{} shards by {executors} executors", receipt.shards.len())
 }
 
 /// A result file back into the output the receipt committed to.
@@ -320,6 +339,38 @@ mod tests {
             peers_working: working,
             auction_ms: Vec::new(),
         }
+    }
+
+    /// A staged receipt (here one empty stage) verifies offline; the same
+    /// bytes with a stage signed by someone else do not.
+    #[test]
+    fn verify_checks_a_staged_receipt_tree() {
+        use mycel_protocol::{Digest, Keypair, TaskId, merkle, spot};
+        let dir = tempfile::tempdir().unwrap();
+        let empty = ShardOutput::Embeddings { dimensions: 0, values: Vec::new() };
+        let stage = |key: &Keypair| {
+            let receipt = Receipt {
+                task: TaskId([2; 16]),
+                spec: Digest::of(b"spec"),
+                model: Digest::of(b"model"),
+                shards: Vec::new(),
+                root: merkle::root(&[]),
+                output: empty.digest().unwrap(),
+                completed_ms: 1,
+                spot: spot::Reveal { secret: [1; 32], permille: 0 },
+            };
+            Signed::sign(key, &receipt).unwrap()
+        };
+        let (requester, other) = (Keypair::from_secret_bytes(&[1; 32]), Keypair::from_secret_bytes(&[2; 32]));
+        let write = |stages: Vec<Signed<Receipt>>| {
+            let tree = StagedReceipt { task: TaskId([3; 16]), stages, output: empty.digest().unwrap() };
+            let path = dir.path().join("staged.receipt");
+            std::fs::write(&path, Signed::sign(&requester, &tree).unwrap().encode().unwrap()).unwrap();
+            VerifyArgs { receipt: path, result: None }
+        };
+        verify(write(vec![stage(&requester)])).unwrap();
+        let err = verify(write(vec![stage(&other)])).unwrap_err();
+        assert!(format!("{err:#}").contains("signed by another node"), "{err:#}");
     }
 
     #[test]

@@ -39,7 +39,8 @@ pub use market::{
 };
 pub use signed::{Signed, SignedKind, Verified, VerifyError};
 pub use task::{
-    Aggregation, ChatTurn, GenerateParams, ModelSelector, Receipt, ReceiptMismatch, Role, Split, TaskId, TaskSpec, Work,
+    Aggregation, ChatTurn, GenerateParams, ModelSelector, Receipt, ReceiptMismatch, Role, Split, StagedMismatch,
+    StagedReceipt, TaskId, TaskSpec, Work,
 };
 
 #[cfg(test)]

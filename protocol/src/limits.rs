@@ -53,6 +53,8 @@ pub const CHAT_TURNS: usize = 256;
 pub const PARTIAL_TEXT: usize = 16 * 1024;
 /// Tokens one generation may ask for.
 pub const MAX_TOKENS: u32 = 32_768;
+/// Stages one staged task may have.
+pub const STAGES: usize = 16;
 /// Copies of one shard a task may ask for.
 pub const MAX_REDUNDANCY: u8 = 5;
 

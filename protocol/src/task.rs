@@ -310,6 +310,12 @@ pub enum ReceiptMismatch {
     /// A claim's signature does not verify.
     #[error("shard {0}: the executor's signature is invalid")]
     BadClaim(usize),
+    /// A claim is for another task, shard or weights.
+    #[error("shard {0}: the claim is for another task, shard or weights")]
+    Claim(usize),
+    /// The Merkle root does not cover the claims.
+    #[error("the Merkle root does not match the shards")]
+    Root,
     /// The claims do not cover the result's items once each, in order.
     #[error("shard {0}: its items do not follow the previous shard's")]
     Coverage(usize),
@@ -329,6 +335,28 @@ pub enum ReceiptMismatch {
 }
 
 impl Receipt {
+    /// Checks what needs no output: every claim signed by its executor, for
+    /// this task, shard by shard in order, on the receipt's weights, with
+    /// the spot-check commitment the receipt reveals, and the Merkle root
+    /// over them.
+    pub fn check_claims(&self) -> Result<(), ReceiptMismatch> {
+        let mut leaves = Vec::with_capacity(self.shards.len());
+        for (i, signed) in self.shards.iter().enumerate() {
+            let claim = signed.verify().map_err(|_| ReceiptMismatch::BadClaim(i))?;
+            if claim.task != self.task || claim.shard as usize != i || claim.model != self.model {
+                return Err(ReceiptMismatch::Claim(i));
+            }
+            if claim.spot_commitment != self.spot.commitment() {
+                return Err(ReceiptMismatch::SpotCommitment(i));
+            }
+            leaves.push(signed.digest());
+        }
+        if crate::merkle::root(&leaves) != self.root {
+            return Err(ReceiptMismatch::Root);
+        }
+        Ok(())
+    }
+
     /// Checks `output` (a concatenated result) against the receipt: it is
     /// the output the requester signed, and each shard's slice of it hashes
     /// to what that shard's executor signed. So a requester cannot sign a
@@ -366,6 +394,76 @@ crate::wire!(Receipt, limits::RECEIPT, validate = Receipt::check);
 
 impl crate::SignedKind for Receipt {
     const DOMAIN: &'static str = "mycel/receipt/2";
+}
+
+/// Proof of how a staged task was done: each stage a task of its own
+/// (auctioned, checked, receipted), the input of each stage after the
+/// first being the output of the one before. Signed by the requester.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StagedReceipt {
+    /// The staged task.
+    pub task: TaskId,
+    /// Each stage's signed receipt, in order.
+    pub stages: Vec<Signed<Receipt>>,
+    /// Digest of the final output (the last stage's).
+    pub output: Digest,
+}
+
+/// Why a staged receipt does not hold up.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StagedMismatch {
+    /// A staged task has at least one stage.
+    #[error("a staged receipt with no stages")]
+    Empty,
+    /// A stage's receipt is not signed by the staged receipt's signer.
+    #[error("stage {0}: signed by another node than the staged task")]
+    Signer(usize),
+    /// A stage's receipt does not verify.
+    #[error("stage {0}: the receipt's signature is invalid")]
+    BadStage(usize),
+    /// A stage's receipt fails its own checks.
+    #[error("stage {stage}: {error}")]
+    Stage { stage: usize, error: ReceiptMismatch },
+    /// The final output is not the last stage's.
+    #[error("the staged task's output is not its last stage's")]
+    Output,
+}
+
+impl StagedReceipt {
+    fn check(&self) -> Result<(), String> {
+        at_most("stages", &self.stages, limits::STAGES)
+    }
+
+    /// Checks every stage's receipt offline: signed by `signer` (who signed
+    /// this), each claim signed by its executor, Merkle roots, spot-check
+    /// commitments; and the final output is the last stage's. `output`, when
+    /// given, is checked against the last stage shard by shard.
+    pub fn check_tree(&self, signer: &crate::PublicKey, output: Option<&ShardOutput>) -> Result<(), StagedMismatch> {
+        let last = self.stages.len().checked_sub(1).ok_or(StagedMismatch::Empty)?;
+        for (i, signed) in self.stages.iter().enumerate() {
+            if signed.signer() != signer {
+                return Err(StagedMismatch::Signer(i));
+            }
+            let receipt = signed.verify().map_err(|_| StagedMismatch::BadStage(i))?;
+            receipt.check_claims().map_err(|error| StagedMismatch::Stage { stage: i, error })?;
+            if i == last {
+                if receipt.output != self.output {
+                    return Err(StagedMismatch::Output);
+                }
+                if let Some(output) = output {
+                    receipt.check_output(output).map_err(|error| StagedMismatch::Stage { stage: i, error })?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+crate::wire!(StagedReceipt, limits::RECEIPT, validate = StagedReceipt::check);
+
+impl crate::SignedKind for StagedReceipt {
+    const DOMAIN: &'static str = "mycel/staged-receipt/1";
 }
 
 #[cfg(test)]

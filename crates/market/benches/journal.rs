@@ -48,6 +48,7 @@ fn main() {
         split: Split::ItemsPerShard(PER_SHARD),
         redundancy: 1,
         spot_check_permille: 0,
+        then: Vec::new(),
     };
     let (task, actions) = node.submit(now, Entropy::from_bytes([7; 48]), submission).unwrap();
     pending.extend(actions);

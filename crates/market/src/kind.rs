@@ -81,6 +81,19 @@ pub fn of(work: &Work) -> &'static dyn TaskKind {
     }
 }
 
+/// The work of a later stage, from the output of the stage before: each
+/// answer of a generation becomes an item (a text to embed, a prompt).
+pub fn feed(previous: &ShardOutput, stage: &crate::node::Stage) -> Result<Work, String> {
+    let ShardOutput::Generations(answers) = previous else {
+        return Err("only a generation stage's answers can feed another stage".into());
+    };
+    let items: Vec<String> = answers.iter().map(|g| g.text.clone()).collect();
+    Ok(match stage.kind {
+        ModelKind::Embedding => Work::Embed { texts: items },
+        _ => Work::Generate { prompts: items, params: stage.params.clone() },
+    })
+}
+
 /// Whether two outputs agree under `check`.
 pub fn agree(check: Check, a: &ShardOutput, b: &ShardOutput) -> bool {
     match (check, a, b) {

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, VecDeque};
 use mycel_protocol::rpc::Market;
 use mycel_protocol::{
     Advert, Aggregation, Bid, Digest, Keypair, Load, ModelAdvert, ModelKind, ModelSelector, PublicKey, Receipt,
-    ResultClaim, ShardOutput, ShardResult, Signed, Split, TaskId, TaskSpec, Wire, Work,
+    ResultClaim, ShardOutput, ShardResult, Signed, Split, StagedReceipt, TaskId, TaskSpec, Wire, Work,
 };
 
 use crate::requester::{self, Candidate, Phase, Requester, Timer};
@@ -102,7 +102,59 @@ pub struct Submission {
     pub redundancy: u8,
     /// Share of single-run shards also run elsewhere, per mille.
     pub spot_check_permille: u16,
+    /// Later stages, each fed the output of the one before (empty: a task
+    /// of one stage).
+    pub then: Vec<Stage>,
 }
+
+/// A later stage of a staged task: a task of its own whose items are the
+/// previous stage's output items ([`crate::kind::feed`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Stage {
+    /// What the user calls it (`embed`, `generate`), for display.
+    pub label: String,
+    /// The model kind it needs.
+    pub kind: ModelKind,
+    /// A model id or weights digest; `None` for any model of the kind.
+    pub model: Option<String>,
+    /// How to cut it.
+    pub split: Split,
+    /// Copies of each shard.
+    pub redundancy: u8,
+    /// Share of single-run shards also run elsewhere, per mille.
+    pub spot_check_permille: u16,
+    /// Generation settings, for a generation stage.
+    pub params: mycel_protocol::GenerateParams,
+}
+
+/// A staged task: its stages, the child task running each, and the
+/// receipts of those done.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Pipeline {
+    /// What the user called its first stage.
+    pub label: String,
+    /// Derives each stage's task id and spot-check secret.
+    seed: [u8; 32],
+    /// The stages after the first.
+    stages: Vec<Stage>,
+    /// The child task of each stage started so far, in order.
+    pub children: Vec<TaskId>,
+    /// The signed receipt of each stage done, in order.
+    receipts: Vec<Signed<Receipt>>,
+    /// How it ended, once it did.
+    pub outcome: Option<StagedOutcome>,
+}
+
+/// How a staged task ended.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum StagedOutcome {
+    /// Every stage done: the last stage's output and a receipt over all.
+    Done { output: ShardOutput, receipt: Box<Signed<StagedReceipt>> },
+    /// A stage failed, and why.
+    Failed(String),
+}
+
+mycel_protocol::wire!(Pipeline, mycel_protocol::limits::TASK_SPEC);
 
 /// Fresh randomness for a task, from the interpreter: the machine has no
 /// random source of its own.
@@ -112,6 +164,19 @@ pub struct Entropy {
     pub task_id: [u8; 16],
     /// Draws its spot checks; revealed only in the receipt.
     pub spot_secret: [u8; 32],
+}
+
+impl Entropy {
+    /// Stage `index` of a staged task seeded with `seed`: unpredictable to
+    /// anyone without the seed, and the same after a restart.
+    fn stage(seed: &[u8; 32], index: usize) -> Self {
+        let at = (index as u64).to_le_bytes();
+        let id = Digest::of_parts(&[b"mycel/stage-id", seed, &at]);
+        let secret = Digest::of_parts(&[b"mycel/stage-secret", seed, &at]);
+        let mut task_id = [0u8; 16];
+        task_id.copy_from_slice(&id.0[..16]);
+        Self { task_id, spot_secret: secret.0 }
+    }
 }
 
 impl Entropy {
@@ -187,6 +252,8 @@ pub enum Part {
     Plan,
     /// One shard's progress: who runs it, its results.
     Shard(u32),
+    /// A staged task's stages and progress.
+    Pipeline,
 }
 
 /// Where a part of a task lives in the task tree: the task id, then the
@@ -200,6 +267,7 @@ pub fn task_key(task: TaskId, part: Part) -> Vec<u8> {
             key.push(2);
             key.extend_from_slice(&index.to_be_bytes());
         }
+        Part::Pipeline => key.push(3),
     }
     key
 }
@@ -218,6 +286,7 @@ fn parse_task_key(key: &[u8]) -> Option<(TaskId, Part)> {
         [0] => Part::Head,
         [1] => Part::Plan,
         [2, rest @ ..] => Part::Shard(u32::from_be_bytes(rest.try_into().ok()?)),
+        [3] => Part::Pipeline,
         _ => return None,
     };
     Some((TaskId(id), part))
@@ -322,6 +391,11 @@ pub struct Node {
     streaming: BTreeMap<(TaskId, u64), PublicKey>,
     /// The load last advertised.
     load: Load,
+    /// Staged tasks, by id, and which staged task each child belongs to.
+    pipelines: BTreeMap<TaskId, Pipeline>,
+    parents: BTreeMap<TaskId, TaskId>,
+    /// Children finished in this step, whose staged task may move on.
+    just_finished: Vec<TaskId>,
 }
 
 impl Node {
@@ -342,6 +416,9 @@ impl Node {
             timer_seq: 0,
             streaming: BTreeMap::new(),
             load: Load::default(),
+            pipelines: BTreeMap::new(),
+            parents: BTreeMap::new(),
+            just_finished: Vec::new(),
         }
     }
 
@@ -383,9 +460,21 @@ impl Node {
                 Part::Head => entry.head = Some(value),
                 Part::Plan => entry.plan = Some(value),
                 Part::Shard(index) => entry.shards.push((index, value)),
+                Part::Pipeline => match Pipeline::decode(&value) {
+                    Ok(p) => {
+                        for child in &p.children {
+                            self.parents.insert(*child, task);
+                        }
+                        self.pipelines.insert(task, p);
+                    }
+                    Err(e) => skipped.push(format!("staged task {task}: {e}")),
+                },
             }
         }
         for (task, Parts { head, plan, shards }) in parts {
+            if head.is_none() && plan.is_none() && shards.is_empty() {
+                continue; // a staged task's own record only
+            }
             let (Some(head), Some(plan)) = (head, plan) else {
                 skipped.push(format!("task {task}: head or plan missing"));
                 continue;
@@ -414,7 +503,15 @@ impl Node {
             self.tasks.insert(task, Task::new(requester, label, String::new()));
             self.finish(task, outcome, &mut out);
         }
+        // A staged task whose stage finished just before the crash moves on.
+        self.just_finished = self.pipelines.values().filter_map(|p| p.children.last().copied()).collect();
+        self.advance_pipelines(now_ms, &mut out);
         (out, skipped)
+    }
+
+    /// A staged task, running or finished.
+    pub fn pipeline(&self, task: &TaskId) -> Option<&Pipeline> {
+        self.pipelines.get(task)
     }
 
     /// When the earliest timer is due, if any: the interpreter sends
@@ -459,7 +556,10 @@ impl Node {
         entropy: Entropy,
         submission: Submission,
     ) -> Result<(TaskId, Vec<Action>), SubmitError> {
-        let Submission { label, kind, model, work, split, redundancy, spot_check_permille } = submission;
+        if !submission.then.is_empty() {
+            return self.submit_staged(now_ms, entropy, submission);
+        }
+        let Submission { label, kind, model, work, split, redundancy, spot_check_permille, then: _ } = submission;
         let kind_name = if kind == ModelKind::Embedding { "an embedding" } else { "a generation" };
         let (weights, id) = self.choose_model(now_ms, kind, model.as_deref()).ok_or_else(|| match &model {
             Some(name) => SubmitError::ModelNotFound { kind: kind_name, name: name.clone() },
@@ -484,7 +584,102 @@ impl Node {
         self.tasks.insert(task, Task::new(requester, label, id));
         let mut out = Vec::new();
         self.apply(now_ms, task, actions, &mut out);
+        self.advance_pipelines(now_ms, &mut out);
         Ok((task, out))
+    }
+
+    /// A staged task: the first stage starts now as a child task; each
+    /// later one when the one before completes.
+    fn submit_staged(
+        &mut self,
+        now_ms: u64,
+        entropy: Entropy,
+        mut submission: Submission,
+    ) -> Result<(TaskId, Vec<Action>), SubmitError> {
+        if submission.then.len() + 1 > mycel_protocol::limits::STAGES {
+            return Err(SubmitError::Invalid(format!("at most {} stages", mycel_protocol::limits::STAGES)));
+        }
+        let parent = TaskId(entropy.task_id);
+        let seed = entropy.spot_secret;
+        let stages = std::mem::take(&mut submission.then);
+        let label = submission.label.clone();
+        let (child, mut out) = self.submit(now_ms, Entropy::stage(&seed, 0), submission)?;
+        self.parents.insert(child, parent);
+        let pipeline = Pipeline { label, seed, stages, children: vec![child], receipts: Vec::new(), outcome: None };
+        self.pipelines.insert(parent, pipeline);
+        self.journal_pipeline(parent, &mut out);
+        Ok((parent, out))
+    }
+
+    /// Moves on every staged task whose current stage finished: the next
+    /// stage starts on its output, or the staged task ends.
+    fn advance_pipelines(&mut self, now_ms: u64, out: &mut Vec<Action>) {
+        while let Some(child) = self.just_finished.pop() {
+            let Some(parent) = self.parents.get(&child).copied() else { continue };
+            let Some(p) = self.pipelines.get(&parent) else { continue };
+            let stage = p.children.len() - 1;
+            if p.outcome.is_some() || p.children.last() != Some(&child) {
+                continue;
+            }
+            let next = match self.tasks.get(&child).and_then(|t| t.outcome.clone()) {
+                None => continue,
+                Some(Outcome::Failed(reason)) => Err(format!("stage {stage}: {reason}")),
+                Some(Outcome::Done { output, receipt, .. }) => Ok((output, receipt)),
+            };
+            let Some(p) = self.pipelines.get_mut(&parent) else { continue };
+            match next {
+                Err(reason) => p.outcome = Some(StagedOutcome::Failed(reason)),
+                Ok((output, receipt)) => {
+                    p.receipts.push(*receipt);
+                    match p.stages.get(stage).cloned() {
+                        None => {
+                            let staged = output.digest().map(|digest| StagedReceipt {
+                                task: parent,
+                                stages: p.receipts.clone(),
+                                output: digest,
+                            });
+                            p.outcome = Some(match staged.map(|s| Signed::sign(&self.key, &s)) {
+                                Ok(Ok(receipt)) => StagedOutcome::Done { output, receipt: Box::new(receipt) },
+                                _ => StagedOutcome::Failed("signing the staged receipt".into()),
+                            });
+                        }
+                        Some(next) => {
+                            let seed = p.seed;
+                            let started =
+                                crate::kind::feed(&output, &next).map_err(SubmitError::Invalid).and_then(|work| {
+                                    let submission = Submission {
+                                        label: next.label.clone(),
+                                        kind: next.kind,
+                                        model: next.model.clone(),
+                                        work,
+                                        split: next.split,
+                                        redundancy: next.redundancy,
+                                        spot_check_permille: next.spot_check_permille,
+                                        then: Vec::new(),
+                                    };
+                                    self.submit(now_ms, Entropy::stage(&seed, stage + 1), submission)
+                                });
+                            let Some(p) = self.pipelines.get_mut(&parent) else { continue };
+                            match started {
+                                Ok((child, actions)) => {
+                                    p.children.push(child);
+                                    self.parents.insert(child, parent);
+                                    out.extend(actions);
+                                }
+                                Err(e) => p.outcome = Some(StagedOutcome::Failed(format!("stage {}: {e}", stage + 1))),
+                            }
+                        }
+                    }
+                }
+            }
+            self.journal_pipeline(parent, out);
+        }
+    }
+
+    fn journal_pipeline(&self, parent: TaskId, out: &mut Vec<Action>) {
+        if let Some(Ok(value)) = self.pipelines.get(&parent).map(Pipeline::encode) {
+            out.push(Action::Journal(vec![Write::Task { key: task_key(parent, Part::Pipeline), value }]));
+        }
     }
 
     /// Handles one input.
@@ -542,6 +737,7 @@ impl Node {
                 }
             }
         }
+        self.advance_pipelines(now_ms, &mut out);
         self.refresh_load(&mut out);
         out
     }
@@ -724,6 +920,9 @@ impl Node {
         let Some(t) = self.tasks.get_mut(&task) else { return };
         t.outcome = Some(outcome);
         t.cfp_sent_ms = None;
+        if self.parents.contains_key(&task) {
+            self.just_finished.push(task);
+        }
         self.timers.retain(|_, (owner, _)| *owner != task);
         self.streaming.retain(|(owner, _), _| *owner != task);
         if !self.finished.contains(&task) {

@@ -7,12 +7,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use mycel_market::node::{Action, Entropy, Fault, Input, Outcome, Submission, Write};
+use mycel_market::node::{Action, Entropy, Fault, Input, Outcome, Stage, StagedOutcome, Submission, Write};
 use mycel_market::{Job, Node, NodeConfig};
 use mycel_protocol::rpc::Market;
 use mycel_protocol::{
-    Advert, Digest, Hardware, Keypair, Load, ModelAdvert, ModelKind, Price, PublicKey, Quantization, ShardOutput,
-    Split, TaskId, Throughput, Verdict, Work,
+    Advert, Digest, FinishReason, GenerateParams, Generation, Hardware, Keypair, Load, ModelAdvert, ModelKind, Price,
+    PublicKey, Quantization, ShardOutput, Split, TaskId, Throughput, Verdict, Work,
 };
 use proptest::prelude::*;
 
@@ -20,6 +20,14 @@ const DIM: usize = 4;
 
 fn weights(name: &str) -> Digest {
     Digest::of(name.as_bytes())
+}
+
+fn generator(name: &str) -> ModelAdvert {
+    ModelAdvert {
+        kind: ModelKind::Generation,
+        throughput: Throughput { decode_tokens_per_s: 50.0, ..Throughput::default() },
+        ..model(name, 0.0)
+    }
 }
 
 fn model(name: &str, per_s: f32) -> ModelAdvert {
@@ -90,7 +98,7 @@ impl Sim {
             nodes: Vec::new(),
             keys: Vec::new(),
             behaviour: behaviour.to_vec(),
-            models: vec![vec![model("minilm", 100.0)]; n],
+            models: vec![vec![model("minilm", 100.0), generator("smol")]; n],
             now: 1_000_000,
             wire: VecDeque::new(),
             jobs: VecDeque::new(),
@@ -215,6 +223,7 @@ impl Sim {
             split: Split::ItemsPerShard(per_shard),
             redundancy,
             spot_check_permille: 0,
+            then: Vec::new(),
         };
         let (task, actions) = self.nodes[node].submit(self.now, random, submission).unwrap();
         self.perform(node, actions);
@@ -242,9 +251,19 @@ impl Sim {
         }
         if let Some((node, job)) = self.jobs.pop_front() {
             self.now += 10;
-            let Work::Embed { texts } = &job.work else { panic!("embed only") };
-            let values: Vec<f32> = texts.iter().flat_map(|t| embed(t)).collect();
-            let output = Ok(ShardOutput::Embeddings { dimensions: DIM as u32, values });
+            let output = match &job.work {
+                Work::Embed { texts } => {
+                    let values: Vec<f32> = texts.iter().flat_map(|t| embed(t)).collect();
+                    Ok(ShardOutput::Embeddings { dimensions: DIM as u32, values })
+                }
+                Work::Generate { prompts, .. } => Ok(ShardOutput::Generations(
+                    prompts
+                        .iter()
+                        .map(|p| Generation { text: format!("answer to {p}"), tokens: 3, finish: FinishReason::Length })
+                        .collect(),
+                )),
+                other => panic!("no model for {other:?}"),
+            };
             self.input(node, Input::JobDone { job, output, compute_ms: 10, input_tokens: 5 });
             return true;
         }
@@ -266,6 +285,85 @@ impl Sim {
             }
         }
         panic!("the swarm never went idle");
+    }
+
+    /// Kills node `node` and starts it again from its journal alone.
+    fn restart(&mut self, node: usize) {
+        let mut tasks: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        let mut reputations: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        for write in &self.journal[node] {
+            match write {
+                Write::Task { key, value } => {
+                    tasks.insert(key.clone(), value.clone());
+                }
+                Write::Forget { key } => {
+                    tasks.remove(key);
+                }
+                Write::Reputation(peer, value) => {
+                    reputations.insert(peer.to_bytes().to_vec(), value.clone());
+                }
+            }
+        }
+        let key = Keypair::from_secret_bytes(&[node as u8 + 1; 32]);
+        self.nodes[node] = Node::new(key, NodeConfig::default());
+        self.jobs.retain(|(n, _)| *n != node);
+        let models = self.models[node].clone();
+        self.input(node, Input::ModelsReady { models, capacity: 2 });
+        for from in (0..self.nodes.len()).filter(|f| *f != node) {
+            let (peer, advert) = (self.keys[from], self.advert(from));
+            self.input(node, Input::Advert { peer, advert });
+        }
+        let (actions, skipped) =
+            self.nodes[node].restore(self.now, tasks.into_iter().collect(), reputations.into_iter().collect());
+        assert!(skipped.is_empty(), "{skipped:?}");
+        self.perform(node, actions);
+    }
+
+    fn staged(&mut self, node: usize, prompts: usize) -> TaskId {
+        let mut random = [0u8; 48];
+        for chunk in random.chunks_mut(8) {
+            chunk.copy_from_slice(&self.next_random().to_le_bytes());
+        }
+        let greedy = GenerateParams { max_tokens: 8, ..GenerateParams::default() };
+        let submission = Submission {
+            label: "generate".into(),
+            kind: ModelKind::Generation,
+            model: None,
+            work: Work::Generate { prompts: (0..prompts).map(|i| format!("prompt {i}")).collect(), params: greedy },
+            split: Split::ItemsPerShard(2),
+            redundancy: 1,
+            spot_check_permille: 0,
+            then: vec![Stage {
+                label: "embed".into(),
+                kind: ModelKind::Embedding,
+                model: None,
+                split: Split::ItemsPerShard(3),
+                redundancy: 1,
+                spot_check_permille: 0,
+                params: GenerateParams::default(),
+            }],
+        };
+        let (task, actions) = self.nodes[node].submit(self.now, Entropy::from_bytes(random), submission).unwrap();
+        self.perform(node, actions);
+        task
+    }
+
+    /// A staged "generate, then embed the answers" task ended with the
+    /// right vectors and a receipt tree that checks offline.
+    fn check_staged(&self, node: usize, task: &TaskId, prompts: usize) {
+        let pipeline = self.nodes[node].pipeline(task).expect("a staged task");
+        let Some(StagedOutcome::Done { output, receipt }) = &pipeline.outcome else {
+            panic!("not done: {:?}", pipeline.outcome)
+        };
+        let expected: Vec<f32> = (0..prompts).flat_map(|i| embed(&format!("answer to prompt {i}"))).collect();
+        assert_eq!(output, &ShardOutput::Embeddings { dimensions: DIM as u32, values: expected });
+        let tree = receipt.verify().unwrap();
+        assert_eq!(tree.stages.len(), 2);
+        tree.check_tree(&self.keys[node], Some(output)).unwrap();
+        // Each stage is a task of its own, auctioned and receipted.
+        assert_eq!(pipeline.children.len(), 2);
+        let first = tree.stages[0].verify().unwrap();
+        assert_eq!(first.shards.len(), prompts.div_ceil(2));
     }
 
     fn outcome(&self, node: usize, task: &TaskId) -> &Outcome {
@@ -369,6 +467,7 @@ fn the_model_is_chosen_by_throughput_then_digest_never_by_map_order() {
         split: Split::Auto,
         redundancy: 1,
         spot_check_permille: 0,
+        then: Vec::new(),
     };
     let err = sim.nodes[0].submit(sim.now, Entropy::from_bytes([9; 48]), submission).unwrap_err();
     assert!(err.to_string().contains("no peer serves"), "{err}");
@@ -447,4 +546,37 @@ fn every_message_delivered_twice_runs_every_shard_once() {
     // Eight shards: each award ran once, however often it arrived.
     assert_eq!(sim.given.iter().sum::<usize>(), 8, "{:?}", sim.given);
     assert!(sim.accepted.values().all(|n| *n == 1));
+}
+
+#[test]
+fn a_two_stage_task_generates_then_embeds_the_answers_with_one_receipt_tree() {
+    let mut sim = Sim::new(&[Behaviour::Honest; 3]);
+    let task = sim.staged(0, 5);
+    sim.run();
+    sim.check_staged(0, &task, 5);
+    // A receipt tree with a stage swapped for another task's does not hold.
+    let Some(StagedOutcome::Done { receipt, output }) = &sim.nodes[0].pipeline(&task).unwrap().outcome else {
+        panic!("done")
+    };
+    let mut tree = receipt.verify().unwrap();
+    tree.stages.swap(0, 1);
+    assert!(tree.check_tree(&sim.keys[0], Some(output)).is_err());
+    assert!(receipt.verify().unwrap().check_tree(&sim.keys[1], None).is_err(), "another signer");
+}
+
+#[test]
+fn a_staged_task_survives_a_restart_between_its_stages() {
+    let mut sim = Sim::new(&[Behaviour::Honest; 3]);
+    let task = sim.staged(0, 4);
+    // Run until the first stage is done, then kill the requester.
+    for _ in 0..100_000 {
+        let p = sim.nodes[0].pipeline(&task).unwrap();
+        if p.children.len() == 2 || p.outcome.is_some() {
+            break;
+        }
+        assert!(sim.step(), "went idle in stage 0");
+    }
+    sim.restart(0);
+    sim.run();
+    sim.check_staged(0, &task, 4);
 }
