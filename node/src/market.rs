@@ -10,25 +10,25 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
 
-use anyhow::{Context, Result, anyhow};
-use mycel_api::{ApiError, SubmitRequest, Submitted, TaskEvent, TaskSummary, TaskView, Watch};
-use mycel_market::node::{Action, Entropy, Input, Metric, Outcome, Submission, SubmitError, Write};
-use mycel_market::requester::Phase;
-use mycel_market::{Job, Node, NodeConfig};
+use anyhow::Result;
+use mycel_api::{SubmitRequest, Submitted, TaskEvent, TaskSummary, TaskView, Watch};
+use mycel_market::node::{Action, Input, Metric, Write};
+use mycel_market::{Node, NodeConfig};
 use mycel_metrics::Metrics;
 use mycel_net::{Handle, now_ms};
 use mycel_protocol::rpc::{Market, Request, Response};
-use mycel_protocol::{
-    Advert, ChatTurn, GenerateParams, Generation, Keypair, ModelKind, PeerId, PublicKey, Role, ShardOutput, Split,
-    TaskId, Work,
-};
+use mycel_protocol::{Advert, Keypair, PeerId, PublicKey, TaskId};
 use mycel_store::{Batch, SledStore, Store, Tree};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::local::LocalModels;
+
+mod api;
+mod execute;
+
+pub use execute::JobDone;
 
 /// What the driver is asked to do.
 #[derive(Debug)]
@@ -98,83 +98,6 @@ impl From<Fault> for mycel_market::node::Fault {
     }
 }
 
-/// A shard the local models finished (or failed).
-#[derive(Debug)]
-pub struct JobDone {
-    job: Job,
-    output: Result<ShardOutput, String>,
-    compute_ms: u32,
-    input_tokens: u64,
-}
-
-/// Sends a streaming shard's text to its requester as it is produced, one
-/// message at a time so pieces arrive in order.
-struct PartialSink {
-    net: Handle,
-    tx: mpsc::Sender<Command>,
-    me: PublicKey,
-    to: PublicKey,
-    task: TaskId,
-}
-
-/// Streamed text goes out at most this often per answer.
-const PARTIAL_EVERY: std::time::Duration = std::time::Duration::from_millis(125);
-
-impl PartialSink {
-    /// Forwards the model's pieces in order. Text the requester did not
-    /// take (busy, unreachable) stays pending and goes with the next
-    /// message, so what it shows never has a gap.
-    async fn forward(self, mut stream: mpsc::Receiver<String>, shard: u32, item: u64) {
-        let mut pending = String::new();
-        let mut open = true;
-        while open || !pending.is_empty() {
-            let tick = tokio::time::Instant::now() + PARTIAL_EVERY;
-            // Wait for text, then gather what comes until the tick.
-            if open && pending.is_empty() {
-                match stream.recv().await {
-                    Some(text) => pending.push_str(&text),
-                    None => open = false,
-                }
-            }
-            while open {
-                match tokio::time::timeout_at(tick, stream.recv()).await {
-                    Ok(Some(text)) => pending.push_str(&text),
-                    Ok(None) => open = false,
-                    Err(_) => break,
-                }
-            }
-            if pending.is_empty() {
-                continue;
-            }
-            let mut sent = 0;
-            for piece in split_text(&pending, mycel_protocol::limits::PARTIAL_TEXT) {
-                if !self.send(shard, item, piece).await {
-                    break;
-                }
-                sent += piece.len();
-            }
-            pending.drain(..sent);
-            if !open && sent == 0 {
-                // The answer is complete and the requester does not take
-                // the rest: the signed result carries it anyway.
-                return;
-            }
-        }
-    }
-
-    async fn send(&self, shard: u32, item: u64, text: &str) -> bool {
-        let message = Market::Partial { task: self.task, shard, item, text: text.to_string() };
-        if self.to == self.me {
-            let from = self.me.to_peer_id();
-            return self.tx.send(Command::Inbound { from, message: Box::new(message) }).await.is_ok();
-        }
-        matches!(
-            self.net.request(self.to.to_peer_id(), Request::Market(Box::new(message))).await,
-            Ok(Response::Accepted)
-        )
-    }
-}
-
 /// Sends a market message, retrying a few times while the peer says it is
 /// busy or cannot be reached (a result lost to a full queue would cost the
 /// whole shard).
@@ -194,29 +117,6 @@ async fn deliver(net: &Handle, to: PublicKey, message: &Market) -> bool {
     }
     false
 }
-
-/// `text` in pieces of at most `max` bytes, cut on character boundaries.
-fn split_text(text: &str, max: usize) -> Vec<&str> {
-    let mut pieces = Vec::new();
-    let mut rest = text;
-    while rest.len() > max {
-        let mut cut = max;
-        while !rest.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let (head, tail) = rest.split_at(cut);
-        pieces.push(head);
-        rest = tail;
-    }
-    pieces.push(rest);
-    pieces
-}
-
-/// Share of shards spot-checked when the request does not say.
-const DEFAULT_SPOT_CHECK: f32 = 0.05;
-
-/// Events buffered per watched task (a slow watcher skips progress).
-const WATCH_BUFFER: usize = 1024;
 
 /// Messages queued for one peer; past this a send counts as failed.
 const OUTBOX: usize = 256;
@@ -469,183 +369,6 @@ impl Driver {
         }
     }
 
-    // ---- requester side: the API ----------------------------------------
-
-    async fn submit(&mut self, request: SubmitRequest) -> Result<Submitted> {
-        let submission = submission(request)?;
-        let mut random = [0u8; 48];
-        getrandom::fill(&mut random).map_err(|e| anyhow!("no randomness for a task: {e}"))?;
-        let entropy = Entropy::from_bytes(random);
-        let (task, actions) = self.market.submit(now_ms(), entropy, submission).map_err(|e| match e {
-            SubmitError::ModelNotFound { .. } => ApiError::ModelNotFound(e.to_string()).into(),
-            SubmitError::NoCapablePeer(_) => ApiError::NoCapablePeer(e.to_string()).into(),
-            SubmitError::Invalid(_) => ApiError::BadRequest(e.to_string()).into(),
-            other => anyhow::Error::from(other),
-        })?;
-        if let Some(t) = self.market.task(&task) {
-            info!(%task, shards = t.requester.shard_count(), model = %t.model, "task submitted");
-        }
-        self.perform(actions);
-        Ok(Submitted { task: task.to_string() })
-    }
-
-    /// Tells the task's watchers where it stands; forgets them once it
-    /// finished.
-    fn notify(&mut self, task: TaskId) {
-        if !self.watchers.contains_key(&task) {
-            return;
-        }
-        let Some(summary) = self.summary(task) else {
-            self.watchers.remove(&task);
-            return;
-        };
-        let finished = summary.finished();
-        if let Some(tx) = self.watchers.get(&task) {
-            let _ = tx.send(TaskEvent::Progress(summary));
-        }
-        if finished {
-            self.watchers.remove(&task);
-        }
-    }
-
-    /// A task id the user typed, known to this node.
-    fn known(&self, id: &str) -> Result<TaskId> {
-        let task = TaskId::from_hex(id)
-            .map_err(|_| ApiError::BadRequest(format!("{id:?} is not a task id (32 hex digits)")))?;
-        if self.market.task(&task).is_none() {
-            return Err(ApiError::NotFound(format!("no task {id} on this node")).into());
-        }
-        Ok(task)
-    }
-
-    /// One line about a task.
-    fn summary(&self, task: TaskId) -> Option<TaskSummary> {
-        let t = self.market.task(&task)?;
-        let requester = &t.requester;
-        let mut workers = BTreeMap::new();
-        for peer in requester.executors().into_iter().flatten() {
-            *workers.entry(peer.to_peer_id().to_string()).or_insert(0) += 1;
-        }
-        let (state, error) = match (&t.outcome, requester.phase()) {
-            (Some(Outcome::Done { .. }), _) | (None, Phase::Done) => ("done", None),
-            (Some(Outcome::Failed(why)), _) => ("failed", Some(why.clone())),
-            (None, Phase::Failed) => ("failed", None),
-            (None, _) => ("running", None),
-        };
-        Some(TaskSummary {
-            task: task.to_string(),
-            state: state.into(),
-            shards: requester.shard_count(),
-            shards_done: requester.shards_done(),
-            kind: t.label.clone(),
-            workers,
-            peers_working: requester.peers_working(),
-            error,
-        })
-    }
-
-    /// The task's state now, and a receiver for what happens next.
-    fn watch(&mut self, id: &str) -> Result<Watch> {
-        let task = self.known(id)?;
-        let progress = self.summary(task).context("task vanished")?;
-        let events = if progress.finished() {
-            // Nothing more will happen: a closed channel says so.
-            broadcast::channel(1).1
-        } else {
-            self.watchers.entry(task).or_insert_with(|| broadcast::channel(WATCH_BUFFER).0).subscribe()
-        };
-        Ok(Watch { progress, events })
-    }
-
-    /// Gives up on a task: journaled as failed ("cancelled"); workers'
-    /// late results are answered as late.
-    fn cancel(&mut self, id: &str) -> Result<TaskSummary> {
-        let task = self.known(id)?;
-        info!(task = %id, "task cancelled");
-        self.input(Input::Cancel(task));
-        self.summary(task).context("task vanished")
-    }
-
-    /// Task and shard gauges from the tasks held.
-    fn refresh_metrics(&self) {
-        let mut tasks: BTreeMap<&str, f64> = [("running", 0.0), ("done", 0.0), ("failed", 0.0)].into();
-        let (mut shards_done, mut shards_open) = (0.0, 0.0);
-        for (task, _) in self.market.tasks() {
-            if let Some(s) = self.summary(*task) {
-                let state = match s.state.as_str() {
-                    "done" => "done",
-                    "failed" => "failed",
-                    _ => "running",
-                };
-                *tasks.entry(state).or_default() += 1.0;
-                shards_done += s.shards_done as f64;
-                shards_open += (s.shards - s.shards_done) as f64;
-            }
-        }
-        for (state, n) in tasks {
-            self.metrics.tasks.with(state).set(n);
-        }
-        self.metrics.shards.with("done").set(shards_done);
-        self.metrics.shards.with("open").set(shards_open);
-    }
-
-    fn view(&self, id: &str) -> Result<TaskView> {
-        let task = self.known(id)?;
-        let t = self.market.task(&task).with_context(|| format!("no task {id} on this node"))?;
-        let requester = &t.requester;
-        let mut view = TaskView {
-            task: id.to_string(),
-            state: match requester.phase() {
-                Phase::Done => "done",
-                Phase::Failed => "failed",
-                _ => "running",
-            }
-            .into(),
-            shards: requester.shard_count(),
-            shards_done: requester.shards_done(),
-            executors: requester.executors().iter().map(|e| e.map(|k| k.to_peer_id().to_string())).collect(),
-            error: None,
-            embeddings: None,
-            generations: None,
-            receipt: None,
-            model: t.model.clone(),
-            input_tokens: 0,
-            peers_working: requester.peers_working(),
-            auction_ms: t.auction_ms.clone(),
-        };
-        match &t.outcome {
-            Some(Outcome::Done { output, receipt, input_tokens }) => {
-                view.input_tokens = *input_tokens;
-                view.state = "done".into();
-                match output {
-                    ShardOutput::Embeddings { dimensions, values } => {
-                        let d = (*dimensions as usize).max(1);
-                        view.embeddings = Some(values.chunks(d).map(<[f32]>::to_vec).collect());
-                    }
-                    ShardOutput::Generations(g) => {
-                        view.generations = Some(
-                            g.iter()
-                                .map(|g| mycel_api::GenerationView {
-                                    text: g.text.clone(),
-                                    tokens: g.tokens,
-                                    finish: crate::submit::finish_name(g.finish).into(),
-                                })
-                                .collect(),
-                        )
-                    }
-                    _ => {}
-                }
-                view.receipt = mycel_protocol::Wire::encode(receipt.as_ref()).ok().map(hex::encode);
-            }
-            Some(Outcome::Failed(reason)) => {
-                view.state = "failed".into();
-                view.error = Some(reason.clone());
-            }
-            None => {}
-        }
-        Ok(view)
-    }
-
     // ---- both sides: messages ------------------------------------------
 
     /// Queues a message on its peer's outbox. A full outbox (the peer has
@@ -686,184 +409,4 @@ impl Driver {
         });
         outbox
     }
-
-    // ---- worker side: the local models ---------------------------------
-
-    /// Runs a job on the local models off the loop; reports back with
-    /// [`Command::JobDone`]. A job the models cannot take fails at once.
-    fn execute(&mut self, job: Job) {
-        let tx = self.tx.clone();
-        let fail = |job: Job, why: &str| {
-            let done = JobDone { job, output: Err(why.to_string()), compute_ms: 0, input_tokens: 0 };
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let _ = tx.send(Command::JobDone(Box::new(done))).await;
-            });
-        };
-        let Some(models) = self.models.clone() else { return fail(job, "no models loaded") };
-        let started = Instant::now();
-        let (conversations, params) = match job.work.clone() {
-            Work::Embed { texts } => {
-                let Some(served) = models.embedders.iter().find(|s| s.advert.weights == job.model) else {
-                    return fail(job, "not our model");
-                };
-                let Ok(rx) = models.pool.embed(served.model.clone(), texts) else {
-                    return fail(job, "worker pool busy");
-                };
-                tokio::spawn(async move {
-                    // Usage: the tokens the model read (truncated as it truncates).
-                    let (output, input_tokens) = match rx.await {
-                        Ok(Ok(embedded)) => {
-                            let dimensions = embedded.vectors.first().map_or(0, Vec::len) as u32;
-                            let values = embedded.vectors.concat();
-                            (Ok(ShardOutput::Embeddings { dimensions, values }), embedded.input_tokens)
-                        }
-                        Ok(Err(e)) => (Err(e.to_string()), 0),
-                        Err(_) => (Err("worker pool stopped".to_string()), 0),
-                    };
-                    let compute_ms = started.elapsed().as_millis() as u32;
-                    let done = JobDone { job, output, compute_ms, input_tokens };
-                    let _ = tx.send(Command::JobDone(Box::new(done))).await;
-                });
-                return;
-            }
-            Work::Generate { prompts, params } => {
-                (prompts.into_iter().map(|p| vec![mycel_models::ChatMessage::user(p)]).collect::<Vec<_>>(), params)
-            }
-            Work::Chat { conversations, params } => {
-                let conversations = conversations
-                    .into_iter()
-                    .map(|turns| {
-                        turns
-                            .into_iter()
-                            .map(|t| mycel_models::ChatMessage { role: t.role.as_str().into(), content: t.content })
-                            .collect()
-                    })
-                    .collect();
-                (conversations, params)
-            }
-            _ => return fail(job, "a kind of work this node cannot run"),
-        };
-        let Some(served) = models.generators.iter().find(|s| s.advert.weights == job.model) else {
-            return fail(job, "not our model");
-        };
-        let model = served.model.clone();
-        let (net, me) = (self.net.clone(), self.me);
-        tokio::spawn(async move {
-            let mut generations: Vec<Generation> = Vec::with_capacity(conversations.len());
-            let mut input_tokens = 0u64;
-            let mut failure = None;
-            for (i, messages) in conversations.into_iter().enumerate() {
-                let ids = match model.chat_prompt(&messages).and_then(|p| model.encode(&p)) {
-                    Ok(ids) => ids,
-                    Err(e) => {
-                        failure = Some(e.to_string());
-                        break;
-                    }
-                };
-                input_tokens += ids.len() as u64;
-                let item = job.first_item + i as u64;
-                // Each item samples with its own seed: the same prompt twice
-                // in one task may differ, yet a rerun gives the same text.
-                let item_params = GenerateParams { seed: params.seed.wrapping_add(item), ..params.clone() };
-                let Ok((stream, done)) = models.pool.generate(model.clone(), ids, item_params) else {
-                    failure = Some("worker pool busy".into());
-                    break;
-                };
-                let result = if params.stream {
-                    let sink = PartialSink { net: net.clone(), tx: tx.clone(), me, to: job.requester, task: job.task };
-                    let (_, result) = tokio::join!(sink.forward(stream, job.shard, item), done);
-                    result
-                } else {
-                    // Nobody reads the pieces: dropping the receiver lets
-                    // the model run without waiting on it.
-                    drop(stream);
-                    done.await
-                };
-                match result {
-                    Ok(Ok(g)) => generations.push(g),
-                    Ok(Err(e)) => {
-                        failure = Some(e.to_string());
-                        break;
-                    }
-                    Err(_) => {
-                        failure = Some("worker pool stopped".into());
-                        break;
-                    }
-                }
-            }
-            let output = match failure {
-                Some(e) => Err(e),
-                None => Ok(ShardOutput::Generations(generations)),
-            };
-            let compute_ms = started.elapsed().as_millis() as u32;
-            let done = JobDone { job, output, compute_ms, input_tokens };
-            let _ = tx.send(Command::JobDone(Box::new(done))).await;
-        });
-    }
-}
-
-/// The API's request as the market's submission: the request mapping for
-/// each kind of work. Every error here is the client's (a 400).
-fn submission(request: SubmitRequest) -> Result<Submission> {
-    let kind = match request.kind.as_str() {
-        "embed" => ModelKind::Embedding,
-        "generate" | "chat" => ModelKind::Generation,
-        other => {
-            return Err(ApiError::BadRequest(format!("unknown task kind {other:?} (embed, generate or chat)")).into());
-        }
-    };
-    if request.inputs.is_empty() && request.conversations.is_empty() {
-        return Err(ApiError::BadRequest("no inputs".into()).into());
-    }
-    let params = GenerateParams {
-        max_tokens: request.max_tokens.unwrap_or(128),
-        temperature: request.temperature.unwrap_or(0.0),
-        top_p: request.top_p.unwrap_or(1.0),
-        seed: request.seed.unwrap_or(0),
-        stop: request.stop.clone(),
-        stream: request.stream,
-    };
-    let work = match request.kind.as_str() {
-        "embed" => Work::Embed { texts: request.inputs },
-        "generate" => Work::Generate { prompts: request.inputs, params },
-        _ => {
-            let conversations = request
-                .conversations
-                .into_iter()
-                .map(|turns| turns.into_iter().map(chat_turn).collect::<Result<Vec<_>>>())
-                .collect::<Result<Vec<_>>>()?;
-            Work::Chat { conversations, params }
-        }
-    };
-    Ok(Submission {
-        label: request.kind,
-        kind,
-        model: request.model,
-        work,
-        split: request.items_per_shard.map_or(Split::Auto, Split::ItemsPerShard),
-        redundancy: request.redundancy,
-        spot_check_permille: spot_check_permille(request.spot_check)?,
-        then: Vec::new(),
-    })
-}
-
-/// A request's spot-check share (0-1; the node's default when absent) in
-/// thousandths, as task specs carry it.
-fn spot_check_permille(share: Option<f32>) -> Result<u16, ApiError> {
-    let share = share.unwrap_or(DEFAULT_SPOT_CHECK);
-    if !(0.0..=1.0).contains(&share) {
-        return Err(ApiError::BadRequest(format!("spot_check {share} not in 0..=1")));
-    }
-    Ok((share * 1000.0).round() as u16)
-}
-
-fn chat_turn(t: mycel_api::ChatTurnView) -> Result<ChatTurn> {
-    let role = match t.role.as_str() {
-        "system" => Role::System,
-        "user" => Role::User,
-        "assistant" => Role::Assistant,
-        other => return Err(ApiError::BadRequest(format!("unknown chat role {other:?}")).into()),
-    };
-    Ok(ChatTurn { role, content: t.content })
 }
