@@ -71,9 +71,11 @@ pub enum Command {
         message: Box<Market>,
     },
     JobDone(Box<JobDone>),
+    /// A message the peer did not take, on its `attempt`-th try (0: the first).
     SendFailed {
         to: PublicKey,
         message: Box<Market>,
+        attempt: u32,
     },
     /// A peer's advert expired: it is gone.
     PeerLost(PeerId),
@@ -98,24 +100,10 @@ impl From<Fault> for mycel_market::node::Fault {
     }
 }
 
-/// Sends a market message, retrying a few times while the peer says it is
-/// busy or cannot be reached (a result lost to a full queue would cost the
-/// whole shard).
+/// Sends a market message once; whether the peer took it. Retries are the
+/// market's decision ([`Input::Undelivered`]).
 async fn deliver(net: &Handle, to: PublicKey, message: &Market) -> bool {
-    let mut wait = std::time::Duration::from_millis(100);
-    for attempt in 0..4 {
-        if attempt > 0 {
-            tokio::time::sleep(wait).await;
-            wait *= 2;
-        }
-        if matches!(
-            net.request(to.to_peer_id(), Request::Market(Box::new(message.clone()))).await,
-            Ok(Response::Accepted)
-        ) {
-            return true;
-        }
-    }
-    false
+    matches!(net.request(to.to_peer_id(), Request::Market(Box::new(message.clone()))).await, Ok(Response::Accepted))
 }
 
 /// Messages queued for one peer; past this a send counts as failed.
@@ -131,7 +119,7 @@ pub struct Driver {
     models: Option<Arc<LocalModels>>,
     watchers: BTreeMap<TaskId, broadcast::Sender<TaskEvent>>,
     /// Messages waiting for each peer, bounded ([`OUTBOX`]).
-    outboxes: BTreeMap<PublicKey, mpsc::Sender<Market>>,
+    outboxes: BTreeMap<PublicKey, mpsc::Sender<(Market, u32)>>,
     metrics: Arc<Metrics>,
 }
 
@@ -283,7 +271,9 @@ impl Driver {
                     self.input(Input::PeerLost(peer));
                 }
             }
-            Command::SendFailed { to, message } => self.input(Input::Undelivered { to, message: *message }),
+            Command::SendFailed { to, message, attempt } => {
+                self.input(Input::Undelivered { to, message: *message, attempt })
+            }
         }
     }
 
@@ -303,7 +293,8 @@ impl Driver {
                         return;
                     }
                 }
-                Action::Send { to, message } => self.send(to, message),
+                Action::Send { to, message } => self.send(to, message, 0),
+                Action::Resend { to, message, attempt } => self.send(to, message, attempt),
                 Action::Gossip(signed) => {
                     let net = self.net.clone();
                     tokio::spawn(async move {
@@ -374,36 +365,37 @@ impl Driver {
     /// Queues a message on its peer's outbox. A full outbox (the peer has
     /// not taken the last [`OUTBOX`] messages) is a failed delivery, told
     /// to the market at once rather than buffered without bound.
-    fn send(&mut self, to: PublicKey, message: Market) {
+    fn send(&mut self, to: PublicKey, message: Market, attempt: u32) {
         if self.outboxes.get(&to).is_none_or(mpsc::Sender::is_closed) {
             let outbox = self.open_outbox(to);
             self.outboxes.insert(to, outbox);
         }
         let Some(outbox) = self.outboxes.get(&to) else { return };
-        if let Err(e) = outbox.try_send(message) {
+        if let Err(e) = outbox.try_send((message, attempt)) {
             debug!(peer = %to.to_peer_id(), "outbox full; message not sent");
-            let message = match e {
+            let (message, attempt) = match e {
                 mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
             };
-            self.input(Input::Undelivered { to, message });
+            self.input(Input::Undelivered { to, message, attempt });
         }
     }
 
-    /// One task per peer takes its messages in order: over the network,
-    /// with retries, or looped back to this node's own market.
-    fn open_outbox(&self, to: PublicKey) -> mpsc::Sender<Market> {
-        let (outbox, mut queue) = mpsc::channel::<Market>(OUTBOX);
+    /// One task per peer takes its messages in order: over the network
+    /// (once each; a failure goes back to the market), or looped back to
+    /// this node's own market.
+    fn open_outbox(&self, to: PublicKey) -> mpsc::Sender<(Market, u32)> {
+        let (outbox, mut queue) = mpsc::channel::<(Market, u32)>(OUTBOX);
         let (tx, net, me) = (self.tx.clone(), self.net.clone(), self.me);
         tokio::spawn(async move {
-            while let Some(message) = queue.recv().await {
+            while let Some((message, attempt)) = queue.recv().await {
                 if to == me {
                     let from = me.to_peer_id();
                     if tx.send(Command::Inbound { from, message: Box::new(message) }).await.is_err() {
                         return;
                     }
                 } else if !deliver(&net, to, &message).await {
-                    debug!(peer = %to.to_peer_id(), "market message not delivered");
-                    let _ = tx.send(Command::SendFailed { to, message: Box::new(message) }).await;
+                    debug!(peer = %to.to_peer_id(), attempt, "market message not delivered");
+                    let _ = tx.send(Command::SendFailed { to, message: Box::new(message), attempt }).await;
                 }
             }
         });

@@ -220,8 +220,9 @@ pub enum Input {
     /// A market message from `from` (the authenticated sender), decoded and
     /// size-checked but not verified: the machine checks signatures, once.
     Message { from: PublicKey, message: Market },
-    /// A message the network could not deliver.
-    Undelivered { to: PublicKey, message: Market },
+    /// A message the network could not deliver; `attempt` is 0 for a
+    /// [`Action::Send`], else the [`Action::Resend`]'s.
+    Undelivered { to: PublicKey, message: Market, attempt: u32 },
     /// The local models finished (or failed) a job.
     JobDone { job: Job, output: Result<ShardOutput, String>, compute_ms: u32, input_tokens: u64 },
     /// The local models are ready: their adverts, and shards run at once.
@@ -317,8 +318,11 @@ pub enum Metric {
 pub enum Action {
     /// Store these, durably, before doing anything after this.
     Journal(Vec<Write>),
-    /// Send a market message to a peer (or to ourselves, looped back).
+    /// Send a market message to a peer (or to ourselves, looped back),
+    /// once; a failure comes back as [`Input::Undelivered`].
     Send { to: PublicKey, message: Market },
+    /// Send again a message that failed `attempt` times.
+    Resend { to: PublicKey, message: Market, attempt: u32 },
     /// Publish a signed CFP on the gossip topic.
     Gossip(Signed<mycel_protocol::Cfp>),
     /// Run a shard on the local models; report with [`Input::JobDone`].
@@ -359,6 +363,22 @@ pub struct Task {
     cfp_sent_ms: Option<u64>,
 }
 
+/// Retries a failed delivery gets before the market gives up on it.
+const RESENDS: u32 = 3;
+/// Wait before the first retry; it doubles with each.
+const RESEND_AFTER_MS: u64 = 100;
+/// Most resends waiting at once; past this a failure is final at once.
+const PENDING_RESENDS: usize = 1024;
+
+/// What the timer queue holds.
+#[derive(Debug)]
+enum Due {
+    /// A task's timer.
+    Task(TaskId, Timer),
+    /// A message to try again.
+    Resend { to: PublicKey, message: Box<Market>, attempt: u32 },
+}
+
 /// A peer as its latest advert describes it.
 #[derive(Debug, Clone)]
 struct PeerEntry {
@@ -384,8 +404,10 @@ pub struct Node {
     finished: VecDeque<TaskId>,
     /// Our worker, once models are loaded.
     worker: Option<Worker>,
-    /// The one timer queue: (due time, sequence) to the task's timer.
-    timers: BTreeMap<(u64, u64), (TaskId, Timer)>,
+    /// The one timer queue: (due time, sequence) to what is due.
+    timers: BTreeMap<(u64, u64), Due>,
+    /// Resends waiting in the queue (at most [`PENDING_RESENDS`]).
+    resends: usize,
     timer_seq: u64,
     /// Who streams each item of a task (the first runner heard from).
     streaming: BTreeMap<(TaskId, u64), PublicKey>,
@@ -413,6 +435,7 @@ impl Node {
             finished: VecDeque::new(),
             worker: None,
             timers: BTreeMap::new(),
+            resends: 0,
             timer_seq: 0,
             streaming: BTreeMap::new(),
             load: Load::default(),
@@ -699,16 +722,7 @@ impl Node {
                 }
             }
             Input::Message { from, message } => self.message(now_ms, from, message, &mut out),
-            Input::Undelivered { to, message } => {
-                // An award that never arrived: its shards go to someone else.
-                if let Market::Award(signed) = message
-                    && let Ok(award) = signed.verify()
-                {
-                    for s in award.shards {
-                        self.step(now_ms, award.task, requester::Event::Refused { from: to, shard: s.shard }, &mut out);
-                    }
-                }
-            }
+            Input::Undelivered { to, message, attempt } => self.undelivered(now_ms, to, message, attempt, &mut out),
             Input::JobDone { job, output, compute_ms, input_tokens } => {
                 self.job_done(now_ms, job, output, compute_ms, input_tokens, &mut out)
             }
@@ -732,8 +746,13 @@ impl Node {
                     if entry.key().0 > now_ms {
                         break;
                     }
-                    let (task, timer) = entry.remove();
-                    self.step(now_ms, task, requester::Event::Timer(timer), &mut out);
+                    match entry.remove() {
+                        Due::Task(task, timer) => self.step(now_ms, task, requester::Event::Timer(timer), &mut out),
+                        Due::Resend { to, message, attempt } => {
+                            self.resends = self.resends.saturating_sub(1);
+                            out.push(Action::Resend { to, message: *message, attempt });
+                        }
+                    }
                 }
             }
         }
@@ -852,7 +871,7 @@ impl Node {
                 }
                 requester::Action::SetTimer { at_ms, timer } => {
                     self.timer_seq += 1;
-                    self.timers.insert((at_ms, self.timer_seq), (task, timer));
+                    self.timers.insert((at_ms, self.timer_seq), Due::Task(task, timer));
                 }
                 requester::Action::Penalise { peer, .. } => {
                     out.push(Action::Metric(Metric::VerificationFailure));
@@ -923,7 +942,7 @@ impl Node {
         if self.parents.contains_key(&task) {
             self.just_finished.push(task);
         }
-        self.timers.retain(|_, (owner, _)| *owner != task);
+        self.timers.retain(|_, due| !matches!(due, Due::Task(owner, _) if *owner == task));
         self.streaming.retain(|(owner, _), _| *owner != task);
         if !self.finished.contains(&task) {
             self.finished.push_back(task);
@@ -975,6 +994,32 @@ impl Node {
             }
             // Acks are informational; other kinds are not the market's.
             _ => {}
+        }
+    }
+
+    /// A message that did not arrive. Awards, results, acks and refusals
+    /// are tried again after 100, 200 and 400 ms (the peer may be busy or
+    /// reconnecting; a lost result costs the whole shard); bids and CFPs
+    /// are not (their auction moves on without them). Once given up, an
+    /// award's shards go to someone else; a result is left to the
+    /// requester's deadline.
+    fn undelivered(&mut self, now_ms: u64, to: PublicKey, message: Market, attempt: u32, out: &mut Vec<Action>) {
+        let worth_retrying =
+            matches!(message, Market::Award(_) | Market::Result(_) | Market::Ack(_) | Market::Refuse { .. });
+        if worth_retrying && attempt < RESENDS && self.resends < PENDING_RESENDS {
+            self.timer_seq += 1;
+            self.resends += 1;
+            let at = now_ms.saturating_add(RESEND_AFTER_MS << attempt);
+            self.timers
+                .insert((at, self.timer_seq), Due::Resend { to, message: Box::new(message), attempt: attempt + 1 });
+            return;
+        }
+        if let Market::Award(signed) = message
+            && let Ok(award) = signed.verify()
+        {
+            for s in award.shards {
+                self.step(now_ms, award.task, requester::Event::Refused { from: to, shard: s.shard }, out);
+            }
         }
     }
 

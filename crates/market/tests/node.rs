@@ -74,7 +74,12 @@ struct Sim {
     models: Vec<Vec<ModelAdvert>>,
     now: u64,
     /// Messages in flight: (from, to, message).
-    wire: VecDeque<(usize, usize, Market)>,
+    wire: VecDeque<(usize, usize, Market, u32)>,
+    /// Awards to these nodes are refused by the network (the sender hears).
+    refuse_awards_to: BTreeSet<usize>,
+    /// Resends, and awards sent the first time, per target node.
+    resends: Vec<usize>,
+    awards: Vec<usize>,
     /// Jobs running: (node, job), answered in order.
     jobs: VecDeque<(usize, Job)>,
     /// Every journal write, per node, in order.
@@ -101,6 +106,9 @@ impl Sim {
             models: vec![vec![model("minilm", 100.0), generator("smol")]; n],
             now: 1_000_000,
             wire: VecDeque::new(),
+            refuse_awards_to: BTreeSet::new(),
+            resends: vec![0; n],
+            awards: vec![0; n],
             jobs: VecDeque::new(),
             journal: vec![Vec::new(); n],
             accepted: BTreeMap::new(),
@@ -173,6 +181,11 @@ impl Sim {
                     journaled = true;
                     self.journal[node].extend(writes);
                 }
+                Action::Resend { to, message, attempt } => {
+                    let to = self.index(&to);
+                    self.resends[to] += 1;
+                    self.wire.push_back((node, to, message, attempt));
+                }
                 Action::Send { to, message } => {
                     // Awards and acceptances depend on state: it was
                     // journaled first in the same step.
@@ -188,12 +201,13 @@ impl Sim {
                         }
                     }
                     let to = self.index(&to);
-                    self.wire.push_back((node, to, message));
+                    self.awards[to] += usize::from(matches!(message, Market::Award(_)));
+                    self.wire.push_back((node, to, message, 0));
                 }
                 Action::Gossip(cfp) => {
                     for to in 0..self.nodes.len() {
                         if to != node {
-                            self.wire.push_back((node, to, Market::Cfp(cfp.clone())));
+                            self.wire.push_back((node, to, Market::Cfp(cfp.clone()), 0));
                         }
                     }
                 }
@@ -232,7 +246,12 @@ impl Sim {
 
     /// One step: a message, a job, or the next timer. `false` when idle.
     fn step(&mut self) -> bool {
-        if let Some((from, to, message)) = self.wire.pop_front() {
+        if let Some((from, to, message, attempt)) = self.wire.pop_front() {
+            if matches!(message, Market::Award(_)) && self.refuse_awards_to.contains(&to) {
+                let to = self.keys[to];
+                self.input(from, Input::Undelivered { to, message, attempt });
+                return true;
+            }
             let fate = match self.next_random() % 1000 {
                 r if r < self.lose_permille => Fate::Lose,
                 r if r < self.lose_permille + self.duplicate_permille => Fate::Duplicate,
@@ -579,4 +598,20 @@ fn a_staged_task_survives_a_restart_between_its_stages() {
     sim.restart(0);
     sim.run();
     sim.check_staged(0, &task, 4);
+}
+
+#[test]
+fn an_award_that_cannot_be_delivered_is_tried_three_more_times_then_given_to_another() {
+    let mut sim = Sim::new(&[Behaviour::Honest; 3]);
+    sim.refuse_awards_to.insert(1);
+    let task = sim.submit(0, 30, 5, 1);
+    sim.run();
+    let executors = sim.check_done(0, &task, 30);
+    assert_eq!(sim.given[1], 0, "nothing reached it");
+    assert!(!executors.contains(&sim.keys[1]));
+    // Every award to it was resent three times, 100, 200 and 400 ms apart,
+    // before its shards went to someone else.
+    assert!(sim.awards[1] > 0);
+    assert_eq!(sim.resends[1], 3 * sim.awards[1]);
+    assert_eq!(sim.resends[0] + sim.resends[2], 0);
 }
