@@ -711,7 +711,11 @@ impl Node {
         match input {
             Input::Advert { peer, advert } => {
                 if peer != self.me {
+                    let new = !self.peers.contains_key(&peer);
                     self.peers.insert(peer, PeerEntry { advert, seen_ms: now_ms });
+                    if new {
+                        self.offer_to_running(now_ms, peer);
+                    }
                 }
             }
             Input::PeerLost(peer) => {
@@ -808,6 +812,25 @@ impl Node {
     }
 
     // ---- requester side --------------------------------------------------
+
+    /// A peer that just joined becomes a candidate of every running task
+    /// whose weights it serves: their next CFP goes to it directly.
+    fn offer_to_running(&mut self, now_ms: u64, peer: PublicKey) {
+        let reputation = self.reputation(now_ms, &peer);
+        let Some(entry) = self.peers.get(&peer) else { return };
+        for t in self.tasks.values_mut().filter(|t| t.outcome.is_none()) {
+            let (model, kind) = (t.requester.model(), t.requester.model_kind());
+            if let Some(m) = entry.advert.models.iter().find(|m| m.weights == model) {
+                let load = &entry.advert.load;
+                t.requester.add_candidate(Candidate {
+                    peer,
+                    units_per_s: speed(m, kind),
+                    load: load.queued_shards as f32 / load.capacity.max(1) as f32,
+                    reputation,
+                });
+            }
+        }
+    }
 
     fn running_tasks(&self) -> Vec<TaskId> {
         self.tasks.iter().filter(|(_, t)| t.outcome.is_none()).map(|(id, _)| *id).collect()

@@ -449,6 +449,25 @@ impl Requester {
         Ok(requester)
     }
 
+    /// The weights it runs on, and their kind.
+    pub fn model(&self) -> Digest {
+        self.model
+    }
+
+    /// The kind of model it needs.
+    pub fn model_kind(&self) -> ModelKind {
+        self.kind
+    }
+
+    /// A peer that joined after the task was planned: asked directly from
+    /// the next round on. (Its state goes to the journal with the next
+    /// change; lost in a crash, it is found again by its next advert.)
+    pub fn add_candidate(&mut self, candidate: Candidate) {
+        if !self.candidates.iter().any(|c| c.peer == candidate.peer) {
+            self.candidates.push(candidate);
+        }
+    }
+
     /// The task.
     pub fn task(&self) -> TaskId {
         self.task

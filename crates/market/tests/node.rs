@@ -77,6 +77,8 @@ struct Sim {
     wire: VecDeque<(usize, usize, Market, u32)>,
     /// Awards to these nodes are refused by the network (the sender hears).
     refuse_awards_to: BTreeSet<usize>,
+    /// Whether gossiped CFPs reach anyone.
+    gossip: bool,
     /// Resends, and awards sent the first time, per target node.
     resends: Vec<usize>,
     awards: Vec<usize>,
@@ -98,6 +100,10 @@ struct Sim {
 
 impl Sim {
     fn new(behaviour: &[Behaviour]) -> Self {
+        Self::with_config(behaviour, NodeConfig::default())
+    }
+
+    fn with_config(behaviour: &[Behaviour], config: NodeConfig) -> Self {
         let n = behaviour.len();
         let mut sim = Sim {
             nodes: Vec::new(),
@@ -107,6 +113,7 @@ impl Sim {
             now: 1_000_000,
             wire: VecDeque::new(),
             refuse_awards_to: BTreeSet::new(),
+            gossip: true,
             resends: vec![0; n],
             awards: vec![0; n],
             jobs: VecDeque::new(),
@@ -122,7 +129,7 @@ impl Sim {
             let key = Keypair::from_secret_bytes(&[i as u8 + 1; 32]);
             sim.keys.push(key.public());
             let fault = (*b == Behaviour::Liar).then_some(Fault::Perturb);
-            sim.nodes.push(Node::new(key, NodeConfig::default().with_fault(fault)));
+            sim.nodes.push(Node::new(key, config.clone().with_fault(fault)));
         }
         for i in 0..n {
             let models = sim.models[i].clone();
@@ -205,7 +212,7 @@ impl Sim {
                     self.wire.push_back((node, to, message, 0));
                 }
                 Action::Gossip(cfp) => {
-                    for to in 0..self.nodes.len() {
+                    for to in (0..self.nodes.len()).filter(|_| self.gossip) {
                         if to != node {
                             self.wire.push_back((node, to, Market::Cfp(cfp.clone()), 0));
                         }
@@ -614,4 +621,30 @@ fn an_award_that_cannot_be_delivered_is_tried_three_more_times_then_given_to_ano
     assert!(sim.awards[1] > 0);
     assert_eq!(sim.resends[1], 3 * sim.awards[1]);
     assert_eq!(sim.resends[0] + sim.resends[2], 0);
+}
+
+#[test]
+fn a_peer_that_joins_mid_task_is_asked_directly() {
+    // No gossip and no minimum of direct candidates: a CFP reaches only
+    // the candidates the requester knows.
+    let mut config = NodeConfig::default();
+    config.auction.min_direct = 0;
+    let mut sim = Sim::with_config(&[Behaviour::Silent, Behaviour::Silent, Behaviour::Honest], config);
+    sim.gossip = false;
+    // The requester has not heard of node 2 yet.
+    let late = sim.keys[2];
+    sim.input(0, Input::PeerLost(late));
+    let task = sim.submit(0, 20, 5, 1);
+    let started = sim.now;
+    while sim.now < started + 3_000 {
+        assert!(sim.step(), "idle at +{} ms: {:?}", sim.now - started, sim.nodes[0].task(&task).unwrap().outcome);
+    }
+    let t = sim.nodes[0].task(&task).unwrap();
+    assert_eq!((t.requester.shards_done(), t.outcome.is_none()), (0, true), "nobody who works knows of it");
+    // Node 2's advert arrives: the running task's next round asks it.
+    let advert = sim.advert(2);
+    sim.input(0, Input::Advert { peer: late, advert });
+    sim.run();
+    let executors = sim.check_done(0, &task, 20);
+    assert!(executors.iter().all(|e| *e == late));
 }
