@@ -76,8 +76,8 @@ pub enum CombineError {
 pub fn of(work: &Work) -> &'static dyn TaskKind {
     match work {
         Work::Embed { .. } => &embed::Embed,
-        Work::Chat { .. } => &generate::Chat,
-        _ => &generate::Generate,
+        Work::Chat { .. } => &generate::CHAT,
+        _ => &generate::GENERATE,
     }
 }
 
@@ -191,13 +191,17 @@ pub mod generate {
 
     use super::*;
 
-    /// `generate` tasks: one user message per item.
+    /// Generation: `generate` tasks (one user message per item) and `chat`
+    /// tasks (one conversation per item) split, check and combine alike.
     #[derive(Debug)]
-    pub struct Generate;
+    pub struct Generate {
+        name: &'static str,
+    }
 
-    /// `chat` tasks: one conversation per item.
-    #[derive(Debug)]
-    pub struct Chat;
+    /// `generate` tasks.
+    pub static GENERATE: Generate = Generate { name: "generate" };
+    /// `chat` tasks.
+    pub static CHAT: Generate = Generate { name: "chat" };
 
     fn params(work: &Work) -> Option<&GenerateParams> {
         match work {
@@ -206,41 +210,9 @@ pub mod generate {
         }
     }
 
-    fn units(work: &Work) -> u64 {
-        params(work).map_or(1, |p| u64::from(p.max_tokens))
-    }
-
-    fn check(work: &Work) -> Check {
-        // Greedy decoding is reproducible; a sample is one answer of many.
-        match params(work) {
-            Some(p) if p.temperature > 0.0 => Check::Independent,
-            _ => Check::Exact,
-        }
-    }
-
-    fn fits(output: &ShardOutput, items: usize) -> bool {
-        matches!(output, ShardOutput::Generations(_)) && output.items() == items
-    }
-
-    fn combine(
-        kind: &'static str,
-        aggregation: Aggregation,
-        outputs: &[&ShardOutput],
-    ) -> Result<ShardOutput, CombineError> {
-        if aggregation != Aggregation::Concat {
-            return Err(CombineError::Unsupported { kind, aggregation });
-        }
-        let mut all = Vec::new();
-        for output in outputs {
-            let ShardOutput::Generations(g) = output else { return Err(CombineError::WrongKind) };
-            all.extend_from_slice(g);
-        }
-        Ok(ShardOutput::Generations(all))
-    }
-
     impl TaskKind for Generate {
         fn name(&self) -> &'static str {
-            "generate"
+            self.name
         }
 
         fn model_kind(&self) -> ModelKind {
@@ -248,7 +220,7 @@ pub mod generate {
         }
 
         fn units_per_item(&self, work: &Work) -> u64 {
-            units(work)
+            params(work).map_or(1, |p| u64::from(p.max_tokens))
         }
 
         fn slice(&self, work: &Work, first: usize, end: usize) -> Work {
@@ -256,38 +228,6 @@ pub mod generate {
                 Work::Generate { prompts, params } => {
                     Work::Generate { prompts: prompts[first..end].to_vec(), params: params.clone() }
                 }
-                other => other.clone(),
-            }
-        }
-
-        fn check(&self, work: &Work, _: f64) -> Check {
-            check(work)
-        }
-
-        fn fits(&self, output: &ShardOutput, items: usize) -> bool {
-            fits(output, items)
-        }
-
-        fn combine(&self, aggregation: Aggregation, outputs: &[&ShardOutput]) -> Result<ShardOutput, CombineError> {
-            combine(self.name(), aggregation, outputs)
-        }
-    }
-
-    impl TaskKind for Chat {
-        fn name(&self) -> &'static str {
-            "chat"
-        }
-
-        fn model_kind(&self) -> ModelKind {
-            ModelKind::Generation
-        }
-
-        fn units_per_item(&self, work: &Work) -> u64 {
-            units(work)
-        }
-
-        fn slice(&self, work: &Work, first: usize, end: usize) -> Work {
-            match work {
                 Work::Chat { conversations, params } => {
                     Work::Chat { conversations: conversations[first..end].to_vec(), params: params.clone() }
                 }
@@ -296,15 +236,27 @@ pub mod generate {
         }
 
         fn check(&self, work: &Work, _: f64) -> Check {
-            check(work)
+            // Greedy decoding is reproducible; a sample is one answer of many.
+            match params(work) {
+                Some(p) if p.temperature > 0.0 => Check::Independent,
+                _ => Check::Exact,
+            }
         }
 
         fn fits(&self, output: &ShardOutput, items: usize) -> bool {
-            fits(output, items)
+            matches!(output, ShardOutput::Generations(_)) && output.items() == items
         }
 
         fn combine(&self, aggregation: Aggregation, outputs: &[&ShardOutput]) -> Result<ShardOutput, CombineError> {
-            combine(self.name(), aggregation, outputs)
+            if aggregation != Aggregation::Concat {
+                return Err(CombineError::Unsupported { kind: self.name, aggregation });
+            }
+            let mut all = Vec::new();
+            for output in outputs {
+                let ShardOutput::Generations(g) = output else { return Err(CombineError::WrongKind) };
+                all.extend_from_slice(g);
+            }
+            Ok(ShardOutput::Generations(all))
         }
     }
 }

@@ -173,20 +173,24 @@ impl Sim {
         self.bid_at(worker, capacity, Price::default());
     }
 
-    fn bid_at(&mut self, worker: usize, capacity: u32, price: Price) {
+    /// A bid for the current round's CFP, at 100 units/s, capacity 1.
+    fn fresh_bid(&self) -> Bid {
         let cfp = self.cfp.clone().unwrap();
-        let round = cfp.verify().unwrap().round;
-        let bid = Bid {
+        Bid {
             task: self.requester.task(),
-            round,
+            round: cfp.verify().unwrap().round,
             cfp: cfp.digest(),
             model: model(),
-            price,
+            price: Price::default(),
             queue_ms: 0,
             units_per_s: 100.0,
-            capacity,
+            capacity: 1,
             expires_ms: self.now + 60_000,
-        };
+        }
+    }
+
+    fn bid_at(&mut self, worker: usize, capacity: u32, price: Price) {
+        let bid = Bid { capacity, price, ..self.fresh_bid() };
         let w = &self.workers[worker];
         let signed = Signed::sign(&w.key, &bid).unwrap();
         let from = w.key.public();
@@ -398,18 +402,7 @@ fn lost_bids_mean_new_rounds_then_failure() {
 fn bids_for_another_cfp_model_or_signer_are_ignored() {
     let spec = spec(10, 10, 1);
     let mut sim = Sim::new(&spec, 2, Config { enough_bids: 1, ..Config::default() });
-    let cfp = sim.cfp.clone().unwrap();
-    let good = Bid {
-        task: sim.requester.task(),
-        round: 1,
-        cfp: cfp.digest(),
-        model: model(),
-        price: Price::default(),
-        queue_ms: 0,
-        units_per_s: 10.0,
-        capacity: 1,
-        expires_ms: sim.now + 10_000,
-    };
+    let good = Bid { units_per_s: 10.0, ..sim.fresh_bid() };
     let w0 = sim.peer(0);
     for bad in [
         Bid { cfp: Digest::of(b"other cfp"), ..good.clone() },
@@ -711,18 +704,7 @@ fn a_restarted_requester_resumes_from_its_journal() {
 fn a_bid_claiming_an_endless_queue_is_refused_not_overflowed() {
     let spec = spec(10, 10, 1);
     let mut sim = Sim::new(&spec, 2, Config { enough_bids: 1, ..Config::default() });
-    let cfp = sim.cfp.clone().unwrap();
-    let bid = Bid {
-        task: sim.requester.task(),
-        round: 1,
-        cfp: cfp.digest(),
-        model: model(),
-        price: Price::default(),
-        queue_ms: u64::MAX,
-        units_per_s: 100.0,
-        capacity: 1,
-        expires_ms: sim.now + 10_000,
-    };
+    let bid = Bid { queue_ms: u64::MAX, ..sim.fresh_bid() };
     let w0 = sim.peer(0);
     // Once this overflowed the deadline sum (a panic in debug builds, a
     // wrapped deadline in release). Now it never decodes.
@@ -746,18 +728,7 @@ fn a_banned_bidder_gets_no_work_whether_or_not_it_was_a_candidate() {
     // Two candidates; a third peer hears the CFP by gossip and bids.
     let mut sim = Sim::new(&spec, 2, Config { enough_bids: 1, ..Config::default() });
     sim.workers.push(Worker { key: Keypair::generate().unwrap(), liar: false });
-    let cfp = sim.cfp.clone().unwrap();
-    let bid = Bid {
-        task: sim.requester.task(),
-        round: 1,
-        cfp: cfp.digest(),
-        model: model(),
-        price: Price::default(),
-        queue_ms: 0,
-        units_per_s: 1000.0,
-        capacity: 1,
-        expires_ms: sim.now + 10_000,
-    };
+    let bid = Bid { units_per_s: 1000.0, ..sim.fresh_bid() };
     let stranger = sim.peer(2);
     // Its standing in the node's book is below the ban line: no offer,
     // however good its bid (once, an unknown bidder read as 0.5).
