@@ -29,6 +29,17 @@ pub struct LocalModels {
 }
 
 impl LocalModels {
+    /// The model with these weights, to run a shard on.
+    pub fn model(&self, weights: &mycel_protocol::Digest) -> Option<mycel_models::shard::Model> {
+        let embedder = self.embedders.iter().find(|s| s.advert.weights == *weights);
+        let generator = self.generators.iter().find(|s| s.advert.weights == *weights);
+        match (embedder, generator) {
+            (Some(s), _) => Some(mycel_models::shard::Model::Embedder(s.model.clone())),
+            (None, Some(s)) => Some(mycel_models::shard::Model::Generator(s.model.clone())),
+            (None, None) => None,
+        }
+    }
+
     /// What the advert lists.
     pub fn adverts(&self) -> Vec<ModelAdvert> {
         self.embedders

@@ -12,6 +12,8 @@
 //! - [`bench`]: the self-benchmark adverts carry, cached per machine.
 //! - [`pool`]: the worker pool (replicas x threads, bounded queue,
 //!   dynamic batching, cancellation).
+//! - [`shard`]: the executor for each kind of work: a shard's items run on
+//!   the pool, the output a claim commits to out.
 //! - [`tokenizer`]: tokenizer files, and tokenizers rebuilt from GGUF
 //!   metadata.
 //! - [`heap`]: allocator settings for a process that runs models.
@@ -28,6 +30,7 @@ mod llama;
 mod math;
 pub mod pool;
 pub mod registry;
+pub mod shard;
 pub mod tokenizer;
 
 pub use embed::Embedder;

@@ -94,3 +94,47 @@ async fn generation_streams_and_stops_when_the_caller_leaves() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// The executor for each kind of work: a shard's items in, the output a
+/// claim commits to out, with the text of each generated item streamed
+/// while the model runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_run_by_kind_with_each_items_text_streamed() {
+    use mycel_models::shard::{self, Model, ShardError};
+    use mycel_protocol::{ShardOutput, Work};
+
+    let pool = Pool::new(PoolConfig { replicas: 1, threads: 1, queue: 4, max_batch: 8 }).unwrap();
+    let embed = Work::Embed { texts: vec!["one".into(), "two words".into()] };
+    let run = shard::run(&pool, Model::Embedder(embedder()), embed.clone(), 0, None).await.unwrap();
+    let ShardOutput::Embeddings { dimensions, values } = &run.output else { panic!("vectors") };
+    assert_eq!((*dimensions, values.len()), (384, 768));
+    assert!(run.input_tokens >= 4);
+
+    let path = models_dir().join("smollm2-135m-instruct");
+    let generator = Arc::new(Generator::load(&path, &LoadOptions::default(), &Device::Cpu).unwrap());
+    let params = GenerateParams { max_tokens: 6, ..GenerateParams::default() };
+    let work = Work::Generate { prompts: vec!["Hi".into(), "Name a colour.".into()], params };
+    let (streams, mut items) = tokio::sync::mpsc::channel::<(u64, tokio::sync::mpsc::Receiver<String>)>(1);
+    let reader = tokio::spawn(async move {
+        let mut texts = Vec::new();
+        while let Some((item, mut stream)) = items.recv().await {
+            let mut text = String::new();
+            while let Some(piece) = stream.recv().await {
+                text.push_str(&piece);
+            }
+            texts.push((item, text));
+        }
+        texts
+    });
+    let run = shard::run(&pool, Model::Generator(generator.clone()), work, 10, Some(streams)).await.unwrap();
+    let streamed = reader.await.unwrap();
+    let ShardOutput::Generations(answers) = &run.output else { panic!("answers") };
+    assert_eq!(answers.len(), 2);
+    assert_eq!(streamed.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![10, 11], "items by their place in the task");
+    for ((_, text), answer) in streamed.iter().zip(answers) {
+        assert_eq!(text, &answer.text);
+    }
+    // Work of another kind than the model's is refused, not run.
+    let wrong = shard::run(&pool, Model::Generator(generator), embed, 0, None).await;
+    assert!(matches!(wrong, Err(ShardError::WrongModel)), "{wrong:?}");
+}

@@ -5,9 +5,10 @@
 use std::time::Instant;
 
 use mycel_market::Job;
+use mycel_models::shard;
 use mycel_net::Handle;
 use mycel_protocol::rpc::{Market, Request, Response};
-use mycel_protocol::{GenerateParams, Generation, PublicKey, ShardOutput, TaskId, Work};
+use mycel_protocol::{PublicKey, ShardOutput, TaskId, Work};
 use tokio::sync::mpsc;
 
 use super::{Command, Driver};
@@ -38,7 +39,7 @@ impl PartialSink {
     /// Forwards the model's pieces in order. Text the requester did not
     /// take (busy, unreachable) stays pending and goes with the next
     /// message, so what it shows never has a gap.
-    async fn forward(self, mut stream: mpsc::Receiver<String>, shard: u32, item: u64) {
+    async fn forward(&self, mut stream: mpsc::Receiver<String>, shard: u32, item: u64) {
         let mut pending = String::new();
         let mut open = true;
         while open || !pending.is_empty() {
@@ -107,114 +108,47 @@ fn split_text(text: &str, max: usize) -> Vec<&str> {
 }
 
 impl Driver {
-    /// Runs a job on the local models off the loop; reports back with
+    /// Runs a job on the local models off the loop ([`shard::run`], the
+    /// executor for each kind of work); reports back with
     /// [`Command::JobDone`]. A job the models cannot take fails at once.
     pub(super) fn execute(&mut self, job: Job) {
         let tx = self.tx.clone();
-        let fail = |job: Job, why: &str| {
-            let done = JobDone { job, output: Err(why.to_string()), compute_ms: 0, input_tokens: 0 };
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let _ = tx.send(Command::JobDone(Box::new(done))).await;
-            });
-        };
-        let Some(models) = self.models.clone() else { return fail(job, "no models loaded") };
-        let started = Instant::now();
-        let (conversations, params) = match job.work.clone() {
-            Work::Embed { texts } => {
-                let Some(served) = models.embedders.iter().find(|s| s.advert.weights == job.model) else {
-                    return fail(job, "not our model");
-                };
-                let Ok(rx) = models.pool.embed(served.model.clone(), texts) else {
-                    return fail(job, "worker pool busy");
-                };
-                tokio::spawn(async move {
-                    // Usage: the tokens the model read (truncated as it truncates).
-                    let (output, input_tokens) = match rx.await {
-                        Ok(Ok(embedded)) => {
-                            let dimensions = embedded.vectors.first().map_or(0, Vec::len) as u32;
-                            let values = embedded.vectors.concat();
-                            (Ok(ShardOutput::Embeddings { dimensions, values }), embedded.input_tokens)
-                        }
-                        Ok(Err(e)) => (Err(e.to_string()), 0),
-                        Err(_) => (Err("worker pool stopped".to_string()), 0),
-                    };
-                    let compute_ms = started.elapsed().as_millis() as u32;
-                    let done = JobDone { job, output, compute_ms, input_tokens };
-                    let _ = tx.send(Command::JobDone(Box::new(done))).await;
-                });
-                return;
-            }
-            Work::Generate { prompts, params } => {
-                (prompts.into_iter().map(|p| vec![mycel_models::ChatMessage::user(p)]).collect::<Vec<_>>(), params)
-            }
-            Work::Chat { conversations, params } => {
-                let conversations = conversations
-                    .into_iter()
-                    .map(|turns| {
-                        turns
-                            .into_iter()
-                            .map(|t| mycel_models::ChatMessage { role: t.role.as_str().into(), content: t.content })
-                            .collect()
-                    })
-                    .collect();
-                (conversations, params)
-            }
-            _ => return fail(job, "a kind of work this node cannot run"),
-        };
-        let Some(served) = models.generators.iter().find(|s| s.advert.weights == job.model) else {
-            return fail(job, "not our model");
-        };
-        let model = served.model.clone();
         let (net, me) = (self.net.clone(), self.me);
+        let models = self.models.clone();
         tokio::spawn(async move {
-            let mut generations: Vec<Generation> = Vec::with_capacity(conversations.len());
-            let mut input_tokens = 0u64;
-            let mut failure = None;
-            for (i, messages) in conversations.into_iter().enumerate() {
-                let ids = match model.chat_prompt(&messages).and_then(|p| model.encode(&p)) {
-                    Ok(ids) => ids,
-                    Err(e) => {
-                        failure = Some(e.to_string());
-                        break;
+            let started = Instant::now();
+            let result = match models.as_ref().and_then(|m| m.model(&job.model).map(|model| (m, model))) {
+                None => Err("not a model of ours".to_string()),
+                Some((models, model)) => {
+                    let streaming =
+                        matches!(&job.work, Work::Generate { params, .. } | Work::Chat { params, .. } if params.stream);
+                    let (text, forward) = if streaming {
+                        // Each item's text goes to the requester as it is made.
+                        let (streams, mut items) = mpsc::channel::<(u64, mpsc::Receiver<String>)>(1);
+                        let sink = PartialSink { net, tx: tx.clone(), me, to: job.requester, task: job.task };
+                        let shard = job.shard;
+                        let forward = tokio::spawn(async move {
+                            while let Some((item, stream)) = items.recv().await {
+                                sink.forward(stream, shard, item).await;
+                            }
+                        });
+                        (Some(streams), Some(forward))
+                    } else {
+                        (None, None)
+                    };
+                    let result = shard::run(&models.pool, model, job.work.clone(), job.first_item, text).await;
+                    if let Some(forward) = forward {
+                        // The answer's last pieces go out before its result.
+                        let _ = forward.await;
                     }
-                };
-                input_tokens += ids.len() as u64;
-                let item = job.first_item + i as u64;
-                // Each item samples with its own seed: the same prompt twice
-                // in one task may differ, yet a rerun gives the same text.
-                let item_params = GenerateParams { seed: params.seed.wrapping_add(item), ..params.clone() };
-                let Ok((stream, done)) = models.pool.generate(model.clone(), ids, item_params) else {
-                    failure = Some("worker pool busy".into());
-                    break;
-                };
-                let result = if params.stream {
-                    let sink = PartialSink { net: net.clone(), tx: tx.clone(), me, to: job.requester, task: job.task };
-                    let (_, result) = tokio::join!(sink.forward(stream, job.shard, item), done);
-                    result
-                } else {
-                    // Nobody reads the pieces: dropping the receiver lets
-                    // the model run without waiting on it.
-                    drop(stream);
-                    done.await
-                };
-                match result {
-                    Ok(Ok(g)) => generations.push(g),
-                    Ok(Err(e)) => {
-                        failure = Some(e.to_string());
-                        break;
-                    }
-                    Err(_) => {
-                        failure = Some("worker pool stopped".into());
-                        break;
-                    }
+                    result.map_err(|e| e.to_string())
                 }
-            }
-            let output = match failure {
-                Some(e) => Err(e),
-                None => Ok(ShardOutput::Generations(generations)),
             };
             let compute_ms = started.elapsed().as_millis() as u32;
+            let (output, input_tokens) = match result {
+                Ok(run) => (Ok(run.output), run.input_tokens),
+                Err(e) => (Err(e), 0),
+            };
             let done = JobDone { job, output, compute_ms, input_tokens };
             let _ = tx.send(Command::JobDone(Box::new(done))).await;
         });
