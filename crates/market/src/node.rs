@@ -141,8 +141,9 @@ pub struct Pipeline {
     pub children: Vec<TaskId>,
     /// The signed receipt of each stage done, in order.
     receipts: Vec<Signed<Receipt>>,
-    /// How it ended, once it did.
+    /// How it ended, once it did, and when (ms).
     pub outcome: Option<StagedOutcome>,
+    ended_ms: u64,
 }
 
 /// How a staged task ended.
@@ -569,10 +570,11 @@ impl Node {
     }
 
     /// Hands a task to the market. `entropy` names it and draws its spot
-    /// checks (fresh randomness from the interpreter). The model is chosen by a stated rule: the weights
-    /// named (by digest or id), else, of the weights serving the kind, those
-    /// with the most throughput from peers in good standing (speed times
-    /// reputation, summed), ties broken by digest.
+    /// checks (fresh randomness from the interpreter). The model is chosen
+    /// by a stated rule: the weights named (by digest or id), else, of the
+    /// weights serving the kind, those with the most throughput from peers
+    /// in good standing (speed times reputation, summed), ties broken by
+    /// digest.
     pub fn submit(
         &mut self,
         now_ms: u64,
@@ -628,7 +630,8 @@ impl Node {
         let label = submission.label.clone();
         let (child, mut out) = self.submit(now_ms, Entropy::stage(&seed, 0), submission)?;
         self.parents.insert(child, parent);
-        let pipeline = Pipeline { label, seed, stages, children: vec![child], receipts: Vec::new(), outcome: None };
+        let pipeline =
+            Pipeline { label, seed, stages, children: vec![child], receipts: Vec::new(), outcome: None, ended_ms: 0 };
         self.pipelines.insert(parent, pipeline);
         self.journal_pipeline(parent, &mut out);
         Ok((parent, out))
@@ -650,6 +653,7 @@ impl Node {
                 Some(Outcome::Done { output, receipt, .. }) => Ok((output, receipt)),
             };
             let Some(p) = self.pipelines.get_mut(&parent) else { continue };
+            p.ended_ms = now_ms;
             match next {
                 Err(reason) => p.outcome = Some(StagedOutcome::Failed(reason)),
                 Ok((output, receipt)) => {
@@ -696,6 +700,7 @@ impl Node {
                 }
             }
             self.journal_pipeline(parent, out);
+            self.retire_pipelines(out);
         }
     }
 
@@ -703,6 +708,27 @@ impl Node {
         if let Some(Ok(value)) = self.pipelines.get(&parent).map(Pipeline::encode) {
             out.push(Action::Journal(vec![Write::Task { key: task_key(parent, Part::Pipeline), value }]));
         }
+    }
+
+    /// Finished staged tasks are kept like finished tasks: the oldest
+    /// beyond `keep_finished` are forgotten, journal entry included.
+    fn retire_pipelines(&mut self, out: &mut Vec<Action>) {
+        let done = self.pipelines.values().filter(|p| p.outcome.is_some()).count();
+        let Some(excess) = done.checked_sub(self.config.keep_finished).filter(|n| *n > 0) else { return };
+        // Oldest first: by when they ended, then by id.
+        let mut finished: Vec<(u64, TaskId)> =
+            self.pipelines.iter().filter(|(_, p)| p.outcome.is_some()).map(|(id, p)| (p.ended_ms, *id)).collect();
+        finished.sort();
+        let mut forget = Vec::new();
+        for (_, id) in finished.into_iter().take(excess) {
+            if let Some(p) = self.pipelines.remove(&id) {
+                for child in p.children {
+                    self.parents.remove(&child);
+                }
+            }
+            forget.push(Write::Forget { key: task_key(id, Part::Pipeline) });
+        }
+        out.push(Action::Journal(forget));
     }
 
     /// Handles one input.

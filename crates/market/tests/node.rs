@@ -648,3 +648,16 @@ fn a_peer_that_joins_mid_task_is_asked_directly() {
     let executors = sim.check_done(0, &task, 20);
     assert!(executors.iter().all(|e| *e == late));
 }
+
+#[test]
+fn finished_staged_tasks_are_kept_like_finished_tasks() {
+    let mut sim = Sim::with_config(&[Behaviour::Honest; 3], NodeConfig::default().with_keep_finished(1));
+    let first = sim.staged(0, 2);
+    sim.run();
+    let second = sim.staged(0, 2);
+    sim.run();
+    sim.check_staged(0, &second, 2);
+    assert!(sim.nodes[0].pipeline(&first).is_none(), "the older one is forgotten");
+    let key = mycel_market::node::task_key(first, mycel_market::node::Part::Pipeline);
+    assert!(sim.journal[0].iter().any(|w| matches!(w, Write::Forget { key: k } if *k == key)));
+}
