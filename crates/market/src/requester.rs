@@ -23,12 +23,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use mycel_protocol::{
     Aggregation, Award, AwardedShard, Bid, Cfp, Digest, ModelKind, PublicKey, Receipt, RejectReason, ResultAck,
-    ResultClaim, ShardOutput, ShardResult, Signed, TaskId, TaskSpec, Verdict, Verified, VerifiedResult, limits, merkle,
-    spot,
+    ResultClaim, ShardOutput, ShardResult, Signed, TaskId, TaskSpec, Verdict, Verified, VerifiedResult, Wire, limits,
+    merkle, spot,
 };
 use serde::{Deserialize, Serialize};
-
-use mycel_protocol::Wire;
 
 use crate::kind::{self, Check, TaskKind};
 use crate::plan::{self, Plan, PlanError, PlannedShard};
@@ -133,7 +131,7 @@ impl Event {
     /// A result as it arrived: its claim's signature is checked here, once.
     pub fn result(from: PublicKey, result: ShardResult) -> Self {
         let claim = result.claim.digest();
-        let shard = <ResultClaim as mycel_protocol::Wire>::decode(result.claim.payload()).ok().map(|c| c.shard);
+        let shard = ResultClaim::decode(result.claim.payload()).ok().map(|c| c.shard);
         match result.into_verified() {
             Ok(result) => Event::Result { from, result: Box::new(result) },
             Err(_) => Event::Forged { from, shard, claim: Some(claim) },
@@ -382,7 +380,7 @@ impl Requester {
             .collect();
         Ok(Self {
             task,
-            spec_digest: Digest::of(&mycel_protocol::Wire::encode(spec)?),
+            spec_digest: Digest::of(&spec.encode()?),
             model,
             kind,
             config,
