@@ -127,6 +127,22 @@ pub struct Stage {
     pub params: mycel_protocol::GenerateParams,
 }
 
+impl Stage {
+    /// The stage as a task of its own, on `work` (the stage before's output).
+    fn submission(&self, work: Work) -> Submission {
+        Submission {
+            label: self.label.clone(),
+            kind: self.kind,
+            model: self.model.clone(),
+            work,
+            split: self.split,
+            redundancy: self.redundancy,
+            spot_check_permille: self.spot_check_permille,
+            then: Vec::new(),
+        }
+    }
+}
+
 /// A staged task: its stages, the child task running each, and the
 /// receipts of those done.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -625,16 +641,46 @@ impl Node {
             return Err(SubmitError::Invalid(format!("at most {} stages", mycel_protocol::limits::STAGES)));
         }
         let parent = TaskId(entropy.task_id);
-        let seed = entropy.spot_secret;
         let stages = std::mem::take(&mut submission.then);
-        let label = submission.label.clone();
-        let (child, mut out) = self.submit(now_ms, Entropy::stage(&seed, 0), submission)?;
-        self.parents.insert(child, parent);
-        let pipeline =
-            Pipeline { label, seed, stages, children: vec![child], receipts: Vec::new(), outcome: None, ended_ms: 0 };
+        let pipeline = Pipeline {
+            label: submission.label.clone(),
+            seed: entropy.spot_secret,
+            stages,
+            children: Vec::new(),
+            receipts: Vec::new(),
+            outcome: None,
+            ended_ms: 0,
+        };
         self.pipelines.insert(parent, pipeline);
-        self.journal_pipeline(parent, &mut out);
+        let mut out = Vec::new();
+        if let Err(e) = self.start_stage(now_ms, parent, 0, submission, &mut out) {
+            // Nothing was sent or stored: the staged task never was.
+            self.pipelines.remove(&parent);
+            return Err(e);
+        }
         Ok((parent, out))
+    }
+
+    /// Starts stage `index` of `parent` as a child task. The staged task's
+    /// record, naming the child, is journaled before anything the child
+    /// sends, so a restart never starts the same stage twice.
+    fn start_stage(
+        &mut self,
+        now_ms: u64,
+        parent: TaskId,
+        index: usize,
+        submission: Submission,
+        out: &mut Vec<Action>,
+    ) -> Result<(), SubmitError> {
+        let Some(seed) = self.pipelines.get(&parent).map(|p| p.seed) else { return Ok(()) };
+        let (child, actions) = self.submit(now_ms, Entropy::stage(&seed, index), submission)?;
+        self.parents.insert(child, parent);
+        if let Some(p) = self.pipelines.get_mut(&parent) {
+            p.children.push(child);
+        }
+        self.journal_pipeline(parent, out);
+        out.extend(actions);
+        Ok(())
     }
 
     /// Moves on every staged task whose current stage finished: the next
@@ -643,65 +689,58 @@ impl Node {
         while let Some(child) = self.just_finished.pop() {
             let Some(parent) = self.parents.get(&child).copied() else { continue };
             let Some(p) = self.pipelines.get(&parent) else { continue };
-            let stage = p.children.len() - 1;
             if p.outcome.is_some() || p.children.last() != Some(&child) {
                 continue;
             }
-            let next = match self.tasks.get(&child).and_then(|t| t.outcome.clone()) {
+            let stage = p.children.len() - 1;
+            let ended = match self.tasks.get(&child).and_then(|t| t.outcome.clone()) {
                 None => continue,
-                Some(Outcome::Failed(reason)) => Err(format!("stage {stage}: {reason}")),
-                Some(Outcome::Done { output, receipt, .. }) => Ok((output, receipt)),
-            };
-            let Some(p) = self.pipelines.get_mut(&parent) else { continue };
-            p.ended_ms = now_ms;
-            match next {
-                Err(reason) => p.outcome = Some(StagedOutcome::Failed(reason)),
-                Ok((output, receipt)) => {
-                    p.receipts.push(*receipt);
-                    match p.stages.get(stage).cloned() {
-                        None => {
-                            let staged = output.digest().map(|digest| StagedReceipt {
-                                task: parent,
-                                stages: p.receipts.clone(),
-                                output: digest,
-                            });
-                            p.outcome = Some(match staged.map(|s| Signed::sign(&self.key, &s)) {
-                                Ok(Ok(receipt)) => StagedOutcome::Done { output, receipt: Box::new(receipt) },
-                                _ => StagedOutcome::Failed("signing the staged receipt".into()),
-                            });
-                        }
-                        Some(next) => {
-                            let seed = p.seed;
-                            let started =
-                                crate::kind::feed(&output, &next).map_err(SubmitError::Invalid).and_then(|work| {
-                                    let submission = Submission {
-                                        label: next.label.clone(),
-                                        kind: next.kind,
-                                        model: next.model.clone(),
-                                        work,
-                                        split: next.split,
-                                        redundancy: next.redundancy,
-                                        spot_check_permille: next.spot_check_permille,
-                                        then: Vec::new(),
-                                    };
-                                    self.submit(now_ms, Entropy::stage(&seed, stage + 1), submission)
-                                });
-                            let Some(p) = self.pipelines.get_mut(&parent) else { continue };
-                            match started {
-                                Ok((child, actions)) => {
-                                    p.children.push(child);
-                                    self.parents.insert(child, parent);
-                                    out.extend(actions);
-                                }
-                                Err(e) => p.outcome = Some(StagedOutcome::Failed(format!("stage {}: {e}", stage + 1))),
-                            }
-                        }
-                    }
+                Some(Outcome::Failed(reason)) => Some(StagedOutcome::Failed(format!("stage {stage}: {reason}"))),
+                Some(Outcome::Done { output, receipt, .. }) => {
+                    self.stage_done(now_ms, parent, stage, output, *receipt, out)
                 }
+            };
+            // A next stage started has journaled the record already.
+            if let Some(ended) = ended
+                && let Some(p) = self.pipelines.get_mut(&parent)
+            {
+                p.outcome = Some(ended);
+                p.ended_ms = now_ms;
+                self.journal_pipeline(parent, out);
+                self.retire_pipelines(out);
             }
-            self.journal_pipeline(parent, out);
-            self.retire_pipelines(out);
         }
+    }
+
+    /// Stage `stage` of `parent` completed: the next stage starts on its
+    /// output, or after the last one the staged receipt is signed. Returns
+    /// how the staged task ended, if it did.
+    fn stage_done(
+        &mut self,
+        now_ms: u64,
+        parent: TaskId,
+        stage: usize,
+        output: ShardOutput,
+        receipt: Signed<Receipt>,
+        out: &mut Vec<Action>,
+    ) -> Option<StagedOutcome> {
+        let p = self.pipelines.get_mut(&parent)?;
+        p.receipts.push(receipt);
+        let Some(next) = p.stages.get(stage).cloned() else {
+            let staged = output.digest().map(|digest| StagedReceipt {
+                task: parent,
+                stages: p.receipts.clone(),
+                output: digest,
+            });
+            return Some(match staged.map(|s| Signed::sign(&self.key, &s)) {
+                Ok(Ok(receipt)) => StagedOutcome::Done { output, receipt: Box::new(receipt) },
+                _ => StagedOutcome::Failed("signing the staged receipt".into()),
+            });
+        };
+        let started = crate::kind::feed(&output, &next)
+            .map_err(SubmitError::Invalid)
+            .and_then(|work| self.start_stage(now_ms, parent, stage + 1, next.submission(work), out));
+        started.err().map(|e| StagedOutcome::Failed(format!("stage {}: {e}", stage + 1)))
     }
 
     fn journal_pipeline(&self, parent: TaskId, out: &mut Vec<Action>) {

@@ -350,25 +350,7 @@ impl Sim {
         for chunk in random.chunks_mut(8) {
             chunk.copy_from_slice(&self.next_random().to_le_bytes());
         }
-        let greedy = GenerateParams { max_tokens: 8, ..GenerateParams::default() };
-        let submission = Submission {
-            label: "generate".into(),
-            kind: ModelKind::Generation,
-            model: None,
-            work: Work::Generate { prompts: (0..prompts).map(|i| format!("prompt {i}")).collect(), params: greedy },
-            split: Split::ItemsPerShard(2),
-            redundancy: 1,
-            spot_check_permille: 0,
-            then: vec![Stage {
-                label: "embed".into(),
-                kind: ModelKind::Embedding,
-                model: None,
-                split: Split::ItemsPerShard(3),
-                redundancy: 1,
-                spot_check_permille: 0,
-                params: GenerateParams::default(),
-            }],
-        };
+        let submission = staged_submission(prompts);
         let (task, actions) = self.nodes[node].submit(self.now, Entropy::from_bytes(random), submission).unwrap();
         self.perform(node, actions);
         task
@@ -660,4 +642,44 @@ fn finished_staged_tasks_are_kept_like_finished_tasks() {
     assert!(sim.nodes[0].pipeline(&first).is_none(), "the older one is forgotten");
     let key = mycel_market::node::task_key(first, mycel_market::node::Part::Pipeline);
     assert!(sim.journal[0].iter().any(|w| matches!(w, Write::Forget { key: k } if *k == key)));
+}
+
+/// Generate an answer to each of `prompts` prompts, then embed the answers.
+fn staged_submission(prompts: usize) -> Submission {
+    let greedy = GenerateParams { max_tokens: 8, ..GenerateParams::default() };
+    Submission {
+        label: "generate".into(),
+        kind: ModelKind::Generation,
+        model: None,
+        work: Work::Generate { prompts: (0..prompts).map(|i| format!("prompt {i}")).collect(), params: greedy },
+        split: Split::ItemsPerShard(2),
+        redundancy: 1,
+        spot_check_permille: 0,
+        then: vec![Stage {
+            label: "embed".into(),
+            kind: ModelKind::Embedding,
+            model: None,
+            split: Split::ItemsPerShard(3),
+            redundancy: 1,
+            spot_check_permille: 0,
+            params: GenerateParams::default(),
+        }],
+    }
+}
+
+#[test]
+fn a_stage_is_journaled_as_part_of_its_staged_task_before_its_child_sends_anything() {
+    let mut sim = Sim::new(&[Behaviour::Honest; 3]);
+    let (task, actions) = sim.nodes[0].submit(sim.now, Entropy::from_bytes([5; 48]), staged_submission(2)).unwrap();
+    let key = mycel_market::node::task_key(task, mycel_market::node::Part::Pipeline);
+    let names_it = |w: &Write| matches!(w, Write::Task { key: k, .. } if *k == key);
+    let record = actions.iter().position(|a| matches!(a, Action::Journal(writes) if writes.iter().any(names_it)));
+    let first_send = actions.iter().position(|a| matches!(a, Action::Send { .. } | Action::Gossip(_)));
+    // Otherwise a crash in between would start the same stage again.
+    assert!(record.unwrap() < first_send.unwrap(), "{actions:?}");
+    // A staged task whose first stage cannot start leaves nothing behind.
+    let mut hopeless = staged_submission(2);
+    hopeless.model = Some("no such model".into());
+    assert!(sim.nodes[0].submit(sim.now, Entropy::from_bytes([6; 48]), hopeless).is_err());
+    assert!(sim.nodes[0].pipeline(&TaskId([6; 16])).is_none());
 }
