@@ -59,6 +59,34 @@ pub enum Command {
     Tasks(ClientArgs),
     /// One task: state, and which peer did each shard.
     Task(TaskArgs),
+    /// Simulate a swarm in one process (the real market code, virtual time,
+    /// faults and liars from a seed) and check its invariants; exits
+    /// non-zero if any broke.
+    Sim(SimArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// A scenario file (TOML; see crates/sim/scenarios/); the flags below
+    /// override its numbers [default: a small honest swarm].
+    #[arg(long, value_name = "FILE")]
+    pub scenario: Option<PathBuf>,
+
+    /// Nodes in the swarm.
+    #[arg(long, value_name = "N")]
+    pub nodes: Option<usize>,
+
+    /// Tasks submitted.
+    #[arg(long, value_name = "T")]
+    pub tasks: Option<usize>,
+
+    /// Shards in each task.
+    #[arg(long, value_name = "S")]
+    pub shards_per_task: Option<u32>,
+
+    /// The seed: the same seed replays the same run [default: random].
+    #[arg(long, value_name = "SEED")]
+    pub seed: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
