@@ -474,7 +474,9 @@ pub struct TestnetUpArgs {
     pub replicas: u32,
 
     /// Make node INDEX misbehave, repeatable: `--fault 3=perturb` (wrong
-    /// results) or `--fault 2=forge` (corrupt signatures).
+    /// results), `2=forge` (corrupt signatures), `4=sometimes` (wrong on
+    /// about one shard in four), `1=silent` (never answers) or `5=slow`
+    /// (answers ten times late).
     #[arg(long, value_name = "INDEX=KIND", value_parser = parse_fault)]
     pub fault: Vec<(u32, crate::market::Fault)>,
 }
@@ -483,7 +485,8 @@ fn parse_fault(s: &str) -> Result<(u32, crate::market::Fault), String> {
     use clap::ValueEnum as _;
     let (index, kind) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected INDEX=KIND, e.g. 3=perturb"))?;
     let index = index.parse().map_err(|_| format!("{index:?} is not a node index"))?;
-    let kind = crate::market::Fault::from_str(kind, true).map_err(|_| format!("{kind:?}: perturb or forge"))?;
+    let kind = crate::market::Fault::from_str(kind, true)
+        .map_err(|_| format!("{kind:?}: perturb, forge, sometimes, silent or slow"))?;
     Ok((index, kind))
 }
 

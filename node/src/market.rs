@@ -89,6 +89,12 @@ pub enum Fault {
     Perturb,
     /// Corrupts the signature of every result it sends.
     Forge,
+    /// Lies like perturb, on about one shard in four.
+    Sometimes,
+    /// Takes work and never answers.
+    Silent,
+    /// Answers truthfully, ten times later than it should.
+    Slow,
 }
 
 impl From<Fault> for mycel_market::node::Fault {
@@ -96,6 +102,9 @@ impl From<Fault> for mycel_market::node::Fault {
         match f {
             Fault::Perturb => Self::Perturb,
             Fault::Forge => Self::Forge,
+            Fault::Sometimes => Self::Sometimes,
+            Fault::Silent => Self::Silent,
+            Fault::Slow => Self::Slow,
         }
     }
 }
@@ -121,6 +130,9 @@ pub struct Driver {
     /// Messages waiting for each peer, bounded ([`OUTBOX`]).
     outboxes: BTreeMap<PublicKey, mpsc::Sender<(Market, u32)>>,
     metrics: Arc<Metrics>,
+    /// `--fault slow`: each finished job is held back nine times its
+    /// compute time before the market hears of it.
+    slow: bool,
 }
 
 impl std::fmt::Debug for Driver {
@@ -164,6 +176,7 @@ pub fn start(
         watchers: BTreeMap::new(),
         outboxes: BTreeMap::new(),
         metrics,
+        slow: settings.fault == Some(Fault::Slow),
     };
     tokio::spawn(driver.run(rx));
     tx

@@ -83,6 +83,30 @@ pub enum Fault {
     Perturb,
     /// Corrupts the signature of every result it sends.
     Forge,
+    /// Lies like [`Fault::Perturb`], on about one shard in four (chosen by
+    /// the shard's task and index, so a retried shard lies again): the
+    /// cheat who hopes most shards go unchecked.
+    Sometimes,
+    /// Bids, wins, runs the work and never answers.
+    Silent,
+    /// Answers truthfully, ten times later than its bid promised (the
+    /// interpreter holds each finished job back; the machine does nothing
+    /// different).
+    Slow,
+}
+
+impl Fault {
+    /// Whether this fault lies about `job` (a wrong output, signed).
+    fn lies_about(self, job: &Job) -> bool {
+        match self {
+            Fault::Perturb => true,
+            Fault::Sometimes => {
+                let at = job.shard.to_le_bytes();
+                Digest::of_parts(&[b"mycel/fault-sometimes", &job.task.0, &at]).0[0] < 64
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A task as a user hands it over, already mapped from the API's request.
@@ -1172,7 +1196,12 @@ impl Node {
             }));
         }
         let output = match self.config.fault {
-            Some(Fault::Perturb) => perturb(output),
+            Some(fault) if fault.lies_about(&job) => perturb(output),
+            Some(Fault::Silent) => {
+                // Gone quiet: the work is done and nobody hears of it.
+                worker.forget(job.task, job.shard);
+                return;
+            }
             _ => output,
         };
         let Some(claim) = worker.on_done(now_ms, &job, Done { output: &output, compute_ms, input_tokens }) else {

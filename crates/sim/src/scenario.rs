@@ -135,15 +135,16 @@ pub struct Partition {
 pub struct Misbehaving {
     /// Return wrong vectors, each its own, signed as their own.
     pub liars: f64,
-    /// Lie only on shards they think unchecked: when they won a round
-    /// alone (most single-copy shards are never spot-checked).
+    /// Lie on about one shard in four, hoping those go unchecked (the
+    /// node's own `sometimes` fault).
     pub sneaky: f64,
-    /// Send results whose signature does not verify.
+    /// Send results whose signature does not verify (the node's own
+    /// `forge` fault).
     pub forgers: f64,
     /// Answer with a signed claim copied from elsewhere (another peer's
     /// result for the same shard, or their own for another shard).
     pub replayers: f64,
-    /// Bid, win, and never answer.
+    /// Bid, win, and never answer (the node's own `silent` fault).
     pub silent: f64,
     /// Run every shard 20 times slower than they advertise.
     pub slow: f64,

@@ -32,8 +32,6 @@ const FIRST_SUBMIT_MS: u64 = 1_000;
 const SLOW_FACTOR: u64 = 20;
 /// Results a replayer remembers to copy from.
 const OVERHEARD: usize = 256;
-/// A sneaky liar lies on this share of its shards, per mille.
-const SNEAKY_PERMILLE: u32 = 250;
 
 /// The simulated embedding model: a fixed unit vector per text.
 pub fn embed(text: &str) -> [f32; DIM] {
@@ -453,7 +451,14 @@ impl Sim {
     /// journal holds, then the adverts it hears.
     fn boot(&mut self, node: usize) {
         let n = &mut self.nodes[node];
-        let fault = (n.behaviour == Behaviour::Forger).then_some(Fault::Forge);
+        // The machine's own fault injection (what `mycel node --fault`
+        // uses) where it has one; the rest is the simulator's doing.
+        let fault = match n.behaviour {
+            Behaviour::Forger => Some(Fault::Forge),
+            Behaviour::Sneaky => Some(Fault::Sometimes),
+            Behaviour::Silent => Some(Fault::Silent),
+            _ => None,
+        };
         let config = NodeConfig::default().with_fault(fault);
         n.machine = Some(Node::new(Keypair::from_secret_bytes(&n.secret), config));
         let models = vec![model(n.speed)];
@@ -602,10 +607,8 @@ impl Sim {
                     }
                 }
                 Action::Execute(job) => {
-                    if self.nodes[node].behaviour != Behaviour::Silent {
-                        self.nodes[node].waiting.push_back(job);
-                        self.start_jobs(node);
-                    }
+                    self.nodes[node].waiting.push_back(job);
+                    self.start_jobs(node);
                 }
                 Action::Load(load) => self.nodes[node].load = load,
                 Action::Progress(task) => progressed.push(task),
@@ -734,7 +737,6 @@ impl Sim {
             match n.behaviour {
                 Behaviour::Liar => output = lie(output, node as u64 + 1),
                 Behaviour::Sybil => output = lie(output, 0),
-                Behaviour::Sneaky if self.rng.permille(SNEAKY_PERMILLE) => output = lie(output, node as u64 + 1),
                 _ => {}
             }
             let epoch = n.epoch;

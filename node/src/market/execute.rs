@@ -115,6 +115,7 @@ impl Driver {
         let tx = self.tx.clone();
         let (net, me) = (self.net.clone(), self.me);
         let models = self.models.clone();
+        let slow = self.slow;
         tokio::spawn(async move {
             let started = Instant::now();
             let result = match models.as_ref().and_then(|m| m.model(&job.model).map(|model| (m, model))) {
@@ -145,6 +146,9 @@ impl Driver {
                 }
             };
             let compute_ms = started.elapsed().as_millis() as u32;
+            if slow {
+                tokio::time::sleep(started.elapsed() * 9).await;
+            }
             let (output, input_tokens) = match result {
                 Ok(run) => (Ok(run.output), run.input_tokens),
                 Err(e) => (Err(e), 0),
