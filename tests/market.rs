@@ -176,6 +176,60 @@ fn a_worker_killed_mid_task_leaves_the_task_complete() {
     down(&net.dir());
 }
 
+#[test]
+fn testnet_chaos_kills_and_restarts_workers_while_a_task_ends_exact() {
+    let net = Swarm::up(5, &[]);
+    let (tmp, manifest) = (net.tmp.path(), &net.manifest);
+    let requester = &manifest.nodes[0];
+
+    // Every 2 s a random worker dies (kill -9) and is back 1 s later; the
+    // requester, node-00, is spared (its own crash has a test above).
+    let chaos = mycel()
+        .args(["testnet", "chaos", "--dir"])
+        .arg(net.dir())
+        .args(["--kill-every", "2s", "--down", "1s", "--seed", "7", "--for", "300s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut chaos = KillOnDrop(chaos);
+
+    let input = tmp.join("texts.txt");
+    write_texts(&input, 3000);
+    let result = tmp.join("vectors.jsonl");
+    let out = mycel()
+        .args(["submit", "embed", "--items-per-shard", "25", "--input"])
+        .arg(&input)
+        .arg("--out")
+        .arg(&result)
+        .arg("--node")
+        .arg(&requester.api)
+        .output()
+        .unwrap();
+    let _ = chaos.0.kill();
+    let mut log = String::new();
+    if let Some(mut stdout) = chaos.0.stdout.take() {
+        use std::io::Read as _;
+        let _ = stdout.read_to_string(&mut log);
+    }
+    assert!(out.status.success(), "submit failed: {}\nchaos:\n{log}", String::from_utf8_lossy(&out.stderr));
+    let kills = log.lines().filter(|l| l.contains(" killed node-")).count();
+    assert!(kills >= 1, "chaos killed nothing while the task ran:\n{log}");
+    assert!(!log.contains("killed node-00"), "{log}");
+
+    // The exact single-node result, every text once, in order, receipted.
+    let (swarm, alone) = (read_vectors(&result), local_vectors(&input, tmp));
+    assert_eq!(swarm.len(), 3000, "chaos:\n{log}");
+    for (i, (a, b)) in swarm.iter().zip(&alone).enumerate() {
+        let c = cosine(a, b);
+        assert!(c >= 0.9999, "line {i}: cosine {c}");
+    }
+    let verified = verify(&result);
+    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
+    eprintln!("{kills} kills during the task:\n{log}");
+    down(&net.dir());
+}
+
 /// Kills the child on drop, so a failed assertion leaves no node behind.
 struct KillOnDrop(std::process::Child);
 impl Drop for KillOnDrop {

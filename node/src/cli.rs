@@ -438,6 +438,36 @@ pub enum TestnetCommand {
     Status(TestnetDirArgs),
     /// Stop the testnet's nodes and remove its files.
     Down(TestnetDirArgs),
+    /// Kill -9 a random node on a schedule and start it again on the same
+    /// data, logging each step (until interrupted, or for --for).
+    Chaos(TestnetChaosArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TestnetChaosArgs {
+    #[command(flatten)]
+    pub dir: TestnetDir,
+
+    /// Time between kills.
+    #[arg(long, default_value = "5s", value_name = "DURATION")]
+    pub kill_every: DurationArg,
+
+    /// How long a killed node stays down before it is started again.
+    #[arg(long, default_value = "1s", value_name = "DURATION")]
+    pub down: DurationArg,
+
+    /// Seed of the schedule (which node dies when) [default: random].
+    #[arg(long, value_name = "SEED")]
+    pub seed: Option<u64>,
+
+    /// Stop after this long [default: run until interrupted].
+    #[arg(long = "for", value_name = "DURATION")]
+    pub duration: Option<DurationArg>,
+
+    /// Never kill node INDEX, repeatable [default: 0, the bootstrap node
+    /// the others dial].
+    #[arg(long, value_name = "INDEX")]
+    pub spare: Vec<usize>,
 }
 
 #[derive(Debug, Args)]

@@ -86,6 +86,33 @@ pub fn run(cmd: TestnetCommand) -> Result<()> {
             }
             Ok(())
         }
+        TestnetCommand::Chaos(args) => {
+            let seed = match args.seed {
+                Some(seed) => seed,
+                None => {
+                    let mut bytes = [0u8; 8];
+                    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness for a seed: {e}"))?;
+                    u64::from_le_bytes(bytes)
+                }
+            };
+            let opts = mycel_testnet::chaos::ChaosOptions {
+                dir: args.dir.path.clone(),
+                kill_every: args.kill_every.0,
+                down: args.down.0,
+                seed,
+                duration: args.duration.map(|d| d.0),
+                spare: if args.spare.is_empty() { vec![0] } else { args.spare.clone() },
+            };
+            // The log goes to stdout, a line per step, as it happens.
+            let report = mycel_testnet::chaos::chaos(&opts, &mut std::io::stdout())?;
+            anyhow::ensure!(
+                report.restarted == report.killed.len(),
+                "{} of {} killed nodes did not come back (see the log above)",
+                report.killed.len() - report.restarted,
+                report.killed.len()
+            );
+            Ok(())
+        }
         TestnetCommand::Down(args) => {
             let started = Instant::now();
             let stopped = net::down(&args.dir.path, Duration::from_secs(10))?;

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod chaos;
 pub mod net;
 
 /// Lines buffered between the reader thread and the test. When full, the

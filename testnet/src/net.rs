@@ -41,6 +41,18 @@ pub struct NodeEntry {
     pub data_dir: PathBuf,
 }
 
+/// The user's node settings, which testnet nodes never read.
+pub(crate) const NODE_ENV: [&str; 8] = [
+    "MYCEL_CONFIG",
+    "MYCEL_BOOTSTRAP",
+    "MYCEL_LISTEN",
+    "MYCEL_API",
+    "MYCEL_DATA_DIR",
+    "MYCEL_MODELS_DIR",
+    "MYCEL_MODELS",
+    "MYCEL_REPLICAS",
+];
+
 /// File name of the manifest in the testnet directory.
 pub const MANIFEST: &str = "testnet.json";
 
@@ -86,7 +98,7 @@ impl Manifest {
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
-    fn write(&self, dir: &Path) -> Result<()> {
+    pub(crate) fn write(&self, dir: &Path) -> Result<()> {
         let tmp = dir.join(format!(".{MANIFEST}.tmp"));
         fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
         fs::rename(&tmp, dir.join(MANIFEST)).with_context(|| format!("writing {}", dir.join(MANIFEST).display()))
@@ -119,17 +131,7 @@ impl Starting {
         if let Some(b) = bootstrap {
             cmd.args(["--bootstrap", b]);
         }
-        // Nodes read none of the user's node settings.
-        for var in [
-            "MYCEL_CONFIG",
-            "MYCEL_BOOTSTRAP",
-            "MYCEL_LISTEN",
-            "MYCEL_API",
-            "MYCEL_DATA_DIR",
-            "MYCEL_MODELS_DIR",
-            "MYCEL_MODELS",
-            "MYCEL_REPLICAS",
-        ] {
+        for var in NODE_ENV {
             cmd.env_remove(var);
         }
         let child = cmd
