@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use mycel_testnet::net::{Manifest, NodeEntry};
 
 use crate::support::mycel;
-use crate::testnet::{Guard, cosine, down, peers_seen_by, read_vectors, test_models, up_with_args};
+use crate::testnet::{Guard, cosine, down, peers_seen_by, read_vectors, test_models, up_with_args, up_with_env};
 
 /// Waits until `node` sees `n` peers serving a model.
 fn wait_for_workers(node: &NodeEntry, n: usize) {
@@ -412,4 +412,141 @@ fn a_node_keeps_only_its_newest_finished_tasks_in_memory_and_journal() {
     let view = get_json(&format!("{api}/api/v1/tasks/{}", ids[2])).unwrap();
     assert_eq!(view["state"], "done", "{view}");
     down(&net.dir());
+}
+
+/// What a flood of submissions did: accepted task ids, refusals with their
+/// status and message, how long until every accepted task ended, and the
+/// requester's peak memory.
+struct Flood {
+    accepted: Vec<String>,
+    refused: Vec<(u16, String)>,
+    took: Duration,
+    peak_rss_kib: u64,
+}
+
+/// Submits `tasks` small embedding tasks to node-00 of a `nodes`-node
+/// testnet that runs at most `limit` at once, from 50 threads at once,
+/// then waits for every accepted one.
+fn flood(nodes: u32, tasks: usize, limit: usize) -> Flood {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("net");
+    let (limit, keep) = (limit.to_string(), (tasks + 100).to_string());
+    // Every accepted task stays readable until the test has seen it end.
+    let env = [
+        ("MYCEL_MAX_RUNNING_TASKS", limit.as_str()),
+        ("MYCEL_API_RATE_LIMIT", "100000"),
+        ("MYCEL_KEEP_FINISHED", keep.as_str()),
+    ];
+    let manifest = up_with_env(&dir, nodes, &["all-minilm-l6-v2"], &[], &env);
+    let _guard = Guard(&dir);
+    wait_for_workers(&manifest.nodes[0], nodes as usize - 1);
+    let api = manifest.nodes[0].api.clone();
+    let started = Instant::now();
+    let threads = 50.min(tasks);
+    let results: Vec<Result<String, (u16, String)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let api = api.clone();
+                s.spawn(move || {
+                    (t..tasks)
+                        .step_by(threads)
+                        .map(|i| {
+                            let texts: Vec<String> = (0..8).map(|j| format!("flood {i} text {j}")).collect();
+                            let body = serde_json::json!({"kind": "embed", "inputs": texts, "items_per_shard": 4});
+                            match ureq::post(&format!("{api}/api/v1/tasks")).send_json(&body) {
+                                Ok(r) => {
+                                    let v: serde_json::Value = r.into_body().read_json().unwrap();
+                                    Ok(v["task"].as_str().unwrap().to_string())
+                                }
+                                Err(ureq::Error::StatusCode(code)) => Err((code, String::new())),
+                                Err(e) => panic!("request failed: {e}"),
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    eprintln!("{} submissions answered in {:.1} s", results.len(), started.elapsed().as_secs_f64());
+    let (accepted, refused): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
+    let accepted: Vec<String> = accepted.into_iter().map(Result::unwrap).collect();
+    let mut refused: Vec<(u16, String)> = refused.into_iter().map(|r| r.unwrap_err()).collect();
+    // The refusal's message, once (ureq hides bodies of error statuses).
+    if !refused.is_empty() {
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let mut busy = Vec::new();
+        for i in 0..limit.parse::<usize>().unwrap() + 1 {
+            let body = serde_json::json!({"kind": "embed", "inputs": [format!("probe {i}")]});
+            let mut r = agent.post(&format!("{api}/api/v1/tasks")).send_json(&body).unwrap();
+            if r.status().as_u16() != 200 {
+                refused[0].1 = r.body_mut().read_to_string().unwrap();
+                break;
+            }
+            busy.push(r.body_mut().read_json::<serde_json::Value>().unwrap()["task"].as_str().unwrap().to_string());
+        }
+        let mut all = accepted.clone();
+        all.extend(busy);
+        return finish_flood(&api, all, refused, started, &manifest.nodes[0]);
+    }
+    finish_flood(&api, accepted, refused, started, &manifest.nodes[0])
+}
+
+fn finish_flood(
+    api: &str,
+    accepted: Vec<String>,
+    refused: Vec<(u16, String)>,
+    started: Instant,
+    node: &NodeEntry,
+) -> Flood {
+    let peak = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid)).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    for task in &accepted {
+        loop {
+            let view = get_json(&format!("{api}/api/v1/tasks/{task}")).unwrap();
+            if view["state"] == "done" {
+                assert!(view["embeddings"].as_array().is_some_and(|e| !e.is_empty()), "{view}");
+                break;
+            }
+            assert_eq!(view["state"], "running", "an accepted task must complete: {view}");
+            assert!(started.elapsed() < Duration::from_secs(600), "not done after 10 min: {view}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Flood { accepted, refused, took: started.elapsed(), peak_rss_kib: peak() }
+}
+
+#[test]
+fn a_flood_of_tasks_is_refused_clearly_past_the_limit_and_every_accepted_one_completes() {
+    let f = flood(2, 40, 4);
+    assert!(!f.refused.is_empty(), "40 tasks at once against a limit of 4: some must be refused");
+    assert!(f.accepted.len() >= 4, "{} accepted", f.accepted.len());
+    assert!(f.refused.iter().all(|(code, _)| *code == 503), "{:?}", f.refused);
+    let message = &f.refused[0].1;
+    assert!(message.contains("running 4 tasks") && message.contains("--max-running-tasks"), "{message}");
+}
+
+/// The load measurement in RELIABILITY.md: 1,000 tasks at once to one node
+/// of three. Minutes: `cargo nextest run -p mycel-tests --run-ignored only -E 'test(thousand)'`.
+#[test]
+#[ignore = "a measurement, minutes long; RELIABILITY.md has its figures"]
+fn a_thousand_tasks_at_once() {
+    let f = flood(3, 1000, 256);
+    eprintln!(
+        "1,000 tasks at once: {} accepted, {} refused (503), then {} probes; all accepted done in {:.1} s; \
+         requester peak RSS {} MiB",
+        1000 - f.refused.len(),
+        f.refused.len(),
+        f.accepted.len() + f.refused.len() - 1000,
+        f.took.as_secs_f64(),
+        f.peak_rss_kib / 1024
+    );
+    assert!(f.refused.iter().all(|(code, _)| *code == 503), "{:?}", f.refused);
+    assert!(f.accepted.len() >= 256, "{} accepted", f.accepted.len());
 }

@@ -123,7 +123,20 @@ pub(crate) fn up_with_models(dir: &Path, nodes: u32, node_models: &[&str]) -> Ma
 
 /// [`up_with_models`] with more `testnet up` flags (faults).
 pub(crate) fn up_with_args(dir: &Path, nodes: u32, node_models: &[&str], extra: &[&str]) -> Manifest {
+    up_with_env(dir, nodes, node_models, extra, &[])
+}
+
+/// [`up_with_args`] with node settings in the environment (`MYCEL_*`),
+/// which every node of the testnet inherits.
+pub(crate) fn up_with_env(
+    dir: &Path,
+    nodes: u32,
+    node_models: &[&str],
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Manifest {
     let mut cmd = mycel();
+    cmd.envs(env.iter().copied());
     cmd.args(["testnet", "up", "--nodes", &nodes.to_string(), "--advert-interval", "1s", "--models-dir"])
         .arg(test_models());
     for models in node_models {

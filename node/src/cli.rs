@@ -386,6 +386,11 @@ pub struct NodeArgs {
     #[arg(long, env = "MYCEL_KEEP_FINISHED", value_name = "N")]
     pub keep_finished: Option<usize>,
 
+    /// Tasks this node runs at once as requester (API and OpenAI requests
+    /// alike); past it new ones get a 503 saying so [default: 256].
+    #[arg(long, env = "MYCEL_MAX_RUNNING_TASKS", value_name = "N")]
+    pub max_running_tasks: Option<usize>,
+
     /// Do not discover peers on the local network.
     #[arg(long, env = "MYCEL_NO_MDNS")]
     pub no_mdns: bool,

@@ -41,6 +41,8 @@ pub struct NodeConfig {
     /// Finished tasks (with their outputs) kept for `mycel task` and the
     /// API; older ones are dropped, from the journal too.
     pub keep_finished: usize,
+    /// Tasks run at once as requester.
+    pub max_running_tasks: usize,
     /// Misbehave on purpose (testing only).
     pub fault: Option<crate::market::Fault>,
 }
@@ -63,6 +65,7 @@ impl NodeConfig {
             replicas: std::thread::available_parallelism().map_or(1, |n| n.get()),
             threads: 1,
             keep_finished: 100,
+            max_running_tasks: 256,
             fault: None,
             data_dir,
         }
@@ -125,12 +128,18 @@ impl NodeConfig {
         if let Some(n) = args.keep_finished {
             c.keep_finished = n;
         }
+        if let Some(n) = args.max_running_tasks {
+            c.max_running_tasks = n;
+        }
         c.fault = args.fault;
         if c.models.as_ref().is_some_and(|m| m.iter().any(|id| id == "none")) {
             c.models = Some(Vec::new());
         }
         if c.replicas == 0 || c.threads == 0 {
             bail!("replicas and threads must be at least 1");
+        }
+        if c.max_running_tasks == 0 {
+            bail!("max-running-tasks must be at least 1");
         }
         if c.keep_finished == 0 {
             bail!("keep-finished must be at least 1 (a task's result must outlive its completion)");
@@ -164,6 +173,7 @@ struct FileConfig {
     replicas: Option<usize>,
     threads: Option<usize>,
     keep_finished: Option<usize>,
+    max_running_tasks: Option<usize>,
 }
 
 impl FileConfig {
@@ -208,6 +218,9 @@ impl FileConfig {
         }
         if let Some(n) = self.keep_finished {
             c.keep_finished = n;
+        }
+        if let Some(n) = self.max_running_tasks {
+            c.max_running_tasks = n;
         }
         Ok(())
     }

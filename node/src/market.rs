@@ -146,6 +146,8 @@ impl std::fmt::Debug for Driver {
 pub struct Settings {
     /// Finished tasks kept.
     pub keep_finished: usize,
+    /// Tasks running at once.
+    pub max_running: usize,
     /// How long a peer's advert stays good.
     pub advert_ttl: std::time::Duration,
     /// Misbehaviour on purpose, for tests.
@@ -164,6 +166,7 @@ pub fn start(
     let me = key.public();
     let config = NodeConfig::default()
         .with_keep_finished(settings.keep_finished)
+        .with_max_running(settings.max_running)
         .with_advert_ttl_ms(settings.advert_ttl.as_millis() as u64)
         .with_fault(settings.fault.map(Into::into));
     let driver = Driver {

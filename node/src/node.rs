@@ -214,6 +214,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
     }
     let settings = crate::market::Settings {
         keep_finished: config.keep_finished,
+        max_running: config.max_running_tasks,
         // As the network judges adverts: three intervals.
         advert_ttl: config.advert_interval * 3,
         fault: config.fault,

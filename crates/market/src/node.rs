@@ -41,6 +41,10 @@ pub struct NodeConfig {
     pub advert_ttl_ms: u64,
     /// Misbehaviour on purpose, for testing the swarm's defences.
     pub fault: Option<Fault>,
+    /// Tasks running at once (a staged task counts once); past this a new
+    /// submission is refused with [`SubmitError::Busy`], so a flood of
+    /// submissions cannot grow the node without bound.
+    pub max_running: usize,
 }
 
 impl Default for NodeConfig {
@@ -51,6 +55,7 @@ impl Default for NodeConfig {
             keep_finished: 100,
             advert_ttl_ms: 30_000,
             fault: None,
+            max_running: 256,
         }
     }
 }
@@ -65,6 +70,12 @@ impl NodeConfig {
     /// With a fault injected.
     pub fn with_fault(mut self, fault: Option<Fault>) -> Self {
         self.fault = fault;
+        self
+    }
+
+    /// With at most this many tasks running at once.
+    pub fn with_max_running(mut self, n: usize) -> Self {
+        self.max_running = n.max(1);
         self
     }
 
@@ -245,6 +256,9 @@ pub enum SubmitError {
     /// The task breaks a protocol rule.
     #[error("invalid task: {0}")]
     Invalid(String),
+    /// The node runs as many tasks as it takes; the user may try later.
+    #[error("this node is running {running} tasks, its limit: try again when some finish")]
+    Busy { running: usize },
     /// The task could not be planned.
     #[error(transparent)]
     Start(#[from] requester::StartError),
@@ -621,6 +635,27 @@ impl Node {
         entropy: Entropy,
         submission: Submission,
     ) -> Result<(TaskId, Vec<Action>), SubmitError> {
+        let running = self.running();
+        if running >= self.config.max_running {
+            return Err(SubmitError::Busy { running });
+        }
+        self.start_task(now_ms, entropy, submission)
+    }
+
+    /// Tasks the user submitted that are still running: plain tasks, and
+    /// staged tasks (each once, whatever stage it is at).
+    pub fn running(&self) -> usize {
+        let plain = self.tasks.iter().filter(|(id, t)| t.outcome.is_none() && !self.parents.contains_key(id)).count();
+        plain + self.pipelines.values().filter(|p| p.outcome.is_none()).count()
+    }
+
+    /// Starts a task (or a staged task's first stage), whatever the load.
+    fn start_task(
+        &mut self,
+        now_ms: u64,
+        entropy: Entropy,
+        submission: Submission,
+    ) -> Result<(TaskId, Vec<Action>), SubmitError> {
         if !submission.then.is_empty() {
             return self.submit_staged(now_ms, entropy, submission);
         }
@@ -697,7 +732,7 @@ impl Node {
         out: &mut Vec<Action>,
     ) -> Result<(), SubmitError> {
         let Some(seed) = self.pipelines.get(&parent).map(|p| p.seed) else { return Ok(()) };
-        let (child, actions) = self.submit(now_ms, Entropy::stage(&seed, index), submission)?;
+        let (child, actions) = self.start_task(now_ms, Entropy::stage(&seed, index), submission)?;
         self.parents.insert(child, parent);
         if let Some(p) = self.pipelines.get_mut(&parent) {
             p.children.push(child);

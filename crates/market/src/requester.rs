@@ -139,17 +139,27 @@ impl Event {
     }
 }
 
+/// The pause in awards to a peer after its first refusal; it doubles with
+/// each further one.
+const REFUSAL_PAUSE_MS: u64 = 500;
+/// The longest such pause.
+const MAX_REFUSAL_PAUSE_MS: u64 = 60_000;
+
 /// Timers the requester asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Timer {
     /// The bid window of a round closes.
     BidsClose { round: u32 },
-    /// A shard's executor is late.
-    ShardDeadline { shard: u32, peer: PublicKey },
+    /// A shard's executor is late. `since_ms` names the award it times
+    /// (when it was made): a timer of an earlier award to the same peer is
+    /// stale.
+    ShardDeadline { shard: u32, peer: PublicKey, since_ms: u64 },
     /// A shard's executor is slower than expected: time for a backup copy.
-    Straggler { shard: u32, peer: PublicKey },
+    Straggler { shard: u32, peer: PublicKey, since_ms: u64 },
     /// The whole task's time is up.
     TaskDeadline,
+    /// Peers paused after giving work back may be awarded again.
+    Resume,
 }
 
 /// What the driver must do, in order.
@@ -260,6 +270,19 @@ pub struct Requester {
     busy: BTreeMap<PublicKey, BTreeSet<u32>>,
     /// Peers caught lying or forging on this task: no more of its work.
     banned: BTreeSet<PublicKey>,
+    /// Peers that gave shards back ("busy after all"): how many times, and
+    /// until when they get no new award. A refusal is no fault and keeps
+    /// no peer off a shard, but each one doubles the pause (from
+    /// [`REFUSAL_PAUSE_MS`] up to [`MAX_REFUSAL_PAUSE_MS`]), so a busy peer
+    /// is asked less often and one that bids and never runs costs a round a
+    /// minute at most. Not journaled: a restart forgives.
+    #[serde(skip)]
+    refusals: BTreeMap<PublicKey, (u32, u64)>,
+    /// When each running copy was awarded: a shard given back and awarded
+    /// again to the same peer must not be cut short by the first award's
+    /// timers. Not journaled: a restart sets fresh timers.
+    #[serde(skip)]
+    awarded_ms: BTreeMap<(u32, PublicKey), u64>,
     rounds_without_bids: u32,
     /// Most the task may spend (micro-credits), what accepted executions
     /// cost so far, and what each running one will cost, by (shard, peer).
@@ -393,6 +416,8 @@ impl Requester {
             offers: BTreeMap::new(),
             candidates,
             busy: BTreeMap::new(),
+            refusals: BTreeMap::new(),
+            awarded_ms: BTreeMap::new(),
             banned: BTreeSet::new(),
             rounds_without_bids: 0,
             spot_secret,
@@ -559,7 +584,7 @@ impl Requester {
                     for peer in &shard.running {
                         out.push(Action::SetTimer {
                             at_ms,
-                            timer: Timer::ShardDeadline { shard: index as u32, peer: *peer },
+                            timer: Timer::ShardDeadline { shard: index as u32, peer: *peer, since_ms: now_ms },
                         });
                     }
                 }
@@ -603,7 +628,18 @@ impl Requester {
                 out.push(Action::Penalise { peer: from, reason: RejectReason::BadSignature });
                 self.exclude(now_ms, from, shard, &mut out);
             }
-            Event::Refused { from, shard } => self.drop_executor(now_ms, shard, from, None, &mut out),
+            Event::Refused { from, shard } => {
+                let (count, until) = self.refusals.entry(from).or_default();
+                let pause = REFUSAL_PAUSE_MS.saturating_mul(1 << (*count).min(16)).min(MAX_REFUSAL_PAUSE_MS);
+                *count += 1;
+                *until = now_ms.saturating_add(pause);
+                self.release(now_ms, shard, from, None, false, &mut out);
+            }
+            Event::Timer(Timer::Resume) => {
+                if self.phase == Phase::Running {
+                    self.award_open(now_ms, &mut out);
+                }
+            }
             Event::PeerLost(peer) => {
                 self.offers.remove(&peer);
                 let shards: Vec<u32> = self.busy.get(&peer).map(|s| s.iter().copied().collect()).unwrap_or_default();
@@ -616,7 +652,11 @@ impl Requester {
                     self.close_bidding(now_ms, &mut out);
                 }
             }
-            Event::Timer(Timer::Straggler { shard, peer }) => self.back_up(now_ms, shard, peer, &mut out),
+            Event::Timer(Timer::Straggler { shard, peer, since_ms }) => {
+                if self.current_award(shard, peer, since_ms) {
+                    self.back_up(now_ms, shard, peer, &mut out);
+                }
+            }
             Event::Timer(Timer::TaskDeadline) => {
                 let took = self.deadline_ms / 1000;
                 self.fail(
@@ -628,9 +668,9 @@ impl Requester {
                     &mut out,
                 );
             }
-            Event::Timer(Timer::ShardDeadline { shard, peer }) => {
+            Event::Timer(Timer::ShardDeadline { shard, peer, since_ms }) => {
                 let still = self.shards.get(shard as usize).is_some_and(|s| s.running.contains(&peer));
-                if still {
+                if still && self.current_award(shard, peer, since_ms) {
                     self.drop_executor(now_ms, shard, peer, Some(RejectReason::Late), &mut out);
                 }
             }
@@ -639,6 +679,13 @@ impl Requester {
             out.insert(0, Action::Persist);
         }
         out
+    }
+
+    /// Whether a timer set for the award made at `since_ms` still times the
+    /// peer's current copy of the shard (after a restart, the resumed
+    /// timers are the only ones, and count).
+    fn current_award(&self, shard: u32, peer: PublicKey, since_ms: u64) -> bool {
+        self.awarded_ms.get(&(shard, peer)).is_none_or(|at| *at == since_ms)
     }
 
     fn open_round(&mut self, now_ms: u64, out: &mut Vec<Action>) {
@@ -714,9 +761,34 @@ impl Requester {
             }
             return;
         }
-        self.rounds_without_bids = 0;
         self.phase = Phase::Running;
+        if !self.any_usable_offer() {
+            // Bids came, but from peers that each failed every shard still
+            // open: another round would hear the same. Counted like a
+            // round without bids, so the task ends instead of asking
+            // forever.
+            self.rounds_without_bids += 1;
+            if self.rounds_without_bids >= self.config.max_rounds {
+                let reason = format!(
+                    "no usable bids after {} rounds: every bidder already failed the open shards",
+                    self.rounds_without_bids
+                );
+                self.fail(reason, out);
+            } else {
+                self.open_round(now_ms, out);
+            }
+            return;
+        }
+        self.rounds_without_bids = 0;
         self.award_open(now_ms, out);
+    }
+
+    /// Whether some offer's peer may run some open shard (capacity and
+    /// price aside: those free up or are judged when awarding).
+    fn any_usable_offer(&self) -> bool {
+        self.shards.iter().filter(|s| s.done().is_none() && s.running.len() + s.results.len() < s.wanted).any(|s| {
+            self.offers.keys().any(|p| !s.running.contains(p) && !s.results.contains_key(p) && !s.excluded.contains(p))
+        })
     }
 
     /// Awards every shard that needs an executor, each to the free bidder
@@ -730,7 +802,7 @@ impl Requester {
                 if shard.done().is_some() || shard.running.len() + shard.results.len() >= shard.wanted {
                     break;
                 }
-                let Some(peer) = self.best_free_bidder(shard) else {
+                let Some(peer) = self.best_free_bidder(now_ms, shard) else {
                     // A spot check nobody else can ever run is given up
                     // rather than holding the shard forever.
                     if shard.spot && shard.wanted > 1 && !self.anyone_eligible(shard) {
@@ -767,9 +839,19 @@ impl Requester {
                         .values()
                         .all(|o| !self.affordable(o.bid.price.micros_per_unit.saturating_mul(s.plan.units)))
                 });
+            // A bidder paused after giving work back takes it again when
+            // its pause ends: no need to ask everyone again before that.
+            let resume = self
+                .offers
+                .keys()
+                .filter_map(|p| self.refusals.get(p).map(|(_, until)| *until))
+                .filter(|until| *until > now_ms)
+                .min();
             if priced_out {
                 let (spent, budget) = (self.spent_micros, self.budget_micros.unwrap_or(0));
                 self.fail(format!("budget: {spent} of {budget} micro-credits spent; no bid fits the rest"), out);
+            } else if let Some(at_ms) = resume {
+                out.push(Action::SetTimer { at_ms, timer: Timer::Resume });
             } else {
                 self.open_round(now_ms, out);
             }
@@ -808,11 +890,13 @@ impl Requester {
         self.dirty.insert(index as u32);
         self.shards[index].running.insert(peer);
         self.busy.entry(peer).or_default().insert(index as u32);
-        out.push(Action::SetTimer { at_ms: deadline, timer: Timer::ShardDeadline { shard: index as u32, peer } });
+        self.awarded_ms.insert((index as u32, peer), now_ms);
+        let (shard, since_ms) = (index as u32, now_ms);
+        out.push(Action::SetTimer { at_ms: deadline, timer: Timer::ShardDeadline { shard, peer, since_ms } });
         let slow =
             now_ms.saturating_add((expected_ms as f64 * self.config.straggler_factor) as u64).saturating_add(250);
         if slow < deadline {
-            out.push(Action::SetTimer { at_ms: slow, timer: Timer::Straggler { shard: index as u32, peer } });
+            out.push(Action::SetTimer { at_ms: slow, timer: Timer::Straggler { shard, peer, since_ms } });
         }
         awarded
     }
@@ -831,7 +915,7 @@ impl Requester {
         if !slow || state.running.len() + state.results.len() > state.wanted {
             return;
         }
-        let Some(backup) = self.best_free_bidder(state) else { return };
+        let Some(backup) = self.best_free_bidder(now_ms, state) else { return };
         let awarded = self.assign(now_ms, shard as usize, backup, out);
         let bid = self.offers[&backup].digest;
         out.push(Action::Persist);
@@ -848,12 +932,14 @@ impl Requester {
         })
     }
 
-    fn best_free_bidder(&self, shard: &ShardState) -> Option<PublicKey> {
+    fn best_free_bidder(&self, now_ms: u64, shard: &ShardState) -> Option<PublicKey> {
         self.offers
             .iter()
             .filter(|(peer, offer)| {
                 let load = self.busy.get(*peer).map_or(0, BTreeSet::len);
-                load < offer.bid.capacity as usize
+                let paused = self.refusals.get(*peer).is_some_and(|(_, until)| *until > now_ms);
+                !paused
+                    && load < offer.bid.capacity as usize
                     && !shard.running.contains(*peer)
                     && !shard.results.contains_key(*peer)
                     && !shard.excluded.contains(*peer)
@@ -880,11 +966,27 @@ impl Requester {
         penalty: Option<RejectReason>,
         out: &mut Vec<Action>,
     ) {
+        self.release(now_ms, shard, peer, penalty, true, out);
+    }
+
+    /// Takes `shard` back from `peer`; with `exclude`, the peer is never
+    /// asked to run it again.
+    fn release(
+        &mut self,
+        now_ms: u64,
+        shard: u32,
+        peer: PublicKey,
+        penalty: Option<RejectReason>,
+        exclude: bool,
+        out: &mut Vec<Action>,
+    ) {
         let Some(state) = self.shards.get_mut(shard as usize) else { return };
         if !state.running.remove(&peer) {
             return;
         }
-        state.excluded.insert(peer);
+        if exclude {
+            state.excluded.insert(peer);
+        }
         self.dirty.insert(shard);
         if let Some(set) = self.busy.get_mut(&peer) {
             set.remove(&shard);

@@ -683,3 +683,35 @@ fn a_stage_is_journaled_as_part_of_its_staged_task_before_its_child_sends_anythi
     assert!(sim.nodes[0].submit(sim.now, Entropy::from_bytes([6; 48]), hopeless).is_err());
     assert!(sim.nodes[0].pipeline(&TaskId([6; 16])).is_none());
 }
+
+#[test]
+fn a_node_at_its_running_limit_refuses_new_tasks_until_one_ends() {
+    let config = NodeConfig::default().with_max_running(2);
+    let mut sim = Sim::with_config(&[Behaviour::Honest; 3], config);
+    let first = sim.submit(0, 8, 4, 1);
+    let second = sim.submit(0, 8, 4, 1);
+    let submission = Submission {
+        label: "embed".into(),
+        kind: ModelKind::Embedding,
+        model: None,
+        work: Work::Embed { texts: vec!["one more".into()] },
+        split: Split::ItemsPerShard(1),
+        redundancy: 1,
+        spot_check_permille: 0,
+        then: Vec::new(),
+    };
+    let entropy = Entropy::from_bytes([9; 48]);
+    let refused = sim.nodes[0].submit(sim.now, entropy, submission.clone()).unwrap_err();
+    assert!(matches!(refused, mycel_market::node::SubmitError::Busy { running: 2 }), "{refused}");
+    assert!(refused.to_string().contains("running 2 tasks"), "{refused}");
+    // Refused changed nothing: the two running tasks finish as before.
+    sim.run();
+    sim.check_done(0, &first, 8);
+    sim.check_done(0, &second, 8);
+    assert_eq!(sim.nodes[0].running(), 0);
+    let (task, actions) = sim.nodes[0].submit(sim.now, entropy, submission).unwrap();
+    sim.perform(0, actions);
+    sim.run();
+    let Outcome::Done { output, .. } = sim.outcome(0, &task) else { panic!("not done") };
+    assert_eq!(output, &ShardOutput::Embeddings { dimensions: DIM as u32, values: embed("one more") });
+}

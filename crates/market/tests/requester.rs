@@ -855,3 +855,49 @@ fn a_task_stops_at_its_budget_and_fails_with_that_reason() {
     sim.run_all();
     check_output(&sim, &spec);
 }
+
+#[test]
+fn a_worker_that_gives_a_shard_back_may_take_it_again_in_a_later_round() {
+    // The only worker is busy after all: it refuses, bids again, and gets
+    // the shard back. (A refusal once kept a peer off the shard for good:
+    // with every bidder refused, the task asked for bids until its deadline.)
+    let spec = spec(10, 10, 1);
+    let mut sim = Sim::new(&spec, 1, Config { enough_bids: 1, ..Config::default() });
+    sim.bid(0, 1);
+    let w0 = sim.peer(0);
+    let award = sim.inbox.remove(&w0).unwrap().remove(0);
+    sim.event(Event::Refused { from: w0, shard: award.shards[0].shard });
+    assert!(sim.penalised.is_empty(), "giving work back is no fault");
+    // Nobody else: a new round; the worker bids again and, after a short
+    // pause, is awarded the same shard.
+    sim.bid(0, 1);
+    sim.advance(500);
+    assert!(sim.inbox.contains_key(&w0), "the shard went back to the worker that refused it once");
+    sim.run_all();
+    check_output(&sim, &spec);
+}
+
+#[test]
+fn a_worker_that_keeps_giving_shards_back_waits_longer_each_time() {
+    // One worker, busy again and again: each refusal pauses its awards
+    // twice as long (500 ms, 1 s, 2 s, 4 s, ...), without a penalty, and
+    // the first award's timers never cut a later award of the same shard
+    // short.
+    let spec = spec(10, 10, 1);
+    let mut sim = Sim::new(&spec, 1, Config { enough_bids: 1, ..Config::default() });
+    let w0 = sim.peer(0);
+    sim.bid(0, 1);
+    for pause in [500u64, 1_000, 2_000, 4_000, 8_000] {
+        let award = sim.inbox.remove(&w0).expect("awarded").remove(0);
+        sim.event(Event::Refused { from: w0, shard: award.shards[0].shard });
+        sim.bid(0, 1);
+        assert!(!sim.inbox.contains_key(&w0), "paused after a refusal");
+        sim.advance(pause - 1);
+        assert!(!sim.inbox.contains_key(&w0), "still paused just before {pause} ms");
+        sim.advance(1);
+        assert!(sim.inbox.contains_key(&w0), "awarded again once the {pause} ms pause is over");
+    }
+    assert!(sim.penalised.is_empty(), "giving work back is no fault: {:?}", sim.penalised);
+    sim.run_all();
+    check_output(&sim, &spec);
+}

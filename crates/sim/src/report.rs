@@ -122,8 +122,8 @@ impl fmt::Display for Report {
         let s = &self.stats;
         writeln!(
             f,
-            "shards: {} accepted ({} wrong), {} runs, {} re-auctions",
-            self.shards_accepted, self.wrong_shards, s.jobs, s.reauctions
+            "shards: {} accepted ({} wrong), {} runs, {} given back, {} re-auctions",
+            self.shards_accepted, self.wrong_shards, s.jobs, s.given_back, s.reauctions
         )?;
         writeln!(
             f,

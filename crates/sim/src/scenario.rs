@@ -30,6 +30,9 @@ pub struct Scenario {
     pub submit_over_ms: u64,
     /// Shards a node runs at once.
     pub capacity: u32,
+    /// Jobs a node's model pool holds waiting; past it a job fails at once
+    /// and its shard is given back (the node's pool holds 64).
+    pub pool_queue: usize,
     /// Each node's speed, in texts per second, drawn uniformly from this
     /// range.
     pub speed: [f32; 2],
@@ -57,6 +60,7 @@ impl Default for Scenario {
             view: 256,
             submit_over_ms: 5_000,
             capacity: 2,
+            pool_queue: 64,
             speed: [50.0, 400.0],
             network: Network::default(),
             crashes: Crashes::default(),

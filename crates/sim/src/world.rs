@@ -75,6 +75,8 @@ enum Event {
     Deliver { from: usize, to: usize, message: Market },
     /// The sender learns a request failed (no reply in time).
     Undelivered { node: usize, epoch: u32, to: usize, message: Market, attempt: u32 },
+    /// The node's model pool had no room for a job: it fails at once.
+    PoolFull { node: usize, epoch: u32, job: Job },
     /// A job finished on a node's model.
     JobDone { node: usize, epoch: u32, job: Job, output: ShardOutput, compute_ms: u32 },
     /// A node's timer is due.
@@ -98,6 +100,7 @@ impl Event {
             Event::Deliver { to, .. } => (1, *to),
             Event::Undelivered { node, .. } => (2, *node),
             Event::JobDone { node, .. } => (3, *node),
+            Event::PoolFull { node, .. } => (10, *node),
             Event::Tick { node, .. } => (4, *node),
             Event::Adverts => (5, 0),
             Event::Crash => (6, 0),
@@ -192,6 +195,8 @@ pub struct Stats {
     pub jobs: u64,
     /// Results replaced by a copy from elsewhere.
     pub replays: u64,
+    /// Shards given back by workers ("busy after all").
+    pub given_back: u64,
 }
 
 /// The simulation of one scenario from one seed.
@@ -396,6 +401,12 @@ impl Sim {
                 self.start_jobs(node);
                 self.input(node, Input::JobDone { job, output: Ok(output), compute_ms, input_tokens: 0 });
             }
+            Event::PoolFull { node, epoch, job } => {
+                if self.nodes[node].epoch == epoch {
+                    let output = Err("the worker pool is busy".to_string());
+                    self.input(node, Input::JobDone { job, output, compute_ms: 0, input_tokens: 0 });
+                }
+            }
             Event::Tick { node, epoch } => {
                 let n = &mut self.nodes[node];
                 if n.epoch != epoch || n.tick_at != Some(self.now) {
@@ -587,6 +598,7 @@ impl Sim {
             match action {
                 Action::Journal(writes) => self.journal(node, writes),
                 Action::Send { to, message } => {
+                    self.stats.given_back += u64::from(matches!(message, Market::Refuse { .. }));
                     let message = self.tamper(node, message);
                     if let Some(&peer) = self.index.get(&to) {
                         self.check.sent(self.now, self.step, node, peer, &message, &self.nodes);
@@ -607,8 +619,15 @@ impl Sim {
                     }
                 }
                 Action::Execute(job) => {
-                    self.nodes[node].waiting.push_back(job);
-                    self.start_jobs(node);
+                    if self.nodes[node].waiting.len() >= self.scenario.pool_queue {
+                        // As the node's pool does: a bounded queue, and a
+                        // job it cannot take fails (the shard goes back).
+                        let epoch = self.nodes[node].epoch;
+                        self.schedule(0, Event::PoolFull { node, epoch, job });
+                    } else {
+                        self.nodes[node].waiting.push_back(job);
+                        self.start_jobs(node);
+                    }
                 }
                 Action::Load(load) => self.nodes[node].load = load,
                 Action::Progress(task) => progressed.push(task),

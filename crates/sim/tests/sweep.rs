@@ -5,7 +5,8 @@
 use mycel_sim::{Scenario, Sim};
 
 /// Every scenario shipped in `crates/sim/scenarios/` but the big one.
-const SCENARIOS: [&str; 8] = ["calm", "lossy", "liars", "spot-checks", "sybils", "partition", "crashes", "chaos"];
+const SCENARIOS: [&str; 9] =
+    ["calm", "lossy", "liars", "spot-checks", "sybils", "partition", "crashes", "chaos", "flood"];
 
 fn scenario(name: &str) -> Scenario {
     let path = format!("{}/scenarios/{name}.toml", env!("CARGO_MANIFEST_DIR"));
@@ -47,7 +48,7 @@ fn a_seed_replays_its_run_event_for_event() {
 
 #[test]
 fn without_faults_every_task_completes_with_the_honest_output() {
-    for name in ["calm", "lossy", "partition", "crashes"] {
+    for name in ["calm", "lossy", "partition", "crashes", "flood"] {
         for seed in 0..5 {
             let r = Sim::new(scenario(name), seed).run();
             assert_eq!(r.done as usize, r.tasks, "{name} seed {seed}: {r}");

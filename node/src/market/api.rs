@@ -31,6 +31,7 @@ impl Driver {
             SubmitError::ModelNotFound { .. } => ApiError::ModelNotFound(e.to_string()).into(),
             SubmitError::NoCapablePeer(_) => ApiError::NoCapablePeer(e.to_string()).into(),
             SubmitError::Invalid(_) => ApiError::BadRequest(e.to_string()).into(),
+            SubmitError::Busy { .. } => ApiError::Unavailable(format!("{e} (--max-running-tasks)")).into(),
             other => anyhow::Error::from(other),
         })?;
         if let Some(t) = self.market.task(&task) {
