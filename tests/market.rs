@@ -230,6 +230,70 @@ fn testnet_chaos_kills_and_restarts_workers_while_a_task_ends_exact() {
     down(&net.dir());
 }
 
+/// Embeds 1,000 texts through node-00 of `net`; the time it took, after
+/// checking the result is the single-node one.
+fn timed_task(net: &Swarm, name: &str) -> Duration {
+    let (tmp, requester) = (net.tmp.path(), &net.manifest.nodes[0]);
+    let input = tmp.join(format!("{name}.txt"));
+    write_texts(&input, 1000);
+    let result = tmp.join(format!("{name}.jsonl"));
+    let started = Instant::now();
+    let out = mycel()
+        .args(["submit", "embed", "--items-per-shard", "50", "--input"])
+        .arg(&input)
+        .arg("--out")
+        .arg(&result)
+        .arg("--node")
+        .arg(&requester.api)
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
+    let (swarm, alone) = (read_vectors(&result), local_vectors(&input, tmp));
+    assert_eq!(swarm.len(), 1000);
+    for (i, (a, b)) in swarm.iter().zip(&alone).enumerate() {
+        assert!(cosine(a, b) >= 0.9999, "line {i}");
+    }
+    took
+}
+
+#[test]
+fn a_flooding_peer_is_rate_limited_and_honest_work_goes_on() {
+    // node-03 publishes 200 fake CFPs a second and sends every peer fake
+    // bids as fast as they are taken.
+    let net = Swarm::up(4, &["--fault", "3=flood"]);
+    std::thread::sleep(Duration::from_secs(2)); // let the flood build up
+    timed_task(&net, "flooded");
+    let honest = &net.manifest.nodes[..3];
+    for node in honest {
+        let limited = metric(node, "mycel_rate_limited_total");
+        assert!(limited > 0.0, "{} dropped nothing of the flood", node.name);
+        // Bids on the flooder's fake CFPs are bounded by its allowance.
+        let bids = metric(node, "mycel_bids_sent_total");
+        assert!(bids < 400.0, "{} sent {bids} bids", node.name);
+    }
+    down(&net.dir());
+}
+
+/// The flood measurement in RELIABILITY.md: the same task three times with
+/// and without a flooding peer. `cargo nextest run -p mycel-tests
+/// --run-ignored only -E 'test(flood_cost)'`.
+#[test]
+#[ignore = "a measurement, a few minutes; RELIABILITY.md has its figures"]
+fn flood_cost() {
+    let mut rows = Vec::new();
+    for (label, extra) in [("without", vec![]), ("with", vec!["--fault", "3=flood"])] {
+        let net = Swarm::up(4, &extra);
+        std::thread::sleep(Duration::from_secs(2));
+        let times: Vec<f64> = (0..3).map(|i| timed_task(&net, &format!("{label}-{i}")).as_secs_f64()).collect();
+        let limited: f64 = net.manifest.nodes[..3].iter().map(|n| metric(n, "mycel_rate_limited_total")).sum();
+        let bids: f64 = net.manifest.nodes[..3].iter().map(|n| metric(n, "mycel_bids_sent_total")).sum();
+        rows.push(format!("{label} flood: {times:.2?} s; honest nodes dropped {limited} messages, sent {bids} bids"));
+        down(&net.dir());
+    }
+    eprintln!("{}", rows.join("\n"));
+}
+
 /// Kills the child on drop, so a failed assertion leaves no node behind.
 struct KillOnDrop(std::process::Child);
 impl Drop for KillOnDrop {

@@ -510,8 +510,9 @@ pub struct TestnetUpArgs {
 
     /// Make node INDEX misbehave, repeatable: `--fault 3=perturb` (wrong
     /// results), `2=forge` (corrupt signatures), `4=sometimes` (wrong on
-    /// about one shard in four), `1=silent` (never answers) or `5=slow`
-    /// (answers ten times late).
+    /// about one shard in four), `1=silent` (never answers), `5=slow`
+    /// (answers ten times late) or `2=flood` (fake CFPs and bids, as fast
+    /// as it can).
     #[arg(long, value_name = "INDEX=KIND", value_parser = parse_fault)]
     pub fault: Vec<(u32, crate::market::Fault)>,
 }
@@ -521,7 +522,7 @@ fn parse_fault(s: &str) -> Result<(u32, crate::market::Fault), String> {
     let (index, kind) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected INDEX=KIND, e.g. 3=perturb"))?;
     let index = index.parse().map_err(|_| format!("{index:?} is not a node index"))?;
     let kind = crate::market::Fault::from_str(kind, true)
-        .map_err(|_| format!("{kind:?}: perturb, forge, sometimes, silent or slow"))?;
+        .map_err(|_| format!("{kind:?}: perturb, forge, sometimes, silent, slow or flood"))?;
     Ok((index, kind))
 }
 

@@ -27,6 +27,7 @@ use crate::local::LocalModels;
 
 mod api;
 mod execute;
+mod flood;
 
 pub use execute::JobDone;
 
@@ -95,16 +96,21 @@ pub enum Fault {
     Silent,
     /// Answers truthfully, ten times later than it should.
     Slow,
+    /// Floods its peers with fake CFPs (gossip) and bids (requests).
+    Flood,
 }
 
-impl From<Fault> for mycel_market::node::Fault {
-    fn from(f: Fault) -> Self {
-        match f {
-            Fault::Perturb => Self::Perturb,
-            Fault::Forge => Self::Forge,
-            Fault::Sometimes => Self::Sometimes,
-            Fault::Silent => Self::Silent,
-            Fault::Slow => Self::Slow,
+impl Fault {
+    /// The market machine's part of the fault, if it has one (slow and
+    /// flood are the interpreter's alone).
+    fn in_machine(self) -> Option<mycel_market::node::Fault> {
+        use mycel_market::node::Fault as M;
+        match self {
+            Fault::Perturb => Some(M::Perturb),
+            Fault::Forge => Some(M::Forge),
+            Fault::Sometimes => Some(M::Sometimes),
+            Fault::Silent => Some(M::Silent),
+            Fault::Slow | Fault::Flood => None,
         }
     }
 }
@@ -168,7 +174,10 @@ pub fn start(
         .with_keep_finished(settings.keep_finished)
         .with_max_running(settings.max_running)
         .with_advert_ttl_ms(settings.advert_ttl.as_millis() as u64)
-        .with_fault(settings.fault.map(Into::into));
+        .with_fault(settings.fault.and_then(Fault::in_machine));
+    if settings.fault == Some(Fault::Flood) {
+        flood::spawn(Keypair::from_secret_bytes(&key.secret_bytes()), net.clone());
+    }
     let driver = Driver {
         market: Node::new(key, config),
         me,

@@ -100,10 +100,6 @@ pub enum Fault {
     Sometimes,
     /// Bids, wins, runs the work and never answers.
     Silent,
-    /// Answers truthfully, ten times later than its bid promised (the
-    /// interpreter holds each finished job back; the machine does nothing
-    /// different).
-    Slow,
 }
 
 impl Fault {

@@ -85,6 +85,10 @@ pub enum AwardOutcome {
 
 /// Awards remembered, so a retried delivery runs nothing twice.
 const AWARDS_REMEMBERED: usize = 4096;
+/// Bids remembered (an award must match one). Past this, expired bids are
+/// forgotten first, and if every one is still open no new bid is made: a
+/// flood of calls for proposals cannot grow the worker without bound.
+pub const BIDS_REMEMBERED: usize = 4096;
 
 /// Bids made, by (task, round): what an award must match.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -142,6 +146,12 @@ impl Worker {
             // bid per round, or the requester and we could disagree on
             // which one an award names.
             return None;
+        }
+        if self.bids.len() >= BIDS_REMEMBERED {
+            self.bids.retain(|_, m| m.expires_ms > now_ms);
+            if self.bids.len() >= BIDS_REMEMBERED {
+                return None;
+            }
         }
         let served = self.models.get(&call.model)?;
         if served.kind != call.kind || call.bids_close_ms <= now_ms || call.shards.is_empty() {
@@ -303,6 +313,24 @@ mod tests {
         assert_eq!((bid.units_per_s, bid.capacity, bid.queue_ms), (100.0, 2, 0));
         // The same call again (direct and by gossip): one bid per round.
         assert!(w.on_cfp(1_100, &cfp(&requester, model)).is_none());
+    }
+
+    #[test]
+    fn a_flood_of_calls_for_proposals_leaves_the_bids_remembered_bounded() {
+        let (mut w, requester, model) = setup();
+        let call = |task: u32, close: u64| {
+            let mut id = [0u8; 16];
+            id[..4].copy_from_slice(&task.to_le_bytes());
+            let cfp = Cfp { task: TaskId(id), bids_close_ms: close, ..cfp(&requester, model).verify().unwrap() };
+            Signed::sign(&requester, &cfp).unwrap()
+        };
+        let n = BIDS_REMEMBERED as u32;
+        let made = (0..n + 100).filter(|t| w.on_cfp(1_000, &call(*t, 2_000)).is_some()).count();
+        assert_eq!(made, BIDS_REMEMBERED, "no bids past the bound while all are open");
+        assert_eq!(w.bids.len(), BIDS_REMEMBERED);
+        // Once they expire (bid ttl 30 s), room is made again.
+        assert!(w.on_cfp(40_000, &call(n + 200, 50_000)).is_some());
+        assert_eq!(w.bids.len(), 1);
     }
 
     #[test]

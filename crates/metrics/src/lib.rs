@@ -154,6 +154,9 @@ pub struct Metrics {
     pub inference_seconds: Family<Gauge>,
     /// Shards this node ran as a worker.
     pub shards_executed: Counter,
+    /// Requests refused and gossiped CFPs dropped because their sender was
+    /// over its rate.
+    pub rate_limited: Counter,
 }
 
 impl Default for Metrics {
@@ -184,6 +187,7 @@ impl Metrics {
             inference_tokens: Family::new("model", Counter::default),
             inference_seconds: Family::new("model", Gauge::default),
             shards_executed: Counter::default(),
+            rate_limited: Counter::default(),
         }
     }
 
@@ -222,6 +226,12 @@ impl Metrics {
             &self.verification_failures,
         );
         counter(w, "mycel_shards_executed_total", "Shards run as a worker.", &self.shards_executed);
+        counter(
+            w,
+            "mycel_rate_limited_total",
+            "Requests refused and gossiped CFPs dropped: their sender was over its rate.",
+            &self.rate_limited,
+        );
         counter_family(w, "mycel_inference_items_total", "Items computed locally, by model.", &self.inference_items);
         counter_family(
             w,

@@ -24,6 +24,8 @@ use crate::{Config, Event, NetError, RequestError, now_ms};
 
 /// Commands queued for the loop; beyond this, callers wait.
 const COMMAND_QUEUE: usize = 256;
+/// Requesters whose gossiped-CFP allowance is tracked at once.
+const CFP_SIGNERS: usize = 4096;
 /// Events queued for the node; beyond this, events are dropped (the table
 /// stays the source of truth, so nothing is lost but a notification).
 const EVENT_QUEUE: usize = 1024;
@@ -217,6 +219,9 @@ pub struct EventLoop {
     /// Inbound request allowance per peer; entries of disconnected peers
     /// are dropped, so this is bounded by the connection limit.
     inbound_rate: HashMap<PeerId, crate::rate::TokenBucket>,
+    /// Gossiped CFPs allowed per requester (by signer), oldest first out
+    /// past [`CFP_SIGNERS`].
+    cfp_rate: HashMap<PeerId, crate::rate::TokenBucket>,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -297,6 +302,7 @@ pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Ev
         bootstrap_warned: HashSet::new(),
         dropped_events: 0,
         inbound_rate: HashMap::new(),
+        cfp_rate: HashMap::new(),
     };
     Ok((Handle { commands: cmd_tx, local }, ev_rx, event_loop))
 }
@@ -646,6 +652,23 @@ impl EventLoop {
         if peer == *self.swarm.local_peer_id() {
             return Ignore;
         }
+        // One requester's CFPs are rate-limited wherever they come from:
+        // a flood is neither relayed nor bid on.
+        let now = std::time::Instant::now();
+        if self.cfp_rate.len() >= CFP_SIGNERS && !self.cfp_rate.contains_key(&peer) {
+            self.cfp_rate.clear(); // many signers at once: start over, bounded
+        }
+        let allowed = self
+            .cfp_rate
+            .entry(peer)
+            .or_insert_with(|| {
+                crate::rate::TokenBucket::with_rate(now, crate::rate::CFP_BURST, crate::rate::CFPS_PER_SECOND)
+            })
+            .allow(now);
+        if !allowed {
+            self.config.metrics.rate_limited.inc();
+            return Ignore;
+        }
         let market = mycel_protocol::rpc::Market::Cfp(signed);
         if self.events.try_send(Event::Market { peer, message: Box::new(market) }).is_err() {
             debug!("gossiped CFP dropped: the node is busy");
@@ -684,6 +707,7 @@ impl EventLoop {
         let allowed = self.inbound_rate.entry(peer).or_insert_with(|| crate::rate::TokenBucket::new(now)).allow(now);
         let response = if !allowed {
             debug!(%peer, "request refused: rate limited");
+            self.config.metrics.rate_limited.inc();
             Response::Refused("rate limited".into())
         } else if let Request::Market(message) = request {
             // Market messages go to the node; the sender learns at once
