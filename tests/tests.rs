@@ -6,6 +6,7 @@
 mod cli;
 mod interfaces;
 mod market;
+mod netns;
 mod node;
 mod store_crash;
 mod support;

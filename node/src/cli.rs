@@ -446,6 +446,21 @@ pub enum TestnetCommand {
     /// Kill -9 a random node on a schedule and start it again on the same
     /// data, logging each step (until interrupted, or for --for).
     Chaos(TestnetChaosArgs),
+    /// Cut nodes off from the rest (a testnet started with --netns); they
+    /// still reach each other. Undo with `heal`.
+    Partition(TestnetPartitionArgs),
+    /// Reconnect every node of a --netns testnet.
+    Heal(TestnetDirArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TestnetPartitionArgs {
+    #[command(flatten)]
+    pub dir: TestnetDir,
+
+    /// The nodes to cut off, by index: `--nodes 1,2`.
+    #[arg(long, value_delimiter = ',', required = true, value_name = "I,J,..")]
+    pub nodes: Vec<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -507,6 +522,12 @@ pub struct TestnetUpArgs {
     /// Model worker replicas per node.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub replicas: u32,
+
+    /// Run each node in a Linux network namespace of its own (veth pairs to
+    /// a bridge, addresses 198.18.0.N), so `testnet partition` can cut the
+    /// network between them. Needs root.
+    #[arg(long)]
+    pub netns: bool,
 
     /// Make node INDEX misbehave, repeatable: `--fault 3=perturb` (wrong
     /// results), `2=forge` (corrupt signatures), `4=sometimes` (wrong on

@@ -41,9 +41,14 @@ fn call_json<B: serde::Serialize, T: DeserializeOwned>(base: &str, path: &str, b
         .http_status_as_error(false)
         .build()
         .into();
-    let sent = match body {
-        Some(b) => agent.post(&url).send_json(b),
-        None => agent.get(&url).call(),
+    // A node off loopback wants its bearer token (MYCEL_API_TOKEN).
+    let token = std::env::var("MYCEL_API_TOKEN").ok().filter(|t| !t.is_empty());
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let sent = match (body, &auth) {
+        (Some(b), Some(a)) => agent.post(&url).header("authorization", a).send_json(b),
+        (Some(b), None) => agent.post(&url).send_json(b),
+        (None, Some(a)) => agent.get(&url).header("authorization", a).call(),
+        (None, None) => agent.get(&url).call(),
     };
     let mut response = sent.map_err(|e| match e {
         ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {

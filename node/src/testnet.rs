@@ -18,6 +18,7 @@ pub fn run(cmd: TestnetCommand) -> Result<()> {
                 advert_interval: args.advert_interval.0,
                 timeout: args.timeout.0,
                 node_args: node_args(&args),
+                netns: args.netns,
             };
             if let Some(models) = &args.models_dir {
                 // Measure the models once, alone, before the nodes start:
@@ -111,6 +112,27 @@ pub fn run(cmd: TestnetCommand) -> Result<()> {
                 report.killed.len() - report.restarted,
                 report.killed.len()
             );
+            Ok(())
+        }
+        TestnetCommand::Partition(args) => {
+            let manifest = Manifest::read(&args.dir.path)?;
+            let netns = manifest.netns.context("this testnet has no network namespaces: start it with --netns")?;
+            if let Some(bad) = args.nodes.iter().find(|i| **i >= netns.nodes) {
+                anyhow::bail!("no node {bad}: the testnet has {} nodes", netns.nodes);
+            }
+            netns.partition(&args.nodes)?;
+            eprintln!(
+                "cut off nodes {:?} from the rest; undo with: mycel testnet heal --dir {}",
+                args.nodes,
+                args.dir.path.display()
+            );
+            Ok(())
+        }
+        TestnetCommand::Heal(args) => {
+            let manifest = Manifest::read(&args.dir.path)?;
+            let netns = manifest.netns.context("this testnet has no network namespaces: start it with --netns")?;
+            netns.heal()?;
+            eprintln!("every node reconnected");
             Ok(())
         }
         TestnetCommand::Down(args) => {

@@ -90,7 +90,9 @@ pub fn chaos(opts: &ChaosOptions, log: &mut dyn Write) -> Result<ChaosReport> {
         writeln!(log, "{} killed {} (pid {})", stamp(started), victim.name, victim.pid)?;
         report.killed.push(victim.name.clone());
         std::thread::sleep(opts.down);
-        match restart(&victim, &args) {
+        // A node of a --netns testnet starts again inside its namespace.
+        let namespace = manifest.netns.as_ref().map(|n| n.namespace(index as u32));
+        match restart(&victim, &args, namespace.as_deref()) {
             Ok(node) => {
                 writeln!(log, "{} restarted {} (pid {}, api {})", stamp(started), node.name, node.pid, node.api)?;
                 // The manifest follows the node, so `status` and `down` find it.
@@ -121,15 +123,28 @@ fn command_line(pid: u32) -> Result<Vec<String>> {
 
 /// Starts the node again exactly as it was started, appending to its log,
 /// and waits for its runtime file.
-fn restart(node: &NodeEntry, args: &[String]) -> Result<NodeEntry> {
+fn restart(node: &NodeEntry, args: &[String], namespace: Option<&str>) -> Result<NodeEntry> {
     let runtime = node.data_dir.join(mycel_api::types::RUNTIME_FILE);
     // The dead process's runtime file would be mistaken for the new one's.
     let _ = fs::remove_file(&runtime);
     let log = fs::OpenOptions::new().create(true).append(true).open(node.data_dir.join("node.log"))?;
-    let mut cmd = Command::new(&args[0]);
-    cmd.args(&args[1..]);
+    let mut cmd = match namespace {
+        Some(ns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns]).args(args);
+            cmd
+        }
+        None => {
+            let mut cmd = Command::new(&args[0]);
+            cmd.args(&args[1..]);
+            cmd
+        }
+    };
     for var in crate::net::NODE_ENV {
         cmd.env_remove(var);
+    }
+    if let Some(token) = &node.api_token {
+        cmd.env("MYCEL_API_TOKEN", token);
     }
     use std::os::unix::process::CommandExt as _;
     let child = cmd

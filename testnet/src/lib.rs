@@ -19,6 +19,7 @@ use anyhow::{Context, Result, bail};
 
 pub mod chaos;
 pub mod net;
+pub mod netns;
 
 /// Lines buffered between the reader thread and the test. When full, the
 /// reader waits, and so, through the pipe, does the child.

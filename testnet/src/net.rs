@@ -22,6 +22,9 @@ use serde::{Deserialize, Serialize};
 pub struct Manifest {
     /// One entry per node, in start order; the first is the bootstrap.
     pub nodes: Vec<NodeEntry>,
+    /// The network namespaces the nodes run in, if `up --netns` made them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<crate::netns::Netns>,
 }
 
 /// One node of a testnet.
@@ -39,10 +42,26 @@ pub struct NodeEntry {
     pub listen_addrs: Vec<String>,
     /// Its data directory (log in `node.log` there).
     pub data_dir: PathBuf,
+    /// The bearer token its API wants, if any (nodes in network namespaces
+    /// listen beyond loopback, so they need one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_token: Option<String>,
+}
+
+impl NodeEntry {
+    /// A GET of `path` on this node's API, with its token if it has one.
+    pub fn get(&self, agent: &ureq::Agent, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+        let request = agent.get(format!("{}{path}", self.api));
+        match &self.api_token {
+            Some(token) => request.header("authorization", format!("Bearer {token}")),
+            None => request,
+        }
+    }
 }
 
 /// The user's node settings, which testnet nodes never read.
-pub(crate) const NODE_ENV: [&str; 8] = [
+pub(crate) const NODE_ENV: [&str; 9] = [
+    "MYCEL_API_TOKEN",
     "MYCEL_CONFIG",
     "MYCEL_BOOTSTRAP",
     "MYCEL_LISTEN",
@@ -72,6 +91,8 @@ pub struct UpOptions {
     /// Extra arguments per node, used round-robin: node `i` gets
     /// `node_args[i % len]` (e.g. which models it loads). Empty: none.
     pub node_args: Vec<Vec<String>>,
+    /// Run each node in a network namespace of its own (needs root).
+    pub netns: bool,
 }
 
 /// What `up` measured.
@@ -110,21 +131,35 @@ struct Starting {
     name: String,
     data_dir: PathBuf,
     child: Child,
+    token: Option<String>,
 }
 
 impl Starting {
-    fn spawn(opts: &UpOptions, index: u32, bootstrap: Option<&str>) -> Result<Self> {
+    fn spawn(
+        opts: &UpOptions,
+        netns: Option<&crate::netns::Netns>,
+        index: u32,
+        bootstrap: Option<&str>,
+    ) -> Result<Self> {
         let name = format!("node-{index:02}");
         let data_dir = opts.dir.join(&name);
         fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
         // A stale runtime file would be mistaken for this start's.
         let _ = fs::remove_file(data_dir.join(mycel_api::types::RUNTIME_FILE));
         let log = fs::File::create(data_dir.join("node.log")).context("creating the node log")?;
-        let mut cmd = Command::new(&opts.bin);
+        let (mut cmd, addr) = match netns {
+            Some(n) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &n.namespace(index)]).arg(&opts.bin);
+                (cmd, n.addr(index))
+            }
+            None => (Command::new(&opts.bin), "127.0.0.1".to_string()),
+        };
+        let token = netns.map(|n| n.api_token.clone());
         cmd.arg("node")
             .arg("--data-dir")
             .arg(&data_dir)
-            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0", "--no-mdns"])
+            .args(["--listen", &format!("/ip4/{addr}/tcp/0"), "--api", &format!("{addr}:0"), "--no-mdns"])
             .arg("--advert-interval")
             .arg(format!("{}ms", opts.advert_interval.as_millis()))
             .args(opts.node_args.get(index as usize % opts.node_args.len().max(1)).into_iter().flatten());
@@ -134,6 +169,9 @@ impl Starting {
         for var in NODE_ENV {
             cmd.env_remove(var);
         }
+        if let Some(token) = &token {
+            cmd.env("MYCEL_API_TOKEN", token);
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -141,7 +179,7 @@ impl Starting {
             .process_group(0)
             .spawn()
             .with_context(|| format!("starting {name} ({})", opts.bin.display()))?;
-        Ok(Self { name, data_dir, child })
+        Ok(Self { name, data_dir, child, token })
     }
 
     /// Waits for the node's runtime file; fails with the end of its log if
@@ -162,6 +200,7 @@ impl Starting {
                     pid: info.pid,
                     listen_addrs: info.listen_addrs,
                     data_dir: self.data_dir.clone(),
+                    api_token: self.token.clone(),
                 });
             }
             if Instant::now() > deadline {
@@ -194,8 +233,9 @@ pub fn up(opts: &UpOptions) -> Result<UpReport> {
     let started = Instant::now();
     let deadline = started + opts.timeout;
     let mut starting: Vec<Starting> = Vec::new();
+    let netns = if opts.netns { Some(crate::netns::Netns::create(opts.nodes)?) } else { None };
     let result = (|| {
-        starting.push(Starting::spawn(opts, 0, None)?);
+        starting.push(Starting::spawn(opts, netns.as_ref(), 0, None)?);
         let first = starting[0].wait_ready(deadline)?;
         let bootstrap = first
             .listen_addrs
@@ -204,7 +244,7 @@ pub fn up(opts: &UpOptions) -> Result<UpReport> {
             .cloned()
             .context("the first node reports no TCP address")?;
         for i in 1..opts.nodes {
-            starting.push(Starting::spawn(opts, i, Some(&bootstrap))?);
+            starting.push(Starting::spawn(opts, netns.as_ref(), i, Some(&bootstrap))?);
         }
         let last_start = Instant::now();
         let last_start_ms = unix_ms();
@@ -212,7 +252,7 @@ pub fn up(opts: &UpOptions) -> Result<UpReport> {
         for s in starting.iter_mut().skip(1) {
             nodes.push(s.wait_ready(deadline)?);
         }
-        let manifest = Manifest { nodes };
+        let manifest = Manifest { nodes, netns: netns.clone() };
         manifest.write(&opts.dir)?;
         let converged_ms = wait_converged(&manifest, deadline)?;
         let confirmed = last_start.elapsed();
@@ -230,6 +270,9 @@ pub fn up(opts: &UpOptions) -> Result<UpReport> {
             let _ = s.child.wait();
         }
         let _ = fs::remove_file(opts.dir.join(MANIFEST));
+        if let Some(n) = &netns {
+            n.destroy();
+        }
     }
     result
 }
@@ -240,8 +283,8 @@ fn agent() -> ureq::Agent {
 
 /// The PeerIds in a node's capability table.
 pub fn known_peers(agent: &ureq::Agent, node: &NodeEntry) -> Result<BTreeSet<String>> {
-    let peers: Vec<PeerView> = agent
-        .get(format!("{}/api/v1/peers", node.api))
+    let peers: Vec<PeerView> = node
+        .get(agent, "/api/v1/peers")
         .call()
         .with_context(|| format!("asking {} for its peers", node.name))?
         .body_mut()
@@ -257,8 +300,8 @@ fn unix_ms() -> u64 {
 /// How many peers a node's capability table holds, and when the last one
 /// joined it (ms since the Unix epoch).
 pub fn peer_count(agent: &ureq::Agent, node: &NodeEntry) -> Result<(usize, Option<u64>)> {
-    let status: StatusView = agent
-        .get(format!("{}/api/v1/status", node.api))
+    let status: StatusView = node
+        .get(agent, "/api/v1/status")
         .call()
         .with_context(|| format!("asking {} for its status", node.name))?
         .body_mut()
@@ -356,6 +399,9 @@ pub fn down(dir: &Path, grace: Duration) -> Result<usize> {
         if n.data_dir.parent() == Some(dir) && n.name.starts_with("node-") {
             let _ = fs::remove_dir_all(&n.data_dir);
         }
+    }
+    if let Some(n) = &manifest.netns {
+        n.destroy();
     }
     fs::remove_file(dir.join(MANIFEST)).with_context(|| format!("removing {}", dir.join(MANIFEST).display()))?;
     let _ = fs::remove_dir(dir); // only if now empty

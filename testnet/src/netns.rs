@@ -1,0 +1,174 @@
+//! A testnet whose nodes each live in a Linux network namespace of their
+//! own, so the network between them can be cut: one veth pair per node to
+//! a bridge, addresses from 198.18.0.0/16 (a benchmarking range, RFC 2544,
+//! used only inside these namespaces). A partition moves the cut-off
+//! nodes' veths to a second bridge (they still reach each other, not the
+//! rest); a heal moves them back.
+//!
+//! Needs root (namespaces, links). Every name carries the testnet's own
+//! tag, so setup and teardown only ever touch what this testnet created.
+//! Latency and loss (`tc netem`) need the kernel's netem qdisc, which not
+//! every kernel has: [`netem_available`] says.
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// The namespaces and links of one testnet.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Netns {
+    /// Short tag in every name (interface names hold 15 bytes).
+    pub tag: String,
+    /// Nodes, each in namespace `mycel-{tag}-{i}`.
+    pub nodes: u32,
+    /// The bearer token every node's API wants: they listen on the
+    /// bridge, not on loopback.
+    pub api_token: String,
+}
+
+/// Runs `ip` (or `tc`) with these arguments; fails with its stderr.
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Whether this process may create namespaces (runs as root); if not, why.
+pub fn check_root() -> Result<()> {
+    if effective_uid() != 0 {
+        bail!("network namespaces need root: run as root (or leave out --netns)");
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        bail!("network namespaces need the `ip` command (iproute2)");
+    }
+    Ok(())
+}
+
+fn effective_uid() -> u32 {
+    // /proc/self/status has "Uid: real effective saved fs".
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(2).and_then(|u| u.parse().ok()))
+        .unwrap_or(u32::MAX)
+}
+
+/// Whether the kernel has the netem qdisc (latency and loss), tried on a
+/// throwaway dummy link.
+pub fn netem_available() -> bool {
+    let tag = format!("mcq{}", std::process::id() % 100_000);
+    if run("ip", &["link", "add", &tag, "type", "dummy"]).is_err() {
+        return false;
+    }
+    let ok = run("tc", &["qdisc", "add", "dev", &tag, "root", "netem", "delay", "1ms"]).is_ok();
+    let _ = run("ip", &["link", "del", &tag]);
+    ok
+}
+
+impl Netns {
+    /// Creates the bridges and one namespace per node.
+    pub fn create(nodes: u32) -> Result<Self> {
+        check_root()?;
+        if nodes > 250 {
+            bail!("at most 250 nodes in namespaces (one /24 of addresses)");
+        }
+        let tag = format!("{:x}", std::process::id() % 0xffff);
+        let mut random = [0u8; 16];
+        use std::io::Read as _;
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut random))
+            .context("reading /dev/urandom for the API token")?;
+        let api_token = random.iter().map(|b| format!("{b:02x}")).collect();
+        let net = Self { tag, nodes, api_token };
+        if let Err(e) = net.build() {
+            net.destroy();
+            return Err(e);
+        }
+        Ok(net)
+    }
+
+    fn build(&self) -> Result<()> {
+        let (main, cut) = (self.bridge(0), self.bridge(1));
+        run("ip", &["link", "add", &main, "type", "bridge"])?;
+        run("ip", &["addr", "add", &format!("{}/16", self.host_addr()), "dev", &main])?;
+        run("ip", &["link", "set", &main, "up"])?;
+        run("ip", &["link", "add", &cut, "type", "bridge"])?;
+        run("ip", &["link", "set", &cut, "up"])?;
+        for i in 0..self.nodes {
+            let (ns, host, inner) = (self.namespace(i), self.veth(i, 'h'), self.veth(i, 'n'));
+            run("ip", &["netns", "add", &ns])?;
+            run("ip", &["link", "add", &host, "type", "veth", "peer", "name", &inner])?;
+            run("ip", &["link", "set", &inner, "netns", &ns])?;
+            run("ip", &["link", "set", &host, "master", &main, "up"])?;
+            let addr = format!("{}/16", self.addr(i));
+            run("ip", &["netns", "exec", &ns, "ip", "addr", "add", &addr, "dev", &inner])?;
+            run("ip", &["netns", "exec", &ns, "ip", "link", "set", &inner, "up"])?;
+            run("ip", &["netns", "exec", &ns, "ip", "link", "set", "lo", "up"])?;
+        }
+        Ok(())
+    }
+
+    /// Removes everything [`Netns::create`] made (what is already gone is
+    /// skipped).
+    pub fn destroy(&self) {
+        for i in 0..self.nodes {
+            let _ = run("ip", &["netns", "del", &self.namespace(i)]);
+            let _ = run("ip", &["link", "del", &self.veth(i, 'h')]);
+        }
+        let _ = run("ip", &["link", "del", &self.bridge(0)]);
+        let _ = run("ip", &["link", "del", &self.bridge(1)]);
+    }
+
+    /// Node `i`'s namespace.
+    pub fn namespace(&self, i: u32) -> String {
+        format!("mycel-{}-{i}", self.tag)
+    }
+
+    /// Node `i`'s address.
+    pub fn addr(&self, i: u32) -> String {
+        format!("198.18.0.{}", i + 1)
+    }
+
+    /// The host's address on the main bridge (how tests reach the APIs).
+    pub fn host_addr(&self) -> String {
+        "198.18.0.254".into()
+    }
+
+    fn bridge(&self, which: u8) -> String {
+        format!("mb{}b{which}", self.tag)
+    }
+
+    fn veth(&self, i: u32, end: char) -> String {
+        format!("mv{}{end}{i}", self.tag)
+    }
+
+    /// Cuts `nodes` off from the rest (they still reach each other).
+    pub fn partition(&self, nodes: &[u32]) -> Result<()> {
+        for i in nodes {
+            run("ip", &["link", "set", &self.veth(*i, 'h'), "master", &self.bridge(1)])?;
+        }
+        Ok(())
+    }
+
+    /// Puts every node back on the main bridge.
+    pub fn heal(&self) -> Result<()> {
+        for i in 0..self.nodes {
+            run("ip", &["link", "set", &self.veth(i, 'h'), "master", &self.bridge(0)])?;
+        }
+        Ok(())
+    }
+
+    /// Adds `delay_ms` and `loss_percent` to every packet toward every node
+    /// (needs the netem qdisc: see [`netem_available`]).
+    pub fn netem(&self, delay_ms: u32, loss_percent: f32) -> Result<()> {
+        for i in 0..self.nodes {
+            let dev = self.veth(i, 'h');
+            let (delay, loss) = (format!("{delay_ms}ms"), format!("{loss_percent}%"));
+            run("tc", &["qdisc", "replace", "dev", &dev, "root", "netem", "delay", &delay, "loss", &loss])?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,115 @@
+//! Network faults between real node processes: each node in a network
+//! namespace of its own (`testnet up --netns`), the network between them
+//! cut and healed. Needs root; skips with the reason otherwise.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use mycel_testnet::net::{Manifest, NodeEntry};
+
+use crate::support::mycel;
+use crate::testnet::{Guard, cosine, down, read_vectors, test_models, up_with_args};
+
+/// Why these tests cannot run here, if they cannot.
+fn cannot_run() -> Option<String> {
+    mycel_testnet::netns::check_root().err().map(|e| e.to_string())
+}
+
+/// How many peers serving a model `node` knows, asked with its token.
+fn serving_peers(node: &NodeEntry) -> usize {
+    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(3))).build().into();
+    let Ok(mut response) = node.get(&agent, "/api/v1/peers").call() else { return 0 };
+    let peers: serde_json::Value = response.body_mut().read_json().unwrap_or_default();
+    peers.as_array().into_iter().flatten().filter(|p| p["models"].as_array().is_some_and(|m| !m.is_empty())).count()
+}
+
+fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < limit, "{what}: not after {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    started.elapsed()
+}
+
+fn testnet(dir: &Path, args: &[&str]) {
+    let out = mycel().args(["testnet"]).args(args).arg("--dir").arg(dir).output().unwrap();
+    assert!(out.status.success(), "testnet {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn two_workers_cut_off_for_30_s_then_healed_lose_nothing() {
+    if let Some(why) = cannot_run() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("net");
+    let manifest: Manifest = up_with_args(&dir, 5, &["all-minilm-l6-v2"], &["--netns"]);
+    let _guard = Guard(&dir);
+    let requester = &manifest.nodes[0];
+    let token = requester.api_token.clone().expect("a --netns testnet has an API token");
+    wait_until("workers advertised", Duration::from_secs(180), || serving_peers(requester) >= 4);
+
+    let input = tmp.path().join("texts.txt");
+    let lines: Vec<String> =
+        (0..2000).map(|i| format!("partitioned text {i}: {}", "of small models ".repeat(i % 5))).collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let result = tmp.path().join("vectors.jsonl");
+    let submit = mycel()
+        .env("MYCEL_API_TOKEN", &token)
+        .args(["submit", "embed", "--items-per-shard", "25", "--input"])
+        .arg(&input)
+        .arg("--out")
+        .arg(&result)
+        .arg("--node")
+        .arg(&requester.api)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // Mid-task, nodes 3 and 4 are cut off for 30 s.
+    std::thread::sleep(Duration::from_secs(2));
+    testnet(&dir, &["partition", "--nodes", "3,4"]);
+    let gone =
+        wait_until("the cut-off nodes' adverts expire", Duration::from_secs(30), || serving_peers(requester) <= 2);
+    std::thread::sleep(Duration::from_secs(30).saturating_sub(gone));
+    testnet(&dir, &["heal"]);
+    let reconverged =
+        wait_until("membership reconverges after the heal", Duration::from_secs(60), || serving_peers(requester) >= 4);
+    eprintln!(
+        "partition: adverts expired {gone:?} after the cut; membership reconverged {reconverged:?} after the heal"
+    );
+
+    let out = submit.wait_with_output().unwrap();
+    assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
+    let swarm = read_vectors(&result);
+    assert_eq!(swarm.len(), 2000, "every text once");
+    let local =
+        mycel().args(["infer", "embed", "--dir"]).arg(test_models()).arg("--input").arg(&input).output().unwrap();
+    assert!(local.status.success());
+    let local_path = tmp.path().join("local.jsonl");
+    std::fs::write(&local_path, &local.stdout).unwrap();
+    for (i, (a, b)) in swarm.iter().zip(&read_vectors(&local_path)).enumerate() {
+        assert!(cosine(a, b) >= 0.9999, "line {i}");
+    }
+    let receipt = format!("{}.receipt", result.display());
+    let verified = mycel().args(["verify", &receipt, "--result"]).arg(&result).output().unwrap();
+    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
+    down(&dir);
+}
+
+#[test]
+fn partition_asks_for_a_testnet_with_namespaces() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("net");
+    crate::testnet::up(&dir, 1);
+    let _guard = Guard(&dir);
+    let out = mycel().args(["testnet", "partition", "--nodes", "0", "--dir"]).arg(&dir).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--netns"), "{err}");
+    down(&dir);
+}
