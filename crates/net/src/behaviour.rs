@@ -105,6 +105,18 @@ impl Behaviour {
                 .with_max_concurrent_streams(64),
         );
 
-        Ok(Self { limits, identify, ping: ping::Behaviour::default(), kad, mdns: mdns.into(), gossipsub, rpc })
+        Ok(Self {
+            limits,
+            identify,
+            ping: ping::Behaviour::new(
+                // Dead connections are found within 15 s (a partition),
+                // then closed and dialled again.
+                ping::Config::new().with_interval(Duration::from_secs(5)).with_timeout(Duration::from_secs(10)),
+            ),
+            kad,
+            mdns: mdns.into(),
+            gossipsub,
+            rpc,
+        })
     }
 }

@@ -372,6 +372,7 @@ impl EventLoop {
                 _ = tick.tick() => {
                     self.publish_advert();
                     self.expire();
+                    self.redial_bootstrap();
                 }
                 _ = async { tokio::time::sleep_until(republish.unwrap_or_else(Instant::now)).await },
                     if republish.is_some() => {
@@ -386,6 +387,18 @@ impl EventLoop {
             }
         }
         info!(peer = %self.swarm.local_peer_id(), "network stopped");
+    }
+
+    /// Dials every bootstrap peer we are not connected to: after a
+    /// partition heals, this is how the two sides find each other again.
+    fn redial_bootstrap(&mut self) {
+        let missing: Vec<PeerId> =
+            self.bootstrap_peers.iter().filter(|p| !self.swarm.is_connected(p)).copied().collect();
+        for peer in missing {
+            if let Err(e) = self.swarm.dial(peer) {
+                debug!(%peer, error = %e, "redial of a bootstrap peer failed");
+            }
+        }
     }
 
     fn emit(&mut self, event: Event) {
@@ -600,6 +613,14 @@ impl EventLoop {
                 }
             }
             BehaviourEvent::Rpc(event) => self.on_rpc(event),
+            // A connection that stops answering pings is dead (a cut cable,
+            // a partition): closing it lets both sides dial again once the
+            // network is back, instead of waiting on TCP's retransmission
+            // backoff, which grows to minutes.
+            BehaviourEvent::Ping(libp2p::ping::Event { peer, connection, result: Err(error) }) => {
+                debug!(%peer, %error, "ping failed; closing the connection");
+                self.swarm.close_connection(connection);
+            }
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. }) => {
                 self.on_kad_query(id, result, step.last);
             }
