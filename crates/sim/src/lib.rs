@@ -6,7 +6,7 @@
 //! simulator and TigerBeetle's VOPR test their systems: virtual time; a
 //! network with latency, loss, duplication and reordering, partitions and
 //! heals; crashes that keep exactly what was journaled; and peers that lie,
-//! forge, replay, stall, crawl or collude. Invariants are checked as the
+//! forge, replay, stall, crawl, refuse every award or collude. Invariants are checked as the
 //! run goes ([`check`]); the same seed replays the same run, event for
 //! event.
 //!

@@ -152,6 +152,9 @@ pub struct Misbehaving {
     pub silent: f64,
     /// Run every shard 20 times slower than they advertise.
     pub slow: f64,
+    /// Bid on everything and give every award back ("busy"): bids never
+    /// honoured.
+    pub refusers: f64,
     /// One operator's many identities: they lie with the same wrong
     /// answer, so copies of a shard given to two of them agree.
     pub sybils: f64,
@@ -174,6 +177,8 @@ pub enum Behaviour {
     Silent,
     /// See [`Misbehaving::slow`].
     Slow,
+    /// See [`Misbehaving::refusers`].
+    Refuser,
     /// See [`Misbehaving::sybils`].
     Sybil,
 }
@@ -195,6 +200,7 @@ impl Behaviour {
             Self::Replayer => "replayer",
             Self::Silent => "silent",
             Self::Slow => "slow",
+            Self::Refuser => "refuser",
             Self::Sybil => "sybil",
         }
     }
@@ -244,7 +250,7 @@ impl Scenario {
             }
         }
         let m = &self.misbehaving;
-        let shares = [m.liars, m.sneaky, m.forgers, m.replayers, m.silent, m.slow, m.sybils];
+        let shares = [m.liars, m.sneaky, m.forgers, m.replayers, m.silent, m.slow, m.sybils, m.refusers];
         if shares.iter().any(|s| !(0.0..=1.0).contains(s)) || shares.iter().sum::<f64>() > 0.9 {
             return Err("misbehaving: each share in [0, 1], together at most 0.9".into());
         }
@@ -267,6 +273,7 @@ impl Scenario {
             (Behaviour::Silent, m.silent),
             (Behaviour::Slow, m.slow),
             (Behaviour::Sybil, m.sybils),
+            (Behaviour::Refuser, m.refusers),
         ] {
             let n = count(share).min(left);
             left -= n;

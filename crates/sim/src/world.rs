@@ -619,7 +619,8 @@ impl Sim {
                     }
                 }
                 Action::Execute(job) => {
-                    if self.nodes[node].waiting.len() >= self.scenario.pool_queue {
+                    let refuses = self.nodes[node].behaviour == Behaviour::Refuser;
+                    if refuses || self.nodes[node].waiting.len() >= self.scenario.pool_queue {
                         // As the node's pool does: a bounded queue, and a
                         // job it cannot take fails (the shard goes back).
                         let epoch = self.nodes[node].epoch;
