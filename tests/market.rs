@@ -84,6 +84,31 @@ fn verify(result: &Path) -> std::process::Output {
     mycel().args(["verify", &receipt, "--result"]).arg(result).output().unwrap()
 }
 
+/// `mycel submit embed` of `input` through `node` (with its API token, if
+/// it has one) into `result`, with more `flags`; to run or spawn.
+pub(crate) fn submit_embed(node: &NodeEntry, input: &Path, result: &Path, flags: &[&str]) -> std::process::Command {
+    let mut cmd = mycel();
+    if let Some(token) = &node.api_token {
+        cmd.env("MYCEL_API_TOKEN", token);
+    }
+    cmd.args(["submit", "embed"]).args(flags).arg("--input").arg(input).arg("--out").arg(result);
+    cmd.arg("--node").arg(&node.api);
+    cmd
+}
+
+/// `result` holds exactly the single-node vectors of `input`'s `n` texts,
+/// in order, and its receipt verifies.
+pub(crate) fn assert_exact(result: &Path, input: &Path, dir: &Path, n: usize) {
+    let (swarm, alone) = (read_vectors(result), local_vectors(input, dir));
+    assert_eq!(swarm.len(), n, "every text once");
+    for (i, (a, b)) in swarm.iter().zip(&alone).enumerate() {
+        let c = cosine(a, b);
+        assert!(c >= 0.9999, "line {i}: cosine {c} (not the single-node vector)");
+    }
+    let verified = verify(result);
+    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
+}
+
 #[test]
 fn a_liar_is_outvoted_and_a_forger_rejected_while_the_task_completes() {
     // The scenario: six nodes, 5,000 texts; node-03 corrupts its
@@ -95,27 +120,13 @@ fn a_liar_is_outvoted_and_a_forger_rejected_while_the_task_completes() {
     let input = tmp.join("texts.txt");
     write_texts(&input, 5000);
     let result = tmp.join("vectors.jsonl");
-    let out = mycel()
-        .args(["submit", "embed", "--redundancy", "2", "--items-per-shard", "100", "--input"])
-        .arg(&input)
-        .arg("--out")
-        .arg(&result)
-        .arg("--node")
-        .arg(&requester.api)
-        .output()
-        .unwrap();
+    let flags = ["--redundancy", "2", "--items-per-shard", "100"];
+    let out = submit_embed(requester, &input, &result, &flags).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "submit failed: {stderr}");
 
-    // The answer is the honest one, in order.
-    let (swarm, alone) = (read_vectors(&result), local_vectors(&input, tmp));
-    assert_eq!(swarm.len(), 5000);
-    for (i, (a, b)) in swarm.iter().zip(&alone).enumerate() {
-        let c = cosine(a, b);
-        assert!(c >= 0.9999, "line {i}: cosine {c} (a lie got through)");
-    }
-    let verified = verify(&result);
-    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
+    // The answer is the honest one, in order: no lie got through.
+    assert_exact(&result, &input, tmp, 5000);
     // Neither cheat is named as the executor of any shard, and the honest
     // three all did work (a receipt names one executor per shard; which of
     // two agreeing copies is named depends on timing, so ask the workers).
@@ -143,13 +154,7 @@ fn a_worker_killed_mid_task_leaves_the_task_complete() {
     let input = tmp.join("texts.txt");
     write_texts(&input, 1000);
     let result = tmp.join("vectors.jsonl");
-    let submit = mycel()
-        .args(["submit", "embed", "--items-per-shard", "25", "--input"])
-        .arg(&input)
-        .arg("--out")
-        .arg(&result)
-        .arg("--node")
-        .arg(&requester.api)
+    let submit = submit_embed(requester, &input, &result, &["--items-per-shard", "25"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -171,9 +176,7 @@ fn a_worker_killed_mid_task_leaves_the_task_complete() {
 
     let out = submit.wait_with_output().unwrap();
     assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(read_vectors(&result).len(), 1000);
-    let verified = verify(&result);
-    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
+    assert_exact(&result, &input, tmp, 1000);
     down(&net.dir());
 }
 
@@ -198,15 +201,7 @@ fn testnet_chaos_kills_and_restarts_workers_while_a_task_ends_exact() {
     let input = tmp.join("texts.txt");
     write_texts(&input, 5000);
     let result = tmp.join("vectors.jsonl");
-    let out = mycel()
-        .args(["submit", "embed", "--items-per-shard", "50", "--input"])
-        .arg(&input)
-        .arg("--out")
-        .arg(&result)
-        .arg("--node")
-        .arg(&requester.api)
-        .output()
-        .unwrap();
+    let out = submit_embed(requester, &input, &result, &["--items-per-shard", "50"]).output().unwrap();
     let _ = chaos.0.kill();
     let mut log = String::new();
     if let Some(mut stdout) = chaos.0.stdout.take() {
@@ -219,15 +214,8 @@ fn testnet_chaos_kills_and_restarts_workers_while_a_task_ends_exact() {
     assert!(!log.contains("killed node-00"), "{log}");
 
     // The exact single-node result, every text once, in order, receipted.
-    let (swarm, alone) = (read_vectors(&result), local_vectors(&input, tmp));
-    assert_eq!(swarm.len(), 5000, "chaos:\n{log}");
-    for (i, (a, b)) in swarm.iter().zip(&alone).enumerate() {
-        let c = cosine(a, b);
-        assert!(c >= 0.9999, "line {i}: cosine {c}");
-    }
-    let verified = verify(&result);
-    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
     eprintln!("{kills} kills during the task:\n{log}");
+    assert_exact(&result, &input, tmp, 5000);
     down(&net.dir());
 }
 
@@ -239,22 +227,10 @@ fn timed_task(net: &Swarm, name: &str) -> Duration {
     write_texts(&input, 1000);
     let result = tmp.join(format!("{name}.jsonl"));
     let started = Instant::now();
-    let out = mycel()
-        .args(["submit", "embed", "--items-per-shard", "50", "--input"])
-        .arg(&input)
-        .arg("--out")
-        .arg(&result)
-        .arg("--node")
-        .arg(&requester.api)
-        .output()
-        .unwrap();
+    let out = submit_embed(requester, &input, &result, &["--items-per-shard", "50"]).output().unwrap();
     let took = started.elapsed();
     assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
-    let (swarm, alone) = (read_vectors(&result), local_vectors(&input, tmp));
-    assert_eq!(swarm.len(), 1000);
-    for (i, (a, b)) in swarm.iter().zip(&alone).enumerate() {
-        assert!(cosine(a, b) >= 0.9999, "line {i}");
-    }
+    assert_exact(&result, &input, tmp, 1000);
     took
 }
 

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use mycel_testnet::net::{Manifest, NodeEntry};
 
+use crate::market::{assert_exact, submit_embed};
 use crate::support::mycel;
-use crate::testnet::{Guard, cosine, down, read_vectors, test_models, up_with_args};
+use crate::testnet::{Guard, down, up_with_args};
 
 /// Why these tests cannot run here, if they cannot.
 fn cannot_run() -> Option<String> {
@@ -49,7 +50,7 @@ fn two_of_six_nodes_cut_off_for_30_s_then_healed_lose_nothing() {
     let manifest: Manifest = up_with_args(&dir, 6, &["all-minilm-l6-v2"], &["--netns"]);
     let _guard = Guard(&dir);
     let requester = &manifest.nodes[0];
-    let token = requester.api_token.clone().expect("a --netns testnet has an API token");
+    assert!(requester.api_token.is_some(), "a --netns testnet has an API token");
     wait_until("workers advertised", Duration::from_secs(180), || serving_peers(requester) >= 5);
 
     let input = tmp.path().join("texts.txt");
@@ -57,14 +58,7 @@ fn two_of_six_nodes_cut_off_for_30_s_then_healed_lose_nothing() {
         (0..5000).map(|i| format!("partitioned text {i}: {}", "of small models ".repeat(i % 5))).collect();
     std::fs::write(&input, lines.join("\n")).unwrap();
     let result = tmp.path().join("vectors.jsonl");
-    let submit = mycel()
-        .env("MYCEL_API_TOKEN", &token)
-        .args(["submit", "embed", "--items-per-shard", "50", "--input"])
-        .arg(&input)
-        .arg("--out")
-        .arg(&result)
-        .arg("--node")
-        .arg(&requester.api)
+    let submit = submit_embed(requester, &input, &result, &["--items-per-shard", "50"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -85,19 +79,7 @@ fn two_of_six_nodes_cut_off_for_30_s_then_healed_lose_nothing() {
 
     let out = submit.wait_with_output().unwrap();
     assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
-    let swarm = read_vectors(&result);
-    assert_eq!(swarm.len(), 5000, "every text once");
-    let local =
-        mycel().args(["infer", "embed", "--dir"]).arg(test_models()).arg("--input").arg(&input).output().unwrap();
-    assert!(local.status.success());
-    let local_path = tmp.path().join("local.jsonl");
-    std::fs::write(&local_path, &local.stdout).unwrap();
-    for (i, (a, b)) in swarm.iter().zip(&read_vectors(&local_path)).enumerate() {
-        assert!(cosine(a, b) >= 0.9999, "line {i}");
-    }
-    let receipt = format!("{}.receipt", result.display());
-    let verified = mycel().args(["verify", &receipt, "--result"]).arg(&result).output().unwrap();
-    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
+    assert_exact(&result, &input, tmp.path(), 5000);
     down(&dir);
 }
 

@@ -27,11 +27,7 @@ pub fn run(args: &SimArgs) -> Result<()> {
     scenario.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     let seed = match args.seed {
         Some(seed) => seed,
-        None => {
-            let mut bytes = [0u8; 8];
-            getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness for a seed: {e}"))?;
-            u64::from_le_bytes(bytes)
-        }
+        None => random_seed()?,
     };
     eprintln!(
         "simulating {} nodes, {} tasks of {} shards (seed {seed})...",
@@ -56,4 +52,11 @@ pub fn run(args: &SimArgs) -> Result<()> {
         bail!("{} invariant violations; replay with: {replay}", report.violations.len());
     }
     Ok(())
+}
+
+/// A fresh seed, for runs the user did not seed (printed, so they replay).
+pub(crate) fn random_seed() -> Result<u64> {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness for a seed: {e}"))?;
+    Ok(u64::from_le_bytes(bytes))
 }

@@ -90,11 +90,7 @@ pub fn run(cmd: TestnetCommand) -> Result<()> {
         TestnetCommand::Chaos(args) => {
             let seed = match args.seed {
                 Some(seed) => seed,
-                None => {
-                    let mut bytes = [0u8; 8];
-                    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness for a seed: {e}"))?;
-                    u64::from_le_bytes(bytes)
-                }
+                None => crate::sim::random_seed()?,
             };
             let opts = mycel_testnet::chaos::ChaosOptions {
                 dir: args.dir.path.clone(),

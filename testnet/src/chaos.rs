@@ -6,7 +6,7 @@
 use std::fs;
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -128,7 +128,7 @@ fn restart(node: &NodeEntry, args: &[String], namespace: Option<&str>) -> Result
     // The dead process's runtime file would be mistaken for the new one's.
     let _ = fs::remove_file(&runtime);
     let log = fs::OpenOptions::new().create(true).append(true).open(node.data_dir.join("node.log"))?;
-    let mut cmd = match namespace {
+    let cmd = match namespace {
         Some(ns) => {
             let mut cmd = Command::new("ip");
             cmd.args(["netns", "exec", ns]).args(args);
@@ -140,47 +140,10 @@ fn restart(node: &NodeEntry, args: &[String], namespace: Option<&str>) -> Result
             cmd
         }
     };
-    for var in crate::net::NODE_ENV {
-        cmd.env_remove(var);
-    }
-    if let Some(token) = &node.api_token {
-        cmd.env("MYCEL_API_TOKEN", token);
-    }
-    use std::os::unix::process::CommandExt as _;
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("starting {}", args[0]))?;
-    let mut child = child;
-    let pid = child.id();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Ok(info) = mycel_api::types::RuntimeInfo::read(&node.data_dir)
-            && info.pid == pid
-            && !info.listen_addrs.is_empty()
-        {
-            // The node is on its own now, like every testnet node: `down`
-            // stops it.
-            drop(child);
-            return Ok(NodeEntry {
-                pid,
-                api: info.api,
-                listen_addrs: info.listen_addrs,
-                peer_id: info.peer_id,
-                ..node.clone()
-            });
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!("it exited during start ({status}; see {})", node.data_dir.join("node.log").display());
-        }
-        if Instant::now() > deadline {
-            bail!("it did not come up in 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut starting =
+        crate::net::Starting::launch(node.name.clone(), node.data_dir.clone(), cmd, node.api_token.clone(), log)?;
+    // The node is on its own once up, like every testnet node: `down` stops it.
+    starting.wait_ready(Instant::now() + Duration::from_secs(120))
 }
 
 #[cfg(test)]

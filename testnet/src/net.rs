@@ -127,7 +127,7 @@ impl Manifest {
 }
 
 /// A started node process, until it reports its runtime file.
-struct Starting {
+pub(crate) struct Starting {
     name: String,
     data_dir: PathBuf,
     child: Child,
@@ -166,6 +166,20 @@ impl Starting {
         if let Some(b) = bootstrap {
             cmd.args(["--bootstrap", b]);
         }
+        Self::launch(name, data_dir, cmd, token, log)
+    }
+
+    /// Starts `cmd` (a `mycel node` command line) as a testnet node: none
+    /// of the user's node settings, the testnet's API token if it has one,
+    /// output to `log`, in a process group of its own (so a Ctrl-C meant
+    /// for the caller does not stop it).
+    pub(crate) fn launch(
+        name: String,
+        data_dir: PathBuf,
+        mut cmd: Command,
+        token: Option<String>,
+        log: fs::File,
+    ) -> Result<Self> {
         for var in NODE_ENV {
             cmd.env_remove(var);
         }
@@ -178,13 +192,13 @@ impl Starting {
             .stderr(log)
             .process_group(0)
             .spawn()
-            .with_context(|| format!("starting {name} ({})", opts.bin.display()))?;
+            .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
         Ok(Self { name, data_dir, child, token })
     }
 
     /// Waits for the node's runtime file; fails with the end of its log if
     /// the process exits first.
-    fn wait_ready(&mut self, deadline: Instant) -> Result<NodeEntry> {
+    pub(crate) fn wait_ready(&mut self, deadline: Instant) -> Result<NodeEntry> {
         loop {
             if let Some(status) = self.child.try_wait()? {
                 bail!("{} exited ({status}) during start:\n{}", self.name, log_tail(&self.data_dir, 10));
