@@ -127,8 +127,8 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "network: {} messages, {} lost, {} duplicated, {} unreachable; {} crashes",
-            s.messages, s.lost, s.duplicated, s.unreachable, s.crashes
+            "network: {} messages, {} lost, {} duplicated, {} unreachable; {} crashes ({} of requesters)",
+            s.messages, s.lost, s.duplicated, s.unreachable, s.crashes, s.requester_crashes
         )?;
         writeln!(
             f,

@@ -189,8 +189,9 @@ pub struct Stats {
     pub unreachable: u64,
     /// Re-auctions.
     pub reauctions: u64,
-    /// Crashes and restarts.
+    /// Crashes, and how many of them hit a requester.
     pub crashes: u64,
+    pub requester_crashes: u64,
     /// Shards run (jobs started) and results replayed from elsewhere.
     pub jobs: u64,
     /// Results replaced by a copy from elsewhere.
@@ -537,6 +538,7 @@ impl Sim {
         n.waiting.clear();
         n.load = Load::default();
         self.stats.crashes += 1;
+        self.stats.requester_crashes += u64::from(node < self.scenario.requesters);
         let down = self.scenario.crashes.down_ms;
         self.schedule(down, Event::Restart(node));
     }

@@ -67,6 +67,19 @@ fn with_two_copies_independent_liars_never_get_a_wrong_shard_through() {
 }
 
 #[test]
+fn requesters_crash_mid_task_and_their_tasks_still_end_whole() {
+    let crashed: u64 = (0..5)
+        .map(|seed| {
+            let r = Sim::new(scenario("crashes"), seed).run();
+            assert!(r.ok(), "{r}");
+            assert_eq!(r.done as usize, r.tasks, "{r}");
+            r.stats.requester_crashes
+        })
+        .sum();
+    assert!(crashed > 0, "no requester crashed in five seeds: the scenario tests nothing of the journal");
+}
+
+#[test]
 fn the_faults_actually_happen() {
     let r = Sim::new(scenario("chaos"), 3).run();
     let s = &r.stats;
