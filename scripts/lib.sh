@@ -52,6 +52,16 @@ need_test_python() {
 }
 
 # Headless Chromium for the dashboard test (Debian's package).
+# iptables, for the network-fault tests (packet loss inside the testnet's own
+# namespaces). Only as root, where those tests run; elsewhere they skip.
+need_iptables() {
+  if ! have iptables && [ "$(id -u)" = 0 ] && have apt-get; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iptables >/dev/null \
+      || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iptables >/dev/null; } \
+      || echo "(could not install iptables: the packet-loss test will skip)"
+  fi
+}
+
 need_chromium() {
   if ! have chromium; then
     if have apt-get && [ "$(id -u)" = 0 ]; then

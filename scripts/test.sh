@@ -16,9 +16,10 @@ cargo build --locked --workspace --bins
 export MYCEL_TEST_MODELS="${MYCEL_TEST_MODELS:-$PWD/target/test-models}"
 step "fetching test models into $MYCEL_TEST_MODELS"
 target/debug/mycel models fetch --dir "$MYCEL_TEST_MODELS"
-step "installing the openai client and chromium for the interface tests"
+step "installing the openai client and chromium for the interface tests, iptables for the network ones"
 need_test_python
 need_chromium
+need_iptables
 step "running the test suite"
 if have cargo-nextest; then
   cargo nextest run --locked --workspace --no-fail-fast "$@"

@@ -95,3 +95,40 @@ fn partition_asks_for_a_testnet_with_namespaces() {
     assert!(err.contains("--netns"), "{err}");
     down(&dir);
 }
+
+#[test]
+fn every_node_losing_2_percent_of_its_packets_loses_no_work() {
+    if let Some(why) = cannot_run() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    if let Err(why) = mycel_testnet::netns::loss_available() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("net");
+    let manifest: Manifest = up_with_args(&dir, 6, &["all-minilm-l6-v2"], &["--netns"]);
+    let _guard = Guard(&dir);
+    let requester = &manifest.nodes[0];
+    wait_until("workers advertised", Duration::from_secs(180), || serving_peers(requester) >= 5);
+    // 100 ms more per packet where the kernel can (netem); 2% loss always.
+    if mycel_testnet::netns::netem_available() {
+        testnet(&dir, &["degrade", "--loss", "2", "--delay", "100ms"]);
+    } else {
+        eprintln!("latency not added: this kernel has no netem qdisc; 2% loss only");
+        testnet(&dir, &["degrade", "--loss", "2"]);
+    }
+    let input = tmp.path().join("texts.txt");
+    let lines: Vec<String> =
+        (0..5000).map(|i| format!("lossy text {i}: {}", "of small models ".repeat(i % 5))).collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let result = tmp.path().join("vectors.jsonl");
+    let started = Instant::now();
+    let out = submit_embed(requester, &input, &result, &["--items-per-shard", "50"]).output().unwrap();
+    assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("5,000 texts through a 2%-loss network in {:.1} s", started.elapsed().as_secs_f64());
+    testnet(&dir, &["degrade", "--loss", "0"]);
+    assert_exact(&result, &input, tmp.path(), 5000);
+    down(&dir);
+}

@@ -451,6 +451,24 @@ pub enum TestnetCommand {
     Partition(TestnetPartitionArgs),
     /// Reconnect every node of a --netns testnet.
     Heal(TestnetDirArgs),
+    /// Degrade the network of a --netns testnet: lose a share of every
+    /// node's packets (iptables), add latency (tc netem, where the kernel
+    /// has it). `--loss 0` and no --delay undo it.
+    Degrade(TestnetDegradeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TestnetDegradeArgs {
+    #[command(flatten)]
+    pub dir: TestnetDir,
+
+    /// Packets lost, in percent (`2` for 2%).
+    #[arg(long, default_value_t = 0.0, value_name = "PERCENT")]
+    pub loss: f32,
+
+    /// Latency added to every packet (needs the kernel's netem).
+    #[arg(long, value_name = "DURATION")]
+    pub delay: Option<DurationArg>,
 }
 
 #[derive(Debug, Args)]

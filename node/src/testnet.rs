@@ -124,6 +124,20 @@ pub fn run(cmd: TestnetCommand) -> Result<()> {
             );
             Ok(())
         }
+        TestnetCommand::Degrade(args) => {
+            let manifest = Manifest::read(&args.dir.path)?;
+            let netns = manifest.netns.context("this testnet has no network namespaces: start it with --netns")?;
+            match args.delay {
+                Some(delay) => netns.netem(delay.0.as_millis() as u32, args.loss)?,
+                None => netns.loss(args.loss)?,
+            }
+            eprintln!(
+                "every node now loses {}% of its packets{}",
+                args.loss,
+                args.delay.map_or(String::new(), |d| format!(", {:?} later", d.0))
+            );
+            Ok(())
+        }
         TestnetCommand::Heal(args) => {
             let manifest = Manifest::read(&args.dir.path)?;
             let netns = manifest.netns.context("this testnet has no network namespaces: start it with --netns")?;

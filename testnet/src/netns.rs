@@ -56,6 +56,16 @@ fn effective_uid() -> u32 {
         .unwrap_or(u32::MAX)
 }
 
+/// Whether packet loss can be added: iptables (its `statistic` match) in
+/// the namespaces. If not, why.
+pub fn loss_available() -> Result<()> {
+    check_root()?;
+    if Command::new("iptables").arg("--version").output().is_err() {
+        bail!("packet loss needs iptables (Debian: apt-get install iptables)");
+    }
+    Ok(())
+}
+
 /// Whether the kernel has the netem qdisc (latency and loss), tried on a
 /// throwaway dummy link.
 pub fn netem_available() -> bool {
@@ -161,9 +171,34 @@ impl Netns {
         Ok(())
     }
 
+    /// Drops `percent` of the packets every node receives, at random
+    /// (iptables' `statistic` match in each node's namespace); 0 removes
+    /// the loss.
+    pub fn loss(&self, percent: f32) -> Result<()> {
+        if !(0.0..100.0).contains(&percent) {
+            bail!("loss must be at least 0% and under 100%");
+        }
+        loss_available()?;
+        for i in 0..self.nodes {
+            let ns = self.namespace(i);
+            run("ip", &["netns", "exec", &ns, "iptables", "-F", "INPUT"])?;
+            if percent > 0.0 {
+                let p = format!("{:.4}", percent / 100.0);
+                let rule = ["-A", "INPUT", "-m", "statistic", "--mode", "random", "--probability", &p, "-j", "DROP"];
+                let mut args = vec!["netns", "exec", &ns, "iptables"];
+                args.extend(rule);
+                run("ip", &args)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Adds `delay_ms` and `loss_percent` to every packet toward every node
     /// (needs the netem qdisc: see [`netem_available`]).
     pub fn netem(&self, delay_ms: u32, loss_percent: f32) -> Result<()> {
+        if !netem_available() {
+            bail!("this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM): latency cannot be added here");
+        }
         for i in 0..self.nodes {
             let dev = self.veth(i, 'h');
             let (delay, loss) = (format!("{delay_ms}ms"), format!("{loss_percent}%"));
