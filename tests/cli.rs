@@ -96,7 +96,7 @@ fn infer_generate_streams_and_honours_its_flags() {
     let models = crate::testnet::test_models();
     let generate = |args: &[&str]| {
         let mut cmd = mycel();
-        cmd.args(["infer", "generate", "--dir"]).arg(&models).args(args);
+        cmd.args(["infer", "generate", "--model", "smollm2-135m-instruct", "--dir"]).arg(&models).args(args);
         cmd
     };
     // Streams: the first words are out while the model still works.

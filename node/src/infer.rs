@@ -115,7 +115,8 @@ fn choose(choice: &ModelChoice, kind: ModelKind) -> Result<LocalModel> {
         None => registry::scan(&dir)
             .with_context(|| format!("reading models in {}", dir.display()))?
             .into_iter()
-            .find(|m| m.kind == kind)
+            .filter(|m| m.kind == kind)
+            .min_by_key(|m| m.size)
             .with_context(|| {
                 format!("no {want} model in {}: run `mycel models fetch`, or pass --model PATH", dir.display())
             })?,

@@ -126,6 +126,7 @@ pub fn load_with(
                     context: model.max_tokens() as u32,
                     quantization: Quantization::F32,
                     throughput,
+                    profile: info.profile.clone(),
                 };
                 info!(model = %info.id, embeddings_per_s = throughput.embeddings_per_s, "serving");
                 embedders.push(Served { model, advert });
@@ -157,6 +158,7 @@ pub fn load_with(
                     context: model.context() as u32,
                     quantization: model.quantization().clone(),
                     throughput,
+                    profile: info.profile.clone(),
                 };
                 info!(
                     model = %info.id,

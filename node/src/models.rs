@@ -10,9 +10,21 @@ use crate::client::print_table;
 pub fn run(cmd: ModelsCommand) -> Result<()> {
     match cmd {
         ModelsCommand::Fetch(args) => {
-            let dir = args.resolve()?;
-            for package in &fetch::PACKAGES {
-                eprintln!("{} ({}=={})", package.id, package.name, package.version);
+            let dir = args.dir.resolve()?;
+            if let Some(unknown) = args.only.iter().find(|id| !fetch::PACKAGES.iter().any(|p| p.id == id.as_str())) {
+                let known: Vec<&str> = fetch::PACKAGES.iter().map(|p| p.id).collect();
+                anyhow::bail!("no model {unknown:?} to fetch; known: {}", known.join(", "));
+            }
+            // A model that borrows another's tokenizer brings it along.
+            let mut only = args.only.clone();
+            for p in fetch::PACKAGES.iter().filter(|p| args.only.iter().any(|o| o == p.id)) {
+                if let fetch::Source::OnnxBert { tokenizer_from, .. } = p.source {
+                    only.push(tokenizer_from.to_string());
+                }
+            }
+            let wanted = |id: &str| only.is_empty() || only.iter().any(|o| o == id);
+            for package in fetch::PACKAGES.iter().filter(|p| wanted(p.id)) {
+                eprintln!("{} ({})", package.id, package.specs());
                 let outcome = fetch::fetch(package, &dir, &mut |line| eprintln!("  {line}"))
                     .with_context(|| format!("fetching {}", package.id))?;
                 match outcome {
@@ -57,6 +69,7 @@ pub fn run(cmd: ModelsCommand) -> Result<()> {
                         serde_json::json!({
                             "id": m.id, "kind": kind(m.kind), "digest": m.digest.to_hex(),
                             "size_bytes": m.size, "path": m.weights,
+                            "description": m.profile.description, "tags": m.profile.tags,
                             "embeddings_per_s": t.map(|t| t.embeddings_per_s),
                             "prefill_tokens_per_s": t.map(|t| t.prefill_tokens_per_s),
                             "decode_tokens_per_s": t.map(|t| t.decode_tokens_per_s),
@@ -67,7 +80,7 @@ pub fn run(cmd: ModelsCommand) -> Result<()> {
             } else if models.is_empty() {
                 println!("no models in {} (get some with `mycel models fetch`)", dir.display());
             } else {
-                let rows: Vec<[String; 5]> = models
+                let rows: Vec<[String; 6]> = models
                     .iter()
                     .map(|m| {
                         let speed = match (m.kind, speed(m)) {
@@ -83,11 +96,12 @@ pub fn run(cmd: ModelsCommand) -> Result<()> {
                             kind(m.kind).into(),
                             m.digest.to_hex(),
                             format!("{:.1} MB", m.size as f64 / 1e6),
+                            m.profile.tags.join(","),
                             speed,
                         ]
                     })
                     .collect();
-                print_table(&["MODEL", "KIND", "WEIGHTS SHA-256", "SIZE", "MEASURED SPEED"], &rows);
+                print_table(&["MODEL", "KIND", "WEIGHTS SHA-256", "SIZE", "GOOD AT", "MEASURED SPEED"], &rows);
             }
             Ok(())
         }

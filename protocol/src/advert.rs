@@ -68,6 +68,19 @@ pub struct ModelAdvert {
     pub quantization: Quantization,
     /// Measured speed on this node.
     pub throughput: Throughput,
+    /// What the model is good at, as its owner describes it.
+    pub profile: ModelProfile,
+}
+
+/// A model's capability profile: a one-line description and tags (`code`,
+/// `chat`...), a router's starting point before it has outcomes of its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct ModelProfile {
+    /// One line, at most [`limits::PROFILE_DESCRIPTION`] bytes.
+    pub description: String,
+    /// At most [`limits::PROFILE_TAGS`], each a short word.
+    pub tags: Vec<String>,
 }
 
 /// A GPU the node can use.
@@ -153,6 +166,11 @@ impl Advert {
             short("model id", &m.id, limits::SHORT_STRING)?;
             if let Quantization::Other(name) = &m.quantization {
                 short("quantization", name, limits::SHORT_STRING)?;
+            }
+            short("model description", &m.profile.description, limits::PROFILE_DESCRIPTION)?;
+            at_most("model tags", &m.profile.tags, limits::PROFILE_TAGS)?;
+            for t in &m.profile.tags {
+                short("model tag", t, limits::PROFILE_TAG)?;
             }
             speed("embeddings_per_s", m.throughput.embeddings_per_s)?;
             speed("prefill_tokens_per_s", m.throughput.prefill_tokens_per_s)?;

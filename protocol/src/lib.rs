@@ -28,7 +28,7 @@ pub mod spot;
 pub mod task;
 pub mod version;
 
-pub use advert::{Advert, Gpu, Hardware, Load, ModelAdvert, ModelKind, Price, Quantization, Throughput};
+pub use advert::{Advert, Gpu, Hardware, Load, ModelAdvert, ModelKind, ModelProfile, Price, Quantization, Throughput};
 pub use bytes::Digest;
 pub use codec::{DecodeError, EncodeError, Wire};
 pub use keys::{KeyError, Keypair, PublicKey, Signature};

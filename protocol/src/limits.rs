@@ -33,6 +33,12 @@ pub const LARGEST_MESSAGE: usize = TASK_SPEC;
 pub const SHORT_STRING: usize = 256;
 /// Models one advert may list.
 pub const MODELS_PER_ADVERT: usize = 32;
+/// Longest model description in an advert, in bytes.
+pub const PROFILE_DESCRIPTION: usize = 120;
+/// Tags one model's profile may list.
+pub const PROFILE_TAGS: usize = 6;
+/// Longest tag, in bytes.
+pub const PROFILE_TAG: usize = 24;
 /// Listen addresses one advert may list.
 pub const ADDRS_PER_ADVERT: usize = 16;
 /// SIMD feature names one advert may list.

@@ -140,8 +140,10 @@ mod valid {
     }
 
     fn model() -> impl Strategy<Value = ModelAdvert> {
-        (text(32), any::<ModelKind>(), any::<Digest>(), any::<u32>(), any::<u32>(), (rate(), rate(), rate())).prop_map(
-            |(id, kind, weights, dimensions, context, (e, p, d))| ModelAdvert {
+        let profile = (text(30), prop::collection::vec(text(6), 0..6))
+            .prop_map(|(description, tags)| ModelProfile { description, tags });
+        (text(32), any::<ModelKind>(), any::<Digest>(), any::<u32>(), any::<u32>(), (rate(), rate(), rate()), profile)
+            .prop_map(|(id, kind, weights, dimensions, context, (e, p, d), profile)| ModelAdvert {
                 id,
                 kind,
                 weights,
@@ -149,8 +151,8 @@ mod valid {
                 context,
                 quantization: Quantization::Q4_1,
                 throughput: Throughput { embeddings_per_s: e, prefill_tokens_per_s: p, decode_tokens_per_s: d },
-            },
-        )
+                profile,
+            })
     }
 
     pub fn advert() -> impl Strategy<Value = Advert> {

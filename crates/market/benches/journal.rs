@@ -36,6 +36,7 @@ fn main() {
         context: 256,
         quantization: Quantization::F32,
         throughput: Throughput { embeddings_per_s: 300.0, ..Throughput::default() },
+        profile: Default::default(),
     };
     let mut now = 1_000_000u64;
     let mut pending: VecDeque<Action> =

@@ -39,6 +39,7 @@ fn model(name: &str, per_s: f32) -> ModelAdvert {
         context: 256,
         quantization: Quantization::F32,
         throughput: Throughput { embeddings_per_s: per_s, ..Throughput::default() },
+        profile: Default::default(),
     }
 }
 

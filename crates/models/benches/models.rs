@@ -7,7 +7,9 @@
 //! by `CANDLE_NUM_THREADS`: set both.) `MYCEL_BENCH_REPLICAS=N` sizes the
 //! pool line; `MYCEL_BENCH_EMBED_ONLY=1` stops after the embeddings,
 //! `MYCEL_BENCH_GENERATE_ONLY=1` skips them, `MYCEL_BENCH_WEIGHTS=q4_1`
-//! (or `q8_0`, `q8_0_candle`) runs one generation row only (for profiles).
+//! (or `q8_0`, `q8_0_candle`) runs one generation row only (for profiles),
+//! `MYCEL_BENCH_GGUF=qwen2.5-coder-0.5b-instruct` measures that model
+//! instead of SmolLM2 (one row, `default`: as a node loads it).
 //!
 //! Prints one JSON object: embeddings/s at batch 1 and 32 for short (~20
 //! token) and 128-token texts; prefill and decode tokens/s (after the Q8_0
@@ -74,12 +76,19 @@ fn main() {
         return;
     }
 
-    for (name, requantize, own_kernels) in [("q8_0", true, true), ("q8_0_candle", true, false), ("q4_1", false, true)] {
+    let model = std::env::var("MYCEL_BENCH_GGUF").unwrap_or_else(|_| "smollm2-135m-instruct".into());
+    let rows: &[(&str, bool, bool)] = if model == "smollm2-135m-instruct" {
+        &[("q8_0", true, true), ("q8_0_candle", true, false), ("q4_1", false, true)]
+    } else {
+        &[("default", false, true)]
+    };
+    out.insert("generation_model".into(), model.clone().into());
+    for &(name, requantize, own_kernels) in rows {
         if std::env::var("MYCEL_BENCH_WEIGHTS").is_ok_and(|only| only != name) {
             continue;
         }
         let options = LoadOptions { requantize_q4_1: requantize, own_kernels };
-        let generator = Generator::load(&dir.join("smollm2-135m-instruct"), &options, &Device::Cpu).unwrap();
+        let generator = Generator::load(&dir.join(&model), &options, &Device::Cpu).unwrap();
         out.insert(format!("engine_{name}"), format!("{:?}", generator.engine()).into());
         let prompt = generator.chat_prompt(&[ChatMessage::user(long_texts(1)[0].clone())]).unwrap();
         let ids = generator.encode(&prompt).unwrap();

@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::io::Cursor;
+use std::io::{BufReader, Cursor, Read, Seek};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -107,14 +107,16 @@ impl Generator {
     /// `tokenizer.json` beside it replaces the tokenizer in the metadata.
     pub fn load(path: &Path, options: &LoadOptions, device: &Device) -> Result<Self> {
         let file = if path.is_dir() { single_gguf(path)? } else { path.to_path_buf() };
-        let bytes = fs::read(&file).map_err(ModelError::io(&file))?;
-        let mut reader = Cursor::new(bytes);
+        // Read tensor by tensor: a whole 500 MB file in memory beside its
+        // converted weights would double the peak at load.
+        let mut reader = BufReader::new(fs::File::open(&file).map_err(ModelError::io(&file))?);
         let content = Content::read(&mut reader).map_err(|e| ModelError::format(&file, e))?;
         let arch = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned();
-        if arch.as_deref() != Some("llama") {
+        let candle_runs_it = arch.as_deref() == Some("llama");
+        if !candle_runs_it && arch.as_deref() != Some("qwen2") {
             return Err(ModelError::format(
                 &file,
-                format!("architecture {arch:?} is not supported (llama-family GGUF only)"),
+                format!("architecture {arch:?} is not supported (llama and qwen2 GGUFs only)"),
             ));
         }
         let (mut tokenizer, specials) = tokenizer::from_gguf(&file, &content)?;
@@ -123,14 +125,21 @@ impl Generator {
             tokenizer = tokenizer::from_file(&beside)?;
         }
         let template = content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
-        let declared = content.metadata.get("llama.context_length").and_then(|v| v.to_u32().ok()).map(|c| c as usize);
+        let declared = arch
+            .as_deref()
+            .and_then(|a| content.metadata.get(&format!("{a}.context_length")))
+            .and_then(|v| v.to_u32().ok())
+            .map(|c| c as usize);
         let context = declared.unwrap_or(MAX_SEQ_LEN).min(MAX_SEQ_LEN);
 
         let q4_1 = content.tensor_infos.values().any(|t| t.ggml_dtype == GgmlDType::Q4_1);
         let quantization = dominant_quantization(&content, options.requantize_q4_1);
-        let own = if options.own_kernels && device.is_cpu() {
+        let own = if (options.own_kernels || !candle_runs_it) && device.is_cpu() {
             match Llama::load(&content, &mut reader, options.requantize_q4_1) {
                 Ok(llama) => Some(llama),
+                Err(LoadError::Unsupported(why)) if !candle_runs_it => {
+                    return Err(ModelError::format(&file, format!("cannot run this {arch:?} model: {why}")));
+                }
                 Err(LoadError::Unsupported(why)) => {
                     tracing::info!(file = %file.display(), %why, "running this model on candle's kernels");
                     None
@@ -142,6 +151,9 @@ impl Generator {
         };
         let weights = match own {
             Some(llama) => Weights::Mycel(Arc::new(llama)),
+            None if !candle_runs_it => {
+                return Err(ModelError::format(&file, format!("{arch:?} models run on the CPU only")));
+            }
             None if q4_1 && options.requantize_q4_1 => {
                 let (content, mut reader) = requantize(&file, content, &mut reader)?;
                 Weights::Candle(Box::new(
@@ -402,7 +414,7 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
 }
 
 /// Rewrites a GGUF in memory with its Q4_1 tensors as Q8_0.
-fn requantize(file: &Path, content: Content, reader: &mut Cursor<Vec<u8>>) -> Result<(Content, Cursor<Vec<u8>>)> {
+fn requantize<R: Read + Seek>(file: &Path, content: Content, reader: &mut R) -> Result<(Content, Cursor<Vec<u8>>)> {
     let fail = |e: candle_core::Error| ModelError::format(file, e);
     let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(content.tensor_infos.len());
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();

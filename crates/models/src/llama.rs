@@ -46,6 +46,19 @@ struct Config {
     eps: f32,
     /// Rotary frequencies, one per rotated pair.
     inv_freq: Vec<f32>,
+    /// Which dimensions rotate together.
+    rope: RopeStyle,
+}
+
+/// How a head's dimensions pair up for the rotary embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RopeStyle {
+    /// Adjacent pairs `(0, 1), (2, 3), ..`: llama in GGUF, whose converter
+    /// permutes the query and key rows to this layout.
+    Adjacent,
+    /// The two halves `(i, i + head_dim / 2)`: qwen2, as Hugging Face
+    /// computes it (llama.cpp's "neox" rope).
+    Halves,
 }
 
 impl Config {
@@ -94,6 +107,31 @@ impl QMatrix {
         for block in bytes.chunks_exact(BYTES) {
             m.scales.push(half::f16::from_le_bytes([block[0], block[1]]).to_f32());
             m.quants.extend(block[2..].iter().map(|&b| b as i8));
+        }
+        Some(m)
+    }
+
+    /// From GGUF Q5_0 data, losslessly: per block an f16 scale `d`, 32 high
+    /// bits and 32 low nibbles of 5-bit quants `q`, each value `d * (q -
+    /// 16)`; `q - 16` fits a Q8_0 quant as it is.
+    fn from_q5_0(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        const BYTES: usize = 2 + 4 + BLOCK / 2;
+        if !cols.is_multiple_of(BLOCK) || bytes.len() != rows * cols / BLOCK * BYTES {
+            return None;
+        }
+        let mut m = Self {
+            rows,
+            cols,
+            quants: Vec::with_capacity(rows * cols),
+            scales: Vec::with_capacity(rows * cols / BLOCK),
+        };
+        for block in bytes.chunks_exact(BYTES) {
+            m.scales.push(half::f16::from_le_bytes([block[0], block[1]]).to_f32());
+            let high = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+            let low = &block[6..];
+            let quant = |i: usize, nibble: u8| (nibble | (((high >> i) & 1) as u8) << 4) as i8 - 16;
+            m.quants.extend((0..BLOCK / 2).map(|j| quant(j, low[j] & 0x0f)));
+            m.quants.extend((0..BLOCK / 2).map(|j| quant(j + BLOCK / 2, low[j] >> 4)));
         }
         Some(m)
     }
@@ -382,6 +420,8 @@ struct Layer {
     attn_norm: Vec<f32>,
     /// Query, key and value projections, stacked.
     qkv: Matrix,
+    /// Their biases, stacked the same way (qwen2 has them, llama not).
+    qkv_bias: Option<Vec<f32>>,
     wo: Matrix,
     ffn_norm: Vec<f32>,
     /// Gate and up projections, stacked.
@@ -421,36 +461,45 @@ fn unsupported<T>(why: impl Into<String>) -> Result<T, LoadError> {
 }
 
 impl Llama {
-    /// Reads a llama GGUF's weights. Q8_0 and Q4_1 matrices are taken as
-    /// they are, Q4_1 converted to Q8_0 when `convert_q4_1`.
+    /// Reads a llama or qwen2 GGUF's weights. Q8_0 and Q4_1 matrices are
+    /// taken as they are, Q4_1 converted to Q8_0 when `convert_q4_1`, Q5_0
+    /// losslessly to Q8_0; any other type candle can dequantize (the
+    /// K-quants, f16...) is requantized to Q8_0.
     pub(crate) fn load<R: Read + Seek>(
         content: &Content,
         reader: &mut R,
         convert_q4_1: bool,
     ) -> Result<Self, LoadError> {
         let md = |key: &str| content.metadata.get(key);
-        let get_u32 = |key: &str| md(key).and_then(|v| v.to_u32().ok()).map(|v| v as usize);
-        let (Some(heads), Some(kv_heads), Some(layers), Some(dim)) = (
-            get_u32("llama.attention.head_count"),
-            get_u32("llama.attention.head_count_kv"),
-            get_u32("llama.block_count"),
-            get_u32("llama.embedding_length"),
-        ) else {
-            return unsupported("missing llama shape metadata");
+        let arch = md("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        let rope_style = match arch.as_str() {
+            "llama" => RopeStyle::Adjacent,
+            "qwen2" => RopeStyle::Halves,
+            other => return unsupported(format!("architecture {other:?}")),
         };
-        if md("llama.expert_count").and_then(|v| v.to_u32().ok()).unwrap_or(0) > 0 {
+        let key = |name: &str| format!("{arch}.{name}");
+        let get_u32 = |name: &str| md(&key(name)).and_then(|v| v.to_u32().ok()).map(|v| v as usize);
+        let (Some(heads), Some(kv_heads), Some(layers), Some(dim)) = (
+            get_u32("attention.head_count"),
+            get_u32("attention.head_count_kv"),
+            get_u32("block_count"),
+            get_u32("embedding_length"),
+        ) else {
+            return unsupported(format!("missing {arch} shape metadata"));
+        };
+        if get_u32("expert_count").unwrap_or(0) > 0 {
             return unsupported("mixture of experts");
         }
         if heads == 0 || kv_heads == 0 || !dim.is_multiple_of(heads) || !heads.is_multiple_of(kv_heads) {
             return unsupported(format!("{heads} heads, {kv_heads} key/value heads, width {dim}"));
         }
         let head_dim = dim / heads;
-        let rope_dim = get_u32("llama.rope.dimension_count").unwrap_or(head_dim);
+        let rope_dim = get_u32("rope.dimension_count").unwrap_or(head_dim);
         if rope_dim != head_dim || !head_dim.is_multiple_of(2) {
             return unsupported(format!("rotary width {rope_dim} for heads of {head_dim}"));
         }
-        let base = md("llama.rope.freq_base").and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0);
-        let eps = md("llama.attention.layer_norm_rms_epsilon").and_then(|v| v.to_f32().ok()).unwrap_or(1e-5);
+        let base = md(&key("rope.freq_base")).and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0);
+        let eps = md(&key("attention.layer_norm_rms_epsilon")).and_then(|v| v.to_f32().ok()).unwrap_or(1e-5);
         // As candle and llama.cpp compute them, in f32.
         let inv_freq = (0..head_dim).step_by(2).map(|i| 1f32 / base.powf(i as f32 / head_dim as f32)).collect();
 
@@ -469,12 +518,16 @@ impl Llama {
             let tensor = content.tensor(reader, name, &cpu)?;
             let matrix = match tensor.dtype() {
                 GgmlDType::Q8_0 => QMatrix::from_q8_0(&tensor.data()?, rows, cols).map(Matrix::Q8_0),
+                GgmlDType::Q5_0 => QMatrix::from_q5_0(&tensor.data()?, rows, cols).map(Matrix::Q8_0),
                 GgmlDType::Q4_1 if convert_q4_1 => {
                     let values = tensor.dequantize(&cpu)?.flatten_all()?.to_vec1::<f32>()?;
                     Some(Matrix::Q8_0(QMatrix::quantize(&values, rows, cols)))
                 }
                 GgmlDType::Q4_1 => Q4Matrix::from_q4_1(&tensor.data()?, rows, cols).map(Matrix::Q4_1),
-                other => return unsupported(format!("{name} is {other:?}")),
+                _ => {
+                    let values = tensor.dequantize(&cpu)?.flatten_all()?.to_vec1::<f32>()?;
+                    Some(Matrix::Q8_0(QMatrix::quantize(&values, rows, cols)))
+                }
             };
             matrix.map_or_else(|| unsupported(format!("{name}: data of the wrong size")), Ok)
         };
@@ -508,9 +561,19 @@ impl Llama {
             let (Some(qkv), Some(gate_up)) = (Matrix::stack(vec![q, k, v]), Matrix::stack(vec![gate, up])) else {
                 return unsupported(format!("layer {l} mixes weight formats"));
             };
+            let bias = |reader: &mut R, which: &str, len: usize| -> candle_core::Result<Option<Vec<f32>>> {
+                let name = format!("{p}.attn_{which}.bias");
+                content.tensor_infos.contains_key(&name).then(|| vector(content, reader, &name, len)).transpose()
+            };
+            let qkv_bias = match (bias(reader, "q", dim)?, bias(reader, "k", kv_dim)?, bias(reader, "v", kv_dim)?) {
+                (Some(q), Some(k), Some(v)) => Some([q, k, v].concat()),
+                (None, None, None) => None,
+                _ => return unsupported(format!("layer {l} has biases on some of query, key and value only")),
+            };
             blocks.push(Layer {
                 attn_norm: vector(content, reader, &format!("{p}.attn_norm.weight"), dim)?,
                 qkv,
+                qkv_bias,
                 wo,
                 ffn_norm: vector(content, reader, &format!("{p}.ffn_norm.weight"), dim)?,
                 gate_up,
@@ -522,7 +585,7 @@ impl Llama {
         if embedding.cols() != dim || output.as_ref().is_some_and(|o| o.cols() != dim) || embedding.rows() != vocab {
             return unsupported("embedding and output shapes disagree");
         }
-        let config = Config { dim, heads, kv_heads, head_dim, ffn, vocab, eps, inv_freq };
+        let config = Config { dim, heads, kv_heads, head_dim, ffn, vocab, eps, inv_freq, rope: rope_style };
         let norm = vector(content, reader, "output_norm.weight", dim)?;
         Ok(Self { config, embedding, layers: blocks, norm, output })
     }
@@ -572,14 +635,17 @@ impl Llama {
             matmul(&QActivations::from_rows(&normed, c.dim), &layer.qkv, &mut qkv);
             let (keys, values) = (&mut cache.keys[l], &mut cache.values[l]);
             for (t, row) in qkv.chunks_exact_mut(qkv_width).enumerate() {
+                if let Some(bias) = &layer.qkv_bias {
+                    row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+                }
                 let (q, kv) = row.split_at_mut(q_dim);
                 let (k, v) = kv.split_at_mut(kv_dim);
                 let (cos, sin) = (
                     &cos[t * c.inv_freq.len()..][..c.inv_freq.len()],
                     &sin[t * c.inv_freq.len()..][..c.inv_freq.len()],
                 );
-                q.chunks_exact_mut(c.head_dim).for_each(|h| rope(h, cos, sin));
-                k.chunks_exact_mut(c.head_dim).for_each(|h| rope(h, cos, sin));
+                q.chunks_exact_mut(c.head_dim).for_each(|h| rope(c.rope, h, cos, sin));
+                k.chunks_exact_mut(c.head_dim).for_each(|h| rope(c.rope, h, cos, sin));
                 push_kv(keys, values, start + t, c.head_dim, k, v);
             }
             attention(c, &qkv, keys, values, start, &mut attended);
@@ -682,13 +748,22 @@ fn rotations(inv_freq: &[f32], start: usize, tokens: usize) -> (Vec<f32>, Vec<f3
     (cos, sin)
 }
 
-/// Rotary embedding of one head, adjacent pairs rotated together (llama's
-/// "normal" layout, as GGUF stores its query and key weights).
-fn rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
-    for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
-        let (a, b) = (pair[0], pair[1]);
-        pair[0] = a * c - b * s;
-        pair[1] = a * s + b * c;
+/// Rotary embedding of one head: pair `i` (angle `cos[i]`, `sin[i]`) is
+/// dimensions `2i, 2i + 1` or `i, i + head_dim / 2`, by `style`.
+fn rope(style: RopeStyle, head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let turn = |a: f32, b: f32, c: f32, s: f32| (a * c - b * s, a * s + b * c);
+    match style {
+        RopeStyle::Adjacent => {
+            for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
+                (pair[0], pair[1]) = turn(pair[0], pair[1], c, s);
+            }
+        }
+        RopeStyle::Halves => {
+            let (first, second) = head.split_at_mut(head.len() / 2);
+            for (((a, b), &c), &s) in first.iter_mut().zip(second).zip(cos).zip(sin) {
+                (*a, *b) = turn(*a, *b, c, s);
+            }
+        }
     }
 }
 
@@ -1082,12 +1157,34 @@ mod tests {
     }
 
     #[test]
-    fn rope_rotates_adjacent_pairs() {
+    fn q5_0_converts_to_q8_0_without_loss() {
+        let (rows, cols) = (3, 64);
+        let values: Vec<f32> = pseudo_random(rows * cols, 11).iter().map(|x| x * 4.0).collect();
+        let tensor = candle_core::Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
+        let q5 = candle_core::quantized::QTensor::quantize(&tensor, GgmlDType::Q5_0).unwrap();
+        let expected = q5.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        let m = QMatrix::from_q5_0(&q5.data().unwrap(), rows, cols).unwrap();
+        let mut row = vec![0f32; cols];
+        for (r, expected) in expected.iter().enumerate() {
+            m.dequantize_row(r, &mut row);
+            assert_eq!(&row, expected, "row {r}");
+        }
+        assert!(QMatrix::from_q5_0(&q5.data().unwrap()[1..], rows, cols).is_none());
+    }
+
+    #[test]
+    fn rope_rotates_adjacent_pairs_or_halves() {
+        let quarter_turn = std::f32::consts::FRAC_PI_2;
+        let (cos, sin) = ([quarter_turn.cos(), 1.0], [quarter_turn.sin(), 0.0]);
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| (a - b).abs() < 1e-6);
+        // Pair 0 turns a quarter, pair 1 not at all.
         let mut head = vec![1.0, 0.0, 0.0, 1.0];
-        let half_turn = std::f32::consts::FRAC_PI_2;
-        rope(&mut head, &[half_turn.cos(), 1.0], &[half_turn.sin(), 0.0]);
-        assert!((head[0] - 0.0).abs() < 1e-6 && (head[1] - 1.0).abs() < 1e-6);
-        assert_eq!(&head[2..], &[0.0, 1.0]);
+        rope(RopeStyle::Adjacent, &mut head, &cos, &sin);
+        assert!(close(&head, &[0.0, 1.0, 0.0, 1.0]), "{head:?}");
+        // Pair 0 is dimensions 0 and 2.
+        let mut head = vec![1.0, 0.0, 0.0, 1.0];
+        rope(RopeStyle::Halves, &mut head, &cos, &sin);
+        assert!(close(&head, &[0.0, 0.0, 1.0, 1.0]), "{head:?}");
     }
 
     /// Attention written out plainly: every head on its own, in f64.
@@ -1136,6 +1233,7 @@ mod tests {
                     vocab: 0,
                     eps: 0.0,
                     inv_freq: Vec::new(),
+                    rope: RopeStyle::Adjacent,
                 };
                 let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
                 let width = q_dim + 2 * kv_dim;

@@ -15,7 +15,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
-use mycel_protocol::{Digest, ModelKind};
+use mycel_protocol::{Digest, ModelKind, ModelProfile};
 
 /// A model found on disk.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +32,8 @@ pub struct LocalModel {
     pub digest: Digest,
     /// Size of the weights file in bytes.
     pub size: u64,
+    /// What it is good at (`mycel-profile.toml` beside the weights).
+    pub profile: ModelProfile,
 }
 
 /// Why a folder could not be read as a model.
@@ -45,6 +47,9 @@ pub enum RegistryError {
     /// More than one candidate weights file.
     #[error("{dir} has several weights files ({files}); keep one per model folder")]
     Ambiguous { dir: PathBuf, files: String },
+    /// The profile beside the weights is malformed or out of bounds.
+    #[error(transparent)]
+    Profile(#[from] crate::profile::ProfileError),
     /// I/O error reading the folder or hashing the weights.
     #[error("reading {path}: {error}")]
     Io { path: PathBuf, error: std::io::Error },
@@ -102,7 +107,8 @@ pub fn open(dir: &Path) -> Result<LocalModel, RegistryError> {
     let size = fs::metadata(&weights).map_err(io(&weights))?.len();
     let digest = digest_cached(&weights)?;
     let id = dir.file_name().map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned());
-    Ok(LocalModel { id, kind, dir: dir.to_path_buf(), weights, digest, size })
+    let profile = crate::profile::Profile::load(dir)?.into_advert();
+    Ok(LocalModel { id, kind, dir: dir.to_path_buf(), weights, digest, size, profile })
 }
 
 const DIGEST_CACHE: &str = ".mycel-digest";

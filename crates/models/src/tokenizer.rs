@@ -136,9 +136,27 @@ fn pre_tokenizer(name: &str) -> Option<serde_json::Value> {
             "type": "Sequence",
             "pretokenizers": [{ "type": "Digits", "individual_digits": true }, byte_level],
         })),
+        // Qwen2: GPT-4's split with single digits (llama.cpp's
+        // LLAMA_VOCAB_PRE_TYPE_QWEN2), then bytes to symbols only.
+        "qwen2" => Some(json!({
+            "type": "Sequence",
+            "pretokenizers": [
+                {
+                    "type": "Split",
+                    "pattern": { "Regex": QWEN2_SPLIT },
+                    "behavior": "Isolated",
+                    "invert": false,
+                },
+                { "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false },
+            ],
+        })),
         _ => None,
     }
 }
+
+/// Qwen2's pre-tokenizer pattern, as its `tokenizer.json` and llama.cpp have it.
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn strings(path: &Path, value: &Value, key: &str) -> Result<Vec<String>> {
     let Value::Array(values) = value else {

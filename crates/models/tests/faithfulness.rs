@@ -40,8 +40,19 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 
 #[test]
 fn embeddings_match_sentence_transformers() {
-    let fx: EmbeddingFixture = fixture("embeddings.json");
-    let dir = models_dir().join("all-minilm-l6-v2");
+    embeddings_match("embeddings.json", "all-minilm-l6-v2", true);
+}
+
+/// paraphrase-MiniLM-L3-v2, converted from ONNX at fetch, against ONNX
+/// Runtime on the original ONNX file.
+#[test]
+fn converted_onnx_embeddings_match_onnx_runtime() {
+    embeddings_match("paraphrase-l3-embeddings.json", "paraphrase-minilm-l3-v2", false);
+}
+
+fn embeddings_match(fixture_name: &str, model: &str, normalized: bool) {
+    let fx: EmbeddingFixture = fixture(fixture_name);
+    let dir = models_dir().join(model);
     assert_eq!(registry::open(&dir).unwrap().digest.to_hex(), fx.weights_sha256, "fixture is for other weights");
     let embedder = Embedder::load(&dir, &Device::Cpu).unwrap();
     assert_eq!(embedder.max_tokens(), fx.max_seq_length);
@@ -59,7 +70,12 @@ fn embeddings_match_sentence_transformers() {
             let c = cosine(ours, theirs);
             assert!(c >= 0.9999, "batch {batch}: cosine {c} for {text:?}");
             let norm: f32 = ours.iter().map(|x| x * x).sum::<f32>().sqrt();
-            assert!((norm - 1.0).abs() < 1e-4, "not normalised: {norm}");
+            if normalized {
+                assert!((norm - 1.0).abs() < 1e-4, "not normalised: {norm}");
+            } else {
+                let theirs: f32 = theirs.iter().map(|x| x * x).sum::<f32>().sqrt();
+                assert!((norm / theirs - 1.0).abs() < 1e-3, "norm {norm}, reference {theirs}");
+            }
         }
     }
 }
@@ -102,23 +118,41 @@ struct Candidate {
     logit: f64,
 }
 
+const SMOLLM2: &str = "smollm2-135m-instruct";
+const QWEN: &str = "qwen2.5-coder-0.5b-instruct";
+
 fn generator(options: &LoadOptions) -> Generator {
-    Generator::load(&models_dir().join("smollm2-135m-instruct"), options, &Device::Cpu).unwrap()
+    load(SMOLLM2, options)
+}
+
+fn load(model: &str, options: &LoadOptions) -> Generator {
+    Generator::load(&models_dir().join(model), options, &Device::Cpu).unwrap()
 }
 
 #[test]
 fn gguf_tokenizer_matches_llama_cpp() {
-    let fx: TokenFixture = fixture("smollm2-tokens.json");
-    let model = registry::open(&models_dir().join("smollm2-135m-instruct")).unwrap();
-    assert_eq!(model.digest.to_hex(), fx.weights_sha256);
-    let generator = generator(&LoadOptions { requantize_q4_1: false, ..LoadOptions::default() });
+    tokenizer_matches("smollm2-tokens.json", SMOLLM2);
+}
+
+/// Qwen2's byte-level BPE with its own pre-tokenizer (digits one by one,
+/// GPT-4's split), from the GGUF metadata.
+#[test]
+fn qwen2_tokenizer_matches_llama_cpp() {
+    tokenizer_matches("qwen-tokens.json", QWEN);
+}
+
+fn tokenizer_matches(fixture_name: &str, model: &str) {
+    let fx: TokenFixture = fixture(fixture_name);
+    assert_eq!(registry::open(&models_dir().join(model)).unwrap().digest.to_hex(), fx.weights_sha256);
+    let generator = load(model, &LoadOptions::default());
     for case in &fx.cases {
         assert_eq!(generator.encode(&case.text).unwrap(), case.ids, "tokens of {:?}", case.text);
         // Decoding gives the text back, control tokens left out.
-        let plain: Vec<u32> = case.ids.iter().copied().filter(|&id| id > 16).collect();
-        let expected = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
-            .iter()
-            .fold(case.text.clone(), |t, special| t.replace(special, ""));
+        let specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"];
+        let is_special =
+            |id: u32| generator.tokenizer().id_to_token(id).is_some_and(|t| specials.contains(&t.as_str()));
+        let plain: Vec<u32> = case.ids.iter().copied().filter(|&id| !is_special(id)).collect();
+        let expected = specials.iter().fold(case.text.clone(), |t, special| t.replace(special, ""));
         assert_eq!(generator.decode(&plain).unwrap(), expected);
     }
 }
@@ -136,8 +170,12 @@ const CONTENDER: f64 = 1.0;
 /// Feeds each prompt, then the reference's tokens one at a time, and
 /// checks our argmax at every step.
 fn greedy_agrees(options: &LoadOptions) -> (usize, f64) {
-    let fx: GreedyFixture = fixture("smollm2-greedy.json");
-    let generator = generator(options);
+    greedy_agrees_on("smollm2-greedy.json", SMOLLM2, options)
+}
+
+fn greedy_agrees_on(fixture_name: &str, model: &str, options: &LoadOptions) -> (usize, f64) {
+    let fx: GreedyFixture = fixture(fixture_name);
+    let generator = load(model, options);
     let mut checked = 0;
     let mut worst = 0f64;
     for case in &fx.cases {
@@ -181,6 +219,15 @@ fn greedy_decoding_matches_llama_cpp_on_q4_1() {
     let (checked, worst) = greedy_agrees(&LoadOptions { requantize_q4_1: false, ..LoadOptions::default() });
     eprintln!("Q4_1: {checked} steps checked, largest logit difference {worst:.3}");
     assert!(checked >= 80, "only {checked} steps were clear enough to check");
+}
+
+/// Qwen2.5-Coder: its Q5_0, Q4_K and Q6_K matrices converted to Q8_0 at
+/// load, QKV biases, rotary halves, untied output.
+#[test]
+fn qwen2_greedy_decoding_matches_llama_cpp() {
+    let (checked, worst) = greedy_agrees_on("qwen-greedy.json", QWEN, &LoadOptions::default());
+    eprintln!("Qwen2.5-Coder: {checked} steps checked, largest logit difference {worst:.3}");
+    assert!(checked >= 100, "only {checked} of 160 steps were clear enough to check");
 }
 
 #[test]

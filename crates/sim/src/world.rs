@@ -803,5 +803,6 @@ fn model(speed: f32) -> ModelAdvert {
         context: 256,
         quantization: Quantization::F32,
         throughput: Throughput { embeddings_per_s: speed, ..Throughput::default() },
+        profile: Default::default(),
     }
 }

@@ -41,11 +41,14 @@ pub enum Tree {
     Reputation,
     /// Store bookkeeping (schema version).
     Meta,
+    /// What the model router learned: outcomes per model, routed tasks.
+    Router,
 }
 
 impl Tree {
     /// Every tree, in a fixed order.
-    pub const ALL: [Tree; 6] = [Tree::Tasks, Tree::Shards, Tree::Results, Tree::Peers, Tree::Reputation, Tree::Meta];
+    pub const ALL: [Tree; 7] =
+        [Tree::Tasks, Tree::Shards, Tree::Results, Tree::Peers, Tree::Reputation, Tree::Meta, Tree::Router];
 
     /// One byte that prefixes the tree's keys in a single-keyspace backend.
     /// Never renumber: it is on disk.
@@ -57,6 +60,7 @@ impl Tree {
             Tree::Peers => 4,
             Tree::Reputation => 5,
             Tree::Meta => 6,
+            Tree::Router => 7,
         }
     }
 
@@ -68,6 +72,7 @@ impl Tree {
             Tree::Peers => "peers",
             Tree::Reputation => "reputation",
             Tree::Meta => "meta",
+            Tree::Router => "router",
         }
     }
 }

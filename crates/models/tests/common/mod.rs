@@ -9,7 +9,9 @@ pub fn models_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/test-models"));
     assert!(
-        dir.join("all-minilm-l6-v2").is_dir() && dir.join("smollm2-135m-instruct").is_dir(),
+        ["all-minilm-l6-v2", "paraphrase-minilm-l3-v2", "qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"]
+            .iter()
+            .all(|m| dir.join(m).is_dir()),
         "models missing in {}: run scripts/test.sh, or `mycel models fetch --dir {}`",
         dir.display(),
         dir.display()
