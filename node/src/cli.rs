@@ -59,6 +59,8 @@ pub enum Command {
     Tasks(ClientArgs),
     /// One task: state, and which peer did each shard.
     Task(TaskArgs),
+    /// Tell the router how good a routed task's answer was (0 bad .. 1 good).
+    Feedback(FeedbackArgs),
     /// Simulate a swarm in one process (the real market code, virtual time,
     /// faults and liars from a seed) and check its invariants; exits
     /// non-zero if any broke.
@@ -100,7 +102,9 @@ pub enum SubmitCommand {
 
 #[derive(Debug, Args)]
 pub struct SubmitCommon {
-    /// Model id or weights digest [default: the first the swarm offers].
+    /// Model id or weights digest, or `auto`: the node picks the model per
+    /// request (generation; see `mycel task ID` for why) [default: the first
+    /// the swarm offers].
     #[arg(long, value_name = "ID")]
     pub model: Option<String>,
 
@@ -166,6 +170,20 @@ pub struct TaskArgs {
     /// The task id (from `mycel submit` or `mycel tasks`).
     #[arg(value_name = "ID")]
     pub id: String,
+
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct FeedbackArgs {
+    /// The task id (a task submitted with model auto).
+    #[arg(value_name = "ID")]
+    pub id: String,
+
+    /// 0 (bad) to 1 (good).
+    #[arg(value_name = "SCORE")]
+    pub score: f32,
 
     #[command(flatten)]
     pub client: ClientArgs,

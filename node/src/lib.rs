@@ -11,6 +11,7 @@ mod logging;
 mod market;
 mod models;
 mod node;
+mod route;
 mod sim;
 mod submit;
 mod testnet;
@@ -50,6 +51,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Verify(args) => submit::verify(args),
         Command::Tasks(args) => submit::tasks(&args),
         Command::Task(args) => submit::task(&args),
+        Command::Feedback(args) => submit::feedback(&args),
         Command::Sim(args) => sim::run(&args),
         Command::Infer(cmd) => {
             set_compute_threads(cmd.threads().unwrap_or(0));

@@ -22,6 +22,7 @@ struct View {
     market: tokio::sync::mpsc::Sender<crate::market::Command>,
     started: Instant,
     metrics: Arc<Metrics>,
+    routing: Arc<crate::route::Routing>,
 }
 
 /// An error from the market driver as the API reports it: the [`ApiError`]
@@ -78,12 +79,33 @@ fn unavailable(e: mycel_net::NetError) -> ApiError {
 }
 
 impl NodeView for View {
-    async fn submit(&self, request: mycel_api::SubmitRequest) -> Result<mycel_api::Submitted, ApiError> {
-        self.ask(|reply| crate::market::Command::Submit { request, reply }).await
+    async fn submit(&self, mut request: mycel_api::SubmitRequest) -> Result<mycel_api::Submitted, ApiError> {
+        if !crate::route::is_auto(request.model.as_deref()) {
+            return self.ask(|reply| crate::market::Command::Submit { request, reply }).await;
+        }
+        // mycel/auto: choose the model here, then submit as usual.
+        let mut adverts: Vec<Advert> =
+            self.net.peers().await.map_err(unavailable)?.into_iter().map(|e| e.advert).collect();
+        adverts.extend(self.net.own_advert().await.map_err(unavailable)?);
+        let (decision, query) = self.routing.route(&request, &adverts).await?;
+        request.model = Some(decision.weights.clone());
+        let submitted = self.ask(|reply| crate::market::Command::Submit { request, reply }).await?;
+        if let Ok(task) = mycel_protocol::TaskId::from_hex(&submitted.task) {
+            info!(%task, model = %decision.model, overhead_ms = decision.overhead_ms, "routed");
+            self.routing.remember(task, decision, &query);
+        }
+        Ok(submitted)
     }
 
     async fn task(&self, id: String) -> Result<mycel_api::TaskView, ApiError> {
-        self.ask(|reply| crate::market::Command::Get { task: id, reply }).await
+        let route = self.routing.routed(&id);
+        let mut view = self.ask(|reply| crate::market::Command::Get { task: id, reply }).await?;
+        view.route = route;
+        Ok(view)
+    }
+
+    async fn feedback(&self, id: String, score: f32) -> Result<mycel_router::Routed, ApiError> {
+        self.routing.feedback(&id, score)
     }
 
     async fn tasks(&self) -> Result<Vec<mycel_api::TaskSummary>, ApiError> {
@@ -219,8 +241,17 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
         advert_ttl: config.advert_interval * 3,
         fault: config.fault,
     };
-    let market = crate::market::start(market_key, net.clone(), Arc::new(store), metrics.clone(), settings);
-    let view = Arc::new(View { net: net.clone(), market: market.clone(), started: Instant::now(), metrics });
+    let store = Arc::new(store);
+    let routing =
+        Arc::new(crate::route::Routing::new(store.clone(), metrics.clone(), mycel_router::DEFAULT_COST_WEIGHT));
+    let market = crate::market::start(market_key, net.clone(), store, metrics.clone(), settings);
+    let view = Arc::new(View {
+        net: net.clone(),
+        market: market.clone(),
+        started: Instant::now(),
+        metrics,
+        routing: routing.clone(),
+    });
     let api_config = mycel_api::ApiConfig {
         auth,
         rate_per_s: config.api_rate_limit,
@@ -255,6 +286,9 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
                 net.set_advert(advert.clone()).await?;
                 info!(models = advert.models.len(), "models ready");
                 let models = Arc::new(models);
+                if let Err(e) = routing.models_ready(models.clone()) {
+                    warn!(error = %format!("{e:#}"), "mycel/auto is off: the router could not open");
+                }
                 let _ = market.send(crate::market::Command::ModelsReady(models)).await;
             }
             event = events.recv() => {

@@ -9,7 +9,7 @@ use mycel_api::GenerationView;
 use mycel_api::{SubmitRequest, Submitted, TaskView};
 use mycel_protocol::{FinishReason, Generation, Receipt, ShardOutput, Signed, StagedReceipt, Wire};
 
-use crate::cli::{ClientArgs, SubmitCommand, SubmitCommon, TaskArgs, VerifyArgs};
+use crate::cli::{ClientArgs, FeedbackArgs, SubmitCommand, SubmitCommon, TaskArgs, VerifyArgs};
 use crate::client::{get_json, node_url, post_json, print_table};
 
 pub fn run(cmd: SubmitCommand) -> Result<()> {
@@ -294,6 +294,15 @@ pub fn tasks(args: &ClientArgs) -> Result<()> {
     Ok(())
 }
 
+/// `mycel feedback ID SCORE`: a verdict on a routed task's answer.
+pub fn feedback(args: &FeedbackArgs) -> Result<()> {
+    let base = node_url(&args.client)?;
+    let routed: mycel_router::Routed =
+        post_json(&base, &format!("/api/v1/tasks/{}/feedback", args.id), &mycel_api::Feedback { score: args.score })?;
+    println!("noted: {} scored {} on this prompt (the router learns from it)", routed.decision.model, args.score);
+    Ok(())
+}
+
 /// `mycel task ID`.
 pub fn task(args: &TaskArgs) -> Result<()> {
     let base = node_url(&args.client)?;
@@ -304,9 +313,32 @@ pub fn task(args: &TaskArgs) -> Result<()> {
     }
     println!("task     {}", view.task);
     println!("state    {}", view.state);
+    println!("model    {}", view.model);
     println!("shards   {}/{} done", view.shards_done, view.shards);
     if let Some(e) = view.error.take() {
         println!("error    {e}");
+    }
+    if let Some(route) = &view.route {
+        let d = &route.decision;
+        println!("routed   {} in {:.1} ms: {}", d.model, d.overhead_ms, d.reason);
+        if let Some(f) = route.feedback {
+            println!("feedback {f}");
+        }
+        println!();
+        let rows: Vec<[String; 5]> = d
+            .scores
+            .iter()
+            .map(|s| {
+                [
+                    s.model.clone(),
+                    format!("{:.3}", s.quality),
+                    format!("{:.2}", s.cost),
+                    format!("{:.3}", s.utility),
+                    format!("{:.1}", s.evidence),
+                ]
+            })
+            .collect();
+        print_table(&["CANDIDATE", "QUALITY", "COST", "UTILITY", "EVIDENCE"], &rows);
     }
     let rows: Vec<[String; 2]> = view
         .executors
@@ -338,6 +370,7 @@ mod tests {
             input_tokens: 0,
             peers_working: working,
             auction_ms: Vec::new(),
+            route: None,
         }
     }
 

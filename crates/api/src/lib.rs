@@ -27,8 +27,8 @@ use futures::Stream;
 use tokio_util::sync::CancellationToken;
 
 pub use types::{
-    ChatTurnView, GenerationView, ModelView, PeerView, StatusView, SubmitRequest, Submitted, TaskEvent, TaskSummary,
-    TaskView,
+    ChatTurnView, Feedback, GenerationView, ModelView, PeerView, StatusView, SubmitRequest, Submitted, TaskEvent,
+    TaskSummary, TaskView,
 };
 
 /// A task's state now, and everything that happens to it from now on.
@@ -56,6 +56,8 @@ pub trait NodeView: Send + Sync + 'static {
     fn watch(&self, id: String) -> impl Future<Output = Result<Watch, ApiError>> + Send;
     /// Gives up on a task.
     fn cancel(&self, id: String) -> impl Future<Output = Result<TaskSummary, ApiError>> + Send;
+    /// A verdict (0 bad .. 1 good) on a routed task's answer, for the router.
+    fn feedback(&self, id: String, score: f32) -> impl Future<Output = Result<mycel_router::Routed, ApiError>> + Send;
     /// Metrics in Prometheus' text format.
     fn metrics(&self) -> impl Future<Output = Result<String, ApiError>> + Send;
 }
@@ -227,6 +229,7 @@ pub fn router<N: NodeView>(node: Arc<N>, config: ApiConfig) -> Router {
         .route("/api/v1/tasks", post(submit::<N>).get(tasks::<N>))
         .route("/api/v1/tasks/{id}", get(task::<N>).delete(cancel::<N>))
         .route("/api/v1/tasks/{id}/cancel", post(cancel::<N>))
+        .route("/api/v1/tasks/{id}/feedback", post(feedback::<N>))
         .route("/api/v1/tasks/{id}/events", get(events::<N>))
         .merge(openai)
         .with_state(node)
@@ -282,6 +285,18 @@ async fn submit<N: NodeView>(
 /// A body axum could not read, as our error.
 pub(crate) fn rejection(e: axum::extract::rejection::JsonRejection) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE { ApiError::TooLarge } else { ApiError::BadRequest(e.body_text()) }
+}
+
+async fn feedback<N: NodeView>(
+    State(node): State<Arc<N>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    body: Result<Json<Feedback>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<mycel_router::Routed>, ApiError> {
+    let Json(body) = body.map_err(rejection)?;
+    if !(0.0..=1.0).contains(&body.score) {
+        return Err(ApiError::BadRequest(format!("score {} is not in 0..=1 (0 bad, 1 good)", body.score)));
+    }
+    Ok(Json(node.feedback(id, body.score).await?))
 }
 
 async fn cancel<N: NodeView>(

@@ -172,6 +172,10 @@ pub struct SubmitRequest {
     /// empty).
     #[serde(default)]
     pub conversations: Vec<Vec<ChatTurnView>>,
+    /// With model `mycel/auto`: how much predicted quality a unit of
+    /// relative cost must buy (0: quality alone); default the node's.
+    #[serde(default)]
+    pub cost_weight: Option<f32>,
 }
 
 impl SubmitRequest {
@@ -191,6 +195,7 @@ impl SubmitRequest {
             stop: Vec::new(),
             stream: false,
             conversations: Vec::new(),
+            cost_weight: None,
         }
     }
 }
@@ -248,6 +253,18 @@ pub struct TaskView {
     /// Milliseconds from each auction round's CFP to its first award.
     #[serde(default)]
     pub auction_ms: Vec<u64>,
+    /// How `mycel/auto` chose the model (scores per candidate), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<mycel_router::Routed>,
+}
+
+/// A verdict on a task's answer (`POST /api/v1/tasks/{id}/feedback`): it
+/// teaches the router which model suits prompts like this one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Feedback {
+    /// 0 (bad) to 1 (good).
+    pub score: f32,
 }
 
 /// One generated answer.

@@ -116,6 +116,7 @@ impl NodeView for Fake {
             input_tokens: 10,
             peers_working: 0,
             auction_ms: Vec::new(),
+            route: None,
         })
     }
 
@@ -131,6 +132,10 @@ impl NodeView for Fake {
     async fn cancel(&self, id: String) -> Result<TaskSummary, ApiError> {
         self.cancelled.lock().unwrap().push(id);
         Ok(summary("failed"))
+    }
+
+    async fn feedback(&self, id: String, _score: f32) -> Result<mycel_router::Routed, ApiError> {
+        Err(ApiError::NotFound(format!("task {id} was not routed")))
     }
 
     async fn metrics(&self) -> Result<String, ApiError> {

@@ -114,6 +114,9 @@ impl<M> Family<M> {
 /// Auction latency buckets, seconds: a bid window is 0.5 s by default.
 pub const AUCTION_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0];
 
+/// Routing overhead buckets, seconds: the target is under 10 ms.
+pub const ROUTE_BUCKETS: &[f64] = &[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5];
+
 /// Every metric a node exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -135,6 +138,9 @@ pub struct Metrics {
     pub shards: Family<Gauge>,
     /// Seconds from a CFP leaving to the award of its first shards.
     pub auction_latency: Histogram,
+    /// Seconds `mycel/auto` spent choosing a model (embedding the prompt
+    /// and scoring the candidates), before the task was submitted.
+    pub route_latency: Histogram,
     /// Bids this node sent as a worker.
     pub bids_sent: Counter,
     /// Bids that won an award.
@@ -178,6 +184,7 @@ impl Metrics {
             tasks: Family::new("state", Gauge::default),
             shards: Family::new("state", Gauge::default),
             auction_latency: Histogram::new(AUCTION_BUCKETS),
+            route_latency: Histogram::new(ROUTE_BUCKETS),
             bids_sent: Counter::default(),
             bids_won: Counter::default(),
             reauctions: Counter::default(),
@@ -215,6 +222,7 @@ impl Metrics {
         gauge_family(w, "mycel_tasks", "Tasks this node requested, by state.", &self.tasks);
         gauge_family(w, "mycel_shards", "Shards of this node's tasks, by state.", &self.shards);
         histogram(w, "mycel_auction_latency_seconds", "From a CFP to the first award.", &self.auction_latency);
+        histogram(w, "mycel_route_seconds", "Choosing a model for mycel/auto.", &self.route_latency);
         counter(w, "mycel_bids_sent_total", "Bids sent as a worker.", &self.bids_sent);
         counter(w, "mycel_bids_won_total", "Bids that won an award.", &self.bids_won);
         counter(w, "mycel_reauctions_total", "CFP rounds after a task's first.", &self.reauctions);

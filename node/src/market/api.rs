@@ -164,6 +164,7 @@ impl Driver {
             input_tokens: 0,
             peers_working: requester.peers_working(),
             auction_ms: t.auction_ms.clone(),
+            route: None,
         };
         match &t.outcome {
             Some(Outcome::Done { output, receipt, input_tokens }) => {

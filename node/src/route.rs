@@ -1,0 +1,219 @@
+//! `mycel/auto`: the requester picks the model for each request (then the
+//! market picks the peer). The prompt is embedded with this node's fastest
+//! embedding model, the swarm's generation models are scored by
+//! [`mycel_router::Router`], and the decision is kept with the task for its
+//! view (`mycel task ID`) and its feedback.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use mycel_api::{ApiError, SubmitRequest};
+use mycel_models::Embedder;
+use mycel_protocol::{Advert, Digest, ModelKind, TaskId};
+use mycel_router::{Candidate, Decision, Router};
+use mycel_store::Store;
+
+use crate::local::LocalModels;
+
+/// Model names that ask for routing.
+pub fn is_auto(model: Option<&str>) -> bool {
+    matches!(model, Some("auto" | "mycel/auto"))
+}
+
+/// Prompts embedded per request (their mean is what is routed on).
+const PROMPTS_EMBEDDED: usize = 8;
+
+/// The node's routing state: empty until its models are loaded.
+pub struct Routing {
+    store: Arc<dyn Store>,
+    inner: Mutex<Option<Loaded>>,
+    metrics: Arc<mycel_metrics::Metrics>,
+    default_cost_weight: f32,
+}
+
+struct Loaded {
+    models: Arc<LocalModels>,
+    /// Index into `models.embedders`; `None`: this node has no embedder.
+    embedder: Option<usize>,
+    router: Option<Router>,
+    /// Profile embeddings by model weights.
+    profiles: HashMap<Digest, Vec<f32>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Internal(e.to_string())
+}
+
+/// One text for a profile: what is embedded to place it among prompts.
+fn profile_text(m: &mycel_protocol::ModelAdvert) -> Option<String> {
+    let p = &m.profile;
+    (!p.description.is_empty() || !p.tags.is_empty()).then(|| format!("{}. {}", p.description, p.tags.join(", ")))
+}
+
+impl Routing {
+    pub fn new(store: Arc<dyn Store>, metrics: Arc<mycel_metrics::Metrics>, default_cost_weight: f32) -> Self {
+        Self { store, inner: Mutex::new(None), metrics, default_cost_weight }
+    }
+
+    /// The node's models are loaded: open the router in the space of its
+    /// fastest embedder.
+    pub fn models_ready(&self, models: Arc<LocalModels>) -> anyhow::Result<()> {
+        let embedder = models
+            .embedders
+            .iter()
+            .enumerate()
+            .max_by(|(_, a), (_, b)| {
+                a.advert.throughput.embeddings_per_s.total_cmp(&b.advert.throughput.embeddings_per_s)
+            })
+            .map(|(i, _)| i);
+        let router = match embedder {
+            Some(i) => Some(Router::open(self.store.clone(), models.embedders[i].advert.weights)?),
+            None => None,
+        };
+        if let (Some(i), Some(r)) = (embedder, &router) {
+            let learned: usize = r.examples().values().sum();
+            tracing::info!(embedder = %models.embedders[i].advert.id, learned, "router ready");
+        }
+        *lock(&self.inner) = Some(Loaded { models, embedder, router, profiles: HashMap::new() });
+        Ok(())
+    }
+
+    /// Chooses the model for `request` among the generation models in
+    /// `adverts` (this node's and its peers'). Returns the decision and the
+    /// prompt's embedding.
+    pub async fn route(&self, request: &SubmitRequest, adverts: &[Advert]) -> Result<(Decision, Vec<f32>), ApiError> {
+        let started = Instant::now();
+        let cost_weight = request.cost_weight.unwrap_or(self.default_cost_weight);
+        if !(0.0..=10.0).contains(&cost_weight) {
+            return Err(ApiError::BadRequest(format!("cost_weight {cost_weight} is not in 0..=10")));
+        }
+        let prompts: Vec<String> = match request.kind.as_str() {
+            "generate" => request.inputs.iter().take(PROMPTS_EMBEDDED).cloned().collect(),
+            "chat" => request
+                .conversations
+                .iter()
+                .take(PROMPTS_EMBEDDED)
+                .filter_map(|turns| turns.iter().rev().find(|t| t.role == "user").map(|t| t.content.clone()))
+                .collect(),
+            _ => {
+                return Err(ApiError::BadRequest(
+                    "mycel/auto chooses among generation models; name an embedding model".into(),
+                ));
+            }
+        };
+        if prompts.is_empty() {
+            return Err(ApiError::BadRequest("no prompt to route on".into()));
+        }
+        // Candidates: generation models by weights, their best speed.
+        let mut candidates: Vec<(Candidate, Option<String>)> = Vec::new();
+        for m in adverts.iter().flat_map(|a| &a.models).filter(|m| m.kind == ModelKind::Generation) {
+            match candidates.iter_mut().find(|(c, _)| c.weights == m.weights) {
+                Some((c, _)) => c.tokens_per_s = c.tokens_per_s.max(m.throughput.decode_tokens_per_s),
+                None => candidates.push((
+                    Candidate {
+                        id: m.id.clone(),
+                        weights: m.weights,
+                        profile: None,
+                        tokens_per_s: m.throughput.decode_tokens_per_s,
+                    },
+                    profile_text(m),
+                )),
+            }
+        }
+        if candidates.is_empty() {
+            return Err(ApiError::NoCapablePeer("no generation model in the swarm to route to".into()));
+        }
+        // What to embed: the prompts, and profiles not embedded yet.
+        let (pool_job, missing) = {
+            let guard = lock(&self.inner);
+            let loaded = guard
+                .as_ref()
+                .ok_or_else(|| ApiError::Unavailable("this node's models are still loading; retry shortly".into()))?;
+            let Some(e) = loaded.embedder else {
+                return Err(ApiError::Unavailable(
+                    "mycel/auto embeds the prompt on this node, which serves no embedding model \
+                     (serve one, e.g. `mycel models fetch paraphrase-minilm-l3-v2`)"
+                        .into(),
+                ));
+            };
+            let missing: Vec<(Digest, String)> = candidates
+                .iter()
+                .filter(|(c, _)| !loaded.profiles.contains_key(&c.weights))
+                .filter_map(|(c, text)| text.clone().map(|t| (c.weights, t)))
+                .collect();
+            let mut texts = prompts.clone();
+            texts.extend(missing.iter().map(|(_, t)| t.clone()));
+            let model: Arc<Embedder> = loaded.models.embedders[e].model.clone();
+            let job = loaded.models.pool.embed(model, texts).map_err(internal)?;
+            (job, missing)
+        };
+        let embedded = pool_job.await.map_err(internal)?.map_err(internal)?;
+        let (prompt_vectors, profile_vectors) = embedded.vectors.split_at(prompts.len());
+        let dims = prompt_vectors.first().map_or(0, Vec::len);
+        let mut query = vec![0f32; dims];
+        for v in prompt_vectors {
+            query.iter_mut().zip(v).for_each(|(q, x)| *q += x / prompt_vectors.len() as f32);
+        }
+
+        let mut guard = lock(&self.inner);
+        let loaded = guard.as_mut().ok_or_else(|| ApiError::Unavailable("models unloaded".into()))?;
+        for ((weights, _), v) in missing.iter().zip(profile_vectors) {
+            loaded.profiles.insert(*weights, v.clone());
+        }
+        let candidates: Vec<Candidate> = candidates
+            .into_iter()
+            .map(|(mut c, _)| {
+                c.profile = loaded.profiles.get(&c.weights).cloned();
+                c
+            })
+            .collect();
+        let router = loaded.router.as_ref().ok_or_else(|| ApiError::Unavailable("no router".into()))?;
+        let mut decision = router
+            .choose(&query, &candidates, cost_weight)
+            .ok_or_else(|| ApiError::NoCapablePeer("no generation model to route to".into()))?;
+        let elapsed = started.elapsed();
+        decision.overhead_ms = elapsed.as_secs_f32() * 1000.0;
+        self.metrics.route_latency.observe(elapsed.as_secs_f64());
+        Ok((decision, query))
+    }
+
+    /// Keeps `decision` with the task it routed.
+    pub fn remember(&self, task: TaskId, decision: Decision, query: &[f32]) {
+        let mut guard = lock(&self.inner);
+        if let Some(router) = guard.as_mut().and_then(|l| l.router.as_mut())
+            && let Err(e) = router.routed_task(task, decision, query)
+        {
+            tracing::warn!(%task, error = %e, "could not keep the routing decision");
+        }
+    }
+
+    /// How `task` was routed, if it was.
+    pub fn routed(&self, task: &str) -> Option<mycel_router::Routed> {
+        let task = TaskId::from_hex(task).ok()?;
+        lock(&self.inner).as_ref()?.router.as_ref()?.routed(&task).cloned()
+    }
+
+    /// A verdict on a routed task.
+    pub fn feedback(&self, task: &str, score: f32) -> Result<mycel_router::Routed, ApiError> {
+        let id = TaskId::from_hex(task)
+            .map_err(|_| ApiError::BadRequest(format!("{task:?} is not a task id (32 hex digits)")))?;
+        let mut guard = lock(&self.inner);
+        let router = guard
+            .as_mut()
+            .and_then(|l| l.router.as_mut())
+            .ok_or_else(|| ApiError::NotFound(format!("task {task} was not routed by this node")))?;
+        match router.feedback(id, score) {
+            Ok(r) => Ok(r.clone()),
+            Err(mycel_router::RouterError::NotRouted(_)) => Err(ApiError::NotFound(format!(
+                "task {task} was not routed by this node (feedback teaches the router: submit with model mycel/auto)"
+            ))),
+            Err(mycel_router::RouterError::Invalid(why)) => Err(ApiError::BadRequest(why)),
+            Err(e) => Err(internal(e)),
+        }
+    }
+}
