@@ -1,6 +1,7 @@
 //! `mycel/auto`: the requester picks the model per request, says why, and
 //! learns from feedback.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -32,28 +33,40 @@ fn feedback(api: &str, id: &str, score: f64) -> Result<Value, ureq::Error> {
         .read_json()
 }
 
-#[test]
-fn auto_routes_by_profile_then_learns_from_feedback() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("net");
-    // The requester embeds prompts (paraphrase-MiniLM-L3) and serves the
-    // small chat model; its peer serves the code model.
+/// Two nodes: the requester embeds prompts (paraphrase-MiniLM-L3) and
+/// serves the small chat model; its peer serves the code model too. Waits
+/// until both serve; the requester's API.
+fn two_model_swarm(dir: &Path) -> String {
     let manifest = up_with_models(
-        &dir,
+        dir,
         2,
         &["paraphrase-minilm-l3-v2,smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct,smollm2-135m-instruct"],
     );
-    let _guard = Guard(&dir);
     let api = manifest.nodes[0].api.clone();
     let started = Instant::now();
-    while peers_seen_by(&manifest.nodes[0]).as_array().into_iter().flatten().all(|p| p["models"].as_array().is_none_or(Vec::is_empty))
-        || ureq::get(&format!("{api}/api/v1/status")).call().unwrap().into_body().read_json::<Value>().unwrap()["models"]
+    let serving = |api: &str| {
+        let status: Value = ureq::get(&format!("{api}/api/v1/status")).call().unwrap().into_body().read_json().unwrap();
+        status["models"].as_array().is_some_and(|m| !m.is_empty())
+    };
+    while !manifest.nodes.iter().all(|n| serving(&n.api))
+        || peers_seen_by(&manifest.nodes[0])
             .as_array()
-            .is_none_or(Vec::is_empty)
+            .into_iter()
+            .flatten()
+            .all(|p| p["models"].as_array().is_none_or(|m| m.len() < 2))
     {
         assert!(started.elapsed() < Duration::from_secs(180), "models not served in time");
         std::thread::sleep(Duration::from_millis(300));
     }
+    api
+}
+
+#[test]
+fn auto_routes_by_profile_then_learns_from_feedback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("net");
+    let api = two_model_swarm(&dir);
+    let _guard = Guard(&dir);
 
     // From the profiles alone: code to the code model, small talk to the
     // small model. The answer names the model that gave it.
@@ -103,4 +116,65 @@ fn auto_routes_by_profile_then_learns_from_feedback() {
     // Routing time is a metric.
     let metrics = ureq::get(&format!("{api}/metrics")).call().unwrap().into_body().read_to_string().unwrap();
     assert!(metrics.contains("mycel_route_seconds_count"), "{metrics}");
+}
+
+fn ask(api: &str, body: Value) -> Result<Value, ureq::Error> {
+    ureq::post(&format!("{api}/v1/chat/completions")).send_json(&body)?.into_body().read_json()
+}
+
+#[test]
+fn ensembles_vote_judge_and_synthesise_with_every_stage_receipted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("net");
+    let api = two_model_swarm(&dir);
+    let _guard = Guard(&dir);
+    let question = json!([{"role": "user", "content": "What is the capital of France? One word."}]);
+    for (method, last_role) in [("mycel/vote", "proposals"), ("mycel/best-of", "judge"), ("mycel/moa", "synthesis")] {
+        let answer = ask(&api, json!({"model": method, "n": 3, "max_tokens": 16, "messages": question})).unwrap();
+        assert_eq!(answer["choices"].as_array().unwrap().len(), 1, "{method}: one answer: {answer:#}");
+        let view = task(&api, &task_of(&answer));
+        let e = &view["ensemble"];
+        assert_eq!(view["state"], "done", "{view:#}");
+        assert_eq!(e["proposals"].as_array().unwrap().len(), 3, "{method}: {e:#}");
+        let stages = e["stages"].as_array().unwrap();
+        assert_eq!(stages.last().unwrap()["role"], last_role, "{method}: {e:#}");
+        // Every stage is a task of its own, done, with a receipt.
+        for stage in stages {
+            let stage_view = task(&api, stage["task"].as_str().unwrap());
+            assert_eq!(stage_view["state"], "done");
+            assert!(stage_view["receipt"].as_str().is_some_and(|r| !r.is_empty()), "{method}: {stage_view:#}");
+        }
+        // The answer names the model that wrote it.
+        let text = answer["choices"][0]["message"]["content"].as_str().unwrap();
+        match method {
+            "mycel/moa" => assert_eq!(answer["model"], stages.last().unwrap()["model"]),
+            _ => {
+                let chosen = e["chosen"].as_u64().unwrap() as usize;
+                assert_eq!(e["proposals"][chosen]["text"], text, "{e:#}");
+                assert_eq!(answer["model"], e["proposals"][chosen]["model"]);
+            }
+        }
+        if method == "mycel/vote" {
+            let counted: u64 = e["votes"].as_array().unwrap().iter().map(|v| v[1].as_u64().unwrap()).sum();
+            assert_eq!(counted, 3);
+        }
+        if method == "mycel/best-of" {
+            assert_eq!(e["verdicts"].as_array().unwrap().len(), 2, "asked in both orders: {e:#}");
+        }
+    }
+    // Bad requests are clear 4xx.
+    let bad = |body: Value| match ask(&api, body) {
+        Err(ureq::Error::StatusCode(code)) => code,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(bad(json!({"model": "mycel/vote", "n": 1, "messages": question})), 400);
+    assert_eq!(bad(json!({"model": "mycel/vote", "n": 9, "messages": question})), 400);
+    assert_eq!(bad(json!({"model": "mycel/moa", "stream": true, "messages": question})), 400);
+    let body = json!({"kind": "generate", "inputs": ["hi"], "model": "mycel/vote", "members": ["no-such-model"]});
+    let status = match ureq::post(&format!("{api}/api/v1/tasks")).send_json(&body) {
+        Ok(r) => r.status().as_u16(),
+        Err(ureq::Error::StatusCode(code)) => code,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(status, 404, "an unknown member model");
 }

@@ -100,7 +100,7 @@ pub enum SubmitCommand {
     Generate(SubmitGenerateArgs),
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct SubmitCommon {
     /// Model id or weights digest, or `auto`: the node picks the model per
     /// request (generation; see `mycel task ID` for why) [default: the first
@@ -161,8 +161,37 @@ pub struct SubmitGenerateArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 
+    /// Combine several answers into one: `vote` (the most common answer),
+    /// `best-of` (a judge model picks), `moa` (a model writes the answer
+    /// from the others'). One prompt at a time.
+    #[arg(long, value_enum, conflicts_with = "input")]
+    pub ensemble: Option<EnsembleArg>,
+
+    /// Proposals an ensemble weighs (2-8) [default: 3].
+    #[arg(long, requires = "ensemble", value_parser = clap::value_parser!(u32).range(2..=8))]
+    pub n: Option<u32>,
+
     #[command(flatten)]
     pub common: SubmitCommon,
+}
+
+/// `mycel submit generate --ensemble`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EnsembleArg {
+    Vote,
+    BestOf,
+    Moa,
+}
+
+impl EnsembleArg {
+    /// The API's model name for it.
+    pub fn model(self) -> &'static str {
+        match self {
+            Self::Vote => "mycel/vote",
+            Self::BestOf => "mycel/best-of",
+            Self::Moa => "mycel/moa",
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -451,7 +480,7 @@ fn multiaddr(s: &str) -> Result<Multiaddr> {
     crate::config::parse_multiaddr(s)
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
     /// The node's API URL [default: $MYCEL_NODE, else the local node's].
     #[arg(long, value_name = "URL")]

@@ -5,6 +5,7 @@
 pub mod cli;
 mod client;
 pub mod config;
+mod ensemble;
 mod infer;
 mod local;
 mod logging;

@@ -23,6 +23,7 @@ struct View {
     started: Instant,
     metrics: Arc<Metrics>,
     routing: Arc<crate::route::Routing>,
+    ensembles: Arc<crate::ensemble::Ensembles>,
 }
 
 /// An error from the market driver as the API reports it: the [`ApiError`]
@@ -80,6 +81,12 @@ fn unavailable(e: mycel_net::NetError) -> ApiError {
 
 impl NodeView for View {
     async fn submit(&self, mut request: mycel_api::SubmitRequest) -> Result<mycel_api::Submitted, ApiError> {
+        if let Some(method) = crate::ensemble::Method::of(request.model.as_deref()) {
+            let mut adverts: Vec<Advert> =
+                self.net.peers().await.map_err(unavailable)?.into_iter().map(|e| e.advert).collect();
+            adverts.extend(self.net.own_advert().await.map_err(unavailable)?);
+            return self.ensembles.start(method, request, &adverts, self.market.clone());
+        }
         if !crate::route::is_auto(request.model.as_deref()) {
             return self.ask(|reply| crate::market::Command::Submit { request, reply }).await;
         }
@@ -98,6 +105,9 @@ impl NodeView for View {
     }
 
     async fn task(&self, id: String) -> Result<mycel_api::TaskView, ApiError> {
+        if let Some(view) = self.ensembles.view(&id) {
+            return Ok(view);
+        }
         let route = self.routing.routed(&id);
         let mut view = self.ask(|reply| crate::market::Command::Get { task: id, reply }).await?;
         view.route = route;
@@ -113,6 +123,9 @@ impl NodeView for View {
     }
 
     async fn watch(&self, id: String) -> Result<mycel_api::Watch, ApiError> {
+        if let Some(watch) = self.ensembles.watch(&id) {
+            return Ok(watch);
+        }
         self.ask(|reply| crate::market::Command::Watch { task: id, reply }).await
     }
 
@@ -251,6 +264,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
         started: Instant::now(),
         metrics,
         routing: routing.clone(),
+        ensembles: Arc::default(),
     });
     let api_config = mycel_api::ApiConfig {
         auth,

@@ -16,7 +16,7 @@ pub fn run(cmd: SubmitCommand) -> Result<()> {
     match cmd {
         SubmitCommand::Embed(args) => {
             let inputs = read_inputs(&args.input)?;
-            let view = submit_and_wait(&args.common, "embed", inputs, None)?;
+            let view = submit_and_wait(&args.common, "embed", inputs, None, None)?;
             let vectors = view.embeddings.clone().context("the node reported no embeddings")?;
             let mut out = std::io::BufWriter::new(
                 std::fs::File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?,
@@ -34,8 +34,16 @@ pub fn run(cmd: SubmitCommand) -> Result<()> {
                 (None, Some(file)) => read_inputs(file)?,
                 _ => bail!("give either --prompt TEXT or --input FILE"),
             };
-            let view = submit_and_wait(&args.common, "generate", inputs, Some((args.max_tokens, args.seed)))?;
+            let mut common = args.common.clone();
+            if let Some(e) = args.ensemble {
+                ensure!(common.model.is_none(), "--ensemble chooses the models; leave out --model");
+                common.model = Some(e.model().into());
+            }
+            let view = submit_and_wait(&common, "generate", inputs, Some((args.max_tokens, args.seed)), args.n)?;
             let answers = view.generations.clone().context("the node reported no answers")?;
+            if let Some(e) = &view.ensemble {
+                return ensemble_answer(&common, &view, e, args.out.as_deref());
+            }
             match &args.out {
                 Some(path) => {
                     let mut out =
@@ -85,11 +93,47 @@ pub(crate) fn read_inputs(path: &Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// An ensemble's answer, and each stage's receipt beside `out`.
+fn ensemble_answer(
+    common: &SubmitCommon,
+    view: &TaskView,
+    e: &mycel_api::EnsembleView,
+    out: Option<&Path>,
+) -> Result<()> {
+    let answer = view.generations.as_ref().and_then(|g| g.first()).context("the ensemble gave no answer")?;
+    eprintln!("{} ({}): {}", e.method, view.model, e.reason);
+    let Some(out) = out else {
+        println!("{}", answer.text);
+        return Ok(());
+    };
+    let mut file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    serde_json::to_writer(&mut file, answer)?;
+    file.write_all(b"\n")?;
+    let base = node_url(&common.client)?;
+    for (i, stage) in e.stages.iter().enumerate() {
+        let stage_view: TaskView = get_json(&base, &format!("/api/v1/tasks/{}", stage.task))?;
+        let receipt = stage_view.receipt.context("a stage has no receipt")?;
+        let mut path = out.as_os_str().to_os_string();
+        path.push(format!(".stage-{i}.receipt"));
+        std::fs::write(&path, hex::decode(receipt).context("receipt is not hex")?)?;
+        eprintln!(
+            "stage {i}: {} on {}, task {}, receipt {}",
+            stage.role,
+            stage.model,
+            stage.task,
+            path.to_string_lossy()
+        );
+    }
+    eprintln!("result: {}", out.display());
+    Ok(())
+}
+
 fn submit_and_wait(
     common: &SubmitCommon,
     kind: &str,
     inputs: Vec<String>,
     generate: Option<(u32, u64)>,
+    n: Option<u32>,
 ) -> Result<TaskView> {
     let base = node_url(&common.client)?;
     let request = SubmitRequest {
@@ -99,6 +143,7 @@ fn submit_and_wait(
         items_per_shard: common.items_per_shard,
         max_tokens: generate.map(|g| g.0),
         seed: generate.map(|g| g.1),
+        n,
         ..SubmitRequest::new(kind, inputs)
     };
     let submitted: Submitted = post_json(&base, "/api/v1/tasks", &request)?;
@@ -371,6 +416,7 @@ mod tests {
             peers_working: working,
             auction_ms: Vec::new(),
             route: None,
+            ensemble: None,
         }
     }
 

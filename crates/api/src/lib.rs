@@ -27,8 +27,8 @@ use futures::Stream;
 use tokio_util::sync::CancellationToken;
 
 pub use types::{
-    ChatTurnView, Feedback, GenerationView, ModelView, PeerView, StatusView, SubmitRequest, Submitted, TaskEvent,
-    TaskSummary, TaskView,
+    ChatTurnView, EnsembleStage, EnsembleView, Feedback, GenerationView, ModelView, PeerView, Proposal, StatusView,
+    SubmitRequest, Submitted, TaskEvent, TaskSummary, TaskView,
 };
 
 /// A task's state now, and everything that happens to it from now on.

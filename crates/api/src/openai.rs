@@ -85,6 +85,13 @@ fn unix_now() -> u64 {
 
 // ---- /v1/models --------------------------------------------------------
 
+/// Model names that are not one model: routing and ensembles.
+pub const VIRTUAL_MODELS: [&str; 4] = ["mycel/auto", "mycel/vote", "mycel/best-of", "mycel/moa"];
+
+fn is_ensemble(model: Option<&str>) -> bool {
+    matches!(model, Some("mycel/vote" | "mycel/best-of" | "mycel/moa"))
+}
+
 /// Every model the swarm offers now (this node's and its peers' adverts),
 /// with how many nodes serve it.
 pub async fn models<N: NodeView>(State(node): State<Arc<N>>) -> Result<Json<Value>, OpenAiError> {
@@ -98,13 +105,20 @@ pub async fn models<N: NodeView>(State(node): State<Arc<N>>) -> Result<Json<Valu
         entry.1 += 1;
     }
     let created = unix_now();
-    let data: Vec<Value> = owners
+    let mut data: Vec<Value> = owners
         .into_iter()
         .map(|(id, (kind, count))| {
             json!({ "id": id, "object": "model", "created": created, "owned_by": "mycel",
                     "kind": kind, "owners": count })
         })
         .collect();
+    // Ways of combining the generation models above, where there are some.
+    if data.iter().any(|m| m["kind"] == "generation") {
+        for id in VIRTUAL_MODELS {
+            data.push(json!({ "id": id, "object": "model", "created": created, "owned_by": "mycel",
+                              "kind": "generation", "owners": 0 }));
+        }
+    }
     Ok(Json(json!({ "object": "list", "data": data })))
 }
 
@@ -348,8 +362,21 @@ pub async fn chat<N: NodeView>(
     let conversation: Vec<ChatTurnView> = request.messages.into_iter().map(turn).collect::<Result<_, _>>()?;
     let mut submit = SubmitRequest::new("chat", Vec::new());
     submit.spot_check = Some(0.0);
-    submit.conversations = vec![conversation; n as usize];
     submit.model = request.model.filter(|m| !m.is_empty());
+    // An ensemble gives one answer: `n` is how many proposals it weighs.
+    let n = if is_ensemble(submit.model.as_deref()) {
+        if request.stream {
+            return Err(ApiError::BadRequest(
+                "stream: an ensemble's answer is chosen once every proposal is in; ask without stream".into(),
+            )
+            .into());
+        }
+        submit.n = request.n;
+        1
+    } else {
+        n
+    };
+    submit.conversations = vec![conversation; n as usize];
     submit.max_tokens = Some(request.max_completion_tokens.or(request.max_tokens).unwrap_or(DEFAULT_MAX_TOKENS));
     submit.temperature = request.temperature;
     submit.top_p = request.top_p;

@@ -176,6 +176,19 @@ pub struct SubmitRequest {
     /// relative cost must buy (0: quality alone); default the node's.
     #[serde(default)]
     pub cost_weight: Option<f32>,
+    /// With an ensemble model (`mycel/vote`, `mycel/best-of`, `mycel/moa`):
+    /// how many proposals (2-8, default 3).
+    #[serde(default)]
+    pub n: Option<u32>,
+    /// With an ensemble: the models that propose, used in turn [default:
+    /// vote: the largest generation model in the swarm; best-of and moa:
+    /// every generation model, then again with other seeds].
+    #[serde(default)]
+    pub members: Vec<String>,
+    /// With best-of or moa: the model that judges or writes the synthesis
+    /// [default: the largest generation model in the swarm].
+    #[serde(default)]
+    pub judge: Option<String>,
 }
 
 impl SubmitRequest {
@@ -196,6 +209,9 @@ impl SubmitRequest {
             stream: false,
             conversations: Vec::new(),
             cost_weight: None,
+            n: None,
+            members: Vec::new(),
+            judge: None,
         }
     }
 }
@@ -256,6 +272,54 @@ pub struct TaskView {
     /// How `mycel/auto` chose the model (scores per candidate), if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route: Option<mycel_router::Routed>,
+    /// For an ensemble (`mycel/vote`, `mycel/best-of`, `mycel/moa`): its
+    /// stages, each a task of its own with its own receipt, and how the
+    /// answer was chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ensemble: Option<EnsembleView>,
+}
+
+/// How an ensemble reached its answer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EnsembleView {
+    /// `vote`, `best-of` or `moa`.
+    pub method: String,
+    /// Every stage task: proposals, then judgements or the synthesis.
+    pub stages: Vec<EnsembleStage>,
+    /// The proposals, in order: model and text.
+    pub proposals: Vec<Proposal>,
+    /// Vote: answers after normalisation and their counts, most first.
+    #[serde(default)]
+    pub votes: Vec<(String, usize)>,
+    /// Best-of: the judge's pick in each order asked (1-based proposal
+    /// numbers, as in the original order; `None`: no number in its reply).
+    #[serde(default)]
+    pub verdicts: Vec<Option<usize>>,
+    /// The proposal chosen (0-based), for vote and best-of.
+    #[serde(default)]
+    pub chosen: Option<usize>,
+    /// One line: how the answer was reached.
+    pub reason: String,
+}
+
+/// One stage of an ensemble: a task of its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnsembleStage {
+    /// `proposals`, `judge` or `synthesis`.
+    pub role: String,
+    /// The stage's task id (its receipt: `GET /api/v1/tasks/{task}`).
+    pub task: String,
+    /// The model it ran.
+    pub model: String,
+}
+
+/// One proposal of an ensemble.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Proposal {
+    /// The model that wrote it.
+    pub model: String,
+    /// Its text.
+    pub text: String,
 }
 
 /// A verdict on a task's answer (`POST /api/v1/tasks/{id}/feedback`): it

@@ -117,6 +117,7 @@ impl NodeView for Fake {
             peers_working: 0,
             auction_ms: Vec::new(),
             route: None,
+            ensemble: None,
         })
     }
 

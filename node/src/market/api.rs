@@ -165,6 +165,7 @@ impl Driver {
             peers_working: requester.peers_working(),
             auction_ms: t.auction_ms.clone(),
             route: None,
+            ensemble: None,
         };
         match &t.outcome {
             Some(Outcome::Done { output, receipt, input_tokens }) => {

@@ -1,0 +1,476 @@
+//! Ensembles over peers: `mycel/vote`, `mycel/best-of`, `mycel/moa`.
+//!
+//! An ensemble is a few ordinary market tasks run one after another by the
+//! node that was asked: the proposals (each model's copies of the
+//! conversation, one shard per copy so they spread over peers, each copy
+//! with its own seed), then, for best-of, a judge's task and, for
+//! mixture-of-agents, an aggregator's. Every stage is auctioned, verified
+//! and receipted like any task; the ensemble's view lists them, so each
+//! proposal, judgement and synthesis can be checked on its own.
+//!
+//! - **vote** (self-consistency): the answer given most often wins. Answers
+//!   are compared by their first line, lower-cased, with only letters,
+//!   digits and single spaces kept; a tie goes to the answer first given
+//!   (the lowest proposal number).
+//! - **best-of**: a judge model reads the question and the numbered
+//!   proposals and names the best, asked twice with the proposals in
+//!   opposite orders. When the two verdicts agree, that proposal wins; when
+//!   they do not (the judge prefers a position, not an answer), the vote
+//!   decides.
+//! - **moa** (mixture of agents): an aggregator model writes the answer
+//!   from the proposals. One layer; at most [`MAX_MEMBERS`] proposals.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use mycel_api::{
+    ApiError, ChatTurnView, EnsembleStage, EnsembleView, GenerationView, Proposal, SubmitRequest, Submitted, TaskEvent,
+    TaskSummary, TaskView, Watch,
+};
+use mycel_protocol::{Advert, ModelKind};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::market::Command;
+
+/// Most proposals one ensemble may ask for.
+pub const MAX_MEMBERS: u32 = 8;
+/// Proposals when the request does not say.
+const DEFAULT_MEMBERS: u32 = 3;
+/// Temperature for copies of one model when the request gives none (they
+/// must differ to be worth comparing).
+const SAMPLING_TEMPERATURE: f32 = 0.7;
+/// Finished ensembles remembered.
+const KEEP: usize = 256;
+
+/// An ensemble method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Vote,
+    BestOf,
+    Moa,
+}
+
+impl Method {
+    /// The method a model name asks for, if any.
+    pub fn of(model: Option<&str>) -> Option<Self> {
+        match model? {
+            "mycel/vote" => Some(Self::Vote),
+            "mycel/best-of" => Some(Self::BestOf),
+            "mycel/moa" => Some(Self::Moa),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Vote => "vote",
+            Self::BestOf => "best-of",
+            Self::Moa => "moa",
+        }
+    }
+}
+
+/// One ensemble being run or finished.
+struct Run {
+    view: Mutex<TaskView>,
+    events: broadcast::Sender<TaskEvent>,
+}
+
+/// The ensembles this node runs.
+#[derive(Default)]
+pub struct Ensembles {
+    runs: Mutex<Runs>,
+}
+
+/// Ensembles by id, and their ids oldest first.
+#[derive(Default)]
+struct Runs {
+    by_id: HashMap<String, Arc<Run>>,
+    order: std::collections::VecDeque<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn summary(view: &TaskView) -> TaskSummary {
+    TaskSummary {
+        task: view.task.clone(),
+        state: view.state.clone(),
+        shards: view.shards,
+        shards_done: view.shards_done,
+        kind: "ensemble".into(),
+        workers: Default::default(),
+        peers_working: 0,
+        error: view.error.clone(),
+    }
+}
+
+/// Generation models in the swarm: id and best decode speed, by weights.
+fn generation_models(adverts: &[Advert]) -> Vec<(String, f32)> {
+    let mut models: Vec<(String, mycel_protocol::Digest, f32)> = Vec::new();
+    for m in adverts.iter().flat_map(|a| &a.models).filter(|m| m.kind == ModelKind::Generation) {
+        match models.iter_mut().find(|(_, w, _)| *w == m.weights) {
+            Some(entry) => entry.2 = entry.2.max(m.throughput.decode_tokens_per_s),
+            None => models.push((m.id.clone(), m.weights, m.throughput.decode_tokens_per_s)),
+        }
+    }
+    // Fastest first; the last is the largest.
+    models.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)));
+    models.into_iter().map(|(id, _, speed)| (id, speed)).collect()
+}
+
+/// What an ensemble will do, checked before anything runs.
+struct Plan {
+    method: Method,
+    conversation: Vec<ChatTurnView>,
+    /// The model of each proposal, in order.
+    members: Vec<String>,
+    judge: String,
+    temperature: f32,
+    request: SubmitRequest,
+}
+
+fn plan(method: Method, request: SubmitRequest, adverts: &[Advert]) -> Result<Plan, ApiError> {
+    let conversation = match (request.kind.as_str(), request.inputs.as_slice(), request.conversations.as_slice()) {
+        ("generate", [prompt], []) => vec![ChatTurnView { role: "user".into(), content: prompt.clone() }],
+        ("chat", [], [conversation]) => conversation.clone(),
+        ("generate" | "chat", ..) => {
+            return Err(ApiError::BadRequest("an ensemble answers one prompt or conversation at a time".into()));
+        }
+        _ => return Err(ApiError::BadRequest(format!("mycel/{} answers prompts, not embeddings", method.name()))),
+    };
+    let n = request.n.unwrap_or(DEFAULT_MEMBERS);
+    if !(2..=MAX_MEMBERS).contains(&n) {
+        return Err(ApiError::BadRequest(format!("n {n}: an ensemble takes 2..={MAX_MEMBERS} proposals")));
+    }
+    let swarm = generation_models(adverts);
+    let Some((largest, _)) = swarm.last().cloned() else {
+        return Err(ApiError::NoCapablePeer("no generation model in the swarm".into()));
+    };
+    let known = |id: &str| swarm.iter().any(|(m, _)| m == id);
+    if let Some(unknown) = request.members.iter().chain(&request.judge).find(|m| !known(m)) {
+        return Err(ApiError::ModelNotFound(format!("no generation model {unknown:?} in the swarm")));
+    }
+    let pool: Vec<String> = match (request.members.is_empty(), method) {
+        (false, _) => request.members.clone(),
+        (true, Method::Vote) => vec![largest.clone()],
+        (true, _) => swarm.iter().map(|(id, _)| id.clone()).collect(),
+    };
+    let members: Vec<String> = (0..n as usize).map(|i| pool[i % pool.len()].clone()).collect();
+    let repeats = members.len() > pool.len();
+    let temperature = match request.temperature {
+        Some(t) if t > 0.0 || !repeats => t,
+        _ if repeats => SAMPLING_TEMPERATURE,
+        _ => 0.0,
+    };
+    let judge = request.judge.clone().unwrap_or(largest);
+    Ok(Plan { method, conversation, members, judge, temperature, request })
+}
+
+impl Ensembles {
+    /// Starts an ensemble; its id works with [`Self::watch`] and
+    /// [`Self::view`] like a task's.
+    pub fn start(
+        self: &Arc<Self>,
+        method: Method,
+        request: SubmitRequest,
+        adverts: &[Advert],
+        market: mpsc::Sender<Command>,
+    ) -> Result<Submitted, ApiError> {
+        let plan = plan(method, request, adverts)?;
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id).map_err(|e| ApiError::Internal(format!("no randomness: {e}")))?;
+        let id = hex::encode(id);
+        let view = TaskView {
+            task: id.clone(),
+            state: "running".into(),
+            shards: 0,
+            shards_done: 0,
+            executors: Vec::new(),
+            error: None,
+            embeddings: None,
+            generations: None,
+            receipt: None,
+            model: format!("mycel/{}", method.name()),
+            input_tokens: 0,
+            peers_working: 0,
+            auction_ms: Vec::new(),
+            route: None,
+            ensemble: Some(EnsembleView { method: method.name().into(), ..EnsembleView::default() }),
+        };
+        let run = Arc::new(Run { view: Mutex::new(view), events: broadcast::channel(64).0 });
+        {
+            let mut runs = lock(&self.runs);
+            runs.by_id.insert(id.clone(), run.clone());
+            runs.order.push_back(id.clone());
+            while runs.order.len() > KEEP {
+                if let Some(old) = runs.order.pop_front() {
+                    runs.by_id.remove(&old);
+                }
+            }
+        }
+        tokio::spawn(async move {
+            let result = orchestrate(&plan, &market, &run).await;
+            let mut view = lock(&run.view);
+            match result {
+                Ok(()) => view.state = "done".into(),
+                Err(why) => {
+                    view.state = "failed".into();
+                    view.error = Some(why);
+                }
+            }
+            let _ = run.events.send(TaskEvent::Progress(summary(&view)));
+        });
+        Ok(Submitted { task: id })
+    }
+
+    /// An ensemble's view, if `id` is one.
+    pub fn view(&self, id: &str) -> Option<TaskView> {
+        let run = lock(&self.runs).by_id.get(id).cloned()?;
+        let view = lock(&run.view).clone();
+        Some(view)
+    }
+
+    /// Follows an ensemble, if `id` is one.
+    pub fn watch(&self, id: &str) -> Option<Watch> {
+        let run = lock(&self.runs).by_id.get(id).cloned()?;
+        let view = lock(&run.view);
+        let progress = summary(&view);
+        // Finished: a closed channel says nothing more will come.
+        let events = if progress.finished() { broadcast::channel(1).1 } else { run.events.subscribe() };
+        Some(Watch { progress, events })
+    }
+}
+
+/// Runs a task through the market to its end: its view.
+async fn run_task(market: &mpsc::Sender<Command>, request: SubmitRequest) -> Result<TaskView, String> {
+    async fn ask<T>(
+        market: &mpsc::Sender<Command>,
+        make: impl FnOnce(oneshot::Sender<anyhow::Result<T>>) -> Command,
+    ) -> Result<T, String> {
+        let (reply, rx) = oneshot::channel();
+        market.send(make(reply)).await.map_err(|_| "the market stopped".to_string())?;
+        rx.await.map_err(|_| "the market stopped".to_string())?.map_err(|e| format!("{e:#}"))
+    }
+    let submitted = ask(market, |reply| Command::Submit { request, reply }).await?;
+    let task = submitted.task;
+    let mut watch = ask(market, |reply| Command::Watch { task: task.clone(), reply }).await?;
+    let mut progress = watch.progress;
+    while !progress.finished() {
+        match watch.events.recv().await {
+            Ok(TaskEvent::Progress(p)) => progress = p,
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => break,
+        }
+    }
+    let view = ask(market, |reply| Command::Get { task: task.clone(), reply }).await?;
+    if view.state != "done" {
+        return Err(format!("stage task {task} {}: {}", view.state, view.error.unwrap_or_default()));
+    }
+    Ok(view)
+}
+
+/// A chat task of `conversations` on `model`, like the request otherwise.
+fn stage_request(
+    plan: &Plan,
+    model: &str,
+    conversations: Vec<Vec<ChatTurnView>>,
+    temperature: f32,
+    seed: u64,
+) -> SubmitRequest {
+    let mut r = SubmitRequest::new("chat", Vec::new());
+    r.conversations = conversations;
+    r.model = Some(model.to_string());
+    // One shard per copy: copies go to different peers where there are.
+    r.items_per_shard = Some(1);
+    r.max_tokens = plan.request.max_tokens;
+    r.temperature = Some(temperature);
+    r.top_p = plan.request.top_p;
+    r.seed = Some(seed);
+    r.stop = plan.request.stop.clone();
+    r.redundancy = plan.request.redundancy;
+    r.spot_check = plan.request.spot_check;
+    r
+}
+
+fn answers(view: &TaskView) -> Vec<GenerationView> {
+    view.generations.clone().unwrap_or_default()
+}
+
+async fn orchestrate(plan: &Plan, market: &mpsc::Sender<Command>, run: &Run) -> Result<(), String> {
+    let update = |f: &mut dyn FnMut(&mut TaskView)| {
+        let mut view = lock(&run.view);
+        f(&mut view);
+        let _ = run.events.send(TaskEvent::Progress(summary(&view)));
+    };
+    // Proposals: one task per distinct model, its copies in proposal order.
+    let mut models: Vec<&String> = Vec::new();
+    for m in &plan.members {
+        if !models.contains(&m) {
+            models.push(m);
+        }
+    }
+    let seed = plan.request.seed.unwrap_or(0);
+    let stages = models.iter().map(|m| {
+        let copies = plan.members.iter().filter(|x| x == m).count();
+        run_task(market, stage_request(plan, m, vec![plan.conversation.clone(); copies], plan.temperature, seed))
+    });
+    let views = futures::future::try_join_all(stages).await?;
+    let mut by_model: HashMap<&str, std::vec::IntoIter<GenerationView>> =
+        models.iter().zip(&views).map(|(m, v)| (m.as_str(), answers(v).into_iter())).collect();
+    let mut proposals: Vec<(String, GenerationView)> = Vec::new();
+    for m in &plan.members {
+        let answer = by_model.get_mut(m.as_str()).and_then(Iterator::next).ok_or("a proposal is missing")?;
+        proposals.push((m.clone(), answer));
+    }
+    update(&mut |view| {
+        let e = view.ensemble.get_or_insert_with(EnsembleView::default);
+        e.stages = models
+            .iter()
+            .zip(&views)
+            .map(|(m, v)| EnsembleStage { role: "proposals".into(), task: v.task.clone(), model: (*m).clone() })
+            .collect();
+        e.proposals = proposals.iter().map(|(m, g)| Proposal { model: m.clone(), text: g.text.clone() }).collect();
+        view.input_tokens = views.iter().map(|v| v.input_tokens).sum();
+        view.shards = proposals.len();
+        view.shards_done = proposals.len();
+    });
+
+    let texts: Vec<&str> = proposals.iter().map(|(_, g)| g.text.as_str()).collect();
+    let votes = tally(&texts);
+    let majority = votes.first().map(|(_, _, first)| *first).unwrap_or(0);
+    let (answer_model, answer, chosen, verdicts, reason, extra) = match plan.method {
+        Method::Vote => {
+            let (key, count, _) = &votes[0];
+            let reason = format!("{count} of {} proposals agree on {key:?}", proposals.len());
+            (proposals[majority].0.clone(), proposals[majority].1.clone(), Some(majority), Vec::new(), reason, None)
+        }
+        Method::BestOf => {
+            let question = last_user(&plan.conversation);
+            let forward = judge_prompt(&question, &texts);
+            let reversed: Vec<&str> = texts.iter().rev().copied().collect();
+            let backward = judge_prompt(&question, &reversed);
+            let request = stage_request(plan, &plan.judge, vec![forward, backward], 0.0, seed);
+            let view = run_task(market, request).await?;
+            let replies = answers(&view);
+            let n = texts.len();
+            let first = replies.first().and_then(|g| verdict(&g.text, n));
+            let second = replies.get(1).and_then(|g| verdict(&g.text, n)).map(|k| n + 1 - k);
+            let (pick, reason) = match (first, second) {
+                (Some(a), Some(b)) if a == b => (a - 1, format!("the judge picked proposal {a} in both orders")),
+                _ => (
+                    majority,
+                    format!(
+                        "the judge's verdicts in the two orders disagree ({first:?} vs {second:?}): the vote decides, proposal {}",
+                        majority + 1
+                    ),
+                ),
+            };
+            let stage = EnsembleStage { role: "judge".into(), task: view.task.clone(), model: plan.judge.clone() };
+            (proposals[pick].0.clone(), proposals[pick].1.clone(), Some(pick), vec![first, second], reason, Some(stage))
+        }
+        Method::Moa => {
+            let request =
+                stage_request(plan, &plan.judge, vec![synthesis_prompt(&plan.conversation, &texts)], 0.0, seed);
+            let view = run_task(market, request).await?;
+            let answer = answers(&view).into_iter().next().ok_or("the aggregator gave no answer")?;
+            let reason = format!("{} wrote the answer from {} proposals", plan.judge, texts.len());
+            let stage = EnsembleStage { role: "synthesis".into(), task: view.task.clone(), model: plan.judge.clone() };
+            (plan.judge.clone(), answer, None, Vec::new(), reason, Some(stage))
+        }
+    };
+    update(&mut |view| {
+        view.model = answer_model.clone();
+        view.generations = Some(vec![answer.clone()]);
+        let e = view.ensemble.get_or_insert_with(EnsembleView::default);
+        e.stages.extend(extra.clone());
+        e.votes = votes.iter().map(|(k, c, _)| (k.clone(), *c)).collect();
+        e.verdicts = verdicts.clone();
+        e.chosen = chosen;
+        e.reason = reason.clone();
+    });
+    Ok(())
+}
+
+/// How an answer is compared in a vote: its first non-empty line,
+/// lower-cased, letters and digits only, single spaces.
+pub fn vote_key(text: &str) -> String {
+    let line = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
+    let kept: String = line.chars().map(|c| if c.is_alphanumeric() { c.to_ascii_lowercase() } else { ' ' }).collect();
+    kept.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Answers grouped by [`vote_key`]: (key, count, first proposal index),
+/// most votes first, ties to the earliest.
+pub fn tally(texts: &[&str]) -> Vec<(String, usize, usize)> {
+    let mut groups: Vec<(String, usize, usize)> = Vec::new();
+    for (i, t) in texts.iter().enumerate() {
+        let key = vote_key(t);
+        match groups.iter_mut().find(|(k, _, _)| *k == key) {
+            Some(g) => g.1 += 1,
+            None => groups.push((key, 1, i)),
+        }
+    }
+    groups.sort_by(|a, b| b.1.cmp(&a.1).then(a.2.cmp(&b.2)));
+    groups
+}
+
+fn last_user(conversation: &[ChatTurnView]) -> String {
+    conversation.iter().rev().find(|t| t.role == "user").map(|t| t.content.clone()).unwrap_or_default()
+}
+
+fn judge_prompt(question: &str, answers: &[&str]) -> Vec<ChatTurnView> {
+    let mut text = format!("Question:\n{question}\n\nCandidate answers:\n");
+    for (i, a) in answers.iter().enumerate() {
+        text.push_str(&format!("\nAnswer {}:\n{}\n", i + 1, a.trim()));
+    }
+    text.push_str("\nWhich answer is the most correct and helpful? Reply with its number only.");
+    vec![
+        ChatTurnView { role: "system".into(), content: "You are a careful, impartial judge of answers.".into() },
+        ChatTurnView { role: "user".into(), content: text },
+    ]
+}
+
+/// The first number in a judge's reply, if it names a proposal.
+pub fn verdict(reply: &str, n: usize) -> Option<usize> {
+    let digits: String = reply.chars().skip_while(|c| !c.is_ascii_digit()).take_while(char::is_ascii_digit).collect();
+    digits.parse().ok().filter(|k| (1..=n).contains(k))
+}
+
+fn synthesis_prompt(conversation: &[ChatTurnView], answers: &[&str]) -> Vec<ChatTurnView> {
+    let mut system = String::from(
+        "You have been given responses from several models to the user's latest question. Synthesize them into \
+         one answer that is accurate and complete. Some responses may be wrong: judge them critically, do not \
+         simply copy one.\n\nResponses:\n",
+    );
+    for (i, a) in answers.iter().enumerate() {
+        system.push_str(&format!("\n{}. {}\n", i + 1, a.trim()));
+    }
+    let mut turns = vec![ChatTurnView { role: "system".into(), content: system }];
+    turns.extend(conversation.iter().filter(|t| t.role != "system").cloned());
+    turns
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn votes_compare_first_lines_loosely_and_ties_go_to_the_earliest() {
+        assert_eq!(vote_key("  Paris.\nIt is the capital."), "paris");
+        assert_eq!(vote_key("The answer is: 42!"), "the answer is 42");
+        let t = tally(&["Paris", "paris!", "Lyon", "Marseille", "Lyon."]);
+        assert_eq!(t[0], ("paris".into(), 2, 0), "two each: Paris came first");
+        assert_eq!(t[1], ("lyon".into(), 2, 2));
+        assert_eq!(t[2].1, 1);
+    }
+
+    #[test]
+    fn verdicts_are_the_first_number_in_range() {
+        assert_eq!(verdict("2", 3), Some(2));
+        assert_eq!(verdict("Answer 3 is best", 3), Some(3));
+        assert_eq!(verdict("The best is 7", 3), None);
+        assert_eq!(verdict("none of them", 3), None);
+    }
+}
