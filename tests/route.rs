@@ -113,6 +113,30 @@ fn auto_routes_by_profile_then_learns_from_feedback() {
     let out = mycel().args(["task", &code_task, "--node", &api]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("routed") && text.contains("CANDIDATE") && text.contains("feedback 0"), "{text}");
+    // Outcomes can be taught directly (an evaluation harness does), and
+    // the router says what it would choose without running anything.
+    let trivia = "Which planet is known as the Red Planet?";
+    for (model, score) in [("qwen2.5-coder-0.5b-instruct", 1.0), ("smollm2-135m-instruct", 0.0)] {
+        for _ in 0..3 {
+            let body = json!({"prompt": trivia, "model": model, "score": score});
+            ureq::post(&format!("{api}/api/v1/router/outcomes")).send_json(&body).unwrap();
+        }
+    }
+    let choose = |w: f64| -> Value {
+        let body = json!({"kind": "chat", "inputs": [], "conversations": [[{"role": "user", "content": trivia}]], "cost_weight": w});
+        ureq::post(&format!("{api}/api/v1/router/choose")).send_json(&body).unwrap().into_body().read_json().unwrap()
+    };
+    assert_eq!(choose(0.15)["model"], "qwen2.5-coder-0.5b-instruct", "{:#}", choose(0.15));
+    assert_eq!(choose(10.0)["model"], "smollm2-135m-instruct", "a high enough cost weight picks the cheap one");
+    let teach = |body: Value| match ureq::post(&format!("{api}/api/v1/router/outcomes")).send_json(&body) {
+        Ok(_) => 200,
+        Err(ureq::Error::StatusCode(code)) => code,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(teach(json!({"prompt": trivia, "model": "no-such-model", "score": 1.0})), 404);
+    assert_eq!(teach(json!({"prompt": trivia, "model": "smollm2-135m-instruct", "score": 1.0, "source": "gut"})), 400);
+    assert_eq!(teach(json!({"prompt": trivia, "model": "smollm2-135m-instruct", "score": -1.0})), 400);
+
     // Routing time is a metric.
     let metrics = ureq::get(&format!("{api}/metrics")).call().unwrap().into_body().read_to_string().unwrap();
     assert!(metrics.contains("mycel_route_seconds_count"), "{metrics}");

@@ -8,6 +8,7 @@ mod interfaces;
 mod market;
 mod netns;
 mod node;
+mod pipeline;
 mod route;
 mod store_crash;
 mod support;

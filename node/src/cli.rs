@@ -98,6 +98,32 @@ pub enum SubmitCommand {
     Embed(SubmitEmbedArgs),
     /// Answer prompts.
     Generate(SubmitGenerateArgs),
+    /// Find the lines of a corpus most like a query: the corpus is embedded
+    /// across the swarm once per model (cached by content), so later
+    /// queries cost one embedding.
+    Search(SubmitSearchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitSearchArgs {
+    /// The corpus: one text per line, or JSONL with a "text" field.
+    #[arg(long, value_name = "FILE")]
+    pub corpus: PathBuf,
+
+    /// What to look for.
+    #[arg(long, value_name = "TEXT")]
+    pub query: String,
+
+    /// How many hits.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub top: u32,
+
+    /// Embedding model id or digest [default: the one most nodes serve].
+    #[arg(long, value_name = "ID")]
+    pub model: Option<String>,
+
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -26,21 +26,29 @@ pub fn node_url(args: &ClientArgs) -> Result<String> {
 
 /// GETs `path` from the node and decodes the JSON body.
 pub fn get_json<T: DeserializeOwned>(base: &str, path: &str) -> Result<T> {
-    call_json(base, path, None::<&()>)
+    call_json(base, path, None::<&()>, Duration::from_secs(60))
 }
 
 /// POSTs `body` as JSON; the answer decoded, or the node's error.
 pub fn post_json<B: serde::Serialize, T: DeserializeOwned>(base: &str, path: &str, body: &B) -> Result<T> {
-    call_json(base, path, Some(body))
+    call_json(base, path, Some(body), Duration::from_secs(60))
 }
 
-fn call_json<B: serde::Serialize, T: DeserializeOwned>(base: &str, path: &str, body: Option<&B>) -> Result<T> {
+/// [`post_json`] for requests that run work through the swarm before they
+/// answer (a search embedding a large corpus): waits up to an hour.
+pub fn post_json_slow<B: serde::Serialize, T: DeserializeOwned>(base: &str, path: &str, body: &B) -> Result<T> {
+    call_json(base, path, Some(body), Duration::from_secs(3600))
+}
+
+fn call_json<B: serde::Serialize, T: DeserializeOwned>(
+    base: &str,
+    path: &str,
+    body: Option<&B>,
+    timeout: Duration,
+) -> Result<T> {
     let url = format!("{base}{path}");
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(60)))
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent: ureq::Agent =
+        ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).build().into();
     // A node off loopback wants its bearer token (MYCEL_API_TOKEN).
     let token = std::env::var("MYCEL_API_TOKEN").ok().filter(|t| !t.is_empty());
     let auth = token.map(|t| format!("Bearer {t}"));

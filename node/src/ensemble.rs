@@ -28,7 +28,9 @@ use mycel_api::{
     TaskSummary, TaskView, Watch,
 };
 use mycel_protocol::{Advert, ModelKind};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc};
+
+use crate::tasks::run_task;
 
 use crate::market::Command;
 
@@ -129,6 +131,8 @@ struct Plan {
     judge: String,
     temperature: f32,
     request: SubmitRequest,
+    /// The swarm's adverts when it started (to name models to the router).
+    adverts: Vec<Advert>,
 }
 
 fn plan(method: Method, request: SubmitRequest, adverts: &[Advert]) -> Result<Plan, ApiError> {
@@ -165,7 +169,7 @@ fn plan(method: Method, request: SubmitRequest, adverts: &[Advert]) -> Result<Pl
         _ => 0.0,
     };
     let judge = request.judge.clone().unwrap_or(largest);
-    Ok(Plan { method, conversation, members, judge, temperature, request })
+    Ok(Plan { method, conversation, members, judge, temperature, request, adverts: adverts.to_vec() })
 }
 
 impl Ensembles {
@@ -177,6 +181,7 @@ impl Ensembles {
         request: SubmitRequest,
         adverts: &[Advert],
         market: mpsc::Sender<Command>,
+        routing: Arc<crate::route::Routing>,
     ) -> Result<Submitted, ApiError> {
         let plan = plan(method, request, adverts)?;
         let mut id = [0u8; 16];
@@ -211,7 +216,7 @@ impl Ensembles {
             }
         }
         tokio::spawn(async move {
-            let result = orchestrate(&plan, &market, &run).await;
+            let result = orchestrate(&plan, &market, &run, &routing).await;
             let mut view = lock(&run.view);
             match result {
                 Ok(()) => view.state = "done".into(),
@@ -243,34 +248,6 @@ impl Ensembles {
     }
 }
 
-/// Runs a task through the market to its end: its view.
-async fn run_task(market: &mpsc::Sender<Command>, request: SubmitRequest) -> Result<TaskView, String> {
-    async fn ask<T>(
-        market: &mpsc::Sender<Command>,
-        make: impl FnOnce(oneshot::Sender<anyhow::Result<T>>) -> Command,
-    ) -> Result<T, String> {
-        let (reply, rx) = oneshot::channel();
-        market.send(make(reply)).await.map_err(|_| "the market stopped".to_string())?;
-        rx.await.map_err(|_| "the market stopped".to_string())?.map_err(|e| format!("{e:#}"))
-    }
-    let submitted = ask(market, |reply| Command::Submit { request, reply }).await?;
-    let task = submitted.task;
-    let mut watch = ask(market, |reply| Command::Watch { task: task.clone(), reply }).await?;
-    let mut progress = watch.progress;
-    while !progress.finished() {
-        match watch.events.recv().await {
-            Ok(TaskEvent::Progress(p)) => progress = p,
-            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-            Err(broadcast::error::RecvError::Closed) => break,
-        }
-    }
-    let view = ask(market, |reply| Command::Get { task: task.clone(), reply }).await?;
-    if view.state != "done" {
-        return Err(format!("stage task {task} {}: {}", view.state, view.error.unwrap_or_default()));
-    }
-    Ok(view)
-}
-
 /// A chat task of `conversations` on `model`, like the request otherwise.
 fn stage_request(
     plan: &Plan,
@@ -298,7 +275,12 @@ fn answers(view: &TaskView) -> Vec<GenerationView> {
     view.generations.clone().unwrap_or_default()
 }
 
-async fn orchestrate(plan: &Plan, market: &mpsc::Sender<Command>, run: &Run) -> Result<(), String> {
+async fn orchestrate(
+    plan: &Plan,
+    market: &mpsc::Sender<Command>,
+    run: &Run,
+    routing: &crate::route::Routing,
+) -> Result<(), String> {
     let update = |f: &mut dyn FnMut(&mut TaskView)| {
         let mut view = lock(&run.view);
         f(&mut view);
@@ -358,7 +340,10 @@ async fn orchestrate(plan: &Plan, market: &mpsc::Sender<Command>, run: &Run) -> 
             let first = replies.first().and_then(|g| verdict(&g.text, n));
             let second = replies.get(1).and_then(|g| verdict(&g.text, n)).map(|k| n + 1 - k);
             let (pick, reason) = match (first, second) {
-                (Some(a), Some(b)) if a == b => (a - 1, format!("the judge picked proposal {a} in both orders")),
+                (Some(a), Some(b)) if a == b => {
+                    teach_router(routing, plan, &proposals, a - 1).await;
+                    (a - 1, format!("the judge picked proposal {a} in both orders"))
+                }
                 _ => (
                     majority,
                     format!(
@@ -391,6 +376,30 @@ async fn orchestrate(plan: &Plan, market: &mpsc::Sender<Command>, run: &Run) -> 
         e.reason = reason.clone();
     });
     Ok(())
+}
+
+/// A consistent verdict between different models' proposals is an outcome
+/// for the router: the chosen proposal's model did well on this prompt,
+/// the others less so.
+async fn teach_router(routing: &crate::route::Routing, plan: &Plan, proposals: &[(String, GenerationView)], pick: usize) {
+    let mut models: Vec<&String> = proposals.iter().map(|(m, _)| m).collect();
+    models.sort();
+    models.dedup();
+    if models.len() < 2 {
+        return;
+    }
+    let winner = &proposals[pick].0;
+    for model in models {
+        let outcome = mycel_api::Outcome {
+            prompt: last_user(&plan.conversation),
+            model: model.clone(),
+            score: if model == winner { 1.0 } else { 0.0 },
+            source: Some("judge".into()),
+        };
+        if let Err(e) = routing.learn(outcome, &plan.adverts).await {
+            tracing::debug!(error = %e, "the router did not take a judge's verdict");
+        }
+    }
 }
 
 /// How an answer is compared in a vote: its first non-empty line,

@@ -13,8 +13,10 @@ mod market;
 mod models;
 mod node;
 mod route;
+mod search;
 mod sim;
 mod submit;
+mod tasks;
 mod testnet;
 
 use anyhow::{Context, Result};

@@ -24,6 +24,7 @@ struct View {
     metrics: Arc<Metrics>,
     routing: Arc<crate::route::Routing>,
     ensembles: Arc<crate::ensemble::Ensembles>,
+    searches: crate::search::Searches,
 }
 
 /// An error from the market driver as the API reports it: the [`ApiError`]
@@ -43,6 +44,14 @@ impl View {
         // The driver raises client mistakes as `ApiError`s; anything else
         // is ours: a 500, never a 400.
         rx.await.map_err(|_| ApiError::Unavailable("the market stopped".into()))?.map_err(api_error)
+    }
+
+    /// Every advert known: the peers' and this node's own.
+    async fn adverts(&self) -> Result<Vec<Advert>, ApiError> {
+        let mut adverts: Vec<Advert> =
+            self.net.peers().await.map_err(unavailable)?.into_iter().map(|e| e.advert).collect();
+        adverts.extend(self.net.own_advert().await.map_err(unavailable)?);
+        Ok(adverts)
     }
 
     async fn reputations(&self) -> std::collections::HashMap<String, f64> {
@@ -82,10 +91,8 @@ fn unavailable(e: mycel_net::NetError) -> ApiError {
 impl NodeView for View {
     async fn submit(&self, mut request: mycel_api::SubmitRequest) -> Result<mycel_api::Submitted, ApiError> {
         if let Some(method) = crate::ensemble::Method::of(request.model.as_deref()) {
-            let mut adverts: Vec<Advert> =
-                self.net.peers().await.map_err(unavailable)?.into_iter().map(|e| e.advert).collect();
-            adverts.extend(self.net.own_advert().await.map_err(unavailable)?);
-            return self.ensembles.start(method, request, &adverts, self.market.clone());
+            let adverts = self.adverts().await?;
+            return self.ensembles.start(method, request, &adverts, self.market.clone(), self.routing.clone());
         }
         if !crate::route::is_auto(request.model.as_deref()) {
             return self.ask(|reply| crate::market::Command::Submit { request, reply }).await;
@@ -112,6 +119,21 @@ impl NodeView for View {
         let mut view = self.ask(|reply| crate::market::Command::Get { task: id, reply }).await?;
         view.route = route;
         Ok(view)
+    }
+
+    async fn search(&self, request: mycel_api::SearchRequest) -> Result<mycel_api::SearchResult, ApiError> {
+        let adverts = self.adverts().await?;
+        self.searches.search(request, &adverts, &self.market).await
+    }
+
+    async fn choose(&self, request: mycel_api::SubmitRequest) -> Result<mycel_router::Decision, ApiError> {
+        let adverts = self.adverts().await?;
+        Ok(self.routing.route(&request, &adverts).await?.0)
+    }
+
+    async fn learn(&self, outcome: mycel_api::Outcome) -> Result<(), ApiError> {
+        let adverts = self.adverts().await?;
+        self.routing.learn(outcome, &adverts).await
     }
 
     async fn feedback(&self, id: String, score: f32) -> Result<mycel_router::Routed, ApiError> {
@@ -257,7 +279,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
     let store = Arc::new(store);
     let routing =
         Arc::new(crate::route::Routing::new(store.clone(), metrics.clone(), mycel_router::DEFAULT_COST_WEIGHT));
-    let market = crate::market::start(market_key, net.clone(), store, metrics.clone(), settings);
+    let market = crate::market::start(market_key, net.clone(), store.clone(), metrics.clone(), settings);
     let view = Arc::new(View {
         net: net.clone(),
         market: market.clone(),
@@ -265,6 +287,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
         metrics,
         routing: routing.clone(),
         ensembles: Arc::default(),
+        searches: crate::search::Searches::new(store.clone()),
     });
     let api_config = mycel_api::ApiConfig {
         auth,

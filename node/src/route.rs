@@ -182,6 +182,43 @@ impl Routing {
         Ok((decision, query))
     }
 
+    /// Learns an outcome given directly (an evaluation harness's): the
+    /// prompt is embedded here, the model named by id or digest.
+    pub async fn learn(&self, outcome: mycel_api::Outcome, adverts: &[Advert]) -> Result<(), ApiError> {
+        let source = match outcome.source.as_deref() {
+            None | Some("eval") => mycel_router::Source::Eval,
+            Some("judge") => mycel_router::Source::Judge,
+            Some("user") => mycel_router::Source::User,
+            Some(other) => return Err(ApiError::BadRequest(format!("source {other:?}: eval, judge or user"))),
+        };
+        let weights = adverts
+            .iter()
+            .flat_map(|a| &a.models)
+            .find(|m| m.kind == ModelKind::Generation && (m.id == outcome.model || m.weights.to_hex() == outcome.model))
+            .map(|m| m.weights)
+            .ok_or_else(|| ApiError::ModelNotFound(format!("no generation model {:?} in the swarm", outcome.model)))?;
+        let job = {
+            let guard = lock(&self.inner);
+            let loaded = guard.as_ref().ok_or_else(|| ApiError::Unavailable("models still loading".into()))?;
+            let e = loaded
+                .embedder
+                .ok_or_else(|| ApiError::Unavailable("this node serves no embedding model to learn with".into()))?;
+            loaded
+                .models
+                .pool
+                .embed(loaded.models.embedders[e].model.clone(), vec![outcome.prompt])
+                .map_err(internal)?
+        };
+        let embedded = job.await.map_err(internal)?.map_err(internal)?;
+        let vector = embedded.vectors.into_iter().next().ok_or_else(|| internal("no embedding"))?;
+        let mut guard = lock(&self.inner);
+        let router = guard.as_mut().and_then(|l| l.router.as_mut()).ok_or_else(|| internal("no router"))?;
+        router.learn(weights, &vector, outcome.score, source).map_err(|e| match e {
+            mycel_router::RouterError::Invalid(why) => ApiError::BadRequest(why),
+            e => internal(e),
+        })
+    }
+
     /// Keeps `decision` with the task it routed.
     pub fn remember(&self, task: TaskId, decision: Decision, query: &[f32]) {
         let mut guard = lock(&self.inner);

@@ -10,7 +10,7 @@ use mycel_api::{SubmitRequest, Submitted, TaskView};
 use mycel_protocol::{FinishReason, Generation, Receipt, ShardOutput, Signed, StagedReceipt, Wire};
 
 use crate::cli::{ClientArgs, FeedbackArgs, SubmitCommand, SubmitCommon, TaskArgs, VerifyArgs};
-use crate::client::{get_json, node_url, post_json, print_table};
+use crate::client::{get_json, node_url, post_json, post_json_slow, print_table};
 
 pub fn run(cmd: SubmitCommand) -> Result<()> {
     match cmd {
@@ -27,6 +27,37 @@ pub fn run(cmd: SubmitCommand) -> Result<()> {
             }
             out.flush()?;
             finish(&args.out, &view)
+        }
+        SubmitCommand::Search(args) => {
+            let base = node_url(&args.client)?;
+            let corpus = read_inputs(&args.corpus)?;
+            let request = mycel_api::SearchRequest {
+                corpus,
+                query: args.query.clone(),
+                top: Some(args.top),
+                model: args.model.clone(),
+            };
+            let started = Instant::now();
+            let result: mycel_api::SearchResult = post_json_slow(&base, "/api/v1/search", &request)?;
+            if args.client.json {
+                println!("{}", serde_json::to_string_pretty(&result)?);
+                return Ok(());
+            }
+            let rows: Vec<[String; 3]> = result
+                .hits
+                .iter()
+                .map(|h| [format!("{:.4}", h.score), (h.index + 1).to_string(), h.text.chars().take(100).collect()])
+                .collect();
+            print_table(&["SCORE", "LINE", "TEXT"], &rows);
+            eprintln!(
+                "{} in {:.1}s: {} texts embedded through the swarm{}, {} from the cache",
+                result.model,
+                started.elapsed().as_secs_f64(),
+                result.embedded,
+                if result.tasks.is_empty() { String::new() } else { format!(" (task {})", result.tasks.join(", ")) },
+                result.cached
+            );
+            Ok(())
         }
         SubmitCommand::Generate(args) => {
             let inputs = match (&args.prompt, &args.input) {

@@ -27,8 +27,8 @@ use futures::Stream;
 use tokio_util::sync::CancellationToken;
 
 pub use types::{
-    ChatTurnView, EnsembleStage, EnsembleView, Feedback, GenerationView, ModelView, PeerView, Proposal, StatusView,
-    SubmitRequest, Submitted, TaskEvent, TaskSummary, TaskView,
+    ChatTurnView, EnsembleStage, EnsembleView, Feedback, GenerationView, ModelView, Outcome, PeerView, Proposal,
+    SearchHit, SearchRequest, SearchResult, StatusView, SubmitRequest, Submitted, TaskEvent, TaskSummary, TaskView,
 };
 
 /// A task's state now, and everything that happens to it from now on.
@@ -56,6 +56,12 @@ pub trait NodeView: Send + Sync + 'static {
     fn watch(&self, id: String) -> impl Future<Output = Result<Watch, ApiError>> + Send;
     /// Gives up on a task.
     fn cancel(&self, id: String) -> impl Future<Output = Result<TaskSummary, ApiError>> + Send;
+    /// The corpus texts most like a query, embedded across the swarm.
+    fn search(&self, request: SearchRequest) -> impl Future<Output = Result<SearchResult, ApiError>> + Send;
+    /// What `mycel/auto` would choose for `request`, without running it.
+    fn choose(&self, request: SubmitRequest) -> impl Future<Output = Result<mycel_router::Decision, ApiError>> + Send;
+    /// An outcome for the router to learn from.
+    fn learn(&self, outcome: Outcome) -> impl Future<Output = Result<(), ApiError>> + Send;
     /// A verdict (0 bad .. 1 good) on a routed task's answer, for the router.
     fn feedback(&self, id: String, score: f32) -> impl Future<Output = Result<mycel_router::Routed, ApiError>> + Send;
     /// Metrics in Prometheus' text format.
@@ -230,6 +236,9 @@ pub fn router<N: NodeView>(node: Arc<N>, config: ApiConfig) -> Router {
         .route("/api/v1/tasks/{id}", get(task::<N>).delete(cancel::<N>))
         .route("/api/v1/tasks/{id}/cancel", post(cancel::<N>))
         .route("/api/v1/tasks/{id}/feedback", post(feedback::<N>))
+        .route("/api/v1/router/outcomes", post(learn::<N>))
+        .route("/api/v1/router/choose", post(choose::<N>))
+        .route("/api/v1/search", post(search::<N>))
         .route("/api/v1/tasks/{id}/events", get(events::<N>))
         .merge(openai)
         .with_state(node)
@@ -297,6 +306,36 @@ async fn feedback<N: NodeView>(
         return Err(ApiError::BadRequest(format!("score {} is not in 0..=1 (0 bad, 1 good)", body.score)));
     }
     Ok(Json(node.feedback(id, body.score).await?))
+}
+
+async fn search<N: NodeView>(
+    State(node): State<Arc<N>>,
+    body: Result<Json<SearchRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<SearchResult>, ApiError> {
+    let Json(request) = body.map_err(rejection)?;
+    Ok(Json(node.search(request).await?))
+}
+
+/// The router's decision for a request (`kind` and `inputs` or
+/// `conversations` as for a task; `cost_weight`), nothing submitted.
+async fn choose<N: NodeView>(
+    State(node): State<Arc<N>>,
+    body: Result<Json<SubmitRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<mycel_router::Decision>, ApiError> {
+    let Json(request) = body.map_err(rejection)?;
+    Ok(Json(node.choose(request).await?))
+}
+
+async fn learn<N: NodeView>(
+    State(node): State<Arc<N>>,
+    body: Result<Json<Outcome>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(outcome) = body.map_err(rejection)?;
+    if !(0.0..=1.0).contains(&outcome.score) {
+        return Err(ApiError::BadRequest(format!("score {} is not in 0..=1", outcome.score)));
+    }
+    node.learn(outcome).await?;
+    Ok(Json(serde_json::json!({ "learned": true })))
 }
 
 async fn cancel<N: NodeView>(

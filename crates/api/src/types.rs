@@ -322,6 +322,22 @@ pub struct Proposal {
     pub text: String,
 }
 
+/// An outcome to learn from (`POST /api/v1/router/outcomes`): how well a
+/// model did on a prompt, e.g. an evaluation harness's test result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outcome {
+    /// The prompt (the last user message of a chat).
+    pub prompt: String,
+    /// The model, as advertised (id) or its weights digest.
+    pub model: String,
+    /// 0 (bad) to 1 (good).
+    pub score: f32,
+    /// Where it comes from: `eval` (default), `judge` or `user`.
+    #[serde(default)]
+    pub source: Option<String>,
+}
+
 /// A verdict on a task's answer (`POST /api/v1/tasks/{id}/feedback`): it
 /// teaches the router which model suits prompts like this one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -389,4 +405,46 @@ impl TaskSummary {
     pub fn finished(&self) -> bool {
         self.state != "running"
     }
+}
+
+/// `POST /api/v1/search`: the texts of `corpus` most like `query`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchRequest {
+    /// The texts to search (at most 100,000).
+    pub corpus: Vec<String>,
+    /// What to look for.
+    pub query: String,
+    /// Hits to return (1-1000, default 5).
+    #[serde(default)]
+    pub top: Option<u32>,
+    /// Embedding model id or digest [default: the one most nodes serve].
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+/// One text found.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchHit {
+    /// Its position in the corpus.
+    pub index: usize,
+    /// Cosine similarity to the query.
+    pub score: f32,
+    /// The text.
+    pub text: String,
+}
+
+/// A search's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchResult {
+    /// The embedding model used.
+    pub model: String,
+    /// Best first (ties: corpus order).
+    pub hits: Vec<SearchHit>,
+    /// Texts embedded for this query (not cached before), the query included.
+    pub embedded: usize,
+    /// Texts whose vectors came from the cache.
+    pub cached: usize,
+    /// The embedding tasks this query ran (their receipts cover the new vectors).
+    pub tasks: Vec<String>,
 }

@@ -135,6 +135,18 @@ impl NodeView for Fake {
         Ok(summary("failed"))
     }
 
+    async fn search(&self, _request: mycel_api::SearchRequest) -> Result<mycel_api::SearchResult, ApiError> {
+        Err(ApiError::Unavailable("no swarm".into()))
+    }
+
+    async fn choose(&self, _request: SubmitRequest) -> Result<mycel_router::Decision, ApiError> {
+        Err(ApiError::Unavailable("no router".into()))
+    }
+
+    async fn learn(&self, _outcome: mycel_api::Outcome) -> Result<(), ApiError> {
+        Ok(())
+    }
+
     async fn feedback(&self, id: String, _score: f32) -> Result<mycel_router::Routed, ApiError> {
         Err(ApiError::NotFound(format!("task {id} was not routed")))
     }

@@ -43,12 +43,22 @@ pub enum Tree {
     Meta,
     /// What the model router learned: outcomes per model, routed tasks.
     Router,
+    /// Embeddings computed for searches, by model and text digest.
+    Embeddings,
 }
 
 impl Tree {
     /// Every tree, in a fixed order.
-    pub const ALL: [Tree; 7] =
-        [Tree::Tasks, Tree::Shards, Tree::Results, Tree::Peers, Tree::Reputation, Tree::Meta, Tree::Router];
+    pub const ALL: [Tree; 8] = [
+        Tree::Tasks,
+        Tree::Shards,
+        Tree::Results,
+        Tree::Peers,
+        Tree::Reputation,
+        Tree::Meta,
+        Tree::Router,
+        Tree::Embeddings,
+    ];
 
     /// One byte that prefixes the tree's keys in a single-keyspace backend.
     /// Never renumber: it is on disk.
@@ -61,6 +71,7 @@ impl Tree {
             Tree::Reputation => 5,
             Tree::Meta => 6,
             Tree::Router => 7,
+            Tree::Embeddings => 8,
         }
     }
 
@@ -73,6 +84,7 @@ impl Tree {
             Tree::Reputation => "reputation",
             Tree::Meta => "meta",
             Tree::Router => "router",
+            Tree::Embeddings => "embeddings",
         }
     }
 }

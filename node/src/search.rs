@@ -1,0 +1,177 @@
+//! Corpus search (`POST /api/v1/search`, `mycel submit search`): the
+//! corpus is embedded across the swarm, each text once per model (vectors
+//! are kept by the SHA-256 of the model's weights and of the text), so a
+//! second query over the same corpus costs one embedding; then the query is
+//! embedded and the texts ranked by cosine similarity.
+//!
+//! Every vector used came from a market task (auctioned, verified,
+//! receipted): the answer names the tasks this query ran; vectors from
+//! earlier queries came from theirs.
+
+use std::sync::Arc;
+
+use mycel_api::{ApiError, SearchHit, SearchRequest, SearchResult, SubmitRequest};
+use mycel_protocol::{Advert, Digest, ModelKind};
+use mycel_store::{Batch, Store, Tree};
+use tokio::sync::mpsc;
+
+use crate::market::Command;
+use crate::tasks::run_task;
+
+/// Most texts in one corpus.
+pub const MAX_CORPUS: usize = 100_000;
+/// Most hits returned.
+pub const MAX_TOP: u32 = 1000;
+/// Vectors kept at most; past this, new ones are computed but not kept.
+const MAX_CACHED: usize = 200_000;
+/// Longest embedding accepted from the cache.
+const MAX_DIMENSIONS: usize = 4096;
+
+fn key(model: &Digest, text: &Digest) -> Vec<u8> {
+    let mut k = Vec::with_capacity(64);
+    k.extend_from_slice(&model.0);
+    k.extend_from_slice(&text.0);
+    k
+}
+
+fn decode(bytes: &[u8]) -> Option<Vec<f32>> {
+    (bytes.len().is_multiple_of(4) && !bytes.is_empty() && bytes.len() / 4 <= MAX_DIMENSIONS)
+        .then(|| bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<f32>>())
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let (dot, na, nb) =
+        a.iter().zip(b).fold((0f32, 0f32, 0f32), |(d, na, nb), (x, y)| (d + x * y, na + x * x, nb + y * y));
+    if na == 0.0 || nb == 0.0 { 0.0 } else { dot / (na.sqrt() * nb.sqrt()) }
+}
+
+/// The embedding model a search uses: the one named (id or digest), else
+/// the one most nodes serve (ties: the fastest).
+fn model(adverts: &[Advert], named: Option<&str>) -> Result<(String, Digest), ApiError> {
+    let mut models: Vec<(String, Digest, usize, f32)> = Vec::new();
+    for m in adverts.iter().flat_map(|a| &a.models).filter(|m| m.kind == ModelKind::Embedding) {
+        match models.iter_mut().find(|e| e.1 == m.weights) {
+            Some(e) => {
+                e.2 += 1;
+                e.3 = e.3.max(m.throughput.embeddings_per_s);
+            }
+            None => models.push((m.id.clone(), m.weights, 1, m.throughput.embeddings_per_s)),
+        }
+    }
+    let found = match named {
+        Some(name) => models.iter().find(|m| m.0.eq_ignore_ascii_case(name) || m.1.to_hex() == name),
+        None => models.iter().max_by(|a, b| a.2.cmp(&b.2).then(a.3.total_cmp(&b.3))),
+    };
+    found.map(|m| (m.0.clone(), m.1)).ok_or_else(|| match named {
+        Some(name) => ApiError::ModelNotFound(format!("no embedding model {name:?} in the swarm")),
+        None => ApiError::NoCapablePeer("no embedding model in the swarm".into()),
+    })
+}
+
+/// The node's search state: the vector cache.
+pub struct Searches {
+    store: Arc<dyn Store>,
+    /// Vectors in the cache, counted on first use.
+    cached: tokio::sync::Mutex<Option<usize>>,
+}
+
+impl Searches {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store, cached: tokio::sync::Mutex::new(None) }
+    }
+
+    /// Runs a search.
+    pub async fn search(
+        &self,
+        request: SearchRequest,
+        adverts: &[Advert],
+        market: &mpsc::Sender<Command>,
+    ) -> Result<SearchResult, ApiError> {
+        search(request, adverts, &self.store, &self.cached, market).await
+    }
+}
+
+async fn search(
+    request: SearchRequest,
+    adverts: &[Advert],
+    store: &Arc<dyn Store>,
+    count: &tokio::sync::Mutex<Option<usize>>,
+    market: &mpsc::Sender<Command>,
+) -> Result<SearchResult, ApiError> {
+    if request.corpus.is_empty() || request.corpus.len() > MAX_CORPUS {
+        return Err(ApiError::BadRequest(format!("corpus: 1..={MAX_CORPUS} texts, got {}", request.corpus.len())));
+    }
+    if request.query.trim().is_empty() {
+        return Err(ApiError::BadRequest("query: empty".into()));
+    }
+    let top = request.top.unwrap_or(5);
+    if !(1..=MAX_TOP).contains(&top) {
+        return Err(ApiError::BadRequest(format!("top {top} not in 1..={MAX_TOP}")));
+    }
+    let (model_id, weights) = model(adverts, request.model.as_deref())?;
+    let internal = |e: mycel_store::StoreError| ApiError::Internal(e.to_string());
+
+    // Every distinct text (the query too), and what the cache has of them.
+    let mut texts: Vec<&str> = request.corpus.iter().map(String::as_str).collect();
+    texts.push(&request.query);
+    let digests: Vec<Digest> = texts.iter().map(|t| Digest::of(t.as_bytes())).collect();
+    let mut vectors: std::collections::HashMap<Digest, Vec<f32>> = std::collections::HashMap::new();
+    let mut missing: Vec<(Digest, String)> = Vec::new();
+    for (t, d) in texts.iter().zip(&digests) {
+        if vectors.contains_key(d) || missing.iter().any(|(m, _)| m == d) {
+            continue;
+        }
+        match store.get(Tree::Embeddings, &key(&weights, d)).map_err(internal)?.as_deref().and_then(decode) {
+            Some(v) => {
+                vectors.insert(*d, v);
+            }
+            None => missing.push((*d, (*t).to_string())),
+        }
+    }
+    let cached = vectors.len();
+    let mut tasks = Vec::new();
+    if !missing.is_empty() {
+        let mut embed = SubmitRequest::new("embed", missing.iter().map(|(_, t)| t.clone()).collect());
+        embed.model = Some(weights.to_hex());
+        let view = run_task(market, embed).await.map_err(|why| ApiError::NoCapablePeer(format!("embedding: {why}")))?;
+        let computed = view.embeddings.clone().unwrap_or_default();
+        if computed.len() != missing.len() {
+            return Err(ApiError::Internal(format!("{} vectors for {} texts", computed.len(), missing.len())));
+        }
+        let mut count = count.lock().await;
+        let held = match *count {
+            Some(n) => n,
+            None => store.scan_prefix(Tree::Embeddings, &[]).map_err(internal)?.len(),
+        };
+        let room = MAX_CACHED.saturating_sub(held).min(missing.len());
+        if room < missing.len() {
+            tracing::warn!(held, "the search cache is full: new vectors are not kept");
+        }
+        let mut batch = Batch::new();
+        for ((d, _), v) in missing.iter().zip(computed) {
+            if batch.ops().len() < room {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                batch.put(Tree::Embeddings, key(&weights, d), bytes);
+            }
+            vectors.insert(*d, v);
+        }
+        store.commit(&batch).map_err(internal)?;
+        *count = Some(held + room);
+        tasks.push(view.task);
+    }
+    let query = vectors.get(&digests[texts.len() - 1]).cloned().unwrap_or_default();
+    let mut hits: Vec<SearchHit> = request
+        .corpus
+        .iter()
+        .zip(&digests)
+        .enumerate()
+        .map(|(index, (text, d))| SearchHit {
+            index,
+            score: vectors.get(d).map_or(0.0, |v| cosine(&query, v)),
+            text: text.clone(),
+        })
+        .collect();
+    hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.index.cmp(&b.index)));
+    hits.truncate(top as usize);
+    Ok(SearchResult { model: model_id, hits, embedded: missing.len(), cached, tasks })
+}
