@@ -66,3 +66,63 @@ fn search_embeds_a_corpus_once_and_then_only_each_query() {
     assert_eq!(code(json!({"corpus": ["a"], "query": "x", "top": 0})), 400);
     assert_eq!(code(json!({"corpus": ["a"], "query": "x", "model": "no-such-model"})), 404);
 }
+
+#[test]
+fn summarize_maps_chunks_across_peers_then_reduces_level_by_level() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("net");
+    let manifest = up_with_models(&dir, 2, &["smollm2-135m-instruct"]);
+    let _guard = Guard(&dir);
+    let api = manifest.nodes[0].api.clone();
+    let places = ["the harbour", "the old mill", "the northern pass", "the market square", "the lighthouse"];
+    let paragraphs: Vec<String> = (0..10)
+        .map(|i| {
+            format!(
+                "In chapter {i}, Captain Mira walked to {}. She met a farmer who told her about the storm. \
+                 They agreed to repair the boat before the winter came, and she wrote it all in her log.",
+                places[i % places.len()]
+            )
+        })
+        .collect();
+    let file = tmp.path().join("story.txt");
+    std::fs::write(&file, paragraphs.join("\n\n")).unwrap();
+    let out = tmp.path().join("summary.jsonl");
+    let started = std::time::Instant::now();
+    let run = loop {
+        let run = mycel()
+            .args(["submit", "summarize", "--node", &api, "--chunk-chars", "400", "--input"])
+            .arg(&file)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        // Models still loading: no generation model in the swarm yet.
+        if !run.status.success() && stderr.contains("503") && started.elapsed().as_secs() < 120 {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            continue;
+        }
+        break run;
+    };
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let summary: Value = serde_json::from_str(std::fs::read_to_string(&out).unwrap().lines().next().unwrap()).unwrap();
+    assert!(summary["text"].as_str().is_some_and(|t| t.len() > 20), "{summary:#}");
+    // 10 paragraphs of ~190 characters in chunks of 400: 5 chunks, then 2
+    // combined summaries, then 1.
+    for i in 0..3 {
+        let receipt = tmp.path().join(format!("summary.jsonl.stage-{i}.receipt"));
+        assert!(receipt.exists(), "stage {i} receipt missing: {stderr}");
+        let verify = mycel().arg("verify").arg(&receipt).output().unwrap();
+        assert!(String::from_utf8_lossy(&verify.stdout).contains("ok: receipt"), "{verify:?}");
+    }
+    assert!(!tmp.path().join("summary.jsonl.stage-3.receipt").exists(), "{stderr}");
+
+    let code = |body: Value| match ureq::post(&format!("{api}/api/v1/summarize")).send_json(&body) {
+        Err(ureq::Error::StatusCode(c)) => c,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(code(json!({"text": "  "})), 400);
+    assert_eq!(code(json!({"text": "a story", "fan_in": 1})), 400);
+    assert_eq!(code(json!({"text": "a story", "colour": "red"})), 400);
+}

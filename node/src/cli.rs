@@ -102,6 +102,31 @@ pub enum SubmitCommand {
     /// across the swarm once per model (cached by content), so later
     /// queries cost one embedding.
     Search(SubmitSearchArgs),
+    /// Summarise a long document: chunks summarised in parallel across
+    /// peers, then combined a few at a time until one summary remains.
+    Summarize(SubmitSummarizeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitSummarizeArgs {
+    /// The document (plain text; "-" for stdin).
+    #[arg(long, value_name = "FILE")]
+    pub input: PathBuf,
+
+    /// Generation model id or digest [default: the market's choice].
+    #[arg(long, value_name = "ID")]
+    pub model: Option<String>,
+
+    /// Longest chunk, in characters.
+    #[arg(long, default_value_t = 2400, value_parser = clap::value_parser!(u32).range(200..=20000))]
+    pub chunk_chars: u32,
+
+    /// Write {"text": ...} and one receipt per stage (FILE.stage-N.receipt) here.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 #[derive(Debug, Args)]

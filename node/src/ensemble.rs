@@ -21,16 +21,15 @@
 //!   from the proposals. One layer; at most [`MAX_MEMBERS`] proposals.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use mycel_api::{
-    ApiError, ChatTurnView, EnsembleStage, EnsembleView, GenerationView, Proposal, SubmitRequest, Submitted, TaskEvent,
-    TaskSummary, TaskView, Watch,
+    ApiError, ChatTurnView, EnsembleStage, EnsembleView, GenerationView, Proposal, SubmitRequest, Submitted, TaskView,
 };
 use mycel_protocol::{Advert, ModelKind};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 
-use crate::tasks::run_task;
+use crate::tasks::{Job, Jobs, run_task};
 
 use crate::market::Command;
 
@@ -41,8 +40,6 @@ const DEFAULT_MEMBERS: u32 = 3;
 /// Temperature for copies of one model when the request gives none (they
 /// must differ to be worth comparing).
 const SAMPLING_TEMPERATURE: f32 = 0.7;
-/// Finished ensembles remembered.
-const KEEP: usize = 256;
 
 /// An ensemble method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,42 +66,6 @@ impl Method {
             Self::BestOf => "best-of",
             Self::Moa => "moa",
         }
-    }
-}
-
-/// One ensemble being run or finished.
-struct Run {
-    view: Mutex<TaskView>,
-    events: broadcast::Sender<TaskEvent>,
-}
-
-/// The ensembles this node runs.
-#[derive(Default)]
-pub struct Ensembles {
-    runs: Mutex<Runs>,
-}
-
-/// Ensembles by id, and their ids oldest first.
-#[derive(Default)]
-struct Runs {
-    by_id: HashMap<String, Arc<Run>>,
-    order: std::collections::VecDeque<String>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn summary(view: &TaskView) -> TaskSummary {
-    TaskSummary {
-        task: view.task.clone(),
-        state: view.state.clone(),
-        shards: view.shards,
-        shards_done: view.shards_done,
-        kind: "ensemble".into(),
-        workers: Default::default(),
-        peers_working: 0,
-        error: view.error.clone(),
     }
 }
 
@@ -172,80 +133,19 @@ fn plan(method: Method, request: SubmitRequest, adverts: &[Advert]) -> Result<Pl
     Ok(Plan { method, conversation, members, judge, temperature, request, adverts: adverts.to_vec() })
 }
 
-impl Ensembles {
-    /// Starts an ensemble; its id works with [`Self::watch`] and
-    /// [`Self::view`] like a task's.
-    pub fn start(
-        self: &Arc<Self>,
-        method: Method,
-        request: SubmitRequest,
-        adverts: &[Advert],
-        market: mpsc::Sender<Command>,
-        routing: Arc<crate::route::Routing>,
-    ) -> Result<Submitted, ApiError> {
-        let plan = plan(method, request, adverts)?;
-        let mut id = [0u8; 16];
-        getrandom::fill(&mut id).map_err(|e| ApiError::Internal(format!("no randomness: {e}")))?;
-        let id = hex::encode(id);
-        let view = TaskView {
-            task: id.clone(),
-            state: "running".into(),
-            shards: 0,
-            shards_done: 0,
-            executors: Vec::new(),
-            error: None,
-            embeddings: None,
-            generations: None,
-            receipt: None,
-            model: format!("mycel/{}", method.name()),
-            input_tokens: 0,
-            peers_working: 0,
-            auction_ms: Vec::new(),
-            route: None,
-            ensemble: Some(EnsembleView { method: method.name().into(), ..EnsembleView::default() }),
-        };
-        let run = Arc::new(Run { view: Mutex::new(view), events: broadcast::channel(64).0 });
-        {
-            let mut runs = lock(&self.runs);
-            runs.by_id.insert(id.clone(), run.clone());
-            runs.order.push_back(id.clone());
-            while runs.order.len() > KEEP {
-                if let Some(old) = runs.order.pop_front() {
-                    runs.by_id.remove(&old);
-                }
-            }
-        }
-        tokio::spawn(async move {
-            let result = orchestrate(&plan, &market, &run, &routing).await;
-            let mut view = lock(&run.view);
-            match result {
-                Ok(()) => view.state = "done".into(),
-                Err(why) => {
-                    view.state = "failed".into();
-                    view.error = Some(why);
-                }
-            }
-            let _ = run.events.send(TaskEvent::Progress(summary(&view)));
-        });
-        Ok(Submitted { task: id })
-    }
-
-    /// An ensemble's view, if `id` is one.
-    pub fn view(&self, id: &str) -> Option<TaskView> {
-        let run = lock(&self.runs).by_id.get(id).cloned()?;
-        let view = lock(&run.view).clone();
-        Some(view)
-    }
-
-    /// Follows an ensemble, if `id` is one.
-    pub fn watch(&self, id: &str) -> Option<Watch> {
-        let run = lock(&self.runs).by_id.get(id).cloned()?;
-        let view = lock(&run.view);
-        let progress = summary(&view);
-        // Finished: a closed channel says nothing more will come.
-        let events = if progress.finished() { broadcast::channel(1).1 } else { run.events.subscribe() };
-        Some(Watch { progress, events })
-    }
+/// Starts an ensemble as a job of `jobs`: its id works like a task's.
+pub fn start(
+    jobs: &Jobs,
+    method: Method,
+    request: SubmitRequest,
+    adverts: &[Advert],
+    market: mpsc::Sender<Command>,
+    routing: Arc<crate::route::Routing>,
+) -> Result<Submitted, ApiError> {
+    let plan = plan(method, request, adverts)?;
+    let mut view = Jobs::blank_view(&format!("mycel/{}", method.name()));
+    view.ensemble = Some(EnsembleView { method: method.name().into(), ..EnsembleView::default() });
+    jobs.spawn("ensemble", view, move |job| async move { orchestrate(&plan, &market, &job, &routing).await })
 }
 
 /// A chat task of `conversations` on `model`, like the request otherwise.
@@ -278,14 +178,10 @@ fn answers(view: &TaskView) -> Vec<GenerationView> {
 async fn orchestrate(
     plan: &Plan,
     market: &mpsc::Sender<Command>,
-    run: &Run,
+    job: &Job,
     routing: &crate::route::Routing,
 ) -> Result<(), String> {
-    let update = |f: &mut dyn FnMut(&mut TaskView)| {
-        let mut view = lock(&run.view);
-        f(&mut view);
-        let _ = run.events.send(TaskEvent::Progress(summary(&view)));
-    };
+    let update = |f: &mut dyn FnMut(&mut TaskView)| job.update(f);
     // Proposals: one task per distinct model, its copies in proposal order.
     let mut models: Vec<&String> = Vec::new();
     for m in &plan.members {
@@ -381,7 +277,12 @@ async fn orchestrate(
 /// A consistent verdict between different models' proposals is an outcome
 /// for the router: the chosen proposal's model did well on this prompt,
 /// the others less so.
-async fn teach_router(routing: &crate::route::Routing, plan: &Plan, proposals: &[(String, GenerationView)], pick: usize) {
+async fn teach_router(
+    routing: &crate::route::Routing,
+    plan: &Plan,
+    proposals: &[(String, GenerationView)],
+    pick: usize,
+) {
     let mut models: Vec<&String> = proposals.iter().map(|(m, _)| m).collect();
     models.sort();
     models.dedup();

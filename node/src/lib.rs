@@ -16,6 +16,7 @@ mod route;
 mod search;
 mod sim;
 mod submit;
+mod summarize;
 mod tasks;
 mod testnet;
 

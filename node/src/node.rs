@@ -23,7 +23,7 @@ struct View {
     started: Instant,
     metrics: Arc<Metrics>,
     routing: Arc<crate::route::Routing>,
-    ensembles: Arc<crate::ensemble::Ensembles>,
+    jobs: crate::tasks::Jobs,
     searches: crate::search::Searches,
 }
 
@@ -92,7 +92,14 @@ impl NodeView for View {
     async fn submit(&self, mut request: mycel_api::SubmitRequest) -> Result<mycel_api::Submitted, ApiError> {
         if let Some(method) = crate::ensemble::Method::of(request.model.as_deref()) {
             let adverts = self.adverts().await?;
-            return self.ensembles.start(method, request, &adverts, self.market.clone(), self.routing.clone());
+            return crate::ensemble::start(
+                &self.jobs,
+                method,
+                request,
+                &adverts,
+                self.market.clone(),
+                self.routing.clone(),
+            );
         }
         if !crate::route::is_auto(request.model.as_deref()) {
             return self.ask(|reply| crate::market::Command::Submit { request, reply }).await;
@@ -112,13 +119,18 @@ impl NodeView for View {
     }
 
     async fn task(&self, id: String) -> Result<mycel_api::TaskView, ApiError> {
-        if let Some(view) = self.ensembles.view(&id) {
+        if let Some(view) = self.jobs.view(&id) {
             return Ok(view);
         }
         let route = self.routing.routed(&id);
         let mut view = self.ask(|reply| crate::market::Command::Get { task: id, reply }).await?;
         view.route = route;
         Ok(view)
+    }
+
+    async fn summarize(&self, request: mycel_api::SummarizeRequest) -> Result<mycel_api::Submitted, ApiError> {
+        let adverts = self.adverts().await?;
+        crate::summarize::start(&self.jobs, request, &adverts, self.market.clone())
     }
 
     async fn search(&self, request: mycel_api::SearchRequest) -> Result<mycel_api::SearchResult, ApiError> {
@@ -145,7 +157,7 @@ impl NodeView for View {
     }
 
     async fn watch(&self, id: String) -> Result<mycel_api::Watch, ApiError> {
-        if let Some(watch) = self.ensembles.watch(&id) {
+        if let Some(watch) = self.jobs.watch(&id) {
             return Ok(watch);
         }
         self.ask(|reply| crate::market::Command::Watch { task: id, reply }).await
@@ -286,7 +298,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
         started: Instant::now(),
         metrics,
         routing: routing.clone(),
-        ensembles: Arc::default(),
+        jobs: crate::tasks::Jobs::default(),
         searches: crate::search::Searches::new(store.clone()),
     });
     let api_config = mycel_api::ApiConfig {

@@ -28,6 +28,26 @@ pub fn run(cmd: SubmitCommand) -> Result<()> {
             out.flush()?;
             finish(&args.out, &view)
         }
+        SubmitCommand::Summarize(args) => {
+            let base = node_url(&args.client)?;
+            let text = if args.input.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+            } else {
+                std::fs::read_to_string(&args.input).with_context(|| format!("reading {}", args.input.display()))?
+            };
+            let request = mycel_api::SummarizeRequest {
+                text,
+                model: args.model.clone(),
+                chunk_chars: Some(args.chunk_chars),
+                fan_in: None,
+                max_tokens: None,
+            };
+            let submitted: Submitted = post_json_slow(&base, "/api/v1/summarize", &request)?;
+            let view = wait_for(&base, &submitted)?;
+            let stages = view.pipeline.as_ref().map(|p| p.stages.clone()).unwrap_or_default();
+            eprintln!("{}: {} chunks and summaries over {} levels", view.model, view.shards, stages.len());
+            staged_answer(&base, &view, &stages, args.out.as_deref())
+        }
         SubmitCommand::Search(args) => {
             let base = node_url(&args.client)?;
             let corpus = read_inputs(&args.corpus)?;
@@ -131,8 +151,14 @@ fn ensemble_answer(
     e: &mycel_api::EnsembleView,
     out: Option<&Path>,
 ) -> Result<()> {
-    let answer = view.generations.as_ref().and_then(|g| g.first()).context("the ensemble gave no answer")?;
     eprintln!("{} ({}): {}", e.method, view.model, e.reason);
+    staged_answer(&node_url(&common.client)?, view, &e.stages, out)
+}
+
+/// The answer of work made of several tasks, printed or written to `out`
+/// with each stage's receipt beside it.
+fn staged_answer(base: &str, view: &TaskView, stages: &[mycel_api::EnsembleStage], out: Option<&Path>) -> Result<()> {
+    let answer = view.generations.as_ref().and_then(|g| g.first()).context("no answer came back")?;
     let Some(out) = out else {
         println!("{}", answer.text);
         return Ok(());
@@ -140,9 +166,8 @@ fn ensemble_answer(
     let mut file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     serde_json::to_writer(&mut file, answer)?;
     file.write_all(b"\n")?;
-    let base = node_url(&common.client)?;
-    for (i, stage) in e.stages.iter().enumerate() {
-        let stage_view: TaskView = get_json(&base, &format!("/api/v1/tasks/{}", stage.task))?;
+    for (i, stage) in stages.iter().enumerate() {
+        let stage_view: TaskView = get_json(base, &format!("/api/v1/tasks/{}", stage.task))?;
         let receipt = stage_view.receipt.context("a stage has no receipt")?;
         let mut path = out.as_os_str().to_os_string();
         path.push(format!(".stage-{i}.receipt"));
@@ -178,10 +203,15 @@ fn submit_and_wait(
         ..SubmitRequest::new(kind, inputs)
     };
     let submitted: Submitted = post_json(&base, "/api/v1/tasks", &request)?;
+    wait_for(&base, &submitted)
+}
+
+/// Follows a task (or a job) to its end, with a progress line on a terminal.
+fn wait_for(base: &str, submitted: &Submitted) -> Result<TaskView> {
     let terminal = std::io::stderr().is_terminal();
     let started = Instant::now();
     loop {
-        let view: TaskView = get_json(&base, &format!("/api/v1/tasks/{}", submitted.task))?;
+        let view: TaskView = get_json(base, &format!("/api/v1/tasks/{}", submitted.task))?;
         if terminal {
             eprint!("\r{}   ", progress_line(&submitted.task, &view, started.elapsed()));
         }
@@ -448,6 +478,7 @@ mod tests {
             auction_ms: Vec::new(),
             route: None,
             ensemble: None,
+            pipeline: None,
         }
     }
 

@@ -1,10 +1,140 @@
 //! Running ordinary market tasks from inside the node (ensembles,
-//! searches): submit, follow, read the result.
+//! pipelines, searches): submit, follow, read the result; and jobs, work
+//! made of several tasks that the API follows like one.
 
-use mycel_api::{SubmitRequest, TaskEvent, TaskView};
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use mycel_api::{ApiError, SubmitRequest, Submitted, TaskEvent, TaskSummary, TaskView, Watch};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::market::Command;
+
+/// Finished jobs remembered.
+const KEEP: usize = 256;
+
+/// Work made of several tasks (an ensemble, a summary): a view the API
+/// shows like a task's, and its progress events.
+pub struct Job {
+    kind: &'static str,
+    view: Mutex<TaskView>,
+    events: broadcast::Sender<TaskEvent>,
+}
+
+impl Job {
+    /// Changes the view and tells watchers.
+    pub fn update(&self, f: &mut dyn FnMut(&mut TaskView)) {
+        let mut view = lock(&self.view);
+        f(&mut view);
+        let _ = self.events.send(TaskEvent::Progress(self.summary(&view)));
+    }
+
+    fn summary(&self, view: &TaskView) -> TaskSummary {
+        TaskSummary {
+            task: view.task.clone(),
+            state: view.state.clone(),
+            shards: view.shards,
+            shards_done: view.shards_done,
+            kind: self.kind.into(),
+            workers: Default::default(),
+            peers_working: 0,
+            error: view.error.clone(),
+        }
+    }
+}
+
+/// The jobs this node runs.
+#[derive(Default)]
+pub struct Jobs {
+    runs: Mutex<Runs>,
+}
+
+/// Jobs by id, and their ids oldest first.
+#[derive(Default)]
+struct Runs {
+    by_id: HashMap<String, Arc<Job>>,
+    order: VecDeque<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Jobs {
+    /// A running job's first view: `model` as the API shows it.
+    pub fn blank_view(model: &str) -> TaskView {
+        TaskView {
+            task: String::new(),
+            state: "running".into(),
+            shards: 0,
+            shards_done: 0,
+            executors: Vec::new(),
+            error: None,
+            embeddings: None,
+            generations: None,
+            receipt: None,
+            model: model.into(),
+            input_tokens: 0,
+            peers_working: 0,
+            auction_ms: Vec::new(),
+            route: None,
+            ensemble: None,
+            pipeline: None,
+        }
+    }
+
+    /// Runs `work` as a new job of `kind` starting from `view`; its id.
+    pub fn spawn<F, Fut>(&self, kind: &'static str, mut view: TaskView, work: F) -> Result<Submitted, ApiError>
+    where
+        F: FnOnce(Arc<Job>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id).map_err(|e| ApiError::Internal(format!("no randomness: {e}")))?;
+        let id = hex::encode(id);
+        view.task = id.clone();
+        let job = Arc::new(Job { kind, view: Mutex::new(view), events: broadcast::channel(64).0 });
+        {
+            let mut runs = lock(&self.runs);
+            runs.by_id.insert(id.clone(), job.clone());
+            runs.order.push_back(id.clone());
+            while runs.order.len() > KEEP {
+                if let Some(old) = runs.order.pop_front() {
+                    runs.by_id.remove(&old);
+                }
+            }
+        }
+        tokio::spawn(async move {
+            let result = work(job.clone()).await;
+            job.update(&mut |view| match &result {
+                Ok(()) => view.state = "done".into(),
+                Err(why) => {
+                    view.state = "failed".into();
+                    view.error = Some(why.clone());
+                }
+            });
+        });
+        Ok(Submitted { task: id })
+    }
+
+    /// A job's view, if `id` is one.
+    pub fn view(&self, id: &str) -> Option<TaskView> {
+        let job = lock(&self.runs).by_id.get(id).cloned()?;
+        let view = lock(&job.view).clone();
+        Some(view)
+    }
+
+    /// Follows a job, if `id` is one.
+    pub fn watch(&self, id: &str) -> Option<Watch> {
+        let job = lock(&self.runs).by_id.get(id).cloned()?;
+        let view = lock(&job.view);
+        let progress = job.summary(&view);
+        // Finished: a closed channel says nothing more will come.
+        let events = if progress.finished() { broadcast::channel(1).1 } else { job.events.subscribe() };
+        Some(Watch { progress, events })
+    }
+}
 
 /// Runs a task through the market to its end: its view.
 pub async fn run_task(market: &mpsc::Sender<Command>, request: SubmitRequest) -> Result<TaskView, String> {

@@ -27,8 +27,9 @@ use futures::Stream;
 use tokio_util::sync::CancellationToken;
 
 pub use types::{
-    ChatTurnView, EnsembleStage, EnsembleView, Feedback, GenerationView, ModelView, Outcome, PeerView, Proposal,
-    SearchHit, SearchRequest, SearchResult, StatusView, SubmitRequest, Submitted, TaskEvent, TaskSummary, TaskView,
+    ChatTurnView, EnsembleStage, EnsembleView, Feedback, GenerationView, ModelView, Outcome, PeerView, PipelineView,
+    Proposal, SearchHit, SearchRequest, SearchResult, StatusView, SubmitRequest, Submitted, SummarizeRequest,
+    TaskEvent, TaskSummary, TaskView,
 };
 
 /// A task's state now, and everything that happens to it from now on.
@@ -56,6 +57,8 @@ pub trait NodeView: Send + Sync + 'static {
     fn watch(&self, id: String) -> impl Future<Output = Result<Watch, ApiError>> + Send;
     /// Gives up on a task.
     fn cancel(&self, id: String) -> impl Future<Output = Result<TaskSummary, ApiError>> + Send;
+    /// Starts a map-reduce summary; follow it like a task.
+    fn summarize(&self, request: SummarizeRequest) -> impl Future<Output = Result<Submitted, ApiError>> + Send;
     /// The corpus texts most like a query, embedded across the swarm.
     fn search(&self, request: SearchRequest) -> impl Future<Output = Result<SearchResult, ApiError>> + Send;
     /// What `mycel/auto` would choose for `request`, without running it.
@@ -239,6 +242,7 @@ pub fn router<N: NodeView>(node: Arc<N>, config: ApiConfig) -> Router {
         .route("/api/v1/router/outcomes", post(learn::<N>))
         .route("/api/v1/router/choose", post(choose::<N>))
         .route("/api/v1/search", post(search::<N>))
+        .route("/api/v1/summarize", post(summarize::<N>))
         .route("/api/v1/tasks/{id}/events", get(events::<N>))
         .merge(openai)
         .with_state(node)
@@ -306,6 +310,14 @@ async fn feedback<N: NodeView>(
         return Err(ApiError::BadRequest(format!("score {} is not in 0..=1 (0 bad, 1 good)", body.score)));
     }
     Ok(Json(node.feedback(id, body.score).await?))
+}
+
+async fn summarize<N: NodeView>(
+    State(node): State<Arc<N>>,
+    body: Result<Json<SummarizeRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Submitted>, ApiError> {
+    let Json(request) = body.map_err(rejection)?;
+    Ok(Json(node.summarize(request).await?))
 }
 
 async fn search<N: NodeView>(

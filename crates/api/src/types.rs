@@ -277,6 +277,19 @@ pub struct TaskView {
     /// answer was chosen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ensemble: Option<EnsembleView>,
+    /// For work made of several tasks (an ensemble, a summary): its kind
+    /// and stage tasks, each with its own receipt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<PipelineView>,
+}
+
+/// The stages of work made of several tasks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PipelineView {
+    /// `ensemble` or `summarize`.
+    pub kind: String,
+    /// Stage tasks, in the order they ran.
+    pub stages: Vec<EnsembleStage>,
 }
 
 /// How an ensemble reached its answer.
@@ -447,4 +460,26 @@ pub struct SearchResult {
     pub cached: usize,
     /// The embedding tasks this query ran (their receipts cover the new vectors).
     pub tasks: Vec<String>,
+}
+
+/// `POST /api/v1/summarize`: one summary of a long text, map-reduce over
+/// the swarm. Answers with a task id to follow like any task's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SummarizeRequest {
+    /// The document.
+    pub text: String,
+    /// Generation model id or digest [default: the market's choice, kept
+    /// for every level].
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Longest chunk, in characters (200-20000, default 2400).
+    #[serde(default)]
+    pub chunk_chars: Option<u32>,
+    /// Summaries combined at a time (2-16, default 4).
+    #[serde(default)]
+    pub fan_in: Option<u32>,
+    /// Longest summary, in tokens (16-1024, default 160).
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
 }

@@ -118,6 +118,7 @@ impl NodeView for Fake {
             auction_ms: Vec::new(),
             route: None,
             ensemble: None,
+            pipeline: None,
         })
     }
 
@@ -133,6 +134,10 @@ impl NodeView for Fake {
     async fn cancel(&self, id: String) -> Result<TaskSummary, ApiError> {
         self.cancelled.lock().unwrap().push(id);
         Ok(summary("failed"))
+    }
+
+    async fn summarize(&self, _request: mycel_api::SummarizeRequest) -> Result<Submitted, ApiError> {
+        Err(ApiError::Unavailable("no swarm".into()))
     }
 
     async fn search(&self, _request: mycel_api::SearchRequest) -> Result<mycel_api::SearchResult, ApiError> {

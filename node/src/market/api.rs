@@ -166,6 +166,7 @@ impl Driver {
             auction_ms: t.auction_ms.clone(),
             route: None,
             ensemble: None,
+            pipeline: None,
         };
         match &t.outcome {
             Some(Outcome::Done { output, receipt, input_tokens }) => {
