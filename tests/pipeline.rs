@@ -65,6 +65,54 @@ fn search_embeds_a_corpus_once_and_then_only_each_query() {
     assert_eq!(code(json!({"corpus": ["a"], "query": " "})), 400);
     assert_eq!(code(json!({"corpus": ["a"], "query": "x", "top": 0})), 400);
     assert_eq!(code(json!({"corpus": ["a"], "query": "x", "model": "no-such-model"})), 404);
+
+    // Classification from the same embedder: zero-shot against label
+    // descriptions, then a head trained on examples.
+    let inputs = tmp.path().join("inputs.txt");
+    std::fs::write(
+        &inputs,
+        "The striker scored twice in the cup final.\nWhisk the eggs, then fold in the flour.\nHeavy rain and gales are expected tomorrow.\n",
+    )
+    .unwrap();
+    let labels = "sports: a football match with players scoring goals,cooking: a recipe with ingredients and cooking steps,weather: a weather forecast of rain or sunshine";
+    let classify = |extra: &[&str]| -> Vec<Value> {
+        let out = mycel()
+            .args(["submit", "classify", "--node", &api, "--labels", labels, "--input"])
+            .arg(&inputs)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let labelled = |p: &[Value]| p.iter().map(|p| p["label"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    assert_eq!(labelled(&classify(&[])), ["sports", "cooking", "weather"]);
+    let train = tmp.path().join("train.jsonl");
+    let examples: Vec<String> = [
+        ("The match went to penalties.", "sports"),
+        ("She ran the marathon in three hours.", "sports"),
+        ("The team won the league title.", "sports"),
+        ("Simmer the sauce for ten minutes.", "cooking"),
+        ("Bake the bread until golden.", "cooking"),
+        ("Season the soup with salt and pepper.", "cooking"),
+        ("Sunny spells with a light breeze.", "weather"),
+        ("Snow is forecast for the hills.", "weather"),
+        ("Expect thunderstorms in the afternoon.", "weather"),
+        ("The goalkeeper saved a late shot.", "sports"),
+    ]
+    .iter()
+    .map(|(text, label)| json!({"text": text, "label": label}).to_string())
+    .collect();
+    std::fs::write(&train, examples.join("\n")).unwrap();
+    let trained = classify(&["--train", train.to_str().unwrap()]);
+    assert_eq!(labelled(&trained), ["sports", "cooking", "weather"]);
+    assert!(trained.iter().all(|p| p["score"].as_f64().unwrap() > 0.34), "probabilities: {trained:?}");
+    let bad = json!({"inputs": ["x"], "labels": ["a", "b"], "train": [{"text": "y", "label": "c"}]});
+    let status = match ureq::post(&format!("{api}/api/v1/classify")).send_json(&bad) {
+        Err(ureq::Error::StatusCode(c)) => c,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(status, 400, "an example with an unknown label");
 }
 
 #[test]

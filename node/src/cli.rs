@@ -105,6 +105,31 @@ pub enum SubmitCommand {
     /// Summarise a long document: chunks summarised in parallel across
     /// peers, then combined a few at a time until one summary remains.
     Summarize(SubmitSummarizeArgs),
+    /// Label texts with the embedders: zero-shot against the labels'
+    /// descriptions, or a small head trained on your examples (--train).
+    Classify(SubmitClassifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitClassifyArgs {
+    /// Texts to label: one per line, or JSONL with a "text" field.
+    #[arg(long, value_name = "FILE")]
+    pub input: PathBuf,
+
+    /// Labels, comma-separated: `name` or `name: description`.
+    #[arg(long, value_name = "A,B,...", value_delimiter = ',', required = true)]
+    pub labels: Vec<String>,
+
+    /// Labelled examples, JSONL: {"text": ..., "label": ...}.
+    #[arg(long, value_name = "FILE")]
+    pub train: Option<PathBuf>,
+
+    /// Embedding model id or digest [default: the one most nodes serve].
+    #[arg(long, value_name = "ID")]
+    pub model: Option<String>,
+
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 #[derive(Debug, Args)]

@@ -2,6 +2,7 @@
 //! and the wiring of protocol, store, network, models and API into the
 //! commands users run.
 
+mod classify;
 pub mod cli;
 mod client;
 pub mod config;

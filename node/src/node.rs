@@ -128,6 +128,11 @@ impl NodeView for View {
         Ok(view)
     }
 
+    async fn classify(&self, request: mycel_api::ClassifyRequest) -> Result<mycel_api::ClassifyResult, ApiError> {
+        let adverts = self.adverts().await?;
+        crate::classify::classify(&self.searches, request, &adverts, &self.market).await
+    }
+
     async fn summarize(&self, request: mycel_api::SummarizeRequest) -> Result<mycel_api::Submitted, ApiError> {
         let adverts = self.adverts().await?;
         crate::summarize::start(&self.jobs, request, &adverts, self.market.clone())

@@ -39,7 +39,7 @@ fn decode(bytes: &[u8]) -> Option<Vec<f32>> {
         .then(|| bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<f32>>())
 }
 
-fn cosine(a: &[f32], b: &[f32]) -> f32 {
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     let (dot, na, nb) =
         a.iter().zip(b).fold((0f32, 0f32, 0f32), |(d, na, nb), (x, y)| (d + x * y, na + x * x, nb + y * y));
     if na == 0.0 || nb == 0.0 { 0.0 } else { dot / (na.sqrt() * nb.sqrt()) }
@@ -47,7 +47,7 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
 
 /// The embedding model a search uses: the one named (id or digest), else
 /// the one most nodes serve (ties: the fastest).
-fn model(adverts: &[Advert], named: Option<&str>) -> Result<(String, Digest), ApiError> {
+pub fn model(adverts: &[Advert], named: Option<&str>) -> Result<(String, Digest), ApiError> {
     let mut models: Vec<(String, Digest, usize, f32)> = Vec::new();
     for m in adverts.iter().flat_map(|a| &a.models).filter(|m| m.kind == ModelKind::Embedding) {
         match models.iter_mut().find(|e| e.1 == m.weights) {
@@ -75,9 +75,82 @@ pub struct Searches {
     cached: tokio::sync::Mutex<Option<usize>>,
 }
 
+/// Vectors for some texts, and where they came from.
+pub struct Embedded {
+    /// One per text, in order.
+    pub vectors: Vec<Vec<f32>>,
+    /// Distinct texts embedded now, through the swarm.
+    pub embedded: usize,
+    /// Distinct texts found in the cache.
+    pub cached: usize,
+    /// The embedding task run now, if any.
+    pub tasks: Vec<String>,
+}
+
 impl Searches {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self { store, cached: tokio::sync::Mutex::new(None) }
+    }
+
+    /// Vectors of `texts` by the model `weights`: from the cache, the rest
+    /// embedded through the swarm in one task (and kept).
+    pub async fn embed(
+        &self,
+        texts: &[&str],
+        weights: Digest,
+        market: &mpsc::Sender<Command>,
+    ) -> Result<Embedded, ApiError> {
+        let store = &self.store;
+        let internal = |e: mycel_store::StoreError| ApiError::Internal(e.to_string());
+        let digests: Vec<Digest> = texts.iter().map(|t| Digest::of(t.as_bytes())).collect();
+        let mut vectors: std::collections::HashMap<Digest, Vec<f32>> = std::collections::HashMap::new();
+        let mut missing: Vec<(Digest, String)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (t, d) in texts.iter().zip(&digests) {
+            if !seen.insert(*d) {
+                continue;
+            }
+            match store.get(Tree::Embeddings, &key(&weights, d)).map_err(internal)?.as_deref().and_then(decode) {
+                Some(v) => {
+                    vectors.insert(*d, v);
+                }
+                None => missing.push((*d, (*t).to_string())),
+            }
+        }
+        let cached = vectors.len();
+        let mut tasks = Vec::new();
+        if !missing.is_empty() {
+            let mut embed = SubmitRequest::new("embed", missing.iter().map(|(_, t)| t.clone()).collect());
+            embed.model = Some(weights.to_hex());
+            let view =
+                run_task(market, embed).await.map_err(|why| ApiError::NoCapablePeer(format!("embedding: {why}")))?;
+            let computed = view.embeddings.clone().unwrap_or_default();
+            if computed.len() != missing.len() {
+                return Err(ApiError::Internal(format!("{} vectors for {} texts", computed.len(), missing.len())));
+            }
+            let mut count = self.cached.lock().await;
+            let held = match *count {
+                Some(n) => n,
+                None => store.scan_prefix(Tree::Embeddings, &[]).map_err(internal)?.len(),
+            };
+            let room = MAX_CACHED.saturating_sub(held).min(missing.len());
+            if room < missing.len() {
+                tracing::warn!(held, "the embedding cache is full: new vectors are not kept");
+            }
+            let mut batch = Batch::new();
+            for ((d, _), v) in missing.iter().zip(computed) {
+                if batch.ops().len() < room {
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    batch.put(Tree::Embeddings, key(&weights, d), bytes);
+                }
+                vectors.insert(*d, v);
+            }
+            store.commit(&batch).map_err(internal)?;
+            *count = Some(held + room);
+            tasks.push(view.task);
+        }
+        let vectors = digests.iter().map(|d| vectors.get(d).cloned().unwrap_or_default()).collect();
+        Ok(Embedded { vectors, embedded: missing.len(), cached, tasks })
     }
 
     /// Runs a search.
@@ -87,91 +160,30 @@ impl Searches {
         adverts: &[Advert],
         market: &mpsc::Sender<Command>,
     ) -> Result<SearchResult, ApiError> {
-        search(request, adverts, &self.store, &self.cached, market).await
-    }
-}
-
-async fn search(
-    request: SearchRequest,
-    adverts: &[Advert],
-    store: &Arc<dyn Store>,
-    count: &tokio::sync::Mutex<Option<usize>>,
-    market: &mpsc::Sender<Command>,
-) -> Result<SearchResult, ApiError> {
-    if request.corpus.is_empty() || request.corpus.len() > MAX_CORPUS {
-        return Err(ApiError::BadRequest(format!("corpus: 1..={MAX_CORPUS} texts, got {}", request.corpus.len())));
-    }
-    if request.query.trim().is_empty() {
-        return Err(ApiError::BadRequest("query: empty".into()));
-    }
-    let top = request.top.unwrap_or(5);
-    if !(1..=MAX_TOP).contains(&top) {
-        return Err(ApiError::BadRequest(format!("top {top} not in 1..={MAX_TOP}")));
-    }
-    let (model_id, weights) = model(adverts, request.model.as_deref())?;
-    let internal = |e: mycel_store::StoreError| ApiError::Internal(e.to_string());
-
-    // Every distinct text (the query too), and what the cache has of them.
-    let mut texts: Vec<&str> = request.corpus.iter().map(String::as_str).collect();
-    texts.push(&request.query);
-    let digests: Vec<Digest> = texts.iter().map(|t| Digest::of(t.as_bytes())).collect();
-    let mut vectors: std::collections::HashMap<Digest, Vec<f32>> = std::collections::HashMap::new();
-    let mut missing: Vec<(Digest, String)> = Vec::new();
-    for (t, d) in texts.iter().zip(&digests) {
-        if vectors.contains_key(d) || missing.iter().any(|(m, _)| m == d) {
-            continue;
+        if request.corpus.is_empty() || request.corpus.len() > MAX_CORPUS {
+            return Err(ApiError::BadRequest(format!("corpus: 1..={MAX_CORPUS} texts, got {}", request.corpus.len())));
         }
-        match store.get(Tree::Embeddings, &key(&weights, d)).map_err(internal)?.as_deref().and_then(decode) {
-            Some(v) => {
-                vectors.insert(*d, v);
-            }
-            None => missing.push((*d, (*t).to_string())),
+        if request.query.trim().is_empty() {
+            return Err(ApiError::BadRequest("query: empty".into()));
         }
+        let top = request.top.unwrap_or(5);
+        if !(1..=MAX_TOP).contains(&top) {
+            return Err(ApiError::BadRequest(format!("top {top} not in 1..={MAX_TOP}")));
+        }
+        let (model_id, weights) = model(adverts, request.model.as_deref())?;
+        let mut texts: Vec<&str> = request.corpus.iter().map(String::as_str).collect();
+        texts.push(&request.query);
+        let Embedded { vectors, embedded, cached, tasks } = self.embed(&texts, weights, market).await?;
+        let (query, corpus) = vectors.split_last().ok_or_else(|| ApiError::Internal("no vectors".into()))?;
+        let mut hits: Vec<SearchHit> = request
+            .corpus
+            .iter()
+            .zip(corpus)
+            .enumerate()
+            .map(|(index, (text, v))| SearchHit { index, score: cosine(query, v), text: text.clone() })
+            .collect();
+        hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.index.cmp(&b.index)));
+        hits.truncate(top as usize);
+        Ok(SearchResult { model: model_id, hits, embedded, cached, tasks })
     }
-    let cached = vectors.len();
-    let mut tasks = Vec::new();
-    if !missing.is_empty() {
-        let mut embed = SubmitRequest::new("embed", missing.iter().map(|(_, t)| t.clone()).collect());
-        embed.model = Some(weights.to_hex());
-        let view = run_task(market, embed).await.map_err(|why| ApiError::NoCapablePeer(format!("embedding: {why}")))?;
-        let computed = view.embeddings.clone().unwrap_or_default();
-        if computed.len() != missing.len() {
-            return Err(ApiError::Internal(format!("{} vectors for {} texts", computed.len(), missing.len())));
-        }
-        let mut count = count.lock().await;
-        let held = match *count {
-            Some(n) => n,
-            None => store.scan_prefix(Tree::Embeddings, &[]).map_err(internal)?.len(),
-        };
-        let room = MAX_CACHED.saturating_sub(held).min(missing.len());
-        if room < missing.len() {
-            tracing::warn!(held, "the search cache is full: new vectors are not kept");
-        }
-        let mut batch = Batch::new();
-        for ((d, _), v) in missing.iter().zip(computed) {
-            if batch.ops().len() < room {
-                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                batch.put(Tree::Embeddings, key(&weights, d), bytes);
-            }
-            vectors.insert(*d, v);
-        }
-        store.commit(&batch).map_err(internal)?;
-        *count = Some(held + room);
-        tasks.push(view.task);
-    }
-    let query = vectors.get(&digests[texts.len() - 1]).cloned().unwrap_or_default();
-    let mut hits: Vec<SearchHit> = request
-        .corpus
-        .iter()
-        .zip(&digests)
-        .enumerate()
-        .map(|(index, (text, d))| SearchHit {
-            index,
-            score: vectors.get(d).map_or(0.0, |v| cosine(&query, v)),
-            text: text.clone(),
-        })
-        .collect();
-    hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.index.cmp(&b.index)));
-    hits.truncate(top as usize);
-    Ok(SearchResult { model: model_id, hits, embedded: missing.len(), cached, tasks })
 }

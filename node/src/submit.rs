@@ -28,6 +28,42 @@ pub fn run(cmd: SubmitCommand) -> Result<()> {
             out.flush()?;
             finish(&args.out, &view)
         }
+        SubmitCommand::Classify(args) => {
+            let base = node_url(&args.client)?;
+            let train = match &args.train {
+                None => Vec::new(),
+                Some(path) => std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .enumerate()
+                    .map(|(n, l)| {
+                        serde_json::from_str::<mycel_api::Labelled>(l).with_context(|| {
+                            format!("{}:{}: expected {{\"text\": ..., \"label\": ...}}", path.display(), n + 1)
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            };
+            let request = mycel_api::ClassifyRequest {
+                inputs: read_inputs(&args.input)?,
+                labels: args.labels.clone(),
+                train,
+                model: args.model.clone(),
+            };
+            let result: mycel_api::ClassifyResult = post_json_slow(&base, "/api/v1/classify", &request)?;
+            for p in &result.predictions {
+                println!("{}", serde_json::to_string(p)?);
+            }
+            eprintln!(
+                "{} ({}): {} texts embedded through the swarm, {} from the cache{}",
+                result.model,
+                result.method,
+                result.embedded,
+                result.cached,
+                result.cross_validated_accuracy.map_or(String::new(), |a| format!(", cross-validated accuracy {a:.3}"))
+            );
+            Ok(())
+        }
         SubmitCommand::Summarize(args) => {
             let base = node_url(&args.client)?;
             let text = if args.input.as_os_str() == "-" {

@@ -27,9 +27,9 @@ use futures::Stream;
 use tokio_util::sync::CancellationToken;
 
 pub use types::{
-    ChatTurnView, EnsembleStage, EnsembleView, Feedback, GenerationView, ModelView, Outcome, PeerView, PipelineView,
-    Proposal, SearchHit, SearchRequest, SearchResult, StatusView, SubmitRequest, Submitted, SummarizeRequest,
-    TaskEvent, TaskSummary, TaskView,
+    ChatTurnView, ClassifyRequest, ClassifyResult, EnsembleStage, EnsembleView, Feedback, GenerationView, Labelled,
+    ModelView, Outcome, PeerView, PipelineView, Prediction, Proposal, SearchHit, SearchRequest, SearchResult,
+    StatusView, SubmitRequest, Submitted, SummarizeRequest, TaskEvent, TaskSummary, TaskView,
 };
 
 /// A task's state now, and everything that happens to it from now on.
@@ -57,6 +57,8 @@ pub trait NodeView: Send + Sync + 'static {
     fn watch(&self, id: String) -> impl Future<Output = Result<Watch, ApiError>> + Send;
     /// Gives up on a task.
     fn cancel(&self, id: String) -> impl Future<Output = Result<TaskSummary, ApiError>> + Send;
+    /// Labels texts from the embedders (zero-shot or a trained head).
+    fn classify(&self, request: ClassifyRequest) -> impl Future<Output = Result<ClassifyResult, ApiError>> + Send;
     /// Starts a map-reduce summary; follow it like a task.
     fn summarize(&self, request: SummarizeRequest) -> impl Future<Output = Result<Submitted, ApiError>> + Send;
     /// The corpus texts most like a query, embedded across the swarm.
@@ -243,6 +245,7 @@ pub fn router<N: NodeView>(node: Arc<N>, config: ApiConfig) -> Router {
         .route("/api/v1/router/choose", post(choose::<N>))
         .route("/api/v1/search", post(search::<N>))
         .route("/api/v1/summarize", post(summarize::<N>))
+        .route("/api/v1/classify", post(classify::<N>))
         .route("/api/v1/tasks/{id}/events", get(events::<N>))
         .merge(openai)
         .with_state(node)
@@ -310,6 +313,14 @@ async fn feedback<N: NodeView>(
         return Err(ApiError::BadRequest(format!("score {} is not in 0..=1 (0 bad, 1 good)", body.score)));
     }
     Ok(Json(node.feedback(id, body.score).await?))
+}
+
+async fn classify<N: NodeView>(
+    State(node): State<Arc<N>>,
+    body: Result<Json<ClassifyRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<ClassifyResult>, ApiError> {
+    let Json(request) = body.map_err(rejection)?;
+    Ok(Json(node.classify(request).await?))
 }
 
 async fn summarize<N: NodeView>(

@@ -483,3 +483,58 @@ pub struct SummarizeRequest {
     #[serde(default)]
     pub max_tokens: Option<u32>,
 }
+
+/// `POST /api/v1/classify`: a label for each input, from the embedders.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifyRequest {
+    /// Texts to label.
+    pub inputs: Vec<String>,
+    /// The labels (2-64): `name`, or `name: description` (the description
+    /// is what zero-shot compares texts with).
+    pub labels: Vec<String>,
+    /// Labelled examples: with them a small head is trained and predicts;
+    /// without, zero-shot.
+    #[serde(default)]
+    pub train: Vec<Labelled>,
+    /// Embedding model id or digest [default: the one most nodes serve].
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+/// One labelled example.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Labelled {
+    /// The text.
+    pub text: String,
+    /// Its label's name.
+    pub label: String,
+}
+
+/// One input's label.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    /// The label's name.
+    pub label: String,
+    /// Zero-shot: cosine to the label; trained head: its probability.
+    pub score: f32,
+}
+
+/// A classification's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassifyResult {
+    /// The embedding model used.
+    pub model: String,
+    /// `zero-shot` or `trained head`.
+    pub method: String,
+    /// One per input, in order.
+    pub predictions: Vec<Prediction>,
+    /// With 10 or more examples: the head's 5-fold cross-validated accuracy.
+    pub cross_validated_accuracy: Option<f32>,
+    /// Texts embedded now through the swarm.
+    pub embedded: usize,
+    /// Texts whose vectors came from the cache.
+    pub cached: usize,
+    /// The embedding tasks run now.
+    pub tasks: Vec<String>,
+}

@@ -136,6 +136,10 @@ impl NodeView for Fake {
         Ok(summary("failed"))
     }
 
+    async fn classify(&self, _request: mycel_api::ClassifyRequest) -> Result<mycel_api::ClassifyResult, ApiError> {
+        Err(ApiError::Unavailable("no swarm".into()))
+    }
+
     async fn summarize(&self, _request: mycel_api::SummarizeRequest) -> Result<Submitted, ApiError> {
         Err(ApiError::Unavailable("no swarm".into()))
     }
