@@ -94,29 +94,32 @@ impl QMatrix {
 
     /// From GGUF Q8_0 data: blocks of an f16 scale and 32 quants.
     fn from_q8_0(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        const BYTES: usize = 2 + BLOCK;
-        if !cols.is_multiple_of(BLOCK) || bytes.len() != rows * cols / BLOCK * BYTES {
-            return None;
-        }
-        let mut m = Self {
-            rows,
-            cols,
-            quants: Vec::with_capacity(rows * cols),
-            scales: Vec::with_capacity(rows * cols / BLOCK),
-        };
-        for block in bytes.chunks_exact(BYTES) {
-            m.scales.push(half::f16::from_le_bytes([block[0], block[1]]).to_f32());
-            m.quants.extend(block[2..].iter().map(|&b| b as i8));
-        }
-        Some(m)
+        Self::from_blocks(bytes, rows, cols, 2 + BLOCK, |quants, out| out.extend(quants.iter().map(|&b| b as i8)))
     }
 
     /// From GGUF Q5_0 data, losslessly: per block an f16 scale `d`, 32 high
     /// bits and 32 low nibbles of 5-bit quants `q`, each value `d * (q -
     /// 16)`; `q - 16` fits a Q8_0 quant as it is.
     fn from_q5_0(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        const BYTES: usize = 2 + 4 + BLOCK / 2;
-        if !cols.is_multiple_of(BLOCK) || bytes.len() != rows * cols / BLOCK * BYTES {
+        Self::from_blocks(bytes, rows, cols, 2 + 4 + BLOCK / 2, |block, out| {
+            let high = u32::from_le_bytes([block[0], block[1], block[2], block[3]]);
+            let low = &block[4..];
+            let quant = |i: usize, nibble: u8| (nibble | (((high >> i) & 1) as u8) << 4) as i8 - 16;
+            out.extend((0..BLOCK / 2).map(|j| quant(j, low[j] & 0x0f)));
+            out.extend((0..BLOCK / 2).map(|j| quant(j + BLOCK / 2, low[j] >> 4)));
+        })
+    }
+
+    /// From GGUF blocks of `block_bytes`, each an f16 scale then what
+    /// `quants` turns into the block's 32 Q8_0 quants.
+    fn from_blocks(
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+        block_bytes: usize,
+        quants: impl Fn(&[u8], &mut Vec<i8>),
+    ) -> Option<Self> {
+        if !cols.is_multiple_of(BLOCK) || bytes.len() != rows * cols / BLOCK * block_bytes {
             return None;
         }
         let mut m = Self {
@@ -125,13 +128,9 @@ impl QMatrix {
             quants: Vec::with_capacity(rows * cols),
             scales: Vec::with_capacity(rows * cols / BLOCK),
         };
-        for block in bytes.chunks_exact(BYTES) {
+        for block in bytes.chunks_exact(block_bytes) {
             m.scales.push(half::f16::from_le_bytes([block[0], block[1]]).to_f32());
-            let high = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
-            let low = &block[6..];
-            let quant = |i: usize, nibble: u8| (nibble | (((high >> i) & 1) as u8) << 4) as i8 - 16;
-            m.quants.extend((0..BLOCK / 2).map(|j| quant(j, low[j] & 0x0f)));
-            m.quants.extend((0..BLOCK / 2).map(|j| quant(j + BLOCK / 2, low[j] >> 4)));
+            quants(&block[2..], &mut m.quants);
         }
         Some(m)
     }
