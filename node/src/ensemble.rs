@@ -16,7 +16,8 @@
 //!   proposals and names the best, asked twice with the proposals in
 //!   opposite orders. When the two verdicts agree, that proposal wins; when
 //!   they do not (the judge prefers a position, not an answer), the vote
-//!   decides.
+//!   decides. Proposals come from the largest model first, so a vote with
+//!   no majority falls to the largest model's answer.
 //! - **moa** (mixture of agents): an aggregator model writes the answer
 //!   from the proposals. One layer; at most [`MAX_MEMBERS`] proposals.
 
@@ -120,7 +121,9 @@ fn plan(method: Method, request: SubmitRequest, adverts: &[Advert]) -> Result<Pl
     let pool: Vec<String> = match (request.members.is_empty(), method) {
         (false, _) => request.members.clone(),
         (true, Method::Vote) => vec![largest.clone()],
-        (true, _) => swarm.iter().map(|(id, _)| id.clone()).collect(),
+        // Largest first: where the vote decides and every answer differs,
+        // the tie goes to the first proposal, the largest model's.
+        (true, _) => swarm.iter().rev().map(|(id, _)| id.clone()).collect(),
     };
     let members: Vec<String> = (0..n as usize).map(|i| pool[i % pool.len()].clone()).collect();
     let repeats = members.len() > pool.len();

@@ -71,8 +71,11 @@ impl Routing {
                 a.advert.throughput.embeddings_per_s.total_cmp(&b.advert.throughput.embeddings_per_s)
             })
             .map(|(i, _)| i);
+        // Reading what the store kept is blocking I/O.
         let router = match embedder {
-            Some(i) => Some(Router::open(self.store.clone(), models.embedders[i].advert.weights)?),
+            Some(i) => Some(tokio::task::block_in_place(|| {
+                Router::open(self.store.clone(), models.embedders[i].advert.weights)
+            })?),
             None => None,
         };
         if let (Some(i), Some(r)) = (embedder, &router) {
@@ -211,16 +214,23 @@ impl Routing {
         };
         let embedded = job.await.map_err(internal)?.map_err(internal)?;
         let vector = embedded.vectors.into_iter().next().ok_or_else(|| internal("no embedding"))?;
-        let mut guard = lock(&self.inner);
-        let router = guard.as_mut().and_then(|l| l.router.as_mut()).ok_or_else(|| internal("no router"))?;
-        router.learn(weights, &vector, outcome.score, source).map_err(|e| match e {
-            mycel_router::RouterError::Invalid(why) => ApiError::BadRequest(why),
-            e => internal(e),
+        tokio::task::block_in_place(|| {
+            let mut guard = lock(&self.inner);
+            let router = guard.as_mut().and_then(|l| l.router.as_mut()).ok_or_else(|| internal("no router"))?;
+            router.learn(weights, &vector, outcome.score, source).map_err(|e| match e {
+                mycel_router::RouterError::Invalid(why) => ApiError::BadRequest(why),
+                e => internal(e),
+            })
         })
     }
 
-    /// Keeps `decision` with the task it routed.
+    /// Keeps `decision` with the task it routed (a durable write: called
+    /// from async code, it tells the runtime it blocks).
     pub fn remember(&self, task: TaskId, decision: Decision, query: &[f32]) {
+        tokio::task::block_in_place(|| self.remember_now(task, decision, query));
+    }
+
+    fn remember_now(&self, task: TaskId, decision: Decision, query: &[f32]) {
         let mut guard = lock(&self.inner);
         if let Some(router) = guard.as_mut().and_then(|l| l.router.as_mut())
             && let Err(e) = router.routed_task(task, decision, query)
@@ -235,8 +245,12 @@ impl Routing {
         lock(&self.inner).as_ref()?.router.as_ref()?.routed(&task).cloned()
     }
 
-    /// A verdict on a routed task.
+    /// A verdict on a routed task (a durable write, like [`Self::remember`]).
     pub fn feedback(&self, task: &str, score: f32) -> Result<mycel_router::Routed, ApiError> {
+        tokio::task::block_in_place(|| self.feedback_now(task, score))
+    }
+
+    fn feedback_now(&self, task: &str, score: f32) -> Result<mycel_router::Routed, ApiError> {
         let id = TaskId::from_hex(task)
             .map_err(|_| ApiError::BadRequest(format!("{task:?} is not a task id (32 hex digits)")))?;
         let mut guard = lock(&self.inner);

@@ -106,17 +106,21 @@ impl Searches {
         let mut vectors: std::collections::HashMap<Digest, Vec<f32>> = std::collections::HashMap::new();
         let mut missing: Vec<(Digest, String)> = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        for (t, d) in texts.iter().zip(&digests) {
-            if !seen.insert(*d) {
-                continue;
-            }
-            match store.get(Tree::Embeddings, &key(&weights, d)).map_err(internal)?.as_deref().and_then(decode) {
-                Some(v) => {
-                    vectors.insert(*d, v);
+        // Store reads and the durable write below block: the runtime is told.
+        tokio::task::block_in_place(|| -> Result<(), ApiError> {
+            for (t, d) in texts.iter().zip(&digests) {
+                if !seen.insert(*d) {
+                    continue;
                 }
-                None => missing.push((*d, (*t).to_string())),
+                match store.get(Tree::Embeddings, &key(&weights, d)).map_err(internal)?.as_deref().and_then(decode) {
+                    Some(v) => {
+                        vectors.insert(*d, v);
+                    }
+                    None => missing.push((*d, (*t).to_string())),
+                }
             }
-        }
+            Ok(())
+        })?;
         let cached = vectors.len();
         let mut tasks = Vec::new();
         if !missing.is_empty() {
@@ -131,7 +135,9 @@ impl Searches {
             let mut count = self.cached.lock().await;
             let held = match *count {
                 Some(n) => n,
-                None => store.scan_prefix(Tree::Embeddings, &[]).map_err(internal)?.len(),
+                None => {
+                    tokio::task::block_in_place(|| store.scan_prefix(Tree::Embeddings, &[])).map_err(internal)?.len()
+                }
             };
             let room = MAX_CACHED.saturating_sub(held).min(missing.len());
             if room < missing.len() {
@@ -145,7 +151,7 @@ impl Searches {
                 }
                 vectors.insert(*d, v);
             }
-            store.commit(&batch).map_err(internal)?;
+            tokio::task::block_in_place(|| store.commit(&batch)).map_err(internal)?;
             *count = Some(held + room);
             tasks.push(view.task);
         }
