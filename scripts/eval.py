@@ -341,7 +341,7 @@ def main():
         "ensembles": ensembles,
         "judge": judge,
         "sentiment": polarity,
-        "raw": {"singles": singles},
+        "raw": {"singles": singles, "auto_real": real},
     }
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)

@@ -301,10 +301,26 @@ async fn models_lists_the_swarm_with_owner_counts() {
     let app = app(fake(false), open());
     let (_, body) = call(&app, "GET", "/v1/models", None).await;
     let data = body["data"].as_array().unwrap();
-    assert_eq!(data.len(), 2);
     assert_eq!((data[0]["id"].as_str(), data[0]["owners"].as_u64()), (Some("emb"), Some(2)));
     assert_eq!((data[1]["id"].as_str(), data[1]["owners"].as_u64()), (Some("gen"), Some(1)));
     assert_eq!(data[0]["object"], "model");
+    // With a generation model in the swarm, the ways of combining it too.
+    let virtual_models: Vec<&str> = data[2..].iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(virtual_models, ["mycel/auto", "mycel/vote", "mycel/best-of", "mycel/moa"]);
+}
+
+#[tokio::test]
+async fn an_ensemble_request_asks_one_answer_of_n_proposals_and_refuses_to_stream() {
+    let node = fake(false);
+    let app = app(node.clone(), open());
+    let ask = |stream: bool| json!({"model": "mycel/vote", "n": 3, "stream": stream, "messages": [{"role": "user", "content": "hi"}]});
+    let (status, body) = call(&app, "POST", "/v1/chat/completions", Some(ask(false))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let submitted = node.submitted.lock().unwrap().last().cloned().unwrap();
+    assert_eq!((submitted.conversations.len(), submitted.n), (1, Some(3)));
+    let (status, body) = call(&app, "POST", "/v1/chat/completions", Some(ask(true))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("stream"), "{body}");
 }
 
 #[tokio::test]
