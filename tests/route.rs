@@ -201,4 +201,14 @@ fn ensembles_vote_judge_and_synthesise_with_every_stage_receipted() {
         Err(e) => panic!("{e}"),
     };
     assert_eq!(status, 404, "an unknown member model");
+    // Ensemble and routing settings are refused on a plain model, not ignored.
+    for extra in [json!({"n": 3}), json!({"judge": "smollm2-135m-instruct"}), json!({"cost_weight": 0.5})] {
+        let mut body = json!({"kind": "generate", "inputs": ["hi"], "model": "smollm2-135m-instruct"});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let status = match ureq::post(&format!("{api}/api/v1/tasks")).send_json(&body) {
+            Err(ureq::Error::StatusCode(code)) => code,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(status, 400, "{body}");
+    }
 }

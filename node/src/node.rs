@@ -90,7 +90,17 @@ fn unavailable(e: mycel_net::NetError) -> ApiError {
 
 impl NodeView for View {
     async fn submit(&self, mut request: mycel_api::SubmitRequest) -> Result<mycel_api::Submitted, ApiError> {
-        if let Some(method) = crate::ensemble::Method::of(request.model.as_deref()) {
+        // Settings of routing and ensembles mean nothing elsewhere: refused, not ignored.
+        let ensemble = crate::ensemble::Method::of(request.model.as_deref());
+        if ensemble.is_none() && (request.n.is_some() || !request.members.is_empty() || request.judge.is_some()) {
+            return Err(ApiError::BadRequest(
+                "n, members and judge go with an ensemble model (mycel/vote, mycel/best-of, mycel/moa)".into(),
+            ));
+        }
+        if !crate::route::is_auto(request.model.as_deref()) && request.cost_weight.is_some() {
+            return Err(ApiError::BadRequest("cost_weight goes with model mycel/auto".into()));
+        }
+        if let Some(method) = ensemble {
             let adverts = self.adverts().await?;
             return crate::ensemble::start(
                 &self.jobs,
