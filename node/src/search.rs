@@ -27,6 +27,18 @@ const MAX_CACHED: usize = 200_000;
 /// Longest embedding accepted from the cache.
 const MAX_DIMENSIONS: usize = 4096;
 
+/// Where the cache keeps its size (vector keys are 64 bytes: no clash).
+const COUNT_KEY: &[u8] = b"count";
+
+/// Vectors in the cache: its recorded size, or (a cache written before
+/// the size was kept) a count of its keys.
+fn held_vectors(store: &dyn Store) -> Result<usize, mycel_store::StoreError> {
+    match store.get(Tree::Embeddings, COUNT_KEY)?.map(<[u8; 8]>::try_from) {
+        Some(Ok(bytes)) => Ok(u64::from_le_bytes(bytes) as usize),
+        _ => Ok(store.scan_prefix(Tree::Embeddings, &[])?.iter().filter(|(k, _)| k.len() == 64).count()),
+    }
+}
+
 fn key(model: &Digest, text: &Digest) -> Vec<u8> {
     let mut k = Vec::with_capacity(64);
     k.extend_from_slice(&model.0);
@@ -135,17 +147,17 @@ impl Searches {
             let mut count = self.cached.lock().await;
             let held = match *count {
                 Some(n) => n,
-                None => {
-                    tokio::task::block_in_place(|| store.scan_prefix(Tree::Embeddings, &[])).map_err(internal)?.len()
-                }
+                None => tokio::task::block_in_place(|| held_vectors(store.as_ref())).map_err(internal)?,
             };
             let room = MAX_CACHED.saturating_sub(held).min(missing.len());
             if room < missing.len() {
                 tracing::warn!(held, "the embedding cache is full: new vectors are not kept");
             }
             let mut batch = Batch::new();
+            batch.put(Tree::Embeddings, COUNT_KEY, ((held + room) as u64).to_le_bytes().to_vec());
             for ((d, _), v) in missing.iter().zip(computed) {
-                if batch.ops().len() < room {
+                // The first op is the count.
+                if batch.ops().len() <= room {
                     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
                     batch.put(Tree::Embeddings, key(&weights, d), bytes);
                 }
