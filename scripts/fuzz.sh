@@ -13,7 +13,7 @@ shift || true
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(advert cfp bid award ack result receipt task request response)
+    targets=(advert cfp bid award ack result receipt task request response router_outcomes)
 fi
 # cargo-fuzz needs nightly-only flags; RUSTC_BOOTSTRAP lets the stable
 # toolchain take them.

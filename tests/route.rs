@@ -34,13 +34,17 @@ fn feedback(api: &str, id: &str, score: f64) -> Result<Value, ureq::Error> {
 }
 
 /// Two nodes: the requester embeds prompts (paraphrase-MiniLM-L3) and
-/// serves the small chat model; its peer serves the code model too. Waits
-/// until both serve; the requester's API.
-fn two_model_swarm(dir: &Path) -> String {
+/// serves the small chat model; its peer serves the code model too (and
+/// can route as well). Waits until both serve; both APIs, the requester's
+/// first.
+fn two_model_swarm(dir: &Path) -> (String, String) {
     let manifest = up_with_models(
         dir,
         2,
-        &["paraphrase-minilm-l3-v2,smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct,smollm2-135m-instruct"],
+        &[
+            "paraphrase-minilm-l3-v2,smollm2-135m-instruct",
+            "paraphrase-minilm-l3-v2,qwen2.5-coder-0.5b-instruct,smollm2-135m-instruct",
+        ],
     );
     let api = manifest.nodes[0].api.clone();
     let started = Instant::now();
@@ -58,14 +62,14 @@ fn two_model_swarm(dir: &Path) -> String {
         assert!(started.elapsed() < Duration::from_secs(180), "models not served in time");
         std::thread::sleep(Duration::from_millis(300));
     }
-    api
+    (api, manifest.nodes[1].api.clone())
 }
 
 #[test]
 fn auto_routes_by_profile_then_learns_from_feedback() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("net");
-    let api = two_model_swarm(&dir);
+    let (api, peer) = two_model_swarm(&dir);
     let _guard = Guard(&dir);
 
     // From the profiles alone: code to the code model, small talk to the
@@ -122,12 +126,34 @@ fn auto_routes_by_profile_then_learns_from_feedback() {
             ureq::post(&format!("{api}/api/v1/router/outcomes")).send_json(&body).unwrap();
         }
     }
-    let choose = |w: f64| -> Value {
+    let choose = |api: &str, w: f64| -> Value {
         let body = json!({"kind": "chat", "inputs": [], "conversations": [[{"role": "user", "content": trivia}]], "cost_weight": w});
         ureq::post(&format!("{api}/api/v1/router/choose")).send_json(&body).unwrap().into_body().read_json().unwrap()
     };
-    assert_eq!(choose(0.15)["model"], "qwen2.5-coder-0.5b-instruct", "{:#}", choose(0.15));
-    assert_eq!(choose(10.0)["model"], "smollm2-135m-instruct", "a high enough cost weight picks the cheap one");
+    assert_eq!(choose(&api, 0.15)["model"], "qwen2.5-coder-0.5b-instruct", "{:#}", choose(&api, 0.15));
+    assert_eq!(choose(&api, 10.0)["model"], "smollm2-135m-instruct", "a high enough cost weight picks the cheap one");
+
+    // What it learned is shared, signed: the peer's router, which knew
+    // nothing of this prompt, then chooses as this one does.
+    let before = choose(&peer, 0.15);
+    assert!(before["reason"].as_str().unwrap().contains("profile alone"), "{before:#}");
+    let share: Value =
+        ureq::get(&format!("{api}/api/v1/router/export")).call().unwrap().into_body().read_json().unwrap();
+    assert!(share["outcomes"].as_u64().unwrap() >= 6, "{share:#}");
+    let import = |share: &Value| ureq::post(&format!("{peer}/api/v1/router/import")).send_json(share);
+    let imported: Value = import(&share).unwrap().into_body().read_json().unwrap();
+    assert_eq!(imported["outcomes"], share["outcomes"]);
+    assert_eq!(imported["signer"], share["signer"]);
+    let after = choose(&peer, 0.15);
+    assert_eq!(after["model"], "qwen2.5-coder-0.5b-instruct", "{after:#}");
+    assert!(after["scores"][0]["evidence"].as_f64().unwrap() > 0.5, "{after:#}");
+    // A share altered on the way is refused, and changes nothing.
+    let mut forged = share.clone();
+    let hex = forged["signed"].as_str().unwrap().to_string();
+    let flipped = if hex.ends_with('0') { "1" } else { "0" };
+    forged["signed"] = json!(format!("{}{flipped}", &hex[..hex.len() - 1]));
+    assert!(matches!(import(&forged), Err(ureq::Error::StatusCode(400))));
+    assert!(matches!(import(&json!({"signed": "zz"})), Err(ureq::Error::StatusCode(400))));
     let teach = |body: Value| match ureq::post(&format!("{api}/api/v1/router/outcomes")).send_json(&body) {
         Ok(_) => 200,
         Err(ureq::Error::StatusCode(code)) => code,
@@ -150,7 +176,7 @@ fn ask(api: &str, body: Value) -> Result<Value, ureq::Error> {
 fn ensembles_vote_judge_and_synthesise_with_every_stage_receipted() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("net");
-    let api = two_model_swarm(&dir);
+    let (api, _) = two_model_swarm(&dir);
     let _guard = Guard(&dir);
     let question = json!([{"role": "user", "content": "What is the capital of France? One word."}]);
     for (method, last_role) in [("mycel/vote", "proposals"), ("mycel/best-of", "judge"), ("mycel/moa", "synthesis")] {

@@ -158,6 +158,14 @@ impl NodeView for View {
         Ok(self.routing.route(&request, &adverts).await?.0)
     }
 
+    async fn export_router(&self) -> Result<mycel_api::RouterShare, ApiError> {
+        self.routing.export()
+    }
+
+    async fn import_router(&self, share: mycel_api::RouterShare) -> Result<mycel_api::RouterShare, ApiError> {
+        self.routing.import(&share)
+    }
+
     async fn learn(&self, outcome: mycel_api::Outcome) -> Result<(), ApiError> {
         let adverts = self.adverts().await?;
         self.routing.learn(outcome, &adverts).await
@@ -304,8 +312,12 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
         fault: config.fault,
     };
     let store = Arc::new(store);
-    let routing =
-        Arc::new(crate::route::Routing::new(store.clone(), metrics.clone(), mycel_router::DEFAULT_COST_WEIGHT));
+    let routing = Arc::new(crate::route::Routing::new(
+        store.clone(),
+        mycel_protocol::Keypair::from_secret_bytes(&key.secret_bytes()),
+        metrics.clone(),
+        mycel_router::DEFAULT_COST_WEIGHT,
+    ));
     let market = crate::market::start(market_key, net.clone(), store.clone(), metrics.clone(), settings);
     let view = Arc::new(View {
         net: net.clone(),

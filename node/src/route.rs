@@ -27,6 +27,8 @@ const PROMPTS_EMBEDDED: usize = 8;
 /// The node's routing state: empty until its models are loaded.
 pub struct Routing {
     store: Arc<dyn Store>,
+    /// Signs what this router shares.
+    key: mycel_protocol::Keypair,
     inner: Mutex<Option<Loaded>>,
     metrics: Arc<mycel_metrics::Metrics>,
     default_cost_weight: f32,
@@ -56,8 +58,78 @@ fn profile_text(m: &mycel_protocol::ModelAdvert) -> Option<String> {
 }
 
 impl Routing {
-    pub fn new(store: Arc<dyn Store>, metrics: Arc<mycel_metrics::Metrics>, default_cost_weight: f32) -> Self {
-        Self { store, inner: Mutex::new(None), metrics, default_cost_weight }
+    pub fn new(
+        store: Arc<dyn Store>,
+        key: mycel_protocol::Keypair,
+        metrics: Arc<mycel_metrics::Metrics>,
+        default_cost_weight: f32,
+    ) -> Self {
+        Self { store, key, inner: Mutex::new(None), metrics, default_cost_weight }
+    }
+
+    /// The outcomes this node learned itself (at most a share's worth,
+    /// newest first), signed by the node.
+    pub fn export(&self) -> Result<mycel_api::RouterShare, ApiError> {
+        use mycel_protocol::router::{RouterOutcome, RouterOutcomes};
+        let guard = lock(&self.inner);
+        let router = guard.as_ref().and_then(|l| l.router.as_ref()).ok_or_else(|| {
+            ApiError::Unavailable("this node has no router (no embedding model, or still loading)".into())
+        })?;
+        let outcomes: Vec<RouterOutcome> = router
+            .export(mycel_protocol::limits::ROUTER_OUTCOMES)
+            .into_iter()
+            .filter(|(_, v, _)| v.len() <= mycel_protocol::limits::ROUTER_DIMENSIONS)
+            .map(|(model, vector, score)| RouterOutcome { model, score, vector })
+            .collect();
+        let share = RouterOutcomes { embedder: router.embedder(), created_ms: mycel_net::now_ms(), outcomes };
+        let signed = mycel_protocol::Signed::sign(&self.key, &share).map_err(internal)?;
+        Ok(mycel_api::RouterShare {
+            signed: hex::encode(mycel_protocol::Wire::encode(&signed).map_err(internal)?),
+            outcomes: share.outcomes.len(),
+            signer: self.key.public().to_peer_id().to_string(),
+            embedder: share.embedder.to_hex(),
+        })
+    }
+
+    /// Learns what another node shared: checked (signature, bounds, the
+    /// same embedding space) and kept as peer outcomes, never shared on.
+    pub fn import(&self, share: &mycel_api::RouterShare) -> Result<mycel_api::RouterShare, ApiError> {
+        use mycel_protocol::router::RouterOutcomes;
+        let bytes =
+            hex::decode(share.signed.trim()).map_err(|e| ApiError::BadRequest(format!("signed: not hex: {e}")))?;
+        let signed = <mycel_protocol::Signed<RouterOutcomes> as mycel_protocol::Wire>::decode(&bytes)
+            .map_err(|e| ApiError::BadRequest(format!("signed: {e}")))?;
+        let outcomes = signed.verify().map_err(|e| ApiError::BadRequest(format!("signed: {e}")))?;
+        let signer = signed.signer().to_peer_id().to_string();
+        tokio::task::block_in_place(|| {
+            let mut guard = lock(&self.inner);
+            let router = guard.as_mut().and_then(|l| l.router.as_mut()).ok_or_else(|| {
+                ApiError::Unavailable("this node has no router (no embedding model, or still loading)".into())
+            })?;
+            if outcomes.embedder != router.embedder() {
+                return Err(ApiError::BadRequest(format!(
+                    "these outcomes were learned with embedding model {}; this node routes with {}",
+                    outcomes.embedder.to_hex(),
+                    router.embedder().to_hex()
+                )));
+            }
+            let n = router
+                .learn_many(
+                    outcomes.outcomes.into_iter().map(|o| (o.model, o.vector, o.score)),
+                    mycel_router::Source::Peer,
+                )
+                .map_err(|e| match e {
+                    mycel_router::RouterError::Invalid(why) => ApiError::BadRequest(why),
+                    e => internal(e),
+                })?;
+            tracing::info!(%signer, learned = n, "imported a peer's router outcomes");
+            Ok(mycel_api::RouterShare {
+                signed: String::new(),
+                outcomes: n,
+                signer,
+                embedder: outcomes.embedder.to_hex(),
+            })
+        })
     }
 
     /// The node's models are loaded: open the router in the space of its

@@ -107,5 +107,13 @@ pub fn response(data: &[u8]) -> usize {
 
 /// Every decoder above, on the same bytes.
 pub fn decode_every_kind(data: &[u8]) -> usize {
-    [advert, cfp, bid, award, ack, result, receipt, task, request, response].iter().map(|f| f(data)).sum()
+    [advert, cfp, bid, award, ack, result, receipt, task, request, response, router_outcomes]
+        .iter()
+        .map(|f| f(data))
+        .sum()
+}
+
+/// Router outcomes another node shared (`POST /api/v1/router/import`).
+pub fn router_outcomes(data: &[u8]) -> usize {
+    plain::<crate::router::RouterOutcomes>(data) + signed::<crate::router::RouterOutcomes>(data)
 }

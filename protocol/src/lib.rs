@@ -22,6 +22,7 @@ pub mod keys;
 pub mod limits;
 pub mod market;
 pub mod merkle;
+pub mod router;
 pub mod rpc;
 pub mod signed;
 pub mod spot;

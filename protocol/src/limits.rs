@@ -33,6 +33,13 @@ pub const LARGEST_MESSAGE: usize = TASK_SPEC;
 pub const SHORT_STRING: usize = 256;
 /// Models one advert may list.
 pub const MODELS_PER_ADVERT: usize = 32;
+/// Router outcomes one share may carry.
+pub const ROUTER_OUTCOMES: usize = 2048;
+/// Widest prompt embedding a shared outcome may carry.
+pub const ROUTER_DIMENSIONS: usize = 1024;
+/// Largest encoded share of router outcomes, in bytes: the most outcomes
+/// at the widest vectors, with room for their framing.
+pub const ROUTER_SHARE: usize = ROUTER_OUTCOMES * (ROUTER_DIMENSIONS * 4 + 64) + 1024;
 /// Longest model description in an advert, in bytes.
 pub const PROFILE_DESCRIPTION: usize = 120;
 /// Tags one model's profile may list.

@@ -28,8 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use types::{
     ChatTurnView, ClassifyRequest, ClassifyResult, EnsembleStage, EnsembleView, Feedback, GenerationView, Labelled,
-    ModelView, Outcome, PeerView, PipelineView, Prediction, Proposal, SearchHit, SearchRequest, SearchResult,
-    StatusView, SubmitRequest, Submitted, SummarizeRequest, TaskEvent, TaskSummary, TaskView,
+    ModelView, Outcome, PeerView, PipelineView, Prediction, Proposal, RouterShare, SearchHit, SearchRequest,
+    SearchResult, StatusView, SubmitRequest, Submitted, SummarizeRequest, TaskEvent, TaskSummary, TaskView,
 };
 
 /// A task's state now, and everything that happens to it from now on.
@@ -65,6 +65,10 @@ pub trait NodeView: Send + Sync + 'static {
     fn search(&self, request: SearchRequest) -> impl Future<Output = Result<SearchResult, ApiError>> + Send;
     /// What `mycel/auto` would choose for `request`, without running it.
     fn choose(&self, request: SubmitRequest) -> impl Future<Output = Result<mycel_router::Decision, ApiError>> + Send;
+    /// What this node's router learned, signed, to share.
+    fn export_router(&self) -> impl Future<Output = Result<RouterShare, ApiError>> + Send;
+    /// Learns what another node's router shared; how many outcomes.
+    fn import_router(&self, share: RouterShare) -> impl Future<Output = Result<RouterShare, ApiError>> + Send;
     /// An outcome for the router to learn from.
     fn learn(&self, outcome: Outcome) -> impl Future<Output = Result<(), ApiError>> + Send;
     /// A verdict (0 bad .. 1 good) on a routed task's answer, for the router.
@@ -243,6 +247,8 @@ pub fn router<N: NodeView>(node: Arc<N>, config: ApiConfig) -> Router {
         .route("/api/v1/tasks/{id}/feedback", post(feedback::<N>))
         .route("/api/v1/router/outcomes", post(learn::<N>))
         .route("/api/v1/router/choose", post(choose::<N>))
+        .route("/api/v1/router/export", get(export_router::<N>))
+        .route("/api/v1/router/import", post(import_router::<N>))
         .route("/api/v1/search", post(search::<N>))
         .route("/api/v1/summarize", post(summarize::<N>))
         .route("/api/v1/classify", post(classify::<N>))
@@ -347,6 +353,18 @@ async fn choose<N: NodeView>(
 ) -> Result<Json<mycel_router::Decision>, ApiError> {
     let Json(request) = body.map_err(rejection)?;
     Ok(Json(node.choose(request).await?))
+}
+
+async fn export_router<N: NodeView>(State(node): State<Arc<N>>) -> Result<Json<RouterShare>, ApiError> {
+    Ok(Json(node.export_router().await?))
+}
+
+async fn import_router<N: NodeView>(
+    State(node): State<Arc<N>>,
+    body: Result<Json<RouterShare>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<RouterShare>, ApiError> {
+    let Json(share) = body.map_err(rejection)?;
+    Ok(Json(node.import_router(share).await?))
 }
 
 async fn learn<N: NodeView>(

@@ -538,3 +538,21 @@ pub struct ClassifyResult {
     /// The embedding tasks run now.
     pub tasks: Vec<String>,
 }
+
+/// What a node's router learned, signed by the node
+/// (`GET /api/v1/router/export`), for another node to import
+/// (`POST /api/v1/router/import`, `signed` alone is enough).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouterShare {
+    /// The signed outcomes, hex of their wire encoding.
+    pub signed: String,
+    /// How many outcomes.
+    #[serde(default)]
+    pub outcomes: usize,
+    /// The signer's PeerId.
+    #[serde(default)]
+    pub signer: String,
+    /// The embedding model whose space they are in (weights digest).
+    #[serde(default)]
+    pub embedder: String,
+}

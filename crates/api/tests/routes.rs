@@ -152,6 +152,14 @@ impl NodeView for Fake {
         Err(ApiError::Unavailable("no router".into()))
     }
 
+    async fn export_router(&self) -> Result<mycel_api::RouterShare, ApiError> {
+        Err(ApiError::Unavailable("no router".into()))
+    }
+
+    async fn import_router(&self, _share: mycel_api::RouterShare) -> Result<mycel_api::RouterShare, ApiError> {
+        Err(ApiError::Unavailable("no router".into()))
+    }
+
     async fn learn(&self, _outcome: mycel_api::Outcome) -> Result<(), ApiError> {
         Ok(())
     }

@@ -55,6 +55,8 @@ pub enum Source {
     Eval,
     /// A judge model's verdict.
     Judge,
+    /// Another node's router, imported (never exported again).
+    Peer,
 }
 
 impl Source {
@@ -63,6 +65,7 @@ impl Source {
             Source::User => 1,
             Source::Eval => 2,
             Source::Judge => 3,
+            Source::Peer => 4,
         }
     }
 
@@ -71,6 +74,7 @@ impl Source {
             1 => Some(Source::User),
             2 => Some(Source::Eval),
             3 => Some(Source::Judge),
+            4 => Some(Source::Peer),
             _ => None,
         }
     }
@@ -355,28 +359,68 @@ impl Router {
     /// Learns that `model` scored `score` (0..=1) on a prompt embedded as
     /// `vector`.
     pub fn learn(&mut self, model: Digest, vector: &[f32], score: f32, source: Source) -> Result<(), RouterError> {
-        if !(0.0..=1.0).contains(&score) {
-            return Err(RouterError::Invalid(format!("score {score} is not in 0..=1")));
+        self.learn_many([(model, vector.to_vec(), score)], source).map(|_| ())
+    }
+
+    /// Learns several outcomes from one source in one durable write; all or
+    /// none (a bad one refuses the lot). Returns how many.
+    pub fn learn_many(
+        &mut self,
+        outcomes: impl IntoIterator<Item = (Digest, Vec<f32>, f32)>,
+        source: Source,
+    ) -> Result<usize, RouterError> {
+        let outcomes: Vec<(Digest, Vec<f32>, f32)> = outcomes.into_iter().collect();
+        for (_, vector, score) in &outcomes {
+            if !(0.0..=1.0).contains(score) {
+                return Err(RouterError::Invalid(format!("score {score} is not in 0..=1")));
+            }
+            if vector.is_empty() || vector.len() > MAX_DIMENSIONS || vector.iter().any(|x| !x.is_finite()) {
+                return Err(RouterError::Invalid("the prompt embedding is empty, too long or not finite".into()));
+            }
         }
-        if vector.is_empty() || vector.len() > MAX_DIMENSIONS || vector.iter().any(|x| !x.is_finite()) {
-            return Err(RouterError::Invalid("the prompt embedding is empty, too long or not finite".into()));
-        }
-        let seq = self.next_seq;
-        let example = Example { vector: normalized(vector), score, source, seq };
         let mut batch = Batch::new();
-        batch.put(Tree::Router, example_key(&self.embedder, &model, seq), encode_example(&example));
-        let examples = self.examples.entry(model).or_default();
-        while examples.len() >= MAX_EXAMPLES_PER_MODEL {
-            if let Some(old) = examples.pop_front() {
-                batch.delete(Tree::Router, example_key(&self.embedder, &model, old.seq));
+        let mut staged: HashMap<Digest, VecDeque<Example>> = HashMap::new();
+        let mut seq = self.next_seq;
+        for (model, vector, score) in &outcomes {
+            let example = Example { vector: normalized(vector), score: *score, source, seq };
+            batch.put(Tree::Router, example_key(&self.embedder, model, seq), encode_example(&example));
+            staged.entry(*model).or_default().push_back(example);
+            seq += 1;
+        }
+        // What the bound pushes out, oldest first, in the same write.
+        for (model, new) in &staged {
+            let held = self.examples.get(model).map_or(0, VecDeque::len);
+            let over = (held + new.len()).saturating_sub(MAX_EXAMPLES_PER_MODEL);
+            let old: Vec<u64> = self.examples.get(model).into_iter().flatten().take(over).map(|e| e.seq).collect();
+            let more = over.saturating_sub(old.len());
+            for s in old.iter().copied().chain(new.iter().take(more).map(|e| e.seq)) {
+                batch.delete(Tree::Router, example_key(&self.embedder, model, s));
             }
         }
         if let Some(store) = &self.store {
             store.commit(&batch)?;
         }
-        examples.push_back(example);
-        self.next_seq += 1;
-        Ok(())
+        for (model, new) in staged {
+            let examples = self.examples.entry(model).or_default();
+            examples.extend(new);
+            while examples.len() > MAX_EXAMPLES_PER_MODEL {
+                examples.pop_front();
+            }
+        }
+        self.next_seq = seq;
+        Ok(outcomes.len())
+    }
+
+    /// Up to `max` of the outcomes this node learned itself (not those
+    /// imported from peers), newest first: `(model, unit vector, score)`.
+    pub fn export(&self, max: usize) -> Vec<(Digest, Vec<f32>, f32)> {
+        let mut all: Vec<(u64, Digest, &Example)> = self
+            .examples
+            .iter()
+            .flat_map(|(m, examples)| examples.iter().filter(|e| e.source != Source::Peer).map(move |e| (e.seq, *m, e)))
+            .collect();
+        all.sort_by_key(|(seq, _, _)| std::cmp::Reverse(*seq));
+        all.into_iter().take(max).map(|(_, m, e)| (m, e.vector.clone(), e.score)).collect()
     }
 
     /// Remembers that `task` was routed by `decision`, for prompts embedded
@@ -565,6 +609,35 @@ mod tests {
         // Another embedder's space starts empty.
         let other = Router::open(store, digest("other embedder")).unwrap();
         assert!(other.examples().is_empty());
+    }
+
+    #[test]
+    fn exports_hold_own_outcomes_newest_first_and_imports_are_not_exported_again() {
+        let mut a = Router::in_memory(digest("embedder"));
+        a.learn(digest("big"), &code(), 1.0, Source::Eval).unwrap();
+        a.learn(digest("small"), &chat(), 0.5, Source::User).unwrap();
+        let shared = a.export(10);
+        assert_eq!(shared.len(), 2);
+        assert_eq!((shared[0].0, shared[0].2), (digest("small"), 0.5), "newest first");
+        let mut b = Router::in_memory(digest("embedder"));
+        assert_eq!(b.learn_many(shared.clone(), Source::Peer).unwrap(), 2);
+        assert_eq!(b.examples().values().sum::<usize>(), 2);
+        assert!(b.export(10).is_empty(), "imported outcomes are not shared on");
+        // A bad outcome refuses the lot.
+        let mut bad = shared;
+        bad[1].2 = 7.0;
+        assert!(b.learn_many(bad, Source::Peer).is_err());
+        assert_eq!(b.examples().values().sum::<usize>(), 2);
+        // Past the bound, the oldest go, in memory and in the store.
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let mut c = Router::open(store.clone(), digest("embedder")).unwrap();
+        let many: Vec<(Digest, Vec<f32>, f32)> =
+            (0..MAX_EXAMPLES_PER_MODEL + 10).map(|i| (digest("m"), vec![1.0, i as f32], 0.5)).collect();
+        c.learn_many(many, Source::Peer).unwrap();
+        assert_eq!(c.examples()[&digest("m")], MAX_EXAMPLES_PER_MODEL);
+        let reopened = Router::open(store, digest("embedder")).unwrap();
+        assert_eq!(reopened.examples()[&digest("m")], MAX_EXAMPLES_PER_MODEL);
     }
 
     #[test]
