@@ -34,14 +34,14 @@ fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Du
     started.elapsed()
 }
 
-/// Six namespaced nodes serving the embedder in `tmp/net`, once node-00
-/// sees the other five serving.
-fn six_namespaced_nodes(tmp: &Path) -> (std::path::PathBuf, Manifest) {
-    let dir = tmp.join("net");
-    let manifest: Manifest = up_with_args(&dir, 6, &["all-minilm-l6-v2"], &["--netns"]);
+/// Six namespaced nodes serving the embedder in `dir`, once node-00 sees
+/// the other five serving. (Guard `dir` first: a testnet left running holds
+/// namespaces until someone takes it down.)
+fn six_namespaced_nodes(dir: &Path) -> Manifest {
+    let manifest: Manifest = up_with_args(dir, 6, &["all-minilm-l6-v2"], &["--netns"]);
     assert!(manifest.nodes[0].api_token.is_some(), "a --netns testnet has an API token");
     wait_until("workers advertised", Duration::from_secs(180), || serving_peers(&manifest.nodes[0]) >= 5);
-    (dir, manifest)
+    manifest
 }
 
 fn testnet(dir: &Path, args: &[&str]) {
@@ -56,8 +56,9 @@ fn two_of_six_nodes_cut_off_for_30_s_then_healed_lose_nothing() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let (dir, manifest) = six_namespaced_nodes(tmp.path());
+    let dir = tmp.path().join("net");
     let _guard = Guard(&dir);
+    let manifest = six_namespaced_nodes(&dir);
     let requester = &manifest.nodes[0];
 
     let input = tmp.path().join("texts.txt");
@@ -114,8 +115,9 @@ fn every_node_losing_2_percent_of_its_packets_loses_no_work() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let (dir, manifest) = six_namespaced_nodes(tmp.path());
+    let dir = tmp.path().join("net");
     let _guard = Guard(&dir);
+    let manifest = six_namespaced_nodes(&dir);
     let requester = &manifest.nodes[0];
     // 100 ms more per packet where the kernel can (netem); 2% loss always.
     if mycel_testnet::netns::netem_available() {

@@ -677,7 +677,7 @@ pub struct TestnetUpArgs {
     pub replicas: u32,
 
     /// Run each node in a Linux network namespace of its own (veth pairs to
-    /// a bridge, addresses 198.18.0.N), so `testnet partition` can cut the
+    /// a bridge, addresses from a free /24 of 198.18.0.0/16), so `testnet partition` can cut the
     /// network between them. Needs root.
     #[arg(long)]
     pub netns: bool,

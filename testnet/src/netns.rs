@@ -1,7 +1,9 @@
 //! A testnet whose nodes each live in a Linux network namespace of their
 //! own, so the network between them can be cut: one veth pair per node to
-//! a bridge, addresses from 198.18.0.0/16 (a benchmarking range, RFC 2544,
-//! used only inside these namespaces). A partition moves the cut-off
+//! a bridge, addresses from a /24 of 198.18.0.0/16 (a benchmarking range,
+//! RFC 2544, used only inside these namespaces) that no other testnet on
+//! the machine holds, so two testnets (or one a killed test left behind)
+//! never answer for each other's addresses. A partition moves the cut-off
 //! nodes' veths to a second bridge (they still reach each other, not the
 //! rest); a heal moves them back.
 //!
@@ -25,6 +27,22 @@ pub struct Netns {
     /// The bearer token every node's API wants: they listen on the
     /// bridge, not on loopback.
     pub api_token: String,
+    /// Third octet of the testnet's addresses: `198.18.{subnet}.0/24`.
+    #[serde(default)]
+    pub subnet: u8,
+}
+
+/// The first /24 of 198.18.0.0/16 that no interface on this machine has an
+/// address in.
+fn free_subnet() -> Result<u8> {
+    let out = Command::new("ip").args(["-4", "-o", "addr", "show"]).output().context("running ip")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let used: std::collections::HashSet<u8> = text
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("198.18."))
+        .filter_map(|rest| rest.split('.').next()?.parse().ok())
+        .collect();
+    (0..=254u8).find(|n| !used.contains(n)).context("every /24 of 198.18.0.0/16 is in use by other testnets")
 }
 
 /// Runs `ip` (or `tc`) with these arguments; fails with its stderr.
@@ -92,7 +110,7 @@ impl Netns {
             .and_then(|mut f| f.read_exact(&mut random))
             .context("reading /dev/urandom for the API token")?;
         let api_token = random.iter().map(|b| format!("{b:02x}")).collect();
-        let net = Self { tag, nodes, api_token };
+        let net = Self { tag, nodes, api_token, subnet: free_subnet()? };
         if let Err(e) = net.build() {
             net.destroy();
             return Err(e);
@@ -103,7 +121,7 @@ impl Netns {
     fn build(&self) -> Result<()> {
         let (main, cut) = (self.bridge(0), self.bridge(1));
         run("ip", &["link", "add", &main, "type", "bridge"])?;
-        run("ip", &["addr", "add", &format!("{}/16", self.host_addr()), "dev", &main])?;
+        run("ip", &["addr", "add", &format!("{}/24", self.host_addr()), "dev", &main])?;
         run("ip", &["link", "set", &main, "up"])?;
         run("ip", &["link", "add", &cut, "type", "bridge"])?;
         run("ip", &["link", "set", &cut, "up"])?;
@@ -113,7 +131,7 @@ impl Netns {
             run("ip", &["link", "add", &host, "type", "veth", "peer", "name", &inner])?;
             run("ip", &["link", "set", &inner, "netns", &ns])?;
             run("ip", &["link", "set", &host, "master", &main, "up"])?;
-            let addr = format!("{}/16", self.addr(i));
+            let addr = format!("{}/24", self.addr(i));
             run("ip", &["netns", "exec", &ns, "ip", "addr", "add", &addr, "dev", &inner])?;
             run("ip", &["netns", "exec", &ns, "ip", "link", "set", &inner, "up"])?;
             run("ip", &["netns", "exec", &ns, "ip", "link", "set", "lo", "up"])?;
@@ -139,12 +157,12 @@ impl Netns {
 
     /// Node `i`'s address.
     pub fn addr(&self, i: u32) -> String {
-        format!("198.18.0.{}", i + 1)
+        format!("198.18.{}.{}", self.subnet, i + 1)
     }
 
     /// The host's address on the main bridge (how tests reach the APIs).
     pub fn host_addr(&self) -> String {
-        "198.18.0.254".into()
+        format!("198.18.{}.254", self.subnet)
     }
 
     fn bridge(&self, which: u8) -> String {

@@ -48,7 +48,14 @@ impl Behaviour {
         let limits = connection_limits::Behaviour::new(
             connection_limits::ConnectionLimits::default()
                 .with_max_established(Some(cfg.max_connections))
-                .with_max_established_per_peer(Some(2))
+                // One connection per peer. gossipsub keeps its per-peer state
+                // (subscriptions, send queue) from the first connection: a
+                // reconnection that overlaps a dead connection still being
+                // closed (after a partition heals) left the two ends
+                // disagreeing about each other's subscriptions, and a healed
+                // testnet never reconverged. Refused, the redial lands once
+                // the dead connection is gone, as a first connection.
+                .with_max_established_per_peer(Some(1))
                 .with_max_pending_incoming(Some(64))
                 .with_max_pending_outgoing(Some(64)),
         );
