@@ -43,7 +43,7 @@ need_disk() {
 # in a virtual environment under target/ (made once).
 need_test_python() {
   local venv="$PWD/target/pyenv"
-  if ! "$venv/bin/python" -c 'import openai, prometheus_client' 2>/dev/null; then
+  if ! "$venv/bin/python" -c 'import openai, prometheus_client, langchain_openai, ollama' 2>/dev/null; then
     have python3 || die "python3 not found: the interface tests drive the node with the openai Python client"
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r scripts/test-requirements.txt

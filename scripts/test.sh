@@ -16,7 +16,7 @@ cargo build --locked --workspace --bins
 export MYCEL_TEST_MODELS="${MYCEL_TEST_MODELS:-$PWD/target/test-models}"
 step "fetching test models into $MYCEL_TEST_MODELS"
 target/debug/mycel models fetch --dir "$MYCEL_TEST_MODELS"
-step "installing the openai client and chromium for the interface tests, iptables for the network ones"
+step "installing the openai, langchain-openai and ollama clients, chromium for the interface tests, iptables for the network ones"
 need_test_python
 need_chromium
 need_iptables

@@ -27,15 +27,34 @@ fn chromium() -> PathBuf {
     path
 }
 
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("python/openai_check.py")
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("python").join(name)
 }
 
 fn run_python(args: &[&std::ffi::OsStr]) -> String {
-    let out = Command::new(python()).arg(script()).args(args).output().unwrap();
+    run_script("openai_check.py", args)
+}
+
+fn run_script(name: &str, args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(python()).arg(script(name)).args(args).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "openai_check.py failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{name} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     stdout
+}
+
+/// Waits until `node` sees at least `models` models advertised by peers.
+fn wait_for_models(node: &mycel_testnet::net::NodeEntry, models: usize) {
+    let started = Instant::now();
+    loop {
+        let peers = peers_seen_by(node);
+        let seen: usize =
+            peers.as_array().into_iter().flatten().map(|p| p["models"].as_array().map_or(0, Vec::len)).sum();
+        if seen >= models {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(300), "models not advertised: {peers:#}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
 
 #[test]
@@ -46,17 +65,7 @@ fn the_openai_client_works_against_the_swarm() {
     // through the market from its peers.
     let manifest = up_with_models(&dir, 3, &["all-minilm-l6-v2,smollm2-135m-instruct", "all-minilm-l6-v2", "none"]);
     let _guard = Guard(&dir);
-    let started = Instant::now();
-    loop {
-        let peers = peers_seen_by(&manifest.nodes[2]);
-        let models: usize =
-            peers.as_array().into_iter().flatten().map(|p| p["models"].as_array().map_or(0, Vec::len)).sum();
-        if models >= 3 {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(180), "models not advertised: {peers:#}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_for_models(&manifest.nodes[2], 3);
 
     let texts = tmp.path().join("texts.txt");
     let lines: Vec<String> =
@@ -102,6 +111,24 @@ fn the_openai_client_works_against_the_swarm() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(out.contains("token: missing 401"), "{out}");
+    down(&dir);
+}
+
+/// Tool calls, JSON mode, log probabilities, legacy completions, the
+/// Ollama routes and strict parameters, through the real `openai`,
+/// `langchain-openai` and `ollama` clients, to a node that serves nothing
+/// itself.
+#[test]
+fn agents_get_tools_json_logprobs_completions_and_ollama() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("net");
+    let all = "all-minilm-l6-v2,smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct";
+    let manifest = up_with_models(&dir, 2, &[all, "none"]);
+    let _guard = Guard(&dir);
+    wait_for_models(&manifest.nodes[1], 3);
+    let out = run_script("agents_check.py", &[manifest.nodes[1].api.as_ref()]);
+    eprintln!("{out}");
+    assert!(out.contains("all ok"), "{out}");
     down(&dir);
 }
 

@@ -99,7 +99,7 @@ struct Plan {
 
 fn plan(method: Method, request: SubmitRequest, adverts: &[Advert]) -> Result<Plan, ApiError> {
     let conversation = match (request.kind.as_str(), request.inputs.as_slice(), request.conversations.as_slice()) {
-        ("generate", [prompt], []) => vec![ChatTurnView { role: "user".into(), content: prompt.clone() }],
+        ("generate", [prompt], []) => vec![ChatTurnView::new("user", prompt.clone())],
         ("chat", [], [conversation]) => conversation.clone(),
         ("generate" | "chat", ..) => {
             return Err(ApiError::BadRequest("an ensemble answers one prompt or conversation at a time".into()));
@@ -339,10 +339,7 @@ fn judge_prompt(question: &str, answers: &[&str]) -> Vec<ChatTurnView> {
         text.push_str(&format!("\nAnswer {}:\n{}\n", i + 1, a.trim()));
     }
     text.push_str("\nWhich answer is the most correct and helpful? Reply with its number only.");
-    vec![
-        ChatTurnView { role: "system".into(), content: "You are a careful, impartial judge of answers.".into() },
-        ChatTurnView { role: "user".into(), content: text },
-    ]
+    vec![ChatTurnView::new("system", "You are a careful, impartial judge of answers."), ChatTurnView::new("user", text)]
 }
 
 /// The first number in a judge's reply, if it names a proposal.
@@ -360,7 +357,7 @@ fn synthesis_prompt(conversation: &[ChatTurnView], answers: &[&str]) -> Vec<Chat
     for (i, a) in answers.iter().enumerate() {
         system.push_str(&format!("\n{}. {}\n", i + 1, a.trim()));
     }
-    let mut turns = vec![ChatTurnView { role: "system".into(), content: system }];
+    let mut turns = vec![ChatTurnView::new("system", system)];
     turns.extend(conversation.iter().filter(|t| t.role != "system").cloned());
     turns
 }

@@ -56,7 +56,7 @@ fn generate(args: InferGenerateArgs) -> Result<()> {
     } else {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
-            messages.push(ChatMessage { role: "system".into(), content: system.clone() });
+            messages.push(ChatMessage::new("system", system.clone()));
         }
         messages.push(ChatMessage::user(args.prompt.clone()));
         generator.chat_prompt(&messages)?
@@ -68,7 +68,7 @@ fn generate(args: InferGenerateArgs) -> Result<()> {
         top_p: args.top_p,
         seed: args.seed,
         stop: args.stop.clone(),
-        stream: false,
+        ..GenerateParams::default()
     };
     params.check().map_err(anyhow::Error::msg)?;
     let started = Instant::now();

@@ -127,6 +127,7 @@ pub fn load_with(
                     quantization: Quantization::F32,
                     throughput,
                     profile: info.profile.clone(),
+                    tools: false,
                 };
                 info!(model = %info.id, embeddings_per_s = throughput.embeddings_per_s, "serving");
                 embedders.push(Served { model, advert });
@@ -159,6 +160,7 @@ pub fn load_with(
                     quantization: model.quantization().clone(),
                     throughput,
                     profile: info.profile.clone(),
+                    tools: model.supports_tools(),
                 };
                 info!(
                     model = %info.id,

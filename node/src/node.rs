@@ -81,6 +81,7 @@ fn model_view(m: &ModelAdvert) -> ModelView {
         },
         embeddings_per_s: m.throughput.embeddings_per_s,
         decode_tokens_per_s: m.throughput.decode_tokens_per_s,
+        tools: m.tools,
     }
 }
 
@@ -101,6 +102,11 @@ impl NodeView for View {
             return Err(ApiError::BadRequest("cost_weight goes with model mycel/auto".into()));
         }
         if let Some(method) = ensemble {
+            if request.json || request.logprobs.is_some() || !request.tools.is_empty() {
+                return Err(ApiError::BadRequest(
+                    "JSON mode, logprobs and tools are not supported with ensembles: name one model".into(),
+                ));
+            }
             let adverts = self.adverts().await?;
             return crate::ensemble::start(
                 &self.jobs,

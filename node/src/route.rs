@@ -184,9 +184,12 @@ impl Routing {
         if prompts.is_empty() {
             return Err(ApiError::BadRequest("no prompt to route on".into()));
         }
-        // Candidates: generation models by weights, their best speed.
+        // Candidates: generation models by weights, their best speed; with
+        // tools, only those that can be offered them.
+        let tools = !request.tools.is_empty();
         let mut candidates: Vec<(Candidate, Option<String>)> = Vec::new();
-        for m in adverts.iter().flat_map(|a| &a.models).filter(|m| m.kind == ModelKind::Generation) {
+        let fits = |m: &&mycel_protocol::ModelAdvert| m.kind == ModelKind::Generation && (m.tools || !tools);
+        for m in adverts.iter().flat_map(|a| &a.models).filter(fits) {
             match candidates.iter_mut().find(|(c, _)| c.weights == m.weights) {
                 Some((c, _)) => c.tokens_per_s = c.tokens_per_s.max(m.throughput.decode_tokens_per_s),
                 None => candidates.push((

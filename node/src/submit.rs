@@ -397,7 +397,13 @@ fn read_output(path: &Path) -> Result<ShardOutput> {
                 "stop" => FinishReason::Stop,
                 other => bail!("{}: unknown finish {other:?}", at()),
             };
-            answers.push(Generation { text: g.text, tokens: g.tokens, finish });
+            answers.push(Generation {
+                text: g.text,
+                tokens: g.tokens,
+                finish,
+                logprobs: g.logprobs,
+                tool_calls: g.tool_calls,
+            });
         } else {
             vectors.push(serde_json::from_value(value).with_context(|| format!("{}: not a vector", at()))?);
         }

@@ -84,7 +84,7 @@ fn levels(chunks: usize, fan_in: usize) -> Vec<usize> {
 }
 
 fn turn(instruction: &str, body: String) -> Vec<ChatTurnView> {
-    vec![ChatTurnView { role: "user".into(), content: format!("{instruction}\n\n{body}") }]
+    vec![ChatTurnView::new("user", format!("{instruction}\n\n{body}"))]
 }
 
 /// Starts a summary as a job of `jobs`, if the swarm (`adverts`) has a
@@ -153,11 +153,7 @@ async fn run(
                 p.stages.push(EnsembleStage { role: role.clone(), task: view.task.clone(), model: view.model.clone() });
             }
             if summaries.len() == 1 {
-                v.generations = Some(vec![mycel_api::GenerationView {
-                    text: summaries[0].clone(),
-                    tokens: 0,
-                    finish: "stop".into(),
-                }]);
+                v.generations = Some(vec![mycel_api::GenerationView::text(summaries[0].clone(), 0, "stop")]);
             }
         });
         if summaries.len() <= 1 {

@@ -70,6 +70,9 @@ pub struct ModelAdvert {
     pub throughput: Throughput,
     /// What the model is good at, as its owner describes it.
     pub profile: ModelProfile,
+    /// Whether its chat template offers tools to the model and the worker
+    /// reads its tool calls back (chat with `tools` goes only to these).
+    pub tools: bool,
 }
 
 /// A model's capability profile: a one-line description and tags (`code`,

@@ -36,12 +36,12 @@ pub use keys::{KeyError, Keypair, PublicKey, Signature};
 pub use libp2p_identity::PeerId;
 pub use market::{
     Award, AwardedShard, Bid, Cfp, FinishReason, Generation, RejectReason, ResultAck, ResultClaim, ShardOffer,
-    ShardOutput, ShardResult, Timings, Verdict, VerifiedResult,
+    ShardOutput, ShardResult, Timings, TokenLogprob, ToolCall, TopLogprob, Verdict, VerifiedResult,
 };
 pub use signed::{Signed, SignedKind, Verified, VerifyError};
 pub use task::{
-    Aggregation, ChatTurn, GenerateParams, ModelSelector, Receipt, ReceiptMismatch, Role, Split, StagedMismatch,
-    StagedReceipt, TaskId, TaskSpec, Work,
+    Aggregation, ChatTurn, GenerateParams, ModelSelector, OutputFormat, Receipt, ReceiptMismatch, Role, Split,
+    StagedMismatch, StagedReceipt, TaskId, TaskSpec, Work,
 };
 
 #[cfg(test)]

@@ -64,6 +64,14 @@ pub const SHARDS_PER_TASK: usize = 50_000;
 pub const CHAT_TURNS: usize = 256;
 /// Bytes of text one streamed piece may carry.
 pub const PARTIAL_TEXT: usize = 16 * 1024;
+/// Alternatives per token a generation may report (OpenAI's cap).
+pub const TOP_LOGPROBS: usize = 20;
+/// Longest JSON schema an answer may be constrained to, in bytes.
+pub const JSON_SCHEMA: usize = 16 * 1024;
+/// Tools one chat may offer the model, and calls one answer may make.
+pub const TOOLS: usize = 32;
+/// Longest tool definition, in bytes.
+pub const TOOL_DEFINITION: usize = 8 * 1024;
 /// Tokens one generation may ask for.
 pub const MAX_TOKENS: u32 = 32_768;
 /// Stages one staged task may have.

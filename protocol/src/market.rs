@@ -212,12 +212,94 @@ pub enum FinishReason {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct Generation {
-    /// The text, stop sequence excluded.
+    /// The text, stop sequence and tool calls excluded.
     pub text: String,
     /// Tokens generated.
     pub tokens: u32,
     /// Why it stopped.
     pub finish: FinishReason,
+    /// Per generated token, when the work asked for them
+    /// ([`crate::GenerateParams::logprobs`]); empty otherwise.
+    #[cfg_attr(
+        test,
+        proptest(strategy = "proptest::collection::vec(proptest::arbitrary::any::<TokenLogprob>(), 0..3)")
+    )]
+    pub logprobs: Vec<TokenLogprob>,
+    /// Functions the model asked to call (chat with tools), in order.
+    #[cfg_attr(test, proptest(strategy = "proptest::collection::vec(proptest::arbitrary::any::<ToolCall>(), 0..2)"))]
+    pub tool_calls: Vec<ToolCall>,
+}
+
+impl Generation {
+    /// A plain answer: no log probabilities, no tool calls.
+    pub fn text(text: impl Into<String>, tokens: u32, finish: FinishReason) -> Self {
+        Self { text: text.into(), tokens, finish, logprobs: Vec::new(), tool_calls: Vec::new() }
+    }
+
+    /// Whether two copies of one greedy answer agree: the same text, tokens
+    /// and calls exactly, and log probabilities within `tolerance` (nats).
+    /// Log probabilities are floating-point sums whose last digits depend
+    /// on the CPU's kernels (AVX2 or AVX-512), so they cannot be compared
+    /// exactly; the tokens chosen can, and are.
+    pub fn agrees(&self, other: &Self, tolerance: f32) -> bool {
+        let close = |a: f32, b: f32| (a - b).abs() <= tolerance || (a == b);
+        let same_top = |a: &[TopLogprob], b: &[TopLogprob]| {
+            // Alternatives within the tolerance of each other may swap
+            // places or fall off the end of the list: compare those found
+            // in both, and require the rest to be near the other's cut.
+            let floor = |l: &[TopLogprob]| l.last().map_or(f32::NEG_INFINITY, |t| t.logprob);
+            a.len() == b.len()
+                && a.iter().all(|x| match b.iter().find(|y| y.token == x.token) {
+                    Some(y) => close(x.logprob, y.logprob),
+                    None => x.logprob <= floor(b) + tolerance,
+                })
+                && b.iter().all(|y| a.iter().any(|x| x.token == y.token) || y.logprob <= floor(a) + tolerance)
+        };
+        self.text == other.text
+            && self.tokens == other.tokens
+            && self.finish == other.finish
+            && self.tool_calls == other.tool_calls
+            && self.logprobs.len() == other.logprobs.len()
+            && self
+                .logprobs
+                .iter()
+                .zip(&other.logprobs)
+                .all(|(a, b)| a.token == b.token && close(a.logprob, b.logprob) && same_top(&a.top, &b.top))
+    }
+}
+
+/// How likely the model found one token it generated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct TokenLogprob {
+    /// The token's text (a token may hold part of a character: its bytes
+    /// then decode lossily).
+    pub token: String,
+    /// Natural log of its probability, before sampling settings.
+    pub logprob: f32,
+    /// The most likely tokens at this step, most likely first.
+    #[cfg_attr(test, proptest(strategy = "proptest::collection::vec(proptest::arbitrary::any::<TopLogprob>(), 0..3)"))]
+    pub top: Vec<TopLogprob>,
+}
+
+/// One alternative at a step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct TopLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Natural log of its probability.
+    pub logprob: f32,
+}
+
+/// A function call the model asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct ToolCall {
+    /// The function's name, as the tool definition gives it.
+    pub name: String,
+    /// Its arguments: a JSON object, as text.
+    pub arguments: String,
 }
 
 /// A shard's output, one entry per input item in input order.

@@ -152,6 +152,7 @@ mod valid {
                 quantization: Quantization::Q4_1,
                 throughput: Throughput { embeddings_per_s: e, prefill_tokens_per_s: p, decode_tokens_per_s: d },
                 profile,
+                tools: kind == ModelKind::Generation,
             })
     }
 
@@ -181,11 +182,12 @@ mod valid {
                 seed,
                 stop,
                 stream,
+                ..GenerateParams::default()
             })
     }
 
     fn chat_turn() -> impl Strategy<Value = ChatTurn> {
-        (any::<Role>(), text(40)).prop_map(|(role, content)| ChatTurn { role, content })
+        (any::<Role>(), text(40)).prop_map(|(role, content)| ChatTurn::new(role, content))
     }
 
     pub fn work() -> impl Strategy<Value = Work> {

@@ -63,12 +63,48 @@ pub struct GenerateParams {
     /// The requester wants text as it is produced ([`crate::rpc::Market::Partial`]);
     /// the signed result stays the answer.
     pub stream: bool,
+    /// Log probabilities of the generated tokens: `None` for none,
+    /// `Some(k)` for each token's and the `k` most likely alternatives'
+    /// (at most [`limits::TOP_LOGPROBS`]).
+    pub logprobs: Option<u8>,
+    /// The shape the answer must take; the worker constrains decoding to it.
+    pub format: OutputFormat,
+    /// Functions the model may call (chat only): each an OpenAI-style
+    /// function definition (`{"type": "function", "function": {...}}`) as
+    /// JSON text, rendered with the model's own chat template.
+    #[cfg_attr(test, proptest(strategy = "proptest::collection::vec(proptest::arbitrary::any::<String>(), 0..2)"))]
+    pub tools: Vec<String>,
 }
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        Self { max_tokens: 256, temperature: 0.0, top_p: 1.0, seed: 0, stop: Vec::new(), stream: false }
+        Self {
+            max_tokens: 256,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            stop: Vec::new(),
+            stream: false,
+            logprobs: None,
+            format: OutputFormat::Text,
+            tools: Vec::new(),
+        }
     }
+}
+
+/// What shape a generated answer must take.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[non_exhaustive]
+pub enum OutputFormat {
+    /// Any text.
+    #[default]
+    Text,
+    /// One JSON object, whatever its members.
+    JsonObject,
+    /// One JSON value valid for this JSON Schema (as JSON text, at most
+    /// [`limits::JSON_SCHEMA`] bytes).
+    JsonSchema(String),
 }
 
 impl GenerateParams {
@@ -85,6 +121,18 @@ impl GenerateParams {
         at_most("stop", &self.stop, limits::STOP_SEQUENCES)?;
         for s in &self.stop {
             short("stop sequence", s, limits::SHORT_STRING)?;
+        }
+        if let Some(k) = self.logprobs
+            && usize::from(k) > limits::TOP_LOGPROBS
+        {
+            return Err(format!("top_logprobs {k} not in 0..={}", limits::TOP_LOGPROBS));
+        }
+        if let OutputFormat::JsonSchema(schema) = &self.format {
+            short("JSON schema", schema, limits::JSON_SCHEMA)?;
+        }
+        at_most("tools", &self.tools, limits::TOOLS)?;
+        for tool in &self.tools {
+            short("tool definition", tool, limits::TOOL_DEFINITION)?;
         }
         Ok(())
     }
@@ -109,6 +157,14 @@ pub enum Work {
         /// Shared generation settings.
         params: GenerateParams,
     },
+    /// One continuation per prompt: the text as given, no chat template
+    /// (OpenAI's legacy completions).
+    Complete {
+        /// Prompts in order.
+        prompts: Vec<String>,
+        /// Shared generation settings.
+        params: GenerateParams,
+    },
     /// One reply per conversation, each rendered with the model's own chat
     /// template.
     Chat {
@@ -129,6 +185,8 @@ pub enum Role {
     User,
     /// The model, earlier in the conversation.
     Assistant,
+    /// What a function the model called returned.
+    Tool,
 }
 
 impl Role {
@@ -138,6 +196,7 @@ impl Role {
             Role::System => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
         }
     }
 }
@@ -150,6 +209,19 @@ pub struct ChatTurn {
     pub role: Role,
     /// What was said.
     pub content: String,
+    /// The functions an assistant turn called.
+    #[cfg_attr(
+        test,
+        proptest(strategy = "proptest::collection::vec(proptest::arbitrary::any::<crate::ToolCall>(), 0..2)")
+    )]
+    pub tool_calls: Vec<crate::ToolCall>,
+}
+
+impl ChatTurn {
+    /// A turn of plain text.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self { role, content: content.into(), tool_calls: Vec::new() }
+    }
 }
 
 impl Work {
@@ -157,7 +229,7 @@ impl Work {
     pub fn items(&self) -> usize {
         match self {
             Work::Embed { texts } => texts.len(),
-            Work::Generate { prompts, .. } => prompts.len(),
+            Work::Generate { prompts, .. } | Work::Complete { prompts, .. } => prompts.len(),
             Work::Chat { conversations, .. } => conversations.len(),
         }
     }
@@ -170,13 +242,24 @@ impl Work {
     fn check(&self) -> Result<(), String> {
         match self {
             Work::Embed { .. } => Ok(()),
-            Work::Generate { params, .. } => params.check(),
+            Work::Generate { params, .. } | Work::Complete { params, .. } => {
+                if !params.tools.is_empty() {
+                    return Err("tools are for chat work only".into());
+                }
+                params.check()
+            }
             Work::Chat { conversations, params } => {
                 for turns in conversations {
                     if turns.is_empty() {
                         return Err("a conversation with no messages".into());
                     }
                     at_most("messages in a conversation", turns, limits::CHAT_TURNS)?;
+                    for turn in turns {
+                        at_most("tool calls in a message", &turn.tool_calls, limits::TOOLS)?;
+                        for call in &turn.tool_calls {
+                            short("tool name", &call.name, limits::SHORT_STRING)?;
+                        }
+                    }
                 }
                 params.check()
             }
@@ -541,7 +624,7 @@ mod tests {
 
     #[test]
     fn slices_cut_by_item() {
-        let g = |t: &str| crate::Generation { text: t.into(), tokens: 1, finish: crate::FinishReason::Length };
+        let g = |t: &str| crate::Generation::text(t, 1, crate::FinishReason::Length);
         let out = ShardOutput::Generations(vec![g("a"), g("b"), g("c")]);
         assert_eq!(out.slice(1, 2), Some(ShardOutput::Generations(vec![g("b"), g("c")])));
         assert_eq!(out.slice(2, 2), None);

@@ -5,10 +5,13 @@
 //!   tests can too), so this crate needs no network or store.
 //! - [`serve`]: runs a router on a listener until shutdown.
 //!
-//! Native routes live under `/api/v1/`. The API listens on loopback by
+//! Native routes live under `/api/v1/`; OpenAI's under `/v1/`
+//! ([`openai`]); Ollama's at `/api/tags`, `/api/chat`... ([`ollama`]). The API listens on loopback by
 //! default; anywhere else it requires a bearer token ([`Auth`]).
 
+mod compat;
 pub mod limit;
+pub mod ollama;
 pub mod openai;
 pub mod types;
 
@@ -87,6 +90,14 @@ pub enum ApiError {
     /// The request is malformed or asks for something impossible.
     #[error("{0}")]
     BadRequest(String),
+    /// One parameter of the request is malformed or not supported.
+    #[error("{param}: {message}")]
+    Param {
+        /// The parameter, as the request names it.
+        param: String,
+        /// What is wrong with it.
+        message: String,
+    },
     /// No such thing.
     #[error("{0}")]
     NotFound(String),
@@ -116,7 +127,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Unavailable(_) | ApiError::NoCapablePeer(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::Param { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) | ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -230,10 +241,12 @@ async fn require_token(State(auth): State<Auth>, request: Request, next: Next) -
 /// The API's routes over `node`.
 pub fn router<N: NodeView>(node: Arc<N>, config: ApiConfig) -> Router {
     let limiter = limit::RateLimiter::new(config.rate_per_s, config.burst);
+    let limiter_for_ollama = limiter.clone();
     let openai = Router::new()
         .route("/v1/models", get(openai::models::<N>))
         .route("/v1/embeddings", post(openai::embeddings::<N>))
         .route("/v1/chat/completions", post(openai::chat::<N>))
+        .route("/v1/completions", post(openai::completions::<N>))
         .fallback(openai::not_found)
         .layer(middleware::from_fn_with_state(limiter, limit::limit));
     Router::new()
@@ -254,6 +267,7 @@ pub fn router<N: NodeView>(node: Arc<N>, config: ApiConfig) -> Router {
         .route("/api/v1/classify", post(classify::<N>))
         .route("/api/v1/tasks/{id}/events", get(events::<N>))
         .merge(openai)
+        .merge(ollama::router::<N>().layer(middleware::from_fn_with_state(limiter_for_ollama, limit::limit)))
         .with_state(node)
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .layer(middleware::from_fn_with_state(config.auth, require_token))

@@ -45,6 +45,9 @@ pub struct ModelView {
     pub embeddings_per_s: f32,
     /// Measured decode tokens per second (0 when not applicable).
     pub decode_tokens_per_s: f32,
+    /// Whether it can be offered tools (chat with `tools`).
+    #[serde(default)]
+    pub tools: bool,
 }
 
 /// `GET /api/v1/peers`: one peer from its advert.
@@ -132,7 +135,8 @@ impl RuntimeInfo {
 /// `POST /api/v1/tasks`: work for the swarm.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SubmitRequest {
-    /// `embed` or `generate`.
+    /// `embed`, `generate` (one user message per input), `complete` (the
+    /// input as it is, no chat template) or `chat` (`conversations`).
     pub kind: String,
     /// Texts to embed, or prompts (user messages) to answer.
     pub inputs: Vec<String>,
@@ -189,6 +193,18 @@ pub struct SubmitRequest {
     /// [default: the largest generation model in the swarm].
     #[serde(default)]
     pub judge: Option<String>,
+    /// Generation: log probabilities of each generated token and of this
+    /// many alternatives (0-20); absent for none.
+    #[serde(default)]
+    pub logprobs: Option<u8>,
+    /// Generation: the answer is one JSON object (decoding is constrained
+    /// to valid JSON).
+    #[serde(default)]
+    pub json: bool,
+    /// Chat: functions the model may call, OpenAI-style
+    /// (`{"type": "function", "function": {"name", "description", "parameters"}}`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<serde_json::Value>,
 }
 
 impl SubmitRequest {
@@ -212,6 +228,9 @@ impl SubmitRequest {
             n: None,
             members: Vec::new(),
             judge: None,
+            logprobs: None,
+            json: false,
+            tools: Vec::new(),
         }
     }
 }
@@ -219,10 +238,21 @@ impl SubmitRequest {
 /// One message of a conversation.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ChatTurnView {
-    /// `system`, `user` or `assistant`.
+    /// `system`, `user`, `assistant` or `tool` (what a called function
+    /// returned).
     pub role: String,
     /// What was said.
     pub content: String,
+    /// The functions an assistant turn called.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<mycel_protocol::ToolCall>,
+}
+
+impl ChatTurnView {
+    /// A message of plain text.
+    pub fn new(role: &str, content: impl Into<String>) -> Self {
+        Self { role: role.into(), content: content.into(), tool_calls: Vec::new() }
+    }
 }
 
 fn one() -> u8 {
@@ -369,6 +399,19 @@ pub struct GenerationView {
     pub tokens: u32,
     /// `eos`, `length` or `stop`.
     pub finish: String,
+    /// Per generated token, when the request asked for `logprobs`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<mycel_protocol::TokenLogprob>,
+    /// Functions the model called (chat with `tools`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<mycel_protocol::ToolCall>,
+}
+
+impl GenerationView {
+    /// An answer of plain text.
+    pub fn text(text: impl Into<String>, tokens: u32, finish: &str) -> Self {
+        Self { text: text.into(), tokens, finish: finish.into(), logprobs: Vec::new(), tool_calls: Vec::new() }
+    }
 }
 
 /// `GET /api/v1/tasks`: one line per task this node requested.

@@ -36,6 +36,7 @@ fn model(id: &str, kind: &str) -> ModelView {
         quantization: "f32".into(),
         embeddings_per_s: 100.0,
         decode_tokens_per_s: 0.0,
+        tools: false,
     }
 }
 
@@ -104,13 +105,8 @@ impl NodeView for Fake {
             executors: vec![Some("p".into())],
             error: None,
             embeddings: (!chat).then(|| request.inputs.iter().map(|_| vec![0.6, 0.8]).collect()),
-            generations: chat.then(|| {
-                request
-                    .conversations
-                    .iter()
-                    .map(|_| GenerationView { text: "hi there".into(), tokens: 3, finish: "eos".into() })
-                    .collect()
-            }),
+            generations: chat
+                .then(|| request.conversations.iter().map(|_| GenerationView::text("hi there", 3, "eos")).collect()),
             receipt: None,
             model: if chat { "gen".into() } else { "emb".into() },
             input_tokens: 10,

@@ -37,6 +37,7 @@ fn main() {
         quantization: Quantization::F32,
         throughput: Throughput { embeddings_per_s: 300.0, ..Throughput::default() },
         profile: Default::default(),
+        tools: false,
     };
     let mut now = 1_000_000u64;
     let mut pending: VecDeque<Action> =

@@ -72,11 +72,21 @@ pub enum CombineError {
     Unsupported { kind: &'static str, aggregation: Aggregation },
 }
 
+/// How far two honest copies' log probabilities may differ, in nats. The
+/// tokens are compared exactly; their log probabilities are sums over the
+/// whole vocabulary that differ in the last digits between CPUs (AVX2 and
+/// AVX-512 kernels round differently). Measured between mycel and llama.cpp
+/// on the same weights, logits differ by at most 0.35 (BENCHMARKS.md):
+/// 0.5 covers that with room, and is far below what a different token or
+/// model would show.
+pub const LOGPROB_TOLERANCE: f32 = 0.5;
+
 /// The kind of `work`.
 pub fn of(work: &Work) -> &'static dyn TaskKind {
     match work {
         Work::Embed { .. } => &embed::Embed,
         Work::Chat { .. } => &generate::CHAT,
+        Work::Complete { .. } => &generate::COMPLETE,
         _ => &generate::GENERATE,
     }
 }
@@ -98,6 +108,9 @@ pub fn feed(previous: &ShardOutput, stage: &crate::node::Stage) -> Result<Work, 
 pub fn agree(check: Check, a: &ShardOutput, b: &ShardOutput) -> bool {
     match (check, a, b) {
         (Check::Independent, _, _) => true,
+        (Check::Exact, ShardOutput::Generations(a), ShardOutput::Generations(b)) => {
+            a.len() == b.len() && a.iter().zip(b).all(|(a, b)| a.agrees(b, LOGPROB_TOLERANCE))
+        }
         (Check::Exact, a, b) => a == b,
         (
             Check::Cosine(min),
@@ -202,10 +215,12 @@ pub mod generate {
     pub static GENERATE: Generate = Generate { name: "generate" };
     /// `chat` tasks.
     pub static CHAT: Generate = Generate { name: "chat" };
+    /// `complete` tasks (prompts continued as they are).
+    pub static COMPLETE: Generate = Generate { name: "complete" };
 
     fn params(work: &Work) -> Option<&GenerateParams> {
         match work {
-            Work::Generate { params, .. } | Work::Chat { params, .. } => Some(params),
+            Work::Generate { params, .. } | Work::Chat { params, .. } | Work::Complete { params, .. } => Some(params),
             _ => None,
         }
     }
@@ -227,6 +242,9 @@ pub mod generate {
             match work {
                 Work::Generate { prompts, params } => {
                     Work::Generate { prompts: prompts[first..end].to_vec(), params: params.clone() }
+                }
+                Work::Complete { prompts, params } => {
+                    Work::Complete { prompts: prompts[first..end].to_vec(), params: params.clone() }
                 }
                 Work::Chat { conversations, params } => {
                     Work::Chat { conversations: conversations[first..end].to_vec(), params: params.clone() }
@@ -270,7 +288,7 @@ mod tests {
     use super::*;
 
     fn answer(text: &str) -> ShardOutput {
-        ShardOutput::Generations(vec![Generation { text: text.into(), tokens: 3, finish: FinishReason::Length }])
+        ShardOutput::Generations(vec![Generation::text(text, 3, FinishReason::Length)])
     }
 
     #[test]

@@ -657,9 +657,16 @@ impl Node {
         }
         let Submission { label, kind, model, work, split, redundancy, spot_check_permille, then: _ } = submission;
         let kind_name = if kind == ModelKind::Embedding { "an embedding" } else { "a generation" };
-        let (weights, id) = self.choose_model(now_ms, kind, model.as_deref()).ok_or_else(|| match &model {
-            Some(name) => SubmitError::ModelNotFound { kind: kind_name, name: name.clone() },
-            None => SubmitError::NoCapablePeer(kind_name),
+        let tools = uses_tools(&work);
+        let (weights, id) = self.choose_model(now_ms, kind, model.as_deref(), tools).ok_or_else(|| {
+            let named = model.as_deref().map(|name| format!(" {name:?}")).unwrap_or_default();
+            match &model {
+                _ if tools && self.choose_model(now_ms, kind, model.as_deref(), false).is_some() => {
+                    SubmitError::Invalid(format!("the model{named} has no format for tools (its chat template)"))
+                }
+                Some(name) => SubmitError::ModelNotFound { kind: kind_name, name: name.clone() },
+                None => SubmitError::NoCapablePeer(kind_name),
+            }
         })?;
         let spec = TaskSpec {
             work,
@@ -899,13 +906,17 @@ impl Node {
         own.chain(peers)
     }
 
-    fn choose_model(&self, now_ms: u64, kind: ModelKind, want: Option<&str>) -> Option<(Digest, String)> {
+    /// The model a task runs on: the one named (or any of `kind`), able to
+    /// take `tools` if the work offers some, with the most throughput.
+    fn choose_model(&self, now_ms: u64, kind: ModelKind, want: Option<&str>, tools: bool) -> Option<(Digest, String)> {
         let min = self.config.auction.min_reputation;
         // Weights digest -> (throughput from peers in good standing, id).
         let mut options: BTreeMap<Digest, (f64, String)> = BTreeMap::new();
         for (peer, models, _) in self.adverts(now_ms) {
             let reputation = if peer == self.me { 1.0 } else { self.reputation(now_ms, &peer) };
-            for m in models.iter().filter(|m| m.kind == kind && want.is_none_or(|w| model_matches(w, m))) {
+            let fits =
+                |m: &&ModelAdvert| m.kind == kind && want.is_none_or(|w| model_matches(w, m)) && (m.tools || !tools);
+            for m in models.iter().filter(fits) {
                 let entry = options.entry(m.weights).or_insert((0.0, m.id.clone()));
                 if reputation >= min {
                     entry.0 += f64::from(speed(m, kind)) * reputation;
@@ -1275,6 +1286,21 @@ fn speed(m: &ModelAdvert, kind: ModelKind) -> f32 {
     match kind {
         ModelKind::Embedding => m.throughput.embeddings_per_s,
         _ => m.throughput.decode_tokens_per_s,
+    }
+}
+
+/// Whether `work` offers the model tools or carries their calls and
+/// results: it then needs a model whose chat template has a tool format.
+fn uses_tools(work: &Work) -> bool {
+    match work {
+        Work::Chat { conversations, params } => {
+            !params.tools.is_empty()
+                || conversations
+                    .iter()
+                    .flatten()
+                    .any(|t| t.role == mycel_protocol::Role::Tool || !t.tool_calls.is_empty())
+        }
+        _ => false,
     }
 }
 

@@ -40,6 +40,7 @@ fn model(name: &str, per_s: f32) -> ModelAdvert {
         quantization: Quantization::F32,
         throughput: Throughput { embeddings_per_s: per_s, ..Throughput::default() },
         profile: Default::default(),
+        tools: false,
     }
 }
 
@@ -286,7 +287,7 @@ impl Sim {
                 Work::Generate { prompts, .. } => Ok(ShardOutput::Generations(
                     prompts
                         .iter()
-                        .map(|p| Generation { text: format!("answer to {p}"), tokens: 3, finish: FinishReason::Length })
+                        .map(|p| Generation::text(format!("answer to {p}"), 3, FinishReason::Length))
                         .collect(),
                 )),
                 other => panic!("no model for {other:?}"),

@@ -220,10 +220,9 @@ impl Sim {
             // Greedy answers are the same everywhere; samples differ by worker.
             let answers = prompts
                 .iter()
-                .map(|p| Generation {
-                    text: if params.temperature > 0.0 { format!("{p} #{worker}") } else { p.to_uppercase() },
-                    tokens: 2,
-                    finish: FinishReason::Length,
+                .map(|p| {
+                    let text = if params.temperature > 0.0 { format!("{p} #{worker}") } else { p.to_uppercase() };
+                    Generation::text(text, 2, FinishReason::Length)
                 })
                 .collect();
             return self.sign_result(worker, award, shard, ShardOutput::Generations(answers));

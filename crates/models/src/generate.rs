@@ -14,17 +14,21 @@ use std::io::{BufReader, Cursor, Read, Seek};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::OnceLock;
 
 use candle_core::quantized::gguf_file::{self, Content};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
-use mycel_protocol::{FinishReason, GenerateParams, Generation, Quantization};
+use mycel_protocol::{
+    FinishReason, GenerateParams, Generation, OutputFormat, Quantization, TokenLogprob, ToolCall, TopLogprob,
+};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::error::{ModelError, Result};
+use crate::json::Json;
 use crate::llama::{KvCache, Llama, LoadError};
 use crate::tokenizer::{self, Specials};
 
@@ -63,18 +67,47 @@ enum Weights {
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
     /// The text.
     pub content: String,
+    /// An assistant's calls, as chat templates read them:
+    /// `{"type": "function", "function": {"name", "arguments"}}`.
+    #[serde(default)]
+    pub tool_calls: Vec<serde_json::Value>,
 }
 
 impl ChatMessage {
+    /// A message of plain text.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { role: role.into(), content: content.into(), tool_calls: Vec::new() }
+    }
+
     /// A `user` message.
     pub fn user(content: impl Into<String>) -> Self {
-        Self { role: "user".into(), content: content.into() }
+        Self::new("user", content)
+    }
+
+    /// An assistant message that called functions.
+    pub fn with_calls(mut self, calls: &[ToolCall]) -> Self {
+        self.tool_calls = calls
+            .iter()
+            .map(|c| {
+                // Templates print the arguments with `tojson`: hand them an
+                // object, not a string holding one.
+                let arguments = serde_json::from_str::<serde_json::Value>(&c.arguments)
+                    .unwrap_or_else(|_| serde_json::Value::String(c.arguments.clone()));
+                serde_json::json!({ "type": "function", "function": { "name": c.name, "arguments": arguments } })
+            })
+            .collect();
+        self
     }
 }
+
+/// Where a model's tool calls start in its output (Hermes-style, as
+/// Qwen2.5's template asks for them).
+const TOOL_CALL_OPEN: &str = "<tool_call>";
+const TOOL_CALL_CLOSE: &str = "</tool_call>";
 
 /// A loaded generation model. Cheap to share: each generation works on its
 /// own clone of the weights' handles and its own KV cache.
@@ -87,6 +120,8 @@ pub struct Generator {
     context: usize,
     quantization: Quantization,
     device: Device,
+    /// Each token's bytes, built the first time decoding is constrained.
+    vocab: OnceLock<std::result::Result<Vocab, String>>,
 }
 
 impl std::fmt::Debug for Generator {
@@ -171,7 +206,23 @@ impl Generator {
                 stop_ids.insert(*id);
             }
         }
-        Ok(Self { weights, tokenizer, specials, stop_ids, template, context, quantization, device: device.clone() })
+        Ok(Self {
+            weights,
+            tokenizer,
+            specials,
+            stop_ids,
+            template,
+            context,
+            quantization,
+            device: device.clone(),
+            vocab: OnceLock::new(),
+        })
+    }
+
+    /// Whether the chat template offers tools to the model, in the format
+    /// [`Self::generate`] reads calls back from.
+    pub fn supports_tools(&self) -> bool {
+        self.template.as_deref().is_some_and(|t| t.contains("tools") && t.contains(TOOL_CALL_OPEN))
     }
 
     /// Longest prompt plus answer, in tokens.
@@ -200,8 +251,18 @@ impl Generator {
     /// Renders a conversation with the model's chat template, ending where
     /// the assistant's answer starts. Models without a template get ChatML.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<String> {
+        self.chat_prompt_with_tools(messages, &[])
+    }
+
+    /// [`Self::chat_prompt`], offering the model `tools` (OpenAI-style
+    /// function definitions) where its template has a place for them.
+    pub fn chat_prompt_with_tools(&self, messages: &[ChatMessage], tools: &[serde_json::Value]) -> Result<String> {
         if messages.is_empty() {
             return Err(ModelError::Invalid("a chat needs at least one message".into()));
+        }
+        let uses_tools = !tools.is_empty() || messages.iter().any(|m| m.role == "tool" || !m.tool_calls.is_empty());
+        if uses_tools && !self.supports_tools() {
+            return Err(ModelError::Invalid("this model's chat template has no format for tools".into()));
         }
         let Some(template) = &self.template else {
             let mut out = String::new();
@@ -216,12 +277,14 @@ impl Generator {
         env.add_function("raise_exception", |message: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
         });
+        env.add_filter("tojson", tojson);
         env.add_template("chat", template).map_err(|e| ModelError::Invalid(format!("chat template: {e}")))?;
         let rendered = env
             .get_template("chat")
             .and_then(|t| {
                 t.render(minijinja::context! {
                     messages => messages,
+                    tools => (!tools.is_empty()).then_some(tools),
                     add_generation_prompt => true,
                     bos_token => token(self.specials.bos),
                     eos_token => token(self.specials.eos),
@@ -268,6 +331,14 @@ impl Generator {
     /// `on_text` gets the answer as it grows, in pieces that never split a
     /// character and never show the start of a stop sequence that then
     /// completes; returning `Break` cancels the work.
+    ///
+    /// With [`OutputFormat::JsonObject`] every token is one that keeps the
+    /// answer a valid JSON prefix, and the answer ends when the object
+    /// closes; near the end of `max_tokens` the shortest completion is
+    /// forced, a byte per token, so the answer is valid JSON whenever
+    /// `max_tokens` leaves room for `{}`. With tools, a call's JSON is
+    /// constrained the same way and calls are read out of the text into
+    /// [`Generation::tool_calls`] (never streamed as text).
     pub fn generate(
         &self,
         prompt: &[u32],
@@ -280,23 +351,53 @@ impl Generator {
         if prompt.len() >= self.context {
             return Err(ModelError::TooLong { tokens: prompt.len(), max: self.context - 1 });
         }
+        let tools = !params.tools.is_empty();
+        if tools && !self.supports_tools() {
+            return Err(ModelError::Invalid("this model's chat template has no format for tools".into()));
+        }
+        let mut constraint = match &params.format {
+            OutputFormat::Text => None,
+            OutputFormat::JsonObject => Some(Json::object()),
+            other => {
+                return Err(ModelError::Invalid(format!(
+                    "output format {other:?} is not supported (a JSON object is; JSON schemas are not yet)"
+                )));
+            }
+        };
+        let vocab = if constraint.is_some() || tools { Some(self.vocab()?) } else { None };
         let budget = (params.max_tokens as usize).min(self.context - prompt.len());
         let mut sampler = LogitsProcessor::from_sampling(params.seed, sampling(params));
         let mut session = self.session();
         let mut logits = session.feed(prompt)?;
 
         let mut generated: Vec<u32> = Vec::new();
+        let mut logprobs: Vec<TokenLogprob> = Vec::new();
         let mut text = String::new();
         let mut shown = 0usize;
+        // Never shown while it is produced: the start of a stop sequence,
+        // and (with tools) the start of a call.
+        let mut held: Vec<String> = params.stop.clone();
+        if tools {
+            held.push(TOOL_CALL_OPEN.into());
+        }
         let longest_stop = params.stop.iter().map(String::len).max().unwrap_or(0);
         let mut finish = FinishReason::Length;
         while generated.len() < budget {
-            let next = sampler.sample(&Tensor::new(logits.as_slice(), &self.device)?)?;
+            let next = match (&mut constraint, vocab) {
+                (Some(json), Some(vocab)) => {
+                    self.constrained(&mut sampler, &logits, json, vocab, budget - generated.len())?
+                }
+                _ => sampler.sample(&Tensor::new(logits.as_slice(), &self.device)?)?,
+            };
             if self.stop_ids.contains(&next) {
                 finish = FinishReason::EndOfSequence;
                 break;
             }
+            if let Some(k) = params.logprobs {
+                logprobs.push(self.logprob(&logits, next, usize::from(k))?);
+            }
             generated.push(next);
+            let object_closed = constraint.as_ref().is_some_and(Json::is_done);
             let decoded = self.decode(&generated)?;
             // A token may end inside a multi-byte character: wait for the rest.
             if !decoded.ends_with('\u{FFFD}') {
@@ -307,13 +408,31 @@ impl Generator {
                     finish = FinishReason::Stop;
                     break;
                 }
-                let safe = text.len() - held_back(&text, &params.stop);
+                let mut safe = text.len() - held_back(&text, &held);
+                if tools && let Some(call) = text.find(TOOL_CALL_OPEN) {
+                    safe = safe.min(call);
+                }
+                if tools && text.trim_start().starts_with('{') {
+                    // Perhaps a call without its tags: held until the end.
+                    safe = 0;
+                }
                 if safe > shown {
                     if on_text(&text[shown..safe]).is_break() {
                         return Err(ModelError::Cancelled);
                     }
                     shown = safe;
                 }
+            }
+            if object_closed {
+                constraint = None;
+                if !tools {
+                    // The JSON answer is whole: nothing may follow it.
+                    finish = FinishReason::EndOfSequence;
+                    break;
+                }
+            } else if tools && constraint.is_none() && text.ends_with(TOOL_CALL_OPEN) {
+                // A call starts: its JSON is held to the grammar.
+                constraint = Some(Json::object());
             }
             if generated.len() < budget {
                 logits = session.feed(&[next])?;
@@ -322,12 +441,236 @@ impl Generator {
         if finish != FinishReason::Stop {
             text = self.decode(&generated)?;
         }
+        let tool_calls = if tools {
+            let names: Vec<String> = params
+                .tools
+                .iter()
+                .filter_map(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+                .filter_map(|t| t.pointer("/function/name").and_then(|n| n.as_str()).map(str::to_string))
+                .collect();
+            let (before, calls) = read_tool_calls(&text, &names);
+            if !calls.is_empty() {
+                text = before;
+            }
+            calls
+        } else {
+            Vec::new()
+        };
         if text.len() > shown && on_text(&text[shown..]).is_break() {
             return Err(ModelError::Cancelled);
         }
         let tokens = u32::try_from(generated.len()).unwrap_or(u32::MAX);
-        Ok(Generation { text, tokens, finish })
+        Ok(Generation { text, tokens, finish, logprobs, tool_calls })
     }
+
+    /// Picks the next token under a JSON constraint: the sampler's choice
+    /// among the tokens that keep the text valid and leave room to close it
+    /// within `remaining` tokens. Tries the sampler's favourites first (a
+    /// model asked for JSON mostly wants a valid token), and masks the whole
+    /// vocabulary only when those fail.
+    fn constrained(
+        &self,
+        sampler: &mut LogitsProcessor,
+        logits: &[f32],
+        json: &mut Json,
+        vocab: &Vocab,
+        remaining: usize,
+    ) -> Result<u32> {
+        const TRIES: usize = 32;
+        let closing = json.completion();
+        let forced = |json: &mut Json| -> Result<u32> {
+            let b = closing[0];
+            let id = vocab.byte_token[usize::from(b)]
+                .ok_or_else(|| ModelError::Invalid(format!("no token for the byte {b:#04x}")))?;
+            json.push_all(&[b]);
+            Ok(id)
+        };
+        if closing.len() >= remaining {
+            // Out of room: close the JSON, a byte per token.
+            return forced(json);
+        }
+        let fits = |id: u32| -> Option<Json> {
+            let bytes = vocab.bytes.get(id as usize)?.as_deref()?;
+            let mut next = json.clone();
+            (!bytes.is_empty() && next.push_all(bytes) && next.completion().len() < remaining).then_some(next)
+        };
+        let mut masked = logits.to_vec();
+        for _ in 0..TRIES {
+            let id = sampler.sample(&Tensor::new(masked.as_slice(), &self.device)?)?;
+            if let Some(next) = fits(id) {
+                *json = next;
+                return Ok(id);
+            }
+            masked[id as usize] = f32::NEG_INFINITY;
+        }
+        let mut any = false;
+        for (id, l) in masked.iter_mut().enumerate() {
+            if *l > f32::NEG_INFINITY && fits(id as u32).is_none() {
+                *l = f32::NEG_INFINITY;
+            }
+            any |= *l > f32::NEG_INFINITY;
+        }
+        if !any {
+            return forced(json);
+        }
+        let id = sampler.sample(&Tensor::new(masked.as_slice(), &self.device)?)?;
+        match fits(id) {
+            Some(next) => {
+                *json = next;
+                Ok(id)
+            }
+            None => forced(json),
+        }
+    }
+
+    /// The log probability of `chosen` under `logits`, and the `top` most
+    /// likely tokens'.
+    fn logprob(&self, logits: &[f32], chosen: u32, top: usize) -> Result<TokenLogprob> {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+        let log_z = max + sum.ln() as f32;
+        let text = |id: u32| self.tokenizer.decode(&[id], false).map_err(|e| ModelError::Tokenizer(e.to_string()));
+        let mut best: Vec<(f32, u32)> = Vec::new();
+        if top > 0 {
+            best = logits.iter().enumerate().map(|(i, &l)| (l, i as u32)).collect();
+            let k = top.min(best.len());
+            best.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            best.truncate(k);
+            best.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        }
+        Ok(TokenLogprob {
+            token: text(chosen)?,
+            logprob: logits.get(chosen as usize).map_or(f32::NEG_INFINITY, |l| l - log_z),
+            top: best
+                .into_iter()
+                .map(|(l, id)| Ok(TopLogprob { token: text(id)?, logprob: l - log_z }))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    fn vocab(&self) -> Result<&Vocab> {
+        self.vocab.get_or_init(|| Vocab::new(&self.tokenizer)).as_ref().map_err(|e| ModelError::Invalid(e.clone()))
+    }
+}
+
+/// Jinja's `tojson` as Hugging Face's chat templates have it: Python's
+/// `json.dumps` (separators `", "` and `": "`, keys in their order, no
+/// HTML escaping), which is what the models saw in training.
+fn tojson(value: minijinja::Value) -> std::result::Result<minijinja::Value, minijinja::Error> {
+    struct Python;
+    impl serde_json::ser::Formatter for Python {
+        fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+            if first { Ok(()) } else { w.write_all(b", ") }
+        }
+        fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+            if first { Ok(()) } else { w.write_all(b", ") }
+        }
+        fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+            w.write_all(b": ")
+        }
+    }
+    let fail = |e: String| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e);
+    let json = serde_json::to_value(&value).map_err(|e| fail(e.to_string()))?;
+    let mut out = Vec::new();
+    serde::Serialize::serialize(&json, &mut serde_json::Serializer::with_formatter(&mut out, Python))
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(minijinja::Value::from_safe_string(String::from_utf8(out).map_err(|e| fail(e.to_string()))?))
+}
+
+/// Each token's bytes, for checking tokens against a grammar.
+struct Vocab {
+    /// By token id; `None` for control tokens, which never appear in text.
+    bytes: Vec<Option<Box<[u8]>>>,
+    /// The token that is exactly this one byte.
+    byte_token: [Option<u32>; 256],
+}
+
+impl Vocab {
+    /// Reads a byte-level BPE vocabulary (GPT-2's byte-to-character map);
+    /// other vocabularies cannot be constrained byte by byte.
+    fn new(tokenizer: &Tokenizer) -> std::result::Result<Self, String> {
+        let mut char_byte = std::collections::HashMap::new();
+        let mut byte_char = ['\0'; 256];
+        let mut extra = 0u32;
+        for b in 0..=255u8 {
+            let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+            let c = if printable {
+                char::from(b)
+            } else {
+                extra += 1;
+                char::from_u32(255 + extra).unwrap_or('\0')
+            };
+            char_byte.insert(c, b);
+            byte_char[usize::from(b)] = c;
+        }
+        let added = tokenizer.get_added_tokens_decoder();
+        let size = tokenizer.get_vocab_size(true);
+        let bytes = (0..size as u32)
+            .map(|id| match added.get(&id) {
+                Some(token) if token.special => None,
+                Some(token) => Some(token.content.as_bytes().into()),
+                None => tokenizer.id_to_token(id).map(|piece| {
+                    piece
+                        .chars()
+                        .flat_map(|c| char_byte.get(&c).map_or_else(|| c.to_string().into_bytes(), |b| vec![*b]))
+                        .collect()
+                }),
+            })
+            .collect();
+        let mut byte_token = [None; 256];
+        for (b, slot) in byte_token.iter_mut().enumerate() {
+            *slot = tokenizer.token_to_id(&byte_char[b].to_string());
+        }
+        // Closing a JSON text takes printable ASCII only.
+        if let Some(b) = (0x20..0x7F).find(|&b| byte_token[b].is_none()) {
+            return Err(format!(
+                "constrained decoding needs a byte-level BPE vocabulary with a token for each printable byte \
+                 (none for {:?})",
+                char::from(b as u8)
+            ));
+        }
+        Ok(Self { bytes, byte_token })
+    }
+}
+
+/// Splits an answer into its text and the calls it makes
+/// (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, one or
+/// more). Small models sometimes leave the tags out: an answer that is
+/// nothing but such an object, naming one of the offered `tools`, is a
+/// call too. An answer whose calls do not all read as calls is all text.
+fn read_tool_calls(text: &str, tools: &[String]) -> (String, Vec<ToolCall>) {
+    let call = |inner: &str| -> Option<ToolCall> {
+        let serde_json::Value::Object(call) = serde_json::from_str::<serde_json::Value>(inner.trim()).ok()? else {
+            return None;
+        };
+        let name = call.get("name")?.as_str()?.to_string();
+        let arguments = match call.get("arguments") {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(v @ serde_json::Value::Object(_)) => v.to_string(),
+            None => "{}".into(),
+            Some(_) => return None,
+        };
+        Some(ToolCall { name, arguments })
+    };
+    let Some(first) = text.find(TOOL_CALL_OPEN) else {
+        return match call(text) {
+            Some(c) if tools.contains(&c.name) => (String::new(), vec![c]),
+            _ => (text.to_string(), Vec::new()),
+        };
+    };
+    let mut calls = Vec::new();
+    let mut rest = &text[first..];
+    while let Some(start) = rest.find(TOOL_CALL_OPEN) {
+        let body = &rest[start + TOOL_CALL_OPEN.len()..];
+        let (inner, after) = match body.find(TOOL_CALL_CLOSE) {
+            Some(end) => (&body[..end], &body[end + TOOL_CALL_CLOSE.len()..]),
+            None => (body, ""),
+        };
+        let Some(c) = call(inner) else { return (text.to_string(), Vec::new()) };
+        calls.push(c);
+        rest = after;
+    }
+    (text[..first].trim_end().to_string(), calls)
 }
 
 /// One sequence being decoded.
@@ -476,6 +819,28 @@ fn single_gguf(dir: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tool_calls_are_read_out_of_the_text() {
+        let tools = ["weather".to_string(), "time".to_string()];
+        let (text, calls) = read_tool_calls(
+            "Let me check.\n<tool_call>\n{\"name\": \"weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>{\"name\": \"time\", \"arguments\": {}}",
+            &tools,
+        );
+        assert_eq!(text, "Let me check.");
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].name, "weather");
+        assert_eq!(calls[0].arguments, r#"{"city":"Paris"}"#);
+        assert_eq!(calls[1].arguments, "{}");
+        let broken = "<tool_call>{\"name\": 3}</tool_call>";
+        assert_eq!(read_tool_calls(broken, &tools), (broken.to_string(), vec![]));
+        assert_eq!(read_tool_calls("plain", &tools), ("plain".to_string(), vec![]));
+        // Untagged: a call only if it names an offered tool.
+        let bare = " {\"name\": \"time\", \"arguments\": {\"zone\": \"UTC\"}}\n";
+        assert_eq!(read_tool_calls(bare, &tools).1[0].arguments, r#"{"zone":"UTC"}"#);
+        let json_answer = "{\"name\": \"Ada\", \"arguments\": {}}";
+        assert_eq!(read_tool_calls(json_answer, &tools).1, vec![]);
+    }
 
     #[test]
     fn stop_sequences_are_found_and_held_back() {

@@ -26,6 +26,7 @@ pub mod fetch;
 pub mod generate;
 pub mod hardware;
 pub mod heap;
+pub mod json;
 mod llama;
 mod math;
 pub mod onnx;

@@ -68,37 +68,51 @@ pub async fn run(
             Ok(ShardRun { output, input_tokens: embedded.input_tokens })
         }
         (Model::Generator(model), Work::Generate { prompts, params }) => {
-            let conversations = prompts.into_iter().map(|p| vec![ChatMessage::user(p)]).collect();
-            generate(pool, &model, conversations, &params, first_item, text).await
+            let prompts = prompts
+                .into_iter()
+                .map(|p| model.encode(&model.chat_prompt(&[ChatMessage::user(p)])?))
+                .collect::<Result<_, _>>()?;
+            generate(pool, &model, prompts, &params, first_item, text).await
+        }
+        (Model::Generator(model), Work::Complete { prompts, params }) => {
+            let prompts = prompts.iter().map(|p| model.encode(p)).collect::<Result<_, _>>()?;
+            generate(pool, &model, prompts, &params, first_item, text).await
         }
         (Model::Generator(model), Work::Chat { conversations, params }) => {
-            let conversations = conversations
+            let tools = params
+                .tools
+                .iter()
+                .map(|t| serde_json::from_str(t))
+                .collect::<Result<Vec<serde_json::Value>, _>>()
+                .map_err(|e| ModelError::Invalid(format!("a tool definition is not JSON: {e}")))?;
+            let prompts = conversations
                 .into_iter()
                 .map(|turns| {
-                    turns
+                    let messages: Vec<ChatMessage> = turns
                         .into_iter()
-                        .map(|t| ChatMessage { role: t.role.as_str().into(), content: t.content })
-                        .collect()
+                        .map(|t| ChatMessage::new(t.role.as_str(), t.content).with_calls(&t.tool_calls))
+                        .collect();
+                    model.encode(&model.chat_prompt_with_tools(&messages, &tools)?)
                 })
-                .collect();
-            generate(pool, &model, conversations, &params, first_item, text).await
+                .collect::<Result<_, _>>()?;
+            generate(pool, &model, prompts, &params, first_item, text).await
         }
         _ => Err(ShardError::WrongModel),
     }
 }
 
+/// Generates an answer to each prompt (token ids), one after another.
 async fn generate(
     pool: &Pool,
     model: &Arc<Generator>,
-    conversations: Vec<Vec<ChatMessage>>,
+    prompts: Vec<Vec<u32>>,
     params: &GenerateParams,
     first_item: u64,
     text: Option<TextStreams>,
 ) -> Result<ShardRun, ShardError> {
-    let mut answers: Vec<Generation> = Vec::with_capacity(conversations.len());
+    let mut answers: Vec<Generation> = Vec::with_capacity(prompts.len());
     let mut input_tokens = 0u64;
-    for (i, messages) in conversations.into_iter().enumerate() {
-        let ids = model.encode(&model.chat_prompt(&messages)?)?;
+    for (i, ids) in prompts.into_iter().enumerate() {
         input_tokens += ids.len() as u64;
         let item = first_item + i as u64;
         // Each item samples with its own seed: the same prompt twice in one

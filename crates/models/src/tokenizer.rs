@@ -21,6 +21,10 @@ use crate::error::{ModelError, Result};
 const TOKEN_TYPE_CONTROL: i32 = 3;
 /// GGUF token type of user-defined tokens, also matched whole.
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+/// Control tokens that are part of the answer's text: a tool call's tags
+/// (Qwen2.5's tokenizer.json marks them not special; its GGUF marks them
+/// control). Decoding keeps them, so the worker can read the calls.
+const TEXT_MARKERS: [&str; 2] = ["<tool_call>", "</tool_call>"];
 
 /// Loads a `tokenizer.json` with its padding and truncation removed: the
 /// caller decides both, so a file's fixed padding never leaks into results.
@@ -93,7 +97,7 @@ pub fn from_gguf(path: &Path, content: &Content) -> Result<(Tokenizer, Specials)
             }
             added.push(json!({
                 "id": id, "content": token, "single_word": false, "lstrip": false, "rstrip": false,
-                "normalized": false, "special": *kind == TOKEN_TYPE_CONTROL,
+                "normalized": false, "special": *kind == TOKEN_TYPE_CONTROL && !TEXT_MARKERS.contains(&token.as_str()),
             }));
         }
     }

@@ -39,6 +39,7 @@ fn advert_for(seed: u8) -> Advert {
             quantization: Quantization::F32,
             throughput: Throughput { embeddings_per_s: f32::from(seed) * 10.0, ..Throughput::default() },
             profile: Default::default(),
+            tools: false,
         }],
         hardware: Hardware { cpu_model: format!("cpu-{seed}"), cores: u32::from(seed), ..Hardware::default() },
         load: Load { queued_shards: 0, active_shards: 0, capacity: 1 },

@@ -804,5 +804,6 @@ fn model(speed: f32) -> ModelAdvert {
         quantization: Quantization::F32,
         throughput: Throughput { embeddings_per_s: speed, ..Throughput::default() },
         profile: Default::default(),
+        tools: false,
     }
 }

@@ -9,7 +9,7 @@ use mycel_api::{ApiError, SubmitRequest, Submitted, TaskEvent, TaskSummary, Task
 use mycel_market::node::{Entropy, Input, Outcome, Submission, SubmitError};
 use mycel_market::requester::Phase;
 use mycel_net::now_ms;
-use mycel_protocol::{ChatTurn, GenerateParams, ModelKind, Role, ShardOutput, Split, TaskId, Work};
+use mycel_protocol::{ChatTurn, GenerateParams, ModelKind, OutputFormat, Role, ShardOutput, Split, TaskId, Work};
 use tokio::sync::broadcast;
 use tracing::info;
 
@@ -184,6 +184,8 @@ impl Driver {
                                     text: g.text.clone(),
                                     tokens: g.tokens,
                                     finish: crate::submit::finish_name(g.finish).into(),
+                                    logprobs: g.logprobs.clone(),
+                                    tool_calls: g.tool_calls.clone(),
                                 })
                                 .collect(),
                         )
@@ -207,14 +209,36 @@ impl Driver {
 fn submission(request: SubmitRequest) -> Result<Submission> {
     let kind = match request.kind.as_str() {
         "embed" => ModelKind::Embedding,
-        "generate" | "chat" => ModelKind::Generation,
+        "generate" | "complete" | "chat" => ModelKind::Generation,
         other => {
-            return Err(ApiError::BadRequest(format!("unknown task kind {other:?} (embed, generate or chat)")).into());
+            return Err(ApiError::BadRequest(format!(
+                "unknown task kind {other:?} (embed, generate, complete or chat)"
+            ))
+            .into());
         }
     };
     if request.inputs.is_empty() && request.conversations.is_empty() {
         return Err(ApiError::BadRequest("no inputs".into()).into());
     }
+    if kind == ModelKind::Embedding && (request.logprobs.is_some() || request.json || !request.tools.is_empty()) {
+        return Err(ApiError::BadRequest("logprobs, json and tools are for generation".into()).into());
+    }
+    if !request.tools.is_empty() && request.kind != "chat" {
+        return Err(ApiError::BadRequest("tools are for chat tasks".into()).into());
+    }
+    let tools = request
+        .tools
+        .iter()
+        .map(|t| {
+            let name = t.pointer("/function/name").and_then(|n| n.as_str());
+            if t.get("type").and_then(|k| k.as_str()) != Some("function") || name.is_none_or(str::is_empty) {
+                return Err(ApiError::BadRequest(
+                    "tools: each must be {\"type\": \"function\", \"function\": {\"name\": ...}}".into(),
+                ));
+            }
+            Ok(t.to_string())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let params = GenerateParams {
         max_tokens: request.max_tokens.unwrap_or(128),
         temperature: request.temperature.unwrap_or(0.0),
@@ -222,10 +246,14 @@ fn submission(request: SubmitRequest) -> Result<Submission> {
         seed: request.seed.unwrap_or(0),
         stop: request.stop.clone(),
         stream: request.stream,
+        logprobs: request.logprobs,
+        format: if request.json { OutputFormat::JsonObject } else { OutputFormat::Text },
+        tools,
     };
     let work = match request.kind.as_str() {
         "embed" => Work::Embed { texts: request.inputs },
         "generate" => Work::Generate { prompts: request.inputs, params },
+        "complete" => Work::Complete { prompts: request.inputs, params },
         _ => {
             let conversations = request
                 .conversations
@@ -262,7 +290,11 @@ fn chat_turn(t: mycel_api::ChatTurnView) -> Result<ChatTurn> {
         "system" => Role::System,
         "user" => Role::User,
         "assistant" => Role::Assistant,
+        "tool" => Role::Tool,
         other => return Err(ApiError::BadRequest(format!("unknown chat role {other:?}")).into()),
     };
-    Ok(ChatTurn { role, content: t.content })
+    if !t.tool_calls.is_empty() && role != Role::Assistant {
+        return Err(ApiError::BadRequest("only assistant messages carry tool calls".into()).into());
+    }
+    Ok(ChatTurn { role, content: t.content, tool_calls: t.tool_calls })
 }
