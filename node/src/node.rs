@@ -102,7 +102,8 @@ impl NodeView for View {
             return Err(ApiError::BadRequest("cost_weight goes with model mycel/auto".into()));
         }
         if let Some(method) = ensemble {
-            if request.json || request.logprobs.is_some() || !request.tools.is_empty() {
+            if request.json || request.json_schema.is_some() || request.logprobs.is_some() || !request.tools.is_empty()
+            {
                 return Err(ApiError::BadRequest(
                     "JSON mode, logprobs and tools are not supported with ensembles: name one model".into(),
                 ));

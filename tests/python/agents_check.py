@@ -36,6 +36,12 @@ WEATHER = {
     },
 }
 ASK = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
+PET = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "legs": {"type": "integer"}, "kind": {"enum": ["cat", "dog"]}},
+    "required": ["name", "legs", "kind"],
+    "additionalProperties": False,
+}
 
 
 def refused(call, param):
@@ -64,6 +70,21 @@ def openai_checks(base):
         value = json.loads(r.choices[0].message.content)
         assert isinstance(value, dict), value
     print("json mode: 3 of 3 answers parse as JSON objects, e.g.", r.choices[0].message.content[:60])
+
+    # JSON schema: the types, the required members, nothing undeclared.
+    for prompt in ["Describe a cat.", "Who are you?"]:
+        r = client.chat.completions.create(
+            model=SMALL, messages=[{"role": "user", "content": prompt}], max_tokens=40, temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "pet", "strict": True, "schema": PET}},
+        )
+        pet = json.loads(r.choices[0].message.content)
+        assert set(pet) <= set(PET["properties"]) and isinstance(pet["name"], str), pet
+        assert isinstance(pet["legs"], int) and pet["kind"] in ("cat", "dog"), pet
+    unsupported = {"type": "object", "properties": {"name": {"type": "string", "pattern": "^[A-Z]"}}}
+    refused(lambda: client.chat.completions.create(
+        model=SMALL, messages=[{"role": "user", "content": "Hi"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": unsupported}}), "pattern")
+    print("json schema: answers conform, e.g.", r.choices[0].message.content[:60], "; `pattern` refused by name")
 
     # Log probabilities, carried in the worker's signed result.
     r = client.chat.completions.create(
@@ -137,8 +158,6 @@ def openai_checks(base):
         "store": {"store": True},
         "modalities": {"modalities": ["text", "audio"]},
         "tool_choice": {"tool_choice": "required", "tools": [WEATHER]},
-        "response_format": {"response_format": {"type": "json_schema",
-                                                "json_schema": {"name": "x", "schema": {"type": "object"}}}},
         "functions": {"functions": [WEATHER["function"]]},
         "temprature": {"extra_body": {"temprature": 0.2}},
     }
@@ -197,7 +216,11 @@ def ollama_checks(base):
     as_json = client.chat(model=SMALL, messages=[{"role": "user", "content": "Describe a dog."}], format="json",
                           options={"temperature": 0, "num_predict": 40})
     assert isinstance(json.loads(as_json.message.content), dict), as_json.message.content
-    print("ollama generate (raw):", repr(generated.response), "; format json parses")
+    as_pet = client.chat(model=SMALL, messages=[{"role": "user", "content": "Describe a dog."}], format=PET,
+                         options={"temperature": 0, "num_predict": 40})
+    pet = json.loads(as_pet.message.content)
+    assert isinstance(pet["legs"], int) and pet["kind"] in ("cat", "dog"), pet
+    print("ollama generate (raw):", repr(generated.response), "; format json parses; a schema holds:", pet)
 
     called = client.chat(model=CODER, messages=ASK, tools=[WEATHER], options={"temperature": 0, "num_predict": 64})
     call = called.message.tool_calls[0].function

@@ -261,17 +261,18 @@ impl Common {
                 });
             }
         });
-        submit.json = match self.format {
-            None | Some(Value::Null) => false,
-            Some(Value::String(s)) if s.is_empty() => false,
-            Some(Value::String(s)) if s == "json" => true,
+        match self.format {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) if s.is_empty() => {}
+            Some(Value::String(s)) if s == "json" => submit.json = true,
+            Some(schema @ Value::Object(_)) => submit.json_schema = Some(schema),
             Some(_) => {
                 return Err(ApiError::Param {
                     param: "format".into(),
-                    message: "\"json\" is supported (any valid JSON object); JSON schemas are not yet".into(),
+                    message: "\"json\" or a JSON Schema (an object)".into(),
                 });
             }
-        };
+        }
         submit.logprobs = match (self.logprobs, self.top_logprobs) {
             (Some(true), top) => Some(top.unwrap_or(0)),
             _ => None,

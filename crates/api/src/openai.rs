@@ -387,10 +387,23 @@ struct StreamOptions {
 enum ResponseFormat {
     Text,
     JsonObject,
-    JsonSchema {
-        #[allow(dead_code)]
-        json_schema: Value,
-    },
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+/// OpenAI's `response_format.json_schema`: the schema under `schema`;
+/// `strict` may say true (what mycel always is) or false.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonSchemaFormat {
+    #[allow(dead_code)]
+    name: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    description: Option<String>,
+    schema: Value,
+    #[serde(default)]
+    #[allow(dead_code)]
+    strict: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -541,18 +554,11 @@ pub async fn chat<N: NodeView>(
         }
         _ => None,
     };
-    submit.json = match request.response_format {
-        None | Some(ResponseFormat::Text) => false,
-        Some(ResponseFormat::JsonObject) => true,
-        Some(ResponseFormat::JsonSchema { .. }) => {
-            return Err(ApiError::Param {
-                param: "response_format".into(),
-                message: "json_schema is not supported yet; {\"type\": \"json_object\"} is (valid JSON, any members)"
-                    .into(),
-            }
-            .into());
-        }
-    };
+    match request.response_format {
+        None | Some(ResponseFormat::Text) => {}
+        Some(ResponseFormat::JsonObject) => submit.json = true,
+        Some(ResponseFormat::JsonSchema { json_schema }) => submit.json_schema = Some(json_schema.schema),
+    }
     let tools = request.tools.unwrap_or_default();
     submit.tools = match request.tool_choice.as_ref().and_then(Value::as_str) {
         _ if request.tool_choice.is_none() => tools,

@@ -201,6 +201,10 @@ pub struct SubmitRequest {
     /// to valid JSON).
     #[serde(default)]
     pub json: bool,
+    /// Generation: the answer is a JSON object valid for this JSON Schema
+    /// (a subset: types, properties, required, items, string enums).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_schema: Option<serde_json::Value>,
     /// Chat: functions the model may call, OpenAI-style
     /// (`{"type": "function", "function": {"name", "description", "parameters"}}`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -230,6 +234,7 @@ impl SubmitRequest {
             judge: None,
             logprobs: None,
             json: false,
+            json_schema: None,
             tools: Vec::new(),
         }
     }

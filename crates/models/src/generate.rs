@@ -358,11 +358,10 @@ impl Generator {
         let mut constraint = match &params.format {
             OutputFormat::Text => None,
             OutputFormat::JsonObject => Some(Json::object()),
-            other => {
-                return Err(ModelError::Invalid(format!(
-                    "output format {other:?} is not supported (a JSON object is; JSON schemas are not yet)"
-                )));
-            }
+            OutputFormat::JsonSchema(schema) => Some(Json::with_schema(Arc::new(
+                crate::json::Schema::root(schema).map_err(|e| ModelError::Invalid(format!("JSON schema: {e}")))?,
+            ))),
+            other => return Err(ModelError::Invalid(format!("output format {other:?} is not supported"))),
         };
         let vocab = if constraint.is_some() || tools { Some(self.vocab()?) } else { None };
         let budget = (params.max_tokens as usize).min(self.context - prompt.len());
@@ -478,12 +477,23 @@ impl Generator {
     ) -> Result<u32> {
         const TRIES: usize = 32;
         let closing = json.completion();
+        // The longest token that starts the completion (a byte's token at
+        // least), so closing takes as few steps as the vocabulary allows.
         let forced = |json: &mut Json| -> Result<u32> {
             let b = closing[0];
-            let id = vocab.byte_token[usize::from(b)]
+            let mut best = vocab.byte_token[usize::from(b)]
                 .ok_or_else(|| ModelError::Invalid(format!("no token for the byte {b:#04x}")))?;
-            json.push_all(&[b]);
-            Ok(id)
+            let mut best_len = 1;
+            for (id, bytes) in vocab.bytes.iter().enumerate() {
+                if let Some(bytes) = bytes
+                    && bytes.len() > best_len
+                    && closing.starts_with(bytes)
+                {
+                    (best, best_len) = (id as u32, bytes.len());
+                }
+            }
+            json.push_all(&closing[..best_len]);
+            Ok(best)
         };
         if closing.len() >= remaining {
             // Out of room: close the JSON, a byte per token.

@@ -61,6 +61,30 @@ fn json_mode_always_parses_even_when_the_budget_runs_out() {
             }
         }
     }
+    // A schema: its types, its required members, nothing else.
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"}, "age": {"type": "integer"},
+            "mood": {"enum": ["happy", "sad"]}, "tags": {"type": "array", "items": {"type": "string"}},
+        },
+        "required": ["name", "age", "mood"],
+    });
+    // The smallest valid answer, {"name":"","age":0,"mood":"happy"}, is 35
+    // bytes: any budget of at least that many tokens ends valid.
+    for (prompt, max_tokens) in [("Describe a cat.", 48), ("Who are you?", 35), ("Hi", 36)] {
+        let params = GenerateParams {
+            max_tokens,
+            format: OutputFormat::JsonSchema(schema.to_string()),
+            ..GenerateParams::default()
+        };
+        let (g, _) = chat(&model, prompt, &params);
+        let value: serde_json::Value = serde_json::from_str(&g.text).unwrap_or_else(|e| panic!("{e}: {:?}", g.text));
+        assert!(value["name"].is_string() && value["age"].is_i64(), "{value}");
+        assert!(["happy", "sad"].contains(&value["mood"].as_str().unwrap()), "{value}");
+        let known = ["name", "age", "mood", "tags"];
+        assert!(value.as_object().unwrap().keys().all(|k| known.contains(&k.as_str())), "{value}");
+    }
     // The same constrained answer twice, greedy: exactly equal (redundant
     // copies compare them).
     let params = GenerateParams { max_tokens: 40, format: OutputFormat::JsonObject, ..GenerateParams::default() };

@@ -220,7 +220,8 @@ fn submission(request: SubmitRequest) -> Result<Submission> {
     if request.inputs.is_empty() && request.conversations.is_empty() {
         return Err(ApiError::BadRequest("no inputs".into()).into());
     }
-    if kind == ModelKind::Embedding && (request.logprobs.is_some() || request.json || !request.tools.is_empty()) {
+    let generation_only = request.logprobs.is_some() || request.json || request.json_schema.is_some();
+    if kind == ModelKind::Embedding && (generation_only || !request.tools.is_empty()) {
         return Err(ApiError::BadRequest("logprobs, json and tools are for generation".into()).into());
     }
     if !request.tools.is_empty() && request.kind != "chat" {
@@ -247,7 +248,19 @@ fn submission(request: SubmitRequest) -> Result<Submission> {
         stop: request.stop.clone(),
         stream: request.stream,
         logprobs: request.logprobs,
-        format: if request.json { OutputFormat::JsonObject } else { OutputFormat::Text },
+        format: match (&request.json_schema, request.json) {
+            (Some(_), true) => {
+                return Err(ApiError::BadRequest("json and json_schema: ask for one".into()).into());
+            }
+            (Some(schema), false) => {
+                let text = schema.to_string();
+                mycel_models::json::Schema::root(&text)
+                    .map_err(|e| ApiError::Param { param: "json_schema".into(), message: e })?;
+                OutputFormat::JsonSchema(text)
+            }
+            (None, true) => OutputFormat::JsonObject,
+            (None, false) => OutputFormat::Text,
+        },
         tools,
     };
     let work = match request.kind.as_str() {
