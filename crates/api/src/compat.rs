@@ -90,6 +90,46 @@ pub(crate) async fn swarm_models<N: NodeView>(node: &N) -> Result<Vec<(ModelView
     Ok(owners.into_values().collect())
 }
 
+/// A function call as a client sends it back in an assistant message
+/// (OpenAI and Ollama alike): `{"function": {"name", "arguments"}}`, the
+/// arguments a JSON object or text holding one.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ToolCallIn {
+    function: FunctionIn,
+}
+
+#[derive(Debug, Deserialize)]
+struct FunctionIn {
+    name: String,
+    #[serde(default)]
+    arguments: Value,
+}
+
+impl ToolCallIn {
+    pub(crate) fn into_call(self) -> mycel_protocol::ToolCall {
+        let arguments = match self.function.arguments {
+            Value::String(s) => s,
+            Value::Null => "{}".into(),
+            other => other.to_string(),
+        };
+        mycel_protocol::ToolCall { name: self.function.name, arguments }
+    }
+}
+
+/// An answer's per-token log probabilities as OpenAI and Ollama both give
+/// them: token, log probability, bytes, and the top alternatives alike.
+pub(crate) fn logprob_entries(g: &crate::types::GenerationView) -> Vec<Value> {
+    let entry = |token: &str, logprob: f32| serde_json::json!({ "token": token, "logprob": logprob, "bytes": token.as_bytes() });
+    g.logprobs
+        .iter()
+        .map(|t| {
+            let mut e = entry(&t.token, t.logprob);
+            e["top_logprobs"] = t.top.iter().map(|a| entry(&a.token, a.logprob)).collect();
+            e
+        })
+        .collect()
+}
+
 /// Cancels the task if the request goes away before it finished (the
 /// client hung up), so the swarm stops working for nobody.
 pub(crate) struct CancelOnDrop<N: NodeView> {

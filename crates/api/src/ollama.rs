@@ -18,7 +18,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::compat::{self, Followed, Param, is_false, is_zero, run_task};
+use crate::compat::{self, Followed, Param, ToolCallIn, is_false, is_zero, run_task};
 use crate::types::{ChatTurnView, GenerationView, ModelView, SubmitRequest, TaskView};
 use crate::{ApiError, NodeView};
 
@@ -284,18 +284,6 @@ impl Common {
     }
 }
 
-fn logprobs(g: &GenerationView) -> Value {
-    let entry = |token: &str, logprob: f32| json!({ "token": token, "logprob": logprob, "bytes": token.as_bytes() });
-    g.logprobs
-        .iter()
-        .map(|t| {
-            let mut e = entry(&t.token, t.logprob);
-            e["top_logprobs"] = t.top.iter().map(|a| entry(&a.token, a.logprob)).collect();
-            e
-        })
-        .collect()
-}
-
 /// The closing fields of an answer: why it stopped, counts and durations
 /// (nanoseconds, as Ollama gives them).
 fn closing(view: &TaskView, g: &GenerationView, started: Instant) -> Value {
@@ -309,7 +297,7 @@ fn closing(view: &TaskView, g: &GenerationView, started: Instant) -> Value {
         "eval_count": g.tokens,
     });
     if !g.logprobs.is_empty() {
-        out["logprobs"] = logprobs(g);
+        out["logprobs"] = compat::logprob_entries(g).into();
     }
     out
 }
@@ -377,18 +365,6 @@ struct MessageIn {
     tool_calls: Option<Vec<ToolCallIn>>,
 }
 
-#[derive(Debug, Deserialize)]
-struct ToolCallIn {
-    function: FunctionIn,
-}
-
-#[derive(Debug, Deserialize)]
-struct FunctionIn {
-    name: String,
-    #[serde(default)]
-    arguments: Value,
-}
-
 fn turn(m: MessageIn) -> Result<ChatTurnView, ApiError> {
     if m.images.is_some_and(|i| !i.is_empty()) {
         return Err(ApiError::Param { param: "messages.images".into(), message: "images are not supported".into() });
@@ -396,19 +372,7 @@ fn turn(m: MessageIn) -> Result<ChatTurnView, ApiError> {
     if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool") {
         return Err(ApiError::Param { param: "messages.role".into(), message: format!("{:?} is not a role", m.role) });
     }
-    let tool_calls = m
-        .tool_calls
-        .unwrap_or_default()
-        .into_iter()
-        .map(|c| mycel_protocol::ToolCall {
-            name: c.function.name,
-            arguments: match c.function.arguments {
-                Value::String(s) => s,
-                Value::Null => "{}".into(),
-                other => other.to_string(),
-            },
-        })
-        .collect();
+    let tool_calls = m.tool_calls.unwrap_or_default().into_iter().map(ToolCallIn::into_call).collect();
     Ok(ChatTurnView { role: m.role, content: m.content.unwrap_or_default(), tool_calls })
 }
 

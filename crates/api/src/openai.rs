@@ -21,7 +21,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::compat::{self, Followed, Param, is_empty, is_false, is_zero, run_task};
+use crate::compat::{self, Followed, Param, ToolCallIn, is_empty, is_false, is_zero, run_task};
 use crate::types::{ChatTurnView, GenerationView, SubmitRequest, TaskView};
 use crate::{ApiError, NodeView};
 
@@ -415,18 +415,6 @@ struct ChatMessageIn {
     tool_calls: Option<Vec<ToolCallIn>>,
 }
 
-#[derive(Debug, Deserialize)]
-struct ToolCallIn {
-    function: FunctionIn,
-}
-
-#[derive(Debug, Deserialize)]
-struct FunctionIn {
-    name: String,
-    #[serde(default)]
-    arguments: Value,
-}
-
 fn turn(m: ChatMessageIn) -> Result<ChatTurnView, ApiError> {
     let role = match m.role.as_str() {
         "system" | "developer" => "system",
@@ -451,19 +439,7 @@ fn turn(m: ChatMessageIn) -> Result<ChatTurnView, ApiError> {
         }
         _ => return Err(ApiError::BadRequest("messages: content must be a string or text parts".into())),
     };
-    let tool_calls = m
-        .tool_calls
-        .unwrap_or_default()
-        .into_iter()
-        .map(|c| {
-            let arguments = match c.function.arguments {
-                Value::String(s) => s,
-                Value::Null => "{}".into(),
-                other => other.to_string(),
-            };
-            mycel_protocol::ToolCall { name: c.function.name, arguments }
-        })
-        .collect();
+    let tool_calls = m.tool_calls.unwrap_or_default().into_iter().map(ToolCallIn::into_call).collect();
     Ok(ChatTurnView { role: role.into(), content, tool_calls })
 }
 
@@ -494,17 +470,7 @@ fn finish_reason(g: &GenerationView) -> &'static str {
 
 /// A chat answer's log probabilities in OpenAI's shape.
 fn chat_logprobs(g: &GenerationView) -> Value {
-    let entry = |token: &str, logprob: f32| json!({ "token": token, "logprob": logprob, "bytes": token.as_bytes() });
-    let content: Vec<Value> = g
-        .logprobs
-        .iter()
-        .map(|t| {
-            let mut e = entry(&t.token, t.logprob);
-            e["top_logprobs"] = t.top.iter().map(|a| entry(&a.token, a.logprob)).collect();
-            e
-        })
-        .collect();
-    json!({ "content": content, "refusal": null })
+    json!({ "content": compat::logprob_entries(g), "refusal": null })
 }
 
 /// A chat answer's calls in OpenAI's shape; ids are the task's and the
