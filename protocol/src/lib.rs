@@ -41,7 +41,7 @@ pub use market::{
 pub use signed::{Signed, SignedKind, Verified, VerifyError};
 pub use task::{
     Aggregation, ChatTurn, GenerateParams, ModelSelector, OutputFormat, Receipt, ReceiptMismatch, Role, Split,
-    StagedMismatch, StagedReceipt, TaskId, TaskSpec, Work,
+    StagedMismatch, StagedReceipt, TaskId, TaskSpec, ToolChoice, Work,
 };
 
 #[cfg(test)]

@@ -74,6 +74,22 @@ pub struct GenerateParams {
     /// JSON text, rendered with the model's own chat template.
     #[cfg_attr(test, proptest(strategy = "proptest::collection::vec(proptest::arbitrary::any::<String>(), 0..2)"))]
     pub tools: Vec<String>,
+    /// Whether the answer must call a tool.
+    pub tool_choice: ToolChoice,
+}
+
+/// Whether a chat with tools must call one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[non_exhaustive]
+pub enum ToolChoice {
+    /// The model decides: text, calls, or both.
+    #[default]
+    Auto,
+    /// The answer is one call of one of the tools.
+    Required,
+    /// The answer is one call of this tool.
+    Function(String),
 }
 
 impl Default for GenerateParams {
@@ -88,6 +104,7 @@ impl Default for GenerateParams {
             logprobs: None,
             format: OutputFormat::Text,
             tools: Vec::new(),
+            tool_choice: ToolChoice::Auto,
         }
     }
 }
@@ -131,6 +148,12 @@ impl GenerateParams {
             short("JSON schema", schema, limits::JSON_SCHEMA)?;
         }
         at_most("tools", &self.tools, limits::TOOLS)?;
+        match &self.tool_choice {
+            ToolChoice::Auto => {}
+            _ if self.tools.is_empty() => return Err("tool_choice: a call is required but no tools are offered".into()),
+            ToolChoice::Function(name) => short("tool_choice", name, limits::SHORT_STRING)?,
+            _ => {}
+        }
         for tool in &self.tools {
             short("tool definition", tool, limits::TOOL_DEFINITION)?;
         }

@@ -120,6 +120,14 @@ def openai_checks(base):
     assert streamed_calls and streamed_calls[0].function.name == "get_weather", chunks
     assert "tool_call" not in text and '"name"' not in text, text
     print("tools: streamed as a tool_calls delta")
+    # tool_choice: a call even where the model would rather talk.
+    for choice in ["required", {"type": "function", "function": {"name": "get_weather"}}]:
+        r = client.chat.completions.create(
+            model=CODER, messages=[{"role": "user", "content": "Tell me a joke about Rome."}], tools=[WEATHER],
+            tool_choice=choice, max_tokens=48, temperature=0)
+        call = r.choices[0].message.tool_calls[0]
+        assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments), r
+    print("tool_choice required / named: a call every time, e.g.", call.function.arguments)
     # A model without a tool format says so.
     message = refused(lambda: client.chat.completions.create(model=SMALL, messages=ASK, tools=[WEATHER]), "tools")
     assert "no format for tools" in message, message
@@ -157,7 +165,8 @@ def openai_checks(base):
         "web_search_options": {"web_search_options": {}},
         "store": {"store": True},
         "modalities": {"modalities": ["text", "audio"]},
-        "tool_choice": {"tool_choice": "required", "tools": [WEATHER]},
+        "tool_choice": {"tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}},
+                        "tools": [WEATHER]},
         "functions": {"functions": [WEATHER["function"]]},
         "temprature": {"extra_body": {"temprature": 0.2}},
     }

@@ -526,17 +526,28 @@ pub async fn chat<N: NodeView>(
         Some(ResponseFormat::JsonSchema { json_schema }) => submit.json_schema = Some(json_schema.schema),
     }
     let tools = request.tools.unwrap_or_default();
-    submit.tools = match request.tool_choice.as_ref().and_then(Value::as_str) {
-        _ if request.tool_choice.is_none() => tools,
-        Some("auto") => tools,
-        Some("none") => Vec::new(),
-        _ => {
+    let named = request.tool_choice.as_ref().and_then(|c| match c.pointer("/function/name") {
+        Some(Value::String(name)) if c.get("type").and_then(Value::as_str) == Some("function") => Some(name.clone()),
+        _ => None,
+    });
+    (submit.tools, submit.tool_choice) = match (request.tool_choice.as_ref().and_then(Value::as_str), named) {
+        (None, None) if request.tool_choice.is_some() => {
             return Err(ApiError::Param {
                 param: "tool_choice".into(),
-                message: "only \"auto\" and \"none\" are supported".into(),
+                message: "\"auto\", \"none\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}"
+                    .into(),
             }
             .into());
         }
+        (None | Some("auto"), None) => (tools, None),
+        (Some("none"), _) => (Vec::new(), None),
+        (Some("required"), _) => (tools, Some("required".to_string())),
+        (Some(other), _) => {
+            return Err(
+                ApiError::Param { param: "tool_choice".into(), message: format!("{other:?} is not a choice") }.into()
+            );
+        }
+        (None, Some(name)) => (tools, Some(name)),
     };
     let one_call = request.parallel_tool_calls == Some(false);
     submit.members = request.members.unwrap_or_default();

@@ -209,6 +209,11 @@ pub struct SubmitRequest {
     /// (`{"type": "function", "function": {"name", "description", "parameters"}}`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tools: Vec<serde_json::Value>,
+    /// Chat with tools: `auto` (the default: the model decides),
+    /// `required` (the answer is a call of one of them) or a tool's name
+    /// (the answer is a call of that one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<String>,
 }
 
 impl SubmitRequest {
@@ -236,6 +241,7 @@ impl SubmitRequest {
             json: false,
             json_schema: None,
             tools: Vec::new(),
+            tool_choice: None,
         }
     }
 }

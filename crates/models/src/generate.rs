@@ -22,13 +22,14 @@ use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
 use mycel_protocol::{
-    FinishReason, GenerateParams, Generation, OutputFormat, Quantization, TokenLogprob, ToolCall, TopLogprob,
+    FinishReason, GenerateParams, Generation, OutputFormat, Quantization, TokenLogprob, ToolCall, ToolChoice,
+    TopLogprob,
 };
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::error::{ModelError, Result};
-use crate::json::Json;
+use crate::json::{Json, Schema};
 use crate::llama::{KvCache, Llama, LoadError};
 use crate::tokenizer::{self, Specials};
 
@@ -348,14 +349,30 @@ impl Generator {
         if prompt.is_empty() {
             return Err(ModelError::Invalid("empty prompt".into()));
         }
-        if prompt.len() >= self.context {
-            return Err(ModelError::TooLong { tokens: prompt.len(), max: self.context - 1 });
-        }
         let tools = !params.tools.is_empty();
         if tools && !self.supports_tools() {
             return Err(ModelError::Invalid("this model's chat template has no format for tools".into()));
         }
+        // A call the answer must be: it starts with the call tag, and its
+        // JSON names one of the allowed tools.
+        let forced_call = match &params.tool_choice {
+            ToolChoice::Auto => None,
+            choice => Some(call_schema(&params.tools, choice)?),
+        };
+        let mut prompt = std::borrow::Cow::Borrowed(prompt);
+        if forced_call.is_some() {
+            let tag = self
+                .tokenizer
+                .encode(format!("{TOOL_CALL_OPEN}\n"), false)
+                .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+            prompt.to_mut().extend_from_slice(tag.get_ids());
+        }
+        let prompt = prompt.as_ref();
+        if prompt.len() >= self.context {
+            return Err(ModelError::TooLong { tokens: prompt.len(), max: self.context - 1 });
+        }
         let mut constraint = match &params.format {
+            _ if forced_call.is_some() => forced_call.clone().map(|s| Json::with_schema(Arc::new(s))),
             OutputFormat::Text => None,
             OutputFormat::JsonObject => Some(Json::object()),
             OutputFormat::JsonSchema(schema) => Some(Json::with_schema(Arc::new(
@@ -424,8 +441,9 @@ impl Generator {
             }
             if object_closed {
                 constraint = None;
-                if !tools {
-                    // The JSON answer is whole: nothing may follow it.
+                if !tools || forced_call.is_some() {
+                    // The JSON answer (or the one call) is whole: nothing
+                    // may follow it.
                     finish = FinishReason::EndOfSequence;
                     break;
                 }
@@ -439,6 +457,9 @@ impl Generator {
         }
         if finish != FinishReason::Stop {
             text = self.decode(&generated)?;
+        }
+        if forced_call.is_some() {
+            text = format!("{TOOL_CALL_OPEN}\n{text}");
         }
         let tool_calls = if tools {
             let names: Vec<String> = params
@@ -641,6 +662,43 @@ impl Vocab {
         }
         Ok(Self { bytes, byte_token })
     }
+}
+
+/// The JSON a forced call must be: `{"name": <one of the allowed tools>,
+/// "arguments": {...}}`, the arguments held to the tool's parameter schema
+/// where there is one tool and its schema is one [`Schema`] reads (a JSON
+/// object otherwise: the schema then only guides the model, in the prompt).
+fn call_schema(tools: &[String], choice: &ToolChoice) -> Result<Schema> {
+    let defined: Vec<(String, Option<serde_json::Value>)> = tools
+        .iter()
+        .filter_map(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+        .filter_map(|t| {
+            let name = t.pointer("/function/name")?.as_str()?.to_string();
+            Some((name, t.pointer("/function/parameters").cloned()))
+        })
+        .collect();
+    let allowed: Vec<&(String, Option<serde_json::Value>)> = match choice {
+        ToolChoice::Function(name) => defined.iter().filter(|(n, _)| n == name).collect(),
+        _ => defined.iter().collect(),
+    };
+    if allowed.is_empty() {
+        return Err(ModelError::Invalid(format!("tool_choice: {choice:?} names no offered tool")));
+    }
+    let arguments = match allowed.as_slice() {
+        [(_, Some(parameters))] => match Schema::compile(parameters) {
+            Ok(s @ (Schema::Object { .. } | Schema::AnyObject)) => s,
+            _ => Schema::AnyObject,
+        },
+        _ => Schema::AnyObject,
+    };
+    let names = allowed.iter().map(|(n, _)| n.clone()).collect();
+    Ok(Schema::Object {
+        properties: vec![
+            ("name".into(), Arc::new(Schema::String(Some(names)))),
+            ("arguments".into(), Arc::new(arguments)),
+        ],
+        required: vec!["name".into(), "arguments".into()],
+    })
 }
 
 /// Splits an answer into its text and the calls it makes

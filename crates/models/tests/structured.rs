@@ -10,7 +10,7 @@ use std::ops::ControlFlow;
 
 use common::models_dir;
 use mycel_models::{ChatMessage, Device, Generator, LoadOptions};
-use mycel_protocol::{FinishReason, GenerateParams, Generation, OutputFormat};
+use mycel_protocol::{FinishReason, GenerateParams, Generation, OutputFormat, ToolChoice};
 
 fn smollm2() -> Generator {
     Generator::load(&models_dir().join("smollm2-135m-instruct"), &LoadOptions::default(), &Device::Cpu).unwrap()
@@ -170,6 +170,19 @@ fn qwen_calls_tools_in_its_own_format_and_smollm2_refuses_them() {
     let answer = model.generate(&model.encode(&prompt).unwrap(), &params, &mut |_| ControlFlow::Continue(())).unwrap();
     assert!(answer.tool_calls.is_empty(), "{answer:?}");
     assert!(answer.text.contains("21"), "{answer:?}");
+
+    // tool_choice: a call even where the model would rather talk, its
+    // arguments held to the tool's parameter schema.
+    for choice in [ToolChoice::Required, ToolChoice::Function("get_weather".into())] {
+        let params = GenerateParams { tool_choice: choice, ..params.clone() };
+        let ids = model
+            .encode(&model.chat_prompt_with_tools(&[ChatMessage::user("Tell me a joke.")], &tools).unwrap())
+            .unwrap();
+        let g = model.generate(&ids, &params, &mut |_| ControlFlow::Continue(())).unwrap();
+        assert_eq!(g.tool_calls.len(), 1, "{g:?}");
+        let args: serde_json::Value = serde_json::from_str(&g.tool_calls[0].arguments).unwrap();
+        assert!(args["city"].is_string(), "{g:?}");
+    }
 
     let small = smollm2();
     assert!(!small.supports_tools());

@@ -9,7 +9,9 @@ use mycel_api::{ApiError, SubmitRequest, Submitted, TaskEvent, TaskSummary, Task
 use mycel_market::node::{Entropy, Input, Outcome, Submission, SubmitError};
 use mycel_market::requester::Phase;
 use mycel_net::now_ms;
-use mycel_protocol::{ChatTurn, GenerateParams, ModelKind, OutputFormat, Role, ShardOutput, Split, TaskId, Work};
+use mycel_protocol::{
+    ChatTurn, GenerateParams, ModelKind, OutputFormat, Role, ShardOutput, Split, TaskId, ToolChoice, Work,
+};
 use tokio::sync::broadcast;
 use tracing::info;
 
@@ -248,6 +250,23 @@ fn submission(request: SubmitRequest) -> Result<Submission> {
         stop: request.stop.clone(),
         stream: request.stream,
         logprobs: request.logprobs,
+        tool_choice: match request.tool_choice.as_deref() {
+            None | Some("auto") => ToolChoice::Auto,
+            Some(_) if request.tools.is_empty() => {
+                return Err(ApiError::Param { param: "tool_choice".into(), message: "no tools offered".into() }.into());
+            }
+            Some("required") => ToolChoice::Required,
+            Some(name) => {
+                if !request.tools.iter().any(|t| t.pointer("/function/name").and_then(|n| n.as_str()) == Some(name)) {
+                    return Err(ApiError::Param {
+                        param: "tool_choice".into(),
+                        message: format!("{name:?} is not among the tools"),
+                    }
+                    .into());
+                }
+                ToolChoice::Function(name.to_string())
+            }
+        },
         format: match (&request.json_schema, request.json) {
             (Some(_), true) => {
                 return Err(ApiError::BadRequest("json and json_schema: ask for one".into()).into());
