@@ -123,9 +123,10 @@ fn agents_get_tools_json_logprobs_completions_and_ollama() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("net");
     let all = "all-minilm-l6-v2,smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct";
-    let manifest = up_with_models(&dir, 2, &[all, "none"]);
+    // A second SmolLM2 worker, for a task run twice and compared.
+    let manifest = up_with_models(&dir, 3, &[all, "none", "smollm2-135m-instruct"]);
     let _guard = Guard(&dir);
-    wait_for_models(&manifest.nodes[1], 3);
+    wait_for_models(&manifest.nodes[1], 4);
     let out = run_script("agents_check.py", &[manifest.nodes[1].api.as_ref()]);
     eprintln!("{out}");
     assert!(out.contains("all ok"), "{out}");

@@ -462,3 +462,42 @@ crate::wire!(ResultAck, limits::RESULT_ACK);
 impl crate::SignedKind for ResultAck {
     const DOMAIN: &'static str = "mycel/ack/1";
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(logprobs: &[(&str, f32, &[(&str, f32)])]) -> Generation {
+        let mut g = Generation::text("ab", logprobs.len() as u32, FinishReason::Length);
+        g.logprobs = logprobs
+            .iter()
+            .map(|(token, logprob, top)| TokenLogprob {
+                token: (*token).into(),
+                logprob: *logprob,
+                top: top.iter().map(|(t, l)| TopLogprob { token: (*t).into(), logprob: *l }).collect(),
+            })
+            .collect();
+        g
+    }
+
+    #[test]
+    fn copies_agree_on_tokens_exactly_and_on_log_probabilities_within_the_tolerance() {
+        let a = answer(&[("a", -0.10, &[("a", -0.10), ("x", -2.90), ("y", -3.00)]), ("b", -1.0, &[])]);
+        // Another CPU: the numbers moved a little, two close alternatives
+        // swapped, the last one fell off for one near the cut.
+        let b = answer(&[("a", -0.12, &[("a", -0.12), ("y", -2.95), ("z", -3.02)]), ("b", -1.1, &[])]);
+        assert!(a.agrees(&b, 0.5) && b.agrees(&a, 0.5));
+        assert!(!a.agrees(&b, 0.01), "beyond the tolerance");
+        // A different token, however close its probability, is a different answer.
+        let c = answer(&[("a", -0.10, &[("a", -0.10), ("x", -2.90), ("y", -3.00)]), ("c", -1.0, &[])]);
+        assert!(!a.agrees(&c, 0.5));
+        // An alternative far above the other's cut cannot simply be missing.
+        let d = answer(&[("a", -0.10, &[("a", -0.10), ("q", -0.20), ("y", -3.00)]), ("b", -1.0, &[])]);
+        assert!(!a.agrees(&d, 0.5));
+        // Text, calls and finish compare exactly.
+        let mut e = a.clone();
+        e.tool_calls.push(ToolCall { name: "f".into(), arguments: "{}".into() });
+        assert!(!a.agrees(&e, 0.5));
+        assert!(a.agrees(&a.clone(), 0.0));
+    }
+}

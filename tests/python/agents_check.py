@@ -7,12 +7,14 @@ e2e test `agents_get_tools_json_logprobs_completions_and_ollama`
 
     python agents_check.py BASE_URL
 
-The node must see SmolLM2-135M, Qwen2.5-Coder-0.5B and all-MiniLM-L6 in
-the swarm. Prints one line per check; exits non-zero on failure.
+The node must see SmolLM2-135M (on two peers), Qwen2.5-Coder-0.5B and
+all-MiniLM-L6 in the swarm. Prints one line per check; exits non-zero on failure.
 """
 
 import json
 import sys
+import time
+import urllib.request
 
 import ollama
 import openai
@@ -177,6 +179,30 @@ def openai_checks(base):
     print(f"parameters: 20 honoured in one call; {len(refusals) + 1} refused, each by name")
 
 
+def redundant_checks(base):
+    """Two workers answer the same constrained, log-probability-carrying
+    task; the requester compares their signed results (tokens exactly, log
+    probabilities within 0.5 nats) and accepts."""
+    request = {
+        "kind": "chat", "inputs": [], "model": SMALL, "redundancy": 2, "json": True, "logprobs": 2, "max_tokens": 24,
+        "conversations": [[{"role": "user", "content": "Describe a cat."}], [{"role": "user", "content": "Hi"}]],
+    }
+    post = urllib.request.Request(base + "/api/v1/tasks", data=json.dumps(request).encode(),
+                                  headers={"content-type": "application/json"})
+    task = json.load(urllib.request.urlopen(post))["task"]
+    started = time.time()
+    while True:
+        view = json.load(urllib.request.urlopen(f"{base}/api/v1/tasks/{task}"))
+        if view["state"] != "running":
+            break
+        assert time.time() - started < 300, view
+        time.sleep(0.3)
+    assert view["state"] == "done", view
+    for g in view["generations"]:
+        assert isinstance(json.loads(g["text"]), dict) and len(g["logprobs"]) == g["tokens"], g
+    print("redundancy 2: JSON with log probabilities, both copies agreed; receipt", view["receipt"][:16], "...")
+
+
 def langchain_checks(base):
     llm = ChatOpenAI(base_url=base + "/v1", api_key="unused", model=SMALL, temperature=0, max_tokens=16,
                      max_retries=0, timeout=600)
@@ -249,6 +275,7 @@ def ollama_checks(base):
 if __name__ == "__main__":
     base = sys.argv[1]
     openai_checks(base)
+    redundant_checks(base)
     langchain_checks(base)
     ollama_checks(base)
     print("all ok")
