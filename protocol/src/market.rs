@@ -467,7 +467,10 @@ impl crate::SignedKind for ResultAck {
 mod tests {
     use super::*;
 
-    fn answer(logprobs: &[(&str, f32, &[(&str, f32)])]) -> Generation {
+    /// A token, its log probability and its alternatives'.
+    type Step<'a> = (&'a str, f32, &'a [(&'a str, f32)]);
+
+    fn answer(logprobs: &[Step]) -> Generation {
         let mut g = Generation::text("ab", logprobs.len() as u32, FinishReason::Length);
         g.logprobs = logprobs
             .iter()
