@@ -381,7 +381,9 @@ pub fn write_safetensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> std
     let mut offset = 0usize;
     for (name, t) in tensors {
         let len = t.values.len() * 4;
-        header.insert(name.clone(), json!({"dtype": "F32", "shape": t.dims, "data_offsets": [offset, offset + len]}));
+        // Members in name order, as the digest pinned in fetch.rs was
+        // taken (serde_json keeps insertion order in this workspace).
+        header.insert(name.clone(), json!({"data_offsets": [offset, offset + len], "dtype": "F32", "shape": t.dims}));
         offset += len;
     }
     let mut header = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
