@@ -5,7 +5,8 @@
 //!
 //! (candle splits matmuls by `RAYON_NUM_THREADS` and element-wise kernels
 //! by `CANDLE_NUM_THREADS`: set both.) `MYCEL_BENCH_REPLICAS=N` sizes the
-//! pool line; `MYCEL_BENCH_EMBED_ONLY=1` stops after the embeddings,
+//! pool line; `MYCEL_BENCH_EMBED_ONLY=1` stops after the embeddings
+//! (`MYCEL_BENCH_EMBED=short|long` and `MYCEL_BENCH_BATCH=1` narrow them),
 //! `MYCEL_BENCH_GENERATE_ONLY=1` skips them, `MYCEL_BENCH_WEIGHTS=q4_1`
 //! (or `q8_0`, `q8_0_candle`) runs one generation row only (for profiles),
 //! `MYCEL_BENCH_GGUF=qwen2.5-coder-0.5b-instruct` measures that model
@@ -145,19 +146,33 @@ fn embeddings(dir: &std::path::Path, min: Duration, out: &mut serde_json::Map<St
     };
     out.insert("short_tokens".into(), tokens(&short).into());
     out.insert("long_tokens".into(), tokens(&long).into());
+    // `MYCEL_BENCH_EMBED=long` (or `short`) measures those texts only,
+    // at batch 1 only with `MYCEL_BENCH_BATCH=1` (for profiles).
+    let only = std::env::var("MYCEL_BENCH_EMBED").ok();
+    let batch_1_only = std::env::var("MYCEL_BENCH_BATCH").is_ok_and(|b| b == "1");
     for (name, texts) in [("short", &short), ("long", &long)] {
+        if only.as_deref().is_some_and(|o| o != name) {
+            continue;
+        }
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let b1 = rate(8, min, || {
             for t in &refs[..8] {
                 embedder.embed(&[t], 1).unwrap();
             }
         });
+        out.insert(format!("embed_{name}_b1_per_s"), b1.into());
+        if batch_1_only {
+            eprintln!("embed {name}: batch 1 {b1:.1}/s");
+            continue;
+        }
         let b32 = rate(32, min, || {
             embedder.embed(&refs, 32).unwrap();
         });
-        out.insert(format!("embed_{name}_b1_per_s"), b1.into());
         out.insert(format!("embed_{name}_b32_per_s"), b32.into());
         eprintln!("embed {name}: batch 1 {b1:.1}/s, batch 32 {b32:.1}/s");
+    }
+    if only.is_some() || batch_1_only {
+        return;
     }
     // The node's way: the worker pool with N replicas (run with
     // RAYON_NUM_THREADS=1 CANDLE_NUM_THREADS=1 for single-threaded replicas), each job a batch of

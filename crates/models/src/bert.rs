@@ -475,6 +475,20 @@ fn matmul(
         return;
     }
     let stride = |s: usize| s as isize;
+    // `gemm`'s kernels tile the destination's rows by a column of vector
+    // registers (up to 64 rows with AVX-512) and its columns by a few
+    // scalars: a 21-row product (one short text) would fill a third of
+    // each tile. With fewer rows than columns, compute the transpose
+    // instead, `dst^T = rhs^T lhs^T`: the same sums, the long side in
+    // the registers. For a dense layer this also makes `W^T`, stored
+    // (inputs x outputs) row-major, a column-major left operand, which
+    // `gemm` reads as it is, without packing.
+    let (m, n, (lhs, l), (rhs, r), dst_rs, dst_cs) = if m < n {
+        let t = |v: View| View { rows: v.cols, cols: v.rows, row_stride: v.col_stride, col_stride: v.row_stride };
+        (n, m, (rhs, t(r)), (lhs, t(l)), 1, dst_row_stride)
+    } else {
+        (m, n, (lhs, l), (rhs, r), dst_row_stride, 1)
+    };
     // SAFETY: checked above: each pointer's view lies inside its slice, and
     // the destination's rows do not overlap one another; `dst` is a unique
     // borrow, so it aliases neither operand.
@@ -485,8 +499,8 @@ fn matmul(
             n,
             k,
             dst.as_mut_ptr(),
-            1,
-            stride(dst_row_stride),
+            stride(dst_cs),
+            stride(dst_rs),
             accumulate,
             lhs.as_ptr(),
             stride(l.col_stride),
