@@ -8,9 +8,12 @@
 //! passes. Here GELU is one pass with a branch-free rational `erf` that the
 //! compiler vectorises (within 1e-6 of libm's), softmax is one pass per row
 //! of one text's scores, and the attention scale is folded into the query
-//! weights at load. Dense layers on the CPU are one GEMM each, into an
-//! output already holding the bias (and the residual, where one follows):
-//! no zero-filled output, no separate passes for the additions.
+//! weights at load. Dense layers on the CPU run on the packed kernels of
+//! `dense.rs` (chosen for the CPU at run time), into an output already
+//! holding the bias (and the residual, where one follows): no zero-filled
+//! output, no separate passes for the additions. The query, key and value
+//! projections are one product, and attention runs one (text, head) pair
+//! per job, so a single long text uses every thread.
 //!
 //! On the CPU, [`Bert::forward_packed`] runs a batch without padding:
 //! texts back to back, every per-token operation on real tokens only,
@@ -22,7 +25,9 @@ use candle_core::{CpuStorage, DType, Device, Layout, Module, Storage, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct, PositionEmbeddingType};
 
+use crate::dense::{Disjoint, Packed};
 use crate::math::{softmax_in_place, sum_lanes};
+use crate::simd::Isa;
 
 /// The encoder; `forward` returns the last hidden states.
 #[derive(Debug)]
@@ -38,9 +43,8 @@ pub struct Bert {
 
 #[derive(Debug)]
 struct Layer {
-    query: Dense,
-    key: Dense,
-    value: Dense,
+    /// The query, key and value projections as one: outputs `[q | k | v]`.
+    qkv: Dense,
     attention_out: Dense,
     attention_norm: Norm,
     intermediate: Dense,
@@ -95,13 +99,16 @@ impl Bert {
             .map(|i| {
                 let l = vb.pp(format!("encoder.layer.{i}"));
                 let a = l.pp("attention");
-                let q = a.pp("self.query");
-                let query =
-                    Dense::new((q.get((hidden, hidden), "weight")? * scale)?, (q.get(hidden, "bias")? * scale)?)?;
+                let part = |name: &str| -> candle_core::Result<(Tensor, Tensor)> {
+                    let p = a.pp(format!("self.{name}"));
+                    Ok((p.get((hidden, hidden), "weight")?, p.get(hidden, "bias")?))
+                };
+                let (q, k, v) = (part("query")?, part("key")?, part("value")?);
+                let (q_weight, q_bias) = ((q.0 * scale)?, (q.1 * scale)?);
+                let qkv =
+                    Dense::new(Tensor::cat(&[&q_weight, &k.0, &v.0], 0)?, Tensor::cat(&[&q_bias, &k.1, &v.1], 0)?)?;
                 Ok(Layer {
-                    query,
-                    key: dense(&a.pp("self.key"), hidden, hidden)?,
-                    value: dense(&a.pp("self.value"), hidden, hidden)?,
+                    qkv,
                     attention_out: dense(&a.pp("output.dense"), hidden, hidden)?,
                     attention_norm: layer_norm(&a.pp("output.LayerNorm"), hidden, config.layer_norm_eps)?,
                     intermediate: dense(&l.pp("intermediate.dense"), hidden, config.intermediate_size)?,
@@ -139,7 +146,8 @@ impl Bert {
         let heads = |t: Tensor| -> candle_core::Result<Tensor> {
             t.reshape((batch, tokens, self.heads, self.head_size))?.transpose(1, 2)?.contiguous()
         };
-        let (q, k, v) = (l.query.forward(x, None)?, l.key.forward(x, None)?, l.value.forward(x, None)?);
+        let qkv = l.qkv.forward(x, None)?;
+        let (q, k, v) = (qkv.narrow(2, 0, hidden)?, qkv.narrow(2, hidden, hidden)?, qkv.narrow(2, 2 * hidden, hidden)?);
         let scores = heads(q)?.matmul(&heads(k)?.t()?)?.broadcast_add(bias)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let context = probs.matmul(&heads(v)?)?.transpose(1, 2)?.contiguous()?.reshape((batch, tokens, hidden))?;
@@ -221,10 +229,8 @@ impl Bert {
             HiddenAct::GeluApproximate => Then::GeluTanh,
             HiddenAct::Relu => Then::Relu,
         };
-        let q = l.query.apply(x, None, Then::Nothing, threads)?;
-        let k = l.key.apply(x, None, Then::Nothing, threads)?;
-        let v = l.value.apply(x, None, Then::Nothing, threads)?;
-        let context = attention(&q, &k, &v, hidden, self.heads, spans, threads);
+        let qkv = l.qkv.apply(x, None, Then::Nothing, threads)?;
+        let context = attention(&qkv, hidden, self.heads, spans, threads);
         let mut attended = l.attention_out.apply(&context, Some(x), Then::Nothing, threads)?;
         l.attention_norm.apply(&mut attended)?;
         let inner = l.intermediate.apply(&attended, None, then, threads)?;
@@ -254,61 +260,64 @@ fn spans(lengths: &[usize]) -> Vec<Span> {
         .collect()
 }
 
-/// Self-attention one text and head at a time, straight from the
-/// projections' layout: `q`, `k`, `v` are (rows, hidden) with the heads
-/// side by side (the query already scaled), and each text attends only
-/// within its span. That is what Hugging Face's additive mask computes
-/// for right-padded texts: padded keys get a weight of exactly 0
-/// (exp(f32::MIN - max) underflows), and a real token's output never
-/// depends on a padded query. Rows outside every span are 0. Against
-/// candle's batched path this makes no per-head copies of q, k and v, no
-/// (batch, heads, tokens, tokens) score tensors, and no transpose of the
-/// result: a text's scores for one head (at most 256 x 256 here) stay in
-/// cache. Texts run in parallel when `threads` > 1.
-fn attention(q: &[f32], k: &[f32], v: &[f32], hidden: usize, heads: usize, spans: &[Span], threads: usize) -> Vec<f32> {
+/// Self-attention one text and head at a time, straight from the fused
+/// projection's layout: `qkv` is (rows, 3 x hidden), each row `[q | k |
+/// v]` with the heads side by side (the query already scaled), and each
+/// text attends only within its span. That is what Hugging Face's
+/// additive mask computes for right-padded texts: padded keys get a
+/// weight of exactly 0 (exp(f32::MIN - max) underflows), and a real
+/// token's output never depends on a padded query. The result is
+/// (rows, hidden); rows outside every span are 0. Against candle's
+/// batched path this makes no per-head copies of q, k and v, no (batch,
+/// heads, tokens, tokens) score tensors, and no transpose of the result:
+/// a text's scores for one head (at most 256 x 256 here) stay in cache.
+/// With `threads` > 1 the (text, head) pairs run in parallel, so one
+/// long text uses every thread too.
+fn attention(qkv: &[f32], hidden: usize, heads: usize, spans: &[Span], threads: usize) -> Vec<f32> {
     assert!(heads > 0 && hidden.is_multiple_of(heads), "{hidden} columns do not split into {heads} heads");
-    assert!(k.len() == q.len() && v.len() == q.len() && q.len().is_multiple_of(hidden), "attention shapes");
+    let stride = 3 * hidden;
+    assert!(qkv.len().is_multiple_of(stride), "attention shapes");
+    let rows = qkv.len() / stride;
     let head_size = hidden / heads;
-    let mut context = vec![0f32; q.len()];
-    // Each text's rows of the output, in span order, with the span.
-    let mut texts: Vec<(Span, &mut [f32])> = Vec::with_capacity(spans.len());
-    let mut rest = context.as_mut_slice();
-    let mut at = 0;
-    for &span in spans {
-        assert!(span.start >= at, "attention spans overlap or are out of order");
-        let (_, tail) = rest.split_at_mut((span.start - at) * hidden);
-        let (mine, tail) = tail.split_at_mut(span.len * hidden);
-        texts.push((span, mine));
-        rest = tail;
-        at = span.start + span.len;
+    let mut context = vec![0f32; rows * hidden];
+    for pair in spans.windows(2) {
+        assert!(pair[0].start + pair[0].len <= pair[1].start, "attention spans overlap or are out of order");
     }
-    let text = |(span, out): &mut (Span, &mut [f32])| {
+    assert!(spans.last().is_none_or(|s| s.start + s.len <= rows), "a span past the rows");
+    let work: Vec<(Span, usize)> =
+        spans.iter().filter(|s| s.len > 0).flat_map(|&s| (0..heads).map(move |h| (s, h))).collect();
+    let out = Disjoint::new(&mut context);
+    let one = |&(span, h): &(Span, usize)| {
         let n = span.len;
-        if n == 0 {
-            return;
-        }
+        let at = span.start * stride + h * head_size;
+        let (q, k, v) = (&qkv[at..], &qkv[at + hidden..], &qkv[at + 2 * hidden..]);
+        // scores = q_h k_h^T: (n x head_size) by (head_size x n), the
+        // head's rows `stride` apart.
         let mut scores = vec![0f32; n * n];
-        for h in 0..heads {
-            let at = span.start * hidden + h * head_size;
-            let (q, k, v) = (&q[at..], &k[at..], &v[at..]);
-            // scores = q_h k_h^T: (n x head_size) by (head_size x n), the
-            // head's rows `hidden` apart in its text's slice.
-            let q_h = View { rows: n, cols: head_size, row_stride: hidden, col_stride: 1 };
-            let k_h_t = View { rows: head_size, cols: n, row_stride: 1, col_stride: hidden };
-            matmul(&mut scores, n, false, (q, q_h), (k, k_h_t), gemm::Parallelism::None);
-            scores.chunks_exact_mut(n).for_each(softmax_in_place);
-            // out_h = scores v_h: (n x n) by (n x head_size), written into
-            // the head's columns of the text's rows.
-            let v_h = View { rows: n, cols: head_size, row_stride: hidden, col_stride: 1 };
-            let scores_view = View { rows: n, cols: n, row_stride: n, col_stride: 1 };
-            matmul(&mut out[h * head_size..], hidden, false, (&scores, scores_view), (v, v_h), gemm::Parallelism::None);
+        let q_h = View { rows: n, cols: head_size, row_stride: stride, col_stride: 1 };
+        let k_h_t = View { rows: head_size, cols: n, row_stride: 1, col_stride: stride };
+        matmul(&mut scores, n, false, (q, q_h), (k, k_h_t), gemm::Parallelism::None);
+        scores.chunks_exact_mut(n).for_each(softmax_in_place);
+        // out_h = scores v_h: (n x n) by (n x head_size).
+        let mut out_h = vec![0f32; n * head_size];
+        let v_h = View { rows: n, cols: head_size, row_stride: stride, col_stride: 1 };
+        let scores_view = View { rows: n, cols: n, row_stride: n, col_stride: 1 };
+        matmul(&mut out_h, head_size, false, (&scores, scores_view), (v, v_h), gemm::Parallelism::None);
+        for (r, values) in out_h.chunks_exact(head_size).enumerate() {
+            // SAFETY: spans do not overlap (checked above) and each
+            // (text, head) pair is one job: this one alone writes its
+            // text's rows in its head's columns.
+            #[allow(unsafe_code)]
+            unsafe {
+                out.add(span.start + r, h * head_size, hidden, values)
+            };
         }
     };
     if threads > 1 {
         use rayon::prelude::*;
-        texts.par_iter_mut().for_each(text);
+        work.par_iter().for_each(one);
     } else {
-        texts.iter_mut().for_each(text);
+        work.iter().for_each(one);
     }
     context
 }
@@ -349,13 +358,14 @@ fn layer_norm_row(row: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
 }
 
 /// A dense layer with bias: `x W^T + b`, plus a residual when given one.
-/// On the CPU the weight is kept transposed, `W^T` (inputs x outputs)
-/// row-major, and candle's `Linear` sees it through a transposed view of
-/// the same storage: as `W` row-major the `gemm` crate packed the whole
-/// weight on every call, half of all the time for one short text.
+/// On the CPU (f32) the weight is also packed for the kernels of
+/// `dense.rs`, which the packed forward pass uses; candle's `Linear` is
+/// the path for other devices and the tests' reference.
 #[derive(Debug)]
 struct Dense {
     linear: Linear,
+    /// The weight packed for the CPU kernels (f32 on the CPU only).
+    packed: Option<Packed>,
 }
 
 /// What a dense layer applies to its output, in place while it is still in cache.
@@ -383,10 +393,15 @@ impl Then {
 impl Dense {
     fn new(weight: Tensor, bias: Tensor) -> candle_core::Result<Self> {
         if matches!(weight.device(), Device::Cpu) && weight.dtype() == DType::F32 {
-            let transposed = weight.t()?.contiguous()?;
-            return Ok(Self { linear: Linear::new(transposed.t()?, Some(bias)) });
+            let (outputs, inputs) = weight.dims2()?;
+            let packed = {
+                let transposed = weight.t()?.contiguous()?;
+                let (storage, layout) = transposed.storage_and_layout();
+                Packed::from_transposed(cpu_f32(&storage, layout)?, inputs, outputs)
+            };
+            return Ok(Self { linear: Linear::new(weight, Some(bias)), packed: Some(packed) });
         }
-        Ok(Self { linear: Linear::new(weight, Some(bias)) })
+        Ok(Self { linear: Linear::new(weight, Some(bias)), packed: None })
     }
 
     /// `x W^T + b (+ residual)` in candle's operations, any device.
@@ -398,21 +413,18 @@ impl Dense {
         }
     }
 
-    /// The f32 CPU path over rows of `x`: one GEMM, `dst = 1 * dst + 1 * x
-    /// W^T`, into a destination filled with the bias (plus the residual),
-    /// then `then` in place. No zero-filled output, no separate passes for
-    /// the additions.
+    /// The f32 CPU path over rows of `x`: the packed kernels add `x W^T`
+    /// to a destination filled with the bias (plus the residual), then
+    /// `then` in place. No zero-filled output, no separate passes for the
+    /// additions.
     fn apply(&self, x: &[f32], residual: Option<&[f32]>, then: Then, threads: usize) -> candle_core::Result<Vec<f32>> {
-        let Some(bias) = self.linear.bias() else { candle_core::bail!("a dense layer without bias") };
-        // `W^T` contiguous where `new` stored it so (f32 on the CPU); any
-        // other weight fails `cpu_f32` below.
-        let transposed = self.linear.weight().t()?;
-        let (w_storage, w_layout) = transposed.storage_and_layout();
+        let (Some(bias), Some(packed)) = (self.linear.bias(), &self.packed) else {
+            candle_core::bail!("a dense layer without bias, or not f32 on the CPU")
+        };
         let (b_storage, b_layout) = bias.storage_and_layout();
-        let (w, b) = (cpu_f32(&w_storage, w_layout)?, cpu_f32(&b_storage, b_layout)?);
-        let outputs = b.len();
-        let inputs = w.len() / outputs.max(1);
-        if outputs == 0 || w.len() != outputs * inputs || !x.len().is_multiple_of(inputs) {
+        let b = cpu_f32(&b_storage, b_layout)?;
+        let (inputs, outputs) = (packed.inputs(), packed.outputs());
+        if b.len() != outputs || !x.len().is_multiple_of(inputs) {
             candle_core::bail!("a dense layer of {inputs} inputs was given {} values", x.len());
         }
         let rows = x.len() / inputs;
@@ -424,10 +436,7 @@ impl Dense {
             Some(r) => r.chunks_exact(outputs).for_each(|row| out.extend(row.iter().zip(b).map(|(r, b)| r + b))),
             None => (0..rows).for_each(|_| out.extend_from_slice(b)),
         }
-        let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-        let x_view = View { rows, cols: inputs, row_stride: inputs, col_stride: 1 };
-        let w_t = View { rows: inputs, cols: outputs, row_stride: outputs, col_stride: 1 };
-        matmul(&mut out, outputs, true, (x, x_view), (w, w_t), parallelism);
+        packed.accumulate(x, &mut out, threads, Isa::chosen());
         then.apply(&mut out);
         Ok(out)
     }
@@ -644,9 +653,10 @@ mod tests {
         );
         let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
         let spans: Vec<Span> = lengths.iter().enumerate().map(|(b, &len)| Span { start: b * tokens, len }).collect();
-        let ours = attention(&flat(&q), &flat(&k), &flat(&v), hidden, heads, &spans, 1);
+        let qkv = flat(&Tensor::cat(&[&q, &k, &v], 2).unwrap());
+        let ours = attention(&qkv, hidden, heads, &spans, 1);
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        assert_eq!(pool.install(|| attention(&flat(&q), &flat(&k), &flat(&v), hidden, heads, &spans, 2)), ours);
+        assert_eq!(pool.install(|| attention(&qkv, hidden, heads, &spans, 2)), ours);
 
         let mask: Vec<f32> =
             lengths.iter().flat_map(|&n| (0..tokens).map(move |t| if t < n { 1.0 } else { 0.0 })).collect();

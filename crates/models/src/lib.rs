@@ -20,6 +20,7 @@
 
 pub mod bench;
 mod bert;
+mod dense;
 pub mod embed;
 pub mod error;
 pub mod fetch;
@@ -34,6 +35,7 @@ pub mod pool;
 pub mod profile;
 pub mod registry;
 pub mod shard;
+pub mod simd;
 pub mod tokenizer;
 
 pub use embed::Embedder;
