@@ -26,8 +26,8 @@ use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct, PositionEmbeddingType};
 
 use crate::dense::{Disjoint, Packed};
-use crate::math::{softmax_in_place, sum_lanes};
-use crate::simd::Isa;
+use crate::math::{softmax_rows, sum_lanes};
+use crate::simd::{Isa, multiversion};
 
 /// The encoder; `forward` returns the last hidden states.
 #[derive(Debug)]
@@ -297,7 +297,7 @@ fn attention(qkv: &[f32], hidden: usize, heads: usize, spans: &[Span], threads: 
         let q_h = View { rows: n, cols: head_size, row_stride: stride, col_stride: 1 };
         let k_h_t = View { rows: head_size, cols: n, row_stride: 1, col_stride: stride };
         matmul(&mut scores, n, false, (q, q_h), (k, k_h_t), gemm::Parallelism::None);
-        scores.chunks_exact_mut(n).for_each(softmax_in_place);
+        softmax_rows(&mut scores, n);
         // out_h = scores v_h: (n x n) by (n x head_size).
         let mut out_h = vec![0f32; n * head_size];
         let v_h = View { rows: n, cols: head_size, row_stride: stride, col_stride: 1 };
@@ -339,14 +339,21 @@ impl Norm {
         if width == 0 || b.len() != width || !x.len().is_multiple_of(width) {
             candle_core::bail!("layer norm of width {width} over {} values", x.len());
         }
-        let eps = self.0.eps() as f32;
-        for row in x.chunks_exact_mut(width) {
-            layer_norm_row(row, w, b, eps);
-        }
+        layer_norm_rows(x, w, b, self.0.eps() as f32);
         Ok(())
     }
 }
 
+multiversion! {
+    /// [`layer_norm_row`] on each row of `x`, rows as wide as `weight`.
+    fn layer_norm_rows(x: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
+        for row in x.chunks_exact_mut(weight.len()) {
+            layer_norm_row(row, weight, bias, eps);
+        }
+    }
+}
+
+#[inline(always)]
 fn layer_norm_row(row: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
     let n = row.len() as f32;
     let mean = sum_lanes(row, |v| v) / n;
@@ -381,7 +388,13 @@ enum Then {
 
 impl Then {
     fn apply(self, out: &mut [f32]) {
-        match self {
+        activate(self, out);
+    }
+}
+
+multiversion! {
+    fn activate(then: Then, out: &mut [f32]) {
+        match then {
             Then::Nothing => {}
             Then::GeluErf => out.iter_mut().for_each(|v| *v = gelu_erf(*v)),
             Then::GeluTanh => out.iter_mut().for_each(|v| *v = gelu_tanh(*v)),
@@ -545,6 +558,7 @@ fn gelu_erf(x: f32) -> f32 {
 }
 
 /// GELU's tanh approximation, as candle's `gelu` computes it.
+#[inline(always)]
 fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())

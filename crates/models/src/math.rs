@@ -1,7 +1,17 @@
 //! Element-wise math shared by the encoder (`bert.rs`) and the llama
 //! forward pass (`llama.rs`), written so loops over it vectorise.
 
+use crate::simd::multiversion;
+
+multiversion! {
+    /// Softmax of each row of `scores` (rows `width` wide), in place.
+    pub(crate) fn softmax_rows(scores: &mut [f32], width: usize) {
+        scores.chunks_exact_mut(width.max(1)).for_each(softmax_in_place);
+    }
+}
+
 /// Softmax of one row of scores, in place.
+#[inline(always)]
 pub(crate) fn softmax_in_place(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     row.iter_mut().for_each(|x| *x = exp(*x - max));
@@ -9,12 +19,14 @@ pub(crate) fn softmax_in_place(row: &mut [f32]) {
     row.iter_mut().for_each(|x| *x *= inv);
 }
 
-/// The sum of `f` over `xs` in eight interleaved lanes, so it vectorises
-/// (a plain fold is a chain of additions the compiler must keep in order).
+/// The sum of `f` over `xs` in sixteen interleaved lanes, so it
+/// vectorises (a plain fold is a chain of additions the compiler must keep
+/// in order): one AVX-512 register, or two AVX2 ones, the same sums in the
+/// same order on both.
 #[inline(always)]
 pub(crate) fn sum_lanes(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    let mut lanes = [0f32; 8];
-    let chunks = xs.chunks_exact(8);
+    let mut lanes = [0f32; 16];
+    let chunks = xs.chunks_exact(16);
     let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
     for chunk in chunks {
         for (lane, &v) in lanes.iter_mut().zip(chunk) {

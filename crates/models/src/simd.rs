@@ -16,7 +16,8 @@ pub enum Isa {
     Portable,
     /// x86-64 AVX2 with FMA: 16 registers of 8 f32.
     Avx2,
-    /// x86-64 AVX-512 (F): 32 registers of 16 f32.
+    /// x86-64 AVX-512 (F, BW, DQ, VL: every AVX-512 CPU since Skylake-SP
+    /// and Zen 4): 32 registers of 16 f32.
     Avx512,
 }
 
@@ -40,7 +41,12 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => std::is_x86_feature_detected!("avx512f"),
+            Isa::Avx512 => {
+                std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bw")
+                    && std::is_x86_feature_detected!("avx512dq")
+                    && std::is_x86_feature_detected!("avx512vl")
+            }
             #[cfg(not(target_arch = "x86_64"))]
             Isa::Avx2 | Isa::Avx512 => false,
         }
@@ -78,6 +84,35 @@ impl Isa {
         })
     }
 }
+
+/// Defines a function whose body is written once and compiled twice: for
+/// the build's baseline, and for AVX-512, which runs where
+/// [`Isa::chosen`] is [`Isa::Avx512`]. For the loops the compiler
+/// vectorises (element-wise kernels): they get 16 lanes where the CPU has
+/// them, with no hand-written intrinsics.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+                fn wide($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                if $crate::simd::Isa::chosen() == $crate::simd::Isa::Avx512 {
+                    // SAFETY: `chosen` is AVX-512 only on a CPU that has it.
+                    #[allow(unsafe_code)]
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
 
 #[cfg(test)]
 mod tests {
