@@ -17,7 +17,7 @@ SIZES=("$@")
 [ ${#SIZES[@]} -gt 0 ] || SIZES=(10 30 50 60)
 for m in "${SIZES[@]}"; do
   {
-    out=$("$BIN" testnet up --nodes "$m" --dir "$DIR/net" --advert-interval 10s 2>&1 >/dev/null)
+    out=$("$BIN" testnet up --nodes "$m" --dir "$DIR/net" --advert-interval 10s --no-models 2>&1 >/dev/null)
     conv=$(sed -nE 's/.*converged ([0-9.]+s) after the last one started.*/\1/p' <<<"$out")
     sleep 10 # idle: let start-up allocations settle
     rss=$(python3 - "$DIR/net/testnet.json" <<'PY'

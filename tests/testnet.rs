@@ -10,7 +10,7 @@ use crate::support::mycel;
 
 pub(crate) fn up(dir: &Path, nodes: u32) -> Manifest {
     let out = mycel()
-        .args(["testnet", "up", "--nodes", &nodes.to_string(), "--advert-interval", "1s", "--dir"])
+        .args(["testnet", "up", "--nodes", &nodes.to_string(), "--advert-interval", "1s", "--no-models", "--dir"])
         .arg(dir)
         .output()
         .unwrap();
@@ -100,7 +100,7 @@ fn up_refuses_a_directory_with_a_running_testnet() {
     let dir = tmp.path().join("net");
     up(&dir, 1);
     let _guard = Guard(&dir);
-    let out = mycel().args(["testnet", "up", "--nodes", "1", "--dir"]).arg(&dir).output().unwrap();
+    let out = mycel().args(["testnet", "up", "--nodes", "1", "--no-models", "--dir"]).arg(&dir).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("already running") && err.contains("testnet down"), "{err}");
@@ -192,6 +192,65 @@ fn testnet_nodes_serve_the_models_they_are_given() {
         std::thread::sleep(Duration::from_millis(500));
     }
     down(&dir);
+}
+
+/// A newcomer's first run: `mycel models fetch` fills the default models
+/// folder, then `mycel testnet up` with no model flags serves what is
+/// there, and returns only once every node serves its models and sees the
+/// others', so the next command is answered at once (no 503).
+#[test]
+fn first_run_serves_the_fetched_models_from_the_default_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, dir) = (tmp.path().join("data"), tmp.path().join("net"));
+    // As `mycel models fetch` leaves it (one model, linked, not copied).
+    std::fs::create_dir_all(data.join("models")).unwrap();
+    std::os::unix::fs::symlink(test_models().join("all-minilm-l6-v2"), data.join("models/all-minilm-l6-v2")).unwrap();
+    let out = mycel()
+        .env("MYCEL_DATA_DIR", &data)
+        .env_remove("MYCEL_MODELS_DIR")
+        .args(["testnet", "up", "--nodes", "2", "--advert-interval", "1s", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let _guard = Guard(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "testnet up failed: {stderr}");
+    assert!(stderr.contains("every node serves its models"), "{stderr}");
+    let manifest = Manifest::read(&dir).unwrap();
+
+    // No waiting from here on: each node serves the model, each sees the other's.
+    for (i, node) in manifest.nodes.iter().enumerate() {
+        let other = &manifest.nodes[1 - i];
+        let peers = peers_seen_by(node);
+        let theirs = peers.as_array().unwrap().iter().find(|p| p["peer_id"] == other.peer_id.as_str()).unwrap();
+        assert_eq!(theirs["models"][0]["id"], "all-minilm-l6-v2", "{} sees {theirs}", node.name);
+    }
+    let input = tmp.path().join("texts.txt");
+    std::fs::write(&input, "a first run\nthat just works\n").unwrap();
+    let vectors = tmp.path().join("vectors.jsonl");
+    let out = mycel()
+        .args(["submit", "embed", "--input"])
+        .arg(&input)
+        .arg("--out")
+        .arg(&vectors)
+        .args(["--node", &manifest.nodes[0].api])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "submit failed at once after up: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(read_vectors(&vectors).len(), 2);
+
+    // Without models there, the user is told how to get some.
+    let (empty, dir2) = (tmp.path().join("empty"), tmp.path().join("net2"));
+    let out = mycel()
+        .env("MYCEL_DATA_DIR", &empty)
+        .env_remove("MYCEL_MODELS_DIR")
+        .args(["testnet", "up", "--nodes", "1", "--dir"])
+        .arg(&dir2)
+        .output()
+        .unwrap();
+    let _guard2 = Guard(&dir2);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.contains("mycel models fetch"), "{stderr}");
 }
 
 pub(crate) fn cosine(a: &[f64], b: &[f64]) -> f64 {

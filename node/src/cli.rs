@@ -660,17 +660,32 @@ pub struct TestnetUpArgs {
     #[arg(long, default_value = "120s", value_name = "DURATION")]
     pub timeout: DurationArg,
 
-    /// Serve models from this folder (see `mycel models fetch`); without
-    /// it the nodes serve none.
+    /// Serve the models in this folder [default: $MYCEL_MODELS_DIR, else
+    /// DATA_DIR/models, where `mycel models fetch` puts them]. `testnet up`
+    /// returns once every node serves its models.
     #[arg(long, value_name = "DIR")]
     pub models_dir: Option<PathBuf>,
+
+    /// Start the nodes without models (a swarm for the network alone).
+    #[arg(long, conflicts_with_all = ["models_dir", "node_models"])]
+    pub no_models: bool,
 
     /// Models per node, comma-separated ids or `none`, repeatable and used
     /// round-robin: `--node-models all-minilm-l6-v2,smollm2-135m-instruct
     /// --node-models all-minilm-l6-v2` alternates full and embedding-only
-    /// nodes [default: every model in --models-dir].
-    #[arg(long, value_name = "IDS", requires = "models_dir")]
+    /// nodes [default: every model in the models folder].
+    #[arg(long, value_name = "IDS")]
     pub node_models: Vec<String>,
+
+    /// Stop waiting for the nodes to serve their models after this long:
+    /// the testnet stays up, and `testnet up` says which are still loading.
+    #[arg(long, default_value = "600s", value_name = "DURATION")]
+    pub models_timeout: DurationArg,
+
+    /// Data directory whose `models` folder is the default one [default:
+    /// $XDG_DATA_HOME/mycel or ~/.local/share/mycel].
+    #[arg(long = "data-dir", env = "MYCEL_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
 
     /// Model worker replicas per node.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]

@@ -1,5 +1,7 @@
 //! `mycel testnet up|status|down`: the CLI face of `mycel_testnet::net`.
 
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -11,16 +13,17 @@ use crate::client::print_table;
 pub fn run(cmd: TestnetCommand) -> Result<()> {
     match cmd {
         TestnetCommand::Up(args) => {
+            let models = models_folder(&args)?;
             let opts = UpOptions {
                 bin: std::env::current_exe().context("locating the mycel binary")?,
                 nodes: args.nodes,
                 dir: args.dir.path.clone(),
                 advert_interval: args.advert_interval.0,
                 timeout: args.timeout.0,
-                node_args: node_args(&args),
+                node_args: node_args(&args, models.as_ref().map(|m| m.dir.as_path())),
                 netns: args.netns,
             };
-            if let Some(models) = &args.models_dir {
+            if let Some(Models { dir: models, .. }) = &models {
                 // Measure the models once, alone, before the nodes start:
                 // nodes measuring at the same moment would slow each other
                 // down and advertise (and cache) wrong figures.
@@ -55,6 +58,26 @@ pub fn run(cmd: TestnetCommand) -> Result<()> {
                 args.dir.path.join(net::MANIFEST).display(),
                 args.dir.path.display(),
             );
+            if let Some(models) = &models {
+                let expected = expected_models(&args, &models.ids);
+                let count: usize = expected.iter().map(BTreeSet::len).sum();
+                if count > 0 {
+                    eprintln!(
+                        "waiting until the nodes serve their {count} models (loading, measured once per machine) ..."
+                    );
+                    let started = Instant::now();
+                    let missing = net::wait_models(&report.manifest, &expected, Instant::now() + args.models_timeout.0);
+                    if missing.is_empty() {
+                        eprintln!("every node serves its models ({:.1}s).", started.elapsed().as_secs_f64());
+                    } else {
+                        eprintln!(
+                            "after {:.0}s not every model is served yet (the testnet stays up):\n  {}",
+                            started.elapsed().as_secs_f64(),
+                            missing.join("\n  ")
+                        );
+                    }
+                }
+            }
             Ok(())
         }
         TestnetCommand::Status(args) => {
@@ -158,9 +181,69 @@ pub fn run(cmd: TestnetCommand) -> Result<()> {
     }
 }
 
+/// The models folder a testnet serves, and the ids of the models in it.
+struct Models {
+    dir: PathBuf,
+    ids: Vec<String>,
+}
+
+/// `--models-dir`, else `$MYCEL_MODELS_DIR`, else the data directory's
+/// `models` (where `mycel models fetch` puts them); none with
+/// `--no-models`. A folder named on purpose must hold models; the default
+/// one may be empty (the nodes then serve none, and the user is told how
+/// to get some).
+fn models_folder(args: &crate::cli::TestnetUpArgs) -> Result<Option<Models>> {
+    if args.no_models {
+        return Ok(None);
+    }
+    let named = args.models_dir.clone().or_else(|| std::env::var_os("MYCEL_MODELS_DIR").map(PathBuf::from));
+    let dir = match &named {
+        Some(dir) => dir.clone(),
+        None => crate::cli::DataDir { path: args.data_dir.clone() }.resolve()?.join("models"),
+    };
+    let ids: Vec<String> = mycel_models::registry::scan(&dir)
+        .with_context(|| format!("reading models in {}", dir.display()))?
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    if ids.is_empty() {
+        if named.is_some() {
+            anyhow::bail!("no models in {} (get some with `mycel models fetch --dir {0}`)", dir.display());
+        }
+        anyhow::ensure!(
+            args.node_models.is_empty(),
+            "--node-models: no models in {} (get some with `mycel models fetch`, or pass --models-dir)",
+            dir.display()
+        );
+        eprintln!(
+            "no models in {}: the nodes serve none (get some with `mycel models fetch`; --no-models says you mean it)",
+            dir.display()
+        );
+        return Ok(None);
+    }
+    Ok(Some(Models { dir, ids }))
+}
+
+/// The model ids each node is to serve: its `--node-models` entry
+/// (round-robin), or every model in the folder.
+fn expected_models(args: &crate::cli::TestnetUpArgs, all: &[String]) -> Vec<BTreeSet<String>> {
+    (0..args.nodes as usize)
+        .map(|i| match args.node_models.get(i % args.node_models.len().max(1)) {
+            None => all.iter().cloned().collect(),
+            Some(list) if list == "none" => BTreeSet::new(),
+            Some(list) => list
+                .split(',')
+                .map(str::trim)
+                .filter(|m| !m.is_empty())
+                .map(|m| Path::new(m).file_name().map_or(m.to_string(), |f| f.to_string_lossy().into_owned()))
+                .collect(),
+        })
+        .collect()
+}
+
 /// Each node's flags: models round-robin, then any fault it was given.
-fn node_args(args: &crate::cli::TestnetUpArgs) -> Vec<Vec<String>> {
-    let models = model_args(args);
+fn node_args(args: &crate::cli::TestnetUpArgs, models: Option<&Path>) -> Vec<Vec<String>> {
+    let models = model_args(args, models);
     if args.fault.is_empty() {
         return models;
     }
@@ -177,9 +260,9 @@ fn node_args(args: &crate::cli::TestnetUpArgs) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// Each node's model flags, from `--models-dir` and `--node-models`.
-fn model_args(args: &crate::cli::TestnetUpArgs) -> Vec<Vec<String>> {
-    let Some(dir) = &args.models_dir else {
+/// Each node's model flags, from the models folder and `--node-models`.
+fn model_args(args: &crate::cli::TestnetUpArgs, models: Option<&Path>) -> Vec<Vec<String>> {
+    let Some(dir) = models else {
         return vec![vec!["--model".into(), "none".into()]];
     };
     let base = vec![

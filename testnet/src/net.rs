@@ -373,6 +373,78 @@ pub fn wait_converged(manifest: &Manifest, deadline: Instant) -> Result<u64> {
     }
 }
 
+/// Polls every node until it serves the models `expected[i]` (by id) and
+/// every other node's table shows them in its advert, so a task sent to
+/// any node finds them; or until `deadline`. Returns what is still
+/// missing then, one line per node ("node-01 is still loading ..."); empty
+/// when everything is served.
+pub fn wait_models(manifest: &Manifest, expected: &[BTreeSet<String>], deadline: Instant) -> Vec<String> {
+    let agent = agent();
+    let nodes: Vec<&NodeEntry> = manifest.nodes.iter().collect();
+    let none = BTreeSet::new();
+    let want = |i: usize| expected.get(i).unwrap_or(&none);
+    loop {
+        let views = on_each(&nodes, |n| served_models(&agent, n));
+        let mut missing = Vec::new();
+        for (i, (node, view)) in nodes.iter().zip(&views).enumerate() {
+            let Ok((own, _)) = view else {
+                missing.push(format!("{} does not answer", node.name));
+                continue;
+            };
+            let loading: Vec<&String> = want(i).iter().filter(|m| !own.contains(*m)).collect();
+            if !loading.is_empty() {
+                missing.push(format!("{} is still loading {}", node.name, join(&loading)));
+                continue;
+            }
+            // Whether the others have this node's advert with its models.
+            let unseen: Vec<&str> = nodes
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .filter(|(j, _)| {
+                    views[*j]
+                        .as_ref()
+                        .is_ok_and(|(_, seen)| !seen.get(&node.peer_id).is_some_and(|m| m.is_superset(want(i))))
+                })
+                .map(|(_, n)| n.name.as_str())
+                .collect();
+            if !unseen.is_empty() {
+                missing.push(format!("{}'s models have not reached {} yet", node.name, unseen.join(", ")));
+            }
+        }
+        if missing.is_empty() || Instant::now() > deadline {
+            return missing;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn join(ids: &[&String]) -> String {
+    ids.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// The model ids a node serves, and those each peer in its table serves.
+type Served = (BTreeSet<String>, std::collections::BTreeMap<String, BTreeSet<String>>);
+
+fn served_models(agent: &ureq::Agent, node: &NodeEntry) -> Result<Served> {
+    let status: StatusView = node
+        .get(agent, "/api/v1/status")
+        .call()
+        .with_context(|| format!("asking {} for its status", node.name))?
+        .body_mut()
+        .read_json()
+        .with_context(|| format!("decoding {}'s status", node.name))?;
+    let peers: Vec<PeerView> = node
+        .get(agent, "/api/v1/peers")
+        .call()
+        .with_context(|| format!("asking {} for its peers", node.name))?
+        .body_mut()
+        .read_json()
+        .with_context(|| format!("decoding {}'s peers", node.name))?;
+    let ids = |models: Vec<mycel_api::types::ModelView>| models.into_iter().map(|m| m.id).collect();
+    Ok((ids(status.models), peers.into_iter().map(|p| (p.peer_id, ids(p.models))).collect()))
+}
+
 /// `f` for every node at once, results in the nodes' order: polling 50
 /// busy nodes one after another takes seconds.
 fn on_each<T: Send>(nodes: &[&NodeEntry], f: impl Fn(&NodeEntry) -> T + Sync) -> Vec<T> {
