@@ -237,18 +237,35 @@ fn greedy_decoding_stays_faithful_after_q8_0_conversion() {
     assert!(checked >= 80, "only {checked} steps were clear enough to check");
 }
 
-/// mycel's kernels against candle's on the same weights, step by step:
-/// the same argmax wherever candle's top two are clearly apart, and logits
-/// as close as two implementations of the same quantized arithmetic get
-/// (measured: mean absolute difference 0.1-0.2, largest 2.0 over 49,152
-/// logits per step). Returns (steps compared, mean difference).
-fn engines_agree(requantize_q4_1: bool) -> (usize, f64) {
+/// How two engines' logits compare, step by step over the fixture's
+/// prompts and reference tokens.
+struct Agreement {
+    steps: usize,
+    /// Mean |mycel - candle| over every logit of every step.
+    all: f64,
+    /// Mean |mycel - candle| over the reference's five most likely tokens
+    /// of each step.
+    top: f64,
+    /// Mean |candle - llama.cpp| over those same logits.
+    candle_vs_reference: f64,
+    /// Mean |mycel - llama.cpp| over those same logits.
+    mycel_vs_reference: f64,
+}
+
+/// mycel's kernels against candle's on the same weights, step by step,
+/// on the fixture's first two prompts (40 steps): the same argmax wherever
+/// candle's top two are clearly apart, no logit off by 4 or more (a
+/// factor of e^4 in probability: a gross error, not rounding), and the
+/// mean differences, from each other and from llama.cpp, for the caller
+/// to judge.
+fn engines_agree(requantize_q4_1: bool) -> Agreement {
     let fx: GreedyFixture = fixture("smollm2-greedy.json");
     let ours = generator(&LoadOptions { requantize_q4_1, own_kernels: true });
     let candle = generator(&LoadOptions { requantize_q4_1, own_kernels: false });
     assert_eq!(ours.engine(), Engine::Mycel);
     assert_eq!(candle.engine(), Engine::Candle);
-    let (mut steps, mut total) = (0, 0f64);
+    let (mut steps, mut all, mut top, mut tops) = (0, 0f64, 0f64, 0usize);
+    let (mut candle_vs_reference, mut mycel_vs_reference) = (0f64, 0f64);
     for case in fx.cases.iter().take(2) {
         let (mut a, mut b) = (ours.session(), candle.session());
         let (mut la, mut lb) = (a.feed(&case.prompt_ids).unwrap(), b.feed(&case.prompt_ids).unwrap());
@@ -256,7 +273,14 @@ fn engines_agree(requantize_q4_1: bool) -> (usize, f64) {
             let diffs: Vec<f32> = la.iter().zip(&lb).map(|(x, y)| (x - y).abs()).collect();
             let largest = diffs.iter().copied().fold(0f32, f32::max);
             assert!(largest < 4.0, "step {i}: logits differ by {largest}");
-            total += diffs.iter().map(|&d| f64::from(d)).sum::<f64>() / diffs.len() as f64;
+            all += diffs.iter().map(|&d| f64::from(d)).sum::<f64>() / diffs.len() as f64;
+            for c in &step.top {
+                let t = c.token as usize;
+                top += f64::from((la[t] - lb[t]).abs());
+                candle_vs_reference += (f64::from(lb[t]) - c.logit).abs();
+                mycel_vs_reference += (f64::from(la[t]) - c.logit).abs();
+                tops += 1;
+            }
             steps += 1;
             let mut sorted = lb.clone();
             sorted.sort_by(|x, y| y.total_cmp(x));
@@ -267,24 +291,50 @@ fn engines_agree(requantize_q4_1: bool) -> (usize, f64) {
             lb = b.feed(&[step.token]).unwrap();
         }
     }
-    (steps, total / steps as f64)
+    let tops = tops as f64;
+    Agreement {
+        steps,
+        all: all / steps as f64,
+        top: top / tops,
+        candle_vs_reference: candle_vs_reference / tops,
+        mycel_vs_reference: mycel_vs_reference / tops,
+    }
+}
+
+/// The tolerance, derived rather than chosen: mycel's engine must be at
+/// least as faithful to llama.cpp (the fixture: the reference
+/// implementation of ggml's formats) as candle's engine is, on the same
+/// weights, measured on the logits that matter (each step's five most
+/// likely). On Q8_0 both engines run the same converted weights, so the
+/// conversion's own error counts against both alike. Measured on the
+/// AVX-512 EPYC, 40 steps: Q4_1 mycel 0.156, candle 0.189; Q8_0 mycel
+/// 0.222, candle 0.285 (mycel keeps its KV cache in f16, as llama.cpp
+/// does; candle in f32). mycel and candle differ from each other by more
+/// than either differs from llama.cpp (0.26 on Q8_0, 0.30 over all
+/// logits): a bound on that difference would measure candle, not mycel.
+/// The figures move with the engines, not with the CPU: the kernels on
+/// this path are compiled for the x86-64-v3 baseline, or chosen at run
+/// time and bit-equal across instruction sets (see `simd.rs`).
+fn at_least_as_faithful_as_candle(name: &str, a: &Agreement) {
+    eprintln!(
+        "{name}: {} steps; against llama.cpp mycel {:.4}, candle {:.4}; mycel against candle {:.4} \
+         (the reference's top five), {:.4} (every logit)",
+        a.steps, a.mycel_vs_reference, a.candle_vs_reference, a.top, a.all
+    );
+    assert!(
+        a.mycel_vs_reference <= a.candle_vs_reference,
+        "{name}: mycel is further from llama.cpp ({}) than candle is ({})",
+        a.mycel_vs_reference,
+        a.candle_vs_reference
+    );
 }
 
 #[test]
 fn mycel_kernels_agree_with_candle_on_q8_0() {
-    let (steps, mean) = engines_agree(true);
-    eprintln!("Q8_0: {steps} steps, mean logit difference mycel vs candle {mean:.4}");
-    // Measured 0.19 on AVX2 machines but 0.314 on an AVX-512 AMD EPYC (Q4_1
-    // stays at 0.193 there, and greedy steps still match llama.cpp on both):
-    // which engine's Q8_0 path moves with the CPU is not yet known (#19).
-    // The bound holds on both; the argmax and largest-difference checks in
-    // `engines_agree` are the sharp ones.
-    assert!(mean < 0.4, "mean logit difference {mean}");
+    at_least_as_faithful_as_candle("Q8_0", &engines_agree(true));
 }
 
 #[test]
 fn mycel_kernels_agree_with_candle_on_q4_1() {
-    let (steps, mean) = engines_agree(false);
-    eprintln!("Q4_1: {steps} steps, mean logit difference mycel vs candle {mean:.4}");
-    assert!(mean < 0.3, "mean logit difference {mean}");
+    at_least_as_faithful_as_candle("Q4_1", &engines_agree(false));
 }
