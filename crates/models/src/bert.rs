@@ -365,12 +365,14 @@ fn layer_norm_row(row: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
 }
 
 /// A dense layer with bias: `x W^T + b`, plus a residual when given one.
-/// On the CPU (f32) the weight is also packed for the kernels of
-/// `dense.rs`, which the packed forward pass uses; candle's `Linear` is
-/// the path for other devices and the tests' reference.
+/// On the CPU (f32) the weight is kept only packed for the kernels of
+/// `dense.rs` (keeping candle's copy too cost 40 MiB for MiniLM-L6);
+/// elsewhere as candle's `Linear`.
 #[derive(Debug)]
 struct Dense {
-    linear: Linear,
+    /// candle's layer, on devices other than the CPU.
+    linear: Option<Linear>,
+    bias: Tensor,
     /// The weight packed for the CPU kernels (f32 on the CPU only).
     packed: Option<Packed>,
 }
@@ -412,14 +414,24 @@ impl Dense {
                 let (storage, layout) = transposed.storage_and_layout();
                 Packed::from_transposed(cpu_f32(&storage, layout)?, inputs, outputs)
             };
-            return Ok(Self { linear: Linear::new(weight, Some(bias)), packed: Some(packed) });
+            return Ok(Self { linear: None, bias, packed: Some(packed) });
         }
-        Ok(Self { linear: Linear::new(weight, Some(bias)), packed: None })
+        Ok(Self { linear: Some(Linear::new(weight, Some(bias.clone()))), bias, packed: None })
     }
 
-    /// `x W^T + b (+ residual)` in candle's operations, any device.
+    /// `x W^T + b (+ residual)` in candle's operations, any device. On the
+    /// CPU the layer is rebuilt from the packed weight first (the padded
+    /// path there is the tests' reference, not a served one).
     fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let y = self.linear.forward(x)?;
+        let y = match (&self.linear, &self.packed) {
+            (Some(linear), _) => linear.forward(x)?,
+            (None, Some(packed)) => {
+                let w_t =
+                    Tensor::from_vec(packed.unpack_transposed(), (packed.inputs(), packed.outputs()), x.device())?;
+                Linear::new(w_t.t()?, Some(self.bias.clone())).forward(x)?
+            }
+            (None, None) => candle_core::bail!("a dense layer without weights"),
+        };
         match residual {
             Some(r) => y + r,
             None => Ok(y),
@@ -431,10 +443,8 @@ impl Dense {
     /// `then` in place. No zero-filled output, no separate passes for the
     /// additions.
     fn apply(&self, x: &[f32], residual: Option<&[f32]>, then: Then, threads: usize) -> candle_core::Result<Vec<f32>> {
-        let (Some(bias), Some(packed)) = (self.linear.bias(), &self.packed) else {
-            candle_core::bail!("a dense layer without bias, or not f32 on the CPU")
-        };
-        let (b_storage, b_layout) = bias.storage_and_layout();
+        let Some(packed) = &self.packed else { candle_core::bail!("a dense layer not f32 on the CPU") };
+        let (b_storage, b_layout) = self.bias.storage_and_layout();
         let b = cpu_f32(&b_storage, b_layout)?;
         let (inputs, outputs) = (packed.inputs(), packed.outputs());
         if b.len() != outputs || !x.len().is_multiple_of(inputs) {

@@ -71,6 +71,19 @@ impl Packed {
         Self { inputs, outputs, values, start }
     }
 
+    /// `W^T` back, (inputs x outputs) row-major: what
+    /// [`Self::from_transposed`] was given.
+    pub(crate) fn unpack_transposed(&self) -> Vec<f32> {
+        let mut w_t = vec![0f32; self.inputs * self.outputs];
+        for p in 0..self.outputs.div_ceil(PANEL) {
+            let width = PANEL.min(self.outputs - p * PANEL);
+            for (k, row) in self.panel(p).chunks_exact(PANEL).enumerate() {
+                w_t[k * self.outputs + p * PANEL..][..width].copy_from_slice(&row[..width]);
+            }
+        }
+        w_t
+    }
+
     pub(crate) fn inputs(&self) -> usize {
         self.inputs
     }
@@ -357,6 +370,7 @@ mod tests {
             let w_t = pseudo_random(inputs * outputs, 2);
             let start = pseudo_random(rows * outputs, 3);
             let packed = Packed::from_transposed(&w_t, inputs, outputs);
+            assert_eq!(packed.unpack_transposed(), w_t, "packing loses nothing");
             let exact: Vec<f64> = (0..rows * outputs)
                 .map(|i| {
                     let (r, o) = (i / outputs, i % outputs);
