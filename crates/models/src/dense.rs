@@ -12,9 +12,9 @@
 //! reads only its share of the weight.
 //!
 //! Every kernel computes the same sums in the same order (per output: the
-//! inputs in order, one fused multiply-add each), so the instruction sets
-//! agree to the bit wherever the compiler fuses the portable path's
-//! multiply-adds too, and to rounding otherwise (tested).
+//! inputs in order, one fused multiply-add each; the portable kernel's
+//! `mul_add` is fused too), so the instruction sets agree to the bit
+//! (tested on every set the CPU has).
 
 use crate::simd::Isa;
 
