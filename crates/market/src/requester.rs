@@ -230,6 +230,16 @@ struct ShardState {
     accepted: Option<PublicKey>,
 }
 
+/// Shards whose input another shard repeats, by input digest.
+fn copies(shards: &[ShardState]) -> BTreeMap<Digest, Vec<u32>> {
+    let mut by_input: BTreeMap<Digest, Vec<u32>> = BTreeMap::new();
+    for s in shards {
+        by_input.entry(s.plan.input).or_default().push(s.plan.index);
+    }
+    by_input.retain(|_, shards| shards.len() > 1);
+    by_input
+}
+
 impl ShardState {
     /// The accepted result, once decided.
     fn done(&self) -> Option<&VerifiedResult> {
@@ -306,6 +316,11 @@ pub struct Requester {
     /// When it completed (the receipt's time), or why it failed.
     completed_ms: Option<u64>,
     failure: Option<String>,
+    /// Shards whose input another shard repeats (an ensemble's samples of
+    /// one prompt), by input digest: such copies go to different peers
+    /// where there are. Rebuilt from the plan, not journaled.
+    #[serde(skip)]
+    copies: BTreeMap<Digest, Vec<u32>>,
 }
 
 // The journal stores the requester with the protocol's codec, in parts: the
@@ -405,6 +420,7 @@ impl Requester {
             })
             .collect();
         Ok(Self {
+            copies: copies(&shards),
             task,
             spec_digest: Digest::of(&spec.encode()?),
             model,
@@ -472,6 +488,7 @@ impl Requester {
             requester.shards.push(state);
         }
         requester.plan_journaled = true;
+        requester.copies = copies(&requester.shards);
         Ok(requester)
     }
 
@@ -936,6 +953,18 @@ impl Requester {
     }
 
     fn best_free_bidder(&self, now_ms: u64, shard: &ShardState) -> Option<PublicKey> {
+        // Copies of one input (samples for a vote) are worth most on
+        // different peers: a peer holding one already comes after every
+        // free peer holding none. 0 for everyone on other tasks.
+        let held = |peer: &PublicKey| {
+            self.copies.get(&shard.plan.input).map_or(0, |copies| {
+                copies
+                    .iter()
+                    .filter_map(|i| self.shards.get(*i as usize))
+                    .filter(|s| s.running.contains(peer) || s.results.contains_key(peer))
+                    .count()
+            })
+        };
         self.offers
             .iter()
             .filter(|(peer, offer)| {
@@ -948,11 +977,12 @@ impl Requester {
                     && !shard.excluded.contains(*peer)
                     && self.affordable(offer.bid.price.micros_per_unit.saturating_mul(shard.plan.units))
             })
-            .min_by(|(_, a), (_, b)| {
+            .min_by(|(pa, a), (pb, b)| {
                 let finish =
                     |o: &Offer| o.bid.queue_ms as f64 + shard.plan.units as f64 * 1000.0 / f64::from(o.bid.units_per_s);
-                finish(a)
-                    .total_cmp(&finish(b))
+                held(pa)
+                    .cmp(&held(pb))
+                    .then(finish(a).total_cmp(&finish(b)))
                     .then(a.bid.price.cmp(&b.bid.price))
                     .then(b.reputation.total_cmp(&a.reputation))
             })

@@ -337,6 +337,30 @@ fn shards_are_auctioned_awarded_verified_and_aggregated_in_order() {
     assert!(sim.penalised.is_empty());
 }
 
+/// Copies of one input (an ensemble's samples of one prompt) go to
+/// different peers while there are free ones, even where one peer could
+/// take them all; shards of different inputs still go to the best bidder
+/// first, as before.
+#[test]
+fn copies_of_one_input_go_to_different_peers() {
+    let awards = |texts: Vec<String>| {
+        let spec = TaskSpec { work: Work::Embed { texts }, ..spec(3, 1, 1) };
+        let mut sim = Sim::new(&spec, 3, Config::default());
+        for w in 0..3 {
+            sim.bid(w, 4);
+        }
+        sim.advance(Config::default().bid_window_ms);
+        let mut shards: Vec<usize> = sim.inbox.values().map(|a| a.iter().map(|a| a.shards.len()).sum()).collect();
+        sim.run_all();
+        check_output(&sim, &spec);
+        shards.sort_unstable();
+        shards
+    };
+    assert_eq!(awards(vec!["the same prompt".to_string(); 3]), [1, 1, 1], "one copy per peer");
+    let distinct = (0..3).map(|i| format!("text number {i}")).collect();
+    assert_eq!(awards(distinct), [3], "the best bidder takes what it can, as before");
+}
+
 #[test]
 fn usage_sums_the_accepted_claims_and_progress_names_the_busy_peers() {
     let spec = spec(40, 10, 1);
