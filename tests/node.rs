@@ -94,3 +94,63 @@ fn unreachable_bootstrap_is_one_warning_and_sigterm_stops_cleanly() {
     assert!(err.contains("stopped"), "{err}");
     assert!(!data.join("node.json").exists(), "runtime file removed on shutdown");
 }
+
+/// The shipped systemd unit (`node/systemd/mycel-node.service`): it
+/// passes `systemd-analyze verify` where systemd is installed, and the
+/// settings it gives in `Environment=` lines, with nothing on the command
+/// line but its own flags, start a node on the listen addresses it names
+/// that stops cleanly on SIGTERM (ports and data directory swapped for
+/// free ones here).
+#[test]
+fn the_systemd_unit_verifies_and_its_settings_start_a_node() {
+    let unit =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../node/systemd/mycel-node.service")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mycel_bin = mycel().get_program().to_owned();
+    match std::process::Command::new("systemd-analyze").arg("--version").output() {
+        Ok(_) => {
+            let copy = tmp.path().join("mycel-node.service");
+            std::fs::write(&copy, unit.replace("/usr/local/bin/mycel", &mycel_bin.to_string_lossy())).unwrap();
+            let out = std::process::Command::new("systemd-analyze").arg("verify").arg(&copy).output().unwrap();
+            assert!(out.status.success(), "systemd-analyze verify: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Err(_) => eprintln!("skipping systemd-analyze verify: systemd-analyze is not installed"),
+    }
+    let env: Vec<(String, String)> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("Environment="))
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let listen = &env.iter().find(|(k, _)| k == "MYCEL_LISTEN").expect("the unit names listen addresses").1;
+    assert!(listen.contains("/tcp/4001") && listen.contains("/udp/4001/quic-v1"), "{listen}");
+    let (tcp, udp) = (free_port(), free_port());
+    let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=/usr/local/bin/mycel ")).expect("ExecStart");
+    let data = tmp.path().join("data");
+    let child = mycel()
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("MYCEL_DATA_DIR", &data)
+        .env("MYCEL_API", "127.0.0.1:0")
+        .env("MYCEL_NO_MDNS", "true")
+        .env(
+            "MYCEL_LISTEN",
+            listen
+                .replace("0.0.0.0", "127.0.0.1")
+                .replace("tcp/4001", &format!("tcp/{tcp}"))
+                .replace("udp/4001", &format!("udp/{udp}")),
+        )
+        .args(exec.split_whitespace())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", tcp)).is_err() {
+        assert!(Instant::now() < deadline, "the node never listened on its TCP port");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(mycel_testnet::signal(child.id() as i32, 15));
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "SIGTERM should stop the node cleanly: {:?}\n{err}", out.status);
+    assert!(err.contains(&format!("/udp/{udp}/quic-v1")), "listens on QUIC too: {err}");
+}
