@@ -297,14 +297,18 @@ fn agent() -> ureq::Agent {
 
 /// The PeerIds in a node's capability table.
 pub fn known_peers(agent: &ureq::Agent, node: &NodeEntry) -> Result<BTreeSet<String>> {
-    let peers: Vec<PeerView> = node
-        .get(agent, "/api/v1/peers")
+    let peers: Vec<PeerView> = get_json(agent, node, "peers")?;
+    Ok(peers.into_iter().map(|p| p.peer_id).collect())
+}
+
+/// `GET /api/v1/{what}` on `node`, decoded.
+fn get_json<T: serde::de::DeserializeOwned>(agent: &ureq::Agent, node: &NodeEntry, what: &str) -> Result<T> {
+    node.get(agent, &format!("/api/v1/{what}"))
         .call()
-        .with_context(|| format!("asking {} for its peers", node.name))?
+        .with_context(|| format!("asking {} for its {what}", node.name))?
         .body_mut()
         .read_json()
-        .with_context(|| format!("decoding {}'s peers", node.name))?;
-    Ok(peers.into_iter().map(|p| p.peer_id).collect())
+        .with_context(|| format!("decoding {}'s {what}", node.name))
 }
 
 fn unix_ms() -> u64 {
@@ -314,13 +318,7 @@ fn unix_ms() -> u64 {
 /// How many peers a node's capability table holds, and when the last one
 /// joined it (ms since the Unix epoch).
 pub fn peer_count(agent: &ureq::Agent, node: &NodeEntry) -> Result<(usize, Option<u64>)> {
-    let status: StatusView = node
-        .get(agent, "/api/v1/status")
-        .call()
-        .with_context(|| format!("asking {} for its status", node.name))?
-        .body_mut()
-        .read_json()
-        .with_context(|| format!("decoding {}'s status", node.name))?;
+    let status: StatusView = get_json(agent, node, "status")?;
     Ok((status.known_peers, status.table_grew_at_ms))
 }
 
@@ -427,20 +425,8 @@ fn join(ids: &[&String]) -> String {
 type Served = (BTreeSet<String>, std::collections::BTreeMap<String, BTreeSet<String>>);
 
 fn served_models(agent: &ureq::Agent, node: &NodeEntry) -> Result<Served> {
-    let status: StatusView = node
-        .get(agent, "/api/v1/status")
-        .call()
-        .with_context(|| format!("asking {} for its status", node.name))?
-        .body_mut()
-        .read_json()
-        .with_context(|| format!("decoding {}'s status", node.name))?;
-    let peers: Vec<PeerView> = node
-        .get(agent, "/api/v1/peers")
-        .call()
-        .with_context(|| format!("asking {} for its peers", node.name))?
-        .body_mut()
-        .read_json()
-        .with_context(|| format!("decoding {}'s peers", node.name))?;
+    let status: StatusView = get_json(agent, node, "status")?;
+    let peers: Vec<PeerView> = get_json(agent, node, "peers")?;
     let ids = |models: Vec<mycel_api::types::ModelView>| models.into_iter().map(|m| m.id).collect();
     Ok((ids(status.models), peers.into_iter().map(|p| (p.peer_id, ids(p.models))).collect()))
 }

@@ -347,16 +347,7 @@ impl<'a> Disjoint<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::math::pseudo_random;
 
     /// Every kernel this CPU can run, every tile height, ragged panels and
     /// 1 or 2 threads, against sums in f64: within f32 rounding of the

@@ -61,6 +61,19 @@ pub(crate) fn exp(x: f32) -> f32 {
     p * f32::from_bits(biased << 23)
 }
 
+/// Values in [-1, 1) from a fixed linear congruential sequence: test data
+/// that is the same on every machine.
+#[cfg(test)]
+pub(crate) fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
