@@ -95,6 +95,35 @@ fn unreachable_bootstrap_is_one_warning_and_sigterm_stops_cleanly() {
     assert!(!data.join("node.json").exists(), "runtime file removed on shutdown");
 }
 
+/// A stop asked for while the node is still starting (systemd's stop
+/// right after start, Ctrl-C at once) is a clean stop, whatever step the
+/// node had reached: it once failed with "the network has stopped" when
+/// the signal beat the first advert.
+#[test]
+fn sigterm_at_any_moment_of_startup_stops_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    for i in 0..16u64 {
+        let data = tmp.path().join(format!("n{i}"));
+        let child = mycel()
+            .args(["node", "--no-mdns", "--api", "127.0.0.1:0", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
+            .arg(&data)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // From before the process has set up its signal handler to after
+        // it is serving, in steps of 3 ms.
+        std::thread::sleep(Duration::from_millis(3 * i));
+        assert!(mycel_testnet::signal(child.id() as i32, 15));
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        // Killed by the signal before the handler was installed is the
+        // other acceptable ending; an error exit is not.
+        let by_signal = std::os::unix::process::ExitStatusExt::signal(&out.status) == Some(15);
+        assert!(out.status.success() || by_signal, "SIGTERM after {} ms: {:?}\n{err}", 3 * i, out.status);
+        assert!(!err.contains("error"), "SIGTERM after {} ms:\n{err}", 3 * i);
+    }
+}
+
 /// The shipped systemd unit (`node/systemd/mycel-node.service`): it
 /// passes `systemd-analyze verify` where systemd is installed, and the
 /// settings it gives in `Environment=` lines, with nothing on the command
@@ -127,7 +156,7 @@ fn the_systemd_unit_verifies_and_its_settings_start_a_node() {
     let (tcp, udp) = (free_port(), free_port());
     let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=/usr/local/bin/mycel ")).expect("ExecStart");
     let data = tmp.path().join("data");
-    let child = mycel()
+    let mut child = mycel()
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("MYCEL_DATA_DIR", &data)
         .env("MYCEL_API", "127.0.0.1:0")
@@ -143,14 +172,31 @@ fn the_systemd_unit_verifies_and_its_settings_start_a_node() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Wait for the node to say it listens on both addresses (the ports
+    // being bound is not enough: the log line comes a moment later).
+    let (lines_tx, lines) = std::sync::mpsc::sync_channel(256);
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let (want_tcp, want_udp) = (format!("/tcp/{tcp}"), format!("/udp/{udp}/quic-v1"));
+    let mut err = String::new();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", tcp)).is_err() {
-        assert!(Instant::now() < deadline, "the node never listened on its TCP port");
-        std::thread::sleep(Duration::from_millis(20));
+    while !(err.contains(&want_tcp) && err.contains(&want_udp)) {
+        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => err.push_str(&(line + "\n")),
+            Err(_) => panic!("the node never said it listens on {want_tcp} and {want_udp}:\n{err}"),
+        }
     }
+    assert!(std::net::TcpStream::connect(("127.0.0.1", tcp)).is_ok(), "TCP port {tcp} accepts connections");
     assert!(mycel_testnet::signal(child.id() as i32, 15));
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "SIGTERM should stop the node cleanly: {:?}\n{err}", out.status);
-    assert!(err.contains(&format!("/udp/{udp}/quic-v1")), "listens on QUIC too: {err}");
+    // Read to the end (the node closing stderr as it exits), then reap it.
+    err.extend(lines.iter().map(|l| l + "\n"));
+    reader.join().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM should stop the node cleanly: {status:?}\n{err}");
+    assert!(err.contains("\"stopped\""), "the node says it stopped: {err}");
 }

@@ -300,7 +300,15 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
         price: Price::default(),
         listen_addrs: Vec::new(),
     };
-    net.set_advert(advert.clone()).await?;
+    if let Err(e) = net.set_advert(advert.clone()).await {
+        // Stopped before it started: the network went first.
+        if shutdown.is_cancelled() {
+            let _ = net_task.await;
+            info!("stopped");
+            return Ok(());
+        }
+        return Err(e.into());
+    }
 
     // Models load (and are measured, once per machine) in the background:
     // the node is in the swarm meanwhile and advertises them when ready.
@@ -353,55 +361,61 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
         peer_id: peer_id.to_string(),
     };
     let mut written = false;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            loaded = async {
-                match loading.as_mut() {
-                    Some(task) => task.await,
-                    None => std::future::pending().await,
-                }
-            }, if loading.is_some() => {
-                loading = None;
-                let models = loaded.context("model loading task failed")??;
-                advert.models = models.adverts();
-                advert.load.capacity = models.pool.config().replicas as u32;
-                net.set_advert(advert.clone()).await?;
-                info!(models = advert.models.len(), "models ready");
-                let models = Arc::new(models);
-                if let Err(e) = routing.models_ready(models.clone()) {
-                    warn!(error = %format!("{e:#}"), "mycel/auto is off: the router could not open");
-                }
-                let _ = market.send(crate::market::Command::ModelsReady(models)).await;
-            }
-            event = events.recv() => {
-                let Some(event) = event else { break };
-                match event {
-                    Event::Listening(_) => {
-                        let addrs = net.listen_addrs().await.unwrap_or_default();
-                        runtime_file.write(&addrs)?;
-                        written = true;
+    let outcome: Result<()> = async {
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                loaded = async {
+                    match loading.as_mut() {
+                        Some(task) => task.await,
+                        None => std::future::pending().await,
                     }
-                    Event::Advert { peer, new, advert } => {
-                        if new {
-                            info!(%peer, "peer joined");
+                }, if loading.is_some() => {
+                    loading = None;
+                    let models = loaded.context("model loading task failed")??;
+                    advert.models = models.adverts();
+                    advert.load.capacity = models.pool.config().replicas as u32;
+                    net.set_advert(advert.clone()).await?;
+                    info!(models = advert.models.len(), "models ready");
+                    let models = Arc::new(models);
+                    if let Err(e) = routing.models_ready(models.clone()) {
+                        warn!(error = %format!("{e:#}"), "mycel/auto is off: the router could not open");
+                    }
+                    let _ = market.send(crate::market::Command::ModelsReady(models)).await;
+                }
+                event = events.recv() => {
+                    let Some(event) = event else { break };
+                    match event {
+                        Event::Listening(_) => {
+                            let addrs = net.listen_addrs().await.unwrap_or_default();
+                            runtime_file.write(&addrs)?;
+                            written = true;
                         }
-                        let _ = market.send(crate::market::Command::Advert { peer, advert }).await;
+                        Event::Advert { peer, new, advert } => {
+                            if new {
+                                info!(%peer, "peer joined");
+                            }
+                            let _ = market.send(crate::market::Command::Advert { peer, advert }).await;
+                        }
+                        Event::Expired(peer) => {
+                            info!(%peer, "peer expired");
+                            let _ = market.send(crate::market::Command::PeerLost(peer)).await;
+                        }
+                        Event::Misbehaviour { peer, reason } => warn!(%peer, %reason, "peer misbehaved"),
+                        Event::Market { peer, message } => {
+                            let _ = market.send(crate::market::Command::Inbound { from: peer, message }).await;
+                        }
+                        _ => {}
                     }
-                    Event::Expired(peer) => {
-                        info!(%peer, "peer expired");
-                        let _ = market.send(crate::market::Command::PeerLost(peer)).await;
-                    }
-                    Event::Misbehaviour { peer, reason } => warn!(%peer, %reason, "peer misbehaved"),
-                    Event::Market { peer, message } => {
-                        let _ = market.send(crate::market::Command::Inbound { from: peer, message }).await;
-                    }
-                    _ => {}
                 }
             }
         }
+        Ok(())
     }
+    .await;
     info!("shutting down");
+    let stop_requested = shutdown.is_cancelled();
     shutdown.cancel();
     let _ = net_task.await;
     match api_task.await {
@@ -412,8 +426,15 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
     if written {
         let _ = std::fs::remove_file(data_dir.join(RUNTIME_FILE));
     }
-    info!("stopped");
-    Ok(())
+    match outcome {
+        // A stop asked for while starting can stop the network under a
+        // step that needs it: the stop is what happened, not an error.
+        Err(e) if !stop_requested => Err(e),
+        _ => {
+            info!("stopped");
+            Ok(())
+        }
+    }
 }
 
 struct RuntimeFileWriter {
