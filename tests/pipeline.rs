@@ -56,6 +56,37 @@ fn search_embeds_a_corpus_once_and_then_only_each_query() {
     assert_eq!(second["hits"][0]["index"], 42, "{second:#}");
     assert_eq!((second["embedded"].as_u64(), second["cached"].as_u64()), (Some(1), Some(300)), "{second:#}");
 
+    // As a job (what the CLI asks for, to show a progress bar): answered at
+    // once with an id, the embedding task's progress shown as the job's,
+    // the answer in the job's view when it is done.
+    let mut more = corpus.clone();
+    more.extend((0..60).map(|i| format!("Extra line {i}: the tide came in over the sand")));
+    let body = json!({"corpus": more, "query": "Which famous tower stands in Paris?", "top": 2});
+    let response =
+        ureq::post(&format!("{api}/api/v1/search")).header("prefer", "respond-async").send_json(&body).unwrap();
+    assert_eq!(response.status(), 202);
+    let job: Value = response.into_body().read_json().unwrap();
+    let job = job["task"].as_str().unwrap().to_string();
+    let started = std::time::Instant::now();
+    let view = loop {
+        let view: Value =
+            ureq::get(&format!("{api}/api/v1/tasks/{job}")).call().unwrap().into_body().read_json().unwrap();
+        if view["state"] != "running" {
+            break view;
+        }
+        assert!(started.elapsed().as_secs() < 120, "the search job never ended: {view:#}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(view["state"], "done", "{view:#}");
+    assert_eq!(view["search"]["hits"][0]["index"], 137, "{view:#}");
+    assert_eq!(
+        (view["search"]["embedded"].as_u64(), view["search"]["cached"].as_u64()),
+        (Some(60), Some(301)),
+        "the query was asked before"
+    );
+    let shards = view["shards"].as_u64().unwrap();
+    assert!(shards >= 1 && view["shards_done"].as_u64() == Some(shards), "the embedding's progress: {view:#}");
+
     // Bad requests are clear 4xx.
     let code = |body: Value| match search(&api, &body) {
         Err(ureq::Error::StatusCode(c)) => c,

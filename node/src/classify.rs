@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::market::Command;
 use crate::search::{Searches, cosine, model};
+use crate::tasks::Progress;
 
 const MAX_INPUTS: usize = 100_000;
 const MAX_LABELS: usize = 64;
@@ -111,6 +112,53 @@ pub fn cross_validate(x: &[Vec<f32>], y: &[usize], classes: usize) -> f32 {
     right as f32 / x.len().max(1) as f32
 }
 
+/// A classification request that passed its checks: its labels' anchors,
+/// its examples' classes and the model it will use.
+pub struct Classify {
+    request: ClassifyRequest,
+    anchors: Vec<(String, String)>,
+    classes: Vec<usize>,
+    model_id: String,
+    weights: mycel_protocol::Digest,
+}
+
+impl Classify {
+    /// Checks `request`: what is wrong with it, before any work starts.
+    pub fn check(request: ClassifyRequest, adverts: &[Advert]) -> Result<Self, ApiError> {
+        let bad = |why: String| Err(ApiError::BadRequest(why));
+        if request.inputs.is_empty() || request.inputs.len() > MAX_INPUTS {
+            return bad(format!("inputs: 1..={MAX_INPUTS} texts"));
+        }
+        if !(2..=MAX_LABELS).contains(&request.labels.len()) {
+            return bad(format!("labels: 2..={MAX_LABELS}"));
+        }
+        if request.train.len() > MAX_TRAIN {
+            return bad(format!("train: at most {MAX_TRAIN} examples"));
+        }
+        let anchors: Vec<(String, String)> = request.labels.iter().map(|l| anchor(l)).collect();
+        if anchors.iter().any(|(name, _)| name.is_empty()) {
+            return bad("labels: an empty label".into());
+        }
+        let mut classes = Vec::with_capacity(request.train.len());
+        for example in &request.train {
+            match anchors.iter().position(|(name, _)| *name == example.label) {
+                Some(c) => classes.push(c),
+                None => return bad(format!("train: label {:?} is not one of the labels", example.label)),
+            }
+        }
+        if !request.train.is_empty() && (0..anchors.len()).any(|c| !classes.contains(&c)) {
+            return bad("train: every label needs at least one example".into());
+        }
+        let (model_id, weights) = model(adverts, request.model.as_deref())?;
+        Ok(Self { request, anchors, classes, model_id, weights })
+    }
+
+    /// The embedding model's id.
+    pub fn model(&self) -> &str {
+        &self.model_id
+    }
+}
+
 /// Classifies `request.inputs`.
 pub async fn classify(
     searches: &Searches,
@@ -118,35 +166,22 @@ pub async fn classify(
     adverts: &[Advert],
     market: &mpsc::Sender<Command>,
 ) -> Result<ClassifyResult, ApiError> {
-    let bad = |why: String| Err(ApiError::BadRequest(why));
-    if request.inputs.is_empty() || request.inputs.len() > MAX_INPUTS {
-        return bad(format!("inputs: 1..={MAX_INPUTS} texts"));
-    }
-    if !(2..=MAX_LABELS).contains(&request.labels.len()) {
-        return bad(format!("labels: 2..={MAX_LABELS}"));
-    }
-    if request.train.len() > MAX_TRAIN {
-        return bad(format!("train: at most {MAX_TRAIN} examples"));
-    }
-    let anchors: Vec<(String, String)> = request.labels.iter().map(|l| anchor(l)).collect();
-    if anchors.iter().any(|(name, _)| name.is_empty()) {
-        return bad("labels: an empty label".into());
-    }
-    let mut classes = Vec::with_capacity(request.train.len());
-    for example in &request.train {
-        match anchors.iter().position(|(name, _)| *name == example.label) {
-            Some(c) => classes.push(c),
-            None => return bad(format!("train: label {:?} is not one of the labels", example.label)),
-        }
-    }
-    if !request.train.is_empty() && (0..anchors.len()).any(|c| !classes.contains(&c)) {
-        return bad("train: every label needs at least one example".into());
-    }
-    let (model_id, weights) = model(adverts, request.model.as_deref())?;
+    run(searches, Classify::check(request, adverts)?, market, &|_| {}).await
+}
+
+/// Runs a checked classification, telling `progress` how its embedding
+/// task moves.
+pub async fn run(
+    searches: &Searches,
+    classify: Classify,
+    market: &mpsc::Sender<Command>,
+    progress: &Progress<'_>,
+) -> Result<ClassifyResult, ApiError> {
+    let Classify { request, anchors, classes, model_id, weights } = classify;
     let mut texts: Vec<&str> = request.inputs.iter().map(String::as_str).collect();
     texts.extend(anchors.iter().map(|(_, a)| a.as_str()));
     texts.extend(request.train.iter().map(|e| e.text.as_str()));
-    let embedded = searches.embed(&texts, weights, market).await?;
+    let embedded = searches.embed(&texts, weights, market, progress).await?;
     let vectors: Vec<Vec<f32>> = embedded.vectors.iter().map(|v| unit(v)).collect();
     let (inputs, rest) = vectors.split_at(request.inputs.len());
     let (labels, train) = rest.split_at(anchors.len());

@@ -40,23 +40,71 @@ pub fn post_json_slow<B: serde::Serialize, T: DeserializeOwned>(base: &str, path
     call_json(base, path, Some(body), Duration::from_secs(3600))
 }
 
+/// What a node answered a request that may run as a job: the job to
+/// follow (`202 Accepted`), or the answer itself (a node that does not run
+/// such requests as jobs).
+pub enum Answer<T> {
+    Job(mycel_api::Submitted),
+    Now(T),
+}
+
+/// POSTs `body` asking to be answered at once with a job to follow
+/// (`Prefer: respond-async`), for work that takes a while.
+pub fn post_json_async<B: serde::Serialize, T: DeserializeOwned>(
+    base: &str,
+    path: &str,
+    body: &B,
+) -> Result<Answer<T>> {
+    let (status, mut response) = call(base, path, Some(body), Duration::from_secs(3600), true)?;
+    if status == 202 {
+        return Ok(Answer::Job(decode(base, path, &mut response)?));
+    }
+    Ok(Answer::Now(decode(base, path, &mut response)?))
+}
+
 fn call_json<B: serde::Serialize, T: DeserializeOwned>(
     base: &str,
     path: &str,
     body: Option<&B>,
     timeout: Duration,
 ) -> Result<T> {
+    let (_, mut response) = call(base, path, body, timeout, false)?;
+    decode(base, path, &mut response)
+}
+
+/// Sends the request; a successful response (its status and body), or the
+/// node's error.
+fn call<B: serde::Serialize>(
+    base: &str,
+    path: &str,
+    body: Option<&B>,
+    timeout: Duration,
+    respond_async: bool,
+) -> Result<(u16, ureq::http::Response<ureq::Body>)> {
     let url = format!("{base}{path}");
     let agent: ureq::Agent =
         ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).build().into();
     // A node off loopback wants its bearer token (MYCEL_API_TOKEN).
     let token = std::env::var("MYCEL_API_TOKEN").ok().filter(|t| !t.is_empty());
     let auth = token.map(|t| format!("Bearer {t}"));
-    let sent = match (body, &auth) {
-        (Some(b), Some(a)) => agent.post(&url).header("authorization", a).send_json(b),
-        (Some(b), None) => agent.post(&url).send_json(b),
-        (None, Some(a)) => agent.get(&url).header("authorization", a).call(),
-        (None, None) => agent.get(&url).call(),
+    let sent = match body {
+        Some(b) => {
+            let mut request = agent.post(&url);
+            if let Some(a) = &auth {
+                request = request.header("authorization", a);
+            }
+            if respond_async {
+                request = request.header("prefer", "respond-async");
+            }
+            request.send_json(b)
+        }
+        None => {
+            let mut request = agent.get(&url);
+            if let Some(a) = &auth {
+                request = request.header("authorization", a);
+            }
+            request.call()
+        }
     };
     let mut response = sent.map_err(|e| match e {
         ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
@@ -70,13 +118,17 @@ fn call_json<B: serde::Serialize, T: DeserializeOwned>(
             response.body_mut().read_json().unwrap_or_else(|_| mycel_api::types::ErrorBody::new(status.to_string()));
         return Err(anyhow!("the node at {base} answered {status}: {}", body.error));
     }
+    Ok((status.as_u16(), response))
+}
+
+fn decode<T: DeserializeOwned>(base: &str, path: &str, response: &mut ureq::http::Response<ureq::Body>) -> Result<T> {
     // Task results can be large (a vector per text): allow up to 1 GiB.
     response
         .body_mut()
         .with_config()
         .limit(1 << 30)
         .read_json()
-        .with_context(|| format!("decoding the answer from {url}"))
+        .with_context(|| format!("decoding the answer from {base}{path}"))
 }
 
 /// `mycel status`.

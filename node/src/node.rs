@@ -24,7 +24,7 @@ struct View {
     metrics: Arc<Metrics>,
     routing: Arc<crate::route::Routing>,
     jobs: crate::tasks::Jobs,
-    searches: crate::search::Searches,
+    searches: Arc<crate::search::Searches>,
 }
 
 /// An error from the market driver as the API reports it: the [`ApiError`]
@@ -158,6 +158,30 @@ impl NodeView for View {
     async fn search(&self, request: mycel_api::SearchRequest) -> Result<mycel_api::SearchResult, ApiError> {
         let adverts = self.adverts().await?;
         self.searches.search(request, &adverts, &self.market).await
+    }
+
+    async fn start_search(&self, request: mycel_api::SearchRequest) -> Result<mycel_api::Submitted, ApiError> {
+        let adverts = self.adverts().await?;
+        let search = crate::search::Search::check(request, &adverts)?;
+        let (searches, market) = (self.searches.clone(), self.market.clone());
+        self.jobs.spawn("search", crate::tasks::Jobs::blank_view(search.model()), move |job| async move {
+            let result = searches.run(search, &market, &|p| job.follow(p)).await.map_err(|e| e.to_string())?;
+            job.update(&mut |view| view.search = Some(result.clone()));
+            Ok(())
+        })
+    }
+
+    async fn start_classify(&self, request: mycel_api::ClassifyRequest) -> Result<mycel_api::Submitted, ApiError> {
+        let adverts = self.adverts().await?;
+        let classify = crate::classify::Classify::check(request, &adverts)?;
+        let (searches, market) = (self.searches.clone(), self.market.clone());
+        self.jobs.spawn("classify", crate::tasks::Jobs::blank_view(classify.model()), move |job| async move {
+            let result = crate::classify::run(&searches, classify, &market, &|p| job.follow(p))
+                .await
+                .map_err(|e| e.to_string())?;
+            job.update(&mut |view| view.classify = Some(result.clone()));
+            Ok(())
+        })
     }
 
     async fn choose(&self, request: mycel_api::SubmitRequest) -> Result<mycel_router::Decision, ApiError> {
@@ -341,7 +365,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
         metrics,
         routing: routing.clone(),
         jobs: crate::tasks::Jobs::default(),
-        searches: crate::search::Searches::new(store.clone()),
+        searches: Arc::new(crate::search::Searches::new(store.clone())),
     });
     let api_config = mycel_api::ApiConfig {
         auth,

@@ -16,7 +16,7 @@ use mycel_store::{Batch, Store, Tree};
 use tokio::sync::mpsc;
 
 use crate::market::Command;
-use crate::tasks::run_task;
+use crate::tasks::{Progress, run_task_with};
 
 /// Most texts in one corpus.
 pub const MAX_CORPUS: usize = 100_000;
@@ -80,6 +80,38 @@ pub fn model(adverts: &[Advert], named: Option<&str>) -> Result<(String, Digest)
     })
 }
 
+/// A search request that passed its checks, with the model it will use.
+pub struct Search {
+    request: SearchRequest,
+    top: u32,
+    model_id: String,
+    weights: Digest,
+}
+
+impl Search {
+    /// Checks `request` (sizes, an embedding model in the swarm): what is
+    /// wrong with it, before any work starts.
+    pub fn check(request: SearchRequest, adverts: &[Advert]) -> Result<Self, ApiError> {
+        if request.corpus.is_empty() || request.corpus.len() > MAX_CORPUS {
+            return Err(ApiError::BadRequest(format!("corpus: 1..={MAX_CORPUS} texts, got {}", request.corpus.len())));
+        }
+        if request.query.trim().is_empty() {
+            return Err(ApiError::BadRequest("query: empty".into()));
+        }
+        let top = request.top.unwrap_or(5);
+        if !(1..=MAX_TOP).contains(&top) {
+            return Err(ApiError::BadRequest(format!("top {top} not in 1..={MAX_TOP}")));
+        }
+        let (model_id, weights) = model(adverts, request.model.as_deref())?;
+        Ok(Self { request, top, model_id, weights })
+    }
+
+    /// The embedding model's id.
+    pub fn model(&self) -> &str {
+        &self.model_id
+    }
+}
+
 /// The node's search state: the vector cache.
 pub struct Searches {
     store: Arc<dyn Store>,
@@ -111,6 +143,7 @@ impl Searches {
         texts: &[&str],
         weights: Digest,
         market: &mpsc::Sender<Command>,
+        progress: &Progress<'_>,
     ) -> Result<Embedded, ApiError> {
         let store = &self.store;
         let internal = |e: mycel_store::StoreError| ApiError::Internal(e.to_string());
@@ -138,8 +171,9 @@ impl Searches {
         if !missing.is_empty() {
             let mut embed = SubmitRequest::new("embed", missing.iter().map(|(_, t)| t.clone()).collect());
             embed.model = Some(weights.to_hex());
-            let view =
-                run_task(market, embed).await.map_err(|why| ApiError::NoCapablePeer(format!("embedding: {why}")))?;
+            let view = run_task_with(market, embed, progress)
+                .await
+                .map_err(|why| ApiError::NoCapablePeer(format!("embedding: {why}")))?;
             let computed = view.embeddings.clone().unwrap_or_default();
             if computed.len() != missing.len() {
                 return Err(ApiError::Internal(format!("{} vectors for {} texts", computed.len(), missing.len())));
@@ -178,20 +212,21 @@ impl Searches {
         adverts: &[Advert],
         market: &mpsc::Sender<Command>,
     ) -> Result<SearchResult, ApiError> {
-        if request.corpus.is_empty() || request.corpus.len() > MAX_CORPUS {
-            return Err(ApiError::BadRequest(format!("corpus: 1..={MAX_CORPUS} texts, got {}", request.corpus.len())));
-        }
-        if request.query.trim().is_empty() {
-            return Err(ApiError::BadRequest("query: empty".into()));
-        }
-        let top = request.top.unwrap_or(5);
-        if !(1..=MAX_TOP).contains(&top) {
-            return Err(ApiError::BadRequest(format!("top {top} not in 1..={MAX_TOP}")));
-        }
-        let (model_id, weights) = model(adverts, request.model.as_deref())?;
+        let search = Search::check(request, adverts)?;
+        self.run(search, market, &|_| {}).await
+    }
+
+    /// Runs a checked search, telling `progress` how its embedding task moves.
+    pub async fn run(
+        &self,
+        search: Search,
+        market: &mpsc::Sender<Command>,
+        progress: &Progress<'_>,
+    ) -> Result<SearchResult, ApiError> {
+        let Search { request, top, model_id, weights } = search;
         let mut texts: Vec<&str> = request.corpus.iter().map(String::as_str).collect();
         texts.push(&request.query);
-        let Embedded { vectors, embedded, cached, tasks } = self.embed(&texts, weights, market).await?;
+        let Embedded { vectors, embedded, cached, tasks } = self.embed(&texts, weights, market, progress).await?;
         let (query, corpus) = vectors.split_last().ok_or_else(|| ApiError::Internal("no vectors".into()))?;
         let mut hits: Vec<SearchHit> = request
             .corpus

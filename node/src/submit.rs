@@ -50,7 +50,7 @@ pub fn run(cmd: SubmitCommand) -> Result<()> {
                 train,
                 model: args.model.clone(),
             };
-            let result: mycel_api::ClassifyResult = post_json_slow(&base, "/api/v1/classify", &request)?;
+            let result = run_job(&base, "/api/v1/classify", &request, |view| view.classify)?;
             for p in &result.predictions {
                 println!("{}", serde_json::to_string(p)?);
             }
@@ -94,7 +94,7 @@ pub fn run(cmd: SubmitCommand) -> Result<()> {
                 model: args.model.clone(),
             };
             let started = Instant::now();
-            let result: mycel_api::SearchResult = post_json_slow(&base, "/api/v1/search", &request)?;
+            let result = run_job(&base, "/api/v1/search", &request, |view| view.search)?;
             if args.client.json {
                 println!("{}", serde_json::to_string_pretty(&result)?);
                 return Ok(());
@@ -243,6 +243,23 @@ fn submit_and_wait(
 }
 
 /// Follows a task (or a job) to its end, with a progress line on a terminal.
+/// Runs a request the node may take as a job: followed with a progress bar
+/// (on a terminal) until it ends, then its answer out of the job's view.
+fn run_job<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+    base: &str,
+    path: &str,
+    body: &B,
+    answer: impl FnOnce(TaskView) -> Option<T>,
+) -> Result<T> {
+    match crate::client::post_json_async(base, path, body)? {
+        crate::client::Answer::Now(result) => Ok(result),
+        crate::client::Answer::Job(submitted) => {
+            let view = wait_for(base, &submitted)?;
+            answer(view).with_context(|| format!("job {} ended without an answer", submitted.task))
+        }
+    }
+}
+
 fn wait_for(base: &str, submitted: &Submitted) -> Result<TaskView> {
     let terminal = std::io::stderr().is_terminal();
     let started = Instant::now();
@@ -521,6 +538,8 @@ mod tests {
             route: None,
             ensemble: None,
             pipeline: None,
+            search: None,
+            classify: None,
         }
     }
 

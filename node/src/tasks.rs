@@ -30,6 +30,16 @@ impl Job {
         let _ = self.events.send(TaskEvent::Progress(self.summary(&view)));
     }
 
+    /// Shows where the one task this job waits on stands, as the job's own
+    /// progress.
+    pub fn follow(&self, task: &TaskSummary) {
+        self.update(&mut |view| {
+            view.shards = task.shards;
+            view.shards_done = task.shards_done;
+            view.peers_working = task.peers_working;
+        });
+    }
+
     fn summary(&self, view: &TaskView) -> TaskSummary {
         TaskSummary {
             task: view.task.clone(),
@@ -81,6 +91,8 @@ impl Jobs {
             route: None,
             ensemble: None,
             pipeline: None,
+            search: None,
+            classify: None,
         }
     }
 
@@ -138,6 +150,18 @@ impl Jobs {
 
 /// Runs a task through the market to its end: its view.
 pub async fn run_task(market: &mpsc::Sender<Command>, request: SubmitRequest) -> Result<TaskView, String> {
+    run_task_with(market, request, &|_| {}).await
+}
+
+/// Told where a task stands each time it moves.
+pub type Progress<'a> = dyn Fn(&TaskSummary) + Send + Sync + 'a;
+
+/// [`run_task`], telling `progress` where the task stands as it moves.
+pub async fn run_task_with(
+    market: &mpsc::Sender<Command>,
+    request: SubmitRequest,
+    progress: &Progress<'_>,
+) -> Result<TaskView, String> {
     async fn ask<T>(
         market: &mpsc::Sender<Command>,
         make: impl FnOnce(oneshot::Sender<anyhow::Result<T>>) -> Command,
@@ -149,10 +173,14 @@ pub async fn run_task(market: &mpsc::Sender<Command>, request: SubmitRequest) ->
     let submitted = ask(market, |reply| Command::Submit { request, reply }).await?;
     let task = submitted.task;
     let mut watch = ask(market, |reply| Command::Watch { task: task.clone(), reply }).await?;
-    let mut progress = watch.progress;
-    while !progress.finished() {
+    let mut now = watch.progress;
+    progress(&now);
+    while !now.finished() {
         match watch.events.recv().await {
-            Ok(TaskEvent::Progress(p)) => progress = p,
+            Ok(TaskEvent::Progress(p)) => {
+                progress(&p);
+                now = p;
+            }
             Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
             Err(broadcast::error::RecvError::Closed) => break,
         }

@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
@@ -66,6 +66,11 @@ pub trait NodeView: Send + Sync + 'static {
     fn summarize(&self, request: SummarizeRequest) -> impl Future<Output = Result<Submitted, ApiError>> + Send;
     /// The corpus texts most like a query, embedded across the swarm.
     fn search(&self, request: SearchRequest) -> impl Future<Output = Result<SearchResult, ApiError>> + Send;
+    /// [`NodeView::search`] as a job to follow like a task (its view's
+    /// `search` holds the answer); a bad request fails here, at once.
+    fn start_search(&self, request: SearchRequest) -> impl Future<Output = Result<Submitted, ApiError>> + Send;
+    /// [`NodeView::classify`] as a job to follow like a task.
+    fn start_classify(&self, request: ClassifyRequest) -> impl Future<Output = Result<Submitted, ApiError>> + Send;
     /// What `mycel/auto` would choose for `request`, without running it.
     fn choose(&self, request: SubmitRequest) -> impl Future<Output = Result<mycel_router::Decision, ApiError>> + Send;
     /// What this node's router learned, signed, to share.
@@ -335,12 +340,31 @@ async fn feedback<N: NodeView>(
     Ok(Json(node.feedback(id, body.score).await?))
 }
 
+/// Whether the client asked to be answered at once with a task to follow
+/// (RFC 7240's `Prefer: respond-async`) rather than when the work is done.
+fn respond_async(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split([',', ';']).any(|p| p.trim().eq_ignore_ascii_case("respond-async")))
+}
+
+/// `202 Accepted` with the job to follow.
+fn accepted(submitted: Submitted) -> Response {
+    (StatusCode::ACCEPTED, Json(submitted)).into_response()
+}
+
 async fn classify<N: NodeView>(
     State(node): State<Arc<N>>,
+    headers: HeaderMap,
     body: Result<Json<ClassifyRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<ClassifyResult>, ApiError> {
+) -> Result<Response, ApiError> {
     let Json(request) = body.map_err(rejection)?;
-    Ok(Json(node.classify(request).await?))
+    if respond_async(&headers) {
+        return Ok(accepted(node.start_classify(request).await?));
+    }
+    Ok(Json(node.classify(request).await?).into_response())
 }
 
 async fn summarize<N: NodeView>(
@@ -353,10 +377,14 @@ async fn summarize<N: NodeView>(
 
 async fn search<N: NodeView>(
     State(node): State<Arc<N>>,
+    headers: HeaderMap,
     body: Result<Json<SearchRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<SearchResult>, ApiError> {
+) -> Result<Response, ApiError> {
     let Json(request) = body.map_err(rejection)?;
-    Ok(Json(node.search(request).await?))
+    if respond_async(&headers) {
+        return Ok(accepted(node.start_search(request).await?));
+    }
+    Ok(Json(node.search(request).await?).into_response())
 }
 
 /// The router's decision for a request (`kind` and `inputs` or

@@ -322,6 +322,13 @@ pub struct TaskView {
     /// and stage tasks, each with its own receipt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipeline: Option<PipelineView>,
+    /// A search run in the background (`Prefer: respond-async`): its
+    /// answer once done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search: Option<SearchResult>,
+    /// A classification run in the background: its answer once done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classify: Option<ClassifyResult>,
 }
 
 /// The stages of work made of several tasks.

@@ -115,6 +115,8 @@ impl NodeView for Fake {
             route: None,
             ensemble: None,
             pipeline: None,
+            search: None,
+            classify: None,
         })
     }
 
@@ -142,6 +144,17 @@ impl NodeView for Fake {
 
     async fn search(&self, _request: mycel_api::SearchRequest) -> Result<mycel_api::SearchResult, ApiError> {
         Err(ApiError::Unavailable("no swarm".into()))
+    }
+
+    async fn start_search(&self, request: mycel_api::SearchRequest) -> Result<Submitted, ApiError> {
+        if request.query.is_empty() {
+            return Err(ApiError::BadRequest("query: empty".into()));
+        }
+        Ok(Submitted { task: "search-job".into() })
+    }
+
+    async fn start_classify(&self, _request: mycel_api::ClassifyRequest) -> Result<Submitted, ApiError> {
+        Ok(Submitted { task: "classify-job".into() })
     }
 
     async fn choose(&self, _request: SubmitRequest) -> Result<mycel_router::Decision, ApiError> {
@@ -413,4 +426,38 @@ async fn metrics_are_prometheus_text() {
     let response = app.oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert!(response.headers()[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
+}
+
+/// `Prefer: respond-async` turns a search or a classification into a job
+/// answered at once (202 and its id); a bad request is still refused at
+/// once; without the header the answer is the result itself.
+#[tokio::test]
+async fn search_and_classify_run_as_jobs_when_the_client_prefers_it() {
+    let app = app(fake(true), open());
+    let send = |path: &'static str, body: Value, prefer: Option<&'static str>| {
+        let app = app.clone();
+        async move {
+            let mut request =
+                Request::builder().method("POST").uri(path).header(header::CONTENT_TYPE, "application/json");
+            if let Some(p) = prefer {
+                request = request.header("prefer", p);
+            }
+            let response = app.oneshot(request.body(Body::from(body.to_string())).unwrap()).await.unwrap();
+            let status = response.status();
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            (status, serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null))
+        }
+    };
+    let search = json!({"corpus": ["a", "b"], "query": "a"});
+    let (status, body) = send("/api/v1/search", search.clone(), Some("respond-async")).await;
+    assert_eq!((status, body), (StatusCode::ACCEPTED, json!({"task": "search-job"})));
+    let (status, _) = send("/api/v1/search", search.clone(), Some("wait=10, Respond-Async")).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "one of several preferences, any case");
+    let (status, _) = send("/api/v1/search", search.clone(), None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "without the header: the synchronous call");
+    let (status, _) = send("/api/v1/search", json!({"corpus": ["a"], "query": ""}), Some("respond-async")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let classify = json!({"inputs": ["x"], "labels": ["a", "b"]});
+    let (status, body) = send("/api/v1/classify", classify, Some("respond-async")).await;
+    assert_eq!((status, body), (StatusCode::ACCEPTED, json!({"task": "classify-job"})));
 }

@@ -169,6 +169,8 @@ impl Driver {
             route: None,
             ensemble: None,
             pipeline: None,
+            search: None,
+            classify: None,
         };
         match &t.outcome {
             Some(Outcome::Done { output, receipt, input_tokens }) => {
