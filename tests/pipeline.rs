@@ -196,6 +196,25 @@ fn summarize_maps_chunks_across_peers_then_reduces_level_by_level() {
         assert!(String::from_utf8_lossy(&verify.stdout).contains("ok: receipt"), "{verify:?}");
     }
     assert!(!tmp.path().join("summary.jsonl.stage-3.receipt").exists(), "{stderr}");
+    // One receipt over the whole job: the three levels' receipts, and the
+    // summary as the last level's executor signed it.
+    let verify = mycel().arg("verify").arg(tmp.path().join("summary.jsonl.receipt")).output().unwrap();
+    let said = String::from_utf8_lossy(&verify.stdout);
+    assert!(verify.status.success(), "{said}{}", String::from_utf8_lossy(&verify.stderr));
+    assert!(said.contains("summary.jsonl is the answer"), "{said}");
+    assert!(said.contains("ok: receipt for summarize job") && said.contains("3 tasks"), "{said}");
+    let forged = tmp.path().join("forged.jsonl");
+    let mut changed = summary.clone();
+    changed["text"] = json!("Nothing happened in this story.");
+    std::fs::write(&forged, format!("{changed}\n")).unwrap();
+    let refused = mycel()
+        .arg("verify")
+        .arg(tmp.path().join("summary.jsonl.receipt"))
+        .arg("--result")
+        .arg(&forged)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "a changed summary must not verify");
 
     let code = |body: Value| match ureq::post(&format!("{api}/api/v1/summarize")).send_json(&body) {
         Err(ureq::Error::StatusCode(c)) => c,

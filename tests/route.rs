@@ -204,6 +204,26 @@ fn ensembles_vote_judge_and_synthesise_with_every_stage_receipted() {
                 assert_eq!(answer["model"], e["proposals"][chosen]["model"]);
             }
         }
+        // One receipt over the whole ensemble: every stage's receipt, and the
+        // answer as its executor signed it; checked offline.
+        let name = method.replace('/', "-");
+        let receipt = tmp.path().join(format!("{name}.receipt"));
+        std::fs::write(&receipt, hex::decode(view["receipt"].as_str().unwrap()).unwrap()).unwrap();
+        let verify = |answer: &Value| {
+            let file = tmp.path().join(format!("{name}.answer.jsonl"));
+            std::fs::write(&file, format!("{answer}\n")).unwrap();
+            mycel().arg("verify").arg(&receipt).arg("--result").arg(&file).output().unwrap()
+        };
+        let ok = verify(&view["generations"][0]);
+        let said = String::from_utf8_lossy(&ok.stdout);
+        assert!(ok.status.success(), "{method}: {said}{}", String::from_utf8_lossy(&ok.stderr));
+        assert!(said.contains("is the answer") && said.contains("ok: receipt for ensemble job"), "{method}: {said}");
+        assert_eq!(said.matches("ok: task ").count(), stages.len(), "{method}: every stage in it: {said}");
+        let mut forged = view["generations"][0].clone();
+        forged["text"] = json!("Berlin, without a doubt.");
+        let refused = verify(&forged);
+        assert!(!refused.status.success(), "{method}: a changed answer must not verify");
+        assert!(String::from_utf8_lossy(&refused.stderr).contains("not what its executor signed"), "{refused:?}");
         if method == "mycel/vote" {
             let counted: u64 = e["votes"].as_array().unwrap().iter().map(|v| v[1].as_u64().unwrap()).sum();
             assert_eq!(counted, 3);

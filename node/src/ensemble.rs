@@ -198,11 +198,19 @@ async fn orchestrate(
         run_task(market, stage_request(plan, m, vec![plan.conversation.clone(); copies], plan.temperature, seed))
     });
     let views = futures::future::try_join_all(stages).await?;
+    let receipted: Vec<u32> = views.iter().map(|v| job.receipted(v)).collect::<Result<_, _>>()?;
     let mut by_model: HashMap<&str, std::vec::IntoIter<GenerationView>> =
         models.iter().zip(&views).map(|(m, v)| (m.as_str(), answers(v).into_iter())).collect();
     let mut proposals: Vec<(String, GenerationView)> = Vec::new();
+    // Where each proposal is: (its task in the job's receipt, its item).
+    let mut places: Vec<(u32, u64)> = Vec::new();
+    let mut copies_seen: HashMap<&str, u64> = HashMap::new();
     for m in &plan.members {
         let answer = by_model.get_mut(m.as_str()).and_then(Iterator::next).ok_or("a proposal is missing")?;
+        let task = models.iter().position(|x| *x == m).map(|i| receipted[i]).ok_or("a proposal's task is missing")?;
+        let copy = copies_seen.entry(m.as_str()).or_default();
+        places.push((task, *copy));
+        *copy += 1;
         proposals.push((m.clone(), answer));
     }
     update(&mut |view| {
@@ -225,6 +233,7 @@ async fn orchestrate(
         Method::Vote => {
             let (key, count, _) = &votes[0];
             let reason = format!("{count} of {} proposals agree on {key:?}", proposals.len());
+            job.answer_is(places[majority].0, places[majority].1);
             (proposals[majority].0.clone(), proposals[majority].1.clone(), Some(majority), Vec::new(), reason, None)
         }
         Method::BestOf => {
@@ -234,6 +243,7 @@ async fn orchestrate(
             let backward = judge_prompt(&question, &reversed);
             let request = stage_request(plan, &plan.judge, vec![forward, backward], 0.0, seed);
             let view = run_task(market, request).await?;
+            job.receipted(&view)?;
             let replies = answers(&view);
             let n = texts.len();
             let first = replies.first().and_then(|g| verdict(&g.text, n));
@@ -251,6 +261,7 @@ async fn orchestrate(
                     ),
                 ),
             };
+            job.answer_is(places[pick].0, places[pick].1);
             let stage = EnsembleStage { role: "judge".into(), task: view.task.clone(), model: plan.judge.clone() };
             (proposals[pick].0.clone(), proposals[pick].1.clone(), Some(pick), vec![first, second], reason, Some(stage))
         }
@@ -258,7 +269,9 @@ async fn orchestrate(
             let request =
                 stage_request(plan, &plan.judge, vec![synthesis_prompt(&plan.conversation, &texts)], 0.0, seed);
             let view = run_task(market, request).await?;
+            let task = job.receipted(&view)?;
             let answer = answers(&view).into_iter().next().ok_or("the aggregator gave no answer")?;
+            job.answer_is(task, 0);
             let reason = format!("{} wrote the answer from {} proposals", plan.judge, texts.len());
             let stage = EnsembleStage { role: "synthesis".into(), task: view.task.clone(), model: plan.judge.clone() };
             (plan.judge.clone(), answer, None, Vec::new(), reason, Some(stage))

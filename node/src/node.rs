@@ -364,7 +364,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
         started: Instant::now(),
         metrics,
         routing: routing.clone(),
-        jobs: crate::tasks::Jobs::default(),
+        jobs: crate::tasks::Jobs::new(mycel_protocol::Keypair::from_secret_bytes(&key.secret_bytes())),
         searches: Arc::new(crate::search::Searches::new(store.clone())),
     });
     let api_config = mycel_api::ApiConfig {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use mycel_api::GenerationView;
 use mycel_api::{SubmitRequest, Submitted, TaskView};
-use mycel_protocol::{FinishReason, Generation, Receipt, ShardOutput, Signed, StagedReceipt, Wire};
+use mycel_protocol::{FinishReason, Generation, JobReceipt, Receipt, ShardOutput, Signed, StagedReceipt, Wire};
 
 use crate::cli::{ClientArgs, FeedbackArgs, SubmitCommand, SubmitCommon, TaskArgs, VerifyArgs};
 use crate::client::{get_json, node_url, post_json, post_json_slow, print_table};
@@ -217,6 +217,13 @@ fn staged_answer(base: &str, view: &TaskView, stages: &[mycel_api::EnsembleStage
         );
     }
     eprintln!("result: {}", out.display());
+    // One receipt over the whole job: every stage, and the answer as its
+    // executor signed it.
+    if let Some(receipt) = &view.receipt {
+        let path = receipt_path(out);
+        std::fs::write(&path, hex::decode(receipt).context("the job's receipt is not hex")?)?;
+        eprintln!("receipt: {} (check with `mycel verify {}`)", path.display(), path.display());
+    }
     Ok(())
 }
 
@@ -346,8 +353,13 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
     } else {
         None
     };
-    // Both kinds share the envelope; the signing domain says which it is.
+    // Every kind shares the envelope; the signing domain says which it is.
     let signed = Signed::<Receipt>::decode(&bytes).context("not a mycel receipt")?;
+    if signed.verify().is_err()
+        && let Some(job) = Signed::<JobReceipt>::decode(&bytes).ok().filter(|j| j.verify().is_ok())
+    {
+        return verify_job(&job, output.as_ref(), &result);
+    }
     let staged = Signed::<StagedReceipt>::decode(&bytes).ok().filter(|_| signed.verify().is_err());
     if let Some(staged) = staged {
         let tree = staged.verify().context("the receipt's signature is invalid")?;
@@ -387,6 +399,30 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
         hex::encode(receipt.task.0),
         signed.signer().to_peer_id(),
         summary(&receipt)
+    );
+    Ok(())
+}
+
+/// A job's receipt: every task's receipt and the answer against what its
+/// executor signed.
+fn verify_job(signed: &Signed<JobReceipt>, answer: Option<&ShardOutput>, path: &Path) -> Result<()> {
+    let job = signed.verify().context("the receipt's signature is invalid")?;
+    job.check_tree(signed.signer(), answer).context("the job's receipt does not hold up")?;
+    for (i, task) in job.tasks.iter().enumerate() {
+        let receipt = task.verify().context("a task's signature is invalid")?;
+        println!("ok: task {i} ({}): {}", hex::encode(receipt.task.0), summary(&receipt));
+    }
+    let place = format!("item {} of task {}", job.answer_item, job.answer_task);
+    match answer {
+        Some(_) => println!("ok: {} is the answer, {place}, as its executor signed it", path.display()),
+        None => println!("ok: the answer is {place}, as its executor signed it (give the answer file to check it)"),
+    }
+    println!(
+        "ok: receipt for {} job {} signed by {}, {} tasks, every signature valid",
+        job.kind,
+        hex::encode(job.job.0),
+        signed.signer().to_peer_id(),
+        job.tasks.len()
     );
     Ok(())
 }

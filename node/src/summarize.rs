@@ -141,7 +141,9 @@ async fn run(
         request.items_per_shard = Some(1);
         request.max_tokens = Some(max_tokens);
         let view = run_task(market, request).await?;
-        let summaries: Vec<String> = view.generations.unwrap_or_default().into_iter().map(|g| g.text).collect();
+        let index = job.receipted(&view)?;
+        let generations = view.generations.clone().unwrap_or_default();
+        let summaries: Vec<String> = generations.iter().map(|g| g.text.clone()).collect();
         // Every level runs the model the first one got.
         model.get_or_insert_with(|| view.model.clone());
         let role = if level == 0 { "map".to_string() } else { format!("reduce {level}") };
@@ -152,10 +154,14 @@ async fn run(
             if let Some(p) = v.pipeline.as_mut() {
                 p.stages.push(EnsembleStage { role: role.clone(), task: view.task.clone(), model: view.model.clone() });
             }
-            if summaries.len() == 1 {
-                v.generations = Some(vec![mycel_api::GenerationView::text(summaries[0].clone(), 0, "stop")]);
+            if generations.len() == 1 {
+                // As its executor signed it: the job's receipt points at it.
+                v.generations = Some(generations.clone());
             }
         });
+        if generations.len() == 1 {
+            job.answer_is(index, 0);
+        }
         if summaries.len() <= 1 {
             return if summaries.is_empty() { Err("no summary came back".into()) } else { Ok(()) };
         }

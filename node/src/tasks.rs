@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use mycel_api::{ApiError, SubmitRequest, Submitted, TaskEvent, TaskSummary, TaskView, Watch};
+use mycel_protocol::{JobReceipt, Keypair, Receipt, Signed, TaskId, Wire};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::market::Command;
@@ -17,9 +18,20 @@ const KEEP: usize = 256;
 /// Work made of several tasks (an ensemble, a summary): a view the API
 /// shows like a task's, and its progress events.
 pub struct Job {
+    id: TaskId,
     kind: &'static str,
     view: Mutex<TaskView>,
     events: broadcast::Sender<TaskEvent>,
+    /// The receipts of the tasks it ran, and where its answer is: what its
+    /// own receipt will hold.
+    proof: Mutex<Proof>,
+}
+
+#[derive(Default)]
+struct Proof {
+    tasks: Vec<Signed<Receipt>>,
+    /// (index into `tasks`, item in that task's output).
+    answer: Option<(u32, u64)>,
 }
 
 impl Job {
@@ -28,6 +40,48 @@ impl Job {
         let mut view = lock(&self.view);
         f(&mut view);
         let _ = self.events.send(TaskEvent::Progress(self.summary(&view)));
+    }
+
+    /// Keeps a finished task's receipt for the job's own receipt; its index
+    /// there.
+    pub fn receipted(&self, task: &TaskView) -> Result<u32, String> {
+        let bytes = task.receipt.as_deref().map(hex::decode).ok_or("a task ended without a receipt")?;
+        let receipt =
+            bytes.ok().and_then(|b| Signed::<Receipt>::decode(&b).ok()).ok_or("a task's receipt does not decode")?;
+        let mut proof = lock(&self.proof);
+        proof.tasks.push(receipt);
+        Ok(proof.tasks.len() as u32 - 1)
+    }
+
+    /// The job's answer is item `item` of task `task` (an index from
+    /// [`Job::receipted`]), alone in its shard.
+    pub fn answer_is(&self, task: u32, item: u64) {
+        lock(&self.proof).answer = Some((task, item));
+    }
+
+    /// The job's receipt, signed by `key`, once it named its answer.
+    fn seal(&self, key: &Keypair) -> Option<Result<Signed<JobReceipt>, String>> {
+        let proof = lock(&self.proof);
+        let (task, item) = proof.answer?;
+        Some((|| {
+            let receipt = proof.tasks.get(task as usize).ok_or("the answer's task has no receipt")?;
+            let receipt = receipt.verify().map_err(|e| format!("a task's receipt: {e}"))?;
+            let claim = receipt
+                .shards
+                .iter()
+                .filter_map(|s| s.verify().ok())
+                .find(|c| c.first_item == item && c.items == 1)
+                .ok_or("the answer is not alone in a shard")?;
+            let job = JobReceipt {
+                job: self.id,
+                kind: self.kind.to_string(),
+                tasks: proof.tasks.clone(),
+                answer_task: task,
+                answer_item: item,
+                answer: claim.output,
+            };
+            Signed::sign(key, &job).map_err(|e| format!("signing the job's receipt: {e}"))
+        })())
     }
 
     /// Shows where the one task this job waits on stands, as the job's own
@@ -55,9 +109,10 @@ impl Job {
 }
 
 /// The jobs this node runs.
-#[derive(Default)]
 pub struct Jobs {
     runs: Mutex<Runs>,
+    /// Signs the jobs' receipts: the node's key, as for its tasks'.
+    key: Arc<Keypair>,
 }
 
 /// Jobs by id, and their ids oldest first.
@@ -72,6 +127,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Jobs {
+    /// No jobs yet; their receipts signed with `key`.
+    pub fn new(key: Keypair) -> Self {
+        Self { runs: Mutex::default(), key: Arc::new(key) }
+    }
+
     /// A running job's first view: `model` as the API shows it.
     pub fn blank_view(model: &str) -> TaskView {
         TaskView {
@@ -104,9 +164,16 @@ impl Jobs {
     {
         let mut id = [0u8; 16];
         getrandom::fill(&mut id).map_err(|e| ApiError::Internal(format!("no randomness: {e}")))?;
+        let task_id = TaskId(id);
         let id = hex::encode(id);
         view.task = id.clone();
-        let job = Arc::new(Job { kind, view: Mutex::new(view), events: broadcast::channel(64).0 });
+        let job = Arc::new(Job {
+            id: task_id,
+            kind,
+            view: Mutex::new(view),
+            events: broadcast::channel(64).0,
+            proof: Mutex::default(),
+        });
         {
             let mut runs = lock(&self.runs);
             runs.by_id.insert(id.clone(), job.clone());
@@ -117,13 +184,27 @@ impl Jobs {
                 }
             }
         }
+        let key = self.key.clone();
         tokio::spawn(async move {
-            let result = work(job.clone()).await;
-            job.update(&mut |view| match &result {
-                Ok(()) => view.state = "done".into(),
-                Err(why) => {
-                    view.state = "failed".into();
-                    view.error = Some(why.clone());
+            let mut result = work(job.clone()).await;
+            let receipt = match (&result, job.seal(&key)) {
+                (Ok(()), Some(Ok(signed))) => signed.encode().map(hex::encode).ok(),
+                (Ok(()), Some(Err(why))) => {
+                    result = Err(format!("the job's receipt: {why}"));
+                    None
+                }
+                _ => None,
+            };
+            job.update(&mut |view| {
+                if receipt.is_some() {
+                    view.receipt = receipt.clone();
+                }
+                match &result {
+                    Ok(()) => view.state = "done".into(),
+                    Err(why) => {
+                        view.state = "failed".into();
+                        view.error = Some(why.clone());
+                    }
                 }
             });
         });

@@ -7,8 +7,8 @@
 
 use crate::rpc::{Market, Request, Response};
 use crate::{
-    Advert, Award, Bid, Cfp, Receipt, ResultAck, ResultClaim, ShardOutput, ShardResult, Signed, StagedReceipt,
-    TaskSpec, Wire, Work,
+    Advert, Award, Bid, Cfp, JobReceipt, Receipt, ResultAck, ResultClaim, ShardOutput, ShardResult, Signed,
+    StagedReceipt, TaskSpec, Wire, Work,
 };
 
 fn plain<T: Wire>(data: &[u8]) -> usize {
@@ -63,12 +63,15 @@ pub fn result(data: &[u8]) -> usize {
 /// A receipt or a staged receipt, as `mycel verify` reads one from a file
 /// anyone may have handed over: decoded, verified, every claim checked.
 pub fn receipt(data: &[u8]) -> usize {
-    let mut n = signed::<Receipt>(data) + signed::<StagedReceipt>(data);
+    let mut n = signed::<Receipt>(data) + signed::<StagedReceipt>(data) + signed::<JobReceipt>(data);
     if let Ok(r) = Receipt::decode(data) {
         n += 1 + usize::from(r.check_claims().is_ok());
     }
     if let Ok(tree) = StagedReceipt::decode(data) {
         n += 1 + usize::from(tree.check_tree(&crate::Keypair::from_secret_bytes(&[1; 32]).public(), None).is_ok());
+    }
+    if let Ok(job) = JobReceipt::decode(data) {
+        n += 1 + usize::from(job.check_tree(&crate::Keypair::from_secret_bytes(&[1; 32]).public(), None).is_ok());
     }
     n
 }

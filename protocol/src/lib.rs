@@ -40,8 +40,8 @@ pub use market::{
 };
 pub use signed::{Signed, SignedKind, Verified, VerifyError};
 pub use task::{
-    Aggregation, ChatTurn, GenerateParams, ModelSelector, OutputFormat, Receipt, ReceiptMismatch, Role, Split,
-    StagedMismatch, StagedReceipt, TaskId, TaskSpec, ToolChoice, Work,
+    Aggregation, ChatTurn, GenerateParams, JobMismatch, JobReceipt, ModelSelector, OutputFormat, Receipt,
+    ReceiptMismatch, Role, Split, StagedMismatch, StagedReceipt, TaskId, TaskSpec, ToolChoice, Work,
 };
 
 #[cfg(test)]

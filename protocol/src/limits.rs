@@ -76,6 +76,9 @@ pub const TOOL_DEFINITION: usize = 8 * 1024;
 pub const MAX_TOKENS: u32 = 32_768;
 /// Stages one staged task may have.
 pub const STAGES: usize = 16;
+/// Tasks one job receipt covers (a summary's levels, an ensemble's
+/// proposals, judge and synthesis).
+pub const JOB_TASKS: usize = 64;
 /// Copies of one shard a task may ask for.
 pub const MAX_REDUNDANCY: u8 = 5;
 

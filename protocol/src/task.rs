@@ -572,11 +572,109 @@ impl crate::SignedKind for StagedReceipt {
     const DOMAIN: &'static str = "mycel/staged-receipt/1";
 }
 
+/// Proof of how a job was done: work a node split into several tasks of
+/// its own (a summary's map and reduce levels, an ensemble's proposals,
+/// judge and synthesis), each auctioned, checked and receipted. Holds every
+/// task's signed receipt and says which item of which task is the answer,
+/// so the answer can be checked against what its executor signed. Signed
+/// by the node that ran the job, the requester of every task in it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobReceipt {
+    /// The job.
+    pub job: TaskId,
+    /// What kind of job (`summarize`, `vote`, `best-of`, `moa`).
+    pub kind: String,
+    /// Each task's signed receipt, in the order they ran.
+    pub tasks: Vec<Signed<Receipt>>,
+    /// The task whose output holds the answer (an index into `tasks`).
+    pub answer_task: u32,
+    /// The answer's item in that task's output; its shard holds it alone.
+    pub answer_item: u64,
+    /// [`ShardOutput::digest`] of the answer alone (one item).
+    pub answer: Digest,
+}
+
+/// Why a job receipt does not hold up.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum JobMismatch {
+    /// A job has at least one task.
+    #[error("a job receipt with no tasks")]
+    Empty,
+    /// A task's receipt is not signed by the job receipt's signer.
+    #[error("task {0}: signed by another node than the job")]
+    Signer(usize),
+    /// A task's receipt does not verify.
+    #[error("task {0}: the receipt's signature is invalid")]
+    BadTask(usize),
+    /// A task's receipt fails its own checks.
+    #[error("task {task}: {error}")]
+    Task { task: usize, error: ReceiptMismatch },
+    /// The answer's task or item is not in the receipt, or its shard holds
+    /// other items too (so its executor's signature is not over it alone).
+    #[error("the answer is not one shard of the task named")]
+    AnswerPlace,
+    /// The answer is not what its executor signed.
+    #[error("the answer is not what its executor signed")]
+    Answer,
+}
+
+impl JobReceipt {
+    fn check(&self) -> Result<(), String> {
+        at_most("tasks", &self.tasks, limits::JOB_TASKS)?;
+        short("kind", &self.kind, limits::SHORT_STRING)
+    }
+
+    /// Checks every task's receipt offline (signed by `signer`, who signed
+    /// this; each claim by its executor; Merkle roots; spot-check
+    /// commitments), and that the answer is one shard's whole output, as
+    /// that shard's executor signed it. `answer`, when given, must be that
+    /// output.
+    pub fn check_tree(&self, signer: &crate::PublicKey, answer: Option<&ShardOutput>) -> Result<(), JobMismatch> {
+        if self.tasks.is_empty() {
+            return Err(JobMismatch::Empty);
+        }
+        let mut receipts = Vec::with_capacity(self.tasks.len());
+        for (i, signed) in self.tasks.iter().enumerate() {
+            if signed.signer() != signer {
+                return Err(JobMismatch::Signer(i));
+            }
+            let receipt = signed.verify().map_err(|_| JobMismatch::BadTask(i))?;
+            receipt.check_claims().map_err(|error| JobMismatch::Task { task: i, error })?;
+            receipts.push(receipt);
+        }
+        let task = receipts.get(self.answer_task as usize).ok_or(JobMismatch::AnswerPlace)?;
+        // check_claims verified every claim's signature.
+        let claim = task
+            .shards
+            .iter()
+            .filter_map(|s| s.verify().ok())
+            .find(|c| c.first_item == self.answer_item && c.items == 1)
+            .ok_or(JobMismatch::AnswerPlace)?;
+        if claim.output != self.answer {
+            return Err(JobMismatch::Answer);
+        }
+        if let Some(answer) = answer
+            && (answer.items() != 1 || answer.digest().ok() != Some(self.answer))
+        {
+            return Err(JobMismatch::Answer);
+        }
+        Ok(())
+    }
+}
+
+crate::wire!(JobReceipt, limits::RECEIPT, validate = JobReceipt::check);
+
+impl crate::SignedKind for JobReceipt {
+    const DOMAIN: &'static str = "mycel/job-receipt/1";
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use crate::codec::Wire as _;
     use crate::{Keypair, Timings, merkle};
 
     fn vectors(values: &[f32]) -> ShardOutput {
@@ -643,6 +741,82 @@ mod tests {
         let mut chosen_later = receipt([&a, &b], &whole);
         chosen_later.spot.secret = [6; 32];
         assert_eq!(chosen_later.check_output(&whole), Err(ReceiptMismatch::SpotCommitment(0)));
+    }
+
+    /// A task's receipt, signed by `requester`, whose shards are one
+    /// generation each, signed by an executor.
+    fn one_per_shard(requester: &Keypair, id: u8, texts: &[&str]) -> Signed<Receipt> {
+        let executor = Keypair::from_secret_bytes(&[9; 32]);
+        let g = |t: &str| crate::Generation::text(t, 1, crate::FinishReason::Stop);
+        let claims: Vec<Signed<ResultClaim>> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let claim = ResultClaim {
+                    task: TaskId([id; 16]),
+                    shard: i as u32,
+                    first_item: i as u64,
+                    items: 1,
+                    input: Digest::of(b"input"),
+                    model: Digest::of(b"model"),
+                    output: ShardOutput::Generations(vec![g(t)]).digest().unwrap(),
+                    timings: Timings::default(),
+                    input_tokens: 0,
+                    spot_commitment: crate::spot::commitment(&[5; 32]),
+                };
+                Signed::sign(&executor, &claim).unwrap()
+            })
+            .collect();
+        let leaves: Vec<Digest> = claims.iter().map(Signed::digest).collect();
+        let whole = ShardOutput::Generations(texts.iter().map(|t| g(t)).collect());
+        let receipt = Receipt {
+            task: TaskId([id; 16]),
+            spec: Digest::of(b"spec"),
+            model: Digest::of(b"model"),
+            root: merkle::root(&leaves),
+            shards: claims,
+            output: whole.digest().unwrap(),
+            completed_ms: 1,
+            spot: crate::spot::Reveal { secret: [5; 32], permille: 0 },
+        };
+        Signed::sign(requester, &receipt).unwrap()
+    }
+
+    #[test]
+    fn a_job_receipt_holds_every_task_and_the_answer_as_its_executor_signed_it() {
+        let requester = Keypair::from_secret_bytes(&[1; 32]);
+        let answer = |t: &str| ShardOutput::Generations(vec![crate::Generation::text(t, 1, crate::FinishReason::Stop)]);
+        let job = JobReceipt {
+            job: TaskId([7; 16]),
+            kind: "best-of".into(),
+            tasks: vec![one_per_shard(&requester, 1, &["four", "five", "four"]), one_per_shard(&requester, 2, &["1"])],
+            answer_task: 0,
+            answer_item: 2,
+            answer: answer("four").digest().unwrap(),
+        };
+        let me = requester.public();
+        assert_eq!(job.check_tree(&me, None), Ok(()));
+        assert_eq!(job.check_tree(&me, Some(&answer("four"))), Ok(()));
+        // An answer file that is not the one signed.
+        assert_eq!(job.check_tree(&me, Some(&answer("five"))), Err(JobMismatch::Answer));
+        // The job names an answer its executor never gave.
+        let forged = JobReceipt { answer: answer("six").digest().unwrap(), ..job.clone() };
+        assert_eq!(forged.check_tree(&me, Some(&answer("six"))), Err(JobMismatch::Answer));
+        // Or one that is not there.
+        let nowhere = JobReceipt { answer_item: 3, ..job.clone() };
+        assert_eq!(nowhere.check_tree(&me, None), Err(JobMismatch::AnswerPlace));
+        let nowhere = JobReceipt { answer_task: 2, ..job.clone() };
+        assert_eq!(nowhere.check_tree(&me, None), Err(JobMismatch::AnswerPlace));
+        // A task another node requested, slipped in.
+        let other = Keypair::from_secret_bytes(&[2; 32]);
+        let mut mixed = job.clone();
+        mixed.tasks.push(one_per_shard(&other, 3, &["x"]));
+        assert_eq!(mixed.check_tree(&me, None), Err(JobMismatch::Signer(2)));
+        assert_eq!(JobReceipt { tasks: Vec::new(), ..job.clone() }.check_tree(&me, None), Err(JobMismatch::Empty));
+        // Through the wire and the signature, unchanged.
+        let signed = Signed::sign(&requester, &job).unwrap();
+        let back = Signed::<JobReceipt>::decode(&signed.encode().unwrap()).unwrap().verify().unwrap();
+        assert_eq!(back, job);
     }
 
     #[test]
