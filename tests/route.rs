@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::support::mycel;
-use crate::testnet::{Guard, peers_seen_by, up_with_models};
+use crate::testnet::{Guard, peers_seen_by, up_with_env, up_with_models};
 
 fn chat(api: &str, prompt: &str) -> Value {
     let body = json!({
@@ -170,6 +170,56 @@ fn auto_routes_by_profile_then_learns_from_feedback() {
 
 fn ask(api: &str, body: Value) -> Result<Value, ureq::Error> {
     ureq::post(&format!("{api}/v1/chat/completions")).send_json(&body)?.into_body().read_json()
+}
+
+/// What one node's router learns reaches its peers with nobody asking:
+/// every node offers its own outcomes (signed) and, each round, learns the
+/// new ones of one peer that routes with the same embedding model.
+#[test]
+fn routers_share_what_they_learn_with_their_peers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("net");
+    let models = "paraphrase-minilm-l3-v2,smollm2-135m-instruct";
+    let manifest = up_with_env(&dir, 2, &[models], &[], &[("MYCEL_ROUTER_SHARE_INTERVAL", "300ms")]);
+    let _guard = Guard(&dir);
+    let (api, peer) = (manifest.nodes[0].api.clone(), manifest.nodes[1].api.clone());
+    let prompt = "Name the longest river in Africa.";
+    let choose = |api: &str| -> Value {
+        let body = json!({"kind": "chat", "inputs": [], "conversations": [[{"role": "user", "content": prompt}]]});
+        ureq::post(&format!("{api}/api/v1/router/choose")).send_json(&body).unwrap().into_body().read_json().unwrap()
+    };
+    // Both routers open once the embedder is loaded.
+    let started = Instant::now();
+    let before = loop {
+        match ureq::post(&format!("{peer}/api/v1/router/choose"))
+            .send_json(json!({"kind": "chat", "inputs": [], "conversations": [[{"role": "user", "content": prompt}]]}))
+        {
+            Ok(r) => break r.into_body().read_json::<Value>().unwrap(),
+            Err(_) if started.elapsed() < Duration::from_secs(60) => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) => panic!("the peer's router never opened: {e}"),
+        }
+    };
+    assert!(before["reason"].as_str().unwrap().contains("profile alone"), "{before:#}");
+    for _ in 0..3 {
+        let body = json!({"prompt": prompt, "model": "smollm2-135m-instruct", "score": 1.0});
+        ureq::post(&format!("{api}/api/v1/router/outcomes")).send_json(&body).unwrap();
+    }
+    let started = Instant::now();
+    loop {
+        let after = choose(&peer);
+        if after["scores"][0]["evidence"].as_f64().unwrap_or(0.0) > 0.5 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the peer never learned the outcomes: {after:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Learned once, however many rounds pass: its own export stays empty
+    // (imports are never shared on) and the evidence does not grow.
+    let evidence = choose(&peer)["scores"][0]["evidence"].as_f64().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(choose(&peer)["scores"][0]["evidence"].as_f64().unwrap(), evidence, "learned twice");
+    let own = choose(&api)["scores"][0]["evidence"].as_f64().unwrap();
+    assert!((own - evidence).abs() < 1e-3, "both know the same: {own} here, {evidence} at the peer");
 }
 
 #[test]

@@ -550,6 +550,11 @@ pub struct NodeArgs {
     /// How often to re-publish this node's advert, e.g. 500ms, 10s [default: 10s].
     #[arg(long, env = "MYCEL_ADVERT_INTERVAL", value_name = "DURATION")]
     pub advert_interval: Option<DurationArg>,
+
+    /// How often the router offers peers what it learned and learns from
+    /// one peer routing with the same embedder; 0 never [default: 5m].
+    #[arg(long, env = "MYCEL_ROUTER_SHARE_INTERVAL", value_name = "DURATION")]
+    pub router_share_interval: Option<DurationArg>,
 }
 
 fn multiaddr(s: &str) -> Result<Multiaddr> {

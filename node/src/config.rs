@@ -30,6 +30,9 @@ pub struct NodeConfig {
     pub mdns: bool,
     /// How often to re-publish our advert.
     pub advert_interval: Duration,
+    /// How often the router offers what it learned and learns from one
+    /// peer's (zero: never).
+    pub router_share_interval: Duration,
     /// Folder of model folders.
     pub models_dir: PathBuf,
     /// Models to serve (ids or paths); `None`: all in `models_dir`.
@@ -60,6 +63,7 @@ impl NodeConfig {
             api_rate_limit: 20.0,
             mdns: true,
             advert_interval: Duration::from_secs(10),
+            router_share_interval: Duration::from_secs(300),
             models_dir: data_dir.join("models"),
             models: None,
             replicas: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -112,6 +116,9 @@ impl NodeConfig {
         }
         if let Some(interval) = args.advert_interval {
             c.advert_interval = interval.0;
+        }
+        if let Some(interval) = args.router_share_interval {
+            c.router_share_interval = interval.0;
         }
         if let Some(dir) = &args.models_dir {
             c.models_dir = dir.clone();
@@ -168,6 +175,7 @@ struct FileConfig {
     api_rate_limit: Option<f64>,
     mdns: Option<bool>,
     advert_interval: Option<String>,
+    router_share_interval: Option<String>,
     models_dir: Option<PathBuf>,
     models: Option<Vec<String>>,
     replicas: Option<usize>,
@@ -203,6 +211,9 @@ impl FileConfig {
         }
         if let Some(interval) = self.advert_interval {
             c.advert_interval = parse_duration(&interval)?;
+        }
+        if let Some(interval) = self.router_share_interval {
+            c.router_share_interval = parse_duration(&interval)?;
         }
         if let Some(dir) = self.models_dir {
             c.models_dir = dir;

@@ -373,6 +373,20 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
         burst: (config.api_rate_limit * 2.0).max(1.0),
         ..mycel_api::ApiConfig::default()
     };
+    // What the routers learn spreads between peers, one peer per round.
+    let share_task = (!config.router_share_interval.is_zero()).then(|| {
+        let (routing, net, every, stop) =
+            (routing.clone(), net.clone(), config.router_share_interval, shutdown.clone());
+        tokio::spawn(async move {
+            let mut turn = 0;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(every) => routing.share_round(&net, &mut turn).await,
+                }
+            }
+        })
+    });
     let router = mycel_api::router(view, api_config);
     let api_task = tokio::spawn(mycel_api::serve(listener, router, shutdown.clone()));
     info!(api = %format!("http://{api_addr}"), "API listening");
@@ -442,6 +456,9 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
     let stop_requested = shutdown.is_cancelled();
     shutdown.cancel();
     let _ = net_task.await;
+    if let Some(task) = share_task {
+        let _ = task.await;
+    }
     match api_task.await {
         Ok(Err(e)) => warn!(error = %e, "API server ended with an error"),
         Err(e) => warn!(error = %e, "API task failed"),

@@ -70,25 +70,35 @@ impl Routing {
     /// The outcomes this node learned itself (at most a share's worth,
     /// newest first), signed by the node.
     pub fn export(&self) -> Result<mycel_api::RouterShare, ApiError> {
-        use mycel_protocol::router::{RouterOutcome, RouterOutcomes};
-        let guard = lock(&self.inner);
-        let router = guard.as_ref().and_then(|l| l.router.as_ref()).ok_or_else(|| {
+        let signed = self.signed_share(mycel_protocol::limits::ROUTER_OUTCOMES)?.ok_or_else(|| {
             ApiError::Unavailable("this node has no router (no embedding model, or still loading)".into())
         })?;
-        let outcomes: Vec<RouterOutcome> = router
-            .export(mycel_protocol::limits::ROUTER_OUTCOMES)
-            .into_iter()
-            .filter(|(_, v, _)| v.len() <= mycel_protocol::limits::ROUTER_DIMENSIONS)
-            .map(|(model, vector, score)| RouterOutcome { model, score, vector })
-            .collect();
-        let share = RouterOutcomes { embedder: router.embedder(), created_ms: mycel_net::now_ms(), outcomes };
-        let signed = mycel_protocol::Signed::sign(&self.key, &share).map_err(internal)?;
+        let share = signed.verify().map_err(internal)?;
         Ok(mycel_api::RouterShare {
             signed: hex::encode(mycel_protocol::Wire::encode(&signed).map_err(internal)?),
             outcomes: share.outcomes.len(),
             signer: self.key.public().to_peer_id().to_string(),
             embedder: share.embedder.to_hex(),
         })
+    }
+
+    /// Up to `max` of the outcomes this node learned itself, newest first,
+    /// signed; `None` without a router.
+    fn signed_share(
+        &self,
+        max: usize,
+    ) -> Result<Option<mycel_protocol::Signed<mycel_protocol::router::RouterOutcomes>>, ApiError> {
+        use mycel_protocol::router::{RouterOutcome, RouterOutcomes};
+        let guard = lock(&self.inner);
+        let Some(router) = guard.as_ref().and_then(|l| l.router.as_ref()) else { return Ok(None) };
+        let outcomes: Vec<RouterOutcome> = router
+            .export(max)
+            .into_iter()
+            .filter(|(_, v, _)| v.len() <= mycel_protocol::limits::ROUTER_DIMENSIONS)
+            .map(|(model, vector, score)| RouterOutcome { model, score, vector })
+            .collect();
+        let share = RouterOutcomes { embedder: router.embedder(), created_ms: mycel_net::now_ms(), outcomes };
+        mycel_protocol::Signed::sign(&self.key, &share).map(Some).map_err(internal)
     }
 
     /// Learns what another node shared: checked (signature, bounds, the
@@ -99,7 +109,20 @@ impl Routing {
             hex::decode(share.signed.trim()).map_err(|e| ApiError::BadRequest(format!("signed: not hex: {e}")))?;
         let signed = <mycel_protocol::Signed<RouterOutcomes> as mycel_protocol::Wire>::decode(&bytes)
             .map_err(|e| ApiError::BadRequest(format!("signed: {e}")))?;
-        let outcomes = signed.verify().map_err(|e| ApiError::BadRequest(format!("signed: {e}")))?;
+        self.import_signed(&signed, None)
+    }
+
+    /// [`Routing::import`] of a decoded share; with `models`, only the
+    /// outcomes of those models are learned.
+    fn import_signed(
+        &self,
+        signed: &mycel_protocol::Signed<mycel_protocol::router::RouterOutcomes>,
+        models: Option<&std::collections::HashSet<Digest>>,
+    ) -> Result<mycel_api::RouterShare, ApiError> {
+        let mut outcomes = signed.verify().map_err(|e| ApiError::BadRequest(format!("signed: {e}")))?;
+        if let Some(models) = models {
+            outcomes.outcomes.retain(|o| models.contains(&o.model));
+        }
         let signer = signed.signer().to_peer_id().to_string();
         tokio::task::block_in_place(|| {
             let mut guard = lock(&self.inner);
@@ -122,7 +145,9 @@ impl Routing {
                     mycel_router::RouterError::Invalid(why) => ApiError::BadRequest(why),
                     e => internal(e),
                 })?;
-            tracing::info!(%signer, learned = n, "imported a peer's router outcomes");
+            if n > 0 {
+                tracing::info!(%signer, learned = n, "learned a peer's router outcomes");
+            }
             Ok(mycel_api::RouterShare {
                 signed: String::new(),
                 outcomes: n,
@@ -130,6 +155,63 @@ impl Routing {
                 embedder: outcomes.embedder.to_hex(),
             })
         })
+    }
+
+    /// One round of sharing with the swarm: offers what this router learned
+    /// to peers that ask (as much as one response carries), then asks one
+    /// peer that routes in the same embedding space (it serves the same
+    /// embedding model) for its outcomes and learns the new ones. Taking
+    /// turns over those peers, one per round, keeps the traffic at one
+    /// response per interval whatever the swarm's size.
+    pub async fn share_round(&self, net: &mycel_net::Handle, turn: &mut usize) {
+        use mycel_protocol::rpc::{Request, Response};
+        let Some(embedder) = lock(&self.inner).as_ref().and_then(|l| l.router.as_ref()).map(Router::embedder) else {
+            return;
+        };
+        let dims = lock(&self.inner)
+            .as_ref()
+            .and_then(|l| l.embedder.and_then(|i| l.models.embedders.get(i)))
+            .map_or(mycel_protocol::limits::ROUTER_DIMENSIONS, |e| e.advert.dimensions as usize);
+        let max = mycel_protocol::router::RouterOutcomes::most_in_a_response(dims);
+        match self.signed_share(max) {
+            Ok(share) => {
+                let share = share.filter(|s| s.verify().is_ok_and(|o| !o.outcomes.is_empty()));
+                if net.set_router_share(share).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not sign this router's outcomes to share"),
+        }
+        let Ok(peers) = net.peers().await else { return };
+        let mut same_space: Vec<mycel_protocol::PeerId> = peers
+            .iter()
+            .filter(|p| p.advert.models.iter().any(|m| m.kind == ModelKind::Embedding && m.weights == embedder))
+            .map(|p| p.peer)
+            .collect();
+        if same_space.is_empty() {
+            return;
+        }
+        same_space.sort();
+        // Outcomes of models the swarm serves, no others: a peer cannot grow
+        // the router with models nobody runs.
+        let mut models: std::collections::HashSet<Digest> =
+            peers.iter().flat_map(|p| p.advert.models.iter().map(|m| m.weights)).collect();
+        if let Some(loaded) = lock(&self.inner).as_ref() {
+            models.extend(loaded.models.adverts().iter().map(|m| m.weights));
+        }
+        let peer = same_space[*turn % same_space.len()];
+        *turn = turn.wrapping_add(1);
+        match net.request(peer, Request::RouterOutcomes).await {
+            // Only a peer's own outcomes: a share is worth what its signer is.
+            Ok(Response::RouterOutcomes(signed)) if signed.signer().to_peer_id() == peer => {
+                if let Err(e) = self.import_signed(&signed, Some(&models)) {
+                    tracing::debug!(%peer, error = %e, "a peer's router outcomes were refused");
+                }
+            }
+            Ok(Response::RouterOutcomes(_)) => tracing::debug!(%peer, "a peer sent router outcomes it did not sign"),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(%peer, error = %e, "asking a peer for its router outcomes failed"),
+        }
     }
 
     /// The node's models are loaded: open the router in the space of its

@@ -87,7 +87,7 @@ pub fn task(data: &[u8]) -> usize {
 pub fn request(data: &[u8]) -> usize {
     let Ok(request) = Request::decode(data) else { return 0 };
     1 + match request {
-        Request::Adverts => 0,
+        Request::Adverts | Request::RouterOutcomes => 0,
         Request::Market(m) => match *m {
             Market::Cfp(s) => usize::from(s.verify().is_ok()),
             Market::Bid(s) => usize::from(s.verify().is_ok()),
@@ -99,10 +99,12 @@ pub fn request(data: &[u8]) -> usize {
     }
 }
 
-/// A response frame's payload (adverts a peer hands a newcomer).
+/// A response frame's payload (adverts a peer hands a newcomer, a
+/// router's outcomes).
 pub fn response(data: &[u8]) -> usize {
     match Response::decode(data) {
         Ok(Response::Adverts(adverts)) => 1 + adverts.iter().filter(|a| a.verify().is_ok()).count(),
+        Ok(Response::RouterOutcomes(share)) => 1 + usize::from(share.verify().is_ok()),
         Ok(_) => 1,
         Err(_) => 0,
     }

@@ -28,6 +28,13 @@ pub struct RouterOutcomes {
 }
 
 impl RouterOutcomes {
+    /// The most outcomes of `dimensions`-wide vectors one direct response
+    /// carries ([`limits::RPC_RESPONSE`], with room for the envelope).
+    pub fn most_in_a_response(dimensions: usize) -> usize {
+        let each = dimensions * 4 + std::mem::size_of::<crate::Digest>() + 16;
+        ((limits::RPC_RESPONSE - 64 * 1024) / each).min(limits::ROUTER_OUTCOMES)
+    }
+
     fn check(&self) -> Result<(), String> {
         if self.outcomes.len() > limits::ROUTER_OUTCOMES {
             return Err(format!("{} outcomes, at most {}", self.outcomes.len(), limits::ROUTER_OUTCOMES));
@@ -68,6 +75,20 @@ mod tests {
             outcomes: (0..n)
                 .map(|i| RouterOutcome { model: Digest::of(b"m"), score: 0.5, vector: vec![i as f32; dims] })
                 .collect(),
+        }
+    }
+
+    #[test]
+    fn the_most_a_response_carries_fits_in_one() {
+        let key = Keypair::generate().unwrap();
+        for dims in [384, limits::ROUTER_DIMENSIONS] {
+            let n = RouterOutcomes::most_in_a_response(dims);
+            assert!(n >= 512, "{dims} dimensions: {n}");
+            let share = Signed::sign(&key, &outcomes(n, dims)).unwrap();
+            let response = crate::rpc::Response::RouterOutcomes(Box::new(share));
+            let bytes = response.encode().unwrap();
+            assert!(bytes.len() <= limits::RPC_RESPONSE, "{dims}: {} bytes", bytes.len());
+            assert_eq!(crate::rpc::Response::decode(&bytes).unwrap(), response);
         }
     }
 

@@ -19,6 +19,9 @@ pub enum Request {
     /// A market message. Answered at once with [`Response::Accepted`] (or
     /// `Refused`); whatever it leads to comes back as a request of its own.
     Market(Box<Market>),
+    /// "Send me what your model router learned": answered at once with
+    /// [`Response::RouterOutcomes`] (its latest signed share) or `Refused`.
+    RouterOutcomes,
 }
 
 impl Request {
@@ -84,6 +87,9 @@ pub enum Response {
     Refused(String),
     /// Received; the answer, if any, comes later as a request of its own.
     Accepted,
+    /// What the answering node's router learned, signed by that node; the
+    /// payload is checked (bounds, values) when the signature is.
+    RouterOutcomes(Box<Signed<crate::router::RouterOutcomes>>),
 }
 
 impl Response {
@@ -91,7 +97,7 @@ impl Response {
         match self {
             Response::Adverts(adverts) => at_most("adverts", adverts, limits::ADVERTS_PER_SYNC),
             Response::Refused(reason) => crate::codec::rules::short("reason", reason, limits::SHORT_STRING),
-            Response::Accepted => Ok(()),
+            Response::Accepted | Response::RouterOutcomes(_) => Ok(()),
         }
     }
 }

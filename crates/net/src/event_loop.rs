@@ -75,6 +75,8 @@ enum Command {
     FindProviders(Digest, Reply<Result<Vec<PeerId>, NetError>>),
     /// Bytes for a gossip topic, already checked (or deliberately not).
     Publish(&'static str, Vec<u8>),
+    /// What to answer peers asking for our router's outcomes.
+    SetRouterShare(Option<Box<Signed<mycel_protocol::router::RouterOutcomes>>>),
 }
 
 /// Cheap to clone; every method is one command to the [`EventLoop`].
@@ -133,6 +135,15 @@ impl Handle {
     /// load changes often, adverts go out every interval).
     pub async fn set_load(&self, load: mycel_protocol::Load) -> Result<(), NetError> {
         self.commands.send(Command::SetLoad(load)).await.map_err(|_| NetError::Stopped)
+    }
+
+    /// What to answer peers that ask for this node's router outcomes
+    /// ([`Request::RouterOutcomes`]); `None`: refuse.
+    pub async fn set_router_share(
+        &self,
+        share: Option<Signed<mycel_protocol::router::RouterOutcomes>>,
+    ) -> Result<(), NetError> {
+        self.commands.send(Command::SetRouterShare(share.map(Box::new))).await.map_err(|_| NetError::Stopped)
     }
 
     /// The advert as last published.
@@ -222,6 +233,8 @@ pub struct EventLoop {
     /// Gossiped CFPs allowed per requester (by signer), oldest first out
     /// past [`CFP_SIGNERS`].
     cfp_rate: HashMap<PeerId, crate::rate::TokenBucket>,
+    /// Our router's latest signed outcomes, for peers that ask.
+    router_share: Option<Box<Signed<mycel_protocol::router::RouterOutcomes>>>,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -303,6 +316,7 @@ pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Ev
         dropped_events: 0,
         inbound_rate: HashMap::new(),
         cfp_rate: HashMap::new(),
+        router_share: None,
     };
     Ok((Handle { commands: cmd_tx, local }, ev_rx, event_loop))
 }
@@ -429,6 +443,7 @@ impl EventLoop {
                 self.advert = Some(*advert);
                 self.republish_at = Some(Instant::now());
             }
+            Command::SetRouterShare(share) => self.router_share = share,
             Command::SetLoad(load) => {
                 if let Some(advert) = &mut self.advert {
                     advert.load = load;
@@ -750,6 +765,10 @@ impl EventLoop {
             Request::Adverts => Response::Adverts(
                 self.table.entries().take(limits::ADVERTS_PER_SYNC).map(|e| e.signed.clone()).collect(),
             ),
+            Request::RouterOutcomes => match &self.router_share {
+                Some(share) => Response::RouterOutcomes(share.clone()),
+                None => Response::Refused("no router outcomes to share".into()),
+            },
             _ => Response::Refused("unsupported request".into()),
         }
     }

@@ -20,7 +20,7 @@
 //! stored for another. What it learned persists in the node's store
 //! (bounded per model, the oldest dropped first) and survives restarts.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use mycel_protocol::{Digest, TaskId};
@@ -35,8 +35,11 @@ pub const K: usize = 8;
 pub const SOFTNESS: f32 = 0.1;
 /// What the profile prior is worth, in identical-prompt examples.
 pub const PRIOR_WEIGHT: f32 = 0.5;
-/// Examples kept per model; the oldest go first.
+/// Examples this node learned itself kept per model; the oldest go first.
 pub const MAX_EXAMPLES_PER_MODEL: usize = 2048;
+/// Examples from peers kept per model, besides those; the oldest of theirs
+/// go first, so what peers share never pushes out what this node learned.
+pub const MAX_PEER_EXAMPLES_PER_MODEL: usize = MAX_EXAMPLES_PER_MODEL / 2;
 /// Routed tasks remembered (for their view and feedback).
 pub const MAX_ROUTED: usize = 2048;
 /// Default trade-off: a model must predict this much more quality per unit
@@ -363,7 +366,8 @@ impl Router {
     }
 
     /// Learns several outcomes from one source in one durable write; all or
-    /// none (a bad one refuses the lot). Returns how many.
+    /// none (a bad one refuses the lot). Returns how many were new: a
+    /// peer's outcomes already held are not learned again.
     pub fn learn_many(
         &mut self,
         outcomes: impl IntoIterator<Item = (Digest, Vec<f32>, f32)>,
@@ -380,35 +384,77 @@ impl Router {
         }
         let mut batch = Batch::new();
         let mut staged: HashMap<Digest, VecDeque<Example>> = HashMap::new();
+        // A peer's outcomes come again with each share it sends: those held
+        // already (the same model, prompt and score, as many times as the
+        // share repeats them) are not learned again.
+        type Fingerprint = (Vec<u32>, u32);
+        let fingerprint =
+            |v: &[f32], score: f32| -> Fingerprint { (v.iter().map(|x| x.to_bits()).collect(), score.to_bits()) };
+        let mut held_from_peers: HashMap<Digest, HashMap<Fingerprint, usize>> = HashMap::new();
+        let mut in_share: HashMap<(Digest, Fingerprint), usize> = HashMap::new();
         let mut seq = self.next_seq;
         for (model, vector, score) in &outcomes {
             let example = Example { vector: normalized(vector), score: *score, source, seq };
+            if source == Source::Peer {
+                let held = held_from_peers.entry(*model).or_insert_with(|| {
+                    let mut counts = HashMap::new();
+                    let examples = self.examples.get(model).into_iter().flatten();
+                    for e in examples.filter(|e| e.source == Source::Peer) {
+                        *counts.entry(fingerprint(&e.vector, e.score)).or_default() += 1;
+                    }
+                    counts
+                });
+                let print = fingerprint(&example.vector, example.score);
+                let have = held.get(&print).copied().unwrap_or(0);
+                let seen = in_share.entry((*model, print)).or_default();
+                *seen += 1;
+                if *seen <= have {
+                    continue;
+                }
+            }
             batch.put(Tree::Router, example_key(&self.embedder, model, seq), encode_example(&example));
             staged.entry(*model).or_default().push_back(example);
             seq += 1;
         }
-        // What the bound pushes out, oldest first, in the same write.
-        for (model, new) in &staged {
-            let held = self.examples.get(model).map_or(0, VecDeque::len);
-            let over = (held + new.len()).saturating_sub(MAX_EXAMPLES_PER_MODEL);
-            let old: Vec<u64> = self.examples.get(model).into_iter().flatten().take(over).map(|e| e.seq).collect();
-            let more = over.saturating_sub(old.len());
-            for s in old.iter().copied().chain(new.iter().take(more).map(|e| e.seq)) {
+        let learned = staged.values().map(VecDeque::len).sum();
+        // What the bound pushes out, oldest first, in the same write. Peers'
+        // outcomes have a bound of their own, so they never push out what
+        // this node learned itself.
+        let (bound, from_peer) = match source {
+            Source::Peer => (MAX_PEER_EXAMPLES_PER_MODEL, true),
+            _ => (MAX_EXAMPLES_PER_MODEL, false),
+        };
+        let mut evicted: HashMap<Digest, HashSet<u64>> = HashMap::new();
+        for (model, new) in &mut staged {
+            let held: Vec<u64> = self
+                .examples
+                .get(model)
+                .into_iter()
+                .flatten()
+                .filter(|e| (e.source == Source::Peer) == from_peer)
+                .map(|e| e.seq)
+                .collect();
+            let over = (held.len() + new.len()).saturating_sub(bound);
+            let gone: HashSet<u64> = held.iter().copied().take(over).collect();
+            let drop_new = over - gone.len();
+            for s in gone.iter().copied().chain(new.iter().take(drop_new).map(|e| e.seq)) {
                 batch.delete(Tree::Router, example_key(&self.embedder, model, s));
             }
+            new.drain(..drop_new);
+            evicted.insert(*model, gone);
         }
         if let Some(store) = &self.store {
             store.commit(&batch)?;
         }
         for (model, new) in staged {
             let examples = self.examples.entry(model).or_default();
-            examples.extend(new);
-            while examples.len() > MAX_EXAMPLES_PER_MODEL {
-                examples.pop_front();
+            if let Some(gone) = evicted.get(&model).filter(|g| !g.is_empty()) {
+                examples.retain(|e| !gone.contains(&e.seq));
             }
+            examples.extend(new);
         }
         self.next_seq = seq;
-        Ok(outcomes.len())
+        Ok(learned)
     }
 
     /// Up to `max` of the outcomes this node learned itself (not those
@@ -634,10 +680,52 @@ mod tests {
         let mut c = Router::open(store.clone(), digest("embedder")).unwrap();
         let many: Vec<(Digest, Vec<f32>, f32)> =
             (0..MAX_EXAMPLES_PER_MODEL + 10).map(|i| (digest("m"), vec![1.0, i as f32], 0.5)).collect();
-        c.learn_many(many, Source::Peer).unwrap();
+        c.learn_many(many, Source::Eval).unwrap();
         assert_eq!(c.examples()[&digest("m")], MAX_EXAMPLES_PER_MODEL);
         let reopened = Router::open(store, digest("embedder")).unwrap();
         assert_eq!(reopened.examples()[&digest("m")], MAX_EXAMPLES_PER_MODEL);
+    }
+
+    #[test]
+    fn a_peers_outcomes_are_learned_once_and_never_crowd_out_our_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let mut r = Router::open(store.clone(), digest("embedder")).unwrap();
+        let own: Vec<(Digest, Vec<f32>, f32)> =
+            (0..MAX_EXAMPLES_PER_MODEL).map(|i| (digest("m"), vec![1.0, i as f32], 1.0)).collect();
+        r.learn_many(own, Source::Eval).unwrap();
+        let share = |from: usize, n: usize| -> Vec<(Digest, Vec<f32>, f32)> {
+            (from..from + n).map(|i| (digest("m"), vec![-1.0, i as f32], 0.0)).collect()
+        };
+        // The same share twice (a peer answers every time it is asked):
+        // learned once.
+        assert_eq!(r.learn_many(share(0, 10), Source::Peer).unwrap(), 10);
+        assert_eq!(r.learn_many(share(0, 10), Source::Peer).unwrap(), 0);
+        assert_eq!(r.learn_many(share(5, 10), Source::Peer).unwrap(), 5, "only what is new");
+        // The same outcome learned three times by the peer is three
+        // observations; sent again, none; a fourth time, one more.
+        let same = |n: usize| vec![(digest("m"), vec![0.5, 0.5], 1.0); n];
+        assert_eq!(r.learn_many(same(3), Source::Peer).unwrap(), 3);
+        assert_eq!(r.learn_many(same(3), Source::Peer).unwrap(), 0);
+        assert_eq!(r.learn_many(same(4), Source::Peer).unwrap(), 1);
+        // A flood of them keeps at most their own bound, the newest; our
+        // own outcomes all stay.
+        r.learn_many(share(1000, 3 * MAX_PEER_EXAMPLES_PER_MODEL), Source::Peer).unwrap();
+        let count = |r: &Router, source: Source| {
+            r.examples.get(&digest("m")).into_iter().flatten().filter(|e| e.source == source).count()
+        };
+        assert_eq!(count(&r, Source::Peer), MAX_PEER_EXAMPLES_PER_MODEL);
+        assert_eq!(count(&r, Source::Eval), MAX_EXAMPLES_PER_MODEL);
+        // And ours, growing past their bound, push out only ours.
+        r.learn(digest("m"), &[1.0, -1.0], 1.0, Source::User).unwrap();
+        assert_eq!(count(&r, Source::Peer), MAX_PEER_EXAMPLES_PER_MODEL);
+        assert_eq!(count(&r, Source::Eval) + count(&r, Source::User), MAX_EXAMPLES_PER_MODEL);
+        let newest = r.examples[&digest("m")].iter().rev().find(|e| e.source == Source::Peer).unwrap();
+        assert_eq!(newest.vector, normalized(&[-1.0, (1000 + 3 * MAX_PEER_EXAMPLES_PER_MODEL - 1) as f32]));
+        // The store holds exactly the same.
+        let reopened = Router::open(store, digest("embedder")).unwrap();
+        assert_eq!(count(&reopened, Source::Peer), MAX_PEER_EXAMPLES_PER_MODEL);
+        assert_eq!(count(&reopened, Source::Eval) + count(&reopened, Source::User), MAX_EXAMPLES_PER_MODEL);
     }
 
     #[test]
