@@ -11,7 +11,10 @@
 //! - **vote** (self-consistency): the answer given most often wins. Answers
 //!   are compared by their first line, lower-cased, with only letters,
 //!   digits and single spaces kept; a tie goes to the answer first given
-//!   (the lowest proposal number).
+//!   (the lowest proposal number). Each model's first proposal is its
+//!   greedy answer and further copies are sampled (temperature 0.7, unless
+//!   the request sets one), so with no majority the vote falls back to the
+//!   first proposal: the largest model's own best answer.
 //! - **best-of**: a judge model reads the question and the numbered
 //!   proposals and names the best, asked twice with the proposals in
 //!   opposite orders. When the two verdicts agree, that proposal wins; when
@@ -21,7 +24,6 @@
 //! - **moa** (mixture of agents): an aggregator model writes the answer
 //!   from the proposals. One layer; at most [`MAX_MEMBERS`] proposals.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use mycel_api::{
@@ -90,8 +92,9 @@ struct Plan {
     conversation: Vec<ChatTurnView>,
     /// The model of each proposal, in order.
     members: Vec<String>,
+    /// The temperature of each proposal.
+    temperatures: Vec<f32>,
     judge: String,
-    temperature: f32,
     request: SubmitRequest,
     /// The swarm's adverts when it started (to name models to the router).
     adverts: Vec<Advert>,
@@ -127,13 +130,21 @@ fn plan(method: Method, request: SubmitRequest, adverts: &[Advert]) -> Result<Pl
     };
     let members: Vec<String> = (0..n as usize).map(|i| pool[i % pool.len()].clone()).collect();
     let repeats = members.len() > pool.len();
-    let temperature = match request.temperature {
-        Some(t) if t > 0.0 || !repeats => t,
-        _ if repeats => SAMPLING_TEMPERATURE,
-        _ => 0.0,
+    let temperatures: Vec<f32> = match request.temperature {
+        Some(t) if t > 0.0 || !repeats => vec![t; members.len()],
+        // Copies of a model must differ to be worth comparing: each model's
+        // first proposal is its own best (greedy) answer, further copies
+        // are sampled. A vote without a majority falls back to the first
+        // proposal: the largest model's greedy answer.
+        _ if repeats => members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| if members[..i].contains(m) { SAMPLING_TEMPERATURE } else { 0.0 })
+            .collect(),
+        _ => vec![0.0; members.len()],
     };
     let judge = request.judge.clone().unwrap_or(largest);
-    Ok(Plan { method, conversation, members, judge, temperature, request, adverts: adverts.to_vec() })
+    Ok(Plan { method, conversation, members, temperatures, judge, request, adverts: adverts.to_vec() })
 }
 
 /// Starts an ensemble as a job of `jobs`: its id works like a task's.
@@ -185,40 +196,41 @@ async fn orchestrate(
     routing: &crate::route::Routing,
 ) -> Result<(), String> {
     let update = |f: &mut dyn FnMut(&mut TaskView)| job.update(f);
-    // Proposals: one task per distinct model, its copies in proposal order.
-    let mut models: Vec<&String> = Vec::new();
-    for m in &plan.members {
-        if !models.contains(&m) {
-            models.push(m);
+    // Proposals: one task per distinct (model, temperature), its copies in
+    // proposal order.
+    let mut groups: Vec<(&String, f32)> = Vec::new();
+    for (m, t) in plan.members.iter().zip(&plan.temperatures) {
+        if !groups.iter().any(|g| g.0 == m && g.1 == *t) {
+            groups.push((m, *t));
         }
     }
+    let group_of = |m: &String, t: f32| groups.iter().position(|g| g.0 == m && g.1 == t);
     let seed = plan.request.seed.unwrap_or(0);
-    let stages = models.iter().map(|m| {
-        let copies = plan.members.iter().filter(|x| x == m).count();
-        run_task(market, stage_request(plan, m, vec![plan.conversation.clone(); copies], plan.temperature, seed))
+    let stages = groups.iter().map(|(m, t)| {
+        let copies = plan.members.iter().zip(&plan.temperatures).filter(|(x, y)| x == m && *y == t).count();
+        run_task(market, stage_request(plan, m, vec![plan.conversation.clone(); copies], *t, seed))
     });
     let views = futures::future::try_join_all(stages).await?;
     let receipted: Vec<u32> = views.iter().map(|v| job.receipted(v)).collect::<Result<_, _>>()?;
-    let mut by_model: HashMap<&str, std::vec::IntoIter<GenerationView>> =
-        models.iter().zip(&views).map(|(m, v)| (m.as_str(), answers(v).into_iter())).collect();
+    let mut answers_of: Vec<std::vec::IntoIter<GenerationView>> =
+        views.iter().map(|v| answers(v).into_iter()).collect();
     let mut proposals: Vec<(String, GenerationView)> = Vec::new();
     // Where each proposal is: (its task in the job's receipt, its item).
     let mut places: Vec<(u32, u64)> = Vec::new();
-    let mut copies_seen: HashMap<&str, u64> = HashMap::new();
-    for m in &plan.members {
-        let answer = by_model.get_mut(m.as_str()).and_then(Iterator::next).ok_or("a proposal is missing")?;
-        let task = models.iter().position(|x| *x == m).map(|i| receipted[i]).ok_or("a proposal's task is missing")?;
-        let copy = copies_seen.entry(m.as_str()).or_default();
-        places.push((task, *copy));
-        *copy += 1;
+    let mut copies_seen = vec![0u64; groups.len()];
+    for (m, t) in plan.members.iter().zip(&plan.temperatures) {
+        let group = group_of(m, *t).ok_or("a proposal's task is missing")?;
+        let answer = answers_of[group].next().ok_or("a proposal is missing")?;
+        places.push((receipted[group], copies_seen[group]));
+        copies_seen[group] += 1;
         proposals.push((m.clone(), answer));
     }
     update(&mut |view| {
         let e = view.ensemble.get_or_insert_with(EnsembleView::default);
-        e.stages = models
+        e.stages = groups
             .iter()
             .zip(&views)
-            .map(|(m, v)| EnsembleStage { role: "proposals".into(), task: v.task.clone(), model: (*m).clone() })
+            .map(|((m, _), v)| EnsembleStage { role: "proposals".into(), task: v.task.clone(), model: (*m).clone() })
             .collect();
         e.proposals = proposals.iter().map(|(m, g)| Proposal { model: m.clone(), text: g.text.clone() }).collect();
         view.input_tokens = views.iter().map(|v| v.input_tokens).sum();
@@ -387,6 +399,57 @@ mod tests {
         assert_eq!(t[0], ("paris".into(), 2, 0), "two each: Paris came first");
         assert_eq!(t[1], ("lyon".into(), 2, 2));
         assert_eq!(t[2].1, 1);
+    }
+
+    fn swarm() -> Vec<Advert> {
+        let generator = |id: &str, speed: f32| mycel_protocol::ModelAdvert {
+            id: id.into(),
+            kind: ModelKind::Generation,
+            weights: mycel_protocol::Digest::of(id.as_bytes()),
+            dimensions: 0,
+            context: 2048,
+            quantization: mycel_protocol::Quantization::Q8_0,
+            throughput: mycel_protocol::Throughput { decode_tokens_per_s: speed, ..Default::default() },
+            profile: Default::default(),
+            tools: false,
+        };
+        vec![Advert {
+            seq: 1,
+            timestamp_ms: 1,
+            software: "test".into(),
+            models: vec![generator("small", 200.0), generator("large", 50.0)],
+            hardware: Default::default(),
+            load: Default::default(),
+            price: Default::default(),
+            listen_addrs: Vec::new(),
+        }]
+    }
+
+    fn request(n: u32, temperature: Option<f32>) -> SubmitRequest {
+        let mut r = SubmitRequest::new("generate", vec!["What is the capital of France?".into()]);
+        r.n = Some(n);
+        r.temperature = temperature;
+        r
+    }
+
+    /// Copies of a model are sampled, but each model's first proposal is
+    /// its greedy answer, and the first of all the largest model's: what a
+    /// vote with no majority falls back to, so an ensemble starts from its
+    /// best member's own answer.
+    #[test]
+    fn the_first_proposal_is_the_largest_models_greedy_answer() {
+        let vote = plan(Method::Vote, request(3, None), &swarm()).unwrap();
+        assert_eq!(vote.members, ["large", "large", "large"]);
+        assert_eq!(vote.temperatures, [0.0, SAMPLING_TEMPERATURE, SAMPLING_TEMPERATURE]);
+        let best_of = plan(Method::BestOf, request(3, None), &swarm()).unwrap();
+        assert_eq!(best_of.members, ["large", "small", "large"]);
+        assert_eq!(best_of.temperatures, [0.0, 0.0, SAMPLING_TEMPERATURE], "each model's first is greedy");
+        // Every member once: nothing to sample, all greedy.
+        let moa = plan(Method::Moa, request(2, None), &swarm()).unwrap();
+        assert_eq!(moa.temperatures, [0.0, 0.0]);
+        // A temperature the request sets is every proposal's.
+        let asked = plan(Method::Vote, request(3, Some(0.9)), &swarm()).unwrap();
+        assert_eq!(asked.temperatures, [0.9; 3]);
     }
 
     #[test]
