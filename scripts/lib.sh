@@ -22,6 +22,15 @@ need_rust() {
   have cargo || die "cargo not found: install Rust (https://rustup.rs), then run this again"
 }
 
+# The release binary as BIN, and the models fetched into $1 (harnesses that
+# run a testnet of real nodes).
+release_with_models() {
+  step "building mycel (release)"
+  cargo build --locked --release --bin mycel
+  BIN=$PWD/target/release/mycel
+  "$BIN" models fetch --dir "$1"
+}
+
 # A build of the whole workspace (debug, with the test binaries) takes about
 # 3 GiB under target/ (4 asked, for headroom). Say so up front rather than let rustc die half way
 # with "No space left on device".

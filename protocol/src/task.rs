@@ -681,19 +681,21 @@ mod tests {
         ShardOutput::Embeddings { dimensions: 2, values: values.to_vec() }
     }
 
-    /// A receipt over two shards of two items each, as the executors
-    /// signed them, for `output` (what the requester says the result is).
-    fn receipt(shards: [&ShardOutput; 2], output: &ShardOutput) -> Receipt {
+    /// A receipt of task `id` over `shards` (their outputs, in order), each
+    /// signed by an executor, for `output` (what the requester says the
+    /// result is).
+    fn receipt_of(id: u8, shards: &[&ShardOutput], output: &ShardOutput) -> Receipt {
         let executor = Keypair::from_secret_bytes(&[9; 32]);
+        let mut first_item = 0u64;
         let claims: Vec<Signed<ResultClaim>> = shards
             .iter()
             .enumerate()
             .map(|(i, out)| {
                 let claim = ResultClaim {
-                    task: TaskId([1; 16]),
+                    task: TaskId([id; 16]),
                     shard: i as u32,
-                    first_item: 2 * i as u64,
-                    items: 2,
+                    first_item,
+                    items: out.items() as u32,
                     input: Digest::of(b"input"),
                     model: Digest::of(b"model"),
                     output: out.digest().unwrap(),
@@ -701,12 +703,13 @@ mod tests {
                     input_tokens: 0,
                     spot_commitment: crate::spot::commitment(&[5; 32]),
                 };
+                first_item += out.items() as u64;
                 Signed::sign(&executor, &claim).unwrap()
             })
             .collect();
         let leaves: Vec<Digest> = claims.iter().map(Signed::digest).collect();
         Receipt {
-            task: TaskId([1; 16]),
+            task: TaskId([id; 16]),
             spec: Digest::of(b"spec"),
             model: Digest::of(b"model"),
             root: merkle::root(&leaves),
@@ -715,6 +718,11 @@ mod tests {
             completed_ms: 1,
             spot: crate::spot::Reveal { secret: [5; 32], permille: 50 },
         }
+    }
+
+    /// A receipt over two shards of two items each.
+    fn receipt(shards: [&ShardOutput; 2], output: &ShardOutput) -> Receipt {
+        receipt_of(1, &shards, output)
     }
 
     #[test]
@@ -746,40 +754,10 @@ mod tests {
     /// A task's receipt, signed by `requester`, whose shards are one
     /// generation each, signed by an executor.
     fn one_per_shard(requester: &Keypair, id: u8, texts: &[&str]) -> Signed<Receipt> {
-        let executor = Keypair::from_secret_bytes(&[9; 32]);
         let g = |t: &str| crate::Generation::text(t, 1, crate::FinishReason::Stop);
-        let claims: Vec<Signed<ResultClaim>> = texts
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                let claim = ResultClaim {
-                    task: TaskId([id; 16]),
-                    shard: i as u32,
-                    first_item: i as u64,
-                    items: 1,
-                    input: Digest::of(b"input"),
-                    model: Digest::of(b"model"),
-                    output: ShardOutput::Generations(vec![g(t)]).digest().unwrap(),
-                    timings: Timings::default(),
-                    input_tokens: 0,
-                    spot_commitment: crate::spot::commitment(&[5; 32]),
-                };
-                Signed::sign(&executor, &claim).unwrap()
-            })
-            .collect();
-        let leaves: Vec<Digest> = claims.iter().map(Signed::digest).collect();
+        let shards: Vec<ShardOutput> = texts.iter().map(|t| ShardOutput::Generations(vec![g(t)])).collect();
         let whole = ShardOutput::Generations(texts.iter().map(|t| g(t)).collect());
-        let receipt = Receipt {
-            task: TaskId([id; 16]),
-            spec: Digest::of(b"spec"),
-            model: Digest::of(b"model"),
-            root: merkle::root(&leaves),
-            shards: claims,
-            output: whole.digest().unwrap(),
-            completed_ms: 1,
-            spot: crate::spot::Reveal { secret: [5; 32], permille: 0 },
-        };
-        Signed::sign(requester, &receipt).unwrap()
+        Signed::sign(requester, &receipt_of(id, &shards.iter().collect::<Vec<_>>(), &whole)).unwrap()
     }
 
     #[test]
