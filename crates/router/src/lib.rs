@@ -37,6 +37,9 @@ pub const SOFTNESS: f32 = 0.1;
 pub const PRIOR_WEIGHT: f32 = 0.5;
 /// Examples this node learned itself kept per model; the oldest go first.
 pub const MAX_EXAMPLES_PER_MODEL: usize = 2048;
+/// What a peer's outcome weighs against one this node saw itself:
+/// second-hand evidence, from a signer that is not vetted, counts half.
+pub const PEER_WEIGHT: f32 = 0.5;
 /// Examples from peers kept per model, besides those; the oldest of theirs
 /// go first, so what peers share never pushes out what this node learned.
 pub const MAX_PEER_EXAMPLES_PER_MODEL: usize = MAX_EXAMPLES_PER_MODEL / 2;
@@ -347,14 +350,14 @@ impl Router {
     /// of their weights.
     fn neighbours(&self, model: &Digest, query: &[f32]) -> (f32, f32) {
         let Some(examples) = self.examples.get(model) else { return (0.0, 0.0) };
-        let mut near: Vec<(f32, f32)> = examples
+        let mut near: Vec<(f32, f32, f32)> = examples
             .iter()
             .filter(|e| e.vector.len() == query.len())
-            .map(|e| (dot(&e.vector, query), e.score))
+            .map(|e| (dot(&e.vector, query), e.score, if e.source == Source::Peer { PEER_WEIGHT } else { 1.0 }))
             .collect();
         near.sort_by(|a, b| b.0.total_cmp(&a.0));
-        near.iter().take(K).fold((0.0, 0.0), |(sum, weight), &(sim, score)| {
-            let w = ((sim - 1.0) / SOFTNESS).exp();
+        near.iter().take(K).fold((0.0, 0.0), |(sum, weight), &(sim, score, trust)| {
+            let w = trust * ((sim - 1.0) / SOFTNESS).exp();
             (sum + w * score, weight + w)
         })
     }
@@ -607,6 +610,21 @@ mod tests {
         // With cost not counted, quality alone decides: big is never worse.
         let d = r.choose(&[0.1, 0.9, 0.0], &candidates(), 0.0).unwrap();
         assert_eq!(d.model, "big", "{d:?}");
+    }
+
+    /// A peer's outcome is second-hand: where it and the node's own
+    /// disagree on the same prompt, the node's own weighs twice as much.
+    #[test]
+    fn a_peers_outcome_counts_half_of_our_own() {
+        let mut r = Router::in_memory(digest("embedder"));
+        r.learn(digest("big"), &code(), 1.0, Source::Eval).unwrap();
+        r.learn(digest("big"), &code(), 0.0, Source::Peer).unwrap();
+        let d = r.choose(&code(), &candidates(), 0.0).unwrap();
+        let big = d.scores.iter().find(|s| s.model == "big").unwrap();
+        assert!((big.evidence - (1.0 + PEER_WEIGHT)).abs() < 1e-4, "{big:?}");
+        // Without the profile prior, the prediction would be exactly 2/3.
+        let alone = (1.0 * 1.0 + PEER_WEIGHT * 0.0) / (1.0 + PEER_WEIGHT);
+        assert!(big.quality > 0.5 && (big.quality - alone).abs() < 0.2, "{big:?}");
     }
 
     #[test]
