@@ -16,6 +16,13 @@ use mycel_store::Store;
 
 use crate::local::LocalModels;
 
+/// This router's own outcomes, signed, with what the signed bytes hold.
+struct SignedShare {
+    signed: mycel_protocol::Signed<mycel_protocol::router::RouterOutcomes>,
+    outcomes: usize,
+    embedder: Digest,
+}
+
 /// Model names that ask for routing.
 pub fn is_auto(model: Option<&str>) -> bool {
     matches!(model, Some("auto" | "mycel/auto"))
@@ -70,13 +77,12 @@ impl Routing {
     /// The outcomes this node learned itself (at most a share's worth,
     /// newest first), signed by the node.
     pub fn export(&self) -> Result<mycel_api::RouterShare, ApiError> {
-        let signed = self.signed_share(mycel_protocol::limits::ROUTER_OUTCOMES)?.ok_or_else(|| {
+        let share = self.signed_share(mycel_protocol::limits::ROUTER_OUTCOMES)?.ok_or_else(|| {
             ApiError::Unavailable("this node has no router (no embedding model, or still loading)".into())
         })?;
-        let share = signed.verify().map_err(internal)?;
         Ok(mycel_api::RouterShare {
-            signed: hex::encode(mycel_protocol::Wire::encode(&signed).map_err(internal)?),
-            outcomes: share.outcomes.len(),
+            signed: hex::encode(mycel_protocol::Wire::encode(&share.signed).map_err(internal)?),
+            outcomes: share.outcomes,
             signer: self.key.public().to_peer_id().to_string(),
             embedder: share.embedder.to_hex(),
         })
@@ -84,10 +90,7 @@ impl Routing {
 
     /// Up to `max` of the outcomes this node learned itself, newest first,
     /// signed; `None` without a router.
-    fn signed_share(
-        &self,
-        max: usize,
-    ) -> Result<Option<mycel_protocol::Signed<mycel_protocol::router::RouterOutcomes>>, ApiError> {
+    fn signed_share(&self, max: usize) -> Result<Option<SignedShare>, ApiError> {
         use mycel_protocol::router::{RouterOutcome, RouterOutcomes};
         let guard = lock(&self.inner);
         let Some(router) = guard.as_ref().and_then(|l| l.router.as_ref()) else { return Ok(None) };
@@ -97,8 +100,10 @@ impl Routing {
             .filter(|(_, v, _)| v.len() <= mycel_protocol::limits::ROUTER_DIMENSIONS)
             .map(|(model, vector, score)| RouterOutcome { model, score, vector })
             .collect();
-        let share = RouterOutcomes { embedder: router.embedder(), created_ms: mycel_net::now_ms(), outcomes };
-        mycel_protocol::Signed::sign(&self.key, &share).map(Some).map_err(internal)
+        let (embedder, count) = (router.embedder(), outcomes.len());
+        let share = RouterOutcomes { embedder, created_ms: mycel_net::now_ms(), outcomes };
+        let signed = mycel_protocol::Signed::sign(&self.key, &share).map_err(internal)?;
+        Ok(Some(SignedShare { signed, outcomes: count, embedder }))
     }
 
     /// Learns what another node shared: checked (signature, bounds, the
@@ -175,7 +180,7 @@ impl Routing {
         let max = mycel_protocol::router::RouterOutcomes::most_in_a_response(dims);
         match self.signed_share(max) {
             Ok(share) => {
-                let share = share.filter(|s| s.verify().is_ok_and(|o| !o.outcomes.is_empty()));
+                let share = share.filter(|s| s.outcomes > 0).map(|s| s.signed);
                 if net.set_router_share(share).await.is_err() {
                     return;
                 }

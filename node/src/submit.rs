@@ -356,9 +356,10 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
     // Every kind shares the envelope; the signing domain says which it is.
     let signed = Signed::<Receipt>::decode(&bytes).context("not a mycel receipt")?;
     if signed.verify().is_err()
-        && let Some(job) = Signed::<JobReceipt>::decode(&bytes).ok().filter(|j| j.verify().is_ok())
+        && let Some((signed, job)) =
+            Signed::<JobReceipt>::decode(&bytes).ok().and_then(|s| s.verify().ok().map(|job| (s, job)))
     {
-        return verify_job(&job, output.as_ref(), &result);
+        return verify_job(&signed, &job, output.as_ref(), &result);
     }
     let staged = Signed::<StagedReceipt>::decode(&bytes).ok().filter(|_| signed.verify().is_err());
     if let Some(staged) = staged {
@@ -403,10 +404,9 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
     Ok(())
 }
 
-/// A job's receipt: every task's receipt and the answer against what its
-/// executor signed.
-fn verify_job(signed: &Signed<JobReceipt>, answer: Option<&ShardOutput>, path: &Path) -> Result<()> {
-    let job = signed.verify().context("the receipt's signature is invalid")?;
+/// A job's receipt (its signature already checked): every task's receipt
+/// and the answer against what its executor signed.
+fn verify_job(signed: &Signed<JobReceipt>, job: &JobReceipt, answer: Option<&ShardOutput>, path: &Path) -> Result<()> {
     job.check_tree(signed.signer(), answer).context("the job's receipt does not hold up")?;
     for (i, task) in job.tasks.iter().enumerate() {
         let receipt = task.verify().context("a task's signature is invalid")?;
