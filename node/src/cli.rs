@@ -496,6 +496,27 @@ pub struct NodeArgs {
     #[arg(long, env = "MYCEL_BOOTSTRAP", value_delimiter = ',', value_name = "MULTIADDR", value_parser = multiaddr)]
     pub bootstrap: Vec<Multiaddr>,
 
+    /// Relay connections for peers behind NAT (circuit relay v2). Run it
+    /// on a publicly reachable host; see the README.
+    #[arg(long, env = "MYCEL_RELAY_SERVER")]
+    pub relay_server: bool,
+
+    /// Relay to stay reachable through, repeatable, with /p2p/<id>.
+    /// Without one, a node that finds itself behind NAT takes relay servers
+    /// among its peers.
+    #[arg(long, env = "MYCEL_RELAY", value_delimiter = ',', value_name = "MULTIADDR", value_parser = multiaddr)]
+    pub relay: Vec<Multiaddr>,
+
+    /// An address this node is reachable on from outside (a public IP, a
+    /// forwarded port), repeatable.
+    #[arg(long, env = "MYCEL_EXTERNAL_ADDRESS", value_delimiter = ',', value_name = "MULTIADDR", value_parser = multiaddr)]
+    pub external_address: Vec<Multiaddr>,
+
+    /// Probe reachability on private addresses too (AutoNAT dials back
+    /// only global ones by default). For testnets on private networks.
+    #[arg(long, env = "MYCEL_PROBE_PRIVATE_ADDRESSES", hide = true)]
+    pub probe_private_addresses: bool,
+
     /// Local HTTP API address [default: 127.0.0.1:7700]. Off loopback, a
     /// token is required.
     #[arg(long, env = "MYCEL_API", value_name = "HOST:PORT")]
@@ -701,6 +722,14 @@ pub struct TestnetUpArgs {
     /// network between them. Needs root.
     #[arg(long)]
     pub netns: bool,
+
+    /// Put every node but node-00 behind a NAT router of its own (implies
+    /// --netns): `full-cone`, `port-restricted` (plain MASQUERADE, most
+    /// home routers) or `symmetric`. node-00 is public and relays; the
+    /// others find they are private (AutoNAT), take it as relay and hole
+    /// punch to each other. Needs root and iptables.
+    #[arg(long, value_name = "KIND")]
+    pub nat: Option<mycel_testnet::netns::NatKind>,
 
     /// Make node INDEX misbehave, repeatable: `--fault 3=perturb` (wrong
     /// results), `2=forge` (corrupt signatures), `4=sometimes` (wrong on

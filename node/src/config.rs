@@ -28,6 +28,14 @@ pub struct NodeConfig {
     pub api_rate_limit: f64,
     /// Discover peers on the LAN.
     pub mdns: bool,
+    /// Relay for peers behind NAT.
+    pub relay_server: bool,
+    /// Relays to stay reachable through.
+    pub relays: Vec<Multiaddr>,
+    /// Addresses known to reach this node from outside.
+    pub external_addrs: Vec<Multiaddr>,
+    /// AutoNAT probes private addresses too (testnets).
+    pub probe_private_addrs: bool,
     /// How often to re-publish our advert.
     pub advert_interval: Duration,
     /// How often the router offers what it learned and learns from one
@@ -62,6 +70,10 @@ impl NodeConfig {
             api_token: None,
             api_rate_limit: 20.0,
             mdns: true,
+            relay_server: false,
+            relays: Vec::new(),
+            external_addrs: Vec::new(),
+            probe_private_addrs: false,
             advert_interval: Duration::from_secs(10),
             router_share_interval: Duration::from_secs(300),
             models_dir: data_dir.join("models"),
@@ -113,6 +125,21 @@ impl NodeConfig {
         }
         if args.no_mdns {
             c.mdns = false;
+        }
+        if args.relay_server {
+            c.relay_server = true;
+        }
+        if !args.relay.is_empty() {
+            c.relays = args.relay.clone();
+        }
+        if !args.external_address.is_empty() {
+            c.external_addrs = args.external_address.clone();
+        }
+        if args.probe_private_addresses {
+            c.probe_private_addrs = true;
+        }
+        if let Some(bad) = c.relays.iter().find(|a| !matches!(a.iter().last(), Some(mycel_net::Protocol::P2p(_)))) {
+            bail!("relay {bad} must end with /p2p/<peer id> (the relay's id, from its log or `mycel status`)");
         }
         if let Some(interval) = args.advert_interval {
             c.advert_interval = interval.0;
@@ -174,6 +201,9 @@ struct FileConfig {
     api_token: Option<String>,
     api_rate_limit: Option<f64>,
     mdns: Option<bool>,
+    relay_server: Option<bool>,
+    relays: Option<Vec<String>>,
+    external_addresses: Option<Vec<String>>,
     advert_interval: Option<String>,
     router_share_interval: Option<String>,
     models_dir: Option<PathBuf>,
@@ -208,6 +238,15 @@ impl FileConfig {
         }
         if let Some(mdns) = self.mdns {
             c.mdns = mdns;
+        }
+        if let Some(on) = self.relay_server {
+            c.relay_server = on;
+        }
+        if let Some(relays) = self.relays {
+            c.relays = relays.iter().map(|a| parse_multiaddr(a)).collect::<Result<_>>()?;
+        }
+        if let Some(addrs) = self.external_addresses {
+            c.external_addrs = addrs.iter().map(|a| parse_multiaddr(a)).collect::<Result<_>>()?;
         }
         if let Some(interval) = self.advert_interval {
             c.advert_interval = parse_duration(&interval)?;

@@ -1,6 +1,7 @@
 //! `mycel node`: wires identity, store, network and API together and runs
 //! until told to stop.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -245,12 +246,37 @@ impl NodeView for View {
             table_grew_at_ms: table.grew_at_ms,
             models: own.map(|a| a.models.iter().map(model_view).collect()).unwrap_or_default(),
             uptime_s: self.started.elapsed().as_secs(),
+            reachability: {
+                let r = self.net.reachability().await.map_err(unavailable)?;
+                mycel_api::types::ReachabilityView {
+                    reach: format!("{:?}", r.reach).to_lowercase(),
+                    relayed_addrs: r.relayed_addrs.iter().map(ToString::to_string).collect(),
+                    hole_punches_ok: r.hole_punches_ok,
+                    hole_punches_failed: r.hole_punches_failed,
+                }
+            },
         })
     }
 
     async fn peers(&self) -> Result<Vec<PeerView>, ApiError> {
         let now = mycel_net::now_ms();
         let reputations = self.reputations().await;
+        let paths: HashMap<String, &'static str> = self
+            .net
+            .paths()
+            .await
+            .map_err(unavailable)?
+            .into_iter()
+            .map(|p| {
+                let how = match (p.direct > 0, p.relayed > 0) {
+                    (true, true) => "direct and relayed",
+                    (true, false) => "direct",
+                    (false, true) => "relayed",
+                    (false, false) => "",
+                };
+                (p.peer.to_string(), how)
+            })
+            .collect();
         let mut peers: Vec<PeerView> = self
             .net
             .peers()
@@ -272,6 +298,7 @@ impl NodeView for View {
                 advert_seq: e.advert.seq,
                 last_seen_ms: now.saturating_sub(e.received_ms),
                 reputation: reputations.get(&e.peer.to_string()).copied().unwrap_or(mycel_market::reputation::DEFAULT),
+                connection: paths.get(&e.peer.to_string()).copied().unwrap_or_default().to_string(),
             })
             .collect();
         peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
@@ -311,6 +338,13 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
         .with_mdns(config.mdns)
         .with_advert_interval(config.advert_interval)
         .with_metrics(metrics.clone());
+    let net_config = mycel_net::Config {
+        relay_server: config.relay_server,
+        relays: config.relays.clone(),
+        external_addrs: config.external_addrs.clone(),
+        autonat_global_only: !config.probe_private_addrs,
+        ..net_config
+    };
     let (net, mut events, event_loop) = mycel_net::start(&key, net_config)?;
     let net_task = tokio::spawn(event_loop.run(shutdown.clone()));
 

@@ -22,6 +22,7 @@ pub fn run(cmd: TestnetCommand) -> Result<()> {
                 timeout: args.timeout.0,
                 node_args: node_args(&args, models.as_ref().map(|m| m.dir.as_path())),
                 netns: args.netns,
+                nat: args.nat,
             };
             if let Some(Models { dir: models, .. }) = &models {
                 // Measure the models once, alone, before the nodes start:

@@ -7,6 +7,13 @@
 //! nodes' veths to a second bridge (they still reach each other, not the
 //! rest); a heal moves them back.
 //!
+//! With NAT ([`NatKind`]), node 0 stays on the bridge (the public relay
+//! and bootstrap node) and every other node sits behind a router namespace
+//! of its own: the router holds the node's "public" address on the bridge
+//! (198.18.S.i+1) and does NAT with iptables for the node's private /30
+//! of 198.19.S.0/24. Nodes then reach each other only through the
+//! routers, as homes on the internet do.
+//!
 //! Needs root (namespaces, links). Every name carries the testnet's own
 //! tag, so setup and teardown only ever touch what this testnet created.
 //! Latency and loss (`tc netem`) need the kernel's netem qdisc, which not
@@ -16,6 +23,46 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
+
+/// How a home router translates addresses (RFC 4787 terms).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum NatKind {
+    /// Endpoint-independent mapping and filtering: the router forwards
+    /// everything arriving on its public address to the node (iptables
+    /// MASQUERADE plus a DNAT of all inbound traffic; a "DMZ host").
+    FullCone,
+    /// Endpoint-independent mapping (Linux keeps the source port where it
+    /// can), address-and-port-dependent filtering (only replies pass
+    /// conntrack): plain MASQUERADE, what most home routers do.
+    PortRestricted,
+    /// A new random source port for every destination (MASQUERADE
+    /// --random-fully): the mapping depends on the endpoint, so the port
+    /// a relay sees is not the port another peer must use.
+    Symmetric,
+}
+
+impl std::str::FromStr for NatKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "full-cone" => Ok(Self::FullCone),
+            "port-restricted" => Ok(Self::PortRestricted),
+            "symmetric" => Ok(Self::Symmetric),
+            _ => bail!("unknown NAT kind {s:?}: full-cone, port-restricted or symmetric"),
+        }
+    }
+}
+
+impl std::fmt::Display for NatKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::FullCone => "full-cone",
+            Self::PortRestricted => "port-restricted",
+            Self::Symmetric => "symmetric",
+        })
+    }
+}
 
 /// The namespaces and links of one testnet.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -30,6 +77,9 @@ pub struct Netns {
     /// Third octet of the testnet's addresses: `198.18.{subnet}.0/24`.
     #[serde(default)]
     pub subnet: u8,
+    /// Nodes other than node 0 behind NAT routers of this kind.
+    #[serde(default)]
+    pub nat: Option<NatKind>,
 }
 
 /// The first /24 of 198.18.0.0/16 that no interface on this machine has an
@@ -98,10 +148,16 @@ pub fn netem_available() -> bool {
 
 impl Netns {
     /// Creates the bridges and one namespace per node.
-    pub fn create(nodes: u32) -> Result<Self> {
+    pub fn create(nodes: u32, nat: Option<NatKind>) -> Result<Self> {
         check_root()?;
         if nodes > 250 {
             bail!("at most 250 nodes in namespaces (one /24 of addresses)");
+        }
+        if nat.is_some() && nodes > 63 {
+            bail!("at most 63 nodes behind NAT (a /30 each in one /24)");
+        }
+        if nat.is_some() && Command::new("iptables").arg("--version").output().is_err() {
+            bail!("NAT needs iptables (Debian: apt-get install iptables)");
         }
         let tag = format!("{:x}", std::process::id() % 0xffff);
         let mut random = [0u8; 16];
@@ -110,7 +166,7 @@ impl Netns {
             .and_then(|mut f| f.read_exact(&mut random))
             .context("reading /dev/urandom for the API token")?;
         let api_token = random.iter().map(|b| format!("{b:02x}")).collect();
-        let net = Self { tag, nodes, api_token, subnet: free_subnet()? };
+        let net = Self { tag, nodes, api_token, subnet: free_subnet()?, nat };
         if let Err(e) = net.build() {
             net.destroy();
             return Err(e);
@@ -126,6 +182,10 @@ impl Netns {
         run("ip", &["link", "add", &cut, "type", "bridge"])?;
         run("ip", &["link", "set", &cut, "up"])?;
         for i in 0..self.nodes {
+            if let (Some(kind), true) = (self.nat, i > 0) {
+                self.build_home(i, kind)?;
+                continue;
+            }
             let (ns, host, inner) = (self.namespace(i), self.veth(i, 'h'), self.veth(i, 'n'));
             run("ip", &["netns", "add", &ns])?;
             run("ip", &["link", "add", &host, "type", "veth", "peer", "name", &inner])?;
@@ -139,10 +199,84 @@ impl Netns {
         Ok(())
     }
 
+    /// Node `i` behind its own router: bridge - router (WAN, NAT) - node.
+    fn build_home(&self, i: u32, kind: NatKind) -> Result<()> {
+        let (router, ns) = (self.router(i), self.namespace(i));
+        let (host, wan, lan, inner) = (self.veth(i, 'h'), self.veth(i, 'w'), self.veth(i, 'l'), self.veth(i, 'n'));
+        let in_router = |args: &[&str]| -> Result<()> {
+            let mut all = vec!["netns", "exec", &router];
+            all.extend(args);
+            run("ip", &all)
+        };
+        run("ip", &["netns", "add", &router])?;
+        run("ip", &["netns", "add", &ns])?;
+        run("ip", &["link", "add", &host, "type", "veth", "peer", "name", &wan])?;
+        run("ip", &["link", "set", &wan, "netns", &router])?;
+        run("ip", &["link", "set", &host, "master", &self.bridge(0), "up"])?;
+        run("ip", &["link", "add", &lan, "type", "veth", "peer", "name", &inner])?;
+        run("ip", &["link", "set", &lan, "netns", &router])?;
+        run("ip", &["link", "set", &inner, "netns", &ns])?;
+        let public = self.public_addr(i);
+        in_router(&["ip", "addr", "add", &format!("{public}/24"), "dev", &wan])?;
+        in_router(&["ip", "addr", "add", &format!("{}/30", self.gateway(i)), "dev", &lan])?;
+        for dev in [wan.as_str(), lan.as_str(), "lo"] {
+            in_router(&["ip", "link", "set", dev, "up"])?;
+        }
+        in_router(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        let masquerade: &[&str] = match kind {
+            NatKind::Symmetric => &["MASQUERADE", "--random-fully"],
+            NatKind::FullCone | NatKind::PortRestricted => &["MASQUERADE"],
+        };
+        let mut rule = vec!["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", &wan, "-j"];
+        rule.extend(masquerade);
+        in_router(&rule)?;
+        let node = self.addr(i);
+        if kind == NatKind::FullCone {
+            let to = ["-j", "DNAT", "--to-destination", &node];
+            let mut dnat = vec!["iptables", "-t", "nat", "-A", "PREROUTING", "-i", &wan, "-d", &public];
+            dnat.extend(to);
+            in_router(&dnat)?;
+        }
+        // A home router's firewall: what nobody asked for is dropped, not
+        // answered (a Linux router's own stack would reset unsolicited TCP,
+        // which ends a hole punch that a real router lets wait), except
+        // what the host (tests, `testnet status`) sends the node's API and
+        // what the full cone forwards.
+        let host = self.host_addr();
+        let est = ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"];
+        let forwarded = ["-m", "conntrack", "--ctstate", "DNAT", "-j", "ACCEPT"];
+        for (chain, extra) in [("INPUT", &est[..]), ("FORWARD", &est[..]), ("FORWARD", &forwarded[..])] {
+            let mut rule = vec!["iptables", "-A", chain, "-i", &wan];
+            rule.extend(extra);
+            in_router(&rule)?;
+        }
+        in_router(&["iptables", "-A", "FORWARD", "-i", &wan, "-s", &host, "-j", "ACCEPT"])?;
+        for chain in ["INPUT", "FORWARD"] {
+            in_router(&["iptables", "-A", chain, "-i", &wan, "-j", "DROP"])?;
+        }
+        let addr = format!("{node}/30");
+        let in_node = |args: &[&str]| -> Result<()> {
+            let mut all = vec!["netns", "exec", &ns];
+            all.extend(args);
+            run("ip", &all)
+        };
+        in_node(&["ip", "addr", "add", &addr, "dev", &inner])?;
+        in_node(&["ip", "link", "set", &inner, "up"])?;
+        in_node(&["ip", "link", "set", "lo", "up"])?;
+        in_node(&["ip", "route", "add", "default", "via", &self.gateway(i)])?;
+        // The host (tests, `testnet status`) reaches the node's API
+        // through its router; no other namespace has this route.
+        run("ip", &["route", "add", &format!("{}/30", self.lan_net(i)), "via", &public])?;
+        Ok(())
+    }
+
     /// Removes everything [`Netns::create`] made (what is already gone is
     /// skipped).
     pub fn destroy(&self) {
         for i in 0..self.nodes {
+            if self.nat.is_some() && i > 0 {
+                let _ = run("ip", &["netns", "del", &self.router(i)]);
+            }
             let _ = run("ip", &["netns", "del", &self.namespace(i)]);
             let _ = run("ip", &["link", "del", &self.veth(i, 'h')]);
         }
@@ -155,9 +289,31 @@ impl Netns {
         format!("mycel-{}-{i}", self.tag)
     }
 
-    /// Node `i`'s address.
+    /// Node `i`'s address (behind NAT, its private one).
     pub fn addr(&self, i: u32) -> String {
+        match self.nat {
+            Some(_) if i > 0 => format!("198.19.{}.{}", self.subnet, 4 * i + 2),
+            _ => self.public_addr(i),
+        }
+    }
+
+    /// The address node `i` is seen from on the bridge: its own, or its
+    /// router's behind NAT.
+    pub fn public_addr(&self, i: u32) -> String {
         format!("198.18.{}.{}", self.subnet, i + 1)
+    }
+
+    /// Home router `i`'s namespace.
+    pub fn router(&self, i: u32) -> String {
+        format!("mycel-{}-r{i}", self.tag)
+    }
+
+    fn lan_net(&self, i: u32) -> String {
+        format!("198.19.{}.{}", self.subnet, 4 * i)
+    }
+
+    fn gateway(&self, i: u32) -> String {
+        format!("198.19.{}.{}", self.subnet, 4 * i + 1)
     }
 
     /// The host's address on the main bridge (how tests reach the APIs).

@@ -24,6 +24,24 @@ pub struct StatusView {
     pub models: Vec<ModelView>,
     /// Seconds since the node started.
     pub uptime_s: u64,
+    /// Whether peers can reach this node, through which relays, and how
+    /// its hole punches went.
+    #[serde(default)]
+    pub reachability: ReachabilityView,
+}
+
+/// How a node is reached from outside.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ReachabilityView {
+    /// What AutoNAT found: `public`, `private` (behind NAT or a firewall)
+    /// or `unknown` (not probed yet).
+    pub reach: String,
+    /// Addresses through relays the node listens on.
+    pub relayed_addrs: Vec<String>,
+    /// Relayed connections upgraded to direct ones by hole punching.
+    pub hole_punches_ok: u64,
+    /// Hole punches that failed (those peers stay on the relay).
+    pub hole_punches_failed: u64,
 }
 
 /// A model as adverts describe it.
@@ -83,6 +101,11 @@ pub struct PeerView {
     /// below 0.2 it gets no work).
     #[serde(default)]
     pub reputation: f64,
+    /// How this node is connected to it now: `direct`, `relayed`, `direct
+    /// and relayed` (hole punching just succeeded) or empty (not
+    /// connected).
+    #[serde(default)]
+    pub connection: String,
 }
 
 /// Error body.

@@ -64,6 +64,7 @@ impl NodeView for Fake {
             table_grew_at_ms: None,
             models: vec![model("emb", "embedding")],
             uptime_s: 1,
+            reachability: Default::default(),
         })
     }
 
@@ -83,6 +84,7 @@ impl NodeView for Fake {
             advert_seq: 1,
             last_seen_ms: 0,
             reputation: 0.8,
+            connection: "direct".into(),
         }])
     }
 

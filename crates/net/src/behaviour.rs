@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::{StreamProtocol, connection_limits, gossipsub, identify, identity, kad, mdns, ping, request_response};
+use libp2p::{
+    StreamProtocol, autonat, connection_limits, dcutr, gossipsub, identify, identity, kad, mdns, ping, relay,
+    request_response,
+};
 use mycel_protocol::{limits, version};
 
 use crate::codec::RpcCodec;
@@ -16,6 +19,8 @@ use crate::codec::RpcCodec;
 pub struct Behaviour {
     /// Caps connections, so a flood of dials can't exhaust the node.
     pub limits: connection_limits::Behaviour,
+    /// At most one direct and one relayed connection per peer.
+    pub paths: crate::paths::OnePerPath,
     /// Tells peers our listen addresses and protocols; feeds Kademlia.
     pub identify: identify::Behaviour,
     /// Keeps connections alive and measures round trips.
@@ -29,7 +34,21 @@ pub struct Behaviour {
     pub gossipsub: gossipsub::Behaviour,
     /// Direct messages with mycel's codec (size caps from `protocol`).
     pub rpc: request_response::Behaviour<RpcCodec>,
+    /// Reachable through relays (circuit relay v2) when not directly.
+    pub relay_client: relay::client::Behaviour,
+    /// Relays for others; on with `--relay-server`.
+    pub relay: Toggle<relay::Behaviour>,
+    /// Upgrades relayed connections to direct ones (hole punching).
+    pub dcutr: dcutr::Behaviour,
+    /// Learns whether this node is reachable from outside: peers dial it
+    /// back on the addresses they see.
+    pub autonat: autonat::Behaviour,
 }
+
+/// How long a relay keeps one relayed connection open.
+const RELAYED_FOR: Duration = Duration::from_secs(60 * 60);
+/// Bytes a relay carries over one relayed connection.
+const RELAYED_BYTES: u64 = 256 << 20;
 
 /// Knobs for building the behaviour.
 #[derive(Debug, Clone)]
@@ -38,24 +57,24 @@ pub(crate) struct BehaviourConfig {
     pub max_connections: u32,
     pub request_timeout: Duration,
     pub gossip_heartbeat: Duration,
+    pub relay_server: bool,
+    pub autonat_global_only: bool,
     pub metrics: std::sync::Arc<mycel_metrics::Metrics>,
 }
 
 impl Behaviour {
-    pub(crate) fn new(key: &identity::Keypair, cfg: &BehaviourConfig) -> Result<Self, crate::NetError> {
+    pub(crate) fn new(
+        key: &identity::Keypair,
+        relay_client: relay::client::Behaviour,
+        cfg: &BehaviourConfig,
+    ) -> Result<Self, crate::NetError> {
         let peer_id = key.public().to_peer_id();
 
         let limits = connection_limits::Behaviour::new(
             connection_limits::ConnectionLimits::default()
                 .with_max_established(Some(cfg.max_connections))
-                // One connection per peer. gossipsub keeps its per-peer state
-                // (subscriptions, send queue) from the first connection: a
-                // reconnection that overlaps a dead connection still being
-                // closed (after a partition heals) left the two ends
-                // disagreeing about each other's subscriptions, and a healed
-                // testnet never reconverged. Refused, the redial lands once
-                // the dead connection is gone, as a first connection.
-                .with_max_established_per_peer(Some(1))
+                // One direct and one relayed: see `paths`.
+                .with_max_established_per_peer(Some(2))
                 .with_max_pending_incoming(Some(64))
                 .with_max_pending_outgoing(Some(64)),
         );
@@ -112,8 +131,37 @@ impl Behaviour {
                 .with_max_concurrent_streams(64),
         );
 
+        let relay = cfg.relay_server.then(|| {
+            relay::Behaviour::new(
+                peer_id,
+                relay::Config {
+                    // A relayed connection carries auctions and results until
+                    // hole punching replaces it (or for good, where it
+                    // cannot): libp2p's defaults (2 minutes, 128 KiB) end it
+                    // mid-task.
+                    max_circuit_duration: RELAYED_FOR,
+                    max_circuit_bytes: RELAYED_BYTES,
+                    ..relay::Config::default()
+                },
+            )
+        });
+        let autonat = autonat::Behaviour::new(
+            peer_id,
+            autonat::Config {
+                // Ask soon after joining, so a node behind NAT takes a
+                // relay within seconds rather than a quarter of a minute.
+                boot_delay: Duration::from_secs(2),
+                retry_interval: Duration::from_secs(30),
+                // Testnets in namespaces use non-global addresses
+                // (198.18.0.0/15): they turn this off.
+                only_global_ips: cfg.autonat_global_only,
+                ..autonat::Config::default()
+            },
+        );
+
         Ok(Self {
             limits,
+            paths: crate::paths::OnePerPath::default(),
             identify,
             ping: ping::Behaviour::new(
                 // Dead connections are found within 15 s (a partition),
@@ -124,6 +172,10 @@ impl Behaviour {
             mdns: mdns.into(),
             gossipsub,
             rpc,
+            relay_client,
+            relay: relay.into(),
+            dcutr: dcutr::Behaviour::new(peer_id),
+            autonat,
         })
     }
 }

@@ -7,9 +7,10 @@ use futures::StreamExt;
 use libp2p::core::transport::ListenerId;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
-use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, Swarm, SwarmBuilder, TransportError, gossipsub, identify, kad, mdns, noise, tcp, yamux,
+    Multiaddr, PeerId, Swarm, SwarmBuilder, TransportError, autonat, dcutr, gossipsub, identify, kad, mdns, noise,
+    relay, tcp, yamux,
 };
 use mycel_protocol::rpc::{Request, Response};
 use mycel_protocol::{Advert, Cfp, Digest, Keypair, Signed, Wire, limits, version};
@@ -46,6 +47,44 @@ const RESYNC_AFTER: Duration = Duration::from_millis(1500);
 /// that joined together with it. One repeat this long after the first
 /// delivery, once every neighbour's mesh exists, reaches them.
 const JOIN_REPEAT_AFTER: Duration = Duration::from_millis(2000);
+/// Relays a node behind NAT keeps a reservation with: one more than
+/// needed, so losing one relay does not make it unreachable.
+const RELAYS_WANTED: usize = 2;
+
+/// What AutoNAT found about this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Not probed yet (or peers disagree).
+    Unknown,
+    /// Peers reached it on an address they saw.
+    Public,
+    /// Peers could not dial it back: behind NAT or a firewall.
+    Private,
+}
+
+/// How this node is reached from outside.
+#[derive(Debug, Clone)]
+pub struct Reachability {
+    /// What AutoNAT found.
+    pub reach: Reach,
+    /// Addresses through relays this node listens on.
+    pub relayed_addrs: Vec<Multiaddr>,
+    /// Relayed connections upgraded to direct ones by hole punching.
+    pub hole_punches_ok: u64,
+    /// Hole punches that failed (the relayed connection stays).
+    pub hole_punches_failed: u64,
+}
+
+/// The connections held to one peer, by path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerPaths {
+    /// The peer.
+    pub peer: PeerId,
+    /// Direct connections.
+    pub direct: u8,
+    /// Connections through a relay.
+    pub relayed: u8,
+}
 
 type Reply<T> = oneshot::Sender<T>;
 
@@ -66,6 +105,8 @@ enum Command {
     Peers(Reply<Vec<PeerEntry>>),
     PeerCount(Reply<TableSize>),
     Connected(Reply<Vec<PeerId>>),
+    Paths(Reply<Vec<PeerPaths>>),
+    Reachability(Reply<Reachability>),
     SetAdvert(Box<Advert>),
     /// The load to carry in the next periodic advert.
     SetLoad(mycel_protocol::Load),
@@ -123,6 +164,18 @@ impl Handle {
     /// Peers with an open connection.
     pub async fn connected(&self) -> Result<Vec<PeerId>, NetError> {
         self.call(Command::Connected).await
+    }
+
+    /// Every connected peer, with how it is connected (directly, through a
+    /// relay, or both while hole punching replaces the relay).
+    pub async fn paths(&self) -> Result<Vec<PeerPaths>, NetError> {
+        self.call(Command::Paths).await
+    }
+
+    /// Whether this node is reachable from outside, its relayed addresses
+    /// and how its hole punches went.
+    pub async fn reachability(&self) -> Result<Reachability, NetError> {
+        self.call(Command::Reachability).await
     }
 
     /// Sets what this node advertises and publishes it soon. Sequence
@@ -235,6 +288,19 @@ pub struct EventLoop {
     cfp_rate: HashMap<PeerId, crate::rate::TokenBucket>,
     /// Our router's latest signed outcomes, for peers that ask.
     router_share: Option<Box<Signed<mycel_protocol::router::RouterOutcomes>>>,
+    /// What AutoNAT says about us.
+    reach: Reach,
+    /// Relay servers among our peers, with the address we dialled them on.
+    relay_candidates: HashMap<PeerId, Multiaddr>,
+    /// Relays we listen through (a reservation each).
+    relay_listeners: HashMap<PeerId, ListenerId>,
+    /// Relays named in the config: kept whatever AutoNAT says.
+    fixed_relays: HashSet<PeerId>,
+    /// The address of every direct connection we dialled, to know how to
+    /// reach a relay again.
+    dialled: HashMap<ConnectionId, Multiaddr>,
+    hole_punches_ok: u64,
+    hole_punches_failed: u64,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -251,6 +317,8 @@ pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Ev
         max_connections: config.max_connections,
         request_timeout: config.request_timeout,
         gossip_heartbeat: config.gossip_heartbeat,
+        relay_server: config.relay_server,
+        autonat_global_only: config.autonat_global_only,
         metrics: config.metrics.clone(),
     };
     let mut swarm = SwarmBuilder::with_existing_identity(key.to_libp2p())
@@ -258,13 +326,33 @@ pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Ev
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
         .map_err(|e| NetError::Setup(format!("TCP transport: {e}")))?
         .with_quic()
-        .with_behaviour(|k| Behaviour::new(k, &behaviour_config).map_err(Into::into))
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| NetError::Setup(format!("relay client: {e}")))?
+        .with_behaviour(|k, relay| Behaviour::new(k, relay, &behaviour_config).map_err(Into::into))
         .map_err(|e| NetError::Setup(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout))
         .build();
 
     for addr in &config.listen {
         listen(&mut swarm, addr)?;
+    }
+    for addr in &config.external_addrs {
+        swarm.add_external_address(addr.clone());
+    }
+    let mut fixed_relays = HashSet::new();
+    let mut relay_listeners = HashMap::new();
+    for relay in &config.relays {
+        let Some(Protocol::P2p(peer)) = relay.iter().last() else {
+            return Err(NetError::Listen {
+                addr: relay.clone(),
+                reason: "a relay's address ends with /p2p/<id>".into(),
+            });
+        };
+        let circuit = relay.clone().with(Protocol::P2pCircuit);
+        let id =
+            swarm.listen_on(circuit.clone()).map_err(|e| NetError::Listen { addr: circuit, reason: e.to_string() })?;
+        fixed_relays.insert(peer);
+        relay_listeners.insert(peer, id);
     }
     for topic in [version::ADVERT_TOPIC, version::CFP_TOPIC] {
         let topic = gossipsub::IdentTopic::new(topic);
@@ -317,6 +405,13 @@ pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Ev
         inbound_rate: HashMap::new(),
         cfp_rate: HashMap::new(),
         router_share: None,
+        reach: Reach::Unknown,
+        relay_candidates: HashMap::new(),
+        relay_listeners,
+        fixed_relays,
+        dialled: HashMap::new(),
+        hole_punches_ok: 0,
+        hole_punches_failed: 0,
     };
     Ok((Handle { commands: cmd_tx, local }, ev_rx, event_loop))
 }
@@ -387,6 +482,7 @@ impl EventLoop {
                     self.publish_advert();
                     self.expire();
                     self.redial_bootstrap();
+                    self.retake_fixed_relays();
                 }
                 _ = async { tokio::time::sleep_until(republish.unwrap_or_else(Instant::now)).await },
                     if republish.is_some() => {
@@ -438,6 +534,20 @@ impl EventLoop {
             Command::Connected(r) => {
                 let _ = r.send(self.swarm.connected_peers().copied().collect());
             }
+            Command::Paths(r) => {
+                let paths = self.swarm.behaviour().paths.clone_counts();
+                let _ = r.send(
+                    paths.into_iter().map(|(peer, (direct, relayed))| PeerPaths { peer, direct, relayed }).collect(),
+                );
+            }
+            Command::Reachability(r) => {
+                let _ = r.send(Reachability {
+                    reach: self.reach,
+                    relayed_addrs: self.listen_addrs.iter().filter(|a| crate::paths::is_relayed(a)).cloned().collect(),
+                    hole_punches_ok: self.hole_punches_ok,
+                    hole_punches_failed: self.hole_punches_failed,
+                });
+            }
             Command::SetAdvert(advert) => {
                 self.provide_models(&advert);
                 self.advert = Some(*advert);
@@ -475,6 +585,54 @@ impl EventLoop {
         }
     }
 
+    /// Behind NAT (or with relays named), keeps reservations with up to
+    /// [`RELAYS_WANTED`] relays; once public, lets the automatic ones go.
+    fn take_relays(&mut self) {
+        if self.reach == Reach::Public {
+            let automatic: Vec<PeerId> =
+                self.relay_listeners.keys().filter(|p| !self.fixed_relays.contains(p)).copied().collect();
+            for peer in automatic {
+                if let Some(id) = self.relay_listeners.remove(&peer) {
+                    self.swarm.remove_listener(id);
+                }
+            }
+            return;
+        }
+        if self.reach != Reach::Private {
+            return;
+        }
+        let wanted: Vec<(PeerId, Multiaddr)> = self
+            .relay_candidates
+            .iter()
+            .filter(|(p, _)| !self.relay_listeners.contains_key(p))
+            .take(RELAYS_WANTED.saturating_sub(self.relay_listeners.len()))
+            .map(|(p, a)| (*p, a.clone()))
+            .collect();
+        for (peer, addr) in wanted {
+            let circuit = addr.with_p2p(peer).unwrap_or_else(|a| a).with(Protocol::P2pCircuit);
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(id) => {
+                    info!(relay = %peer, "behind NAT: asking a relay for a reservation");
+                    self.relay_listeners.insert(peer, id);
+                }
+                Err(e) => warn!(%circuit, error = %e, "cannot listen through a relay"),
+            }
+        }
+    }
+
+    /// Listens again through named relays whose reservation ended.
+    fn retake_fixed_relays(&mut self) {
+        for relay in &self.config.relays {
+            let Some(Protocol::P2p(peer)) = relay.iter().last() else { continue };
+            if self.relay_listeners.contains_key(&peer) {
+                continue;
+            }
+            if let Ok(id) = self.swarm.listen_on(relay.clone().with(Protocol::P2pCircuit)) {
+                self.relay_listeners.insert(peer, id);
+            }
+        }
+    }
+
     /// Announces provider records for models we did not announce yet.
     fn provide_models(&mut self, advert: &Advert) {
         for model in &advert.models {
@@ -493,8 +651,13 @@ impl EventLoop {
         let mut advert = content.clone();
         advert.seq = self.last_seq;
         advert.timestamp_ms = now;
-        advert.listen_addrs =
-            self.listen_addrs.iter().take(limits::ADDRS_PER_ADVERT).map(ToString::to_string).collect();
+        // Behind NAT the relayed addresses are the ones peers can use: they
+        // go first, before the cap cuts anything.
+        let mut addrs: Vec<&Multiaddr> = self.listen_addrs.iter().collect();
+        if self.reach == Reach::Private {
+            addrs.sort_by_key(|a| !crate::paths::is_relayed(a));
+        }
+        advert.listen_addrs = addrs.into_iter().take(limits::ADDRS_PER_ADVERT).map(ToString::to_string).collect();
         let bytes = match Signed::sign(&self.key, &advert).and_then(|s| s.encode()) {
             Ok(b) => b,
             Err(e) => {
@@ -527,6 +690,7 @@ impl EventLoop {
 
     fn admit(&mut self, signed: Signed<Advert>, via: Via) -> Result<(), Refused> {
         let peer = signed.signer().to_peer_id();
+        let addrs_before = self.table.advert(&peer).map(|a| a.listen_addrs.clone());
         let admitted = match self.table.offer(signed, via, now_ms()) {
             Ok(a) => {
                 self.config.metrics.adverts_received.inc();
@@ -542,6 +706,14 @@ impl EventLoop {
             debug!(%peer, peers = self.table.len(), "new peer advert");
         }
         if let Some(advert) = self.table.advert(&peer) {
+            // How to dial the peer: a relayed address is the only way to a
+            // peer behind NAT that we never met (and it comes in a later
+            // advert than the first, once the peer has a reservation).
+            if addrs_before.as_ref() != Some(&advert.listen_addrs) {
+                for addr in advert.listen_addrs.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
+                    self.swarm.add_peer_address(peer, addr);
+                }
+            }
             let advert = Box::new(advert.clone());
             self.emit(Event::Advert { peer, new, advert });
         }
@@ -552,24 +724,68 @@ impl EventLoop {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "listening");
-                self.listen_addrs.push(address.clone());
+                // A relay server must tell clients where it is reached;
+                // without addresses named, those it listens on are it
+                // (loopback only for a relay that listens nowhere else).
+                if crate::paths::is_relayed(&address) {
+                    // Peers behind other NATs reach us only this way: tell
+                    // them now, not at the next periodic advert.
+                    self.republish_at.get_or_insert_with(|| Instant::now() + REPUBLISH_DEBOUNCE);
+                }
+                let local_only = self.config.listen.iter().all(is_loopback);
+                if self.config.relay_server
+                    && self.config.external_addrs.is_empty()
+                    && !crate::paths::is_relayed(&address)
+                    && (local_only || !is_loopback(&address))
+                {
+                    self.swarm.add_external_address(address.clone());
+                }
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address.clone());
+                }
                 self.emit(Event::Listening(address));
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
             }
-            SwarmEvent::ListenerClosed { addresses, reason: Err(e), .. } => {
-                warn!(?addresses, error = %e, "listener closed");
-            }
-            SwarmEvent::ConnectionEstablished { peer_id, num_established, .. } if num_established.get() == 1 => {
-                if self.bootstrap_warned.remove(&peer_id) {
-                    info!(peer = %peer_id, "bootstrap peer reached");
+            SwarmEvent::ListenerClosed { listener_id, addresses, reason } => {
+                if let Err(e) = reason {
+                    warn!(?addresses, error = %e, "listener closed");
                 }
-                self.emit(Event::Connected(peer_id));
+                for a in &addresses {
+                    self.listen_addrs.retain(|l| l != a);
+                }
+                // A relay's reservation ended (the relay went away): free
+                // the slot for another.
+                // Forget it as a candidate until it identifies again (a
+                // refused reservation must not be retried in a loop).
+                let ended: Vec<PeerId> =
+                    self.relay_listeners.iter().filter(|(_, id)| **id == listener_id).map(|(p, _)| *p).collect();
+                for peer in ended {
+                    self.relay_listeners.remove(&peer);
+                    self.relay_candidates.remove(&peer);
+                    info!(relay = %peer, "relay reservation ended");
+                }
+                self.take_relays();
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
-                self.inbound_rate.remove(&peer_id);
-                self.emit(Event::Disconnected(peer_id));
+            SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
+                if endpoint.is_dialer() && !crate::paths::is_relayed(endpoint.get_remote_address()) {
+                    self.dialled.insert(connection_id, endpoint.get_remote_address().clone());
+                }
+                if num_established.get() == 1 {
+                    if self.bootstrap_warned.remove(&peer_id) {
+                        info!(peer = %peer_id, "bootstrap peer reached");
+                    }
+                    self.emit(Event::Connected(peer_id));
+                }
+            }
+            SwarmEvent::ConnectionClosed { connection_id, peer_id, num_established, .. } => {
+                self.dialled.remove(&connection_id);
+                if num_established == 0 {
+                    self.inbound_rate.remove(&peer_id);
+                    self.relay_candidates.remove(&peer_id);
+                    self.emit(Event::Disconnected(peer_id));
+                }
             }
             // Kademlia retries on its own; say it once until it works.
             SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. }
@@ -587,13 +803,49 @@ impl EventLoop {
 
     fn on_behaviour_event(&mut self, event: BehaviourEvent) {
         match event {
-            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, connection_id }) => {
+                if info.protocols.contains(&relay::HOP_PROTOCOL_NAME)
+                    && let Some(addr) = self.dialled.get(&connection_id)
+                {
+                    let addr = addr.clone();
+                    self.relay_candidates.insert(peer_id, addr);
+                    self.take_relays();
+                }
                 let kad_protocol = libp2p::StreamProtocol::new(version::KAD_PROTOCOL);
                 if info.protocols.contains(&kad_protocol) {
                     for addr in info.listen_addrs {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                     }
                 }
+            }
+            BehaviourEvent::Autonat(autonat::Event::StatusChanged { new, .. }) => {
+                self.reach = match new {
+                    autonat::NatStatus::Public(_) => Reach::Public,
+                    autonat::NatStatus::Private => Reach::Private,
+                    autonat::NatStatus::Unknown => Reach::Unknown,
+                };
+                info!(reach = ?self.reach, "reachability from outside");
+                self.take_relays();
+                // Peers learn our relayed addresses from the next advert.
+                self.republish_at.get_or_insert_with(|| Instant::now() + REPUBLISH_DEBOUNCE);
+            }
+            BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                renewal: false,
+                ..
+            }) => info!(relay = %relay_peer_id, "reachable through a relay"),
+            BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result }) => match result {
+                Ok(_) => {
+                    self.hole_punches_ok += 1;
+                    info!(peer = %remote_peer_id, "hole punched: direct connection beside the relayed one");
+                }
+                Err(e) => {
+                    self.hole_punches_failed += 1;
+                    info!(peer = %remote_peer_id, error = %e, "hole punching failed; staying on the relay");
+                }
+            },
+            BehaviourEvent::Ping(libp2p::ping::Event { connection, result: Ok(_), .. }) => {
+                self.swarm.behaviour_mut().paths.answered(connection);
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
@@ -829,6 +1081,14 @@ impl EventLoop {
             }
         }
     }
+}
+
+fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
 }
 
 fn first_line(s: &str) -> &str {

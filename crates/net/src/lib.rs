@@ -17,13 +17,15 @@
 mod behaviour;
 mod codec;
 mod event_loop;
+mod paths;
 mod rate;
 pub mod table;
 
 use std::time::Duration;
 
 pub use behaviour::Behaviour;
-pub use event_loop::{EventLoop, Handle, TableSize, start};
+pub use event_loop::{EventLoop, Handle, PeerPaths, Reach, Reachability, TableSize, start};
+pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
 pub use table::{CapabilityTable, PeerEntry, TableConfig};
 
@@ -50,6 +52,19 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Gossipsub heartbeat (mesh maintenance).
     pub gossip_heartbeat: Duration,
+    /// Relay connections between peers that cannot reach each other
+    /// (circuit relay v2 server).
+    pub relay_server: bool,
+    /// Relays to stay reachable through, whatever AutoNAT finds (each with
+    /// `/p2p/<id>`). Without any, a node AutoNAT finds private takes relay
+    /// servers among its peers.
+    pub relays: Vec<Multiaddr>,
+    /// Addresses this node is known to be reachable on from outside (a
+    /// public host's address, a forwarded port); announced as confirmed.
+    pub external_addrs: Vec<Multiaddr>,
+    /// AutoNAT dials back global addresses only. Namespaced testnets, which
+    /// use 198.18.0.0/15, turn it off.
+    pub autonat_global_only: bool,
     /// Counters the network adds to (bytes, adverts).
     pub metrics: std::sync::Arc<mycel_metrics::Metrics>,
 }
@@ -69,6 +84,10 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(300),
             request_timeout: Duration::from_secs(10),
             gossip_heartbeat: Duration::from_secs(1),
+            relay_server: false,
+            relays: Vec::new(),
+            external_addrs: Vec::new(),
+            autonat_global_only: true,
             metrics: std::sync::Arc::default(),
         }
     }

@@ -57,8 +57,12 @@ fn config(bootstrap: Option<Multiaddr>, interval: Duration) -> Config {
 }
 
 async fn start(seed: u8, bootstrap: Option<Multiaddr>, interval: Duration) -> Node {
+    start_with(seed, config(bootstrap, interval)).await
+}
+
+async fn start_with(seed: u8, config: Config) -> Node {
     let key = seeded_key(seed);
-    let (handle, _events, event_loop) = mycel_net::start(&key, config(bootstrap, interval)).unwrap();
+    let (handle, _events, event_loop) = mycel_net::start(&key, config).unwrap();
     let stop = CancellationToken::new();
     let task = tokio::spawn(event_loop.run(stop.clone()));
     handle.set_advert(advert_for(seed)).await.unwrap();
@@ -304,4 +308,44 @@ async fn gossiped_cfps_reach_the_node_as_from_their_signer() {
     let Market::Cfp(signed) = *got.1 else { panic!("a CFP") };
     assert_eq!(signed.verify().unwrap().task, TaskId([3; 16]), "only the valid, open call");
     stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reached_through_a_relay_is_upgraded_to_a_direct_connection() {
+    let interval = Duration::from_secs(5);
+    let relay = start_with(1, Config { relay_server: true, ..config(None, interval) }).await;
+    let relay_addr = dial_addr(&relay).await;
+    let home = start_with(2, Config { relays: vec![relay_addr.clone()], ..config(None, interval) }).await;
+    wait_until("the node listens through the relay", Duration::from_secs(10), || async {
+        !home.handle.reachability().await.unwrap().relayed_addrs.is_empty()
+    })
+    .await;
+    let relayed = home.handle.reachability().await.unwrap().relayed_addrs[0].clone();
+    assert!(relayed.to_string().starts_with(&format!("{relay_addr}/p2p-circuit")), "{relayed}");
+    wait_until("the relayed address is advertised", Duration::from_secs(5), || async {
+        let advert = home.handle.own_advert().await.unwrap();
+        advert.is_some_and(|a| a.listen_addrs.iter().any(|a| a.contains("/p2p-circuit")))
+    })
+    .await;
+
+    // A stranger that knows only the relayed address reaches the node
+    // through the relay, then hole punching adds a direct connection.
+    let stranger = start_with(3, config(None, interval)).await;
+    let home_id = home.key.peer_id();
+    assert!(relayed.to_string().ends_with(&format!("/p2p-circuit/p2p/{home_id}")), "{relayed}");
+    stranger.handle.dial(relayed).await.unwrap();
+    let paths = |n: &Node| {
+        let h = n.handle.clone();
+        async move { h.paths().await.unwrap().into_iter().find(|p| p.peer == home_id) }
+    };
+    wait_until("a direct connection beside the relayed one", Duration::from_secs(15), || async {
+        paths(&stranger).await.is_some_and(|p| p.direct >= 1)
+    })
+    .await;
+    let punched = home.handle.reachability().await.unwrap().hole_punches_ok
+        + stranger.handle.reachability().await.unwrap().hole_punches_ok;
+    assert!(punched >= 1, "the direct connection came from hole punching");
+    for n in [relay, home, stranger] {
+        n.stop.cancel();
+    }
 }
