@@ -837,7 +837,13 @@ impl EventLoop {
             BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result }) => match result {
                 Ok(_) => {
                     self.hole_punches_ok += 1;
-                    info!(peer = %remote_peer_id, "hole punched: direct connection beside the relayed one");
+                    info!(peer = %remote_peer_id, "hole punched: a direct connection replaces the relayed one");
+                    // Requests are spread over a peer's connections: with
+                    // the relayed one gone, results take the direct path
+                    // and the relay carries nothing more for this pair.
+                    for relayed in self.swarm.behaviour().paths.relayed_to(&remote_peer_id) {
+                        self.swarm.close_connection(relayed);
+                    }
                 }
                 Err(e) => {
                     self.hole_punches_failed += 1;

@@ -85,6 +85,11 @@ impl OnePerPath {
         }
     }
 
+    /// The relayed connections to `peer`.
+    pub fn relayed_to(&self, peer: &PeerId) -> Vec<ConnectionId> {
+        self.paths.iter().filter(|(_, (p, relayed))| p == peer && *relayed).map(|(c, _)| *c).collect()
+    }
+
     /// Connections held per peer: (direct, relayed).
     pub fn clone_counts(&self) -> Vec<(PeerId, (u8, u8))> {
         self.counts.iter().map(|(p, c)| (*p, (c[0], c[1]))).collect()
