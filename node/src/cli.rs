@@ -725,11 +725,12 @@ pub struct TestnetUpArgs {
 
     /// Put every node but node-00 behind a NAT router of its own (implies
     /// --netns): `full-cone`, `port-restricted` (plain MASQUERADE, most
-    /// home routers) or `symmetric`. node-00 is public and relays; the
-    /// others find they are private (AutoNAT), take it as relay and hole
-    /// punch to each other. Needs root and iptables.
-    #[arg(long, value_name = "KIND")]
-    pub nat: Option<mycel_testnet::netns::NatKind>,
+    /// home routers) or `symmetric`; a list is taken in turn (node-01 the
+    /// first kind, node-02 the second, ...). node-00 is public and relays;
+    /// the others find they are private (AutoNAT), take it as relay and
+    /// hole punch to each other. Needs root and iptables.
+    #[arg(long, value_name = "KIND", value_delimiter = ',')]
+    pub nat: Vec<mycel_testnet::netns::NatKind>,
 
     /// Make node INDEX misbehave, repeatable: `--fault 3=perturb` (wrong
     /// results), `2=forge` (corrupt signatures), `4=sometimes` (wrong on

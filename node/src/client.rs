@@ -156,6 +156,20 @@ pub fn status(args: &ClientArgs) -> Result<()> {
     for a in &s.listen_addrs {
         println!("listening      {a}");
     }
+    let r = &s.reachability;
+    println!(
+        "reachable      {} (hole punches: {} worked, {} failed)",
+        match r.reach.as_str() {
+            "private" => "no: behind NAT or a firewall; peers come through relays",
+            "public" => "yes: peers dial it directly",
+            _ => "not known yet (peers are asked soon after joining)",
+        },
+        r.hole_punches_ok,
+        r.hole_punches_failed
+    );
+    for a in &r.relayed_addrs {
+        println!("relayed        {a}");
+    }
     Ok(())
 }
 
@@ -171,7 +185,7 @@ pub fn peers(args: &ClientArgs) -> Result<()> {
         println!("no peers yet");
         return Ok(());
     }
-    let rows: Vec<[String; 5]> = peers
+    let rows: Vec<[String; 6]> = peers
         .iter()
         .map(|p| {
             [
@@ -189,10 +203,11 @@ pub fn peers(args: &ClientArgs) -> Result<()> {
                 ),
                 format!("{}/{} (+{} queued)", p.active_shards, p.capacity, p.queued_shards),
                 format!("{:.1}s ago", p.last_seen_ms as f64 / 1000.0),
+                if p.connection.is_empty() { "-".into() } else { p.connection.clone() },
             ]
         })
         .collect();
-    print_table(&["PEER", "MODELS", "HARDWARE", "LOAD", "LAST SEEN"], &rows);
+    print_table(&["PEER", "MODELS", "HARDWARE", "LOAD", "LAST SEEN", "CONNECTION"], &rows);
     Ok(())
 }
 

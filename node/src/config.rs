@@ -414,6 +414,34 @@ mod tests {
     }
 
     #[test]
+    fn relay_settings_come_from_flags_and_the_file() {
+        let relay = "/ip4/203.0.113.7/tcp/4001/p2p/12D3KooWA1pqFXdNW3qgHXX8k2fFDnRKHVgNfw4gTjdsvNoLR9VX";
+        let c = NodeConfig::load(&node_args(&[
+            "--relay-server",
+            "--relay",
+            relay,
+            "--external-address",
+            "/ip4/203.0.113.8/tcp/4001",
+        ]))
+        .unwrap();
+        assert!(c.relay_server);
+        assert_eq!(c.relays, vec![parse_addr(relay)]);
+        assert_eq!(c.external_addrs, vec![parse_addr("/ip4/203.0.113.8/tcp/4001")]);
+        assert!(!c.probe_private_addrs, "AutoNAT probes global addresses only unless asked");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("relay.toml");
+        std::fs::write(&file, format!("relay_server = true\nrelays = [\"{relay}\"]\n")).unwrap();
+        let c = NodeConfig::load(&node_args(&["--config", file.to_str().unwrap()])).unwrap();
+        assert!(c.relay_server);
+        assert_eq!(c.relays, vec![parse_addr(relay)]);
+
+        // A relay without its PeerId cannot be used: one clear error.
+        let err = NodeConfig::load(&node_args(&["--relay", "/ip4/203.0.113.7/tcp/4001"])).unwrap_err();
+        assert!(err.to_string().contains("/p2p/<peer id>"), "{err}");
+    }
+
+    #[test]
     fn durations_parse() {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));

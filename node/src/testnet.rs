@@ -22,7 +22,7 @@ pub fn run(cmd: TestnetCommand) -> Result<()> {
                 timeout: args.timeout.0,
                 node_args: node_args(&args, models.as_ref().map(|m| m.dir.as_path())),
                 netns: args.netns,
-                nat: args.nat,
+                nat: args.nat.clone(),
             };
             if let Some(Models { dir: models, .. }) = &models {
                 // Measure the models once, alone, before the nodes start:

@@ -93,9 +93,9 @@ pub struct UpOptions {
     pub node_args: Vec<Vec<String>>,
     /// Run each node in a network namespace of its own (needs root).
     pub netns: bool,
-    /// Put every node but node 0 behind a NAT router of this kind (implies
-    /// `netns`); node 0 relays for them.
-    pub nat: Option<crate::netns::NatKind>,
+    /// Put every node but node 0 behind a NAT router of these kinds, in
+    /// turn (implies `netns`); node 0 relays for them. Empty: no NAT.
+    pub nat: Vec<crate::netns::NatKind>,
 }
 
 /// What `up` measured.
@@ -169,7 +169,7 @@ impl Starting {
         if let Some(b) = bootstrap {
             cmd.args(["--bootstrap", b]);
         }
-        if netns.is_some_and(|n| n.nat.is_some()) {
+        if netns.is_some_and(|n| !n.nat.is_empty()) {
             // Behind NAT: QUIC too (hole punching over UDP), and reachability
             // probed on these private test addresses. Node 0 relays.
             cmd.args(["--listen", &format!("/ip4/{addr}/udp/0/quic-v1"), "--probe-private-addresses"]);
@@ -258,8 +258,11 @@ pub fn up(opts: &UpOptions) -> Result<UpReport> {
     let started = Instant::now();
     let deadline = started + opts.timeout;
     let mut starting: Vec<Starting> = Vec::new();
-    let netns =
-        if opts.netns || opts.nat.is_some() { Some(crate::netns::Netns::create(opts.nodes, opts.nat)?) } else { None };
+    let netns = if opts.netns || !opts.nat.is_empty() {
+        Some(crate::netns::Netns::create(opts.nodes, opts.nat.clone())?)
+    } else {
+        None
+    };
     let result = (|| {
         starting.push(Starting::spawn(opts, netns.as_ref(), 0, None)?);
         let first = starting[0].wait_ready(deadline)?;

@@ -77,9 +77,10 @@ pub struct Netns {
     /// Third octet of the testnet's addresses: `198.18.{subnet}.0/24`.
     #[serde(default)]
     pub subnet: u8,
-    /// Nodes other than node 0 behind NAT routers of this kind.
+    /// Nodes other than node 0 behind NAT routers of these kinds, taken in
+    /// turn (node 1 the first kind, node 2 the second, ...); empty: no NAT.
     #[serde(default)]
-    pub nat: Option<NatKind>,
+    pub nat: Vec<NatKind>,
 }
 
 /// The first /24 of 198.18.0.0/16 that no interface on this machine has an
@@ -148,15 +149,15 @@ pub fn netem_available() -> bool {
 
 impl Netns {
     /// Creates the bridges and one namespace per node.
-    pub fn create(nodes: u32, nat: Option<NatKind>) -> Result<Self> {
+    pub fn create(nodes: u32, nat: Vec<NatKind>) -> Result<Self> {
         check_root()?;
         if nodes > 250 {
             bail!("at most 250 nodes in namespaces (one /24 of addresses)");
         }
-        if nat.is_some() && nodes > 63 {
+        if !nat.is_empty() && nodes > 63 {
             bail!("at most 63 nodes behind NAT (a /30 each in one /24)");
         }
-        if nat.is_some() && Command::new("iptables").arg("--version").output().is_err() {
+        if !nat.is_empty() && Command::new("iptables").arg("--version").output().is_err() {
             bail!("NAT needs iptables (Debian: apt-get install iptables)");
         }
         let tag = format!("{:x}", std::process::id() % 0xffff);
@@ -182,7 +183,7 @@ impl Netns {
         run("ip", &["link", "add", &cut, "type", "bridge"])?;
         run("ip", &["link", "set", &cut, "up"])?;
         for i in 0..self.nodes {
-            if let (Some(kind), true) = (self.nat, i > 0) {
+            if let Some(kind) = self.nat_of(i) {
                 self.build_home(i, kind)?;
                 continue;
             }
@@ -274,7 +275,7 @@ impl Netns {
     /// skipped).
     pub fn destroy(&self) {
         for i in 0..self.nodes {
-            if self.nat.is_some() && i > 0 {
+            if self.nat_of(i).is_some() {
                 let _ = run("ip", &["netns", "del", &self.router(i)]);
             }
             let _ = run("ip", &["netns", "del", &self.namespace(i)]);
@@ -291,8 +292,8 @@ impl Netns {
 
     /// Node `i`'s address (behind NAT, its private one).
     pub fn addr(&self, i: u32) -> String {
-        match self.nat {
-            Some(_) if i > 0 => format!("198.19.{}.{}", self.subnet, 4 * i + 2),
+        match self.nat_of(i) {
+            Some(_) => format!("198.19.{}.{}", self.subnet, 4 * i + 2),
             _ => self.public_addr(i),
         }
     }
@@ -301,6 +302,14 @@ impl Netns {
     /// router's behind NAT.
     pub fn public_addr(&self, i: u32) -> String {
         format!("198.18.{}.{}", self.subnet, i + 1)
+    }
+
+    /// The NAT node `i` is behind, if any.
+    pub fn nat_of(&self, i: u32) -> Option<NatKind> {
+        match i {
+            0 => None,
+            _ => self.nat.get((i as usize - 1) % self.nat.len().max(1)).copied(),
+        }
     }
 
     /// Home router `i`'s namespace.

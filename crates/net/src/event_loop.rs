@@ -294,8 +294,6 @@ pub struct EventLoop {
     relay_candidates: HashMap<PeerId, Multiaddr>,
     /// Relays we listen through (a reservation each).
     relay_listeners: HashMap<PeerId, ListenerId>,
-    /// Relays named in the config: kept whatever AutoNAT says.
-    fixed_relays: HashSet<PeerId>,
     /// The address of every direct connection we dialled, to know how to
     /// reach a relay again.
     dialled: HashMap<ConnectionId, Multiaddr>,
@@ -339,7 +337,6 @@ pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Ev
     for addr in &config.external_addrs {
         swarm.add_external_address(addr.clone());
     }
-    let mut fixed_relays = HashSet::new();
     let mut relay_listeners = HashMap::new();
     for relay in &config.relays {
         let Some(Protocol::P2p(peer)) = relay.iter().last() else {
@@ -351,7 +348,6 @@ pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Ev
         let circuit = relay.clone().with(Protocol::P2pCircuit);
         let id =
             swarm.listen_on(circuit.clone()).map_err(|e| NetError::Listen { addr: circuit, reason: e.to_string() })?;
-        fixed_relays.insert(peer);
         relay_listeners.insert(peer, id);
     }
     for topic in [version::ADVERT_TOPIC, version::CFP_TOPIC] {
@@ -408,7 +404,6 @@ pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Ev
         reach: Reach::Unknown,
         relay_candidates: HashMap::new(),
         relay_listeners,
-        fixed_relays,
         dialled: HashMap::new(),
         hole_punches_ok: 0,
         hole_punches_failed: 0,
@@ -586,18 +581,12 @@ impl EventLoop {
     }
 
     /// Behind NAT (or with relays named), keeps reservations with up to
-    /// [`RELAYS_WANTED`] relays; once public, lets the automatic ones go.
+    /// [`RELAYS_WANTED`] relays. Once taken they are kept, even if AutoNAT
+    /// later finds the node public: its verdicts can flip while a node
+    /// starts (one probe on QUIC fails, one on TCP works), and a peer that
+    /// just learned the relayed address would find nothing there. A public
+    /// node advertises its external addresses first anyway.
     fn take_relays(&mut self) {
-        if self.reach == Reach::Public {
-            let automatic: Vec<PeerId> =
-                self.relay_listeners.keys().filter(|p| !self.fixed_relays.contains(p)).copied().collect();
-            for peer in automatic {
-                if let Some(id) = self.relay_listeners.remove(&peer) {
-                    self.swarm.remove_listener(id);
-                }
-            }
-            return;
-        }
         if self.reach != Reach::Private {
             return;
         }
@@ -651,13 +640,8 @@ impl EventLoop {
         let mut advert = content.clone();
         advert.seq = self.last_seq;
         advert.timestamp_ms = now;
-        // Behind NAT the relayed addresses are the ones peers can use: they
-        // go first, before the cap cuts anything.
-        let mut addrs: Vec<&Multiaddr> = self.listen_addrs.iter().collect();
-        if self.reach == Reach::Private {
-            addrs.sort_by_key(|a| !crate::paths::is_relayed(a));
-        }
-        advert.listen_addrs = addrs.into_iter().take(limits::ADDRS_PER_ADVERT).map(ToString::to_string).collect();
+        advert.listen_addrs =
+            self.dialable_addrs().iter().take(limits::ADDRS_PER_ADVERT).map(ToString::to_string).collect();
         let bytes = match Signed::sign(&self.key, &advert).and_then(|s| s.encode()) {
             Ok(b) => b,
             Err(e) => {
@@ -679,6 +663,24 @@ impl EventLoop {
             Err(gossipsub::PublishError::NoPeersSubscribedToTopic | gossipsub::PublishError::AllQueuesFull(_)) => {}
             Err(e) => debug!(error = %e, "advert not published"),
         }
+    }
+
+    /// The addresses peers should dial us on, best first, before the
+    /// advert's cap cuts any: confirmed external ones (AutoNAT found them
+    /// reachable, or they were configured: a forwarded port, a public
+    /// host), then behind NAT the relayed ones, then what we listen on.
+    fn dialable_addrs(&self) -> Vec<Multiaddr> {
+        let mut addrs: Vec<Multiaddr> = self.swarm.external_addresses().cloned().collect();
+        let mut listening: Vec<&Multiaddr> = self.listen_addrs.iter().collect();
+        if self.reach == Reach::Private {
+            listening.sort_by_key(|a| !crate::paths::is_relayed(a));
+        }
+        for a in listening {
+            if !addrs.contains(a) {
+                addrs.push(a.clone());
+            }
+        }
+        addrs
     }
 
     fn expire(&mut self) {
@@ -744,6 +746,10 @@ impl EventLoop {
                     self.listen_addrs.push(address.clone());
                 }
                 self.emit(Event::Listening(address));
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                info!(%address, "reachable from outside on this address");
+                self.republish_at.get_or_insert_with(|| Instant::now() + REPUBLISH_DEBOUNCE);
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
