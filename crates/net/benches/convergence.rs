@@ -2,7 +2,11 @@
 //! TCP on 127.0.0.1, each bootstrapping from the first. Measures the time
 //! from the last node's start until every node holds every other node's
 //! advert (when the last advert arrived, by the nodes' clock), and the whole
-//! run from the first start until the poll saw it.
+//! run from the first start until the poll saw it. Then, what a node costs
+//! as the swarm grows: connections per node, adverts and mycel bytes each
+//! node receives per minute of idling, the process's memory per node, and
+//! how long a requester joining the settled swarm takes to know three
+//! workers for a model one node in ten serves.
 //!
 //!     cargo bench -p mycel-net --bench convergence -- [NODES...]
 //!
@@ -14,16 +18,40 @@
 
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use mycel_metrics::Metrics;
 use mycel_net::{Config, Handle};
-use mycel_protocol::{Advert, Hardware, Keypair, Load, Price, version};
+use mycel_protocol::{Advert, Digest, Hardware, Keypair, Load, ModelAdvert, ModelKind, Price, Quantization, version};
 use tokio_util::sync::CancellationToken;
+
+/// One node in [`SERVER_EVERY`] serves the bench model.
+const SERVER_EVERY: usize = 10;
+/// Workers a joining requester must know before it counts as found.
+const WORKERS_WANTED: usize = 3;
+/// How long the settled swarm idles while its traffic is counted.
+const IDLE: Duration = Duration::from_secs(60);
+
+fn bench_model() -> ModelAdvert {
+    ModelAdvert {
+        id: "bench-model".into(),
+        kind: ModelKind::Embedding,
+        weights: Digest::of(b"bench-model"),
+        dimensions: 384,
+        context: 256,
+        quantization: Quantization::F32,
+        throughput: Default::default(),
+        profile: Default::default(),
+        tools: false,
+    }
+}
 
 fn advert(i: usize) -> Advert {
     Advert {
         seq: 0,
         timestamp_ms: 0,
         software: version::SOFTWARE_VERSION.into(),
-        models: vec![],
+        models: if i % SERVER_EVERY == 1 { vec![bench_model()] } else { vec![] },
         hardware: Hardware { cpu_model: format!("bench-{i}"), cores: 2, ..Hardware::default() },
         load: Load::default(),
         price: Price::default(),
@@ -40,10 +68,42 @@ fn advert_interval() -> Duration {
     Duration::from_secs(secs)
 }
 
-/// Time after the last start until converged, and the whole run until the
-/// poll confirmed it, or the smallest table size if the swarm did not
-/// converge within [`GIVE_UP`].
-async fn run(n: usize) -> Result<(Duration, Duration), usize> {
+/// `MYCEL_BENCH_IDLE_TIMEOUT_S`: how long an unused connection stays open;
+/// a node's default unless set.
+fn idle_timeout() -> Duration {
+    std::env::var("MYCEL_BENCH_IDLE_TIMEOUT_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(Config::default().idle_timeout, Duration::from_secs)
+}
+
+/// What one swarm size measured.
+struct Figures {
+    /// After the last start until converged, and the whole run until the
+    /// poll confirmed it; or the smallest table if it never converged.
+    converged: Result<(Duration, Duration), usize>,
+    /// Connections per node, average and most.
+    connections: (f64, usize),
+    /// Adverts and mycel bytes one node receives per idle minute (average).
+    idle_per_minute: (f64, f64),
+    /// The process's resident memory divided by the nodes (MiB).
+    rss_per_node_mib: f64,
+    /// A joining requester's time until it knows [`WORKERS_WANTED`]
+    /// workers; `None` if not within [`GIVE_UP`].
+    find_workers: Option<Duration>,
+}
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+async fn run(n: usize) -> Figures {
     let stop = CancellationToken::new();
     let config = |bootstrap: Vec<mycel_net::Multiaddr>| {
         Config::default()
@@ -51,16 +111,19 @@ async fn run(n: usize) -> Result<(Duration, Duration), usize> {
             .with_bootstrap(bootstrap)
             .with_mdns(false)
             .with_advert_interval(advert_interval())
+            .with_idle_timeout(idle_timeout())
     };
-    let start = |i: usize, bootstrap: Vec<mycel_net::Multiaddr>| {
+    let start = |bootstrap: Vec<mycel_net::Multiaddr>| {
         let key = Keypair::generate().expect("key");
-        let (handle, _events, event_loop) = mycel_net::start(&key, config(bootstrap)).expect("start");
+        let metrics = Arc::new(Metrics::new());
+        let (handle, _events, event_loop) =
+            mycel_net::start(&key, config(bootstrap).with_metrics(metrics.clone())).expect("start");
         tokio::spawn(event_loop.run(stop.clone()));
-        (handle, i)
+        (handle, metrics)
     };
 
     let first_start = Instant::now();
-    let (first, _) = start(0, vec![]);
+    let (first, first_metrics) = start(vec![]);
     first.set_advert(advert(0)).await.expect("advert");
     let boot: mycel_net::Multiaddr = loop {
         if let Some(a) = first.listen_addrs().await.expect("addrs").first() {
@@ -69,16 +132,18 @@ async fn run(n: usize) -> Result<(Duration, Duration), usize> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let mut nodes: Vec<Handle> = vec![first];
+    let mut metrics: Vec<Arc<Metrics>> = vec![first_metrics];
     for i in 1..n {
-        let (h, _) = start(i, vec![boot.clone()]);
+        let (h, m) = start(vec![boot.clone()]);
         h.set_advert(advert(i)).await.expect("advert");
         nodes.push(h);
+        metrics.push(m);
     }
     let last_start = Instant::now();
     let last_start_ms = mycel_net::now_ms();
     let trace = std::env::var_os("MYCEL_BENCH_TRACE").is_some();
     let mut next_trace = Duration::ZERO;
-    loop {
+    let converged = loop {
         let mut sizes = Vec::with_capacity(nodes.len());
         let mut grew_at_ms = 0;
         for h in &nodes {
@@ -101,15 +166,61 @@ async fn run(n: usize) -> Result<(Duration, Duration), usize> {
             // When the last advert arrived, by the nodes' clock: the poll
             // itself (here, on the same runtime) only confirms it.
             let converged = Duration::from_millis(grew_at_ms.saturating_sub(last_start_ms));
-            let result = (converged.min(last_start.elapsed()), first_start.elapsed());
-            stop.cancel();
-            return Ok(result);
+            break Ok((converged.min(last_start.elapsed()), first_start.elapsed()));
         }
         if last_start.elapsed() > GIVE_UP {
-            stop.cancel();
-            return Err(sizes.iter().min().copied().unwrap_or(0));
+            break Err(sizes.iter().min().copied().unwrap_or(0));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // Idle: what each node receives while nothing happens but adverts.
+    let counts = |m: &[Arc<Metrics>]| -> (u64, u64) {
+        m.iter()
+            .fold((0, 0), |(a, b), m| (a + m.adverts_received.get() + m.adverts_rejected.get(), b + m.bytes_in.get()))
+    };
+    let before = counts(&metrics);
+    tokio::time::sleep(IDLE).await;
+    let after = counts(&metrics);
+    let minutes = IDLE.as_secs_f64() / 60.0;
+    let idle_per_minute =
+        ((after.0 - before.0) as f64 / n as f64 / minutes, (after.1 - before.1) as f64 / n as f64 / minutes);
+    let mut connections = Vec::with_capacity(n);
+    for h in &nodes {
+        connections.push(h.connected().await.expect("connected").len());
+    }
+    let rss_per_node_mib = rss_mib() / n as f64;
+
+    // A requester joins through a node in the middle of the swarm.
+    let mid: mycel_net::Multiaddr = {
+        let h = &nodes[n / 2];
+        let a = h.listen_addrs().await.expect("addrs").first().cloned().expect("a listen address");
+        format!("{a}/p2p/{}", h.local_peer_id()).parse().expect("addr")
+    };
+    let joined = Instant::now();
+    let (requester, _) = start(vec![mid]);
+    requester.set_advert(advert(0)).await.expect("advert");
+    let wanted = WORKERS_WANTED.min(n / SERVER_EVERY).max(1);
+    let find_workers = loop {
+        let peers = requester.peers().await.expect("peers");
+        if peers.iter().filter(|p| !p.advert.models.is_empty()).count() >= wanted {
+            break Some(joined.elapsed());
+        }
+        if joined.elapsed() > GIVE_UP {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    stop.cancel();
+    Figures {
+        converged,
+        connections: (
+            connections.iter().sum::<usize>() as f64 / n as f64,
+            connections.iter().copied().max().unwrap_or(0),
+        ),
+        idle_per_minute,
+        rss_per_node_mib,
+        find_workers,
     }
 }
 
@@ -118,20 +229,35 @@ fn main() {
     let sizes = if sizes.is_empty() { vec![50, 100, 200] } else { sizes };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     println!(
-        "in-process swarm convergence ({} cores, advert interval {} s)",
+        "in-process swarm ({} cores, advert interval {} s, idle connections closed after {} s)",
         std::thread::available_parallelism().map_or(1, |n| n.get()),
-        advert_interval().as_secs()
+        advert_interval().as_secs(),
+        idle_timeout().as_secs()
     );
-    println!("{:>6}  {:>22}  {:>20}", "nodes", "after last start (s)", "run until seen (s)");
+    println!(
+        "{:>6}  {:>22}  {:>14}  {:>16}  {:>17}  {:>14}  {:>12}",
+        "nodes",
+        "converged after last",
+        "conns avg/max",
+        "adverts/node/min",
+        "KiB in/node/min",
+        "RSS/node MiB",
+        "find 3 (s)"
+    );
     for n in sizes {
-        match runtime.block_on(run(n)) {
-            Ok((after_last, total)) => {
-                println!("{n:>6}  {:>22.2}  {:>20.2}", after_last.as_secs_f64(), total.as_secs_f64())
-            }
-            Err(min) => {
-                println!("{n:>6}  not converged after {} s (smallest table {min} of {})", GIVE_UP.as_secs(), n - 1)
-            }
-        }
+        let f = runtime.block_on(run(n));
+        let converged = match f.converged {
+            Ok((after_last, _)) => format!("{:.2} s", after_last.as_secs_f64()),
+            Err(min) => format!("no ({min} of {} at {} s)", n - 1, GIVE_UP.as_secs()),
+        };
+        println!(
+            "{n:>6}  {converged:>22}  {:>14}  {:>16.0}  {:>17.1}  {:>14.2}  {:>12}",
+            format!("{:.1}/{}", f.connections.0, f.connections.1),
+            f.idle_per_minute.0,
+            f.idle_per_minute.1 / 1024.0,
+            f.rss_per_node_mib,
+            f.find_workers.map_or("not found".into(), |d| format!("{:.2}", d.as_secs_f64())),
+        );
         // Let sockets of the previous swarm close before the next.
         std::thread::sleep(Duration::from_secs(1));
     }

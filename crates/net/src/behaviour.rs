@@ -73,8 +73,9 @@ impl Behaviour {
         let limits = connection_limits::Behaviour::new(
             connection_limits::ConnectionLimits::default()
                 .with_max_established(Some(cfg.max_connections))
-                // One direct and one relayed: see `paths`.
-                .with_max_established_per_peer(Some(2))
+                // Two direct (one only briefly) and one relayed: `paths`
+                // has the finer rule.
+                .with_max_established_per_peer(Some(3))
                 .with_max_pending_incoming(Some(64))
                 .with_max_pending_outgoing(Some(64)),
         );
@@ -141,6 +142,10 @@ impl Behaviour {
                     // mid-task.
                     max_circuit_duration: RELAYED_FOR,
                     max_circuit_bytes: RELAYED_BYTES,
+                    // Pairs that cannot punch (symmetric NATs) keep their
+                    // circuit: room for many (libp2p's default is 16).
+                    max_circuits: 256,
+                    max_circuits_per_peer: 8,
                     ..relay::Config::default()
                 },
             )

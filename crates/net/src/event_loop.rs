@@ -831,6 +831,11 @@ impl EventLoop {
                     autonat::NatStatus::Unknown => Reach::Unknown,
                 };
                 info!(reach = ?self.reach, "reachability from outside");
+                // Peers that cannot dial us must not keep us in their DHT
+                // routing tables (their lookups would stall on us): behind
+                // NAT, a DHT client only.
+                let mode = if self.reach == Reach::Private { kad::Mode::Client } else { kad::Mode::Server };
+                self.swarm.behaviour_mut().kad.set_mode(Some(mode));
                 self.take_relays();
                 // Peers learn our relayed addresses from the next advert.
                 self.republish_at.get_or_insert_with(|| Instant::now() + REPUBLISH_DEBOUNCE);

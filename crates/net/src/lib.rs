@@ -118,6 +118,12 @@ impl Config {
         self
     }
 
+    /// Sets how long an unused connection stays open.
+    pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
     /// Sets the advert interval and a TTL of three intervals.
     pub fn with_advert_interval(mut self, interval: Duration) -> Self {
         self.advert_interval = interval;

@@ -349,3 +349,25 @@ async fn a_node_reached_through_a_relay_is_upgraded_to_a_direct_connection() {
         n.stop.cancel();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adverts_lead_with_the_addresses_known_to_reach_the_node() {
+    // A forwarded port or a public host: the address peers must dial comes
+    // before the (private) ones the node listens on.
+    let public: Multiaddr = "/ip4/203.0.113.5/tcp/4001".parse().unwrap();
+    let interval = Duration::from_millis(200);
+    let node = start_with(1, Config { external_addrs: vec![public.clone()], ..config(None, interval) }).await;
+    let peer = start(2, Some(dial_addr(&node).await), interval).await;
+    wait_until("the peer holds the node's advert with its addresses", Duration::from_secs(5), || async {
+        peer.handle
+            .peers()
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.peer == node.key.peer_id() && e.advert.listen_addrs.len() >= 2)
+    })
+    .await;
+    let held = peer.handle.peers().await.unwrap().into_iter().find(|e| e.peer == node.key.peer_id()).unwrap();
+    assert_eq!(held.advert.listen_addrs[0], public.to_string(), "{:?}", held.advert.listen_addrs);
+    assert!(held.advert.listen_addrs[1].starts_with("/ip4/127.0.0.1/tcp/"), "{:?}", held.advert.listen_addrs);
+}
