@@ -140,10 +140,13 @@ fn every_node_losing_2_percent_of_its_packets_loses_no_work() {
     down(&dir);
 }
 
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(3))).build().into()
+}
+
 /// What `node` knows of `peer`: its advert and how they are connected.
 fn peer_seen_by(node: &NodeEntry, peer: &str) -> Option<serde_json::Value> {
-    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(3))).build().into();
-    let mut response = node.get(&agent, "/api/v1/peers").call().ok()?;
+    let mut response = node.get(&agent(), "/api/v1/peers").call().ok()?;
     let peers: serde_json::Value = response.body_mut().read_json().ok()?;
     peers.as_array()?.iter().find(|p| p["peer_id"] == peer).cloned()
 }
@@ -152,23 +155,35 @@ fn connection(node: &NodeEntry, peer: &str) -> String {
     peer_seen_by(node, peer).and_then(|p| p["connection"].as_str().map(str::to_string)).unwrap_or_default()
 }
 
-/// Three nodes: node-00 public (bootstrap and relay), node-01 (no models,
-/// the requester) and node-02 (the embedder), each behind a NAT router of
-/// its own, in `dir`; ready once node-01 knows node-02's relayed address.
-fn two_homes_behind(kind: &str, dir: &Path) -> Manifest {
-    let manifest = up_with_args(dir, 3, &["none", "none", "all-minilm-l6-v2"], &["--nat", kind]);
+fn hole_punches(node: &NodeEntry) -> u64 {
+    let status: serde_json::Value =
+        node.get(&agent(), "/api/v1/status").call().unwrap().body_mut().read_json().unwrap();
+    status["reachability"]["hole_punches_ok"].as_u64().unwrap_or(0)
+}
+
+/// Runs `test` on three nodes: node-00 public (bootstrap and relay),
+/// node-01 (no models, the requester) and node-02 (the embedder), each
+/// behind a NAT router of kind `kind`; once node-01 knows node-02's relayed
+/// address. Skips without root and iptables.
+fn with_two_homes_behind(kind: &str, test: impl FnOnce(&Path, &Manifest)) {
+    if let Some(why) = cannot_run().or_else(|| mycel_testnet::netns::loss_available().err().map(|e| e.to_string())) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("net");
+    let _guard = Guard(&dir);
+    let manifest = up_with_args(&dir, 3, &["none", "none", "all-minilm-l6-v2"], &["--nat", kind]);
     let (requester, worker) = (&manifest.nodes[1], &manifest.nodes[2]);
     wait_until("the worker's relayed address reaches the requester", Duration::from_secs(60), || {
         peer_seen_by(requester, &worker.peer_id).is_some_and(|p| {
+            let relayed = |a: &serde_json::Value| a.as_str().is_some_and(|a| a.contains("/p2p-circuit"));
             p["models"].as_array().is_some_and(|m| !m.is_empty())
-                && p["listen_addrs"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|a| a.as_str().is_some_and(|a| a.contains("/p2p-circuit")))
+                && p["listen_addrs"].as_array().into_iter().flatten().any(relayed)
         })
     });
-    manifest
+    test(tmp.path(), &manifest);
+    down(&dir);
 }
 
 fn embed_across(requester: &NodeEntry, tmp: &Path, name: &str, n: usize) {
@@ -181,70 +196,41 @@ fn embed_across(requester: &NodeEntry, tmp: &Path, name: &str, n: usize) {
     assert_exact(&result, &input, tmp, n);
 }
 
-fn cannot_run_nat() -> Option<String> {
-    cannot_run().or_else(|| mycel_testnet::netns::loss_available().err().map(|e| e.to_string()))
-}
-
 #[test]
 fn a_task_crosses_two_port_restricted_nats_and_outlives_the_relay() {
-    if let Some(why) = cannot_run_nat() {
-        eprintln!("skipped: {why}");
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("net");
-    let _guard = Guard(&dir);
-    let manifest = two_homes_behind("port-restricted", &dir);
-    let (relay, requester, worker) = (&manifest.nodes[0], &manifest.nodes[1], &manifest.nodes[2]);
+    with_two_homes_behind("port-restricted", |tmp, manifest| {
+        let (relay, requester, worker) = (&manifest.nodes[0], &manifest.nodes[1], &manifest.nodes[2]);
+        // Auctioned from one home to the other: they meet through the relay.
+        embed_across(requester, tmp, "first", 300);
+        // Plain MASQUERADE keeps ports: hole punching replaces the relayed
+        // connection with a direct one (at once, mostly before the first
+        // results; the relayed one is closed then).
+        let first = connection(requester, &worker.peer_id);
+        eprintln!("when the first task ended, the nodes' connection was {first:?}");
+        let punched = wait_until("a hole-punched direct connection", Duration::from_secs(30), || {
+            connection(requester, &worker.peer_id) == "direct"
+        });
+        eprintln!("direct only {punched:?} after the first task");
+        assert!(hole_punches(requester) + hole_punches(worker) >= 1, "the direct connection came from hole punching");
 
-    // Auctioned from one home to the other: they meet through the relay.
-    embed_across(requester, tmp.path(), "first", 300);
-    // Plain MASQUERADE keeps ports: hole punching replaces the relayed
-    // connection with a direct one (at once, mostly before the first
-    // results; the relayed one is closed then).
-    let first = connection(requester, &worker.peer_id);
-    eprintln!("when the first task ended, the nodes' connection was {first:?}");
-    let punched = wait_until("a hole-punched direct connection", Duration::from_secs(30), || {
-        connection(requester, &worker.peer_id) == "direct"
+        // The relay dies; the punched connection carries the next task.
+        let _ = std::process::Command::new("kill").args(["-9", &relay.pid.to_string()]).status();
+        std::thread::sleep(Duration::from_secs(1));
+        embed_across(requester, tmp, "second", 300);
+        assert_eq!(connection(requester, &worker.peer_id), "direct");
     });
-    eprintln!("direct only {punched:?} after the first task");
-    let punches: u64 = [requester, worker]
-        .iter()
-        .map(|n| {
-            let agent: ureq::Agent =
-                ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(3))).build().into();
-            let status: serde_json::Value =
-                n.get(&agent, "/api/v1/status").call().unwrap().body_mut().read_json().unwrap();
-            status["reachability"]["hole_punches_ok"].as_u64().unwrap_or(0)
-        })
-        .sum();
-    assert!(punches >= 1, "the direct connection came from hole punching");
-
-    // The relay dies; the punched connection carries the next task.
-    let _ = std::process::Command::new("kill").args(["-9", &relay.pid.to_string()]).status();
-    std::thread::sleep(Duration::from_secs(1));
-    embed_across(requester, tmp.path(), "second", 300);
-    assert_eq!(connection(requester, &worker.peer_id), "direct");
-    down(&dir);
 }
 
 #[test]
 fn behind_symmetric_nats_the_relay_carries_what_hole_punching_cannot() {
-    if let Some(why) = cannot_run_nat() {
-        eprintln!("skipped: {why}");
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("net");
-    let _guard = Guard(&dir);
-    let manifest = two_homes_behind("symmetric", &dir);
-    let (requester, worker) = (&manifest.nodes[1], &manifest.nodes[2]);
-    embed_across(requester, tmp.path(), "symmetric", 300);
-    // A new port per destination: the port the relay saw is not the one
-    // the other home must use, so the punch fails and the relay stays.
-    std::thread::sleep(Duration::from_secs(3));
-    let how = connection(requester, &worker.peer_id);
-    eprintln!("behind symmetric NATs the result came over a {how} connection");
-    assert_eq!(how, "relayed");
-    down(&dir);
+    with_two_homes_behind("symmetric", |tmp, manifest| {
+        let (requester, worker) = (&manifest.nodes[1], &manifest.nodes[2]);
+        embed_across(requester, tmp, "symmetric", 300);
+        // A new port per destination: the port the relay saw is not the one
+        // the other home must use, so the punch fails and the relay stays.
+        std::thread::sleep(Duration::from_secs(3));
+        let how = connection(requester, &worker.peer_id);
+        eprintln!("behind symmetric NATs the result came over a {how} connection");
+        assert_eq!(how, "relayed");
+    });
 }
