@@ -726,14 +726,14 @@ impl EventLoop {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "listening");
-                // A relay server must tell clients where it is reached;
-                // without addresses named, those it listens on are it
-                // (loopback only for a relay that listens nowhere else).
                 if crate::paths::is_relayed(&address) {
                     // Peers behind other NATs reach us only this way: tell
                     // them now, not at the next periodic advert.
                     self.republish_at.get_or_insert_with(|| Instant::now() + REPUBLISH_DEBOUNCE);
                 }
+                // A relay server must tell clients where it is reached;
+                // without addresses named, those it listens on are it
+                // (loopback only for a relay that listens nowhere else).
                 let local_only = self.config.listen.iter().all(is_loopback);
                 if self.config.relay_server
                     && self.config.external_addrs.is_empty()
@@ -761,10 +761,10 @@ impl EventLoop {
                 for a in &addresses {
                     self.listen_addrs.retain(|l| l != a);
                 }
-                // A relay's reservation ended (the relay went away): free
-                // the slot for another.
-                // Forget it as a candidate until it identifies again (a
-                // refused reservation must not be retried in a loop).
+                // A relay's reservation ended (the relay went away or
+                // refused): free the slot for another, and forget that relay
+                // until it identifies again, so a refusal is not retried in
+                // a loop.
                 let ended: Vec<PeerId> =
                     self.relay_listeners.iter().filter(|(_, id)| **id == listener_id).map(|(p, _)| *p).collect();
                 for peer in ended {
