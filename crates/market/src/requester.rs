@@ -160,6 +160,9 @@ pub enum Timer {
     TaskDeadline,
     /// Peers paused after giving work back may be awarded again.
     Resume,
+    /// Rounds ran out while a late executor may still deliver: time to ask
+    /// once more whether anyone else can run the open shards.
+    Reopen,
 }
 
 /// What the driver must do, in order.
@@ -296,6 +299,15 @@ pub struct Requester {
     /// timers. Not journaled: a restart sets fresh timers.
     #[serde(skip)]
     awarded_ms: BTreeMap<(u32, PublicKey), u64>,
+    /// Executors taken off a shard for missing its deadline, with what
+    /// their execution would cost. Late is not wrong: a loaded machine
+    /// finishes late, and when its result comes before anyone else's it is
+    /// accepted (and paid for, so the charge still counts against the
+    /// budget). While one is awaited the task does not give up for want
+    /// of bids. Not journaled: after a restart their results are answered
+    /// as late.
+    #[serde(skip)]
+    late: BTreeMap<(u32, PublicKey), u64>,
     rounds_without_bids: u32,
     /// Most the task may spend (micro-credits), what accepted executions
     /// cost so far, and what each running one will cost, by (shard, peer).
@@ -437,6 +449,7 @@ impl Requester {
             busy: BTreeMap::new(),
             refusals: BTreeMap::new(),
             awarded_ms: BTreeMap::new(),
+            late: BTreeMap::new(),
             banned: BTreeSet::new(),
             rounds_without_bids: 0,
             spot_secret,
@@ -662,6 +675,8 @@ impl Requester {
             }
             Event::PeerLost(peer) => {
                 self.offers.remove(&peer);
+                // Gone: its late result will not come.
+                self.late.retain(|(_, p), _| *p != peer);
                 let shards: Vec<u32> = self.busy.get(&peer).map(|s| s.iter().copied().collect()).unwrap_or_default();
                 for shard in shards {
                     self.drop_executor(now_ms, shard, peer, None, &mut out);
@@ -691,7 +706,15 @@ impl Requester {
             Event::Timer(Timer::ShardDeadline { shard, peer, since_ms }) => {
                 let still = self.shards.get(shard as usize).is_some_and(|s| s.running.contains(&peer));
                 if still && self.current_award(shard, peer, since_ms) {
+                    let charge = self.charges.get(&(shard, peer)).copied().unwrap_or(0);
+                    self.late.insert((shard, peer), charge);
                     self.drop_executor(now_ms, shard, peer, Some(RejectReason::Late), &mut out);
+                }
+            }
+            Event::Timer(Timer::Reopen) => {
+                let unrun = self.shards.iter().any(|s| s.done().is_none() && s.running.is_empty());
+                if self.phase == Phase::Running && unrun {
+                    self.open_round(now_ms, &mut out);
                 }
             }
         }
@@ -773,12 +796,7 @@ impl Requester {
     fn close_bidding(&mut self, now_ms: u64, out: &mut Vec<Action>) {
         self.offers.retain(|_, o| o.bid.expires_ms > now_ms);
         if self.offers.is_empty() {
-            self.rounds_without_bids += 1;
-            if self.rounds_without_bids >= self.config.max_rounds {
-                self.fail(format!("no usable bids after {} rounds", self.rounds_without_bids), out);
-            } else {
-                self.open_round(now_ms, out);
-            }
+            self.round_without_bids(now_ms, "", out);
             return;
         }
         self.phase = Phase::Running;
@@ -787,20 +805,32 @@ impl Requester {
             // open: another round would hear the same. Counted like a
             // round without bids, so the task ends instead of asking
             // forever.
-            self.rounds_without_bids += 1;
-            if self.rounds_without_bids >= self.config.max_rounds {
-                let reason = format!(
-                    "no usable bids after {} rounds: every bidder already failed the open shards",
-                    self.rounds_without_bids
-                );
-                self.fail(reason, out);
-            } else {
-                self.open_round(now_ms, out);
-            }
+            self.round_without_bids(now_ms, ": every bidder already failed the open shards", out);
             return;
         }
         self.rounds_without_bids = 0;
         self.award_open(now_ms, out);
+    }
+
+    /// A round closed with nothing to award: ask again, or after
+    /// `max_rounds` give up, unless a late executor may still deliver. Then
+    /// the task waits for it (its deadline bounds the wait), asking again
+    /// every `grace_ms` in case someone new can run the open shards.
+    fn round_without_bids(&mut self, now_ms: u64, why: &str, out: &mut Vec<Action>) {
+        self.rounds_without_bids = self.rounds_without_bids.saturating_add(1);
+        if self.rounds_without_bids < self.config.max_rounds {
+            self.open_round(now_ms, out);
+        } else if self.awaiting_late() {
+            self.phase = Phase::Running;
+            out.push(Action::SetTimer { at_ms: now_ms.saturating_add(self.config.grace_ms), timer: Timer::Reopen });
+        } else {
+            self.fail(format!("no usable bids after {} rounds{why}", self.rounds_without_bids), out);
+        }
+    }
+
+    /// Whether an open shard's late executor may still send its result.
+    fn awaiting_late(&self) -> bool {
+        self.late.keys().any(|(shard, _)| self.shards.get(*shard as usize).is_some_and(|s| s.done().is_none()))
     }
 
     /// Whether some offer's peer may run some open shard (capacity and
@@ -882,7 +912,7 @@ impl Requester {
     /// what running shards will cost.
     fn affordable(&self, cost: u64) -> bool {
         let Some(budget) = self.budget_micros else { return true };
-        let committed = self.charges.values().fold(0u64, |a, c| a.saturating_add(*c));
+        let committed = self.charges.values().chain(self.late.values()).fold(0u64, |a, c| a.saturating_add(*c));
         self.spent_micros.saturating_add(committed).saturating_add(cost) <= budget
     }
 
@@ -1059,6 +1089,10 @@ impl Requester {
             }
         };
         self.dirty.insert(index as u32);
+        // A late executor's result, first after all: paid for like any.
+        if let Some(charge) = self.late.remove(&(index as u32, from)) {
+            self.charges.insert((index as u32, from), charge);
+        }
         let state = &mut self.shards[index];
         state.running.remove(&from);
         if let Some(set) = self.busy.get_mut(&from) {
@@ -1080,6 +1114,7 @@ impl Requester {
     fn exclude(&mut self, now_ms: u64, peer: PublicKey, shard: Option<u32>, out: &mut Vec<Action>) {
         self.banned.insert(peer);
         self.offers.remove(&peer);
+        self.late.retain(|(_, p), _| *p != peer);
         let mut reopened = false;
         for (index, state) in self.shards.iter_mut().enumerate() {
             let alone = state.accepted == Some(peer) && state.results.len() <= 1;
@@ -1120,7 +1155,7 @@ impl Requester {
         if state.done().is_some() || state.results.contains_key(&signer) {
             return Err(RejectReason::AlreadyComplete);
         }
-        if !state.running.contains(&signer) {
+        if !state.running.contains(&signer) && !self.late.contains_key(&(claim.shard, signer)) {
             return Err(if state.excluded.contains(&signer) { RejectReason::Late } else { RejectReason::NotAwarded });
         }
         if claim.input != state.plan.input || claim.first_item != state.plan.first_item {
@@ -1178,6 +1213,8 @@ impl Requester {
         // Anyone still running it (a backup copy) is freed; its result will
         // be answered AlreadyComplete.
         let still: Vec<PublicKey> = std::mem::take(&mut state.running).into_iter().collect();
+        // Nor is a late executor awaited any more.
+        self.late.retain(|(shard, _), _| *shard != index as u32);
         for peer in still {
             self.charges.remove(&(index as u32, peer));
             if let Some(set) = self.busy.get_mut(&peer) {
