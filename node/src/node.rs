@@ -249,7 +249,7 @@ impl NodeView for View {
             reachability: {
                 let r = self.net.reachability().await.map_err(unavailable)?;
                 mycel_api::types::ReachabilityView {
-                    reach: format!("{:?}", r.reach).to_lowercase(),
+                    reach: r.reach.as_str().into(),
                     relayed_addrs: r.relayed_addrs.iter().map(ToString::to_string).collect(),
                     hole_punches_ok: r.hole_punches_ok,
                     hole_punches_failed: r.hole_punches_failed,

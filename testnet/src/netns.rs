@@ -105,6 +105,13 @@ fn run(program: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Runs a command (`args[0]` and its arguments) inside namespace `ns`.
+fn run_in(ns: &str, args: &[&str]) -> Result<()> {
+    let mut all = vec!["netns", "exec", ns];
+    all.extend(args);
+    run("ip", &all)
+}
+
 /// Whether this process may create namespaces (runs as root); if not, why.
 pub fn check_root() -> Result<()> {
     if effective_uid() != 0 {
@@ -193,9 +200,9 @@ impl Netns {
             run("ip", &["link", "set", &inner, "netns", &ns])?;
             run("ip", &["link", "set", &host, "master", &main, "up"])?;
             let addr = format!("{}/24", self.addr(i));
-            run("ip", &["netns", "exec", &ns, "ip", "addr", "add", &addr, "dev", &inner])?;
-            run("ip", &["netns", "exec", &ns, "ip", "link", "set", &inner, "up"])?;
-            run("ip", &["netns", "exec", &ns, "ip", "link", "set", "lo", "up"])?;
+            run_in(&ns, &["ip", "addr", "add", &addr, "dev", &inner])?;
+            run_in(&ns, &["ip", "link", "set", &inner, "up"])?;
+            run_in(&ns, &["ip", "link", "set", "lo", "up"])?;
         }
         Ok(())
     }
@@ -204,11 +211,7 @@ impl Netns {
     fn build_home(&self, i: u32, kind: NatKind) -> Result<()> {
         let (router, ns) = (self.router(i), self.namespace(i));
         let (host, wan, lan, inner) = (self.veth(i, 'h'), self.veth(i, 'w'), self.veth(i, 'l'), self.veth(i, 'n'));
-        let in_router = |args: &[&str]| -> Result<()> {
-            let mut all = vec!["netns", "exec", &router];
-            all.extend(args);
-            run("ip", &all)
-        };
+        let in_router = |args: &[&str]| run_in(&router, args);
         run("ip", &["netns", "add", &router])?;
         run("ip", &["netns", "add", &ns])?;
         run("ip", &["link", "add", &host, "type", "veth", "peer", "name", &wan])?;
@@ -256,11 +259,7 @@ impl Netns {
             in_router(&["iptables", "-A", chain, "-i", &wan, "-j", "DROP"])?;
         }
         let addr = format!("{node}/30");
-        let in_node = |args: &[&str]| -> Result<()> {
-            let mut all = vec!["netns", "exec", &ns];
-            all.extend(args);
-            run("ip", &all)
-        };
+        let in_node = |args: &[&str]| run_in(&ns, args);
         in_node(&["ip", "addr", "add", &addr, "dev", &inner])?;
         in_node(&["ip", "link", "set", &inner, "up"])?;
         in_node(&["ip", "link", "set", "lo", "up"])?;
@@ -364,13 +363,11 @@ impl Netns {
         loss_available()?;
         for i in 0..self.nodes {
             let ns = self.namespace(i);
-            run("ip", &["netns", "exec", &ns, "iptables", "-F", "INPUT"])?;
+            run_in(&ns, &["iptables", "-F", "INPUT"])?;
             if percent > 0.0 {
                 let p = format!("{:.4}", percent / 100.0);
-                let rule = ["-A", "INPUT", "-m", "statistic", "--mode", "random", "--probability", &p, "-j", "DROP"];
-                let mut args = vec!["netns", "exec", &ns, "iptables"];
-                args.extend(rule);
-                run("ip", &args)?;
+                let rule = ["iptables", "-A", "INPUT", "-m", "statistic", "--mode", "random", "--probability", &p];
+                run_in(&ns, &[&rule[..], &["-j", "DROP"]].concat())?;
             }
         }
         Ok(())

@@ -62,6 +62,17 @@ pub enum Reach {
     Private,
 }
 
+impl Reach {
+    /// The word the API and the CLI show.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reach::Unknown => "unknown",
+            Reach::Public => "public",
+            Reach::Private => "private",
+        }
+    }
+}
+
 /// How this node is reached from outside.
 #[derive(Debug, Clone)]
 pub struct Reachability {
@@ -337,18 +348,11 @@ pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Ev
     for addr in &config.external_addrs {
         swarm.add_external_address(addr.clone());
     }
-    let mut relay_listeners = HashMap::new();
-    for relay in &config.relays {
-        let Some(Protocol::P2p(peer)) = relay.iter().last() else {
-            return Err(NetError::Listen {
-                addr: relay.clone(),
-                reason: "a relay's address ends with /p2p/<id>".into(),
-            });
-        };
-        let circuit = relay.clone().with(Protocol::P2pCircuit);
-        let id =
-            swarm.listen_on(circuit.clone()).map_err(|e| NetError::Listen { addr: circuit, reason: e.to_string() })?;
-        relay_listeners.insert(peer, id);
+    // Fixed relays are listened on by `retake_fixed_relays`, below and on
+    // every tick; here only their form is checked, so a bad one is an
+    // error at start rather than a relay silently never used.
+    if let Some(relay) = config.relays.iter().find(|r| !matches!(r.iter().last(), Some(Protocol::P2p(_)))) {
+        return Err(NetError::Listen { addr: relay.clone(), reason: "a relay's address ends with /p2p/<id>".into() });
     }
     for topic in [version::ADVERT_TOPIC, version::CFP_TOPIC] {
         let topic = gossipsub::IdentTopic::new(topic);
@@ -375,7 +379,7 @@ pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Ev
         local,
         TableConfig { ttl: config.advert_ttl, max_skew: Duration::from_secs(30), ..TableConfig::default() },
     );
-    let event_loop = EventLoop {
+    let mut event_loop = EventLoop {
         swarm,
         key: Keypair::from_secret_bytes(&key.secret_bytes()),
         config,
@@ -403,11 +407,12 @@ pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Ev
         router_share: None,
         reach: Reach::Unknown,
         relay_candidates: HashMap::new(),
-        relay_listeners,
+        relay_listeners: HashMap::new(),
         dialled: HashMap::new(),
         hole_punches_ok: 0,
         hole_punches_failed: 0,
     };
+    event_loop.retake_fixed_relays();
     Ok((Handle { commands: cmd_tx, local }, ev_rx, event_loop))
 }
 
@@ -609,7 +614,8 @@ impl EventLoop {
         }
     }
 
-    /// Listens again through named relays whose reservation ended.
+    /// Listens through the named relays: at start, and again whenever a
+    /// reservation ended.
     fn retake_fixed_relays(&mut self) {
         for relay in &self.config.relays {
             let Some(Protocol::P2p(peer)) = relay.iter().last() else { continue };
