@@ -305,6 +305,7 @@ def main():
     # Ensembles on the second half.
     ensembles = {}
     judge = {"agree": 0, "asked": 0, "longer_chosen": 0, "comparable": 0}
+    moa = {"asked": 0, "synthesis_kept": 0, "same_as_first": 0}
     for method in ["mycel/vote", "mycel/best-of", "mycel/moa"]:
         rows = []
         for k, item in enumerate(test):
@@ -319,6 +320,11 @@ def main():
                 if e.get("chosen") is not None and len(set(lengths)) > 1:
                     judge["comparable"] += 1
                     judge["longer_chosen"] += 1 if lengths[e["chosen"]] == max(lengths) else 0
+            if method == "mycel/moa":
+                e = json.loads(get(f"{args.api}/api/v1/tasks/{r['task']}"))["ensemble"]
+                moa["asked"] += 1
+                moa["synthesis_kept"] += 1 if e.get("chosen") is None else 0
+                moa["same_as_first"] += 1 if e.get("chosen") is None and not e["verdicts"] else 0
             if k % 10 == 9:
                 log(f"  {method}: {k + 1}/{len(test)}")
         ensembles[method] = summary(method, rows, test, strongest)
@@ -340,6 +346,7 @@ def main():
         },
         "ensembles": ensembles,
         "judge": judge,
+        "moa": moa,
         "sentiment": polarity,
         "raw": {"singles": singles, "auto_real": real},
     }
@@ -381,6 +388,11 @@ def main():
         print(
             f"- judge: same verdict in both orders on {judge['agree']} of {judge['asked']}; "
             f"chose the longest proposal {judge['longer_chosen']} of {judge['comparable']} times"
+        )
+    if moa["asked"]:
+        print(
+            f"- moa: the synthesis was the answer on {moa['synthesis_kept']} of {moa['asked']} "
+            f"({moa['same_as_first']} of them word for word the first proposal, so not judged)"
         )
     if polarity:
         print(

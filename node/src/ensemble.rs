@@ -21,8 +21,14 @@
 //!   they do not (the judge prefers a position, not an answer), the vote
 //!   decides. Proposals come from the largest model first, so a vote with
 //!   no majority falls to the largest model's answer.
-//! - **moa** (mixture of agents): an aggregator model writes the answer
+//! - **moa** (mixture of agents): an aggregator model writes an answer
 //!   from the proposals. One layer; at most [`MAX_MEMBERS`] proposals.
+//!   Small aggregators rewrite working answers into broken ones (measured:
+//!   below the best member), so the synthesis is guarded: the judge compares
+//!   it with the first proposal (the largest model's greedy answer), asked
+//!   twice in opposite orders, and the synthesis is the answer only when
+//!   preferred both times; otherwise the first proposal is. A synthesis
+//!   identical to the first proposal needs no judge.
 
 use std::sync::Arc;
 
@@ -241,25 +247,23 @@ async fn orchestrate(
     let texts: Vec<&str> = proposals.iter().map(|(_, g)| g.text.as_str()).collect();
     let votes = tally(&texts);
     let majority = votes.first().map(|(_, _, first)| *first).unwrap_or(0);
+    let question = last_user(&plan.conversation);
     let (answer_model, answer, chosen, verdicts, reason, extra) = match plan.method {
         Method::Vote => {
             let (key, count, _) = &votes[0];
             let reason = format!("{count} of {} proposals agree on {key:?}", proposals.len());
             job.answer_is(places[majority].0, places[majority].1);
-            (proposals[majority].0.clone(), proposals[majority].1.clone(), Some(majority), Vec::new(), reason, None)
+            (
+                proposals[majority].0.clone(),
+                proposals[majority].1.clone(),
+                Some(majority),
+                Vec::new(),
+                reason,
+                Vec::new(),
+            )
         }
         Method::BestOf => {
-            let question = last_user(&plan.conversation);
-            let forward = judge_prompt(&question, &texts);
-            let reversed: Vec<&str> = texts.iter().rev().copied().collect();
-            let backward = judge_prompt(&question, &reversed);
-            let request = stage_request(plan, &plan.judge, vec![forward, backward], 0.0, seed);
-            let view = run_task(market, request).await?;
-            job.receipted(&view)?;
-            let replies = answers(&view);
-            let n = texts.len();
-            let first = replies.first().and_then(|g| verdict(&g.text, n));
-            let second = replies.get(1).and_then(|g| verdict(&g.text, n)).map(|k| n + 1 - k);
+            let (first, second, stage) = judge_both_ways(plan, market, job, &question, &texts).await?;
             let (pick, reason) = match (first, second) {
                 (Some(a), Some(b)) if a == b => {
                     teach_router(routing, plan, &proposals, a - 1).await;
@@ -274,32 +278,87 @@ async fn orchestrate(
                 ),
             };
             job.answer_is(places[pick].0, places[pick].1);
-            let stage = EnsembleStage { role: "judge".into(), task: view.task.clone(), model: plan.judge.clone() };
-            (proposals[pick].0.clone(), proposals[pick].1.clone(), Some(pick), vec![first, second], reason, Some(stage))
+            (proposals[pick].0.clone(), proposals[pick].1.clone(), Some(pick), vec![first, second], reason, vec![stage])
         }
         Method::Moa => {
             let request =
                 stage_request(plan, &plan.judge, vec![synthesis_prompt(&plan.conversation, &texts)], 0.0, seed);
             let view = run_task(market, request).await?;
             let task = job.receipted(&view)?;
-            let answer = answers(&view).into_iter().next().ok_or("the aggregator gave no answer")?;
-            job.answer_is(task, 0);
-            let reason = format!("{} wrote the answer from {} proposals", plan.judge, texts.len());
-            let stage = EnsembleStage { role: "synthesis".into(), task: view.task.clone(), model: plan.judge.clone() };
-            (plan.judge.clone(), answer, None, Vec::new(), reason, Some(stage))
+            let synthesis = answers(&view).into_iter().next().ok_or("the aggregator gave no answer")?;
+            let wrote = EnsembleStage { role: "synthesis".into(), task: view.task.clone(), model: plan.judge.clone() };
+            let anchor = &proposals[0];
+            if synthesis.text.trim() == anchor.1.text.trim() {
+                job.answer_is(task, 0);
+                let reason = format!(
+                    "{} wrote the answer from {} proposals: the first one, word for word",
+                    plan.judge,
+                    texts.len()
+                );
+                (plan.judge.clone(), synthesis, None, Vec::new(), reason, vec![wrote])
+            } else {
+                let pair = [anchor.1.text.as_str(), synthesis.text.as_str()];
+                let (first, second, judged) = judge_both_ways(plan, market, job, &question, &pair).await?;
+                if synthesis_kept(first, second) {
+                    job.answer_is(task, 0);
+                    let reason = format!(
+                        "{} wrote the answer from {} proposals; the judge preferred it to proposal 1 in both orders",
+                        plan.judge,
+                        texts.len()
+                    );
+                    (plan.judge.clone(), synthesis, None, vec![first, second], reason, vec![wrote, judged])
+                } else {
+                    job.answer_is(places[0].0, places[0].1);
+                    let reason = format!(
+                        "the judge did not prefer the synthesis to proposal 1 in both orders ({first:?} vs {second:?}, 2 = the synthesis): proposal 1 stands"
+                    );
+                    (anchor.0.clone(), anchor.1.clone(), Some(0), vec![first, second], reason, vec![wrote, judged])
+                }
+            }
         }
     };
     update(&mut |view| {
         view.model = answer_model.clone();
         view.generations = Some(vec![answer.clone()]);
         let e = view.ensemble.get_or_insert_with(EnsembleView::default);
-        e.stages.extend(extra.clone());
+        e.stages.extend(extra.iter().cloned());
         e.votes = votes.iter().map(|(k, c, _)| (k.clone(), *c)).collect();
         e.verdicts = verdicts.clone();
         e.chosen = chosen;
         e.reason = reason.clone();
     });
     Ok(())
+}
+
+/// Asks the judge which of `texts` answers `question` best, twice, the
+/// second time in reverse order: both verdicts as 1-based positions in
+/// `texts` (`None` where the reply names none), and the judge's stage.
+async fn judge_both_ways(
+    plan: &Plan,
+    market: &mpsc::Sender<Command>,
+    job: &Job,
+    question: &str,
+    texts: &[&str],
+) -> Result<(Option<usize>, Option<usize>, EnsembleStage), String> {
+    let forward = judge_prompt(question, texts);
+    let reversed: Vec<&str> = texts.iter().rev().copied().collect();
+    let backward = judge_prompt(question, &reversed);
+    let seed = plan.request.seed.unwrap_or(0);
+    let view = run_task(market, stage_request(plan, &plan.judge, vec![forward, backward], 0.0, seed)).await?;
+    job.receipted(&view)?;
+    let replies = answers(&view);
+    let n = texts.len();
+    let first = replies.first().and_then(|g| verdict(&g.text, n));
+    let second = replies.get(1).and_then(|g| verdict(&g.text, n)).map(|k| n + 1 - k);
+    let stage = EnsembleStage { role: "judge".into(), task: view.task.clone(), model: plan.judge.clone() };
+    Ok((first, second, stage))
+}
+
+/// Whether mixture-of-agents keeps its synthesis: only when the judge,
+/// shown [first proposal, synthesis] and then the reverse, picked the
+/// synthesis (position 2) both times.
+pub fn synthesis_kept(first: Option<usize>, second: Option<usize>) -> bool {
+    first == Some(2) && second == Some(2)
 }
 
 /// A consistent verdict between different models' proposals is an outcome
@@ -450,6 +509,18 @@ mod tests {
         // A temperature the request sets is every proposal's.
         let asked = plan(Method::Vote, request(3, Some(0.9)), &swarm()).unwrap();
         assert_eq!(asked.temperatures, [0.9; 3]);
+    }
+
+    #[test]
+    fn a_synthesis_stands_only_when_preferred_in_both_orders() {
+        assert!(synthesis_kept(Some(2), Some(2)));
+        // A judge that prefers a position, or cannot say, keeps the first
+        // proposal.
+        for (first, second) in
+            [(Some(1), Some(2)), (Some(2), Some(1)), (Some(1), Some(1)), (None, Some(2)), (Some(2), None)]
+        {
+            assert!(!synthesis_kept(first, second), "{first:?} {second:?}");
+        }
     }
 
     #[test]
