@@ -512,6 +512,12 @@ pub struct NodeArgs {
     #[arg(long, env = "MYCEL_EXTERNAL_ADDRESS", value_delimiter = ',', value_name = "MULTIADDR", value_parser = multiaddr)]
     pub external_address: Vec<Multiaddr>,
 
+    /// Connected peers to keep about [default: 32]: past a quarter more,
+    /// the least used connections close (never the gossip mesh's, relays'
+    /// or ones in use). At least 5.
+    #[arg(long, env = "MYCEL_PEERS", value_name = "N")]
+    pub peers: Option<usize>,
+
     /// Probe reachability on private addresses too (AutoNAT dials back
     /// only global ones by default). For testnets on private networks.
     #[arg(long, env = "MYCEL_PROBE_PRIVATE_ADDRESSES", hide = true)]

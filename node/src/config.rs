@@ -34,6 +34,9 @@ pub struct NodeConfig {
     pub relays: Vec<Multiaddr>,
     /// Addresses known to reach this node from outside.
     pub external_addrs: Vec<Multiaddr>,
+    /// Connected peers to keep about (the least used past a quarter more
+    /// are closed).
+    pub peers: usize,
     /// AutoNAT probes private addresses too (testnets).
     pub probe_private_addrs: bool,
     /// How often to re-publish our advert.
@@ -58,6 +61,9 @@ pub struct NodeConfig {
     pub fault: Option<crate::market::Fault>,
 }
 
+/// Connected peers a node keeps about by default.
+pub const DEFAULT_PEERS: usize = 32;
+
 /// The default API address: loopback only.
 pub const DEFAULT_API: &str = "127.0.0.1:7700";
 
@@ -73,6 +79,7 @@ impl NodeConfig {
             relay_server: false,
             relays: Vec::new(),
             external_addrs: Vec::new(),
+            peers: DEFAULT_PEERS,
             probe_private_addrs: false,
             advert_interval: Duration::from_secs(10),
             router_share_interval: Duration::from_secs(300),
@@ -137,6 +144,16 @@ impl NodeConfig {
         }
         if args.probe_private_addresses {
             c.probe_private_addrs = true;
+        }
+        if let Some(peers) = args.peers {
+            c.peers = peers;
+        }
+        if c.peers < mycel_net::PRUNE_FLOOR {
+            bail!(
+                "peers {}: a node needs at least {} connected peers for gossip to work",
+                c.peers,
+                mycel_net::PRUNE_FLOOR
+            );
         }
         if let Some(bad) = c.relays.iter().find(|a| !matches!(a.iter().last(), Some(mycel_net::Protocol::P2p(_)))) {
             bail!("relay {bad} must end with /p2p/<peer id> (the relay's id, from its log or `mycel status`)");
@@ -204,6 +221,7 @@ struct FileConfig {
     relay_server: Option<bool>,
     relays: Option<Vec<String>>,
     external_addresses: Option<Vec<String>>,
+    peers: Option<usize>,
     advert_interval: Option<String>,
     router_share_interval: Option<String>,
     models_dir: Option<PathBuf>,
@@ -247,6 +265,9 @@ impl FileConfig {
         }
         if let Some(addrs) = self.external_addresses {
             c.external_addrs = addrs.iter().map(|a| parse_multiaddr(a)).collect::<Result<_>>()?;
+        }
+        if let Some(peers) = self.peers {
+            c.peers = peers;
         }
         if let Some(interval) = self.advert_interval {
             c.advert_interval = parse_duration(&interval)?;
@@ -411,6 +432,18 @@ mod tests {
         assert!(err.to_string().contains("too short"));
         let err = NodeConfig::load(&node_args(&["--keep-finished", "0"])).unwrap_err();
         assert!(err.to_string().contains("keep-finished"), "{err}");
+        let err = NodeConfig::load(&node_args(&["--peers", "2"])).unwrap_err();
+        assert!(err.to_string().contains("at least 5 connected peers"), "{err}");
+    }
+
+    #[test]
+    fn the_peer_target_comes_from_the_flag_or_the_file() {
+        assert_eq!(NodeConfig::load(&node_args(&[])).unwrap().peers, DEFAULT_PEERS);
+        assert_eq!(NodeConfig::load(&node_args(&["--peers", "12"])).unwrap().peers, 12);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, "peers = 20\n").unwrap();
+        assert_eq!(NodeConfig::load(&node_args(&["--config", file.to_str().unwrap()])).unwrap().peers, 20);
     }
 
     #[test]

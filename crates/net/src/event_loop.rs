@@ -50,6 +50,9 @@ const JOIN_REPEAT_AFTER: Duration = Duration::from_millis(2000);
 /// Relays a node behind NAT keeps a reservation with: one more than
 /// needed, so losing one relay does not make it unreachable.
 const RELAYS_WANTED: usize = 2;
+/// After an advert expired, this long a node not connected to any bootstrap
+/// peer dials them (the swarm may have split, see `redial_bootstrap`).
+const REDIAL_AFTER_EXPIRY: Duration = Duration::from_secs(300);
 
 /// What AutoNAT found about this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -310,6 +313,14 @@ pub struct EventLoop {
     dialled: HashMap<ConnectionId, Multiaddr>,
     hole_punches_ok: u64,
     hole_punches_failed: u64,
+    /// Connected peers' use, to keep to the peer target.
+    pruner: crate::prune::Pruner,
+    /// Peers holding a reservation with our relay, and the circuits we
+    /// carry per peer: closing their connections would cut them off.
+    relay_clients: HashSet<PeerId>,
+    circuits: HashMap<PeerId, u32>,
+    /// When an advert last expired.
+    last_expiry: Option<Instant>,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -375,6 +386,7 @@ pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Ev
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
     let local = *swarm.local_peer_id();
+    let (peer_target, prune_grace) = (config.peer_target, config.prune_grace);
     let table = CapabilityTable::new(
         local,
         TableConfig { ttl: config.advert_ttl, max_skew: Duration::from_secs(30), ..TableConfig::default() },
@@ -411,6 +423,10 @@ pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Ev
         dialled: HashMap::new(),
         hole_punches_ok: 0,
         hole_punches_failed: 0,
+        pruner: crate::prune::Pruner::new(peer_target, prune_grace),
+        relay_clients: HashSet::new(),
+        circuits: HashMap::new(),
+        last_expiry: None,
     };
     event_loop.retake_fixed_relays();
     Ok((Handle { commands: cmd_tx, local }, ev_rx, event_loop))
@@ -483,6 +499,8 @@ impl EventLoop {
                     self.expire();
                     self.redial_bootstrap();
                     self.retake_fixed_relays();
+                    self.prune();
+                    self.keep_floor();
                 }
                 _ = async { tokio::time::sleep_until(republish.unwrap_or_else(Instant::now)).await },
                     if republish.is_some() => {
@@ -499,14 +517,65 @@ impl EventLoop {
         info!(peer = %self.swarm.local_peer_id(), "network stopped");
     }
 
-    /// Dials every bootstrap peer we are not connected to: after a
-    /// partition heals, this is how the two sides find each other again.
+    /// Dials the bootstrap peers when connected to none of them and the
+    /// swarm may have split (adverts expired lately) or the node is nearly
+    /// alone: after a partition heals, this is how the two sides find each
+    /// other again. Not otherwise: a bootstrap node may have closed our
+    /// connection to keep to its peer target, and redialling at once would
+    /// make it hold one to every node.
     fn redial_bootstrap(&mut self) {
-        let missing: Vec<PeerId> =
-            self.bootstrap_peers.iter().filter(|p| !self.swarm.is_connected(p)).copied().collect();
+        if self.bootstrap_peers.iter().any(|p| self.swarm.is_connected(p)) {
+            return;
+        }
+        let lonely = self.swarm.connected_peers().count() < crate::prune::FLOOR;
+        let split = self.last_expiry.is_some_and(|at| at.elapsed() < REDIAL_AFTER_EXPIRY);
+        if !lonely && !split {
+            return;
+        }
+        let missing: Vec<PeerId> = self.bootstrap_peers.iter().copied().collect();
         for peer in missing {
             if let Err(e) = self.swarm.dial(peer) {
                 debug!(%peer, error = %e, "redial of a bootstrap peer failed");
+            }
+        }
+    }
+
+    /// Closes the least used connections past the high-water mark (see
+    /// [`crate::prune`]).
+    fn prune(&mut self) {
+        // The advert mesh carries what every node must hear; the CFP
+        // topic's mesh re-forms among whoever stays connected.
+        let adverts = gossipsub::IdentTopic::new(version::ADVERT_TOPIC).hash();
+        let mut protected: HashSet<PeerId> = self.swarm.behaviour().gossipsub.mesh_peers(&adverts).copied().collect();
+        protected.extend(self.relay_listeners.keys());
+        protected.extend(&self.relay_clients);
+        protected.extend(self.circuits.keys());
+        protected.extend(self.pending_requests.values().map(|(peer, _)| *peer));
+        let closing = self.pruner.to_close(std::time::Instant::now(), |p| protected.contains(p));
+        if !closing.is_empty() {
+            debug!(closing = closing.len(), target = self.config.peer_target, "closing the least used connections");
+        }
+        for peer in closing {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    /// Under [`crate::prune::FLOOR`] connected peers (others pruned us, or
+    /// a partition healed), dials peers from the table until at it.
+    fn keep_floor(&mut self) {
+        let connected = self.swarm.connected_peers().count();
+        let Some(missing) = crate::prune::FLOOR.checked_sub(connected).filter(|m| *m > 0) else { return };
+        let local = *self.swarm.local_peer_id();
+        let known: Vec<PeerId> = self
+            .table
+            .entries()
+            .map(|e| e.peer)
+            .filter(|p| *p != local && !self.swarm.is_connected(p))
+            .take(missing)
+            .collect();
+        for peer in known {
+            if let Err(e) = self.swarm.dial(peer) {
+                debug!(%peer, error = %e, "dial to keep the floor failed");
             }
         }
     }
@@ -570,6 +639,7 @@ impl EventLoop {
                 let _ = r.send(result);
             }
             Command::Request(peer, request, r) => {
+                self.pruner.used(&peer, std::time::Instant::now());
                 let id = self.swarm.behaviour_mut().rpc.send_request(&peer, request);
                 self.pending_requests.insert(id, (peer, r));
             }
@@ -691,6 +761,7 @@ impl EventLoop {
 
     fn expire(&mut self) {
         for peer in self.table.expire(now_ms()) {
+            self.last_expiry = Some(Instant::now());
             info!(%peer, "peer advert expired");
             self.emit(Event::Expired(peer));
         }
@@ -785,6 +856,7 @@ impl EventLoop {
                     self.dialled.insert(connection_id, endpoint.get_remote_address().clone());
                 }
                 if num_established.get() == 1 {
+                    self.pruner.connected(peer_id, std::time::Instant::now());
                     if self.bootstrap_warned.remove(&peer_id) {
                         info!(peer = %peer_id, "bootstrap peer reached");
                     }
@@ -794,6 +866,7 @@ impl EventLoop {
             SwarmEvent::ConnectionClosed { connection_id, peer_id, num_established, .. } => {
                 self.dialled.remove(&connection_id);
                 if num_established == 0 {
+                    self.pruner.disconnected(&peer_id);
                     self.inbound_rate.remove(&peer_id);
                     self.relay_candidates.remove(&peer_id);
                     self.emit(Event::Disconnected(peer_id));
@@ -879,6 +952,13 @@ impl EventLoop {
                 }
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Message { propagation_source, message_id, message }) => {
+                // It forwards us others' adverts: we are in its mesh; keep
+                // it. (Its own come to every peer it has: flood publishing.)
+                if message.topic == gossipsub::IdentTopic::new(version::ADVERT_TOPIC).hash()
+                    && message.source != Some(propagation_source)
+                {
+                    self.pruner.used(&propagation_source, std::time::Instant::now());
+                }
                 let acceptance = self.on_gossip(&message);
                 let _ = self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
                     &message_id,
@@ -903,6 +983,7 @@ impl EventLoop {
                 }
             }
             BehaviourEvent::Rpc(event) => self.on_rpc(event),
+            BehaviourEvent::Relay(event) => self.on_relay_server(event),
             // A connection that stops answering pings is dead (a cut cable,
             // a partition): closing it lets both sides dial again once the
             // network is back, instead of waiting on TCP's retransmission
@@ -987,7 +1068,38 @@ impl EventLoop {
         Accept
     }
 
+    /// Keeps track of who relies on our relay.
+    fn on_relay_server(&mut self, event: relay::Event) {
+        match event {
+            relay::Event::ReservationReqAccepted { src_peer_id, .. } => {
+                self.relay_clients.insert(src_peer_id);
+            }
+            relay::Event::ReservationClosed { src_peer_id } | relay::Event::ReservationTimedOut { src_peer_id } => {
+                self.relay_clients.remove(&src_peer_id);
+            }
+            relay::Event::CircuitReqAccepted { src_peer_id, dst_peer_id } => {
+                for peer in [src_peer_id, dst_peer_id] {
+                    *self.circuits.entry(peer).or_default() += 1;
+                }
+            }
+            relay::Event::CircuitClosed { src_peer_id, dst_peer_id, .. } => {
+                for peer in [src_peer_id, dst_peer_id] {
+                    if let Some(n) = self.circuits.get_mut(&peer) {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            self.circuits.remove(&peer);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
     fn on_rpc(&mut self, event: request_response::Event<Request, Response>) {
+        if let request_response::Event::Message { peer, .. } = &event {
+            self.pruner.used(peer, std::time::Instant::now());
+        }
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request { request, channel, .. } => self.on_request(peer, request, channel),

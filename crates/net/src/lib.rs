@@ -18,6 +18,7 @@ mod behaviour;
 mod codec;
 mod event_loop;
 mod paths;
+mod prune;
 mod rate;
 pub mod table;
 
@@ -27,6 +28,7 @@ pub use behaviour::Behaviour;
 pub use event_loop::{EventLoop, Handle, PeerPaths, Reach, Reachability, TableSize, start};
 pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
+pub use prune::FLOOR as PRUNE_FLOOR;
 pub use table::{CapabilityTable, PeerEntry, TableConfig};
 
 /// Network settings. `Default` gives a node listening on TCP and QUIC on
@@ -46,6 +48,12 @@ pub struct Config {
     pub advert_ttl: Duration,
     /// Most connections held at once.
     pub max_connections: u32,
+    /// Connected peers a node keeps about; past a quarter more, the least
+    /// used are closed (see `prune`). Never under 5.
+    pub peer_target: usize,
+    /// A connection this young, or used this recently, is never closed to
+    /// keep to `peer_target`.
+    pub prune_grace: Duration,
     /// How long an unused connection stays open.
     pub idle_timeout: Duration,
     /// How long a direct request may wait for its response.
@@ -81,6 +89,8 @@ impl Default for Config {
             advert_interval: Duration::from_secs(10),
             advert_ttl: Duration::from_secs(30),
             max_connections: 256,
+            peer_target: 32,
+            prune_grace: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(300),
             request_timeout: Duration::from_secs(10),
             gossip_heartbeat: Duration::from_secs(1),
@@ -121,6 +131,14 @@ impl Config {
     /// Sets how long an unused connection stays open.
     pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle_timeout = timeout;
+        self
+    }
+
+    /// Keeps about `target` connected peers, closing the least used past a
+    /// quarter more; none younger or used more recently than `grace`.
+    pub fn with_peer_target(mut self, target: usize, grace: Duration) -> Self {
+        self.peer_target = target;
+        self.prune_grace = grace;
         self
     }
 

@@ -388,3 +388,78 @@ async fn adverts_lead_with_the_addresses_known_to_reach_the_node() {
     assert_eq!(held.advert.listen_addrs[0], public.to_string(), "{:?}", held.advert.listen_addrs);
     assert!(held.advert.listen_addrs[1].starts_with("/ip4/127.0.0.1/tcp/"), "{:?}", held.advert.listen_addrs);
 }
+
+/// With a peer target, a node closes its least used connections instead of
+/// ending up connected to the whole swarm, and nothing is lost: adverts
+/// still reach every node through the gossip mesh, and a request to a peer
+/// it closed dials that peer again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_peer_target_idle_connections_close_and_the_swarm_still_works() {
+    use mycel_protocol::rpc::{Request, Response};
+    const NODES: u8 = 24;
+    let interval = Duration::from_secs(1);
+    let bounded = |bootstrap| config(bootstrap, interval).with_peer_target(8, Duration::from_secs(2));
+    let first = start_with(1, bounded(None)).await;
+    let boot = dial_addr(&first).await;
+    let mut nodes = vec![first];
+    for seed in 2..=NODES {
+        nodes.push(start_with(seed, bounded(Some(boot.clone()))).await);
+    }
+    let everyone = usize::from(NODES) - 1;
+    let tables_full = || async {
+        for n in &nodes {
+            if n.handle.peers().await.unwrap().len() != everyone {
+                return false;
+            }
+        }
+        true
+    };
+    wait_until("every node holds all the others", Duration::from_secs(20), tables_full).await;
+    let counts = || async {
+        let mut counts = Vec::new();
+        for n in &nodes {
+            counts.push(n.handle.connected().await.unwrap().len());
+        }
+        counts
+    };
+    let before = counts().await;
+    // Target 8, so past 10 connections a node closes its least used ones
+    // (grace 2 s, checked every advert interval): a few seconds on, the
+    // swarm is no longer nearly a full mesh but near the target, the
+    // bootstrap node included (a node whose connection it closed does not
+    // dial it straight back).
+    let high_water = 10.0;
+    let mean = |c: &[usize]| c.iter().sum::<usize>() as f64 / c.len() as f64;
+    let mut after = before.clone();
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        after = counts().await;
+        if mean(&after) <= high_water && after[0] <= 2 * high_water as usize {
+            break;
+        }
+    }
+    eprintln!(
+        "connections per node: before {before:?} (mean {:.1}), after {after:?} (mean {:.1})",
+        mean(&before),
+        mean(&after)
+    );
+    assert!(mean(&after) <= high_water, "not near the target: {after:?}");
+    assert!(after[0] <= 2 * high_water as usize, "the bootstrap node holds most of the swarm: {after:?}");
+    assert!(after.iter().all(|c| *c >= mycel_net::PRUNE_FLOOR), "a node fell under the floor: {after:?}");
+    // Adverts keep flowing: three TTLs later every table is still full.
+    tokio::time::sleep(interval * 9).await;
+    wait_until("tables full after pruning", Duration::from_secs(3), tables_full).await;
+    // A node asks a peer it is no longer connected to: dialled again.
+    let asker = &nodes[NODES as usize / 2];
+    let connected = asker.handle.connected().await.unwrap();
+    let stranger = nodes.iter().map(|n| n.key.peer_id()).find(|p| *p != asker.key.peer_id() && !connected.contains(p));
+    let stranger = stranger.expect("some peer no longer connected");
+    match asker.handle.request(stranger, Request::Adverts).await.unwrap() {
+        Response::Adverts(adverts) => assert!(!adverts.is_empty()),
+        other => panic!("unexpected {other:?}"),
+    }
+    for n in nodes {
+        n.stop.cancel();
+        n.task.await.unwrap();
+    }
+}
