@@ -77,6 +77,18 @@ fn idle_timeout() -> Duration {
         .map_or(Config::default().idle_timeout, Duration::from_secs)
 }
 
+/// `MYCEL_BENCH_PEERS` and `MYCEL_BENCH_PRUNE_GRACE_S`: the peer target
+/// and the grace period of the connection pruner; a node's defaults unless
+/// set.
+fn peer_target() -> (usize, Duration) {
+    let default = Config::default();
+    let var = |name: &str| std::env::var(name).ok().and_then(|s| s.parse::<u64>().ok());
+    (
+        var("MYCEL_BENCH_PEERS").map_or(default.peer_target, |n| n as usize),
+        var("MYCEL_BENCH_PRUNE_GRACE_S").map_or(default.prune_grace, Duration::from_secs),
+    )
+}
+
 /// What one swarm size measured.
 struct Figures {
     /// After the last start until converged, and the whole run until the
@@ -112,6 +124,7 @@ async fn run(n: usize) -> Figures {
             .with_mdns(false)
             .with_advert_interval(advert_interval())
             .with_idle_timeout(idle_timeout())
+            .with_peer_target(peer_target().0, peer_target().1)
     };
     let start = |bootstrap: Vec<mycel_net::Multiaddr>| {
         let key = Keypair::generate().expect("key");
@@ -229,10 +242,13 @@ fn main() {
     let sizes = if sizes.is_empty() { vec![50, 100, 200] } else { sizes };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     println!(
-        "in-process swarm ({} cores, advert interval {} s, idle connections closed after {} s)",
+        "in-process swarm ({} cores, advert interval {} s, idle connections closed after {} s, \
+         peer target {} with a {} s grace)",
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         advert_interval().as_secs(),
-        idle_timeout().as_secs()
+        idle_timeout().as_secs(),
+        peer_target().0,
+        peer_target().1.as_secs(),
     );
     println!(
         "{:>6}  {:>22}  {:>14}  {:>16}  {:>17}  {:>14}  {:>12}",
