@@ -444,18 +444,24 @@ fn bids_for_another_cfp_model_or_signer_are_ignored() {
     assert_eq!(sim.penalised, vec![(w0, RejectReason::BadSignature)]);
 }
 
-#[test]
-fn a_late_worker_is_replaced_yet_its_result_counts_if_it_comes_first() {
+/// Two workers, one shard: worker 0 takes it, worker 1 bids after, and
+/// worker 0's deadline passes (100 ms of expected work x 4 + 5 s grace).
+/// Returns the task then, and worker 0's result, computed but not sent.
+fn worker_0_late() -> (TaskSpec, Sim, ShardResult) {
     let spec = spec(10, 10, 1);
     // No backup copies here: this is about the deadline.
     let mut sim = Sim::new(&spec, 2, Config { enough_bids: 1, straggler_factor: 1e9, ..Config::default() });
     sim.bid(0, 1);
     let award = sim.inbox.remove(&sim.peer(0)).unwrap().remove(0);
     let late = sim.result_for(0, &award, 0);
-    // Worker 1 bids late; worker 0 never answers in time.
     sim.bid(1, 1);
-    // Worker 0's deadline: 100 ms of expected work x 4 + 5 s grace.
     sim.advance(6_000);
+    (spec, sim, late)
+}
+
+#[test]
+fn a_late_worker_is_replaced_yet_its_result_counts_if_it_comes_first() {
+    let (spec, mut sim, late) = worker_0_late();
     let (w0, w1) = (sim.peer(0), sim.peer(1));
     assert!(sim.penalised.contains(&(w0, RejectReason::Late)));
     let replacement = sim.inbox.remove(&w1).expect("re-awarded to the other worker").remove(0);
@@ -472,13 +478,7 @@ fn a_late_worker_is_replaced_yet_its_result_counts_if_it_comes_first() {
 
 #[test]
 fn a_late_result_after_the_replacements_is_answered_as_complete() {
-    let spec = spec(10, 10, 1);
-    let mut sim = Sim::new(&spec, 2, Config { enough_bids: 1, straggler_factor: 1e9, ..Config::default() });
-    sim.bid(0, 1);
-    let award = sim.inbox.remove(&sim.peer(0)).unwrap().remove(0);
-    let late = sim.result_for(0, &award, 0);
-    sim.bid(1, 1);
-    sim.advance(6_000);
+    let (spec, mut sim, late) = worker_0_late();
     sim.run_all();
     check_output(&sim, &spec);
     assert_eq!(sim.requester.executors(), vec![Some(sim.peer(1))]);

@@ -2,9 +2,10 @@
 //! TCP on 127.0.0.1, each bootstrapping from the first. Measures the time
 //! from the last node's start until every node holds every other node's
 //! advert (when the last advert arrived, by the nodes' clock), and the whole
-//! run from the first start until the poll saw it. Then, what a node costs
-//! as the swarm grows: connections per node, adverts and mycel bytes each
-//! node receives per minute of idling, the process's memory per node, and
+//! run from the first start until the poll saw it. Then, once connections
+//! had time to be pruned (the pruner's grace and two advert intervals), what
+//! a node costs as the swarm grows: connections per node, adverts and mycel
+//! bytes each node receives per minute of idling, the process's memory per node, and
 //! how long a requester joining the settled swarm takes to know three
 //! workers for a model one node in ten serves.
 //!
@@ -187,6 +188,9 @@ async fn run(n: usize) -> Figures {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
 
+    // Settle: connections opened while joining are closed only once older
+    // than the pruner's grace period, at an advert tick.
+    tokio::time::sleep(peer_target().1 + advert_interval() * 2).await;
     // Idle: what each node receives while nothing happens but adverts.
     let counts = |m: &[Arc<Metrics>]| -> (u64, u64) {
         m.iter()
