@@ -303,9 +303,10 @@ pub struct Requester {
     /// their execution would cost. Late is not wrong: a loaded machine
     /// finishes late, and when its result comes before anyone else's it is
     /// accepted (and paid for, so the charge still counts against the
-    /// budget). While one is awaited the task does not give up for want
-    /// of bids. Not journaled: after a restart their results are answered
-    /// as late.
+    /// budget), without penalty; the penalty comes when another's result
+    /// decides the shard first or the task fails. While one is awaited the
+    /// task does not give up for want of bids. Not journaled: after a
+    /// restart their results are answered as late.
     #[serde(skip)]
     late: BTreeMap<(u32, PublicKey), u64>,
     rounds_without_bids: u32,
@@ -706,9 +707,11 @@ impl Requester {
             Event::Timer(Timer::ShardDeadline { shard, peer, since_ms }) => {
                 let still = self.shards.get(shard as usize).is_some_and(|s| s.running.contains(&peer));
                 if still && self.current_award(shard, peer, since_ms) {
+                    // Penalised only if someone else's result decides the
+                    // shard first, or the task ends without its result.
                     let charge = self.charges.get(&(shard, peer)).copied().unwrap_or(0);
                     self.late.insert((shard, peer), charge);
-                    self.drop_executor(now_ms, shard, peer, Some(RejectReason::Late), &mut out);
+                    self.drop_executor(now_ms, shard, peer, None, &mut out);
                 }
             }
             Event::Timer(Timer::Reopen) => {
@@ -1213,8 +1216,13 @@ impl Requester {
         // Anyone still running it (a backup copy) is freed; its result will
         // be answered AlreadyComplete.
         let still: Vec<PublicKey> = std::mem::take(&mut state.running).into_iter().collect();
-        // Nor is a late executor awaited any more.
-        self.late.retain(|(shard, _), _| *shard != index as u32);
+        // Nor is a late executor awaited any more: it was late, and lost.
+        let lost: Vec<PublicKey> =
+            self.late.keys().filter(|(shard, _)| *shard == index as u32).map(|(_, peer)| *peer).collect();
+        for peer in lost {
+            self.late.remove(&(index as u32, peer));
+            out.push(Action::Penalise { peer, reason: RejectReason::Late });
+        }
         for peer in still {
             self.charges.remove(&(index as u32, peer));
             if let Some(set) = self.busy.get_mut(&peer) {
@@ -1292,6 +1300,10 @@ impl Requester {
     }
 
     fn fail(&mut self, reason: String, out: &mut Vec<Action>) {
+        // Executors past their deadline never delivered.
+        for (_, peer) in std::mem::take(&mut self.late).into_keys() {
+            out.push(Action::Penalise { peer, reason: RejectReason::Late });
+        }
         self.phase = Phase::Failed;
         self.failure = Some(reason.clone());
         out.push(Action::Persist);
