@@ -8,13 +8,15 @@
 //! quarter), the connections least worth keeping are closed, down to the
 //! target, as go-libp2p's connection manager does.
 //!
-//! Never closed, whatever the count: peers the caller protects (our gossip
-//! mesh, bootstrap peers, relays and the peers relaying through us, peers
-//! with requests in flight), peers that forwarded us gossip within the grace
-//! period (they hold us in *their* mesh: mesh membership is not always
-//! symmetric, and dropping such a link from both ends can leave a node with
-//! no path for its adverts), and connections younger than the grace period
-//! or used within it. Of the rest, the longest unused go first.
+//! Never closed, whatever the count: peers the caller protects (our advert
+//! mesh, relays and the peers relaying through us, peers with requests in
+//! flight) and connections younger than the grace period or used within
+//! it, where forwarding us others' adverts counts as use (such a peer holds
+//! us in *its* mesh: mesh membership is not always symmetric, and dropping
+//! such a link from both ends can leave a node with no path for its
+//! adverts). Bootstrap peers are not spared: a bootstrap node would
+//! otherwise hold a connection to every node. Of the rest, the longest
+//! unused go first.
 //!
 //! Below [`FLOOR`] connections a node dials known peers (see
 //! `EventLoop::keep_floor`), so what others prune never leaves it alone.
