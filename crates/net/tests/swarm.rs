@@ -397,7 +397,9 @@ async fn adverts_lead_with_the_addresses_known_to_reach_the_node() {
 async fn past_the_peer_target_idle_connections_close_and_the_swarm_still_works() {
     use mycel_protocol::rpc::{Request, Response};
     const NODES: u8 = 24;
-    let interval = Duration::from_secs(1);
+    // Adverts every 2 s, so a TTL of 6 s: loose enough for a loaded CI
+    // machine running 24 nodes on two threads.
+    let interval = Duration::from_secs(2);
     let bounded = |bootstrap| config(bootstrap, interval).with_peer_target(8, Duration::from_secs(2));
     let first = start_with(1, bounded(None)).await;
     let boot = dial_addr(&first).await;
@@ -414,7 +416,7 @@ async fn past_the_peer_target_idle_connections_close_and_the_swarm_still_works()
         }
         true
     };
-    wait_until("every node holds all the others", Duration::from_secs(20), tables_full).await;
+    wait_until("every node holds all the others", Duration::from_secs(30), tables_full).await;
     let counts = || async {
         let mut counts = Vec::new();
         for n in &nodes {
@@ -424,14 +426,14 @@ async fn past_the_peer_target_idle_connections_close_and_the_swarm_still_works()
     };
     let before = counts().await;
     // Target 8, so past 10 connections a node closes its least used ones
-    // (grace 2 s, checked every advert interval): a few seconds on, the
+    // (grace 2 s, checked every advert interval): some seconds on, the
     // swarm is no longer nearly a full mesh but near the target, the
     // bootstrap node included (a node whose connection it closed does not
     // dial it straight back).
     let high_water = 10.0;
     let mean = |c: &[usize]| c.iter().sum::<usize>() as f64 / c.len() as f64;
     let mut after = before.clone();
-    for _ in 0..40 {
+    for _ in 0..60 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         after = counts().await;
         if mean(&after) <= high_water && after[0] <= 2 * high_water as usize {
@@ -445,10 +447,16 @@ async fn past_the_peer_target_idle_connections_close_and_the_swarm_still_works()
     );
     assert!(mean(&after) <= high_water, "not near the target: {after:?}");
     assert!(after[0] <= 2 * high_water as usize, "the bootstrap node holds most of the swarm: {after:?}");
-    assert!(after.iter().all(|c| *c >= mycel_net::PRUNE_FLOOR), "a node fell under the floor: {after:?}");
-    // Adverts keep flowing: three TTLs later every table is still full.
-    tokio::time::sleep(interval * 9).await;
-    wait_until("tables full after pruning", Duration::from_secs(3), tables_full).await;
+    // A node others pruned below the floor dials back up to it at its
+    // next tick.
+    wait_until("every node at the floor or above", interval * 3, || async {
+        counts().await.iter().all(|c| *c >= mycel_net::PRUNE_FLOOR)
+    })
+    .await;
+    // Adverts keep flowing: a TTL and an interval later (every advert sent
+    // before the pruning expired by then) every table is still full.
+    tokio::time::sleep(interval * 4).await;
+    wait_until("tables full after pruning", interval * 2, tables_full).await;
     // A node asks a peer it is no longer connected to: dialled again.
     let asker = &nodes[NODES as usize / 2];
     let connected = asker.handle.connected().await.unwrap();
