@@ -62,7 +62,7 @@ pub struct NodeConfig {
 }
 
 /// Connected peers a node keeps about by default.
-pub const DEFAULT_PEERS: usize = 32;
+pub const DEFAULT_PEERS: usize = mycel_net::DEFAULT_PEER_TARGET;
 
 /// The default API address: loopback only.
 pub const DEFAULT_API: &str = "127.0.0.1:7700";

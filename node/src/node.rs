@@ -337,10 +337,10 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
         .with_bootstrap(config.bootstrap.clone())
         .with_mdns(config.mdns)
         .with_advert_interval(config.advert_interval)
-        .with_peer_target(config.peers, mycel_net::Config::default().prune_grace)
         .with_metrics(metrics.clone());
     let net_config = mycel_net::Config {
         relay_server: config.relay_server,
+        peer_target: config.peers,
         relays: config.relays.clone(),
         external_addrs: config.external_addrs.clone(),
         autonat_global_only: !config.probe_private_addrs,

@@ -118,6 +118,7 @@ fn rss_mib() -> f64 {
 
 async fn run(n: usize) -> Figures {
     let stop = CancellationToken::new();
+    let (peers, grace) = peer_target();
     let config = |bootstrap: Vec<mycel_net::Multiaddr>| {
         Config::default()
             .with_listen(vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")])
@@ -125,7 +126,7 @@ async fn run(n: usize) -> Figures {
             .with_mdns(false)
             .with_advert_interval(advert_interval())
             .with_idle_timeout(idle_timeout())
-            .with_peer_target(peer_target().0, peer_target().1)
+            .with_peer_target(peers, grace)
     };
     let start = |bootstrap: Vec<mycel_net::Multiaddr>| {
         let key = Keypair::generate().expect("key");
@@ -190,7 +191,7 @@ async fn run(n: usize) -> Figures {
 
     // Settle: connections opened while joining are closed only once older
     // than the pruner's grace period, at an advert tick.
-    tokio::time::sleep(peer_target().1 + advert_interval() * 2).await;
+    tokio::time::sleep(grace + advert_interval() * 2).await;
     // Idle: what each node receives while nothing happens but adverts.
     let counts = |m: &[Arc<Metrics>]| -> (u64, u64) {
         m.iter()

@@ -692,8 +692,11 @@ impl EventLoop {
             if self.relay_listeners.contains_key(&peer) {
                 continue;
             }
-            if let Ok(id) = self.swarm.listen_on(relay.clone().with(Protocol::P2pCircuit)) {
-                self.relay_listeners.insert(peer, id);
+            match self.swarm.listen_on(relay.clone().with(Protocol::P2pCircuit)) {
+                Ok(id) => {
+                    self.relay_listeners.insert(peer, id);
+                }
+                Err(e) => debug!(%relay, error = %e, "cannot listen through a named relay"),
             }
         }
     }

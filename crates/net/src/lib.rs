@@ -29,6 +29,9 @@ pub use event_loop::{EventLoop, Handle, PeerPaths, Reach, Reachability, TableSiz
 pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
 pub use prune::FLOOR as PRUNE_FLOOR;
+
+/// Connected peers a node keeps about unless told otherwise.
+pub const DEFAULT_PEER_TARGET: usize = 32;
 pub use table::{CapabilityTable, PeerEntry, TableConfig};
 
 /// Network settings. `Default` gives a node listening on TCP and QUIC on
@@ -89,7 +92,7 @@ impl Default for Config {
             advert_interval: Duration::from_secs(10),
             advert_ttl: Duration::from_secs(30),
             max_connections: 256,
-            peer_target: 32,
+            peer_target: DEFAULT_PEER_TARGET,
             prune_grace: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(300),
             request_timeout: Duration::from_secs(10),

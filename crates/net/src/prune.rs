@@ -98,13 +98,21 @@ mod tests {
         (0..n).map(|_| PeerId::random()).collect()
     }
 
+    /// A pruner of `target` and `grace` (s) with `n` peers connected at
+    /// `start`.
+    fn connected(n: usize, target: usize, grace: u64, start: Instant) -> (Pruner, Vec<PeerId>) {
+        let mut pruner = Pruner::new(target, Duration::from_secs(grace));
+        let all = peers(n);
+        for p in &all {
+            pruner.connected(*p, start);
+        }
+        (pruner, all)
+    }
+
     #[test]
     fn nothing_closes_at_or_under_the_high_water_mark() {
         let start = Instant::now();
-        let mut pruner = Pruner::new(8, Duration::from_secs(1));
-        for p in peers(10) {
-            pruner.connected(p, start);
-        }
+        let (pruner, _) = connected(10, 8, 1, start);
         assert_eq!(pruner.high_water(), 10);
         assert!(pruner.to_close(start + Duration::from_secs(60), |_| false).is_empty());
     }
@@ -112,12 +120,7 @@ mod tests {
     #[test]
     fn past_it_the_longest_unused_go_down_to_the_target_sparing_the_protected_and_the_recent() {
         let start = Instant::now();
-        let grace = Duration::from_secs(10);
-        let mut pruner = Pruner::new(8, grace);
-        let all = peers(14);
-        for p in &all {
-            pruner.connected(*p, start);
-        }
+        let (mut pruner, all) = connected(14, 8, 10, start);
         // Peer i was last used i seconds after the start; 13 just now.
         let now = start + Duration::from_secs(30);
         for (i, p) in all.iter().enumerate() {
@@ -134,10 +137,7 @@ mod tests {
     #[test]
     fn young_connections_are_kept_even_past_the_mark() {
         let start = Instant::now();
-        let mut pruner = Pruner::new(5, Duration::from_secs(10));
-        for p in peers(12) {
-            pruner.connected(p, start);
-        }
+        let (pruner, _) = connected(12, 5, 10, start);
         assert!(pruner.to_close(start + Duration::from_secs(5), |_| false).is_empty());
         assert_eq!(pruner.to_close(start + Duration::from_secs(11), |_| false).len(), 7);
     }
