@@ -87,7 +87,7 @@ pub fn task(data: &[u8]) -> usize {
 pub fn request(data: &[u8]) -> usize {
     let Ok(request) = Request::decode(data) else { return 0 };
     1 + match request {
-        Request::Adverts | Request::RouterOutcomes => 0,
+        Request::Adverts | Request::RouterOutcomes | Request::OwnAdvert => 0,
         Request::Market(m) => match *m {
             Market::Cfp(s) => usize::from(s.verify().is_ok()),
             Market::Bid(s) => usize::from(s.verify().is_ok()),

@@ -22,6 +22,11 @@ pub enum Request {
     /// "Send me what your model router learned": answered at once with
     /// [`Response::RouterOutcomes`] (its latest signed share) or `Refused`.
     RouterOutcomes,
+    /// "Send me your own advert": answered with [`Response::Adverts`]
+    /// holding the signed advert it last published (empty before the
+    /// first). How a node that found a provider in the DHT learns what it
+    /// serves, without taking the provider's whole table.
+    OwnAdvert,
 }
 
 impl Request {

@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::behaviour::{Behaviour, BehaviourConfig, BehaviourEvent};
 use crate::table::{CapabilityTable, PeerEntry, Refused, TableConfig, Via};
-use crate::{Config, Event, NetError, RequestError, now_ms};
+use crate::{AdvertScope, Config, Event, ModelKey, NetError, RequestError, now_ms};
 
 /// Commands queued for the loop; beyond this, callers wait.
 const COMMAND_QUEUE: usize = 256;
@@ -53,6 +53,35 @@ const RELAYS_WANTED: usize = 2;
 /// After an advert expired, this long a node not connected to any bootstrap
 /// peer dials them (the swarm may have split, see `redial_bootstrap`).
 const REDIAL_AFTER_EXPIRY: Duration = Duration::from_secs(300);
+
+/// A node's table knowing fewer workers than this for a model it is asked
+/// for looks up more in the DHT.
+const LOOKUP_BELOW: usize = 3;
+/// Providers a lookup asks for their advert, at most.
+const LOOKUP_ASK: usize = 16;
+/// One DHT lookup per model this often, at most: a model served by fewer
+/// than [`LOOKUP_BELOW`] nodes would otherwise cost one per request.
+const LOOKUP_EVERY: Duration = Duration::from_secs(30);
+/// Keys whose last lookup is remembered (for [`LOOKUP_EVERY`]).
+const LOOKUPS_REMEMBERED: usize = 1024;
+/// With [`AdvertScope::Used`], a model not asked for this long is no
+/// longer listened to.
+const USE_IDLE: Duration = Duration::from_secs(600);
+/// Model advert topics a node listens to at most: adverts name models
+/// freely, and each topic costs a gossip mesh.
+const MODEL_TOPICS: usize = 256;
+
+/// A search for the workers of a model: a DHT lookup, then one advert
+/// request to each provider found.
+struct Lookup {
+    key: ModelKey,
+    want: usize,
+    asked: HashSet<PeerId>,
+    /// Advert requests not answered yet.
+    outstanding: usize,
+    query_done: bool,
+    replies: Vec<Reply<Vec<PeerEntry>>>,
+}
 
 /// What AutoNAT found about this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +157,7 @@ enum Command {
     Dial(Multiaddr, Reply<Result<(), NetError>>),
     Request(PeerId, Request, Reply<Result<Response, RequestError>>),
     FindProviders(Digest, Reply<Result<Vec<PeerId>, NetError>>),
+    FindWorkers(ModelKey, usize, Reply<Vec<PeerEntry>>),
     /// Bytes for a gossip topic, already checked (or deliberately not).
     Publish(&'static str, Vec<u8>),
     /// What to answer peers asking for our router's outcomes.
@@ -234,6 +264,15 @@ impl Handle {
         self.call(|r| Command::FindProviders(model, r)).await?
     }
 
+    /// The peers serving a model, from the table; when it knows fewer than
+    /// a few, also from a lookup of provider records in the DHT, each
+    /// provider found asked for its advert. Waits for the lookup only while
+    /// the table knows fewer than `want`. Marks the model used: with
+    /// [`AdvertScope::Used`] the node listens to its adverts from now on.
+    pub async fn find_workers(&self, model: ModelKey, want: usize) -> Result<Vec<PeerEntry>, NetError> {
+        self.call(|r| Command::FindWorkers(model, want, r)).await
+    }
+
     /// Publishes a signed call for proposals on the CFP gossip topic, for
     /// workers the requester does not know directly.
     pub async fn publish_cfp(&self, cfp: &Signed<Cfp>) -> Result<(), NetError> {
@@ -263,6 +302,18 @@ pub struct EventLoop {
     advert: Option<Advert>,
     /// The advert as last published (seq, timestamp, addresses filled in).
     published: Option<Advert>,
+    /// The same, signed, for peers that ask for it.
+    published_signed: Option<Signed<Advert>>,
+    /// Model advert topics we listen to.
+    model_topics: HashSet<String>,
+    /// With [`AdvertScope::Used`]: the models asked for, and when last.
+    used: HashMap<Digest, Instant>,
+    /// When each key was last looked up in the DHT.
+    looked_up: HashMap<ModelKey, Instant>,
+    /// Worker lookups in progress, by DHT query.
+    lookups: HashMap<kad::QueryId, Lookup>,
+    /// Advert requests to the providers a lookup found.
+    lookup_requests: HashMap<OutboundRequestId, kad::QueryId>,
     /// Sequence number of the last advert; starts from the wall clock so a
     /// restarted node's adverts supersede its old ones.
     last_seq: u64,
@@ -270,8 +321,8 @@ pub struct EventLoop {
     listen_addrs: Vec<Multiaddr>,
     /// When to re-publish early (a peer joined); `None` when not planned.
     republish_at: Option<Instant>,
-    /// Model digests we announced as provider records.
-    providing: HashSet<Digest>,
+    /// Provider record keys we announced.
+    providing: HashSet<Vec<u8>>,
     /// Peers we asked for their adverts (at most [`SYNC_PEERS`]).
     synced: HashSet<PeerId>,
     /// Whether an advert of ours has reached at least one peer; until
@@ -365,7 +416,10 @@ pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Ev
     if let Some(relay) = config.relays.iter().find(|r| !matches!(r.iter().last(), Some(Protocol::P2p(_)))) {
         return Err(NetError::Listen { addr: relay.clone(), reason: "a relay's address ends with /p2p/<id>".into() });
     }
-    for topic in [version::ADVERT_TOPIC, version::CFP_TOPIC] {
+    // A node listening only to the models it uses subscribes to their
+    // topics as it uses them (`Handle::find_workers`).
+    let general = (config.advert_scope == AdvertScope::All).then_some(version::ADVERT_TOPIC);
+    for topic in general.into_iter().chain([version::CFP_TOPIC]) {
         let topic = gossipsub::IdentTopic::new(topic);
         swarm.behaviour_mut().gossipsub.subscribe(&topic).map_err(|e| NetError::Setup(format!("subscribe: {e}")))?;
     }
@@ -400,6 +454,12 @@ pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Ev
         table,
         advert: None,
         published: None,
+        published_signed: None,
+        model_topics: HashSet::new(),
+        used: HashMap::new(),
+        looked_up: HashMap::new(),
+        lookups: HashMap::new(),
+        lookup_requests: HashMap::new(),
         last_seq: 0,
         listen_addrs: Vec::new(),
         republish_at: None,
@@ -501,6 +561,7 @@ impl EventLoop {
                     self.retake_fixed_relays();
                     self.prune();
                     self.keep_floor();
+                    self.forget_unused();
                 }
                 _ = async { tokio::time::sleep_until(republish.unwrap_or_else(Instant::now)).await },
                     if republish.is_some() => {
@@ -543,10 +604,15 @@ impl EventLoop {
     /// Closes the least used connections past the high-water mark (see
     /// [`crate::prune`]).
     fn prune(&mut self) {
-        // The advert mesh carries what every node must hear; the CFP
+        // The advert meshes carry what every node must hear; the CFP
         // topic's mesh re-forms among whoever stays connected.
-        let adverts = gossipsub::IdentTopic::new(version::ADVERT_TOPIC).hash();
-        let mut protected: HashSet<PeerId> = self.swarm.behaviour().gossipsub.mesh_peers(&adverts).copied().collect();
+        let gossip = &self.swarm.behaviour().gossipsub;
+        let mut protected: HashSet<PeerId> = gossip
+            .topics()
+            .filter(|t| version::is_advert_topic(t.as_str()))
+            .flat_map(|t| gossip.mesh_peers(t))
+            .copied()
+            .collect();
         protected.extend(self.relay_listeners.keys());
         protected.extend(&self.relay_clients);
         protected.extend(self.circuits.keys());
@@ -643,6 +709,7 @@ impl EventLoop {
                 let id = self.swarm.behaviour_mut().rpc.send_request(&peer, request);
                 self.pending_requests.insert(id, (peer, r));
             }
+            Command::FindWorkers(key, want, r) => self.find_workers(key, want, r),
             Command::FindProviders(model, r) => {
                 let id = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&model.0));
                 self.pending_providers.insert(id, (HashSet::new(), r));
@@ -701,14 +768,134 @@ impl EventLoop {
         }
     }
 
-    /// Announces provider records for models we did not announce yet.
+    /// Announces provider records for models we did not announce yet: by
+    /// weights, by id and by kind (see [`ModelKey`]).
     fn provide_models(&mut self, advert: &Advert) {
         for model in &advert.models {
-            if self.providing.insert(model.weights)
-                && let Err(e) = self.swarm.behaviour_mut().kad.start_providing(kad::RecordKey::new(&model.weights.0))
-            {
-                warn!(model = %model.id, error = %e, "cannot announce model in the DHT");
+            for key in ModelKey::of(model) {
+                let key = key.record_key();
+                if self.providing.insert(key.clone())
+                    && let Err(e) = self.swarm.behaviour_mut().kad.start_providing(kad::RecordKey::new(&key))
+                {
+                    warn!(model = %model.id, error = %e, "cannot announce model in the DHT");
+                }
             }
+        }
+    }
+
+    fn listen_to(&mut self, topic: String) {
+        if self.model_topics.contains(&topic) {
+            return;
+        }
+        if self.model_topics.len() >= MODEL_TOPICS {
+            debug!(%topic, "too many model topics; not listening to another");
+            return;
+        }
+        match self.swarm.behaviour_mut().gossipsub.subscribe(&gossipsub::IdentTopic::new(topic.clone())) {
+            Ok(_) => {
+                self.model_topics.insert(topic);
+            }
+            Err(e) => debug!(%topic, error = %e, "cannot subscribe"),
+        }
+    }
+
+    /// With [`AdvertScope::Used`], listens to the adverts of the models a
+    /// key names (those the table knows).
+    fn mark_used(&mut self, key: &ModelKey) {
+        if self.config.advert_scope != AdvertScope::Used {
+            return;
+        }
+        let mut models: HashSet<Digest> =
+            self.table.entries().flat_map(|e| &e.advert.models).filter(|m| key.matches(m)).map(|m| m.weights).collect();
+        if let ModelKey::Weights(d) = key {
+            models.insert(*d);
+        }
+        let now = Instant::now();
+        for model in models {
+            self.used.insert(model, now);
+            self.listen_to(version::model_advert_topic(&model));
+        }
+    }
+
+    /// With [`AdvertScope::Used`], stops listening to models not asked for
+    /// in [`USE_IDLE`]; forgets old lookups.
+    fn forget_unused(&mut self) {
+        let idle: Vec<Digest> = self.used.iter().filter(|(_, at)| at.elapsed() >= USE_IDLE).map(|(d, _)| *d).collect();
+        for model in idle {
+            self.used.remove(&model);
+            let topic = version::model_advert_topic(&model);
+            if self.model_topics.remove(&topic) {
+                let _ = self.swarm.behaviour_mut().gossipsub.unsubscribe(&gossipsub::IdentTopic::new(topic));
+            }
+        }
+        self.looked_up.retain(|_, at| at.elapsed() < LOOKUP_EVERY);
+    }
+
+    /// The table's peers serving a model.
+    fn workers_of(&self, key: &ModelKey) -> Vec<PeerEntry> {
+        self.table.entries().filter(|e| e.advert.models.iter().any(|m| key.matches(m))).cloned().collect()
+    }
+
+    fn find_workers(&mut self, key: ModelKey, want: usize, reply: Reply<Vec<PeerEntry>>) {
+        self.mark_used(&key);
+        let known = self.workers_of(&key);
+        let mut reply = Some(reply);
+        if known.len() >= want {
+            let _ = reply.take().map(|r| r.send(known.clone()));
+        }
+        if let Some(lookup) = self.lookups.values_mut().find(|l| l.key == key) {
+            lookup.replies.extend(reply);
+            return;
+        }
+        let recent = self.looked_up.get(&key).is_some_and(|at| at.elapsed() < LOOKUP_EVERY);
+        if known.len() >= LOOKUP_BELOW || recent || self.looked_up.len() >= LOOKUPS_REMEMBERED {
+            let _ = reply.map(|r| r.send(known));
+            return;
+        }
+        self.looked_up.insert(key.clone(), Instant::now());
+        let id = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&key.record_key()));
+        let replies = reply.into_iter().collect();
+        self.lookups
+            .insert(id, Lookup { key, want, asked: HashSet::new(), outstanding: 0, query_done: false, replies });
+    }
+
+    /// Providers found by a lookup: each is asked for its advert, while
+    /// the query still holds the addresses it learned for them.
+    fn on_lookup(&mut self, id: kad::QueryId, result: kad::GetProvidersResult, last: bool) {
+        let local = *self.swarm.local_peer_id();
+        let Some(lookup) = self.lookups.get_mut(&id) else { return };
+        let failed = result.is_err();
+        if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result {
+            for peer in providers {
+                if peer != local && lookup.asked.len() < LOOKUP_ASK && lookup.asked.insert(peer) {
+                    let request = self.swarm.behaviour_mut().rpc.send_request(&peer, Request::OwnAdvert);
+                    self.lookup_requests.insert(request, id);
+                    lookup.outstanding += 1;
+                }
+            }
+        }
+        lookup.query_done |= last || failed;
+        self.finish_lookup(id);
+    }
+
+    /// Answers a lookup once the table knows enough workers, or nothing
+    /// more will come.
+    fn finish_lookup(&mut self, id: kad::QueryId) {
+        let Some(lookup) = self.lookups.get(&id) else { return };
+        let found = self.workers_of(&lookup.key);
+        if found.len() < lookup.want && !(lookup.query_done && lookup.outstanding == 0) {
+            return;
+        }
+        let Some(lookup) = self.lookups.remove(&id) else { return };
+        debug!(key = ?lookup.key, found = found.len(), asked = lookup.asked.len(), "worker lookup done");
+        self.mark_used(&lookup.key);
+        for reply in lookup.replies {
+            let _ = reply.send(found.clone());
+        }
+        if !lookup.query_done
+            && let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id)
+        {
+            query.finish();
         }
     }
 
@@ -721,26 +908,36 @@ impl EventLoop {
         advert.timestamp_ms = now;
         advert.listen_addrs =
             self.dialable_addrs().iter().take(limits::ADDRS_PER_ADVERT).map(ToString::to_string).collect();
-        let bytes = match Signed::sign(&self.key, &advert).and_then(|s| s.encode()) {
-            Ok(b) => b,
+        let (signed, bytes) = match Signed::sign(&self.key, &advert).and_then(|s| s.encode().map(|b| (s, b))) {
+            Ok(signed) => signed,
             Err(e) => {
                 warn!(error = %e, "cannot encode our advert; not published");
                 return;
             }
         };
+        self.published_signed = Some(signed);
+        // To the general topic, for the nodes that listen to every advert,
+        // and to each served model's, for those that listen to the models
+        // they use (where none is connected, that publish costs nothing).
+        let mut topics = vec![version::ADVERT_TOPIC.to_string()];
+        topics.extend(advert.models.iter().map(|m| version::model_advert_topic(&m.weights)));
         self.published = Some(advert);
         let size = bytes.len() as u64;
-        match self.swarm.behaviour_mut().gossipsub.publish(gossipsub::IdentTopic::new(version::ADVERT_TOPIC), bytes) {
-            Ok(_) => {
-                self.config.metrics.bytes_out.add(size);
-                if !self.advert_delivered {
-                    self.advert_delivered = true;
-                    self.republish_at = Some(Instant::now() + JOIN_REPEAT_AFTER);
+        let mut delivered = false;
+        for topic in topics {
+            match self.swarm.behaviour_mut().gossipsub.publish(gossipsub::IdentTopic::new(topic), bytes.clone()) {
+                Ok(_) => {
+                    self.config.metrics.bytes_out.add(size);
+                    delivered = true;
                 }
+                // No peer on the topic yet: the next tick or join retries.
+                Err(gossipsub::PublishError::NoPeersSubscribedToTopic | gossipsub::PublishError::AllQueuesFull(_)) => {}
+                Err(e) => debug!(error = %e, "advert not published"),
             }
-            // No peer on the topic yet: the next tick or join retries.
-            Err(gossipsub::PublishError::NoPeersSubscribedToTopic | gossipsub::PublishError::AllQueuesFull(_)) => {}
-            Err(e) => debug!(error = %e, "advert not published"),
+        }
+        if delivered && !self.advert_delivered {
+            self.advert_delivered = true;
+            self.republish_at = Some(Instant::now() + JOIN_REPEAT_AFTER);
         }
     }
 
@@ -957,9 +1154,7 @@ impl EventLoop {
             BehaviourEvent::Gossipsub(gossipsub::Event::Message { propagation_source, message_id, message }) => {
                 // It forwards us others' adverts: we are in its mesh; keep
                 // it. (Its own come to every peer it has: flood publishing.)
-                if message.topic == gossipsub::IdentTopic::new(version::ADVERT_TOPIC).hash()
-                    && message.source != Some(propagation_source)
-                {
+                if version::is_advert_topic(message.topic.as_str()) && message.source != Some(propagation_source) {
                     self.pruner.used(&propagation_source, std::time::Instant::now());
                 }
                 let acceptance = self.on_gossip(&message);
@@ -980,7 +1175,12 @@ impl EventLoop {
                 if !self.advert_delivered && self.republish_at.is_none() {
                     self.republish_at = Some(Instant::now() + REPUBLISH_DEBOUNCE);
                 }
-                if self.synced.len() < SYNC_PEERS && self.synced.insert(peer_id) {
+                // (A node listening to the models it uses only takes no
+                // one's whole table.)
+                if self.config.advert_scope == AdvertScope::All
+                    && self.synced.len() < SYNC_PEERS
+                    && self.synced.insert(peer_id)
+                {
                     let id = self.swarm.behaviour_mut().rpc.send_request(&peer_id, Request::Adverts);
                     self.sync_requests.insert(id);
                 }
@@ -1008,7 +1208,7 @@ impl EventLoop {
         if message.topic == gossipsub::IdentTopic::new(version::CFP_TOPIC).hash() {
             return self.on_gossip_cfp(message);
         }
-        if message.topic != gossipsub::IdentTopic::new(version::ADVERT_TOPIC).hash() {
+        if !version::is_advert_topic(message.topic.as_str()) {
             return Ignore;
         }
         let signed = match Signed::<Advert>::decode(&message.data) {
@@ -1109,6 +1309,8 @@ impl EventLoop {
                 request_response::Message::Response { request_id, response } => {
                     if self.sync_requests.remove(&request_id) {
                         self.on_sync_response(peer, response);
+                    } else if let Some(lookup) = self.lookup_requests.remove(&request_id) {
+                        self.on_lookup_response(peer, lookup, Some(response));
                     } else if let Some((_, reply)) = self.pending_requests.remove(&request_id) {
                         let _ = reply.send(Ok(response));
                     }
@@ -1117,6 +1319,9 @@ impl EventLoop {
             request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
                 if self.sync_requests.remove(&request_id) {
                     debug!(%peer, %error, "advert sync failed");
+                } else if let Some(lookup) = self.lookup_requests.remove(&request_id) {
+                    debug!(%peer, %error, "a provider's advert could not be fetched");
+                    self.on_lookup_response(peer, lookup, None);
                 } else if let Some((_, reply)) = self.pending_requests.remove(&request_id) {
                     let _ = reply.send(Err(RequestError::Failed { peer, reason: error.to_string() }));
                 }
@@ -1155,6 +1360,7 @@ impl EventLoop {
             Request::Adverts => Response::Adverts(
                 self.table.entries().take(limits::ADVERTS_PER_SYNC).map(|e| e.signed.clone()).collect(),
             ),
+            Request::OwnAdvert => Response::Adverts(self.published_signed.iter().cloned().collect()),
             Request::RouterOutcomes => match &self.router_share {
                 Some(share) => Response::RouterOutcomes(share.clone()),
                 None => Response::Refused("no router outcomes to share".into()),
@@ -1174,6 +1380,24 @@ impl EventLoop {
             let id = self.swarm.behaviour_mut().rpc.send_request(&peer, Request::Adverts);
             self.sync_requests.insert(id);
         }
+    }
+
+    /// A provider's advert, asked for by a lookup (`None`: it failed).
+    fn on_lookup_response(&mut self, peer: PeerId, lookup: kad::QueryId, response: Option<Response>) {
+        if let Some(Response::Adverts(adverts)) = response {
+            // Its own advert, nobody else's: what else it sends is dropped.
+            for signed in adverts.into_iter().filter(|s| s.signer().to_peer_id() == peer).take(1) {
+                if let Err(refused) = self.admit(signed, Via::Sync)
+                    && refused.is_misbehaviour()
+                {
+                    self.emit(Event::Misbehaviour { peer, reason: refused.to_string() });
+                }
+            }
+        }
+        if let Some(l) = self.lookups.get_mut(&lookup) {
+            l.outstanding = l.outstanding.saturating_sub(1);
+        }
+        self.finish_lookup(lookup);
     }
 
     fn on_sync_response(&mut self, peer: PeerId, response: Response) {
@@ -1197,6 +1421,9 @@ impl EventLoop {
 
     fn on_kad_query(&mut self, id: kad::QueryId, result: kad::QueryResult, last: bool) {
         let kad::QueryResult::GetProviders(result) = result else { return };
+        if self.lookups.contains_key(&id) {
+            return self.on_lookup(id, result, last);
+        }
         let Some((found, _)) = self.pending_providers.get_mut(&id) else { return };
         let error = match result {
             Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {

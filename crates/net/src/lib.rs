@@ -32,6 +32,80 @@ pub use prune::FLOOR as PRUNE_FLOOR;
 
 /// Connected peers a node keeps about unless told otherwise.
 pub const DEFAULT_PEER_TARGET: usize = 32;
+
+/// Whose periodic adverts a node listens to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AdvertScope {
+    /// Every model's: the node knows the whole swarm (the dashboard, the
+    /// model list and `mycel/auto` see every model), at a cost that grows
+    /// with the swarm. Right for small swarms and for gateways.
+    #[default]
+    All,
+    /// Only the models it uses (asks for, see [`Handle::find_workers`]),
+    /// found when first needed through provider records in the DHT. A node
+    /// that only serves hears no other worker's periodic adverts, so its
+    /// idle cost does not grow with the swarm; a requester's grows with the
+    /// workers of the models it uses.
+    Used,
+}
+
+impl std::str::FromStr for AdvertScope {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "all" => Ok(AdvertScope::All),
+            "used" => Ok(AdvertScope::Used),
+            other => Err(format!("adverts: expected all or used, got {other:?}")),
+        }
+    }
+}
+
+/// What a requester asks workers for: the weights, a model's id, or any
+/// model of a kind. Each is a provider record key in the DHT.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ModelKey {
+    /// These exact weights.
+    Weights(mycel_protocol::Digest),
+    /// A model id as adverts name it (`smollm2-135m-instruct`), any case.
+    Id(String),
+    /// Any model of this kind.
+    Kind(mycel_protocol::advert::ModelKind),
+}
+
+impl ModelKey {
+    /// The key of its provider records in the DHT.
+    pub fn record_key(&self) -> Vec<u8> {
+        match self {
+            ModelKey::Weights(d) => d.0.to_vec(),
+            ModelKey::Id(id) => {
+                mycel_protocol::Digest::of_parts(&[b"mycel/model-id", id.to_ascii_lowercase().as_bytes()]).0.to_vec()
+            }
+            ModelKey::Kind(kind) => {
+                let kind = match kind {
+                    mycel_protocol::advert::ModelKind::Embedding => "embedding".to_string(),
+                    mycel_protocol::advert::ModelKind::Generation => "generation".to_string(),
+                    other => format!("{other:?}").to_ascii_lowercase(),
+                };
+                mycel_protocol::Digest::of_parts(&[b"mycel/model-kind", kind.as_bytes()]).0.to_vec()
+            }
+        }
+    }
+
+    /// Whether an advertised model is one of these.
+    pub fn matches(&self, model: &mycel_protocol::advert::ModelAdvert) -> bool {
+        match self {
+            ModelKey::Weights(d) => model.weights == *d,
+            ModelKey::Id(id) => model.id.eq_ignore_ascii_case(id),
+            ModelKey::Kind(kind) => model.kind == *kind,
+        }
+    }
+
+    /// Every key a served model is found by.
+    pub fn of(model: &mycel_protocol::advert::ModelAdvert) -> [ModelKey; 3] {
+        [ModelKey::Weights(model.weights), ModelKey::Id(model.id.clone()), ModelKey::Kind(model.kind)]
+    }
+}
 pub use table::{CapabilityTable, PeerEntry, TableConfig};
 
 /// Network settings. `Default` gives a node listening on TCP and QUIC on
@@ -76,6 +150,8 @@ pub struct Config {
     /// AutoNAT dials back global addresses only. Namespaced testnets, which
     /// use 198.18.0.0/15, turn it off.
     pub autonat_global_only: bool,
+    /// Whose periodic adverts to listen to.
+    pub advert_scope: AdvertScope,
     /// Counters the network adds to (bytes, adverts).
     pub metrics: std::sync::Arc<mycel_metrics::Metrics>,
 }
@@ -101,6 +177,7 @@ impl Default for Config {
             relays: Vec::new(),
             external_addrs: Vec::new(),
             autonat_global_only: true,
+            advert_scope: AdvertScope::All,
             metrics: std::sync::Arc::default(),
         }
     }
@@ -142,6 +219,12 @@ impl Config {
     pub fn with_peer_target(mut self, target: usize, grace: Duration) -> Self {
         self.peer_target = target;
         self.prune_grace = grace;
+        self
+    }
+
+    /// Sets whose periodic adverts the node listens to.
+    pub fn with_advert_scope(mut self, scope: AdvertScope) -> Self {
+        self.advert_scope = scope;
         self
     }
 

@@ -471,3 +471,83 @@ async fn past_the_peer_target_idle_connections_close_and_the_swarm_still_works()
         n.task.await.unwrap();
     }
 }
+
+/// An advert for node `seed` serving model `model` (weights `Digest::of(&[model])`).
+fn advert_serving(seed: u8, model: u8) -> Advert {
+    let mut advert = advert_for(seed);
+    advert.models[0].id = format!("model-{model}");
+    advert.models[0].weights = Digest::of(&[model]);
+    advert
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_used_adverts_workers_hear_no_other_workers_and_a_requester_finds_them_in_the_dht() {
+    use mycel_net::{AdvertScope, ModelKey};
+    let interval = Duration::from_secs(1);
+    let used = |bootstrap| config(bootstrap, interval).with_advert_scope(AdvertScope::Used);
+    let start_serving = |seed: u8, model: u8, config: Config| async move {
+        let node = start_with(seed, config).await;
+        node.handle.set_advert(advert_serving(seed, model)).await.unwrap();
+        node
+    };
+    // Eight workers: four serve model 100, four model 101.
+    let first = start_serving(1, 100, used(None)).await;
+    let boot = dial_addr(&first).await;
+    let mut workers = vec![first];
+    for seed in 2..=8 {
+        workers.push(start_serving(seed, if seed <= 4 { 100 } else { 101 }, used(Some(boot.clone()))).await);
+    }
+    // Their first adverts are announced to everyone; a TTL (3 s) later
+    // they are gone from every table, for no worker listens to another's
+    // periodic adverts.
+    wait_until("no worker holds another's advert", Duration::from_secs(15), || async {
+        for w in &workers {
+            if !w.handle.peers().await.unwrap().is_empty() {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    tokio::time::sleep(interval * 2).await;
+    for w in &workers {
+        assert!(w.handle.peers().await.unwrap().is_empty(), "a worker hears periodic adverts");
+    }
+
+    // A requester joins; the bootstrap node's table is empty, so the DHT is
+    // how it finds workers of model 100: by weights, then of 101 by id.
+    let requester = start_serving(20, 102, used(Some(boot))).await;
+    let serves =
+        |e: &mycel_net::PeerEntry, model: u8| e.advert.models.iter().any(|m| m.weights == Digest::of(&[model]));
+    let started = tokio::time::Instant::now();
+    let mut found = Vec::new();
+    while found.is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(10), "no worker of model 100 found");
+        found = requester.handle.find_workers(ModelKey::Weights(Digest::of(&[100])), 1).await.unwrap();
+        if found.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    eprintln!("found {} workers of model 100 in {:?}", found.len(), started.elapsed());
+    assert!(found.iter().all(|e| serves(e, 100)));
+    let by_id = requester.handle.find_workers(ModelKey::Id("MODEL-101".into()), 1).await.unwrap();
+    assert!(!by_id.is_empty() && by_id.iter().all(|e| serves(e, 101)), "{by_id:?}");
+
+    // Model 100 is used now: its workers' periodic adverts keep coming
+    // past the TTL of the ones fetched. Model 101 was used too, so the
+    // same; a model never asked for would not be.
+    tokio::time::sleep(interval * 5).await;
+    let held = requester.handle.peers().await.unwrap();
+    assert!(held.iter().any(|e| serves(e, 100)), "model 100's workers expired: {held:?}");
+    assert!(held.iter().any(|e| serves(e, 101)), "model 101's workers expired: {held:?}");
+    // The workers still hear no other worker (the requester's own
+    // announcement expired by now).
+    for w in &workers {
+        let heard = w.handle.peers().await.unwrap();
+        assert!(heard.iter().all(|e| e.peer == requester.key.peer_id()), "a worker hears workers: {heard:?}");
+    }
+    for n in workers.into_iter().chain([requester]) {
+        n.stop.cancel();
+        n.task.await.unwrap();
+    }
+}
