@@ -598,3 +598,61 @@ fn a_thousand_tasks_at_once() {
     assert!(f.refused.iter().all(|(code, _)| *code == 503), "{:?}", f.refused);
     assert!(f.accepted.len() >= 256, "{} accepted", f.accepted.len());
 }
+
+#[test]
+fn a_node_listening_only_to_the_models_it_uses_finds_their_workers_in_the_dht() {
+    // Three embedding workers; a fourth node, serving nothing, listens only
+    // to the adverts of models it is asked for. It hears no worker until a
+    // task needs one, then finds them through their provider records.
+    let net = Swarm::up(3, &[]);
+    let tmp = net.tmp.path();
+    let data = tmp.join("used");
+    let empty_models = tmp.join("no-models");
+    std::fs::create_dir_all(&empty_models).unwrap();
+    let log = std::fs::File::create(tmp.join("used.log")).unwrap();
+    let child = mycel()
+        .args(["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0", "--no-mdns"])
+        .args(["--advert-interval", "1s", "--adverts", "used"])
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--models-dir")
+        .arg(&empty_models)
+        .args(["--bootstrap", &net.manifest.nodes[0].listen_addrs[0]])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let child = KillOnDrop(child);
+    let api = api_of_restarted(&data, &child);
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("node.json")).unwrap()).unwrap();
+    let node = NodeEntry {
+        name: "used".into(),
+        peer_id: info["peer_id"].as_str().unwrap().into(),
+        api,
+        pid: child.0.id(),
+        listen_addrs: Vec::new(),
+        data_dir: data.clone(),
+        api_token: None,
+    };
+    // Connected, and several advert intervals on, it knows no worker.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(peers_seen_by(&node).as_array().map_or(0, Vec::len), 0, "it hears adverts it did not ask for");
+
+    let input = tmp.join("texts.txt");
+    write_texts(&input, 60);
+    let result = tmp.join("vectors.jsonl");
+    let out = submit_embed(&node, &input, &result, &["--items-per-shard", "20"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "submit failed: {stderr}\nnode log: {}", node_log(tmp));
+    assert_exact(&result, &input, tmp, 60);
+    // The model is used now: its workers' adverts keep coming.
+    std::thread::sleep(Duration::from_secs(4));
+    let peers = peers_seen_by(&node);
+    assert!(peers.as_array().is_some_and(|p| !p.is_empty()), "workers forgotten: {peers:#}");
+    down(&net.dir());
+}
+
+fn node_log(tmp: &Path) -> String {
+    std::fs::read_to_string(tmp.join("used.log")).unwrap_or_default()
+}

@@ -518,6 +518,14 @@ pub struct NodeArgs {
     #[arg(long, env = "MYCEL_PEERS", value_name = "N")]
     pub peers: Option<usize>,
 
+    /// Whose adverts to listen to [default: all]: `all`, every node's (the
+    /// node knows the whole swarm); `used`, only those of the workers of
+    /// the models this node is asked for, found in the DHT when first
+    /// needed (a node's idle traffic then stays flat as the swarm grows;
+    /// its model list names only what it serves and uses).
+    #[arg(long, env = "MYCEL_ADVERTS", value_name = "all|used")]
+    pub adverts: Option<mycel_net::AdvertScope>,
+
     /// Probe reachability on private addresses too (AutoNAT dials back
     /// only global ones by default). For testnets on private networks.
     #[arg(long, env = "MYCEL_PROBE_PRIVATE_ADDRESSES", hide = true)]

@@ -37,6 +37,9 @@ pub struct NodeConfig {
     /// Connected peers to keep about (the least used past a quarter more
     /// are closed).
     pub peers: usize,
+    /// Whose periodic adverts to listen to: every node's, or only those
+    /// serving the models this node uses.
+    pub adverts: mycel_net::AdvertScope,
     /// AutoNAT probes private addresses too (testnets).
     pub probe_private_addrs: bool,
     /// How often to re-publish our advert.
@@ -80,6 +83,7 @@ impl NodeConfig {
             relays: Vec::new(),
             external_addrs: Vec::new(),
             peers: DEFAULT_PEERS,
+            adverts: mycel_net::AdvertScope::All,
             probe_private_addrs: false,
             advert_interval: Duration::from_secs(10),
             router_share_interval: Duration::from_secs(300),
@@ -147,6 +151,9 @@ impl NodeConfig {
         }
         if let Some(peers) = args.peers {
             c.peers = peers;
+        }
+        if let Some(scope) = args.adverts {
+            c.adverts = scope;
         }
         if c.peers < mycel_net::PRUNE_FLOOR {
             bail!(
@@ -222,6 +229,7 @@ struct FileConfig {
     relays: Option<Vec<String>>,
     external_addresses: Option<Vec<String>>,
     peers: Option<usize>,
+    adverts: Option<String>,
     advert_interval: Option<String>,
     router_share_interval: Option<String>,
     models_dir: Option<PathBuf>,
@@ -268,6 +276,9 @@ impl FileConfig {
         }
         if let Some(peers) = self.peers {
             c.peers = peers;
+        }
+        if let Some(scope) = self.adverts {
+            c.adverts = scope.parse().map_err(anyhow::Error::msg)?;
         }
         if let Some(interval) = self.advert_interval {
             c.advert_interval = parse_duration(&interval)?;
@@ -444,6 +455,24 @@ mod tests {
         let file = dir.path().join("node.toml");
         std::fs::write(&file, "peers = 20\n").unwrap();
         assert_eq!(NodeConfig::load(&node_args(&["--config", file.to_str().unwrap()])).unwrap().peers, 20);
+    }
+
+    #[test]
+    fn the_advert_scope_comes_from_the_flag_or_the_file() {
+        use mycel_net::AdvertScope;
+        assert_eq!(NodeConfig::load(&node_args(&[])).unwrap().adverts, AdvertScope::All);
+        assert_eq!(NodeConfig::load(&node_args(&["--adverts", "used"])).unwrap().adverts, AdvertScope::Used);
+        assert!(Cli::try_parse_from(["mycel", "node", "--adverts", "some"]).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mycel.toml");
+        std::fs::write(&file, "adverts = \"used\"\n").unwrap();
+        assert_eq!(
+            NodeConfig::load(&node_args(&["--config", file.to_str().unwrap()])).unwrap().adverts,
+            AdvertScope::Used
+        );
+        std::fs::write(&file, "adverts = \"most\"\n").unwrap();
+        let err = NodeConfig::load(&node_args(&["--config", file.to_str().unwrap()])).unwrap_err();
+        assert!(format!("{err:#}").contains("expected all or used"), "{err:#}");
     }
 
     #[test]

@@ -86,8 +86,59 @@ fn model_view(m: &ModelAdvert) -> ModelView {
     }
 }
 
+/// How long a request waits for a DHT lookup of its model's workers when
+/// the node knows none (see [`View::find_workers`]).
+const FIND_WORKERS_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+/// Workers found handed to the market at once, at most.
+const WORKERS_HANDED: usize = 16;
+
+/// Which workers a request needs: those of the model it names, or (none
+/// named, `mycel/auto` or an ensemble, which choose among models) of any
+/// model of its kind.
+fn workers_key(request: &mycel_api::SubmitRequest) -> Option<mycel_net::ModelKey> {
+    let kind = match request.kind.as_str() {
+        "embed" => ModelKind::Embedding,
+        "generate" | "complete" | "chat" => ModelKind::Generation,
+        _ => return None,
+    };
+    Some(model_key(kind, request.model.as_deref()))
+}
+
+/// The model named (by weights or id), or any of `kind`.
+fn model_key(kind: ModelKind, model: Option<&str>) -> mycel_net::ModelKey {
+    use mycel_net::ModelKey;
+    match model {
+        Some(m) if !crate::route::is_auto(model) && crate::ensemble::Method::of(model).is_none() => {
+            match mycel_protocol::Digest::from_hex(m) {
+                Ok(d) => ModelKey::Weights(d),
+                Err(_) => ModelKey::Id(m.rsplit('/').next().unwrap_or(m).to_string()),
+            }
+        }
+        _ => ModelKey::Kind(kind),
+    }
+}
+
 fn unavailable(e: mycel_net::NetError) -> ApiError {
     ApiError::Unavailable(e.to_string())
+}
+
+impl View {
+    /// Before a request is planned: the workers of its model, from the
+    /// network's table or, when it knows too few, from provider records in
+    /// the DHT (a node listening only to the models it uses knows none of
+    /// a model it was never asked for). Those found are handed to the
+    /// market here, ahead of the task, so it does not answer "no such
+    /// model" before their adverts reach it the usual way.
+    async fn find_workers(&self, key: Option<mycel_net::ModelKey>) {
+        let Some(key) = key else { return };
+        let Ok(Ok(found)) = tokio::time::timeout(FIND_WORKERS_WAIT, self.net.find_workers(key, 1)).await else {
+            return;
+        };
+        for entry in found.into_iter().take(WORKERS_HANDED) {
+            let advert = Box::new(entry.advert);
+            let _ = self.market.send(crate::market::Command::Advert { peer: entry.peer, advert }).await;
+        }
+    }
 }
 
 impl NodeView for View {
@@ -102,6 +153,7 @@ impl NodeView for View {
         if !crate::route::is_auto(request.model.as_deref()) && request.cost_weight.is_some() {
             return Err(ApiError::BadRequest("cost_weight goes with model mycel/auto".into()));
         }
+        self.find_workers(workers_key(&request)).await;
         if let Some(method) = ensemble {
             if request.json || request.json_schema.is_some() || request.logprobs.is_some() || !request.tools.is_empty()
             {
@@ -147,21 +199,25 @@ impl NodeView for View {
     }
 
     async fn classify(&self, request: mycel_api::ClassifyRequest) -> Result<mycel_api::ClassifyResult, ApiError> {
+        self.find_workers(Some(model_key(ModelKind::Embedding, request.model.as_deref()))).await;
         let adverts = self.adverts().await?;
         crate::classify::classify(&self.searches, request, &adverts, &self.market).await
     }
 
     async fn summarize(&self, request: mycel_api::SummarizeRequest) -> Result<mycel_api::Submitted, ApiError> {
+        self.find_workers(Some(model_key(ModelKind::Generation, request.model.as_deref()))).await;
         let adverts = self.adverts().await?;
         crate::summarize::start(&self.jobs, request, &adverts, self.market.clone())
     }
 
     async fn search(&self, request: mycel_api::SearchRequest) -> Result<mycel_api::SearchResult, ApiError> {
+        self.find_workers(Some(model_key(ModelKind::Embedding, request.model.as_deref()))).await;
         let adverts = self.adverts().await?;
         self.searches.search(request, &adverts, &self.market).await
     }
 
     async fn start_search(&self, request: mycel_api::SearchRequest) -> Result<mycel_api::Submitted, ApiError> {
+        self.find_workers(Some(model_key(ModelKind::Embedding, request.model.as_deref()))).await;
         let adverts = self.adverts().await?;
         let search = crate::search::Search::check(request, &adverts)?;
         let (searches, market) = (self.searches.clone(), self.market.clone());
@@ -173,6 +229,7 @@ impl NodeView for View {
     }
 
     async fn start_classify(&self, request: mycel_api::ClassifyRequest) -> Result<mycel_api::Submitted, ApiError> {
+        self.find_workers(Some(model_key(ModelKind::Embedding, request.model.as_deref()))).await;
         let adverts = self.adverts().await?;
         let classify = crate::classify::Classify::check(request, &adverts)?;
         let (searches, market) = (self.searches.clone(), self.market.clone());
@@ -341,6 +398,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
     let net_config = mycel_net::Config {
         relay_server: config.relay_server,
         peer_target: config.peers,
+        advert_scope: config.adverts,
         relays: config.relays.clone(),
         external_addrs: config.external_addrs.clone(),
         autonat_global_only: !config.probe_private_addrs,
