@@ -72,15 +72,17 @@ const USE_IDLE: Duration = Duration::from_secs(600);
 const MODEL_TOPICS: usize = 256;
 
 /// A search for the workers of a model: a DHT lookup, then one advert
-/// request to each provider found.
+/// request to each provider found (up to [`LOOKUP_ASK`]), all of them even
+/// after the callers waiting had what they wanted, so the table knows
+/// several workers, not just the first to answer.
 struct Lookup {
     key: ModelKey,
-    want: usize,
     asked: HashSet<PeerId>,
     /// Advert requests not answered yet.
     outstanding: usize,
     query_done: bool,
-    replies: Vec<Reply<Vec<PeerEntry>>>,
+    /// Callers waiting until the table knows this many workers.
+    waiting: Vec<(usize, Reply<Vec<PeerEntry>>)>,
 }
 
 /// What AutoNAT found about this node.
@@ -844,7 +846,7 @@ impl EventLoop {
             let _ = reply.take().map(|r| r.send(known.clone()));
         }
         if let Some(lookup) = self.lookups.values_mut().find(|l| l.key == key) {
-            lookup.replies.extend(reply);
+            lookup.waiting.extend(reply.map(|r| (want, r)));
             return;
         }
         let recent = self.looked_up.get(&key).is_some_and(|at| at.elapsed() < LOOKUP_EVERY);
@@ -854,9 +856,8 @@ impl EventLoop {
         }
         self.looked_up.insert(key.clone(), Instant::now());
         let id = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&key.record_key()));
-        let replies = reply.into_iter().collect();
-        self.lookups
-            .insert(id, Lookup { key, want, asked: HashSet::new(), outstanding: 0, query_done: false, replies });
+        let waiting = reply.into_iter().map(|r| (want, r)).collect();
+        self.lookups.insert(id, Lookup { key, asked: HashSet::new(), outstanding: 0, query_done: false, waiting });
     }
 
     /// Providers found by a lookup: each is asked for its advert, while
@@ -875,27 +876,26 @@ impl EventLoop {
             }
         }
         lookup.query_done |= last || failed;
-        self.finish_lookup(id);
+        self.answer_lookup(id);
     }
 
-    /// Answers a lookup once the table knows enough workers, or nothing
-    /// more will come.
-    fn finish_lookup(&mut self, id: kad::QueryId) {
-        let Some(lookup) = self.lookups.get(&id) else { return };
-        let found = self.workers_of(&lookup.key);
-        if found.len() < lookup.want && !(lookup.query_done && lookup.outstanding == 0) {
-            return;
-        }
-        let Some(lookup) = self.lookups.remove(&id) else { return };
-        debug!(key = ?lookup.key, found = found.len(), asked = lookup.asked.len(), "worker lookup done");
-        self.mark_used(&lookup.key);
-        for reply in lookup.replies {
+    /// Answers the callers of a lookup whose wait is over: the table knows
+    /// the workers they want, or nothing more will come (then the lookup
+    /// ends).
+    fn answer_lookup(&mut self, id: kad::QueryId) {
+        let Some(key) = self.lookups.get(&id).map(|l| l.key.clone()) else { return };
+        self.mark_used(&key);
+        let found = self.workers_of(&key);
+        let Some(lookup) = self.lookups.get_mut(&id) else { return };
+        let done = lookup.query_done && lookup.outstanding == 0;
+        let (ready, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut lookup.waiting).into_iter().partition(|(want, _)| done || found.len() >= *want);
+        lookup.waiting = waiting;
+        for (_, reply) in ready {
             let _ = reply.send(found.clone());
         }
-        if !lookup.query_done
-            && let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id)
-        {
-            query.finish();
+        if done && let Some(lookup) = self.lookups.remove(&id) {
+            debug!(key = ?lookup.key, found = found.len(), asked = lookup.asked.len(), "worker lookup done");
         }
     }
 
@@ -1397,7 +1397,7 @@ impl EventLoop {
         if let Some(l) = self.lookups.get_mut(&lookup) {
             l.outstanding = l.outstanding.saturating_sub(1);
         }
-        self.finish_lookup(lookup);
+        self.answer_lookup(lookup);
     }
 
     fn on_sync_response(&mut self, peer: PeerId, response: Response) {
