@@ -11,6 +11,14 @@
 //!
 //!     cargo bench -p mycel-net --bench convergence -- [NODES...]
 //!
+//! With `MYCEL_BENCH_ADVERTS=used` every node listens only to the adverts of
+//! the models it uses ([`mycel_net::AdvertScope::Used`]): tables never hold
+//! the whole swarm, so "converged" is when every node has a connection; one
+//! node in ten uses the bench model (asks for its workers once, at start),
+//! and the joining requester finds workers with `Handle::find_workers`
+//! (through the DHT). Idle traffic is then reported for all nodes and for
+//! those users.
+//!
 //! (default: 50 100 200). Not a criterion bench: one convergence is a
 //! single long measurement, reported as-is with the run's parameters.
 
@@ -99,11 +107,37 @@ struct Figures {
     connections: (f64, usize),
     /// Adverts and mycel bytes one node receives per idle minute (average).
     idle_per_minute: (f64, f64),
-    /// The process's resident memory divided by the nodes (MiB).
-    rss_per_node_mib: f64,
+    /// Adverts a node using the bench model receives per idle minute
+    /// (average over them; with `MYCEL_BENCH_ADVERTS=used` only).
+    users_per_minute: Option<f64>,
+    /// The process's resident memory divided by the nodes (MiB), as the
+    /// allocator keeps it (freed memory of the joining storm included),
+    /// and after it handed free memory back (what the nodes hold).
+    rss_per_node_mib: (f64, f64),
     /// A joining requester's time until it knows [`WORKERS_WANTED`]
     /// workers; `None` if not within [`GIVE_UP`].
     find_workers: Option<Duration>,
+}
+
+/// `MYCEL_BENCH_ADVERTS`: `all` (a node's default) or `used`.
+fn advert_scope() -> mycel_net::AdvertScope {
+    std::env::var("MYCEL_BENCH_ADVERTS").ok().map_or(mycel_net::AdvertScope::All, |s| s.parse().expect("all or used"))
+}
+
+/// With [`advert_scope`] `used`: node `i` asks for the bench model's workers.
+fn uses_model(i: usize) -> bool {
+    advert_scope() == mycel_net::AdvertScope::Used && i % SERVER_EVERY == 2
+}
+
+/// Hands the allocator's free memory back to the system, so RSS shows what
+/// is in use rather than the joining storm's high-water mark.
+#[allow(unsafe_code)]
+fn trim_allocator() {
+    // SAFETY: malloc_trim only releases free heap pages; it has no
+    // preconditions and is thread-safe in glibc.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn rss_mib() -> f64 {
@@ -127,7 +161,10 @@ async fn run(n: usize) -> Figures {
             .with_advert_interval(advert_interval())
             .with_idle_timeout(idle_timeout())
             .with_peer_target(peers, grace)
+            .with_advert_scope(advert_scope())
     };
+    let used = advert_scope() == mycel_net::AdvertScope::Used;
+    let key = mycel_net::ModelKey::Weights(bench_model().weights);
     let start = |bootstrap: Vec<mycel_net::Multiaddr>| {
         let key = Keypair::generate().expect("key");
         let metrics = Arc::new(Metrics::new());
@@ -177,7 +214,15 @@ async fn run(n: usize) -> Figures {
             );
             next_trace += Duration::from_secs(1);
         }
-        if sizes.iter().all(|s| *s >= n - 1) {
+        if used {
+            let mut alone = false;
+            for h in &nodes {
+                alone |= h.connected().await.expect("connected").is_empty();
+            }
+            if !alone {
+                break Ok((last_start.elapsed(), first_start.elapsed()));
+            }
+        } else if sizes.iter().all(|s| *s >= n - 1) {
             // When the last advert arrived, by the nodes' clock: the poll
             // itself (here, on the same runtime) only confirms it.
             let converged = Duration::from_millis(grew_at_ms.saturating_sub(last_start_ms));
@@ -189,6 +234,12 @@ async fn run(n: usize) -> Figures {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
 
+    for (i, h) in nodes.iter().enumerate().filter(|(i, _)| uses_model(*i)) {
+        let found = h.find_workers(key.clone(), 1).await.expect("find workers");
+        if trace {
+            eprintln!("  node {i} uses the bench model: {} workers found", found.len());
+        }
+    }
     // Settle: connections opened while joining are closed only once older
     // than the pruner's grace period, at an advert tick.
     tokio::time::sleep(grace + advert_interval() * 2).await;
@@ -197,17 +248,25 @@ async fn run(n: usize) -> Figures {
         m.iter()
             .fold((0, 0), |(a, b), m| (a + m.adverts_received.get() + m.adverts_rejected.get(), b + m.bytes_in.get()))
     };
+    let users: Vec<Arc<Metrics>> =
+        metrics.iter().enumerate().filter(|(i, _)| uses_model(*i)).map(|(_, m)| m.clone()).collect();
     let before = counts(&metrics);
+    let users_before = counts(&users);
     tokio::time::sleep(IDLE).await;
     let after = counts(&metrics);
+    let users_after = counts(&users);
     let minutes = IDLE.as_secs_f64() / 60.0;
     let idle_per_minute =
         ((after.0 - before.0) as f64 / n as f64 / minutes, (after.1 - before.1) as f64 / n as f64 / minutes);
+    let users_per_minute =
+        (!users.is_empty()).then(|| (users_after.0 - users_before.0) as f64 / users.len() as f64 / minutes);
     let mut connections = Vec::with_capacity(n);
     for h in &nodes {
         connections.push(h.connected().await.expect("connected").len());
     }
-    let rss_per_node_mib = rss_mib() / n as f64;
+    let kept = rss_mib() / n as f64;
+    trim_allocator();
+    let rss_per_node_mib = (kept, rss_mib() / n as f64);
 
     // A requester joins through a node in the middle of the swarm.
     let mid: mycel_net::Multiaddr = {
@@ -220,7 +279,11 @@ async fn run(n: usize) -> Figures {
     requester.set_advert(advert(0)).await.expect("advert");
     let wanted = WORKERS_WANTED.min(n / SERVER_EVERY).max(1);
     let find_workers = loop {
-        let peers = requester.peers().await.expect("peers");
+        let peers = if used {
+            requester.find_workers(key.clone(), wanted).await.expect("find workers")
+        } else {
+            requester.peers().await.expect("peers")
+        };
         if peers.iter().filter(|p| !p.advert.models.is_empty()).count() >= wanted {
             break Some(joined.elapsed());
         }
@@ -237,6 +300,7 @@ async fn run(n: usize) -> Figures {
             connections.iter().copied().max().unwrap_or(0),
         ),
         idle_per_minute,
+        users_per_minute,
         rss_per_node_mib,
         find_workers,
     }
@@ -248,22 +312,24 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     println!(
         "in-process swarm ({} cores, advert interval {} s, idle connections closed after {} s, \
-         peer target {} with a {} s grace)",
+         peer target {} with a {} s grace, adverts: {:?})",
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         advert_interval().as_secs(),
         idle_timeout().as_secs(),
         peer_target().0,
         peer_target().1.as_secs(),
+        advert_scope(),
     );
     println!(
-        "{:>6}  {:>22}  {:>14}  {:>16}  {:>17}  {:>14}  {:>12}",
+        "{:>6}  {:>22}  {:>14}  {:>16}  {:>17}  {:>23}  {:>12}  {:>17}",
         "nodes",
         "converged after last",
         "conns avg/max",
         "adverts/node/min",
         "KiB in/node/min",
-        "RSS/node MiB",
-        "find 3 (s)"
+        "RSS/node MiB kept/used",
+        "find 3 (s)",
+        "users' adverts/min"
     );
     for n in sizes {
         let f = runtime.block_on(run(n));
@@ -272,12 +338,13 @@ fn main() {
             Err(min) => format!("no ({min} of {} at {} s)", n - 1, GIVE_UP.as_secs()),
         };
         println!(
-            "{n:>6}  {converged:>22}  {:>14}  {:>16.0}  {:>17.1}  {:>14.2}  {:>12}",
+            "{n:>6}  {converged:>22}  {:>14}  {:>16.0}  {:>17.1}  {:>23}  {:>12}  {:>17}",
             format!("{:.1}/{}", f.connections.0, f.connections.1),
             f.idle_per_minute.0,
             f.idle_per_minute.1 / 1024.0,
-            f.rss_per_node_mib,
+            format!("{:.2}/{:.2}", f.rss_per_node_mib.0, f.rss_per_node_mib.1),
             f.find_workers.map_or("not found".into(), |d| format!("{:.2}", d.as_secs_f64())),
+            f.users_per_minute.map_or("-".into(), |a| format!("{a:.0}")),
         );
         // Let sockets of the previous swarm close before the next.
         std::thread::sleep(Duration::from_secs(1));
