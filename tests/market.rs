@@ -637,6 +637,9 @@ fn a_node_listening_only_to_the_models_it_uses_finds_their_workers_in_the_dht() 
     };
     // Connected, and several advert intervals on, it knows no worker.
     std::thread::sleep(Duration::from_secs(4));
+    let status = mycel().args(["status", "--json", "--node", &node.api]).output().unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap_or_default();
+    assert_eq!(status["adverts"], "used", "{status:#}");
     assert_eq!(peers_seen_by(&node).as_array().map_or(0, Vec::len), 0, "it hears adverts it did not ask for");
 
     let input = tmp.join("texts.txt");

@@ -144,7 +144,8 @@ pub fn status(args: &ClientArgs) -> Result<()> {
     println!("api            {base}");
     println!("uptime         {}s", s.uptime_s);
     println!("connected      {} peers", s.connected_peers);
-    println!("known          {} peers (from adverts)", s.known_peers);
+    let scope = if s.adverts == "used" { "; only the workers of the models it used" } else { "" };
+    println!("known          {} peers (from adverts{scope})", s.known_peers);
     println!(
         "models         {}",
         if s.models.is_empty() {

@@ -20,6 +20,7 @@ use crate::config::NodeConfig;
 
 struct View {
     net: mycel_net::Handle,
+    adverts: mycel_net::AdvertScope,
     market: tokio::sync::mpsc::Sender<crate::market::Command>,
     started: Instant,
     metrics: Arc<Metrics>,
@@ -300,6 +301,7 @@ impl NodeView for View {
             listen_addrs: self.net.listen_addrs().await.map_err(unavailable)?.iter().map(ToString::to_string).collect(),
             connected_peers: self.net.connected().await.map_err(unavailable)?.len(),
             known_peers: table.peers,
+            adverts: self.adverts.as_str().into(),
             table_grew_at_ms: table.grew_at_ms,
             models: own.map(|a| a.models.iter().map(model_view).collect()).unwrap_or_default(),
             uptime_s: self.started.elapsed().as_secs(),
@@ -453,6 +455,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<()> 
     let market = crate::market::start(market_key, net.clone(), store.clone(), metrics.clone(), settings);
     let view = Arc::new(View {
         net: net.clone(),
+        adverts: config.adverts,
         market: market.clone(),
         started: Instant::now(),
         metrics,

@@ -16,6 +16,10 @@ pub struct StatusView {
     pub connected_peers: usize,
     /// Peers whose advert the node holds.
     pub known_peers: usize,
+    /// Whose adverts it listens to: `all` (the whole swarm's) or `used`
+    /// (only the workers of the models it was asked for).
+    #[serde(default)]
+    pub adverts: String,
     /// When the last of them joined this node's table (ms since the Unix
     /// epoch; absent before the first).
     #[serde(default, skip_serializing_if = "Option::is_none")]

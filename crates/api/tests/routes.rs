@@ -61,6 +61,7 @@ impl NodeView for Fake {
             listen_addrs: vec![],
             connected_peers: 1,
             known_peers: 1,
+            adverts: "all".into(),
             table_grew_at_ms: None,
             models: vec![model("emb", "embedding")],
             uptime_s: 1,

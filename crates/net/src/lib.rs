@@ -49,6 +49,16 @@ pub enum AdvertScope {
     Used,
 }
 
+impl AdvertScope {
+    /// The word the flag, the config file and `mycel status` use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdvertScope::All => "all",
+            AdvertScope::Used => "used",
+        }
+    }
+}
+
 impl std::str::FromStr for AdvertScope {
     type Err = String;
 
