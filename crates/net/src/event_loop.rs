@@ -266,11 +266,12 @@ impl Handle {
         self.call(|r| Command::FindProviders(model, r)).await?
     }
 
-    /// The peers serving a model, from the table; when it knows fewer than
-    /// a few, also from a lookup of provider records in the DHT, each
-    /// provider found asked for its advert. Waits for the lookup only while
-    /// the table knows fewer than `want`. Marks the model used: with
-    /// [`AdvertScope::Used`] the node listens to its adverts from now on.
+    /// The peers serving a model, from the table. With
+    /// [`AdvertScope::Used`], also marks the model used (the node listens
+    /// to its adverts from now on) and, when the table knows fewer than a
+    /// few, looks it up in the DHT, each provider found asked for its
+    /// advert; waits for that lookup only while the table knows fewer than
+    /// `want`.
     pub async fn find_workers(&self, model: ModelKey, want: usize) -> Result<Vec<PeerEntry>, NetError> {
         self.call(|r| Command::FindWorkers(model, want, r)).await
     }
@@ -849,8 +850,10 @@ impl EventLoop {
             lookup.waiting.extend(reply.map(|r| (want, r)));
             return;
         }
+        // A node that hears every advert knows every worker already.
+        let listens_to_all = self.config.advert_scope == AdvertScope::All;
         let recent = self.looked_up.get(&key).is_some_and(|at| at.elapsed() < LOOKUP_EVERY);
-        if known.len() >= LOOKUP_BELOW || recent || self.looked_up.len() >= LOOKUPS_REMEMBERED {
+        if listens_to_all || known.len() >= LOOKUP_BELOW || recent || self.looked_up.len() >= LOOKUPS_REMEMBERED {
             let _ = reply.map(|r| r.send(known));
             return;
         }
