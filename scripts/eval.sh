@@ -5,6 +5,10 @@
 # testnet of real nodes. Results: markdown on stdout, JSON in
 # target/eval/results.json (BENCHMARKS.md has them).
 #   bash scripts/eval.sh [CODE_ITEMS] [TRIVIA_ITEMS]     (default: all, 164 and 260)
+# The whole sets take hours on a small machine. Every answer is journaled in
+# target/eval/answers-CODE-TRIVIA.jsonl; run the same command again and it
+# goes on from there (remove the file to start over). MYCEL_EVAL_MINUTES=N
+# stops asking after N minutes and reports what is done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -58,5 +62,8 @@ step "evaluating: $code code items, $trivia trivia questions"
 metrics=()
 for a in "${apis[@]}"; do metrics+=(--metrics "$a/metrics"); done
 # The test processes the harness starts run on the same cores as the nodes.
+until=()
+[ -n "${MYCEL_EVAL_MINUTES:-}" ] && until=(--until "$(($(date +%s) + MYCEL_EVAL_MINUTES * 60))")
 python3 scripts/eval.py --api "${apis[0]}" "${metrics[@]}" --data "$work/data" --code "$code" --trivia "$trivia" \
-  --out "$work/results.json"
+  --journal "$work/answers-$code-$trivia.jsonl" --commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+  "${until[@]}" --out "$work/results.json"
