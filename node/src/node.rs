@@ -97,25 +97,16 @@ const WORKERS_HANDED: usize = 16;
 /// named, `mycel/auto` or an ensemble, which choose among models) of any
 /// model of its kind.
 fn workers_key(request: &mycel_api::SubmitRequest) -> Option<mycel_net::ModelKey> {
-    let kind = match request.kind.as_str() {
-        "embed" => ModelKind::Embedding,
-        "generate" | "complete" | "chat" => ModelKind::Generation,
-        _ => return None,
-    };
-    Some(model_key(kind, request.model.as_deref()))
+    Some(model_key(ModelKind::for_task(&request.kind)?, request.model.as_deref()))
 }
 
 /// The model named (by weights or id), or any of `kind`.
 fn model_key(kind: ModelKind, model: Option<&str>) -> mycel_net::ModelKey {
-    use mycel_net::ModelKey;
     match model {
         Some(m) if !crate::route::is_auto(model) && crate::ensemble::Method::of(model).is_none() => {
-            match mycel_protocol::Digest::from_hex(m) {
-                Ok(d) => ModelKey::Weights(d),
-                Err(_) => ModelKey::Id(m.rsplit('/').next().unwrap_or(m).to_string()),
-            }
+            mycel_net::ModelKey::named(m)
         }
-        _ => ModelKey::Kind(kind),
+        _ => mycel_net::ModelKey::Kind(kind),
     }
 }
 
@@ -130,7 +121,13 @@ impl View {
     /// a model it was never asked for). Those found are handed to the
     /// market here, ahead of the task, so it does not answer "no such
     /// model" before their adverts reach it the usual way.
+    ///
+    /// A node that hears every advert (`--adverts all`, the default) has
+    /// them all already: nothing to find or hand over.
     async fn find_workers(&self, key: Option<mycel_net::ModelKey>) {
+        if self.adverts == mycel_net::AdvertScope::All {
+            return;
+        }
         let Some(key) = key else { return };
         let Ok(Ok(found)) = tokio::time::timeout(FIND_WORKERS_WAIT, self.net.find_workers(key, 1)).await else {
             return;

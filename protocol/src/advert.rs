@@ -16,6 +16,71 @@ pub enum ModelKind {
     Generation,
 }
 
+impl ModelKind {
+    /// The kind of model a task kind needs: `embed`, or `generate`,
+    /// `complete` and `chat`.
+    pub fn for_task(task: &str) -> Option<ModelKind> {
+        match task {
+            "embed" => Some(ModelKind::Embedding),
+            "generate" | "complete" | "chat" => Some(ModelKind::Generation),
+            _ => None,
+        }
+    }
+}
+
+/// What a requester asks workers for: the weights, a model's id, or any
+/// model of a kind. Each is also a provider record key in the DHT.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ModelKey {
+    /// These exact weights.
+    Weights(Digest),
+    /// A model id as adverts name it (`smollm2-135m-instruct`), any case.
+    Id(String),
+    /// Any model of this kind.
+    Kind(ModelKind),
+}
+
+impl ModelKey {
+    /// The model a request names: a weights digest in hex, or an id, of
+    /// which only the part after the last `/` counts (`mycel/smollm2`,
+    /// `HuggingFaceTB/SmolLM2-135M-Instruct`-style names).
+    pub fn named(want: &str) -> ModelKey {
+        match Digest::from_hex(want) {
+            Ok(d) => ModelKey::Weights(d),
+            Err(_) => ModelKey::Id(want.rsplit('/').next().unwrap_or(want).to_string()),
+        }
+    }
+
+    /// The key of its provider records in the DHT.
+    pub fn record_key(&self) -> Vec<u8> {
+        match self {
+            ModelKey::Weights(d) => d.0.to_vec(),
+            ModelKey::Id(id) => Digest::of_parts(&[b"mycel/model-id", id.to_ascii_lowercase().as_bytes()]).0.to_vec(),
+            ModelKey::Kind(kind) => {
+                let kind = match kind {
+                    ModelKind::Embedding => "embedding",
+                    ModelKind::Generation => "generation",
+                };
+                Digest::of_parts(&[b"mycel/model-kind", kind.as_bytes()]).0.to_vec()
+            }
+        }
+    }
+
+    /// Whether an advertised model is one of these.
+    pub fn matches(&self, model: &ModelAdvert) -> bool {
+        match self {
+            ModelKey::Weights(d) => model.weights == *d,
+            ModelKey::Id(id) => model.id.eq_ignore_ascii_case(id),
+            ModelKey::Kind(kind) => model.kind == *kind,
+        }
+    }
+
+    /// Every key a served model is found by.
+    pub fn of(model: &ModelAdvert) -> [ModelKey; 3] {
+        [ModelKey::Weights(model.weights), ModelKey::Id(model.id.clone()), ModelKey::Kind(model.kind)]
+    }
+}
+
 /// How a model's weights are stored.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]

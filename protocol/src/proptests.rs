@@ -7,6 +7,7 @@ use std::fmt::Debug;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
+use crate::advert::ModelKey;
 use crate::signed::VerifyError;
 use crate::*;
 
@@ -139,7 +140,7 @@ mod valid {
         0f32..1e6
     }
 
-    fn model() -> impl Strategy<Value = ModelAdvert> {
+    pub fn model() -> impl Strategy<Value = ModelAdvert> {
         let profile = (text(30), prop::collection::vec(text(6), 0..6))
             .prop_map(|(description, tags)| ModelProfile { description, tags });
         (text(32), any::<ModelKind>(), any::<Digest>(), any::<u32>(), any::<u32>(), (rate(), rate(), rate()), profile)
@@ -296,6 +297,30 @@ signed_props! {
 }
 
 proptest! {
+    /// What a requester names (weights in hex, an id in any case, an id
+    /// after an organisation's `/`) finds the model, under the same DHT
+    /// record as the worker announced; other weights never match.
+    #[test]
+    fn a_model_is_found_by_every_name_a_request_gives_it(m in valid::model(), other in valid::model()) {
+        for key in ModelKey::of(&m) {
+            prop_assert!(key.matches(&m));
+        }
+        let by_weights = ModelKey::named(&m.weights.to_hex());
+        prop_assert!(by_weights.matches(&m));
+        prop_assert_eq!(by_weights.record_key(), ModelKey::Weights(m.weights).record_key());
+        if !m.id.contains('/') && Digest::from_hex(&m.id).is_err() {
+            for name in [m.id.to_ascii_uppercase(), format!("HuggingFaceTB/{}", m.id)] {
+                let key = ModelKey::named(&name);
+                prop_assert!(key.matches(&m), "{name} does not find {}", m.id);
+                prop_assert_eq!(key.record_key(), ModelKey::Id(m.id.clone()).record_key());
+            }
+        }
+        if other.weights != m.weights {
+            prop_assert!(!ModelKey::Weights(m.weights).matches(&other));
+        }
+        prop_assert_eq!(ModelKey::Kind(m.kind).matches(&other), m.kind == other.kind);
+    }
+
     #[test]
     fn arbitrary_bytes_never_panic_any_decoder(data in prop::collection::vec(any::<u8>(), 0..512)) {
         crate::fuzzing::decode_every_kind(&data);

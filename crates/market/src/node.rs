@@ -1308,8 +1308,7 @@ fn uses_tools(work: &Work) -> bool {
 /// without an organisation prefix like `sentence-transformers/`) or its
 /// weights digest.
 pub fn model_matches(want: &str, m: &ModelAdvert) -> bool {
-    let name = want.rsplit('/').next().unwrap_or(want);
-    want.eq_ignore_ascii_case(&m.id) || name.eq_ignore_ascii_case(&m.id) || want == m.weights.to_hex()
+    want.eq_ignore_ascii_case(&m.id) || mycel_protocol::advert::ModelKey::named(want).matches(m)
 }
 
 /// A wrong answer that looks right: every other component of each vector

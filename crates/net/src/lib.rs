@@ -71,51 +71,7 @@ impl std::str::FromStr for AdvertScope {
     }
 }
 
-/// What a requester asks workers for: the weights, a model's id, or any
-/// model of a kind. Each is a provider record key in the DHT.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum ModelKey {
-    /// These exact weights.
-    Weights(mycel_protocol::Digest),
-    /// A model id as adverts name it (`smollm2-135m-instruct`), any case.
-    Id(String),
-    /// Any model of this kind.
-    Kind(mycel_protocol::advert::ModelKind),
-}
-
-impl ModelKey {
-    /// The key of its provider records in the DHT.
-    pub fn record_key(&self) -> Vec<u8> {
-        match self {
-            ModelKey::Weights(d) => d.0.to_vec(),
-            ModelKey::Id(id) => {
-                mycel_protocol::Digest::of_parts(&[b"mycel/model-id", id.to_ascii_lowercase().as_bytes()]).0.to_vec()
-            }
-            ModelKey::Kind(kind) => {
-                let kind = match kind {
-                    mycel_protocol::advert::ModelKind::Embedding => "embedding".to_string(),
-                    mycel_protocol::advert::ModelKind::Generation => "generation".to_string(),
-                    other => format!("{other:?}").to_ascii_lowercase(),
-                };
-                mycel_protocol::Digest::of_parts(&[b"mycel/model-kind", kind.as_bytes()]).0.to_vec()
-            }
-        }
-    }
-
-    /// Whether an advertised model is one of these.
-    pub fn matches(&self, model: &mycel_protocol::advert::ModelAdvert) -> bool {
-        match self {
-            ModelKey::Weights(d) => model.weights == *d,
-            ModelKey::Id(id) => model.id.eq_ignore_ascii_case(id),
-            ModelKey::Kind(kind) => model.kind == *kind,
-        }
-    }
-
-    /// Every key a served model is found by.
-    pub fn of(model: &mycel_protocol::advert::ModelAdvert) -> [ModelKey; 3] {
-        [ModelKey::Weights(model.weights), ModelKey::Id(model.id.clone()), ModelKey::Kind(model.kind)]
-    }
-}
+pub use mycel_protocol::advert::ModelKey;
 pub use table::{CapabilityTable, PeerEntry, TableConfig};
 
 /// Network settings. `Default` gives a node listening on TCP and QUIC on

@@ -211,15 +211,12 @@ impl Driver {
 /// The API's request as the market's submission: the request mapping for
 /// each kind of work. Every error here is the client's (a 400).
 fn submission(request: SubmitRequest) -> Result<Submission> {
-    let kind = match request.kind.as_str() {
-        "embed" => ModelKind::Embedding,
-        "generate" | "complete" | "chat" => ModelKind::Generation,
-        other => {
-            return Err(ApiError::BadRequest(format!(
-                "unknown task kind {other:?} (embed, generate, complete or chat)"
-            ))
-            .into());
-        }
+    let Some(kind) = ModelKind::for_task(&request.kind) else {
+        return Err(ApiError::BadRequest(format!(
+            "unknown task kind {:?} (embed, generate, complete or chat)",
+            request.kind
+        ))
+        .into());
     };
     if request.inputs.is_empty() && request.conversations.is_empty() {
         return Err(ApiError::BadRequest("no inputs".into()).into());
