@@ -19,6 +19,12 @@
 //! (through the DHT). Idle traffic is then reported for all nodes and for
 //! those users.
 //!
+//! Memory is reported three ways, each divided by the nodes: the process's
+//! RSS as the allocator keeps it, its RSS after `malloc_trim` (free pages
+//! handed back), and the bytes the nodes' live allocations hold (a counting
+//! allocator, less what was live before the first node started): the last
+//! is what the nodes' state costs, free of the allocator's fragmentation.
+//!
 //! (default: 50 100 200). Not a criterion bench: one convergence is a
 //! single long measurement, reported as-is with the run's parameters.
 
@@ -33,6 +39,56 @@ use mycel_metrics::Metrics;
 use mycel_net::{Config, Handle};
 use mycel_protocol::{Advert, Digest, Hardware, Keypair, Load, ModelAdvert, ModelKind, Price, Quantization, version};
 use tokio_util::sync::CancellationToken;
+
+/// The system allocator, counting the bytes live at any moment.
+struct Counting;
+
+static LIVE_BYTES: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
+
+// SAFETY: every call goes straight to the system allocator with the same
+// arguments; the counter only adds and subtracts the sizes asked for.
+#[allow(unsafe_code)]
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller's contract is passed on unchanged.
+        let p = unsafe { std::alloc::System.alloc(layout) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(layout.size() as isize, std::sync::atomic::Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: as above.
+        unsafe { std::alloc::System.dealloc(ptr, layout) };
+        LIVE_BYTES.fetch_sub(layout.size() as isize, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: as above.
+        let p = unsafe { std::alloc::System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(layout.size() as isize, std::sync::atomic::Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as above.
+        let p = unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(new_size as isize - layout.size() as isize, std::sync::atomic::Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn live_mib() -> f64 {
+    LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
+}
 
 /// One node in [`SERVER_EVERY`] serves the bench model.
 const SERVER_EVERY: usize = 10;
@@ -114,6 +170,8 @@ struct Figures {
     /// allocator keeps it (freed memory of the joining storm included),
     /// and after it handed free memory back (what the nodes hold).
     rss_per_node_mib: (f64, f64),
+    /// The nodes' live allocations divided by the nodes (MiB).
+    live_per_node_mib: f64,
     /// A joining requester's time until it knows [`WORKERS_WANTED`]
     /// workers; `None` if not within [`GIVE_UP`].
     find_workers: Option<Duration>,
@@ -151,6 +209,7 @@ fn rss_mib() -> f64 {
 }
 
 async fn run(n: usize) -> Figures {
+    let live_before = live_mib();
     let stop = CancellationToken::new();
     let (peers, grace) = peer_target();
     let config = |bootstrap: Vec<mycel_net::Multiaddr>| {
@@ -267,6 +326,7 @@ async fn run(n: usize) -> Figures {
     let kept = rss_mib() / n as f64;
     trim_allocator();
     let rss_per_node_mib = (kept, rss_mib() / n as f64);
+    let live_per_node_mib = (live_mib() - live_before) / n as f64;
 
     // A requester joins through a node in the middle of the swarm.
     let mid: mycel_net::Multiaddr = {
@@ -302,6 +362,7 @@ async fn run(n: usize) -> Figures {
         idle_per_minute,
         users_per_minute,
         rss_per_node_mib,
+        live_per_node_mib,
         find_workers,
     }
 }
@@ -321,13 +382,14 @@ fn main() {
         advert_scope(),
     );
     println!(
-        "{:>6}  {:>22}  {:>14}  {:>16}  {:>17}  {:>23}  {:>12}  {:>17}",
+        "{:>6}  {:>22}  {:>14}  {:>16}  {:>17}  {:>23}  {:>14}  {:>12}  {:>17}",
         "nodes",
         "converged after last",
         "conns avg/max",
         "adverts/node/min",
         "KiB in/node/min",
         "RSS/node MiB kept/used",
+        "live MiB/node",
         "find 3 (s)",
         "users' adverts/min"
     );
@@ -338,11 +400,12 @@ fn main() {
             Err(min) => format!("no ({min} of {} at {} s)", n - 1, GIVE_UP.as_secs()),
         };
         println!(
-            "{n:>6}  {converged:>22}  {:>14}  {:>16.0}  {:>17.1}  {:>23}  {:>12}  {:>17}",
+            "{n:>6}  {converged:>22}  {:>14}  {:>16.0}  {:>17.1}  {:>23}  {:>14.2}  {:>12}  {:>17}",
             format!("{:.1}/{}", f.connections.0, f.connections.1),
             f.idle_per_minute.0,
             f.idle_per_minute.1 / 1024.0,
             format!("{:.2}/{:.2}", f.rss_per_node_mib.0, f.rss_per_node_mib.1),
+            f.live_per_node_mib,
             f.find_workers.map_or("not found".into(), |d| format!("{:.2}", d.as_secs_f64())),
             f.users_per_minute.map_or("-".into(), |a| format!("{a:.0}")),
         );
