@@ -1157,7 +1157,13 @@ impl EventLoop {
             BehaviourEvent::Gossipsub(gossipsub::Event::Message { propagation_source, message_id, message }) => {
                 // It forwards us others' adverts: we are in its mesh; keep
                 // it. (Its own come to every peer it has: flood publishing.)
-                if version::is_advert_topic(message.topic.as_str()) && message.source != Some(propagation_source) {
+                // On the topic of a model we use, even its own advert is
+                // use: it is a worker we need, and it publishes to that
+                // topic without joining its mesh, so no mesh protects it.
+                let topic = message.topic.as_str();
+                if version::is_advert_topic(topic)
+                    && (message.source != Some(propagation_source) || self.model_topics.contains(topic))
+                {
                     self.pruner.used(&propagation_source, std::time::Instant::now());
                 }
                 let acceptance = self.on_gossip(&message);

@@ -551,3 +551,43 @@ async fn with_used_adverts_workers_hear_no_other_workers_and_a_requester_finds_t
         n.task.await.unwrap();
     }
 }
+
+/// A node listening only to the models it uses keeps its connections to
+/// those models' workers when it prunes: their adverts on the model's
+/// topic count as use. (Workers publish to their model's topic without
+/// joining its mesh, so no mesh protects them; before, the pruner closed
+/// them like any idle connection and their adverts expired.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_used_adverts_a_requester_keeps_the_workers_it_uses_when_it_prunes() {
+    use mycel_net::{AdvertScope, ModelKey};
+    let interval = Duration::from_secs(1);
+    let used = |bootstrap| config(bootstrap, interval).with_advert_scope(AdvertScope::Used);
+    let mut workers = Vec::new();
+    let mut boot = None;
+    for seed in 1..=9 {
+        let node = start_with(seed, used(boot.clone())).await;
+        node.handle.set_advert(advert_serving(seed, 100)).await.unwrap();
+        boot = boot.or(Some(dial_addr(&node).await));
+        workers.push(node);
+    }
+    // Their provider records reach the DHT (the requester looks up once).
+    tokio::time::sleep(interval * 2).await;
+    // The requester keeps at most 5 connections (high water 6) past a 2 s
+    // grace: fewer than the 9 workers it is about to use.
+    let grace = Duration::from_secs(2);
+    let requester = start_with(20, used(boot).with_peer_target(5, grace)).await;
+    let key = ModelKey::Weights(Digest::of(&[100]));
+    wait_until("the requester knows all 9 workers", Duration::from_secs(15), || async {
+        requester.handle.find_workers(key.clone(), 9).await.unwrap().len() >= 9
+    })
+    .await;
+    // Well past the grace and the adverts' TTL (3 intervals): still all 9.
+    tokio::time::sleep(grace + interval * 6).await;
+    let held = requester.handle.find_workers(key.clone(), 9).await.unwrap().len();
+    let connected = requester.handle.connected().await.unwrap().len();
+    assert_eq!(held, 9, "the requester lost workers it uses ({connected} connections left)");
+    for n in workers.into_iter().chain([requester]) {
+        n.stop.cancel();
+        n.task.await.unwrap();
+    }
+}
