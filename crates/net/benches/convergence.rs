@@ -24,6 +24,10 @@
 //! handed back), and the bytes the nodes' live allocations hold (a counting
 //! allocator, less what was live before the first node started): the last
 //! is what the nodes' state costs, free of the allocator's fragmentation.
+//! And one more node, the probe, runs in a process of its own (this binary
+//! with `--probe`): it joins once the swarm has, uses the bench model, and
+//! reports its own RSS and live heap after the idle minute, which is what
+//! one node costs as the swarm around it grows.
 //!
 //! (default: 50 100 200). Not a criterion bench: one convergence is a
 //! single long measurement, reported as-is with the run's parameters.
@@ -172,6 +176,8 @@ struct Figures {
     rss_per_node_mib: (f64, f64),
     /// The nodes' live allocations divided by the nodes (MiB).
     live_per_node_mib: f64,
+    /// The node in a process of its own; `None` if it failed.
+    probe: Option<Probe>,
     /// A joining requester's time until it knows [`WORKERS_WANTED`]
     /// workers; `None` if not within [`GIVE_UP`].
     find_workers: Option<Duration>,
@@ -208,27 +214,83 @@ fn rss_mib() -> f64 {
     kib / 1024.0
 }
 
+/// Every node's settings: loopback, no mDNS, the bench's interval, idle
+/// timeout, peer target and advert scope.
+fn node_config(bootstrap: Vec<mycel_net::Multiaddr>) -> Config {
+    let (peers, grace) = peer_target();
+    Config::default()
+        .with_listen(vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")])
+        .with_bootstrap(bootstrap)
+        .with_mdns(false)
+        .with_advert_interval(advert_interval())
+        .with_idle_timeout(idle_timeout())
+        .with_peer_target(peers, grace)
+        .with_advert_scope(advert_scope())
+}
+
+/// What the probe, one node in a process of its own, held at the end.
+struct Probe {
+    rss_mib: f64,
+    live_mib: f64,
+    connections: usize,
+    adverts_per_minute: f64,
+}
+
+/// `--probe ADDR SECONDS`: one node in a process of its own (so its memory
+/// is its own, not a share of a heap that a whole swarm fragmented),
+/// joining the swarm at ADDR and using the bench model as one node in ten
+/// does; it idles for the last [`IDLE`] of SECONDS, then prints its RSS,
+/// its live heap, its connections and the adverts it received per idle
+/// minute.
+fn probe(addr: &str, seconds: &str) {
+    let boot: mycel_net::Multiaddr = addr.parse().expect("a bootstrap address");
+    let total = Duration::from_secs(seconds.parse().expect("seconds"));
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async move {
+        let stop = CancellationToken::new();
+        let metrics = Arc::new(Metrics::new());
+        let key = Keypair::generate().expect("key");
+        let (handle, _events, event_loop) =
+            mycel_net::start(&key, node_config(vec![boot]).with_metrics(metrics.clone())).expect("start");
+        tokio::spawn(event_loop.run(stop.clone()));
+        handle.set_advert(advert(0)).await.expect("advert");
+        let _ = handle.find_workers(mycel_net::ModelKey::Weights(bench_model().weights), 1).await;
+        tokio::time::sleep(total.saturating_sub(IDLE)).await;
+        let heard = || metrics.adverts_received.get() + metrics.adverts_rejected.get();
+        let before = heard();
+        tokio::time::sleep(IDLE).await;
+        let adverts = (heard() - before) as f64 / (IDLE.as_secs_f64() / 60.0);
+        let connections = handle.connected().await.expect("connected").len();
+        trim_allocator();
+        println!("probe {:.3} {:.3} {connections} {adverts:.1}", rss_mib(), live_mib());
+        stop.cancel();
+    });
+}
+
+fn read_probe(output: std::io::Result<std::process::Output>) -> Option<Probe> {
+    let output = output.ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text.lines().find_map(|l| l.strip_prefix("probe "))?;
+    let mut v = line.split_whitespace();
+    Some(Probe {
+        rss_mib: v.next()?.parse().ok()?,
+        live_mib: v.next()?.parse().ok()?,
+        connections: v.next()?.parse().ok()?,
+        adverts_per_minute: v.next()?.parse().ok()?,
+    })
+}
+
 async fn run(n: usize) -> Figures {
     let live_before = live_mib();
     let stop = CancellationToken::new();
-    let (peers, grace) = peer_target();
-    let config = |bootstrap: Vec<mycel_net::Multiaddr>| {
-        Config::default()
-            .with_listen(vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")])
-            .with_bootstrap(bootstrap)
-            .with_mdns(false)
-            .with_advert_interval(advert_interval())
-            .with_idle_timeout(idle_timeout())
-            .with_peer_target(peers, grace)
-            .with_advert_scope(advert_scope())
-    };
+    let (_, grace) = peer_target();
     let used = advert_scope() == mycel_net::AdvertScope::Used;
     let key = mycel_net::ModelKey::Weights(bench_model().weights);
     let start = |bootstrap: Vec<mycel_net::Multiaddr>| {
         let key = Keypair::generate().expect("key");
         let metrics = Arc::new(Metrics::new());
         let (handle, _events, event_loop) =
-            mycel_net::start(&key, config(bootstrap).with_metrics(metrics.clone())).expect("start");
+            mycel_net::start(&key, node_config(bootstrap).with_metrics(metrics.clone())).expect("start");
         tokio::spawn(event_loop.run(stop.clone()));
         (handle, metrics)
     };
@@ -299,9 +361,21 @@ async fn run(n: usize) -> Figures {
             eprintln!("  node {i} uses the bench model: {} workers found", found.len());
         }
     }
+    // The probe joins through a node in the middle and lives through the
+    // settling and the idle minute.
+    let settle = grace + advert_interval() * 2;
+    let probe = {
+        let h = &nodes[n / 2];
+        let a = h.listen_addrs().await.expect("addrs").first().cloned().expect("a listen address");
+        std::process::Command::new(std::env::current_exe().expect("this binary"))
+            .args(["--probe", &format!("{a}/p2p/{}", h.local_peer_id()), &(settle + IDLE).as_secs().to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("the probe starts")
+    };
     // Settle: connections opened while joining are closed only once older
     // than the pruner's grace period, at an advert tick.
-    tokio::time::sleep(grace + advert_interval() * 2).await;
+    tokio::time::sleep(settle).await;
     // Idle: what each node receives while nothing happens but adverts.
     let counts = |m: &[Arc<Metrics>]| -> (u64, u64) {
         m.iter()
@@ -328,6 +402,7 @@ async fn run(n: usize) -> Figures {
     let rss_per_node_mib = (kept, rss_mib() / n as f64);
     let live_per_node_mib = (live_mib() - live_before) / n as f64;
 
+    let probe = read_probe(tokio::task::spawn_blocking(move || probe.wait_with_output()).await.expect("joined"));
     // A requester joins through a node in the middle of the swarm.
     let mid: mycel_net::Multiaddr = {
         let h = &nodes[n / 2];
@@ -363,12 +438,19 @@ async fn run(n: usize) -> Figures {
         users_per_minute,
         rss_per_node_mib,
         live_per_node_mib,
+        probe,
         find_workers,
     }
 }
 
 fn main() {
-    let sizes: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, addr, seconds, ..] = args.as_slice()
+        && flag == "--probe"
+    {
+        return probe(addr, seconds);
+    }
+    let sizes: Vec<usize> = args.iter().skip(1).filter_map(|a| a.parse().ok()).collect();
     let sizes = if sizes.is_empty() { vec![50, 100, 200] } else { sizes };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     println!(
@@ -382,7 +464,7 @@ fn main() {
         advert_scope(),
     );
     println!(
-        "{:>6}  {:>22}  {:>14}  {:>16}  {:>17}  {:>23}  {:>14}  {:>12}  {:>17}",
+        "{:>6}  {:>22}  {:>14}  {:>16}  {:>17}  {:>23}  {:>14}  {:>12}  {:>17}  {:>30}",
         "nodes",
         "converged after last",
         "conns avg/max",
@@ -391,7 +473,8 @@ fn main() {
         "RSS/node MiB kept/used",
         "live MiB/node",
         "find 3 (s)",
-        "users' adverts/min"
+        "users' adverts/min",
+        "probe RSS/live MiB, conns, ads"
     );
     for n in sizes {
         let f = runtime.block_on(run(n));
@@ -400,7 +483,7 @@ fn main() {
             Err(min) => format!("no ({min} of {} at {} s)", n - 1, GIVE_UP.as_secs()),
         };
         println!(
-            "{n:>6}  {converged:>22}  {:>14}  {:>16.0}  {:>17.1}  {:>23}  {:>14.2}  {:>12}  {:>17}",
+            "{n:>6}  {converged:>22}  {:>14}  {:>16.0}  {:>17.1}  {:>23}  {:>14.2}  {:>12}  {:>17}  {:>30}",
             format!("{:.1}/{}", f.connections.0, f.connections.1),
             f.idle_per_minute.0,
             f.idle_per_minute.1 / 1024.0,
@@ -408,6 +491,10 @@ fn main() {
             f.live_per_node_mib,
             f.find_workers.map_or("not found".into(), |d| format!("{:.2}", d.as_secs_f64())),
             f.users_per_minute.map_or("-".into(), |a| format!("{a:.0}")),
+            f.probe.as_ref().map_or("failed".into(), |p| format!(
+                "{:.2}/{:.2}, {}, {:.0}",
+                p.rss_mib, p.live_mib, p.connections, p.adverts_per_minute
+            )),
         );
         // Let sockets of the previous swarm close before the next.
         std::thread::sleep(Duration::from_secs(1));
