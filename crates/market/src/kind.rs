@@ -39,6 +39,15 @@ pub trait TaskKind: Sync {
     /// embeddings, tokens for generation).
     fn units_per_item(&self, work: &Work) -> u64;
 
+    /// Units of all of `work`, reading its prompts where they cost time of
+    /// their own: a prompt token counts `prefill_weight` of a generated
+    /// token (a model's decode speed over its prefill speed), so a shard of
+    /// long prompts is expected to take longer than one of short ones.
+    fn units(&self, work: &Work, prefill_weight: f64) -> u64 {
+        let _ = prefill_weight;
+        work.items() as u64 * self.units_per_item(work)
+    }
+
     /// Items `first..end` of `work`, as work of the same kind.
     fn slice(&self, work: &Work, first: usize, end: usize) -> Work;
 
@@ -218,6 +227,19 @@ pub mod generate {
     /// `complete` tasks (prompts continued as they are).
     pub static COMPLETE: Generate = Generate { name: "complete" };
 
+    /// Bytes of text per token, the usual rate of byte-level BPE
+    /// vocabularies on English prose (about 4; code runs nearer 3, so code
+    /// prompts are underestimated by a quarter: the deadline's factor
+    /// covers that).
+    const BYTES_PER_TOKEN: usize = 4;
+    /// Tokens a chat template adds around each turn (role markers).
+    const TOKENS_PER_TURN: usize = 4;
+
+    /// About how many tokens a prompt of `bytes` in `turns` turns is.
+    fn prompt_tokens(bytes: usize, turns: usize) -> usize {
+        bytes.div_ceil(BYTES_PER_TOKEN) + turns * TOKENS_PER_TURN
+    }
+
     fn params(work: &Work) -> Option<&GenerateParams> {
         match work {
             Work::Generate { params, .. } | Work::Chat { params, .. } | Work::Complete { params, .. } => Some(params),
@@ -236,6 +258,31 @@ pub mod generate {
 
         fn units_per_item(&self, work: &Work) -> u64 {
             params(work).map_or(1, |p| u64::from(p.max_tokens))
+        }
+
+        fn units(&self, work: &Work, prefill_weight: f64) -> u64 {
+            let tools: usize = params(work).map_or(0, |p| p.tools.iter().map(String::len).sum());
+            let prompts: Vec<usize> = match work {
+                Work::Generate { prompts, .. } | Work::Complete { prompts, .. } => {
+                    prompts.iter().map(|p| prompt_tokens(p.len() + tools, 1)).collect()
+                }
+                Work::Chat { conversations, .. } => conversations
+                    .iter()
+                    .map(|turns| {
+                        let bytes: usize = turns
+                            .iter()
+                            .map(|t| {
+                                t.content.len()
+                                    + t.tool_calls.iter().map(|c| c.name.len() + c.arguments.len()).sum::<usize>()
+                            })
+                            .sum();
+                        prompt_tokens(bytes + tools, turns.len())
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let prefill: f64 = prompts.iter().map(|t| *t as f64 * prefill_weight.max(0.0)).sum();
+            (work.items() as u64 * self.units_per_item(work)).saturating_add(prefill.ceil() as u64)
         }
 
         fn slice(&self, work: &Work, first: usize, end: usize) -> Work {
@@ -283,7 +330,9 @@ pub mod generate {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use mycel_protocol::{FinishReason, GenerateParams, Generation};
+    use mycel_protocol::{ChatTurn, FinishReason, GenerateParams, Generation, Role};
+
+    use super::generate::{CHAT, GENERATE};
 
     use super::*;
 
@@ -319,5 +368,28 @@ mod tests {
         assert_eq!(of(&embed).combine(Aggregation::Concat, &[&answer("x")]), Err(CombineError::WrongKind));
         assert_eq!(of(&greedy).units_per_item(&greedy), 256);
         assert!(of(&greedy).fits(&answer("x"), 1) && !of(&embed).fits(&answer("x"), 1));
+    }
+
+    /// A prompt costs time before the first token: generation units count
+    /// its tokens at the prefill weight, so a shard of long prompts is
+    /// expected to take longer; embeddings count texts.
+    #[test]
+    fn generation_units_count_prompts_at_the_prefill_weight() {
+        let params = GenerateParams { max_tokens: 100, ..Default::default() };
+        let prompts = |len: usize| Work::Generate { prompts: vec!["x".repeat(len); 2], params: params.clone() };
+        let (short, long) = (prompts(4), prompts(4_000));
+        // Two prompts: 200 tokens to generate; 4,000 bytes are about 1,000
+        // tokens (+4 for the turn) each, at 0.25 of a generated token.
+        assert_eq!(GENERATE.units(&short, 0.0), 200);
+        assert_eq!(GENERATE.units(&long, 0.0), 200);
+        assert_eq!(GENERATE.units(&long, 0.25), 200 + 2 * 251);
+        assert!(GENERATE.units(&short, 0.25) < 210);
+        let chat = Work::Chat {
+            conversations: vec![vec![ChatTurn::new(Role::System, "x".repeat(400)), ChatTurn::new(Role::User, "hi")]],
+            params,
+        };
+        assert_eq!(CHAT.units(&chat, 1.0), 100 + 101 + 2 * 4);
+        let embed = Work::Embed { texts: vec!["x".repeat(4_000); 3] };
+        assert_eq!(of(&embed).units(&embed, 1.0), 3);
     }
 }

@@ -31,5 +31,5 @@ pub mod worker;
 pub use node::{Node, NodeConfig};
 pub use plan::{Plan, PlannedShard};
 pub use reputation::Reputation;
-pub use requester::{Action, Candidate, Config, Event, Requester, Timer};
+pub use requester::{Action, Candidate, Config, Event, Pool, Requester, Timer};
 pub use worker::{AwardOutcome, Done, Job, Served, Worker, WorkerConfig};

@@ -24,7 +24,7 @@ use mycel_protocol::{
     ResultClaim, ShardOutput, ShardResult, Signed, Split, StagedReceipt, TaskId, TaskSpec, Wire, Work,
 };
 
-use crate::requester::{self, Candidate, Phase, Requester, Timer};
+use crate::requester::{self, Candidate, Phase, Pool, Requester, Timer};
 use crate::worker::{AwardOutcome, Done, Job, Served, Worker, WorkerConfig};
 use crate::{Reputation, reputation};
 
@@ -680,9 +680,12 @@ impl Node {
         };
         spec.validate().map_err(SubmitError::Invalid)?;
         let task = TaskId(entropy.task_id);
-        let candidates = self.candidates(now_ms, &weights, kind);
+        let pool = Pool {
+            candidates: self.candidates(now_ms, &weights, kind),
+            prefill_weight: self.prefill_weight(now_ms, &weights),
+        };
         let config = self.config.auction.clone();
-        let mut requester = Requester::new(task, &spec, weights, kind, candidates, config, entropy.spot_secret)?;
+        let mut requester = Requester::new(task, &spec, weights, kind, pool, config, entropy.spot_secret)?;
         let actions = requester.start(now_ms);
         self.tasks.insert(task, Task::new(requester, label, id));
         let mut out = Vec::new();
@@ -940,6 +943,21 @@ impl Node {
                 })
             })
             .collect()
+    }
+
+    /// What a prompt token costs in generated tokens on these weights: the
+    /// median over their adverts of decode speed over prefill speed (both
+    /// measured by each node at load), or [`PREFILL_WEIGHT`] where none says.
+    fn prefill_weight(&self, now_ms: u64, weights: &Digest) -> f64 {
+        let mut ratios: Vec<f64> = self
+            .adverts(now_ms)
+            .filter_map(|(_, models, _)| models.iter().find(|m| m.weights == *weights))
+            .map(|m| (f64::from(m.throughput.decode_tokens_per_s), f64::from(m.throughput.prefill_tokens_per_s)))
+            .filter(|(decode, prefill)| decode.is_finite() && prefill.is_finite() && *decode > 0.0 && *prefill > 0.0)
+            .map(|(decode, prefill)| (decode / prefill).min(1.0))
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        ratios.get(ratios.len() / 2).copied().unwrap_or(PREFILL_WEIGHT)
     }
 
     // ---- requester side --------------------------------------------------
@@ -1280,6 +1298,11 @@ impl Task {
         Self { requester, label, model, outcome: None, auction_ms: Vec::new(), cfp_sent_ms: None }
     }
 }
+
+/// What a prompt token costs in generated tokens where no advert says:
+/// Qwen2.5-Coder-0.5B measured 61.5 tokens/s decoding against 209 prefilling
+/// (BENCHMARKS.md), about 0.3.
+const PREFILL_WEIGHT: f64 = 0.3;
 
 /// A model's advertised speed in the units its kind's work is planned in.
 fn speed(m: &ModelAdvert, kind: ModelKind) -> f32 {

@@ -87,11 +87,13 @@ pub enum PlanError {
     Encode(#[from] EncodeError),
 }
 
-/// Cuts `work` into shards.
-pub fn plan(work: &Work, split: Split, speeds: &[f32]) -> Result<Plan, PlanError> {
+/// Cuts `work` into shards. A generation prompt token counts
+/// `prefill_weight` of a generated one in the shards' units (see
+/// [`crate::kind::TaskKind::units`]).
+pub fn plan(work: &Work, split: Split, speeds: &[f32], prefill_weight: f64) -> Result<Plan, PlanError> {
     let kind = crate::kind::of(work);
-    let units_per_item = kind.units_per_item(work);
     let total = work.items();
+    let units_per_item = kind.units(work, prefill_weight).div_ceil(total.max(1) as u64);
     let per = items_per_shard(split, speeds, units_per_item, total);
     let mut shards = Vec::with_capacity(total.div_ceil(per));
     let mut first = 0usize;
@@ -102,7 +104,7 @@ pub fn plan(work: &Work, split: Split, speeds: &[f32]) -> Result<Plan, PlanError
         shards.push(PlannedShard {
             index: shards.len() as u32,
             first_item: first as u64,
-            units: (end - first) as u64 * units_per_item,
+            units: kind.units(&part, prefill_weight),
             input,
             work: part,
         });
@@ -121,7 +123,7 @@ mod tests {
 
     #[test]
     fn shards_cover_every_item_once_in_order() {
-        let plan = plan(&texts(1000), Split::ItemsPerShard(64), &[]).unwrap();
+        let plan = plan(&texts(1000), Split::ItemsPerShard(64), &[], 0.3).unwrap();
         assert_eq!(plan.shards.len(), 16);
         let mut next = 0u64;
         for (i, s) in plan.shards.iter().enumerate() {
@@ -143,5 +145,24 @@ mod tests {
         assert_eq!(items_per_shard(Split::Auto, &[], 1, 100), 16);
         assert_eq!(items_per_shard(Split::Auto, &[0.01], 1, 100), 1);
         assert_eq!(items_per_shard(Split::ItemsPerShard(0), &[], 1, 100), 1);
+    }
+
+    /// Long prompts make fewer prompts per shard and more units per shard:
+    /// a shard's expected time (units over the bidder's decode speed)
+    /// includes reading them.
+    #[test]
+    fn long_prompts_make_smaller_shards_with_more_units() {
+        let work = |len: usize| Work::Generate {
+            prompts: vec!["x".repeat(len); 40],
+            params: mycel_protocol::GenerateParams { max_tokens: 16, ..Default::default() },
+        };
+        let short = plan(&work(20), Split::Auto, &[60.0], 0.3).unwrap();
+        let long = plan(&work(4_000), Split::Auto, &[60.0], 0.3).unwrap();
+        // 60 tok/s x 3 s = 180 units: 16 + ~3 per short prompt (9 a shard),
+        // 16 + 302 per long one (1,004 tokens x 0.3, rounded up; 1 a shard).
+        assert_eq!(short.shards[0].items(), 9);
+        assert_eq!(long.shards[0].items(), 1);
+        assert_eq!(long.shards[0].units, 16 + 302);
+        assert_eq!(long.shards.iter().map(|s| s.units).sum::<u64>(), 40 * (16 + 302));
     }
 }

@@ -97,6 +97,16 @@ pub struct Candidate {
     pub reputation: f64,
 }
 
+/// The peers able to run a task, as the capability table describes them.
+#[derive(Debug, Clone, Default)]
+pub struct Pool {
+    /// Who serves the task's weights.
+    pub candidates: Vec<Candidate>,
+    /// What a prompt token costs in generated tokens on them (their decode
+    /// speed over their prefill speed; see [`crate::kind::TaskKind::units`]).
+    pub prefill_weight: f64,
+}
+
 /// Something that happened.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -391,20 +401,20 @@ pub enum StartError {
 }
 
 impl Requester {
-    /// Plans a task for `model` (already pinned to one digest) among these
-    /// candidates. `spot_secret` is fresh randomness, known only to this
-    /// requester until the receipt reveals it.
+    /// Plans a task for `model` (already pinned to one digest) among the
+    /// pool's candidates. `spot_secret` is fresh randomness, known only to
+    /// this requester until the receipt reveals it.
     pub fn new(
         task: TaskId,
         spec: &TaskSpec,
         model: Digest,
         kind: ModelKind,
-        candidates: Vec<Candidate>,
+        Pool { candidates, prefill_weight }: Pool,
         config: Config,
         spot_secret: [u8; 32],
     ) -> Result<Self, StartError> {
         let speeds: Vec<f32> = candidates.iter().map(|c| c.units_per_s).collect();
-        let Plan { shards } = plan::plan(&spec.work, spec.split, &speeds)?;
+        let Plan { shards } = plan::plan(&spec.work, spec.split, &speeds, prefill_weight)?;
         if shards.len() > limits::SHARDS_PER_TASK {
             return Err(StartError::TooManyShards(shards.len()));
         }

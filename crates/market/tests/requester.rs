@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use mycel_market::requester::Phase;
-use mycel_market::{Action, Candidate, Config, Event, Requester, Timer};
+use mycel_market::{Action, Candidate, Config, Event, Pool, Requester, Timer};
 use mycel_protocol::{
     Award, Bid, Cfp, Digest, FinishReason, GenerateParams, Generation, Keypair, ModelKind, ModelSelector, Price,
     PublicKey, RejectReason, ResultClaim, ShardOutput, ShardResult, Signed, Split, TaskId, TaskSpec, Timings, Verdict,
@@ -92,8 +92,16 @@ impl Sim {
             .iter()
             .map(|w| Candidate { peer: w.key.public(), units_per_s: 100.0, load: 0.0, reputation: 0.9 })
             .collect();
-        let requester =
-            Requester::new(TaskId([7; 16]), spec, model(), ModelKind::Embedding, candidates, config, [3; 32]).unwrap();
+        let requester = Requester::new(
+            TaskId([7; 16]),
+            spec,
+            model(),
+            ModelKind::Embedding,
+            Pool { candidates, prefill_weight: 0.3 },
+            config,
+            [3; 32],
+        )
+        .unwrap();
         let mut sim = Sim {
             requester,
             key: Keypair::generate().unwrap(),
