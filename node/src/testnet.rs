@@ -197,11 +197,11 @@ fn models_folder(args: &crate::cli::TestnetUpArgs) -> Result<Option<Models>> {
     if args.no_models {
         return Ok(None);
     }
+    // Where `mycel models fetch` put them, by the same rule.
     let named = args.models_dir.clone().or_else(|| std::env::var_os("MYCEL_MODELS_DIR").map(PathBuf::from));
-    let dir = match &named {
-        Some(dir) => dir.clone(),
-        None => crate::cli::DataDir { path: args.data_dir.clone() }.resolve()?.join("models"),
-    };
+    let dir =
+        crate::cli::ModelsDirArgs { dir: named.clone(), data_dir: crate::cli::DataDir { path: args.data_dir.clone() } }
+            .resolve()?;
     let ids: Vec<String> = mycel_models::registry::scan(&dir)
         .with_context(|| format!("reading models in {}", dir.display()))?
         .into_iter()
