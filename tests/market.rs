@@ -656,6 +656,40 @@ fn a_node_listening_only_to_the_models_it_uses_finds_their_workers_in_the_dht() 
     down(&net.dir());
 }
 
+/// `testnet up --adverts used`: every node listens only to the adverts of
+/// the models it uses, so no table ever holds the testnet and `up` returns
+/// once every node is connected and serves its own models. A node serving
+/// nothing then embeds through the worker it finds in the DHT.
+#[test]
+fn a_testnet_listening_only_to_used_models_comes_up_and_its_tasks_find_their_workers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("net");
+    // Round robin: node-00 and node-02 serve nothing, node-01 embeds.
+    let manifest = up_with_args(&dir, 3, &["none", "all-minilm-l6-v2"], &["--adverts", "used"]);
+    let _guard = Guard(&dir);
+    let (worker, requester) = (&manifest.nodes[1], &manifest.nodes[2]);
+    let status = |node: &NodeEntry| -> serde_json::Value {
+        let out = mycel().args(["status", "--json", "--node", &node.api]).output().unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    };
+    // `up` returned with the worker's model loaded and every node connected.
+    let worker_status = status(worker);
+    assert_eq!(worker_status["models"][0]["id"], "all-minilm-l6-v2", "{worker_status:#}");
+    for node in &manifest.nodes {
+        let s = status(node);
+        assert_eq!(s["adverts"], "used", "{s:#}");
+        assert!(s["connected_peers"].as_u64().unwrap_or(0) >= 1, "{} is alone: {s:#}", node.name);
+    }
+
+    let input = tmp.path().join("texts.txt");
+    write_texts(&input, 40);
+    let result = tmp.path().join("vectors.jsonl");
+    let out = submit_embed(requester, &input, &result, &["--items-per-shard", "20"]).output().unwrap();
+    assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_exact(&result, &input, tmp.path(), 40);
+    down(&dir);
+}
+
 fn node_log(tmp: &Path) -> String {
     std::fs::read_to_string(tmp.join("used.log")).unwrap_or_default()
 }

@@ -241,3 +241,63 @@ fn behind_symmetric_nats_the_relay_carries_what_hole_punching_cannot() {
         assert_eq!(how, "relayed");
     });
 }
+
+/// Every node listening only to the models it uses, two homes behind
+/// port-restricted NATs: the requester holds no advert of the worker, finds
+/// it through provider records that the public node keeps, reaches it
+/// through the relay, and the task completes.
+#[test]
+fn with_used_adverts_a_task_crosses_two_nats_to_a_worker_found_in_the_dht() {
+    if let Some(why) = cannot_run().or_else(|| mycel_testnet::netns::loss_available().err().map(|e| e.to_string())) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("net");
+    let _guard = Guard(&dir);
+    let manifest = up_with_args(
+        &dir,
+        3,
+        &["none", "none", "all-minilm-l6-v2"],
+        &["--nat", "port-restricted", "--adverts", "used"],
+    );
+    let (requester, worker) = (&manifest.nodes[1], &manifest.nodes[2]);
+    wait_until("the worker is reachable through the relay", Duration::from_secs(60), || {
+        let status: serde_json::Value = worker
+            .get(&agent(), "/api/v1/status")
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_json().ok())
+            .unwrap_or_default();
+        status["reachability"]["relayed_addrs"].as_array().is_some_and(|a| !a.is_empty())
+    });
+    // Its announcement at join expires (three intervals); nothing renews it.
+    wait_until("the requester holds no advert of the worker", Duration::from_secs(15), || {
+        peer_seen_by(requester, &worker.peer_id).is_none()
+    });
+    // The worker announces itself again with its relayed address (a few
+    // seconds: the DHT walk first waits out peers it cannot dial); until
+    // then the requester is told no one serves the model, and asks again.
+    let input = tmp.path().join("used.txt");
+    let lines: Vec<String> = (0..200).map(|i| format!("used text {i}: {}", "across the NAT ".repeat(i % 4))).collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let result = tmp.path().join("used.jsonl");
+    let started = Instant::now();
+    loop {
+        let out = submit_embed(requester, &input, &result, &["--items-per-shard", "50"]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            break;
+        }
+        assert!(stderr.contains("no peer serves"), "submit failed: {stderr}");
+        assert!(started.elapsed() < Duration::from_secs(60), "the worker was never found: {stderr}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    eprintln!(
+        "found and used after {:?}, over a {} connection",
+        started.elapsed(),
+        connection(requester, &worker.peer_id)
+    );
+    assert_exact(&result, &input, tmp.path(), 200);
+    down(&dir);
+}

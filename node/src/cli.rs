@@ -746,6 +746,13 @@ pub struct TestnetUpArgs {
     #[arg(long, value_name = "KIND", value_delimiter = ',')]
     pub nat: Vec<mycel_testnet::netns::NatKind>,
 
+    /// Whose adverts every node listens to (`mycel node --adverts`):
+    /// `all` (the default; `up` waits until every node holds every other's)
+    /// or `used` (only of the models a node uses, found through the DHT;
+    /// `up` waits until every node is connected and serves its models).
+    #[arg(long, default_value = "all", value_name = "all|used")]
+    pub adverts: mycel_net::AdvertScope,
+
     /// Make node INDEX misbehave, repeatable: `--fault 3=perturb` (wrong
     /// results), `2=forge` (corrupt signatures), `4=sometimes` (wrong on
     /// about one shard in four), `1=silent` (never answers), `5=slow`

@@ -23,6 +23,7 @@ pub fn run(cmd: TestnetCommand) -> Result<()> {
                 node_args: node_args(&args, models.as_ref().map(|m| m.dir.as_path())),
                 netns: args.netns,
                 nat: args.nat.clone(),
+                adverts_used: args.adverts == mycel_net::AdvertScope::Used,
             };
             if let Some(Models { dir: models, .. }) = &models {
                 // Measure the models once, alone, before the nodes start:
@@ -50,9 +51,14 @@ pub fn run(cmd: TestnetCommand) -> Result<()> {
                 .collect();
             print_table(&["NAME", "PEER ID", "LISTEN", "API"], &rows);
             eprintln!(
-                "\n{} nodes converged {:.2}s after the last one started, by their clocks \
+                "\n{} nodes {} {:.2}s after the last one started, by their clocks \
                  (confirmed by polling after {:.2}s; {:.2}s in all).\nmanifest: {}\nstop with: mycel testnet down --dir {}",
                 report.manifest.nodes.len(),
+                if opts.adverts_used {
+                    "connected (each hears only the adverts of the models it uses)"
+                } else {
+                    "converged"
+                },
                 report.converged_after_last_start.as_secs_f64(),
                 report.confirmed_after_last_start.as_secs_f64(),
                 report.total.as_secs_f64(),
@@ -67,7 +73,12 @@ pub fn run(cmd: TestnetCommand) -> Result<()> {
                         "waiting until the nodes serve their {count} models (loading, measured once per machine) ..."
                     );
                     let started = Instant::now();
-                    let missing = net::wait_models(&report.manifest, &expected, Instant::now() + args.models_timeout.0);
+                    let missing = net::wait_models(
+                        &report.manifest,
+                        &expected,
+                        opts.adverts_used,
+                        Instant::now() + args.models_timeout.0,
+                    );
                     if missing.is_empty() {
                         eprintln!("every node serves its models ({:.1}s).", started.elapsed().as_secs_f64());
                     } else {

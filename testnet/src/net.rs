@@ -60,7 +60,8 @@ impl NodeEntry {
 }
 
 /// The user's node settings, which testnet nodes never read.
-pub(crate) const NODE_ENV: [&str; 9] = [
+pub(crate) const NODE_ENV: [&str; 10] = [
+    "MYCEL_ADVERTS",
     "MYCEL_API_TOKEN",
     "MYCEL_CONFIG",
     "MYCEL_BOOTSTRAP",
@@ -96,6 +97,10 @@ pub struct UpOptions {
     /// Put every node but node 0 behind a NAT router of these kinds, in
     /// turn (implies `netns`); node 0 relays for them. Empty: no NAT.
     pub nat: Vec<crate::netns::NatKind>,
+    /// Every node listens only to the adverts of the models it uses
+    /// (`mycel node --adverts used`): tables never hold the whole testnet,
+    /// so it is up once every node is connected, not converged.
+    pub adverts_used: bool,
 }
 
 /// What `up` measured.
@@ -168,6 +173,9 @@ impl Starting {
             .args(opts.node_args.get(index as usize % opts.node_args.len().max(1)).into_iter().flatten());
         if let Some(b) = bootstrap {
             cmd.args(["--bootstrap", b]);
+        }
+        if opts.adverts_used {
+            cmd.args(["--adverts", "used"]);
         }
         if netns.is_some_and(|n| !n.nat.is_empty()) {
             // Behind NAT: QUIC too (hole punching over UDP), and reachability
@@ -243,7 +251,8 @@ fn log_tail(data_dir: &Path, lines: usize) -> String {
 }
 
 /// Starts the testnet and waits until every node holds every other node's
-/// advert. On failure, the nodes already started are stopped again.
+/// advert (with [`UpOptions::adverts_used`], until every node is connected
+/// to another). On failure, the nodes already started are stopped again.
 pub fn up(opts: &UpOptions) -> Result<UpReport> {
     if let Ok(existing) = Manifest::read(&opts.dir)
         && existing.nodes.iter().any(is_our_node)
@@ -283,7 +292,8 @@ pub fn up(opts: &UpOptions) -> Result<UpReport> {
         }
         let manifest = Manifest { nodes, netns: netns.clone() };
         manifest.write(&opts.dir)?;
-        let converged_ms = wait_converged(&manifest, deadline)?;
+        let converged_ms =
+            if opts.adverts_used { wait_connected(&manifest, deadline)? } else { wait_converged(&manifest, deadline)? };
         let confirmed = last_start.elapsed();
         let converged = Duration::from_millis(converged_ms.saturating_sub(last_start_ms)).min(confirmed);
         Ok(UpReport {
@@ -386,12 +396,44 @@ pub fn wait_converged(manifest: &Manifest, deadline: Instant) -> Result<u64> {
     }
 }
 
+/// Polls every node until each is connected to another (or alone in the
+/// testnet), or fails at `deadline` naming who is not. Returns when that
+/// was seen (ms since the Unix epoch).
+pub fn wait_connected(manifest: &Manifest, deadline: Instant) -> Result<u64> {
+    let agent = agent();
+    let want = usize::from(manifest.nodes.len() > 1);
+    let nodes: Vec<&NodeEntry> = manifest.nodes.iter().collect();
+    loop {
+        let statuses = on_each(&nodes, |n| get_json::<StatusView>(&agent, n, "status"));
+        let alone: Vec<&str> = nodes
+            .iter()
+            .zip(&statuses)
+            .filter(|(_, s)| !s.as_ref().is_ok_and(|s| s.connected_peers >= want))
+            .map(|(n, _)| n.name.as_str())
+            .collect();
+        if alone.is_empty() {
+            return Ok(unix_ms());
+        }
+        if Instant::now() > deadline {
+            bail!("the testnet did not connect in time: {} connected to no other node", alone.join(", "));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Polls every node until it serves the models `expected[i]` (by id) and
 /// every other node's table shows them in its advert, so a task sent to
-/// any node finds them; or until `deadline`. Returns what is still
-/// missing then, one line per node ("node-01 is still loading ..."); empty
-/// when everything is served.
-pub fn wait_models(manifest: &Manifest, expected: &[BTreeSet<String>], deadline: Instant) -> Vec<String> {
+/// any node finds them (with `adverts_used`, nodes hold no one's advert
+/// until they use a model: then only until each serves its own, and a
+/// task finds them through the DHT); or until `deadline`. Returns what is
+/// still missing then, one line per node ("node-01 is still loading
+/// ..."); empty when everything is served.
+pub fn wait_models(
+    manifest: &Manifest,
+    expected: &[BTreeSet<String>],
+    adverts_used: bool,
+    deadline: Instant,
+) -> Vec<String> {
     let agent = agent();
     let nodes: Vec<&NodeEntry> = manifest.nodes.iter().collect();
     let none = BTreeSet::new();
@@ -407,6 +449,9 @@ pub fn wait_models(manifest: &Manifest, expected: &[BTreeSet<String>], deadline:
             let loading: Vec<&String> = want(i).iter().filter(|m| !own.contains(*m)).collect();
             if !loading.is_empty() {
                 missing.push(format!("{} is still loading {}", node.name, join(&loading)));
+                continue;
+            }
+            if adverts_used {
                 continue;
             }
             // Whether the others have this node's advert with its models.

@@ -62,6 +62,10 @@ const LOOKUP_ASK: usize = 16;
 /// One DHT lookup per model this often, at most: a model served by fewer
 /// than [`LOOKUP_BELOW`] nodes would otherwise cost one per request.
 const LOOKUP_EVERY: Duration = Duration::from_secs(30);
+/// After a lookup that found no worker, the next may come this soon: a
+/// worker that just became reachable (a relay took it) re-announces itself
+/// within seconds, and the user asking again should find it.
+const LOOKUP_AGAIN_AFTER_NONE: Duration = Duration::from_secs(5);
 /// Keys whose last lookup is remembered (for [`LOOKUP_EVERY`]).
 const LOOKUPS_REMEMBERED: usize = 1024;
 /// With [`AdvertScope::Used`], a model not asked for this long is no
@@ -311,7 +315,7 @@ pub struct EventLoop {
     model_topics: HashSet<String>,
     /// With [`AdvertScope::Used`]: the models asked for, and when last.
     used: HashMap<Digest, Instant>,
-    /// When each key was last looked up in the DHT.
+    /// When each key may be looked up in the DHT again.
     looked_up: HashMap<ModelKey, Instant>,
     /// Worker lookups in progress, by DHT query.
     lookups: HashMap<kad::QueryId, Lookup>,
@@ -324,6 +328,9 @@ pub struct EventLoop {
     listen_addrs: Vec<Multiaddr>,
     /// When to re-publish early (a peer joined); `None` when not planned.
     republish_at: Option<Instant>,
+    /// Announce our models in the DHT again with that republish (our
+    /// external addresses changed).
+    reannounce: bool,
     /// Provider record keys we announced.
     providing: HashSet<Vec<u8>>,
     /// Peers we asked for their adverts (at most [`SYNC_PEERS`]).
@@ -466,6 +473,7 @@ pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Ev
         last_seq: 0,
         listen_addrs: Vec::new(),
         republish_at: None,
+        reannounce: false,
         providing: HashSet::new(),
         synced: HashSet::new(),
         advert_delivered: false,
@@ -570,6 +578,9 @@ impl EventLoop {
                     if republish.is_some() => {
                     self.republish_at = None;
                     self.publish_advert();
+                    if std::mem::take(&mut self.reannounce) {
+                        self.reannounce_models();
+                    }
                 }
                 _ = async { tokio::time::sleep_until(resync.unwrap_or_else(Instant::now)).await },
                     if resync.is_some() => {
@@ -786,6 +797,17 @@ impl EventLoop {
         }
     }
 
+    /// Announces every served model's provider records again: they carry
+    /// the external addresses we had when they were announced, and a node
+    /// behind NAT has a dialable one only once a relay took it.
+    fn reannounce_models(&mut self) {
+        debug!(external = ?self.swarm.external_addresses().collect::<Vec<_>>(), "announcing our models again");
+        self.providing.clear();
+        if let Some(advert) = self.advert.clone() {
+            self.provide_models(&advert);
+        }
+    }
+
     fn listen_to(&mut self, topic: String) {
         if self.model_topics.contains(&topic) {
             return;
@@ -831,7 +853,8 @@ impl EventLoop {
                 let _ = self.swarm.behaviour_mut().gossipsub.unsubscribe(&gossipsub::IdentTopic::new(topic));
             }
         }
-        self.looked_up.retain(|_, at| at.elapsed() < LOOKUP_EVERY);
+        let now = Instant::now();
+        self.looked_up.retain(|_, again| *again > now);
     }
 
     /// The table's peers serving a model.
@@ -852,12 +875,12 @@ impl EventLoop {
         }
         // A node that hears every advert knows every worker already.
         let listens_to_all = self.config.advert_scope == AdvertScope::All;
-        let recent = self.looked_up.get(&key).is_some_and(|at| at.elapsed() < LOOKUP_EVERY);
+        let recent = self.looked_up.get(&key).is_some_and(|again| *again > Instant::now());
         if listens_to_all || known.len() >= LOOKUP_BELOW || recent || self.looked_up.len() >= LOOKUPS_REMEMBERED {
             let _ = reply.map(|r| r.send(known));
             return;
         }
-        self.looked_up.insert(key.clone(), Instant::now());
+        self.looked_up.insert(key.clone(), Instant::now() + LOOKUP_EVERY);
         let id = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&key.record_key()));
         let waiting = reply.into_iter().map(|r| (want, r)).collect();
         self.lookups.insert(id, Lookup { key, asked: HashSet::new(), outstanding: 0, query_done: false, waiting });
@@ -899,6 +922,9 @@ impl EventLoop {
         }
         if done && let Some(lookup) = self.lookups.remove(&id) {
             debug!(key = ?lookup.key, found = found.len(), asked = lookup.asked.len(), "worker lookup done");
+            if found.is_empty() {
+                self.looked_up.insert(lookup.key, Instant::now() + LOOKUP_AGAIN_AFTER_NONE);
+            }
         }
     }
 
@@ -1008,8 +1034,12 @@ impl EventLoop {
                 info!(%address, "listening");
                 if crate::paths::is_relayed(&address) {
                     // Peers behind other NATs reach us only this way: tell
-                    // them now, not at the next periodic advert.
+                    // them now, not at the next periodic advert; and in our
+                    // provider records, which carry our external addresses
+                    // (a node that never hears our adverts finds us there).
                     self.republish_at.get_or_insert_with(|| Instant::now() + REPUBLISH_DEBOUNCE);
+                    self.swarm.add_external_address(address.clone());
+                    self.reannounce = true;
                 }
                 // A relay server must tell clients where it is reached;
                 // without addresses named, those it listens on are it
@@ -1028,11 +1058,16 @@ impl EventLoop {
                 self.emit(Event::Listening(address));
             }
             SwarmEvent::ExternalAddrConfirmed { address } => {
-                info!(%address, "reachable from outside on this address");
+                if !crate::paths::is_relayed(&address) {
+                    info!(%address, "reachable from outside on this address");
+                }
                 self.republish_at.get_or_insert_with(|| Instant::now() + REPUBLISH_DEBOUNCE);
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
+                if crate::paths::is_relayed(&address) {
+                    self.swarm.remove_external_address(&address);
+                }
             }
             SwarmEvent::ListenerClosed { listener_id, addresses, reason } => {
                 if let Err(e) = reason {
@@ -1040,6 +1075,9 @@ impl EventLoop {
                 }
                 for a in &addresses {
                     self.listen_addrs.retain(|l| l != a);
+                    if crate::paths::is_relayed(a) {
+                        self.swarm.remove_external_address(a);
+                    }
                 }
                 // A relay's reservation ended (the relay went away or
                 // refused): free the slot for another, and forget that relay
@@ -1429,6 +1467,9 @@ impl EventLoop {
     }
 
     fn on_kad_query(&mut self, id: kad::QueryId, result: kad::QueryResult, last: bool) {
+        if let kad::QueryResult::StartProviding(r) = &result {
+            debug!(result = ?r, "announced a model in the DHT");
+        }
         let kad::QueryResult::GetProviders(result) = result else { return };
         if self.lookups.contains_key(&id) {
             return self.on_lookup(id, result, last);
