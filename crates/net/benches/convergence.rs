@@ -11,6 +11,9 @@
 //!
 //!     cargo bench -p mycel-net --bench convergence -- [NODES...]
 //!
+//! `MYCEL_BENCH_WORKERS=K` caps the nodes serving the bench model at K (the
+//! swarm grows around a fixed set of workers).
+//!
 //! With `MYCEL_BENCH_ADVERTS=used` every node listens only to the adverts of
 //! the models it uses ([`mycel_net::AdvertScope::Used`]): tables never hold
 //! the whole swarm, so "converged" is when every node has a connection; one
@@ -94,8 +97,20 @@ fn live_mib() -> f64 {
     LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
 }
 
-/// One node in [`SERVER_EVERY`] serves the bench model.
+/// One node in [`SERVER_EVERY`] serves the bench model (and, with
+/// `used`, one in ten uses it), unless `MYCEL_BENCH_WORKERS` caps the
+/// servers: then the swarm grows around a fixed set of workers.
 const SERVER_EVERY: usize = 10;
+
+/// `MYCEL_BENCH_WORKERS`: at most this many nodes serve the bench model.
+fn workers_cap() -> usize {
+    std::env::var("MYCEL_BENCH_WORKERS").ok().and_then(|s| s.parse().ok()).unwrap_or(usize::MAX)
+}
+
+/// Whether node `i` serves the bench model.
+fn serves_model(i: usize) -> bool {
+    i % SERVER_EVERY == 1 && i / SERVER_EVERY < workers_cap()
+}
 /// Workers a joining requester must know before it counts as found.
 const WORKERS_WANTED: usize = 3;
 /// How long the settled swarm idles while its traffic is counted.
@@ -120,7 +135,7 @@ fn advert(i: usize) -> Advert {
         seq: 0,
         timestamp_ms: 0,
         software: version::SOFTWARE_VERSION.into(),
-        models: if i % SERVER_EVERY == 1 { vec![bench_model()] } else { vec![] },
+        models: if serves_model(i) { vec![bench_model()] } else { vec![] },
         hardware: Hardware { cpu_model: format!("bench-{i}"), cores: 2, ..Hardware::default() },
         load: Load::default(),
         price: Price::default(),
@@ -412,7 +427,7 @@ async fn run(n: usize) -> Figures {
     let joined = Instant::now();
     let (requester, _) = start(vec![mid]);
     requester.set_advert(advert(0)).await.expect("advert");
-    let wanted = WORKERS_WANTED.min(n / SERVER_EVERY).max(1);
+    let wanted = WORKERS_WANTED.min((0..n).filter(|i| serves_model(*i)).count()).max(1);
     let find_workers = loop {
         let peers = if used {
             requester.find_workers(key.clone(), wanted).await.expect("find workers")
@@ -455,13 +470,17 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     println!(
         "in-process swarm ({} cores, advert interval {} s, idle connections closed after {} s, \
-         peer target {} with a {} s grace, adverts: {:?})",
+         peer target {} with a {} s grace, adverts: {:?}, serving the bench model: {})",
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         advert_interval().as_secs(),
         idle_timeout().as_secs(),
         peer_target().0,
         peer_target().1.as_secs(),
         advert_scope(),
+        match workers_cap() {
+            usize::MAX => "one node in ten".to_string(),
+            k => format!("one node in ten, at most {k}"),
+        },
     );
     println!(
         "{:>6}  {:>22}  {:>14}  {:>16}  {:>17}  {:>23}  {:>14}  {:>12}  {:>17}  {:>30}",
