@@ -161,19 +161,33 @@ fn hole_punches(node: &NodeEntry) -> u64 {
     status["reachability"]["hole_punches_ok"].as_u64().unwrap_or(0)
 }
 
+/// Whether the NAT tests cannot run here (no root or no iptables); says why.
+fn skipped_without_nat() -> bool {
+    let why = cannot_run().or_else(|| mycel_testnet::netns::loss_available().err().map(|e| e.to_string()));
+    if let Some(why) = &why {
+        eprintln!("skipped: {why}");
+    }
+    why.is_some()
+}
+
+/// A public node (node-00) and two homes behind NAT routers: node-01
+/// serves nothing (the requester), node-02 embeds.
+fn two_homes(dir: &Path, args: &[&str]) -> Manifest {
+    up_with_args(dir, 3, &["none", "none", "all-minilm-l6-v2"], args)
+}
+
 /// Runs `test` on three nodes: node-00 public (bootstrap and relay),
 /// node-01 (no models, the requester) and node-02 (the embedder), each
 /// behind a NAT router of kind `kind`; once node-01 knows node-02's relayed
 /// address. Skips without root and iptables.
 fn with_two_homes_behind(kind: &str, test: impl FnOnce(&Path, &Manifest)) {
-    if let Some(why) = cannot_run().or_else(|| mycel_testnet::netns::loss_available().err().map(|e| e.to_string())) {
-        eprintln!("skipped: {why}");
+    if skipped_without_nat() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("net");
     let _guard = Guard(&dir);
-    let manifest = up_with_args(&dir, 3, &["none", "none", "all-minilm-l6-v2"], &["--nat", kind]);
+    let manifest = two_homes(&dir, &["--nat", kind]);
     let (requester, worker) = (&manifest.nodes[1], &manifest.nodes[2]);
     wait_until("the worker's relayed address reaches the requester", Duration::from_secs(60), || {
         peer_seen_by(requester, &worker.peer_id).is_some_and(|p| {
@@ -248,19 +262,13 @@ fn behind_symmetric_nats_the_relay_carries_what_hole_punching_cannot() {
 /// through the relay, and the task completes.
 #[test]
 fn with_used_adverts_a_task_crosses_two_nats_to_a_worker_found_in_the_dht() {
-    if let Some(why) = cannot_run().or_else(|| mycel_testnet::netns::loss_available().err().map(|e| e.to_string())) {
-        eprintln!("skipped: {why}");
+    if skipped_without_nat() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("net");
     let _guard = Guard(&dir);
-    let manifest = up_with_args(
-        &dir,
-        3,
-        &["none", "none", "all-minilm-l6-v2"],
-        &["--nat", "port-restricted", "--adverts", "used"],
-    );
+    let manifest = two_homes(&dir, &["--nat", "port-restricted", "--adverts", "used"]);
     let (requester, worker) = (&manifest.nodes[1], &manifest.nodes[2]);
     wait_until("the worker is reachable through the relay", Duration::from_secs(60), || {
         let status: serde_json::Value = worker
