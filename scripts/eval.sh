@@ -8,7 +8,11 @@
 # The whole sets take hours on a small machine. Every answer is journaled in
 # target/eval/answers-CODE-TRIVIA.jsonl; run the same command again and it
 # goes on from there (remove the file to start over). MYCEL_EVAL_MINUTES=N
-# stops asking after N minutes and reports what is done.
+# stops asking after N minutes and reports what is done. A fresh clone
+# starts from the journal committed in scripts/eval-journal/ (each answer
+# names the CPU it ran on; the report says when rows come from several);
+# after a sitting, commit it back:
+#   gzip -9 -c target/eval/answers-164-260.jsonl > scripts/eval-journal/answers-164-260.jsonl.gz
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -62,8 +66,13 @@ step "evaluating: $code code items, $trivia trivia questions"
 metrics=()
 for a in "${apis[@]}"; do metrics+=(--metrics "$a/metrics"); done
 # The test processes the harness starts run on the same cores as the nodes.
+journal="$work/answers-$code-$trivia.jsonl"
+if [ ! -f "$journal" ] && [ -f "scripts/eval-journal/answers-$code-$trivia.jsonl.gz" ]; then
+  gzip -dc "scripts/eval-journal/answers-$code-$trivia.jsonl.gz" > "$journal"
+  echo "going on from the committed journal ($(($(wc -l < "$journal") - 1)) answers)"
+fi
 until=()
 [ -n "${MYCEL_EVAL_MINUTES:-}" ] && until=(--until "$(($(date +%s) + MYCEL_EVAL_MINUTES * 60))")
 python3 scripts/eval.py --api "${apis[0]}" "${metrics[@]}" --data "$work/data" --code "$code" --trivia "$trivia" \
-  --journal "$work/answers-$code-$trivia.jsonl" --commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+  --journal "$journal" --commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
   "${until[@]}" --out "$work/results.json"
