@@ -7,8 +7,11 @@ use std::process::Command;
 /// invocation's profile (`scripts/test.sh` builds it before the tests).
 pub fn mycel() -> Command {
     let mut cmd = Command::new(mycel_path());
-    // Tests never read the developer's own node or config.
-    cmd.env_remove("MYCEL_DATA_DIR").env_remove("MYCEL_NODE").env("RUST_LOG", "warn");
+    // Tests never read the developer's own node or config. Logs at warn,
+    // unless MYCEL_TEST_LOG asks for more (a `RUST_LOG` filter, which the
+    // nodes a testnet starts inherit): for chasing a failure.
+    let log = std::env::var("MYCEL_TEST_LOG").unwrap_or_else(|_| "warn".to_string());
+    cmd.env_remove("MYCEL_DATA_DIR").env_remove("MYCEL_NODE").env("RUST_LOG", log);
     cmd
 }
 
