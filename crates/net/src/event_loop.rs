@@ -1171,8 +1171,9 @@ impl EventLoop {
                     info!(peer = %remote_peer_id, "hole punched: a direct connection replaces the relayed one");
                     // Requests are spread over a peer's connections: with
                     // the relayed one gone, results take the direct path
-                    // and the relay carries nothing more for this pair.
-                    for relayed in self.swarm.behaviour().paths.relayed_to(&remote_peer_id) {
+                    // and the relay carries nothing more for this pair. It
+                    // goes once the direct one answers a ping (see paths).
+                    for relayed in self.swarm.behaviour_mut().paths.retire_relayed(remote_peer_id) {
                         self.swarm.close_connection(relayed);
                     }
                 }
@@ -1182,7 +1183,9 @@ impl EventLoop {
                 }
             },
             BehaviourEvent::Ping(libp2p::ping::Event { connection, result: Ok(_), .. }) => {
-                self.swarm.behaviour_mut().paths.answered(connection);
+                for relayed in self.swarm.behaviour_mut().paths.answered(connection) {
+                    self.swarm.close_connection(relayed);
+                }
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {

@@ -15,8 +15,18 @@
 //!
 //! So: one relayed connection per peer, and a second direct one only
 //! beside a direct one that answered a ping within [`ALIVE_WITHIN`].
+//!
+//! Hole punching then retires the relayed connection, but only once the
+//! direct one has answered a ping: the answer proves that the other end's
+//! swarm holds the direct connection (handlers run only after it is
+//! registered). Closed any earlier, the other end could see the relayed
+//! connection close before the direct one arrive, take the peer for gone
+//! and back, and resend its subscriptions to an end that, having seen no
+//! gap, never resends its own: that end's adverts then reached nobody (the
+//! other never learnt it listens), and once the relay died the pair
+//! stopped hearing each other.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -64,6 +74,8 @@ pub struct OnePerPath {
     paths: HashMap<ConnectionId, (PeerId, bool)>,
     /// Per peer: when a direct connection last answered a ping.
     alive: HashMap<PeerId, Instant>,
+    /// Peers whose relayed connection goes once a direct one answers.
+    retiring: HashSet<PeerId>,
 }
 
 impl OnePerPath {
@@ -78,15 +90,30 @@ impl OnePerPath {
         }
     }
 
-    /// A connection answered a ping.
-    pub fn answered(&mut self, connection: ConnectionId) {
-        if let Some((peer, false)) = self.paths.get(&connection) {
-            self.alive.insert(*peer, Instant::now());
+    /// A connection answered a ping: the relayed connections to close now
+    /// (see [`OnePerPath::retire_relayed`]).
+    #[must_use = "the relayed connections returned are to be closed"]
+    pub fn answered(&mut self, connection: ConnectionId) -> Vec<ConnectionId> {
+        let Some(&(peer, false)) = self.paths.get(&connection) else { return Vec::new() };
+        self.alive.insert(peer, Instant::now());
+        if self.retiring.remove(&peer) { self.relayed_to(&peer) } else { Vec::new() }
+    }
+
+    /// Hole punching opened a direct connection to `peer`: its relayed
+    /// connections are to close once a direct one answers a ping. Returns
+    /// those to close now (one already did).
+    #[must_use = "the relayed connections returned are to be closed"]
+    pub fn retire_relayed(&mut self, peer: PeerId) -> Vec<ConnectionId> {
+        if self.alive.contains_key(&peer) {
+            self.relayed_to(&peer)
+        } else {
+            self.retiring.insert(peer);
+            Vec::new()
         }
     }
 
     /// The relayed connections to `peer`.
-    pub fn relayed_to(&self, peer: &PeerId) -> Vec<ConnectionId> {
+    fn relayed_to(&self, peer: &PeerId) -> Vec<ConnectionId> {
         self.paths.iter().filter(|(_, (p, relayed))| p == peer && *relayed).map(|(c, _)| *c).collect()
     }
 
@@ -137,6 +164,7 @@ impl NetworkBehaviour for OnePerPath {
                     c[usize::from(relayed)] = c[usize::from(relayed)].saturating_sub(1);
                     if *c == [0, 0] {
                         self.counts.remove(&peer);
+                        self.retiring.remove(&peer);
                     }
                     if !relayed {
                         self.alive.remove(&peer);
@@ -193,5 +221,23 @@ mod tests {
         rule.counts.insert(peer, [1, 0]);
         assert!(rule.check(peer, false).is_err(), "beside one silent for too long (a partition)");
         assert!(rule.check(PeerId::random(), false).is_ok(), "other peers are not affected");
+    }
+
+    #[test]
+    fn a_punched_peers_relayed_connection_goes_only_once_the_direct_one_answers() {
+        let mut rule = OnePerPath::default();
+        let (peer, other) = (PeerId::random(), PeerId::random());
+        let (relayed, direct, others) =
+            (ConnectionId::new_unchecked(1), ConnectionId::new_unchecked(2), ConnectionId::new_unchecked(3));
+        rule.paths.insert(relayed, (peer, true));
+        rule.paths.insert(direct, (peer, false));
+        rule.paths.insert(others, (other, false));
+        rule.counts.insert(peer, [1, 1]);
+        assert!(rule.retire_relayed(peer).is_empty(), "the other end may not hold the direct connection yet");
+        assert!(rule.answered(others).is_empty(), "another peer's answer retires nothing");
+        assert!(rule.answered(relayed).is_empty(), "the relayed connection's own answer proves nothing");
+        assert_eq!(rule.answered(direct), vec![relayed], "the direct one answered: the relayed one goes");
+        assert!(rule.answered(direct).is_empty(), "once");
+        assert_eq!(rule.retire_relayed(peer), vec![relayed], "punched again beside a live direct one: at once");
     }
 }
