@@ -123,7 +123,8 @@ pub enum Event {
     Forged { from: PublicKey, shard: Option<u32>, claim: Option<Digest> },
     /// A worker turned an award down, or could not be reached.
     Refused { from: PublicKey, shard: u32 },
-    /// A peer disconnected or its advert expired.
+    /// A peer's advert expired: it may be gone, or only its adverts may
+    /// have stopped reaching us (a gossip hub died) while it works on.
     PeerLost(PublicKey),
     /// A timer set by [`Action::SetTimer`] fired.
     Timer(Timer),
@@ -319,6 +320,13 @@ pub struct Requester {
     /// restart their results are answered as late.
     #[serde(skip)]
     late: BTreeMap<(u32, PublicKey), u64>,
+    /// Executors taken off a shard because their adverts stopped, with
+    /// what their execution would cost. Silence is no proof of death: a
+    /// result that still comes is accepted (and paid for, if the budget
+    /// still has room) without penalty, but nothing waits for it. Not
+    /// journaled, like `late`.
+    #[serde(skip)]
+    lost: BTreeMap<(u32, PublicKey), u64>,
     rounds_without_bids: u32,
     /// Most the task may spend (micro-credits), what accepted executions
     /// cost so far, and what each running one will cost, by (shard, peer).
@@ -461,6 +469,7 @@ impl Requester {
             refusals: BTreeMap::new(),
             awarded_ms: BTreeMap::new(),
             late: BTreeMap::new(),
+            lost: BTreeMap::new(),
             banned: BTreeSet::new(),
             rounds_without_bids: 0,
             spot_secret,
@@ -686,11 +695,20 @@ impl Requester {
             }
             Event::PeerLost(peer) => {
                 self.offers.remove(&peer);
-                // Gone: its late result will not come.
-                self.late.retain(|(_, p), _| *p != peer);
+                // Maybe gone: its shards go to others and nothing waits
+                // for it, but its results are still taken if they come,
+                // and should it bid again it may run the same shards.
+                let late: Vec<((u32, PublicKey), u64)> =
+                    self.late.iter().filter(|((_, p), _)| *p == peer).map(|(k, c)| (*k, *c)).collect();
+                for (key, charge) in late {
+                    self.late.remove(&key);
+                    self.lost.insert(key, charge);
+                }
                 let shards: Vec<u32> = self.busy.get(&peer).map(|s| s.iter().copied().collect()).unwrap_or_default();
                 for shard in shards {
-                    self.drop_executor(now_ms, shard, peer, None, &mut out);
+                    let charge = self.charges.get(&(shard, peer)).copied().unwrap_or(0);
+                    self.lost.insert((shard, peer), charge);
+                    self.release(now_ms, shard, peer, None, false, &mut out);
                 }
             }
             Event::Timer(Timer::BidsClose { round }) => {
@@ -1102,8 +1120,11 @@ impl Requester {
             }
         };
         self.dirty.insert(index as u32);
-        // A late executor's result, first after all: paid for like any.
-        if let Some(charge) = self.late.remove(&(index as u32, from)) {
+        // A late or lost executor's result, first after all: paid for
+        // like any.
+        if let Some(charge) =
+            self.late.remove(&(index as u32, from)).or_else(|| self.lost.remove(&(index as u32, from)))
+        {
             self.charges.insert((index as u32, from), charge);
         }
         let state = &mut self.shards[index];
@@ -1128,6 +1149,7 @@ impl Requester {
         self.banned.insert(peer);
         self.offers.remove(&peer);
         self.late.retain(|(_, p), _| *p != peer);
+        self.lost.retain(|(_, p), _| *p != peer);
         let mut reopened = false;
         for (index, state) in self.shards.iter_mut().enumerate() {
             let alone = state.accepted == Some(peer) && state.results.len() <= 1;
@@ -1168,8 +1190,15 @@ impl Requester {
         if state.done().is_some() || state.results.contains_key(&signer) {
             return Err(RejectReason::AlreadyComplete);
         }
-        if !state.running.contains(&signer) && !self.late.contains_key(&(claim.shard, signer)) {
-            return Err(if state.excluded.contains(&signer) { RejectReason::Late } else { RejectReason::NotAwarded });
+        let key = (claim.shard, signer);
+        if !state.running.contains(&signer) && !self.late.contains_key(&key) {
+            match self.lost.get(&key) {
+                // Its charge is no longer committed: taken only if it fits.
+                Some(charge) if self.affordable(*charge) => {}
+                Some(_) => return Err(RejectReason::Late),
+                None if state.excluded.contains(&signer) => return Err(RejectReason::Late),
+                None => return Err(RejectReason::NotAwarded),
+            }
         }
         if claim.input != state.plan.input || claim.first_item != state.plan.first_item {
             return Err(RejectReason::InputMismatch);
@@ -1233,6 +1262,8 @@ impl Requester {
             self.late.remove(&(index as u32, peer));
             out.push(Action::Penalise { peer, reason: RejectReason::Late });
         }
+        // Nor one whose adverts stopped (no fault known).
+        self.lost.retain(|(shard, _), _| *shard != index as u32);
         for peer in still {
             self.charges.remove(&(index as u32, peer));
             if let Some(set) = self.busy.get_mut(&peer) {
@@ -1314,6 +1345,7 @@ impl Requester {
         for (_, peer) in std::mem::take(&mut self.late).into_keys() {
             out.push(Action::Penalise { peer, reason: RejectReason::Late });
         }
+        self.lost.clear();
         self.phase = Phase::Failed;
         self.failure = Some(reason.clone());
         out.push(Action::Persist);

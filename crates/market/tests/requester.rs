@@ -711,6 +711,33 @@ fn a_lost_peer_is_replaced() {
     check_output(&sim, &spec);
 }
 
+/// The only worker's adverts stop reaching the requester (the gossip hub
+/// between them died) while it runs the shards: taken off them, but not
+/// shut out. Its results, still coming over the direct connection, are
+/// accepted without penalty, and when it bids again it may run the rest.
+#[test]
+fn a_worker_whose_adverts_stopped_still_delivers_and_may_bid_again() {
+    let spec = spec(20, 10, 1);
+    let config = Config { enough_bids: 1, straggler_factor: 1e9, ..Config::default() };
+    let mut sim = Sim::new(&spec, 1, config.clone());
+    sim.bid(0, 1);
+    let w0 = sim.peer(0);
+    let first = sim.inbox.remove(&w0).unwrap().remove(0);
+    let result = sim.result_for(0, &first, 0);
+    sim.event(Event::PeerLost(w0));
+    assert_eq!(sim.requester.executors(), vec![None, None], "nothing waits for it");
+    sim.event(Event::result(w0, result));
+    assert_eq!(sim.acks.last().unwrap(), &(w0, Verdict::Accepted), "its result, still taken");
+    assert_eq!(sim.requester.shards_done(), 1);
+    // It bids in the next round and runs the other shard.
+    sim.advance(config.bid_window_ms);
+    sim.bid(0, 1);
+    sim.run_all();
+    check_output(&sim, &spec);
+    assert_eq!(sim.requester.executors(), vec![Some(w0), Some(w0)]);
+    assert!(sim.penalised.is_empty(), "{:?}", sim.penalised);
+}
+
 #[test]
 fn every_shard_completes_exactly_once_when_all_results_arrive_twice() {
     let spec = spec(50, 5, 1);
