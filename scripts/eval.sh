@@ -65,12 +65,12 @@ echo
 step "evaluating: $code code items, $trivia trivia questions"
 metrics=()
 for a in "${apis[@]}"; do metrics+=(--metrics "$a/metrics"); done
-# The test processes the harness starts run on the same cores as the nodes.
 journal="$work/answers-$code-$trivia.jsonl"
 if [ ! -f "$journal" ] && [ -f "scripts/eval-journal/answers-$code-$trivia.jsonl.gz" ]; then
   gzip -dc "scripts/eval-journal/answers-$code-$trivia.jsonl.gz" > "$journal"
   echo "going on from the committed journal ($(($(wc -l < "$journal") - 1)) answers)"
 fi
+# The test processes the harness starts run on the same cores as the nodes.
 until=()
 [ -n "${MYCEL_EVAL_MINUTES:-}" ] && until=(--until "$(($(date +%s) + MYCEL_EVAL_MINUTES * 60))")
 python3 scripts/eval.py --api "${apis[0]}" "${metrics[@]}" --data "$work/data" --code "$code" --trivia "$trivia" \

@@ -738,6 +738,33 @@ fn a_worker_whose_adverts_stopped_still_delivers_and_may_bid_again() {
     assert!(sim.penalised.is_empty(), "{:?}", sim.penalised);
 }
 
+/// A lost worker's result is paid for only if the budget still has room:
+/// its charge stopped counting when it was taken off the shard, and the
+/// budget went to the worker that took over.
+#[test]
+fn a_lost_workers_late_result_is_not_taken_past_the_budget() {
+    // Two shards of 10 texts at 10 micro-credits a text: 100 each.
+    let mut spec = spec(20, 10, 1);
+    spec.budget_micros = Some(200);
+    let config = Config { enough_bids: 1, straggler_factor: 1e9, ..Config::default() };
+    let mut sim = Sim::new(&spec, 2, config.clone());
+    sim.bid_at(0, 1, Price { micros_per_unit: 10 });
+    let w0 = sim.peer(0);
+    let award = sim.inbox.remove(&w0).unwrap().remove(0);
+    let result = sim.result_for(0, &award, 0);
+    sim.event(Event::PeerLost(w0));
+    sim.advance(config.bid_window_ms);
+    sim.bid_at(1, 2, Price { micros_per_unit: 10 });
+    let w1 = sim.peer(1);
+    let given: usize = sim.inbox.get(&w1).into_iter().flatten().map(|a| a.shards.len()).sum();
+    assert_eq!(given, 2, "both shards to the worker that bid, the whole budget committed to it");
+    sim.event(Event::result(w0, result));
+    assert_eq!(sim.acks.last().unwrap(), &(w0, Verdict::Rejected(RejectReason::Late)), "no room left");
+    sim.run_all();
+    check_output(&sim, &spec);
+    assert!(sim.penalised.is_empty(), "{:?}", sim.penalised);
+}
+
 #[test]
 fn every_shard_completes_exactly_once_when_all_results_arrive_twice() {
     let spec = spec(50, 5, 1);
