@@ -582,6 +582,12 @@ pub struct NodeArgs {
     #[arg(long, env = "MYCEL_THREADS", value_name = "N")]
     pub threads: Option<usize>,
 
+    /// Threads a short embedding (the prompt `mycel/auto` routes on) may use
+    /// while the model pool has nothing else to do; 1 never lends idle
+    /// cores [default: all cores].
+    #[arg(long = "idle-threads", env = "MYCEL_IDLE_THREADS", value_name = "N")]
+    pub idle_threads: Option<usize>,
+
     /// How often to re-publish this node's advert, e.g. 500ms, 10s [default: 10s].
     #[arg(long, env = "MYCEL_ADVERT_INTERVAL", value_name = "DURATION")]
     pub advert_interval: Option<DurationArg>,

@@ -55,6 +55,9 @@ pub struct NodeConfig {
     pub replicas: usize,
     /// Compute threads per replica.
     pub threads: usize,
+    /// Threads a short embedding (a routed prompt) may use while the model
+    /// pool has nothing else to do.
+    pub idle_threads: usize,
     /// Finished tasks (with their outputs) kept for `mycel task` and the
     /// API; older ones are dropped, from the journal too.
     pub keep_finished: usize,
@@ -71,6 +74,16 @@ pub const DEFAULT_PEERS: usize = mycel_net::DEFAULT_PEER_TARGET;
 pub const DEFAULT_API: &str = "127.0.0.1:7700";
 
 impl NodeConfig {
+    /// The model worker pool these settings ask for.
+    pub fn pool(&self) -> mycel_models::PoolConfig {
+        mycel_models::PoolConfig {
+            replicas: self.replicas,
+            threads: self.threads,
+            idle_threads: self.idle_threads,
+            ..mycel_models::PoolConfig::for_cores(self.replicas)
+        }
+    }
+
     fn defaults(data_dir: PathBuf) -> Self {
         Self {
             listen: vec![parse_addr("/ip4/0.0.0.0/tcp/4001"), parse_addr("/ip4/0.0.0.0/udp/4001/quic-v1")],
@@ -91,6 +104,7 @@ impl NodeConfig {
             models: None,
             replicas: std::thread::available_parallelism().map_or(1, |n| n.get()),
             threads: 1,
+            idle_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             keep_finished: 100,
             max_running_tasks: 256,
             fault: None,
@@ -183,6 +197,9 @@ impl NodeConfig {
         if let Some(n) = args.threads {
             c.threads = n;
         }
+        if let Some(n) = args.idle_threads {
+            c.idle_threads = n;
+        }
         if let Some(n) = args.keep_finished {
             c.keep_finished = n;
         }
@@ -193,8 +210,8 @@ impl NodeConfig {
         if c.models.as_ref().is_some_and(|m| m.iter().any(|id| id == "none")) {
             c.models = Some(Vec::new());
         }
-        if c.replicas == 0 || c.threads == 0 {
-            bail!("replicas and threads must be at least 1");
+        if c.replicas == 0 || c.threads == 0 || c.idle_threads == 0 {
+            bail!("replicas, threads and idle-threads must be at least 1");
         }
         if c.max_running_tasks == 0 {
             bail!("max-running-tasks must be at least 1");
@@ -236,6 +253,7 @@ struct FileConfig {
     models: Option<Vec<String>>,
     replicas: Option<usize>,
     threads: Option<usize>,
+    idle_threads: Option<usize>,
     keep_finished: Option<usize>,
     max_running_tasks: Option<usize>,
 }
@@ -297,6 +315,9 @@ impl FileConfig {
         }
         if let Some(n) = self.threads {
             c.threads = n;
+        }
+        if let Some(n) = self.idle_threads {
+            c.idle_threads = n;
         }
         if let Some(n) = self.keep_finished {
             c.keep_finished = n;
@@ -381,6 +402,8 @@ mod tests {
             "3",
             "--threads",
             "2",
+            "--idle-threads",
+            "4",
             "--keep-finished",
             "7",
         ]))
@@ -388,7 +411,8 @@ mod tests {
         assert_eq!(c.keep_finished, 7);
         assert_eq!(c.models_dir, PathBuf::from("/tmp/m"));
         assert_eq!(c.models, Some(vec!["a".to_string(), "b".to_string()]));
-        assert_eq!((c.replicas, c.threads), (3, 2));
+        assert_eq!((c.replicas, c.threads, c.idle_threads), (3, 2, 4));
+        assert_eq!(c.pool().idle_threads, 4);
         assert_eq!(c.data_dir, PathBuf::from("/tmp/d"));
         assert_eq!(
             c.listen,
@@ -407,7 +431,7 @@ mod tests {
         let file = dir.path().join("mycel.toml");
         std::fs::write(
             &file,
-            "data_dir = \"/tmp/from-file\"\nlisten = [\"/ip4/127.0.0.1/tcp/7001\"]\napi = \"127.0.0.1:8001\"\nmdns = false\nadvert_interval = \"3s\"\nmodels = [\"all-minilm-l6-v2\"]\nreplicas = 2\nkeep_finished = 5\n",
+            "data_dir = \"/tmp/from-file\"\nlisten = [\"/ip4/127.0.0.1/tcp/7001\"]\napi = \"127.0.0.1:8001\"\nmdns = false\nadvert_interval = \"3s\"\nmodels = [\"all-minilm-l6-v2\"]\nreplicas = 2\nidle_threads = 1\nkeep_finished = 5\n",
         )
         .unwrap();
         let path = file.to_str().unwrap();
@@ -419,7 +443,7 @@ mod tests {
         assert_eq!(c.advert_interval, Duration::from_secs(3));
         assert_eq!(c.models, Some(vec!["all-minilm-l6-v2".to_string()]));
         assert_eq!(c.models_dir, PathBuf::from("/tmp/from-file/models"));
-        assert_eq!(c.replicas, 2);
+        assert_eq!((c.replicas, c.idle_threads), (2, 1));
         assert_eq!(c.keep_finished, 5);
 
         let c = NodeConfig::load(&node_args(&["--config", path, "--api", "127.0.0.1:8002", "--data-dir", "/tmp/flag"]))

@@ -82,20 +82,19 @@ pub fn choose(config: &NodeConfig) -> Result<Vec<LocalModel>> {
 /// Loads the chosen models, measures them (or reads the cached figures),
 /// and starts the worker pool. Blocking: run it off the async workers.
 pub fn load(config: &NodeConfig, chosen: Vec<LocalModel>, hardware: &Hardware) -> Result<LocalModels> {
-    load_with(&config.models_dir, config.replicas, config.threads, chosen, hardware, false)
+    load_with(&config.models_dir, config.pool(), chosen, hardware, false)
 }
 
 /// [`load`] without a node: `remeasure` ignores cached figures.
 pub fn load_with(
     models_dir: &Path,
-    replicas: usize,
-    threads: usize,
+    pool: PoolConfig,
     chosen: Vec<LocalModel>,
     hardware: &Hardware,
     remeasure: bool,
 ) -> Result<LocalModels> {
-    let pool = Pool::new(PoolConfig { replicas, threads, ..PoolConfig::for_cores(replicas) })
-        .context("starting the model worker pool")?;
+    let threads = pool.threads;
+    let pool = Pool::new(pool).context("starting the model worker pool")?;
     let mut cache = bench::Cache::load(models_dir);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut embedders = Vec::new();

@@ -1,7 +1,7 @@
 //! `mycel models fetch|list`.
 
 use anyhow::{Context, Result};
-use mycel_models::{fetch, registry};
+use mycel_models::{PoolConfig, fetch, registry};
 use mycel_protocol::ModelKind;
 
 use crate::cli::ModelsCommand;
@@ -42,7 +42,9 @@ pub fn run(cmd: ModelsCommand) -> Result<()> {
             }
             let hardware = mycel_models::hardware::detect();
             eprintln!("measuring {} models with {} replica(s) x 1 thread ...", models.len(), args.replicas);
-            let loaded = crate::local::load_with(&dir, args.replicas as usize, 1, models, &hardware, !args.keep)?;
+            // Throughput under load: no idle cores lent.
+            let pool = PoolConfig { threads: 1, idle_threads: 1, ..PoolConfig::for_cores(args.replicas as usize) };
+            let loaded = crate::local::load_with(&dir, pool, models, &hardware, !args.keep)?;
             for m in loaded.adverts() {
                 let t = m.throughput;
                 match m.kind {

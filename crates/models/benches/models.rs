@@ -178,9 +178,14 @@ fn embeddings(dir: &std::path::Path, min: Duration, out: &mut serde_json::Map<St
     // RAYON_NUM_THREADS=1 CANDLE_NUM_THREADS=1 for single-threaded replicas), each job a batch of
     // 32 short texts.
     let replicas: usize = std::env::var("MYCEL_BENCH_REPLICAS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-    let pool =
-        Pool::new(PoolConfig { replicas, threads: candle_core::utils::get_num_threads(), queue: 64, max_batch: 32 })
-            .unwrap();
+    let pool = Pool::new(PoolConfig {
+        replicas,
+        threads: candle_core::utils::get_num_threads(),
+        queue: 64,
+        max_batch: 32,
+        idle_threads: 1,
+    })
+    .unwrap();
     let shared = Arc::new(embedder);
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
     // Four jobs per replica in flight, so no replica waits for another's

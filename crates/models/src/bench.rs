@@ -154,7 +154,8 @@ mod tests {
 
     #[test]
     fn figures_are_kept_per_weights_hardware_and_pool() {
-        let pool = |replicas| Pool::new(PoolConfig { replicas, threads: 1, queue: 1, max_batch: 1 }).unwrap();
+        let pool =
+            |replicas| Pool::new(PoolConfig { replicas, threads: 1, queue: 1, max_batch: 1, idle_threads: 1 }).unwrap();
         let (one, two) = (pool(1), pool(2));
         let hw = Hardware { cpu_model: "EPYC".into(), cores: 2, simd: vec!["avx2".into()], ..Hardware::default() };
         let key = cache_key("aa", &hw, &one, 1);

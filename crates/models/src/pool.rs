@@ -22,6 +22,15 @@
 //! Embedding jobs are batched dynamically: a replica that picks up an
 //! embedding job also takes the embedding jobs for the same model waiting
 //! behind it, up to `max_batch` texts, and runs them as one batch.
+//!
+//! Idle cores are lent to latency: a small embedding batch (one request's
+//! prompt, at most [`WIDEN_MAX_TOKENS`] tokens) that finds nothing else
+//! running or queued runs on `idle_threads` threads instead of its
+//! replica's `threads` (a pool of its own, shared by the replicas). That
+//! is the routing step of `mycel/auto`, milliseconds in front of every
+//! routed request; under load every job keeps its own threads, which is
+//! what gives the throughput above. Another job arriving meanwhile shares
+//! the cores for those few milliseconds.
 //! Cancellation: a job whose caller has gone (dropped its receiver) is
 //! skipped; a generation stops at the next token once its stream is closed.
 
@@ -49,6 +58,9 @@ pub struct PoolConfig {
     pub queue: usize,
     /// Most texts in one embedding batch.
     pub max_batch: usize,
+    /// Threads a small embedding batch may use when it is the pool's only
+    /// work (at most `threads`: never more than its replica's).
+    pub idle_threads: usize,
 }
 
 impl PoolConfig {
@@ -56,9 +68,14 @@ impl PoolConfig {
     /// 8 single-threaded replicas embedded 869 sentences/s where one
     /// 16-thread model did 267.
     pub fn for_cores(cores: usize) -> Self {
-        Self { replicas: cores.max(1), threads: 1, queue: 64, max_batch: 64 }
+        Self { replicas: cores.max(1), threads: 1, queue: 64, max_batch: 64, idle_threads: cores.max(1) }
     }
 }
+
+/// The most tokens an embedding batch may hold to run on the idle threads:
+/// a few milliseconds of work, so a job arriving meanwhile waits for its
+/// core no longer than that.
+pub const WIDEN_MAX_TOKENS: u64 = 512;
 
 /// Why the pool did not take a job.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -85,6 +102,8 @@ pub struct PoolLoad {
     pub batches: u64,
     /// Jobs dropped because their caller had gone.
     pub cancelled: u64,
+    /// Embedding batches run on the idle threads (alone in the pool).
+    pub widened: u64,
 }
 
 /// Texts per forward pass inside a batch (sorted by length first).
@@ -135,6 +154,7 @@ struct Counters {
     active: AtomicUsize,
     batches: AtomicU64,
     cancelled: AtomicU64,
+    widened: AtomicU64,
 }
 
 /// The worker pool. Dropping it lets running jobs finish and stops the
@@ -159,15 +179,27 @@ impl Pool {
             replicas: config.replicas.max(1),
             threads: config.threads.max(1),
             max_batch: config.max_batch.max(1),
+            idle_threads: config.idle_threads.max(config.threads).max(1),
             ..config
         };
         let (sender, receiver) = std::sync::mpsc::sync_channel(config.queue);
         let receiver = Arc::new(Mutex::new(receiver));
         let counters = Arc::new(Counters::default());
+        let wide = if config.idle_threads > config.threads {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(config.idle_threads)
+                .thread_name(|t| format!("mycel-model-idle.{t}"))
+                .build()
+                .map_err(std::io::Error::other)?;
+            Some(Arc::new(pool))
+        } else {
+            None
+        };
         let threads = (0..config.replicas)
             .map(|i| {
                 let receiver = receiver.clone();
                 let counters = counters.clone();
+                let wide = wide.clone();
                 let compute = rayon::ThreadPoolBuilder::new()
                     .num_threads(config.threads)
                     .thread_name(move |t| format!("mycel-model-{i}.{t}"))
@@ -177,7 +209,7 @@ impl Pool {
                     .name(format!("mycel-model-{i}"))
                     // The replica's loop runs on a thread of its own pool, so
                     // the kernels it calls split across that pool alone.
-                    .spawn(move || compute.install(|| replica(&receiver, &counters, config.max_batch)))
+                    .spawn(move || compute.install(|| replica(&receiver, &counters, config.max_batch, wide.as_deref())))
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Self { sender: Some(sender), config, counters, threads })
@@ -196,6 +228,7 @@ impl Pool {
             capacity: self.config.replicas,
             batches: self.counters.batches.load(Ordering::Relaxed),
             cancelled: self.counters.cancelled.load(Ordering::Relaxed),
+            widened: self.counters.widened.load(Ordering::Relaxed),
         }
     }
 
@@ -250,7 +283,7 @@ impl Drop for Pool {
     }
 }
 
-fn replica(receiver: &Mutex<Receiver<Job>>, counters: &Counters, max_batch: usize) {
+fn replica(receiver: &Mutex<Receiver<Job>>, counters: &Counters, max_batch: usize, wide: Option<&rayon::ThreadPool>) {
     let mut local: VecDeque<Job> = VecDeque::new();
     loop {
         let job = match local.pop_front() {
@@ -296,7 +329,7 @@ fn replica(receiver: &Mutex<Receiver<Job>>, counters: &Counters, max_batch: usiz
                         }
                     }
                 }
-                run_embed_batch(&model, batch, counters);
+                run_embed_batch(&model, batch, counters, wide);
             }
             Job::Generate { model, prompt, params, pieces, reply } => {
                 let result = model.generate(&prompt, &params, &mut |piece| {
@@ -318,12 +351,21 @@ fn replica(receiver: &Mutex<Receiver<Job>>, counters: &Counters, max_batch: usiz
     }
 }
 
-fn run_embed_batch(model: &Embedder, batch: Vec<EmbedRequest>, counters: &Counters) {
+fn run_embed_batch(model: &Embedder, batch: Vec<EmbedRequest>, counters: &Counters, wide: Option<&rayon::ThreadPool>) {
     counters.batches.fetch_add(1, Ordering::Relaxed);
     let all: Vec<&str> = batch.iter().flat_map(|(texts, _)| texts.iter().map(String::as_str)).collect();
     let result = model.encode(&all).and_then(|encodings| {
         let tokens: Vec<u64> = encodings.iter().map(|e| e.len() as u64).collect();
-        Ok((model.embed_encoded(&encodings, EMBED_BATCH)?, tokens))
+        // Alone: this replica is the only one running and nothing waits.
+        let alone = counters.active.load(Ordering::Relaxed) == 1 && counters.queued.load(Ordering::Relaxed) == 0;
+        let vectors = match wide {
+            Some(wide) if alone && tokens.iter().sum::<u64>() <= WIDEN_MAX_TOKENS => {
+                counters.widened.fetch_add(1, Ordering::Relaxed);
+                wide.install(|| model.embed_encoded(&encodings, EMBED_BATCH))?
+            }
+            _ => model.embed_encoded(&encodings, EMBED_BATCH)?,
+        };
+        Ok((vectors, tokens))
     });
     counters.active.fetch_sub(1, Ordering::Relaxed);
     match result {

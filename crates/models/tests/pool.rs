@@ -25,7 +25,7 @@ async fn concurrent_embeddings_are_batched_and_match_direct_calls() {
     let direct = model.embed(&refs, 8).unwrap();
     let token_counts: Vec<u64> = model.encode(&refs).unwrap().iter().map(|e| e.len() as u64).collect();
 
-    let pool = Pool::new(PoolConfig { replicas: 1, threads: 1, queue: 64, max_batch: 64 }).unwrap();
+    let pool = Pool::new(PoolConfig { replicas: 1, threads: 1, queue: 64, max_batch: 64, idle_threads: 1 }).unwrap();
     // Occupy the single replica, so the next 40 requests queue up together.
     let blocker = pool.embed(model.clone(), vec!["x ".repeat(200); 16]).unwrap();
     let receivers: Vec<_> = texts.iter().map(|t| pool.embed(model.clone(), vec![t.clone()]).unwrap()).collect();
@@ -41,10 +41,45 @@ async fn concurrent_embeddings_are_batched_and_match_direct_calls() {
     assert_eq!((load.queued, load.active), (0, 0));
 }
 
+/// A small embedding that finds the pool idle runs on the idle threads
+/// (same vectors); one that arrives while another job runs, or one too
+/// large, keeps its replica's single thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_small_embedding_borrows_the_idle_threads() {
+    let model = embedder();
+    let prompt = "Write a function that returns the n-th Fibonacci number, iteratively.".to_string();
+    let direct = model.embed(&[prompt.as_str()], 8).unwrap();
+    let pool = Pool::new(PoolConfig { replicas: 2, threads: 1, queue: 8, max_batch: 1, idle_threads: 2 }).unwrap();
+
+    let alone = pool.embed(model.clone(), vec![prompt.clone()]).unwrap().await.unwrap().unwrap();
+    assert_eq!(pool.load().widened, 1, "the lone prompt ran on the idle threads");
+    let cos: f32 = alone.vectors[0].iter().zip(&direct[0]).map(|(a, b)| a * b).sum();
+    assert!(cos > 0.99999, "cosine {cos} to the single-threaded vectors");
+
+    // Too many tokens to lend the cores for: its replica's thread only.
+    let large = vec!["swarm ".repeat(120); 8];
+    pool.embed(model.clone(), large.clone()).unwrap().await.unwrap().unwrap();
+    assert_eq!(pool.load().widened, 1, "a large batch stays on one thread");
+
+    // While a large job runs on one replica, a prompt on the other does not
+    // borrow.
+    let blocker = pool.embed(model.clone(), vec!["y ".repeat(250); 48]).unwrap();
+    let started = std::time::Instant::now();
+    while pool.load().active == 0 {
+        assert!(started.elapsed().as_secs() < 30, "the replica never started the blocker");
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let beside = pool.embed(model.clone(), vec![prompt]).unwrap().await.unwrap().unwrap();
+    assert!(pool.load().active > 0, "the blocker should outlast one prompt");
+    assert_eq!(pool.load().widened, 1, "a prompt beside other work keeps its own thread");
+    assert_eq!(beside.vectors, alone.vectors, "split between threads by outputs, the sums are the same");
+    blocker.await.unwrap().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_refuses_and_abandoned_jobs_are_skipped() {
     let model = embedder();
-    let pool = Pool::new(PoolConfig { replicas: 1, threads: 1, queue: 2, max_batch: 1 }).unwrap();
+    let pool = Pool::new(PoolConfig { replicas: 1, threads: 1, queue: 2, max_batch: 1, idle_threads: 1 }).unwrap();
     let blocker = pool.embed(model.clone(), vec!["y ".repeat(250); 32]).unwrap();
     // Wait until the replica has taken the blocker off the queue.
     let started = std::time::Instant::now();
@@ -67,7 +102,7 @@ async fn generation_streams_and_stops_when_the_caller_leaves() {
     let model = Arc::new(Generator::load(&path, &LoadOptions::default(), &Device::Cpu).unwrap());
     let prompt =
         model.encode(&model.chat_prompt(&[ChatMessage::user("Write a long story about a ship.")]).unwrap()).unwrap();
-    let pool = Pool::new(PoolConfig { replicas: 2, threads: 1, queue: 4, max_batch: 8 }).unwrap();
+    let pool = Pool::new(PoolConfig { replicas: 2, threads: 1, queue: 4, max_batch: 8, idle_threads: 1 }).unwrap();
 
     let params = GenerateParams { max_tokens: 24, ..GenerateParams::default() };
     let (mut stream, done) = pool.generate(model.clone(), prompt.clone(), params.clone()).unwrap();
@@ -103,7 +138,7 @@ async fn shards_run_by_kind_with_each_items_text_streamed() {
     use mycel_models::shard::{self, Model, ShardError};
     use mycel_protocol::{ShardOutput, Work};
 
-    let pool = Pool::new(PoolConfig { replicas: 1, threads: 1, queue: 4, max_batch: 8 }).unwrap();
+    let pool = Pool::new(PoolConfig { replicas: 1, threads: 1, queue: 4, max_batch: 8, idle_threads: 1 }).unwrap();
     let embed = Work::Embed { texts: vec!["one".into(), "two words".into()] };
     let run = shard::run(&pool, Model::Embedder(embedder()), embed.clone(), 0, None).await.unwrap();
     let ShardOutput::Embeddings { dimensions, values } = &run.output else { panic!("vectors") };
