@@ -627,6 +627,21 @@ impl EventLoop {
             .flat_map(|t| gossip.mesh_peers(t))
             .copied()
             .collect();
+        // A worker's users: peers listening to the topic of a model we
+        // serve (with `--adverts used`, the requesters of our models).
+        // Closing them would cut them off our adverts; these connections
+        // are what serving costs, and grow with our users, not the swarm.
+        let served: HashSet<gossipsub::TopicHash> = self
+            .advert
+            .iter()
+            .flat_map(|a| &a.models)
+            .map(|m| gossipsub::IdentTopic::new(version::model_advert_topic(&m.weights)).hash())
+            .collect();
+        if !served.is_empty() {
+            protected.extend(
+                gossip.all_peers().filter(|(_, topics)| topics.iter().any(|t| served.contains(t))).map(|(p, _)| *p),
+            );
+        }
         protected.extend(self.relay_listeners.keys());
         protected.extend(&self.relay_clients);
         protected.extend(self.circuits.keys());

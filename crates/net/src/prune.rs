@@ -15,7 +15,9 @@
 //! us in *its* mesh: mesh membership is not always symmetric, and dropping
 //! such a link from both ends can leave a node with no path for its
 //! adverts), and so does a worker's own advert on the topic of a model we
-//! use (with `--adverts used`, the workers we need). Bootstrap peers are not spared: a bootstrap node would
+//! use (with `--adverts used`, the workers we need). A worker's caller also
+//! protects the peers listening to the topic of a model it serves (its
+//! users). Bootstrap peers are not spared: a bootstrap node would
 //! otherwise hold a connection to every node. Of the rest, the longest
 //! unused go first.
 //!

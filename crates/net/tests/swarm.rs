@@ -591,3 +591,49 @@ async fn with_used_adverts_a_requester_keeps_the_workers_it_uses_when_it_prunes(
         n.task.await.unwrap();
     }
 }
+
+/// The other side: a worker keeps its users' connections when it prunes.
+/// Each listens to the topic of the model it serves; closing them cut the
+/// users off its adverts (at 200 nodes in the convergence bench, a user
+/// heard one of its five workers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_used_adverts_a_worker_keeps_its_users_when_it_prunes() {
+    use mycel_net::{AdvertScope, ModelKey};
+    let interval = Duration::from_secs(1);
+    let used = |bootstrap| config(bootstrap, interval).with_advert_scope(AdvertScope::Used);
+    let boot_node = start_with(1, used(None)).await;
+    let boot = dial_addr(&boot_node).await;
+    // The worker keeps at most 5 connections (high water 6) past a 2 s
+    // grace: fewer than its 8 users.
+    let grace = Duration::from_secs(2);
+    let worker = start_with(2, used(Some(boot.clone())).with_peer_target(5, grace)).await;
+    worker.handle.set_advert(advert_serving(2, 100)).await.unwrap();
+    tokio::time::sleep(interval * 2).await;
+    let key = ModelKey::Weights(Digest::of(&[100]));
+    let mut users = Vec::new();
+    for seed in 10..18 {
+        let user = start_with(seed, used(Some(boot.clone()))).await;
+        wait_until("a user finds the worker", Duration::from_secs(15), || async {
+            !user.handle.find_workers(key.clone(), 1).await.unwrap().is_empty()
+        })
+        .await;
+        users.push(user);
+    }
+    // Well past the grace and the adverts' TTL (3 intervals): the worker
+    // is still connected to every user, and every user holds its advert.
+    tokio::time::sleep(grace + interval * 6).await;
+    let connected = worker.handle.connected().await.unwrap();
+    for user in &users {
+        assert!(
+            connected.contains(&user.key.peer_id()),
+            "the worker closed a user ({} connections left)",
+            connected.len()
+        );
+        let held = user.handle.peers().await.unwrap();
+        assert!(held.iter().any(|e| e.peer == worker.key.peer_id()), "a user lost the worker's advert");
+    }
+    for n in users.into_iter().chain([worker, boot_node]) {
+        n.stop.cancel();
+        n.task.await.unwrap();
+    }
+}
