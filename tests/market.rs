@@ -602,8 +602,9 @@ fn a_thousand_tasks_at_once() {
 #[test]
 fn a_node_listening_only_to_the_models_it_uses_finds_their_workers_in_the_dht() {
     // Three embedding workers; a fourth node, serving nothing, listens only
-    // to the adverts of models it is asked for. It hears no worker until a
-    // task needs one, then finds them through their provider records.
+    // to the adverts of models it is asked for. It hears one worker's
+    // advert (the catalogue: one per model) until a task needs the model,
+    // then finds them all through their provider records.
     let net = Swarm::up(3, &[]);
     let tmp = net.tmp.path();
     let data = tmp.join("used");
@@ -635,12 +636,22 @@ fn a_node_listening_only_to_the_models_it_uses_finds_their_workers_in_the_dht() 
         data_dir: data.clone(),
         api_token: None,
     };
-    // Connected, and several advert intervals on, it knows no worker.
+    // Connected, and several advert intervals on, it knows the model from
+    // the catalogue: one worker's advert (two while the turn passes), not
+    // the three.
     std::thread::sleep(Duration::from_secs(4));
     let status = mycel().args(["status", "--json", "--node", &node.api]).output().unwrap();
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap_or_default();
     assert_eq!(status["adverts"], "used", "{status:#}");
-    assert_eq!(peers_seen_by(&node).as_array().map_or(0, Vec::len), 0, "it hears adverts it did not ask for");
+    let seen = peers_seen_by(&node);
+    let held = seen.as_array().map_or(0, Vec::len);
+    assert!((1..=2).contains(&held), "it should hold the catalogue alone: {seen:#}");
+    assert!(seen.to_string().contains("all-minilm-l6-v2"), "{seen:#}");
+    let listed = get_json(&format!("{}/v1/models", node.api)).unwrap();
+    assert!(
+        listed["data"].as_array().is_some_and(|d| d.iter().any(|m| m["id"] == "all-minilm-l6-v2")),
+        "its model list misses the swarm's model: {listed:#}"
+    );
 
     let input = tmp.join("texts.txt");
     write_texts(&input, 60);

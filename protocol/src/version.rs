@@ -23,7 +23,13 @@ pub fn model_advert_topic(weights: &crate::Digest) -> String {
     format!("{ADVERT_TOPIC}/{}", weights.to_hex())
 }
 
-/// Whether a topic carries adverts ([`ADVERT_TOPIC`] or a model's).
+/// The swarm's catalogue of models: for each model, one recent advert of a
+/// node serving it, so that nodes listening only to the models they use
+/// still know every model there is (see `mycel-net`'s event loop).
+pub const CATALOGUE_TOPIC: &str = "mycel/adverts/4/catalogue";
+
+/// Whether a topic carries adverts ([`ADVERT_TOPIC`], a model's or the
+/// catalogue).
 pub fn is_advert_topic(topic: &str) -> bool {
     topic.strip_prefix(ADVERT_TOPIC).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }

@@ -128,6 +128,8 @@ pub struct Metrics {
     pub adverts_received: Counter,
     /// Adverts dropped as invalid, stale or replayed.
     pub adverts_rejected: Counter,
+    /// This node's adverts published on the model catalogue topic.
+    pub catalogue_published: Counter,
     /// Bytes of mycel messages received (request-response frames and gossip).
     pub bytes_in: Counter,
     /// Bytes of mycel messages sent.
@@ -179,6 +181,7 @@ impl Metrics {
             peers_known: Gauge::default(),
             adverts_received: Counter::default(),
             adverts_rejected: Counter::default(),
+            catalogue_published: Counter::default(),
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
             tasks: Family::new("state", Gauge::default),
@@ -216,6 +219,12 @@ impl Metrics {
             "mycel_adverts_rejected_total",
             "Adverts dropped: invalid, stale or replayed.",
             &self.adverts_rejected,
+        );
+        counter(
+            w,
+            "mycel_catalogue_published_total",
+            "This node's adverts published on the model catalogue.",
+            &self.catalogue_published,
         );
         counter(w, "mycel_bytes_received_total", "Bytes of mycel messages received.", &self.bytes_in);
         counter(w, "mycel_bytes_sent_total", "Bytes of mycel messages sent.", &self.bytes_out);

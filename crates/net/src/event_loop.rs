@@ -74,6 +74,8 @@ const USE_IDLE: Duration = Duration::from_secs(600);
 /// Model advert topics a node listens to at most: adverts name models
 /// freely, and each topic costs a gossip mesh.
 const MODEL_TOPICS: usize = 256;
+/// Models whose last catalogue advert a node remembers, at most.
+const CATALOGUE_MODELS: usize = 4096;
 
 /// A search for the workers of a model: a DHT lookup, then one advert
 /// request to each provider found (up to [`LOOKUP_ASK`]), all of them even
@@ -313,6 +315,12 @@ pub struct EventLoop {
     published_signed: Option<Signed<Advert>>,
     /// Model advert topics we listen to.
     model_topics: HashSet<String>,
+    /// When a catalogue advert was last heard for each model's weights,
+    /// and whether it was ours; a model missing counts as heard from
+    /// another node when this one started.
+    catalogue_heard: HashMap<Digest, (Instant, bool)>,
+    /// When the node started, for [`Self::catalogue_heard`].
+    started: Instant,
     /// With [`AdvertScope::Used`]: the models asked for, and when last.
     used: HashMap<Digest, Instant>,
     /// When each key may be looked up in the DHT again.
@@ -428,8 +436,10 @@ pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Ev
     }
     // A node listening only to the models it uses subscribes to their
     // topics as it uses them (`Handle::find_workers`).
+    // Every node hears the catalogue (one advert per model, see
+    // `publish_catalogue`).
     let general = (config.advert_scope == AdvertScope::All).then_some(version::ADVERT_TOPIC);
-    for topic in general.into_iter().chain([version::CFP_TOPIC]) {
+    for topic in general.into_iter().chain([version::CATALOGUE_TOPIC, version::CFP_TOPIC]) {
         let topic = gossipsub::IdentTopic::new(topic);
         swarm.behaviour_mut().gossipsub.subscribe(&topic).map_err(|e| NetError::Setup(format!("subscribe: {e}")))?;
     }
@@ -466,6 +476,8 @@ pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Ev
         published: None,
         published_signed: None,
         model_topics: HashSet::new(),
+        catalogue_heard: HashMap::new(),
+        started: Instant::now(),
         used: HashMap::new(),
         looked_up: HashMap::new(),
         lookups: HashMap::new(),
@@ -555,6 +567,9 @@ impl EventLoop {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(self.config.advert_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The catalogue's turns are finer than the advert interval.
+        let mut catalogue = tokio::time::interval(self.config.advert_interval / 4);
+        catalogue.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let republish = self.republish_at;
             let resync = self.resync_at;
@@ -565,6 +580,7 @@ impl EventLoop {
                     Some(c) => self.on_command(c),
                     None => break,
                 },
+                _ = catalogue.tick() => self.publish_catalogue(),
                 _ = tick.tick() => {
                     self.publish_advert();
                     self.expire();
@@ -985,6 +1001,69 @@ impl EventLoop {
         }
     }
 
+    /// The swarm's catalogue of models. With `--adverts used` a node holds
+    /// only the adverts of the models it serves or uses, yet its model
+    /// list, dashboard and `mycel/auto` need every model there is. So, for
+    /// each model, one recent advert of a node serving it circulates on the
+    /// catalogue topic, which every node hears: a node publishes its advert
+    /// there when, for one of its models, none was heard for a while: 1.5
+    /// advert intervals if the last was its own, else 2 to 2.75 (drawn
+    /// afresh each turn, so the first to get there speaks and the others
+    /// hear it and keep quiet; checked every quarter interval). The
+    /// speaker keeps the turn while it lives,
+    /// so each model's entry in the tables stays the same node's instead of
+    /// one expiring every round. Adverts live 3 intervals, so an entry is
+    /// renewed before it expires, and each node hears about one catalogue
+    /// advert per model every 1.5 intervals, however many nodes serve it.
+    /// A node that just started counts every model as heard from another
+    /// then: it listens before it speaks, so joining costs nothing here.
+    fn publish_catalogue(&mut self) {
+        let (Some(advert), Some(signed)) = (&self.published, &self.published_signed) else { return };
+        if advert.models.is_empty() {
+            return;
+        }
+        use std::hash::BuildHasher;
+        let spread = (std::hash::RandomState::new().hash_one(self.last_seq) % 1000) as f64 / 1000.0;
+        let interval = self.config.advert_interval;
+        let now = Instant::now();
+        let due = |w: &Digest| {
+            let (at, own) = self.catalogue_heard.get(w).copied().unwrap_or((self.started, false));
+            let quiet = if own { interval.mul_f64(1.5) } else { interval.mul_f64(2.0 + 0.75 * spread) };
+            now.duration_since(at) >= quiet
+        };
+        if !advert.models.iter().any(|m| due(&m.weights)) {
+            return;
+        }
+        let Ok(bytes) = signed.encode() else { return };
+        let size = bytes.len() as u64;
+        let topic = gossipsub::IdentTopic::new(version::CATALOGUE_TOPIC);
+        match self.swarm.behaviour_mut().gossipsub.publish(topic, bytes) {
+            Ok(_) => {
+                self.config.metrics.bytes_out.add(size);
+                self.config.metrics.catalogue_published.inc();
+                let weights: Vec<Digest> = advert.models.iter().map(|m| m.weights).collect();
+                for w in weights {
+                    self.heard_in_catalogue(w, now, true);
+                }
+            }
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic | gossipsub::PublishError::AllQueuesFull(_)) => {}
+            Err(e) => debug!(error = %e, "catalogue advert not published"),
+        }
+    }
+
+    /// Notes a catalogue advert for a model, keeping the memory bounded.
+    fn heard_in_catalogue(&mut self, weights: Digest, now: Instant, own: bool) {
+        if self.catalogue_heard.len() >= CATALOGUE_MODELS && !self.catalogue_heard.contains_key(&weights) {
+            // Long silent models first: their adverts have expired anyway.
+            let ttl = self.config.advert_ttl;
+            self.catalogue_heard.retain(|_, (at, _)| now.duration_since(*at) < ttl);
+            if self.catalogue_heard.len() >= CATALOGUE_MODELS {
+                return;
+            }
+        }
+        self.catalogue_heard.insert(weights, (now, own));
+    }
+
     /// The addresses peers should dial us on, best first, before the
     /// advert's cap cuts any: confirmed external ones (AutoNAT found them
     /// reachable, or they were configured: a forwarded port, a public
@@ -1250,6 +1329,18 @@ impl EventLoop {
                     self.sync_requests.insert(id);
                 }
             }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic })
+                if self.config.advert_scope == AdvertScope::Used
+                    && self.synced.is_empty()
+                    && topic == gossipsub::IdentTopic::new(version::CATALOGUE_TOPIC).hash() =>
+            {
+                // A node listening to the models it uses learns the
+                // catalogue from its first peer rather than wait for it to
+                // come round (a model per advert: see `on_sync_response`).
+                self.synced.insert(peer_id);
+                let id = self.swarm.behaviour_mut().rpc.send_request(&peer_id, Request::Adverts);
+                self.sync_requests.insert(id);
+            }
             BehaviourEvent::Rpc(event) => self.on_rpc(event),
             BehaviourEvent::Relay(event) => self.on_relay_server(event),
             // A connection that stops answering pings is dead (a cut cable,
@@ -1285,7 +1376,27 @@ impl EventLoop {
                 return Reject;
             }
         };
-        match self.admit(signed, Via::Gossip(message.source)) {
+        // On the catalogue, the advert's models are heard (once it is
+        // admitted, or is the very advert we hold: it arrived first on a
+        // model's topic, and is passed on here all the same).
+        let catalogue = (message.topic == gossipsub::IdentTopic::new(version::CATALOGUE_TOPIC).hash())
+            .then(|| Advert::decode(signed.payload()).ok())
+            .flatten();
+        let result = self.admit(signed, Via::Gossip(message.source));
+        if let Some(advert) = catalogue
+            && match &result {
+                Ok(()) => true,
+                Err(Refused::Superseded { seq, held, .. }) => seq == held,
+                Err(_) => false,
+            }
+        {
+            let now = Instant::now();
+            for m in &advert.models {
+                self.heard_in_catalogue(m.weights, now, false);
+            }
+            return Accept;
+        }
+        match result {
             Ok(()) => Accept,
             Err(refused) if refused.is_misbehaviour() => {
                 debug!(source = ?message.source, reason = %refused, "advert rejected");
@@ -1472,7 +1583,18 @@ impl EventLoop {
         }
         let Response::Adverts(adverts) = response else { return };
         let mut admitted = 0;
+        // Listening to the models it uses, a node takes one advert per
+        // model it does not hold yet (the catalogue), not a peer's table.
+        let mut covered: Option<HashSet<Digest>> = (self.config.advert_scope == AdvertScope::Used)
+            .then(|| self.table.entries().flat_map(|e| e.advert.models.iter().map(|m| m.weights)).collect());
         for signed in adverts {
+            if let Some(covered) = &mut covered {
+                let Ok(claimed) = Advert::decode(signed.payload()) else { continue };
+                if claimed.models.iter().all(|m| covered.contains(&m.weights)) {
+                    continue;
+                }
+                covered.extend(claimed.models.iter().map(|m| m.weights));
+            }
             match self.admit(signed, Via::Sync) {
                 Ok(()) => admitted += 1,
                 Err(refused) if refused.is_misbehaviour() => {
