@@ -279,13 +279,14 @@ fn with_used_adverts_a_task_crosses_two_nats_to_a_worker_found_in_the_dht() {
             .unwrap_or_default();
         status["reachability"]["relayed_addrs"].as_array().is_some_and(|a| !a.is_empty())
     });
-    // Its announcement at join expires (three intervals); nothing renews it.
-    wait_until("the requester holds no advert of the worker", Duration::from_secs(15), || {
-        peer_seen_by(requester, &worker.peer_id).is_none()
-    });
-    // The worker announces itself again with its relayed address (a few
-    // seconds: the DHT walk first waits out peers it cannot dial); until
-    // then the requester is told no one serves the model, and asks again.
+    // The requester may hold the worker's advert from the catalogue (its
+    // only worker speaks for the model there) or not yet; either way it
+    // looks the model up in the DHT (fewer than three workers known), where
+    // the worker announces itself again with its relayed address (a few
+    // seconds: the DHT walk first waits out peers it cannot dial). Until it
+    // has a way to the worker, the requester is told no one serves the
+    // model, or (holding the worker's first advert, from before its relay,
+    // with only its private addresses) that no bid came, and asks again.
     let input = tmp.path().join("used.txt");
     let lines: Vec<String> = (0..200).map(|i| format!("used text {i}: {}", "across the NAT ".repeat(i % 4))).collect();
     std::fs::write(&input, lines.join("\n")).unwrap();
@@ -297,7 +298,7 @@ fn with_used_adverts_a_task_crosses_two_nats_to_a_worker_found_in_the_dht() {
         if out.status.success() {
             break;
         }
-        assert!(stderr.contains("no peer serves"), "submit failed: {stderr}");
+        assert!(stderr.contains("no peer serves") || stderr.contains("no usable bids"), "submit failed: {stderr}");
         assert!(started.elapsed() < Duration::from_secs(60), "the worker was never found: {stderr}");
         std::thread::sleep(Duration::from_secs(2));
     }
