@@ -518,11 +518,12 @@ pub struct NodeArgs {
     #[arg(long, env = "MYCEL_PEERS", value_name = "N")]
     pub peers: Option<usize>,
 
-    /// Whose adverts to listen to [default: all]: `all`, every node's (the
-    /// node knows the whole swarm); `used`, only those of the workers of
-    /// the models this node is asked for, found in the DHT when first
-    /// needed (a node's idle traffic then stays flat as the swarm grows;
-    /// its model list names only what it serves and uses).
+    /// Whose adverts to listen to [default: used]: `used`, only those of
+    /// the workers of the models this node is asked for, found in the DHT
+    /// when first needed, and the swarm's catalogue (one advert per model,
+    /// so its model list still names every model): its idle traffic stays
+    /// flat as the swarm grows; `all`, every node's (the node knows the
+    /// whole swarm, at a cost that grows with it).
     #[arg(long, env = "MYCEL_ADVERTS", value_name = "all|used")]
     pub adverts: Option<mycel_net::AdvertScope>,
 
@@ -753,9 +754,11 @@ pub struct TestnetUpArgs {
     pub nat: Vec<mycel_testnet::netns::NatKind>,
 
     /// Whose adverts every node listens to (`mycel node --adverts`):
-    /// `all` (the default; `up` waits until every node holds every other's)
-    /// or `used` (only of the models a node uses, found through the DHT;
-    /// `up` waits until every node is connected and serves its models).
+    /// `all` (the default here, where seeing the whole testnet is the
+    /// point; `up` waits until every node holds every other's) or `used`
+    /// (a node's default: only of the models a node uses, found through
+    /// the DHT, and the catalogue; `up` waits until every node is
+    /// connected and serves its models).
     #[arg(long, default_value = "all", value_name = "all|used")]
     pub adverts: mycel_net::AdvertScope,
 

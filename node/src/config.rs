@@ -37,8 +37,8 @@ pub struct NodeConfig {
     /// Connected peers to keep about (the least used past a quarter more
     /// are closed).
     pub peers: usize,
-    /// Whose periodic adverts to listen to: every node's, or only those
-    /// serving the models this node uses.
+    /// Whose periodic adverts to listen to: only those serving the models
+    /// this node uses (and the catalogue: one per model), or every node's.
     pub adverts: mycel_net::AdvertScope,
     /// AutoNAT probes private addresses too (testnets).
     pub probe_private_addrs: bool,
@@ -96,7 +96,7 @@ impl NodeConfig {
             relays: Vec::new(),
             external_addrs: Vec::new(),
             peers: DEFAULT_PEERS,
-            adverts: mycel_net::AdvertScope::All,
+            adverts: mycel_net::AdvertScope::Used,
             probe_private_addrs: false,
             advert_interval: Duration::from_secs(10),
             router_share_interval: Duration::from_secs(300),
@@ -484,15 +484,15 @@ mod tests {
     #[test]
     fn the_advert_scope_comes_from_the_flag_or_the_file() {
         use mycel_net::AdvertScope;
-        assert_eq!(NodeConfig::load(&node_args(&[])).unwrap().adverts, AdvertScope::All);
-        assert_eq!(NodeConfig::load(&node_args(&["--adverts", "used"])).unwrap().adverts, AdvertScope::Used);
+        assert_eq!(NodeConfig::load(&node_args(&[])).unwrap().adverts, AdvertScope::Used);
+        assert_eq!(NodeConfig::load(&node_args(&["--adverts", "all"])).unwrap().adverts, AdvertScope::All);
         assert!(Cli::try_parse_from(["mycel", "node", "--adverts", "some"]).is_err());
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("mycel.toml");
-        std::fs::write(&file, "adverts = \"used\"\n").unwrap();
+        std::fs::write(&file, "adverts = \"all\"\n").unwrap();
         assert_eq!(
             NodeConfig::load(&node_args(&["--config", file.to_str().unwrap()])).unwrap().adverts,
-            AdvertScope::Used
+            AdvertScope::All
         );
         std::fs::write(&file, "adverts = \"most\"\n").unwrap();
         let err = NodeConfig::load(&node_args(&["--config", file.to_str().unwrap()])).unwrap_err();

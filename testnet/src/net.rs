@@ -174,9 +174,8 @@ impl Starting {
         if let Some(b) = bootstrap {
             cmd.args(["--bootstrap", b]);
         }
-        if opts.adverts_used {
-            cmd.args(["--adverts", "used"]);
-        }
+        // Said either way: a node's own default is `used`.
+        cmd.args(["--adverts", if opts.adverts_used { "used" } else { "all" }]);
         if netns.is_some_and(|n| !n.nat.is_empty()) {
             // Behind NAT: QUIC too (hole punching over UDP), and reachability
             // probed on these private test addresses. Node 0 relays.
