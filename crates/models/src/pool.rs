@@ -31,6 +31,7 @@
 //! routed request; under load every job keeps its own threads, which is
 //! what gives the throughput above. Another job arriving meanwhile shares
 //! the cores for those few milliseconds.
+//!
 //! Cancellation: a job whose caller has gone (dropped its receiver) is
 //! skipped; a generation stops at the next token once its stream is closed.
 
@@ -59,7 +60,7 @@ pub struct PoolConfig {
     /// Most texts in one embedding batch.
     pub max_batch: usize,
     /// Threads a small embedding batch may use when it is the pool's only
-    /// work (at most `threads`: never more than its replica's).
+    /// work (never fewer than `threads`; equal: nothing is lent).
     pub idle_threads: usize,
 }
 

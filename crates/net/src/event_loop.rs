@@ -1010,13 +1010,13 @@ impl EventLoop {
     /// advert intervals if the last was its own, else 2 to 2.75 (drawn
     /// afresh each turn, so the first to get there speaks and the others
     /// hear it and keep quiet; checked every quarter interval). The
-    /// speaker keeps the turn while it lives,
-    /// so each model's entry in the tables stays the same node's instead of
-    /// one expiring every round. Adverts live 3 intervals, so an entry is
-    /// renewed before it expires, and each node hears about one catalogue
-    /// advert per model every 1.5 intervals, however many nodes serve it.
-    /// A node that just started counts every model as heard from another
-    /// then: it listens before it speaks, so joining costs nothing here.
+    /// speaker keeps the turn while it lives, so each model's entry in the
+    /// tables stays the same node's instead of one expiring every round.
+    /// Adverts live 3 intervals, so an entry is renewed before it expires,
+    /// and each node hears about one catalogue advert per model every 1.5
+    /// intervals, however many nodes serve it. A node that just started
+    /// counts every model as heard from another then: it listens before it
+    /// speaks, so joining costs nothing here.
     fn publish_catalogue(&mut self) {
         let (Some(advert), Some(signed)) = (&self.published, &self.published_signed) else { return };
         if advert.models.is_empty() {
