@@ -1323,10 +1323,9 @@ impl EventLoop {
                 // one's whole table.)
                 if self.config.advert_scope == AdvertScope::All
                     && self.synced.len() < SYNC_PEERS
-                    && self.synced.insert(peer_id)
+                    && !self.synced.contains(&peer_id)
                 {
-                    let id = self.swarm.behaviour_mut().rpc.send_request(&peer_id, Request::Adverts);
-                    self.sync_requests.insert(id);
+                    self.sync_with(peer_id);
                 }
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic })
@@ -1337,9 +1336,7 @@ impl EventLoop {
                 // A node listening to the models it uses learns the
                 // catalogue from its first peer rather than wait for it to
                 // come round (a model per advert: see `on_sync_response`).
-                self.synced.insert(peer_id);
-                let id = self.swarm.behaviour_mut().rpc.send_request(&peer_id, Request::Adverts);
-                self.sync_requests.insert(id);
+                self.sync_with(peer_id);
             }
             BehaviourEvent::Rpc(event) => self.on_rpc(event),
             BehaviourEvent::Relay(event) => self.on_relay_server(event),
@@ -1552,10 +1549,15 @@ impl EventLoop {
         // Prefer a peer we have not synced with: it may know other nodes.
         let pick = peers.iter().find(|p| !self.synced.contains(p)).or(peers.first()).copied();
         if let Some(peer) = pick {
-            self.synced.insert(peer);
-            let id = self.swarm.behaviour_mut().rpc.send_request(&peer, Request::Adverts);
-            self.sync_requests.insert(id);
+            self.sync_with(peer);
         }
+    }
+
+    /// Asks `peer` for the adverts it holds (see `on_sync_response`).
+    fn sync_with(&mut self, peer: PeerId) {
+        self.synced.insert(peer);
+        let id = self.swarm.behaviour_mut().rpc.send_request(&peer, Request::Adverts);
+        self.sync_requests.insert(id);
     }
 
     /// A provider's advert, asked for by a lookup (`None`: it failed).
