@@ -130,6 +130,13 @@ pub struct Metrics {
     pub adverts_rejected: Counter,
     /// This node's adverts published on the model catalogue topic.
     pub catalogue_published: Counter,
+    /// Connected peers by what keeps them open (`mesh`, `users`, `other`,
+    /// `young`, `used`, `idle`; set at each advert interval's pruning).
+    pub connections: Family<Gauge>,
+    /// Peers connected to (the first connection to each, either way).
+    pub connections_opened: Counter,
+    /// Connections closed by the pruner to keep to the peer target.
+    pub connections_pruned: Counter,
     /// Bytes of mycel messages received (request-response frames and gossip).
     pub bytes_in: Counter,
     /// Bytes of mycel messages sent.
@@ -182,6 +189,9 @@ impl Metrics {
             adverts_received: Counter::default(),
             adverts_rejected: Counter::default(),
             catalogue_published: Counter::default(),
+            connections: Family::new("kept", Gauge::default),
+            connections_opened: Counter::default(),
+            connections_pruned: Counter::default(),
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
             tasks: Family::new("state", Gauge::default),
@@ -225,6 +235,24 @@ impl Metrics {
             "mycel_catalogue_published_total",
             "This node's adverts published on the model catalogue.",
             &self.catalogue_published,
+        );
+        gauge_family(
+            w,
+            "mycel_connections",
+            "Connected peers by what keeps them open (mesh, users, other, young, used, idle).",
+            &self.connections,
+        );
+        counter(
+            w,
+            "mycel_connections_opened_total",
+            "Peers connected to (their first connection, either way).",
+            &self.connections_opened,
+        );
+        counter(
+            w,
+            "mycel_connections_pruned_total",
+            "Connections closed to keep to the peer target.",
+            &self.connections_pruned,
         );
         counter(w, "mycel_bytes_received_total", "Bytes of mycel messages received.", &self.bytes_in);
         counter(w, "mycel_bytes_sent_total", "Bytes of mycel messages sent.", &self.bytes_out);

@@ -196,6 +196,24 @@ struct Figures {
     /// A joining requester's time until it knows [`WORKERS_WANTED`]
     /// workers; `None` if not within [`GIVE_UP`].
     find_workers: Option<Duration>,
+    /// What kept the connections open when they were counted, and how
+    /// many the pruners had closed by then (see [`kept`]).
+    kept: String,
+}
+
+/// Connections per node by what keeps them open, at the nodes' last
+/// pruning tick (`mycel_connections`), and the connections the nodes'
+/// pruners closed so far.
+fn kept(metrics: &[Arc<Metrics>]) -> String {
+    let n = metrics.len().max(1) as f64;
+    let mut line = String::from("kept per node:");
+    for reason in ["mesh", "users", "other", "young", "used", "idle"] {
+        let sum: f64 = metrics.iter().map(|m| m.connections.with(reason).get()).sum();
+        line.push_str(&format!(" {reason} {:.1}", sum / n));
+    }
+    let pruned: u64 = metrics.iter().map(|m| m.connections_pruned.get()).sum();
+    line.push_str(&format!("; pruned {pruned} in all"));
+    line
 }
 
 /// `MYCEL_BENCH_ADVERTS`: `all` (a node's default) or `used`.
@@ -390,7 +408,15 @@ async fn run(n: usize) -> Figures {
     };
     // Settle: connections opened while joining are closed only once older
     // than the pruner's grace period, at an advert tick.
-    tokio::time::sleep(settle).await;
+    if trace {
+        let settled = Instant::now() + settle;
+        while Instant::now() < settled {
+            tokio::time::sleep(advert_interval().min(settled - Instant::now())).await;
+            eprintln!("  settling: {}", kept(&metrics));
+        }
+    } else {
+        tokio::time::sleep(settle).await;
+    }
     // Idle: what each node receives while nothing happens but adverts.
     let counts = |m: &[Arc<Metrics>]| -> (u64, u64) {
         m.iter()
@@ -412,9 +438,10 @@ async fn run(n: usize) -> Figures {
     for h in &nodes {
         connections.push(h.connected().await.expect("connected").len());
     }
-    let kept = rss_mib() / n as f64;
+    let kept_at_end = kept(&metrics);
+    let rss_kept = rss_mib() / n as f64;
     trim_allocator();
-    let rss_per_node_mib = (kept, rss_mib() / n as f64);
+    let rss_per_node_mib = (rss_kept, rss_mib() / n as f64);
     let live_per_node_mib = (live_mib() - live_before) / n as f64;
 
     let probe = read_probe(tokio::task::spawn_blocking(move || probe.wait_with_output()).await.expect("joined"));
@@ -455,6 +482,7 @@ async fn run(n: usize) -> Figures {
         live_per_node_mib,
         probe,
         find_workers,
+        kept: kept_at_end,
     }
 }
 
@@ -515,6 +543,7 @@ fn main() {
                 p.rss_mib, p.live_mib, p.connections, p.adverts_per_minute
             )),
         );
+        println!("{n:>6}  {}", f.kept);
         // Let sockets of the previous swarm close before the next.
         std::thread::sleep(Duration::from_secs(1));
     }

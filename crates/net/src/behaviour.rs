@@ -87,6 +87,14 @@ impl Behaviour {
 
         let mut kad_config = kad::Config::new(StreamProtocol::new(version::KAD_PROTOCOL));
         kad_config.set_query_timeout(Duration::from_secs(30));
+        // The event loop puts peers in the routing table itself, without
+        // the dial Kademlia makes for a full bucket (see `kad_add`).
+        kad_config.set_kbucket_inserts(kad::BucketInserts::Manual);
+        // Kademlia's periodic bootstrap walks toward every bucket in turn
+        // (the whole of a swarm of a few hundred), and nodes started
+        // together run it together; the event loop keeps its table fresh
+        // with a lookup of its own id instead (see `refresh_dht`).
+        kad_config.set_periodic_bootstrap_interval(None);
         let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
         // Serve the DHT even without a confirmed public address (local
         // swarms, testnets): otherwise peers never add us to their tables.

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::behaviour::{Behaviour, BehaviourConfig, BehaviourEvent};
+use crate::prune::Protection;
 use crate::table::{CapabilityTable, PeerEntry, Refused, TableConfig, Via};
 use crate::{AdvertScope, Config, Event, ModelKey, NetError, RequestError, now_ms};
 
@@ -53,6 +54,13 @@ const RELAYS_WANTED: usize = 2;
 /// After an advert expired, this long a node not connected to any bootstrap
 /// peer dials them (the swarm may have split, see `redial_bootstrap`).
 const REDIAL_AFTER_EXPIRY: Duration = Duration::from_secs(300);
+/// A node looks up its own id in the DHT about this often (a quarter more or
+/// less, drawn each time): see `refresh_dht`.
+const DHT_REFRESH: Duration = Duration::from_secs(600);
+/// A peer for a full DHT bucket holding a disconnected entry is let in (and
+/// that entry dialled, to see whether it is still alive) at most this often;
+/// see `kad_add`.
+const REVIVE_EVERY: Duration = Duration::from_secs(30);
 
 /// A node's table knowing fewer workers than this for a model it is asked
 /// for looks up more in the DHT.
@@ -390,6 +398,10 @@ pub struct EventLoop {
     circuits: HashMap<PeerId, u32>,
     /// When an advert last expired.
     last_expiry: Option<Instant>,
+    /// When a full DHT bucket last took a new peer (see `kad_add`).
+    last_revival: Option<Instant>,
+    /// When the node next looks up its own id (see `refresh_dht`).
+    next_dht_refresh: Instant,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -510,9 +522,19 @@ pub fn start(key: &Keypair, config: Config) -> Result<(Handle, mpsc::Receiver<Ev
         relay_clients: HashSet::new(),
         circuits: HashMap::new(),
         last_expiry: None,
+        last_revival: None,
+        next_dht_refresh: Instant::now() + spread(DHT_REFRESH),
     };
     event_loop.retake_fixed_relays();
     Ok((Handle { commands: cmd_tx, local }, ev_rx, event_loop))
+}
+
+/// `period`, a quarter more or less, drawn anew each call: nodes started
+/// together do not then act together.
+fn spread(period: Duration) -> Duration {
+    use std::hash::BuildHasher;
+    let draw = (std::hash::RandomState::new().hash_one(Instant::now()) % 1000) as f64 / 1000.0;
+    period.mul_f64(0.75 + 0.5 * draw)
 }
 
 fn listen(swarm: &mut Swarm<Behaviour>, addr: &Multiaddr) -> Result<ListenerId, NetError> {
@@ -589,6 +611,7 @@ impl EventLoop {
                     self.prune();
                     self.keep_floor();
                     self.forget_unused();
+                    self.refresh_dht();
                 }
                 _ = async { tokio::time::sleep_until(republish.unwrap_or_else(Instant::now)).await },
                     if republish.is_some() => {
@@ -631,18 +654,61 @@ impl EventLoop {
         }
     }
 
+    /// Every [`DHT_REFRESH`] or so, looks up the node's own id: its
+    /// neighbourhood in the DHT stays known to it and it to them (where
+    /// provider records are kept), at the cost of one walk, about twenty
+    /// peers. It replaces Kademlia's periodic bootstrap, which also walks
+    /// toward every farther bucket (see `Behaviour::new`).
+    fn refresh_dht(&mut self) {
+        if Instant::now() < self.next_dht_refresh {
+            return;
+        }
+        self.next_dht_refresh = Instant::now() + spread(DHT_REFRESH);
+        let local = *self.swarm.local_peer_id();
+        self.swarm.behaviour_mut().kad.get_closest_peers(local);
+    }
+
+    /// Puts a peer's address in the DHT routing table, as Kademlia would on
+    /// connection, but without its cascade of dials. A full bucket holding
+    /// a disconnected entry takes a new peer only after dialling that entry
+    /// to see whether it is alive; with the pruner closing connections,
+    /// far buckets are full of such entries (alive, merely pruned), so
+    /// every new connection dialled a pruned peer, whose identify could do
+    /// the same at its end: 150 nodes churned through thousands of
+    /// connections a minute and never came down to their peer target. Here
+    /// a peer goes in at once where its bucket has room (or holds it
+    /// already); a full bucket takes one, with its check, at most every
+    /// [`REVIVE_EVERY`]. A peer left out is still found through others'
+    /// tables, and dead entries are still replaced, only more slowly.
+    fn kad_add(&mut self, peer: PeerId, addr: Multiaddr) {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        let room = match kad.kbucket(peer) {
+            // Our own id.
+            None => return,
+            Some(bucket) => {
+                bucket.num_entries() < kad::K_VALUE.get() || bucket.iter().any(|e| *e.node.key.preimage() == peer)
+            }
+        };
+        if !room {
+            if self.last_revival.is_some_and(|at| at.elapsed() < REVIVE_EVERY) {
+                return;
+            }
+            self.last_revival = Some(Instant::now());
+        }
+        kad.add_address(&peer, addr);
+    }
+
     /// Closes the least used connections past the high-water mark (see
     /// [`crate::prune`]).
     fn prune(&mut self) {
         // The advert meshes carry what every node must hear; the CFP
         // topic's mesh re-forms among whoever stays connected.
         let gossip = &self.swarm.behaviour().gossipsub;
-        let mut protected: HashSet<PeerId> = gossip
-            .topics()
-            .filter(|t| version::is_advert_topic(t.as_str()))
-            .flat_map(|t| gossip.mesh_peers(t))
-            .copied()
-            .collect();
+        let mut protected: HashMap<PeerId, Protection> = HashMap::new();
+        for peer in gossip.topics().filter(|t| version::is_advert_topic(t.as_str())).flat_map(|t| gossip.mesh_peers(t))
+        {
+            protected.insert(*peer, Protection::Mesh);
+        }
         // A worker's users: peers listening to the topic of a model we
         // serve (with `--adverts used`, the requesters of our models).
         // Closing them would cut them off our adverts; these connections
@@ -654,17 +720,33 @@ impl EventLoop {
             .map(|m| gossipsub::IdentTopic::new(version::model_advert_topic(&m.weights)).hash())
             .collect();
         if !served.is_empty() {
-            protected.extend(
-                gossip.all_peers().filter(|(_, topics)| topics.iter().any(|t| served.contains(t))).map(|(p, _)| *p),
-            );
+            for (peer, _) in gossip.all_peers().filter(|(_, topics)| topics.iter().any(|t| served.contains(t))) {
+                protected.entry(*peer).or_insert(Protection::Users);
+            }
         }
-        protected.extend(self.relay_listeners.keys());
-        protected.extend(&self.relay_clients);
-        protected.extend(self.circuits.keys());
-        protected.extend(self.pending_requests.values().map(|(peer, _)| *peer));
-        let closing = self.pruner.to_close(std::time::Instant::now(), |p| protected.contains(p));
+        let others = self
+            .relay_listeners
+            .keys()
+            .chain(&self.relay_clients)
+            .chain(self.circuits.keys())
+            .chain(self.pending_requests.values().map(|(peer, _)| peer));
+        for peer in others {
+            protected.entry(*peer).or_insert(Protection::Other);
+        }
+        let now = std::time::Instant::now();
+        let census = self.pruner.census(now, |p| protected.get(p).copied());
+        for (reason, n) in census.by_reason() {
+            self.config.metrics.connections.with(reason).set(n as f64);
+        }
+        let closing = self.pruner.to_close(now, |p| protected.contains_key(p));
         if !closing.is_empty() {
-            debug!(closing = closing.len(), target = self.config.peer_target, "closing the least used connections");
+            debug!(
+                closing = closing.len(),
+                target = self.config.peer_target,
+                ?census,
+                "closing the least used connections"
+            );
+            self.config.metrics.connections_pruned.add(closing.len() as u64);
         }
         for peer in closing {
             let _ = self.swarm.disconnect_peer_id(peer);
@@ -1191,6 +1273,7 @@ impl EventLoop {
                     self.dialled.insert(connection_id, endpoint.get_remote_address().clone());
                 }
                 if num_established.get() == 1 {
+                    self.config.metrics.connections_opened.inc();
                     self.pruner.connected(peer_id, std::time::Instant::now());
                     if self.bootstrap_warned.remove(&peer_id) {
                         info!(peer = %peer_id, "bootstrap peer reached");
@@ -1234,7 +1317,7 @@ impl EventLoop {
                 let kad_protocol = libp2p::StreamProtocol::new(version::KAD_PROTOCOL);
                 if info.protocols.contains(&kad_protocol) {
                     for addr in info.listen_addrs {
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                        self.kad_add(peer_id, addr);
                     }
                 }
             }
@@ -1283,7 +1366,7 @@ impl EventLoop {
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    self.kad_add(peer, addr.clone());
                     if !self.swarm.is_connected(&peer) {
                         let _ = self.swarm.dial(addr);
                     }
@@ -1348,6 +1431,9 @@ impl EventLoop {
                 debug!(%peer, %error, "ping failed; closing the connection");
                 self.swarm.close_connection(connection);
             }
+            // Peers kad would have put in its table on connection (it is
+            // told to leave that to us: see `kad_add`).
+            BehaviourEvent::Kad(kad::Event::RoutablePeer { peer, address }) => self.kad_add(peer, address),
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. }) => {
                 self.on_kad_query(id, result, step.last);
             }
@@ -1609,6 +1695,19 @@ impl EventLoop {
     }
 
     fn on_kad_query(&mut self, id: kad::QueryId, result: kad::QueryResult, last: bool) {
+        // Kademlia bootstraps a node whose table is small (joining): a
+        // lookup of its own id, which is what joining needs, then a walk
+        // toward each farther bucket in turn, which in a swarm of a few
+        // hundred dials most of it, one walk after another. Connections
+        // the pruner closed in between were dialled again by the next
+        // walk: 200 nodes joining together made 290 connections each. Each
+        // of those walks is finished before it sends anything.
+        if matches!(result, kad::QueryResult::Bootstrap(_))
+            && !last
+            && let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id)
+        {
+            q.finish();
+        }
         if let kad::QueryResult::StartProviding(r) = &result {
             debug!(result = ?r, "announced a model in the DHT");
         }

@@ -94,8 +94,8 @@ pub struct Config {
     /// Connected peers a node keeps about; past a quarter more, the least
     /// used are closed (see `prune`). Never under 5.
     pub peer_target: usize,
-    /// A connection this young, or used this recently, is never closed to
-    /// keep to `peer_target`.
+    /// A connection used this recently is never closed to keep to
+    /// `peer_target`; nor is a new one, for 15 s or this, if shorter.
     pub prune_grace: Duration,
     /// How long an unused connection stays open.
     pub idle_timeout: Duration,
@@ -181,7 +181,8 @@ impl Config {
     }
 
     /// Keeps about `target` connected peers, closing the least used past a
-    /// quarter more; none younger or used more recently than `grace`.
+    /// quarter more; none used more recently than `grace`, nor any new
+    /// one for 15 s (or `grace`, if shorter).
     pub fn with_peer_target(mut self, target: usize, grace: Duration) -> Self {
         self.peer_target = target;
         self.prune_grace = grace;

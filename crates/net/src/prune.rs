@@ -10,8 +10,9 @@
 //!
 //! Never closed, whatever the count: peers the caller protects (our advert
 //! mesh, relays and the peers relaying through us, peers with requests in
-//! flight) and connections younger than the grace period or used within
-//! it, where forwarding us others' adverts counts as use (such a peer holds
+//! flight), connections opened within [`YOUNG`] (or the grace period, if
+//! shorter) and connections used within the grace period, where
+//! forwarding us others' adverts counts as use (such a peer holds
 //! us in *its* mesh: mesh membership is not always symmetric, and dropping
 //! such a link from both ends can leave a node with no path for its
 //! adverts), and so does a worker's own advert on the topic of a model we
@@ -33,11 +34,64 @@ use libp2p::PeerId;
 /// mesh size (`mesh_n_low`, 5 by default), so a mesh can form.
 pub const FLOOR: usize = 5;
 
-/// When a peer connected and when it was last of use.
+/// Why the caller protects a peer from pruning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protection {
+    /// In our mesh of an advert topic.
+    Mesh,
+    /// Listening to the topic of a model we serve.
+    Users,
+    /// A relay, a peer relaying through us, or a request in flight.
+    Other,
+}
+
+/// Connected peers by what keeps them: what an operator (or a bench) reads
+/// to see why a node holds more connections than its target.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Census {
+    /// Protected: in an advert mesh.
+    pub mesh: usize,
+    /// Protected: users of a model we serve.
+    pub users: usize,
+    /// Protected: relays, relayed peers, requests in flight.
+    pub other: usize,
+    /// Connected within the grace period.
+    pub young: usize,
+    /// Used within the grace period.
+    pub used: usize,
+    /// None of these: closed first when past the high-water mark.
+    pub idle: usize,
+}
+
+impl Census {
+    /// `(label, count)` per reason, in order.
+    pub fn by_reason(&self) -> [(&'static str, usize); 6] {
+        [
+            ("mesh", self.mesh),
+            ("users", self.users),
+            ("other", self.other),
+            ("young", self.young),
+            ("used", self.used),
+            ("idle", self.idle),
+        ]
+    }
+}
+
+/// A new connection that nothing has used is kept this long (or the grace
+/// period, if shorter): long enough for what opened it to use it (a request
+/// marks its peer used as it is sent; a gossip mesh forms within a
+/// heartbeat), while the connections a DHT query opened, which nothing uses
+/// once it moved on, go soon after. Kademlia's bootstrap walks most of a
+/// small swarm: with the whole grace period for each, a node joining a
+/// swarm of 150 held about 120 connections for a minute, and a swarm
+/// joining all at once stayed there while its walks went on.
+pub const YOUNG: Duration = Duration::from_secs(15);
+
+/// When a peer connected and when it was last of use (`None`: never).
 #[derive(Debug, Clone, Copy)]
 struct Usage {
     since: Instant,
-    used: Instant,
+    used: Option<Instant>,
 }
 
 /// Tracks connected peers' use and picks which to close.
@@ -49,8 +103,8 @@ pub struct Pruner {
 }
 
 impl Pruner {
-    /// Keeps about `target` connections; a connection younger than
-    /// `grace`, or used within it, is kept.
+    /// Keeps about `target` connections; a connection used within `grace`
+    /// is kept, and a new one for [`YOUNG`] (or `grace`, if shorter).
     pub fn new(target: usize, grace: Duration) -> Self {
         Self { target: target.max(FLOOR), grace, peers: HashMap::new() }
     }
@@ -62,7 +116,7 @@ impl Pruner {
 
     /// A peer's first connection opened.
     pub fn connected(&mut self, peer: PeerId, now: Instant) {
-        self.peers.entry(peer).or_insert(Usage { since: now, used: now });
+        self.peers.entry(peer).or_insert(Usage { since: now, used: None });
     }
 
     /// A peer's last connection closed.
@@ -74,8 +128,37 @@ impl Pruner {
     /// it forwarded to us.
     pub fn used(&mut self, peer: &PeerId, now: Instant) {
         if let Some(usage) = self.peers.get_mut(peer) {
-            usage.used = now;
+            usage.used = Some(now);
         }
+    }
+
+    /// Whether a connection is too new to close: see [`YOUNG`].
+    fn young(&self, usage: &Usage, now: Instant) -> bool {
+        now.saturating_duration_since(usage.since) < self.grace.min(YOUNG)
+    }
+
+    /// Whether a connection was used within the grace period.
+    fn recently_used(&self, usage: &Usage, now: Instant) -> bool {
+        usage.used.is_some_and(|at| now.saturating_duration_since(at) < self.grace)
+    }
+
+    /// Why each connected peer is kept (or not) now: `protected` says
+    /// why the caller protects a peer, if it does. Each peer counts once,
+    /// under the first reason that holds, in [`Census`]'s order.
+    pub fn census(&self, now: Instant, protected: impl Fn(&PeerId) -> Option<Protection>) -> Census {
+        let mut census = Census::default();
+        for (peer, usage) in &self.peers {
+            let slot = match protected(peer) {
+                Some(Protection::Mesh) => &mut census.mesh,
+                Some(Protection::Users) => &mut census.users,
+                Some(Protection::Other) => &mut census.other,
+                None if self.young(usage, now) => &mut census.young,
+                None if self.recently_used(usage, now) => &mut census.used,
+                None => &mut census.idle,
+            };
+            *slot += 1;
+        }
+        census
     }
 
     /// Peers to disconnect now: none at or under the high-water mark, else
@@ -84,10 +167,12 @@ impl Pruner {
         if self.peers.len() <= self.high_water() {
             return Vec::new();
         }
-        let recent = |at: Instant| now.saturating_duration_since(at) < self.grace;
-        let mut idle: Vec<(&PeerId, &Usage)> =
-            self.peers.iter().filter(|(p, u)| !recent(u.since) && !recent(u.used) && !protected(p)).collect();
-        idle.sort_by_key(|(p, u)| (u.used, **p));
+        let mut idle: Vec<(&PeerId, &Usage)> = self
+            .peers
+            .iter()
+            .filter(|(p, u)| !self.young(u, now) && !self.recently_used(u, now) && !protected(p))
+            .collect();
+        idle.sort_by_key(|(p, u)| (u.used.unwrap_or(u.since), **p));
         let excess = self.peers.len() - self.target;
         idle.into_iter().take(excess).map(|(p, _)| *p).collect()
     }
@@ -143,6 +228,37 @@ mod tests {
         let (pruner, _) = connected(12, 5, 10, start);
         assert!(pruner.to_close(start + Duration::from_secs(5), |_| false).is_empty());
         assert_eq!(pruner.to_close(start + Duration::from_secs(11), |_| false).len(), 7);
+    }
+
+    #[test]
+    fn a_connection_nothing_used_goes_once_it_is_no_longer_young_well_within_the_grace() {
+        let start = Instant::now();
+        let (mut pruner, all) = connected(9, 5, 60, start);
+        pruner.used(&all[0], start + Duration::from_secs(1));
+        // Within YOUNG of opening: all kept.
+        assert!(pruner.to_close(start + YOUNG - Duration::from_secs(1), |_| false).is_empty());
+        // Past it: the used one stays (used within the grace), four of the
+        // eight others go, down to the target.
+        let closed = pruner.to_close(start + YOUNG + Duration::from_secs(1), |_| false);
+        assert_eq!(closed.len(), 4);
+        assert!(!closed.contains(&all[0]));
+    }
+
+    #[test]
+    fn the_census_counts_each_peer_once_under_its_first_reason() {
+        let start = Instant::now();
+        let (mut pruner, all) = connected(6, 5, 60, start);
+        let now = start + Duration::from_secs(30);
+        pruner.used(&all[1], now);
+        pruner.used(&all[2], now);
+        let late = PeerId::random();
+        pruner.connected(late, now);
+        let protected = |p: &PeerId| (*p == all[0] || *p == all[1]).then_some(Protection::Mesh);
+        let census = pruner.census(now, protected);
+        // 0 and 1 protected (1 also used: counted once, as protected), 2
+        // used, the late one young, the other three idle.
+        assert_eq!(census, Census { mesh: 2, young: 1, used: 1, idle: 3, ..Census::default() });
+        assert_eq!(census.by_reason().iter().map(|(_, n)| n).sum::<usize>(), 7);
     }
 
     #[test]

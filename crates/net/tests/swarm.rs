@@ -710,3 +710,45 @@ async fn with_used_adverts_every_node_knows_every_model_from_a_catalogue_that_co
         n.task.await.unwrap();
     }
 }
+
+/// A node joining looks up its own id in the DHT (the peers it must know
+/// and be known to), and no more: Kademlia's bootstrap would go on to walk
+/// toward every farther bucket in turn, which in a swarm of some dozens
+/// dials nearly all of it (and 200 nodes joining together churned through
+/// hundreds of connections each while the pruner closed what the walks
+/// had opened). The newcomer is a requester: a worker also walks to the
+/// peers closest to each model it announces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_meets_its_dht_neighbourhood_not_the_whole_swarm() {
+    use std::sync::Arc;
+
+    use mycel_net::AdvertScope;
+    const SWARM: u8 = 48;
+    let interval = Duration::from_secs(5);
+    let used = |bootstrap| config(bootstrap, interval).with_advert_scope(AdvertScope::Used);
+    let first = start_with(1, used(None)).await;
+    let boot = dial_addr(&first).await;
+    let mut nodes = vec![first];
+    for seed in 2..=SWARM {
+        nodes.push(start_with(seed, used(Some(boot.clone()))).await);
+    }
+    // The swarm's own joining done.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let metrics = Arc::new(mycel_metrics::Metrics::new());
+    // A requester (it serves nothing, so it announces nothing in the DHT).
+    let key = seeded_key(200);
+    let (handle, _events, event_loop) = mycel_net::start(&key, used(Some(boot)).with_metrics(metrics.clone())).unwrap();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(event_loop.run(stop.clone()));
+    handle.set_advert(Advert { models: vec![], ..advert_for(200) }).await.unwrap();
+    let newcomer = Node { handle, key, stop, task };
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let met = metrics.connections_opened.get();
+    let connected = newcomer.handle.connected().await.unwrap().len();
+    eprintln!("the newcomer met {met} of {SWARM} peers ({connected} connected now)");
+    // Its lookup finds the 20 peers closest to it and a few on the way (25
+    // here); the walks toward every bucket met the whole swarm (49: one
+    // peer twice).
+    assert!(met >= 5, "the newcomer hardly joined: met {met}");
+    assert!(met <= 36, "the newcomer walked most of the swarm: met {met} of {SWARM}");
+}
