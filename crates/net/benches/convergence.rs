@@ -14,6 +14,12 @@
 //! `MYCEL_BENCH_WORKERS=K` caps the nodes serving the bench model at K (the
 //! swarm grows around a fixed set of workers).
 //!
+//! `MYCEL_BENCH_PROCESSES=P` (with `used` adverts, below) spreads the nodes
+//! over P processes: this one and P-1 shards (this binary with `--shard`),
+//! each node still joining through the first. One process's open-file
+//! limit (20,000 here, two descriptors per connection between two of its
+//! nodes) otherwise caps the swarm at a few hundred.
+//!
 //! With `MYCEL_BENCH_ADVERTS=used` every node listens only to the adverts of
 //! the models it uses ([`mycel_net::AdvertScope::Used`]): tables never hold
 //! the whole swarm, so "converged" is when every node has a connection; one
@@ -197,23 +203,221 @@ struct Figures {
     /// workers; `None` if not within [`GIVE_UP`].
     find_workers: Option<Duration>,
     /// What kept the connections open when they were counted, and how
-    /// many the pruners had closed by then (see [`kept`]).
+    /// many the pruners had closed by then (see [`Tally::kept_line`]).
     kept: String,
 }
 
-/// Connections per node by what keeps them open, at the nodes' last
-/// pruning tick (`mycel_connections`), and the connections the nodes'
-/// pruners closed so far.
-fn kept(metrics: &[Arc<Metrics>]) -> String {
-    let n = metrics.len().max(1) as f64;
-    let mut line = String::from("kept per node:");
-    for reason in ["mesh", "users", "other", "young", "used", "idle"] {
-        let sum: f64 = metrics.iter().map(|m| m.connections.with(reason).get()).sum();
-        line.push_str(&format!(" {reason} {:.1}", sum / n));
+/// What the nodes of one process hold and have received, summed, so that
+/// the shares of several processes add up (see `--shard`).
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    nodes: u64,
+    /// Adverts (valid or not) and mycel bytes received, so far.
+    adverts: u64,
+    bytes: u64,
+    /// The same adverts, by the nodes using the bench model only, and how
+    /// many such nodes.
+    user_adverts: u64,
+    users: u64,
+    /// Connections, summed over the nodes, and the most one node has.
+    connections: u64,
+    max_connections: u64,
+    /// Connections by what keeps them open (`mycel_connections`, at each
+    /// node's last pruning tick), summed, in [`KEPT`]'s order; and the
+    /// connections the nodes' pruners closed so far.
+    kept: [f64; 6],
+    pruned: u64,
+    /// The process's live heap since before its first node (MiB), and its
+    /// RSS after handing free memory back.
+    live_mib: f64,
+    rss_mib: f64,
+}
+
+/// The reasons of `mycel_connections`.
+const KEPT: [&str; 6] = ["mesh", "users", "other", "young", "used", "idle"];
+
+impl Tally {
+    /// Counts `nodes` (with their indices in the swarm and metrics).
+    async fn of(nodes: &[(usize, Handle, Arc<Metrics>)], live_before: f64) -> Tally {
+        let mut t = Tally { nodes: nodes.len() as u64, ..Tally::default() };
+        for (i, h, m) in nodes {
+            let adverts = m.adverts_received.get() + m.adverts_rejected.get();
+            t.adverts += adverts;
+            t.bytes += m.bytes_in.get();
+            if uses_model(*i) {
+                t.user_adverts += adverts;
+                t.users += 1;
+            }
+            let c = h.connected().await.expect("connected").len() as u64;
+            t.connections += c;
+            t.max_connections = t.max_connections.max(c);
+            for (k, reason) in t.kept.iter_mut().zip(KEPT) {
+                *k += m.connections.with(reason).get();
+            }
+            t.pruned += m.connections_pruned.get();
+        }
+        t.live_mib = live_mib() - live_before;
+        t
     }
-    let pruned: u64 = metrics.iter().map(|m| m.connections_pruned.get()).sum();
-    line.push_str(&format!("; pruned {pruned} in all"));
-    line
+
+    fn add(&mut self, o: &Tally) {
+        self.nodes += o.nodes;
+        self.adverts += o.adverts;
+        self.bytes += o.bytes;
+        self.user_adverts += o.user_adverts;
+        self.users += o.users;
+        self.connections += o.connections;
+        self.max_connections = self.max_connections.max(o.max_connections);
+        for (a, b) in self.kept.iter_mut().zip(o.kept) {
+            *a += b;
+        }
+        self.pruned += o.pruned;
+        self.live_mib += o.live_mib;
+        self.rss_mib += o.rss_mib;
+    }
+
+    /// One line, as a shard prints it for the main process.
+    fn to_line(self) -> String {
+        let kept: Vec<String> = self.kept.iter().map(|k| k.to_string()).collect();
+        format!(
+            "tally {} {} {} {} {} {} {} {} {} {} {}",
+            self.nodes,
+            self.adverts,
+            self.bytes,
+            self.user_adverts,
+            self.users,
+            self.connections,
+            self.max_connections,
+            self.pruned,
+            self.live_mib,
+            self.rss_mib,
+            kept.join(" ")
+        )
+    }
+
+    fn parse(line: &str) -> Option<Tally> {
+        let mut v = line.strip_prefix("tally ")?.split_whitespace();
+        let mut t = Tally {
+            nodes: v.next()?.parse().ok()?,
+            adverts: v.next()?.parse().ok()?,
+            bytes: v.next()?.parse().ok()?,
+            user_adverts: v.next()?.parse().ok()?,
+            users: v.next()?.parse().ok()?,
+            connections: v.next()?.parse().ok()?,
+            max_connections: v.next()?.parse().ok()?,
+            pruned: v.next()?.parse().ok()?,
+            live_mib: v.next()?.parse().ok()?,
+            rss_mib: v.next()?.parse().ok()?,
+            kept: [0.0; 6],
+        };
+        for k in &mut t.kept {
+            *k = v.next()?.parse().ok()?;
+        }
+        Some(t)
+    }
+
+    /// Connections per node by what keeps them open, and the connections
+    /// the nodes' pruners closed so far.
+    fn kept_line(&self) -> String {
+        let n = self.nodes.max(1) as f64;
+        let mut line = String::from("kept per node:");
+        for (reason, k) in KEPT.iter().zip(self.kept) {
+            line.push_str(&format!(" {reason} {:.1}", k / n));
+        }
+        line.push_str(&format!("; pruned {} in all", self.pruned));
+        line
+    }
+}
+
+/// `MYCEL_BENCH_PROCESSES=P`: the nodes are spread over P processes (this
+/// one and P-1 shards), so that a swarm larger than one process's
+/// open-file limit allows can run (`used` adverts only).
+fn processes() -> usize {
+    std::env::var("MYCEL_BENCH_PROCESSES").ok().and_then(|s| s.parse().ok()).unwrap_or(1).max(1)
+}
+
+/// A shard: nodes in a process of its own, told what to do on stdin.
+struct Shard {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Shard {
+    /// Starts nodes `first..first + count` joining through `boot`.
+    fn spawn(boot: &mycel_net::Multiaddr, first: usize, count: usize) -> Shard {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe().expect("this binary"))
+            .args(["--shard", &boot.to_string(), &first.to_string(), &count.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("a shard starts");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        Shard { child, stdin, stdout }
+    }
+
+    /// The shard's next line (blocking this worker thread only).
+    fn read(&mut self) -> String {
+        tokio::task::block_in_place(|| self.stdout.next().and_then(Result::ok)).expect("the shard answers")
+    }
+
+    /// Asks for its tally.
+    fn tally(&mut self) -> Tally {
+        use std::io::Write;
+        writeln!(self.stdin, "count").expect("the shard listens");
+        Tally::parse(&self.read()).expect("a tally")
+    }
+}
+
+/// `--shard BOOT FIRST COUNT`: nodes `FIRST..FIRST+COUNT` of a swarm whose
+/// first node is at BOOT, in a process of their own. Prints `joined` once
+/// each has a connection, then (its users having asked for the bench
+/// model's workers) `ready`; then a tally for each `count` on stdin, until
+/// stdin closes.
+fn shard(boot: &str, first: &str, count: &str) {
+    let boot: mycel_net::Multiaddr = boot.parse().expect("a bootstrap address");
+    let first: usize = first.parse().expect("first index");
+    let count: usize = count.parse().expect("count");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async move {
+        let live_before = live_mib();
+        let stop = CancellationToken::new();
+        let mut nodes = Vec::with_capacity(count);
+        for i in first..first + count {
+            let key = Keypair::generate().expect("key");
+            let metrics = Arc::new(Metrics::new());
+            let (handle, _events, event_loop) =
+                mycel_net::start(&key, node_config(vec![boot.clone()]).with_metrics(metrics.clone())).expect("start");
+            tokio::spawn(event_loop.run(stop.clone()));
+            handle.set_advert(advert(i)).await.expect("advert");
+            nodes.push((i, handle, metrics));
+        }
+        'joining: loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            for (_, h, _) in &nodes {
+                if h.connected().await.expect("connected").is_empty() {
+                    continue 'joining;
+                }
+            }
+            break;
+        }
+        println!("joined");
+        let key = mycel_net::ModelKey::Weights(bench_model().weights);
+        for (_, h, _) in nodes.iter().filter(|(i, _, _)| uses_model(*i)) {
+            let _ = h.find_workers(key.clone(), 1).await;
+        }
+        println!("ready");
+        let mut lines = std::io::stdin().lines();
+        while let Some(Ok(_)) = tokio::task::block_in_place(|| lines.next()) {
+            let mut t = Tally::of(&nodes, live_before).await;
+            trim_allocator();
+            t.rss_mib = rss_mib();
+            println!("{}", t.to_line());
+        }
+        stop.cancel();
+    });
 }
 
 /// `MYCEL_BENCH_ADVERTS`: `all` (a node's default) or `used`.
@@ -337,14 +541,19 @@ async fn run(n: usize) -> Figures {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
+    // This process's share of the nodes; shards run the rest.
+    let local = n.div_ceil(processes());
+    assert!(local == n || used, "MYCEL_BENCH_PROCESSES needs MYCEL_BENCH_ADVERTS=used");
     let mut nodes: Vec<Handle> = vec![first];
     let mut metrics: Vec<Arc<Metrics>> = vec![first_metrics];
-    for i in 1..n {
+    for i in 1..local {
         let (h, m) = start(vec![boot.clone()]);
         h.set_advert(advert(i)).await.expect("advert");
         nodes.push(h);
         metrics.push(m);
     }
+    let mut shards: Vec<Shard> =
+        (local..n).step_by(local).map(|first| Shard::spawn(&boot, first, local.min(n - first))).collect();
     let last_start = Instant::now();
     let last_start_ms = mycel_net::now_ms();
     let trace = std::env::var_os("MYCEL_BENCH_TRACE").is_some();
@@ -358,7 +567,7 @@ async fn run(n: usize) -> Figures {
             grew_at_ms = grew_at_ms.max(table.grew_at_ms.unwrap_or(0));
         }
         if trace && last_start.elapsed() >= next_trace {
-            let connected = nodes[n - 1].connected().await.expect("connected").len();
+            let connected = nodes[nodes.len() - 1].connected().await.expect("connected").len();
             let full = sizes.iter().filter(|s| **s == n - 1).count();
             eprintln!(
                 "  t={:5.1}s  table min {:3} max {:3}  full {full:3}/{n}  (last node: {connected} connections)",
@@ -374,6 +583,9 @@ async fn run(n: usize) -> Figures {
                 alone |= h.connected().await.expect("connected").is_empty();
             }
             if !alone {
+                for shard in &mut shards {
+                    assert_eq!(shard.read(), "joined");
+                }
                 break Ok((last_start.elapsed(), first_start.elapsed()));
             }
         } else if sizes.iter().all(|s| *s >= n - 1) {
@@ -394,11 +606,24 @@ async fn run(n: usize) -> Figures {
             eprintln!("  node {i} uses the bench model: {} workers found", found.len());
         }
     }
+    for shard in &mut shards {
+        assert_eq!(shard.read(), "ready");
+    }
+    let own: Vec<(usize, Handle, Arc<Metrics>)> =
+        nodes.iter().cloned().zip(metrics.iter().cloned()).enumerate().map(|(i, (h, m))| (i, h, m)).collect();
+    // Every node's tally: this process's and each shard's.
+    let tally_all = async |shards: &mut Vec<Shard>| {
+        let mut t = Tally::of(&own, live_before).await;
+        for shard in shards.iter_mut() {
+            t.add(&shard.tally());
+        }
+        t
+    };
     // The probe joins through a node in the middle and lives through the
     // settling and the idle minute.
     let settle = grace + advert_interval() * 2;
     let probe = {
-        let h = &nodes[n / 2];
+        let h = &nodes[nodes.len() / 2];
         let a = h.listen_addrs().await.expect("addrs").first().cloned().expect("a listen address");
         std::process::Command::new(std::env::current_exe().expect("this binary"))
             .args(["--probe", &format!("{a}/p2p/{}", h.local_peer_id()), &(settle + IDLE).as_secs().to_string()])
@@ -412,42 +637,33 @@ async fn run(n: usize) -> Figures {
         let settled = Instant::now() + settle;
         while Instant::now() < settled {
             tokio::time::sleep(advert_interval().min(settled - Instant::now())).await;
-            eprintln!("  settling: {}", kept(&metrics));
+            eprintln!("  settling: {}", tally_all(&mut shards).await.kept_line());
         }
     } else {
         tokio::time::sleep(settle).await;
     }
     // Idle: what each node receives while nothing happens but adverts.
-    let counts = |m: &[Arc<Metrics>]| -> (u64, u64) {
-        m.iter()
-            .fold((0, 0), |(a, b), m| (a + m.adverts_received.get() + m.adverts_rejected.get(), b + m.bytes_in.get()))
-    };
-    let users: Vec<Arc<Metrics>> =
-        metrics.iter().enumerate().filter(|(i, _)| uses_model(*i)).map(|(_, m)| m.clone()).collect();
-    let before = counts(&metrics);
-    let users_before = counts(&users);
+    let before = tally_all(&mut shards).await;
     tokio::time::sleep(IDLE).await;
-    let after = counts(&metrics);
-    let users_after = counts(&users);
+    let after = tally_all(&mut shards).await;
     let minutes = IDLE.as_secs_f64() / 60.0;
-    let idle_per_minute =
-        ((after.0 - before.0) as f64 / n as f64 / minutes, (after.1 - before.1) as f64 / n as f64 / minutes);
+    let idle_per_minute = (
+        (after.adverts - before.adverts) as f64 / n as f64 / minutes,
+        (after.bytes - before.bytes) as f64 / n as f64 / minutes,
+    );
     let users_per_minute =
-        (!users.is_empty()).then(|| (users_after.0 - users_before.0) as f64 / users.len() as f64 / minutes);
-    let mut connections = Vec::with_capacity(n);
-    for h in &nodes {
-        connections.push(h.connected().await.expect("connected").len());
-    }
-    let kept_at_end = kept(&metrics);
-    let rss_kept = rss_mib() / n as f64;
+        (after.users > 0).then(|| (after.user_adverts - before.user_adverts) as f64 / after.users as f64 / minutes);
+    // The shards' RSS is as they left it after handing free memory back.
+    let shards_rss = after.rss_mib;
+    let rss_kept = (rss_mib() + shards_rss) / n as f64;
     trim_allocator();
-    let rss_per_node_mib = (rss_kept, rss_mib() / n as f64);
-    let live_per_node_mib = (live_mib() - live_before) / n as f64;
+    let rss_per_node_mib = (rss_kept, (rss_mib() + shards_rss) / n as f64);
+    let live_per_node_mib = after.live_mib / n as f64;
 
     let probe = read_probe(tokio::task::spawn_blocking(move || probe.wait_with_output()).await.expect("joined"));
     // A requester joins through a node in the middle of the swarm.
     let mid: mycel_net::Multiaddr = {
-        let h = &nodes[n / 2];
+        let h = &nodes[nodes.len() / 2];
         let a = h.listen_addrs().await.expect("addrs").first().cloned().expect("a listen address");
         format!("{a}/p2p/{}", h.local_peer_id()).parse().expect("addr")
     };
@@ -470,19 +686,22 @@ async fn run(n: usize) -> Figures {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     stop.cancel();
+    for shard in shards {
+        // Its stdin closes: it stops.
+        let Shard { mut child, stdin, .. } = shard;
+        drop(stdin);
+        let _ = child.wait();
+    }
     Figures {
         converged,
-        connections: (
-            connections.iter().sum::<usize>() as f64 / n as f64,
-            connections.iter().copied().max().unwrap_or(0),
-        ),
+        connections: (after.connections as f64 / n as f64, after.max_connections as usize),
         idle_per_minute,
         users_per_minute,
         rss_per_node_mib,
         live_per_node_mib,
         probe,
         find_workers,
-        kept: kept_at_end,
+        kept: after.kept_line(),
     }
 }
 
@@ -492,6 +711,11 @@ fn main() {
         && flag == "--probe"
     {
         return probe(addr, seconds);
+    }
+    if let [_, flag, boot, first, count, ..] = args.as_slice()
+        && flag == "--shard"
+    {
+        return shard(boot, first, count);
     }
     let sizes: Vec<usize> = args.iter().skip(1).filter_map(|a| a.parse().ok()).collect();
     let sizes = if sizes.is_empty() { vec![50, 100, 200] } else { sizes };
