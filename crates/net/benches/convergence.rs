@@ -677,7 +677,11 @@ async fn run(n: usize) -> Figures {
         } else {
             requester.peers().await.expect("peers")
         };
-        if peers.iter().filter(|p| !p.advert.models.is_empty()).count() >= wanted {
+        let found = peers.iter().filter(|p| !p.advert.models.is_empty()).count();
+        if trace {
+            eprintln!("  requester: {found} workers known after {:.2} s", joined.elapsed().as_secs_f64());
+        }
+        if found >= wanted {
             break Some(joined.elapsed());
         }
         if joined.elapsed() > GIVE_UP {

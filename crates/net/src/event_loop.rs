@@ -636,10 +636,10 @@ impl EventLoop {
 
     /// Dials the bootstrap peers when connected to none of them and the
     /// swarm may have split (adverts expired lately, and no bootstrap peer
-    /// reached since) or the node is nearly alone: after a partition heals, this is how the two sides find each
-    /// other again. Not otherwise: a bootstrap node may have closed our
-    /// connection to keep to its peer target, and redialling at once would
-    /// make it hold one to every node.
+    /// reached since) or the node is nearly alone: after a partition heals,
+    /// this is how the two sides find each other again. Not otherwise: a
+    /// bootstrap node may have closed our connection to keep to its peer
+    /// target, and redialling at once would make it hold one to every node.
     fn redial_bootstrap(&mut self) {
         if self.bootstrap_peers.iter().any(|p| self.swarm.is_connected(p)) {
             return;
@@ -676,17 +676,17 @@ impl EventLoop {
     }
 
     /// Puts a peer's address in the DHT routing table, as Kademlia would on
-    /// connection, but without its cascade of dials. A full bucket holding
-    /// a disconnected entry takes a new peer only after dialling that entry
-    /// to see whether it is alive; with the pruner closing connections,
-    /// far buckets are full of such entries (alive, merely pruned), so
-    /// every new connection dialled a pruned peer, whose identify could do
-    /// the same at its end: 150 nodes churned through thousands of
-    /// connections a minute and never came down to their peer target. Here
-    /// a peer goes in at once where its bucket has room (or holds it
-    /// already); a full bucket takes one, with its check, at most every
-    /// [`REVIVE_EVERY`]. A peer left out is still found through others'
-    /// tables, and dead entries are still replaced, only more slowly.
+    /// connection, with a bound on the dials that costs. A full bucket
+    /// holding a disconnected entry takes a new peer only after dialling
+    /// that entry to see whether it is alive; with the pruner closing
+    /// connections, far buckets fill with such entries (alive, merely
+    /// pruned), so every new connection from a peer not in the table would
+    /// dial a pruned peer. Here a peer goes in at once where its bucket has
+    /// room (or holds it already); a full bucket takes one, with its check,
+    /// at most every [`REVIVE_EVERY`]. A peer left out is still found
+    /// through others' tables, and dead entries are still replaced, only
+    /// more slowly. (A bound, not the cure of the churn measured at 200
+    /// nodes: that was the bootstrap's walks, see `on_kad_query`.)
     fn kad_add(&mut self, peer: PeerId, addr: Multiaddr) {
         let kad = &mut self.swarm.behaviour_mut().kad;
         let room = match kad.kbucket(peer) {

@@ -55,7 +55,7 @@ pub struct Census {
     pub users: usize,
     /// Protected: relays, relayed peers, requests in flight.
     pub other: usize,
-    /// Connected within the grace period.
+    /// Opened within [`YOUNG`] (or the grace period, if shorter), unused.
     pub young: usize,
     /// Used within the grace period.
     pub used: usize,

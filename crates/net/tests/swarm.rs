@@ -742,6 +742,12 @@ async fn a_joining_node_meets_its_dht_neighbourhood_not_the_whole_swarm() {
     let task = tokio::spawn(event_loop.run(stop.clone()));
     handle.set_advert(Advert { models: vec![], ..advert_for(200) }).await.unwrap();
     let newcomer = Node { handle, key, stop, task };
+    // Its lookup under way (slow on a loaded machine), then time for it
+    // and for any walk after it to go on.
+    wait_until("the newcomer meets its first peers", Duration::from_secs(60), || async {
+        metrics.connections_opened.get() >= 5
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(10)).await;
     let met = metrics.connections_opened.get();
     let connected = newcomer.handle.connected().await.unwrap().len();
@@ -749,6 +755,5 @@ async fn a_joining_node_meets_its_dht_neighbourhood_not_the_whole_swarm() {
     // Its lookup finds the 20 peers closest to it and a few on the way (25
     // here); the walks toward every bucket met the whole swarm (49: one
     // peer twice).
-    assert!(met >= 5, "the newcomer hardly joined: met {met}");
     assert!(met <= 36, "the newcomer walked most of the swarm: met {met} of {SWARM}");
 }
